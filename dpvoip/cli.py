@@ -1,0 +1,218 @@
+"""The ``dpvoip`` command: run the daemon, migrate, check, and small admin tasks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dpvoip import __version__
+from dpvoip.config import Config, describe
+from dpvoip.tap import load_or_exit
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_or_exit(args.config, os.environ)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Start the daemon in the foreground through twistd, with dpvoip's own log format."""
+    _config(args)  # fail fast, before twistd prints anything
+    if args.config:
+        os.environ["DPVOIP_CONFIG"] = str(Path(args.config).absolute())
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "--nodaemon", "--pidfile=", "--logger",
+                "dpvoip.logs.configured_observer", "dpvoip"]
+    run()
+    return 0
+
+
+def cmd_plugin_cache(args: argparse.Namespace) -> int:
+    """Rebuild Twisted's plugin cache (run at install, as the installing user)."""
+    from twisted import plugins
+    from twisted.plugin import IPlugin, getPlugins
+
+    names = sorted(getattr(p, "tapname", "") for p in getPlugins(IPlugin, plugins))
+    print("twisted plugin cache rebuilt; dpvoip plugin found:", "dpvoip" in names)
+    return 0 if "dpvoip" in names else 1
+
+
+def cmd_example_config(args: argparse.Namespace) -> int:
+    print(example_config(), end="")
+    return 0
+
+
+def example_config() -> str:
+    """The example TOML file, generated from the settings' own documentation."""
+    import textwrap
+
+    lines = [
+        "# dpvoip configuration. Every key is optional: the value shown is the default.",
+        "# Environment variables override the file: DPVOIP_<SECTION>_<KEY> for every key,",
+        "# and the names the CRM already uses where shown. Lists in the environment are",
+        "# comma-separated. A wrong key, type or value stops dpvoip with a message naming it.",
+        "",
+    ]
+    current = None
+    for section, key, default, doc, envs in describe():
+        if section != current:
+            current = section
+            header = f"[[{section}]]" if section == "fritzbox" else f"[{section}]"
+            lines += ["", header]
+            if section == "fritzbox":
+                lines.append("# One table per Fritz!Box; with none, one box at fritz.box:1012.")
+        for text in textwrap.wrap(doc, 86):
+            lines.append(f"# {text}")
+        lines.append(f"# environment: {envs}")
+        lines.append(f"{key} = {_toml(default)}")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml(value: Any) -> str:
+    from dpvoip.config import Secret
+
+    if isinstance(value, Secret):
+        return '""'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def _with_database(config: Config, work: Any) -> int:
+    """Run ``work(store)`` on a one-connection pool, starting the embedded server if needed."""
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred
+
+    from dpvoip.dsn import connection_dsn
+    from dpvoip.embedded import EmbeddedError, EmbeddedPostgres
+    from dpvoip.pool import HealingPool
+    from dpvoip.store import Store
+
+    embedded = None
+    started_here = False
+    if config.embedded:
+        embedded = EmbeddedPostgres(config.state_path(Path.cwd()) / "pg")
+        try:
+            started_here = not embedded.running()
+            embedded.start()
+        except EmbeddedError as error:
+            print(f"dpvoip: embedded PostgreSQL: {error}", file=sys.stderr)
+            return 1
+        dsn = connection_dsn(embedded.dsn(), config.database)
+    else:
+        dsn = connection_dsn(config.database.url.reveal(), config.database)
+
+    outcome = [1]
+
+    async def main(reactor: Any) -> None:
+        pool = HealingPool(reactor, dsn, 1, config.database.connect_timeout)
+        await pool.start()
+        try:
+            if pool.live == 0:
+                from dpvoip.dsn import describe as describe_dsn
+
+                print(f"database: NOT reachable ({describe_dsn(dsn)})")
+                return
+            outcome[0] = int(await work(Store(pool, reactor), dsn))
+        finally:
+            pool.close()
+
+    try:
+        try:
+            task.react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
+        except SystemExit:
+            pass
+        return outcome[0]
+    finally:
+        if embedded is not None and started_here:
+            embedded.stop()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from dpvoip.migrations import SchemaMismatch, prepare
+
+    async def work(store: Any, dsn: str) -> int:
+        try:
+            report = await store.write(
+                lambda c: prepare(c, standalone=config.standalone,
+                                  crm_schema=config.database.crm_schema)
+            )
+        except SchemaMismatch as error:
+            print(f"dpvoip: {error}", file=sys.stderr)
+            return 1
+        applied = ", ".join(map(str, report.applied_now)) or "none (already current)"
+        print(f"mode: {report.mode}; schema version {report.schema_version}; applied: {applied}")
+        if report.created_crm_tables:
+            print("created the CRM tables (standalone mode)")
+        return 0
+
+    return _with_database(config, work)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config, reach the database, say what is there. Changes nothing."""
+    config = _config(args)
+    print(f"config: valid ({args.config or os.environ.get('DPVOIP_CONFIG') or 'defaults'})")
+    from dpvoip.crm_schema import capabilities, missing
+    from dpvoip.dsn import describe as describe_dsn
+    from dpvoip.migrations import read_catalogue, schema_version
+
+    async def work(store: Any, dsn: str) -> int:
+        schema = config.database.crm_schema
+
+        async def look(cursor: Any) -> tuple[dict[str, set[str]], int]:
+            return await read_catalogue(cursor, schema), await schema_version(cursor)
+
+        present, version = await store.write(look)
+        mode = "standalone" if config.standalone else "attached"
+        source = "embedded PostgreSQL" if config.embedded else "PostgreSQL"
+        print(f"database: reachable, {source} at {describe_dsn(dsn)}; mode: {mode}")
+        from dpvoip.migrations import MIGRATIONS
+
+        latest = MIGRATIONS[-1].version
+        state = "current" if version == latest else f"needs `dpvoip migrate` (latest {latest})"
+        print(f"dpvoip schema: version {version} ({state})")
+        problems = missing(present)
+        print(f"CRM tables present: {len(present)} of 12 ({', '.join(sorted(present)) or 'none'})")
+        if problems:
+            label = "will be created at start" if config.standalone and not present else "MISSING"
+            print(f"CRM {label}: {'; '.join(problems)}")
+        else:
+            print(f"CRM version: {capabilities(present).version}")
+        boxes = ", ".join(f"{b.name} at {b.host}:{b.port}" for b in config.fritzbox) or "none"
+        print(f"Fritz!Boxes configured: {boxes}")
+        blocking = problems and not (config.standalone and not present)
+        return 1 if blocking else 0
+
+    return _with_database(config, work)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpvoip", description="dpvoip " + __version__)
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, handler, text in [
+        ("run", cmd_run, "start the daemon in the foreground"),
+        ("migrate", cmd_migrate, "create or update dpvoip's schema (and standalone CRM tables)"),
+        ("check", cmd_check, "validate the config, reach the database, report what is there"),
+        ("plugin-cache", cmd_plugin_cache, "rebuild Twisted's plugin cache after install"),
+        ("example-config", cmd_example_config, "print the example configuration file"),
+    ]:
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--config", "-c", help="TOML configuration file")
+        sub.set_defaults(handler=handler)
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

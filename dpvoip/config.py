@@ -1,0 +1,611 @@
+"""The configuration: one TOML file plus environment overrides, validated before anything starts.
+
+Every setting is declared once, as a dataclass field with its documentation, so that the
+loader, the error messages and the example file cannot drift apart. Loading is pure: the
+file's text and the environment are passed in, a ``Config`` or a ``ConfigError`` comes out.
+A ``ConfigError`` names the setting and what is wrong with it, never its value when the
+setting is a secret.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import phonenumbers
+
+
+class ConfigError(Exception):
+    """A setting is unknown, of the wrong type, impossible, or the file is unreadable."""
+
+
+class Secret:
+    """A value that is never printed: its repr and str are masked."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+Check = Callable[[Any], str | None]
+
+
+def setting(default: Any, doc: str, check: Check | None = None, env: str = "") -> Any:
+    """Declare one setting: its default, its one-line documentation, a value check.
+
+    ``env`` names an extra environment variable (one the CRM already uses) that sets it.
+    """
+    meta = {"doc": doc, "check": check, "env": env}
+    if isinstance(default, list):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --- value checks: each returns a problem description or None ---------------------------
+
+
+def _between(low: float, high: float) -> Check:
+    def check(value: Any) -> str | None:
+        if not low <= value <= high:
+            return f"must be between {low:g} and {high:g}"
+        return None
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        if value not in choices:
+            return "must be one of " + ", ".join(repr(c) for c in choices)
+        return None
+
+    return check
+
+
+def _time_zone(value: Any) -> str | None:
+    if value == "":
+        return None
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        return f"unknown time zone {value!r} (use an IANA name such as 'Europe/Athens')"
+    return None
+
+
+def _region(value: Any) -> str | None:
+    if value not in phonenumbers.SUPPORTED_REGIONS:
+        return f"unknown country {value!r} (use a two-letter code such as 'GR' or 'DE')"
+    return None
+
+
+def _networks(value: Any) -> str | None:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return f"{item!r} is not an IP address or network"
+    return None
+
+
+_ENDPOINT = re.compile(r"^(tcp6?|ssl|unix|systemd):")
+
+
+def _endpoint(value: Any) -> str | None:
+    """Check a Twisted server endpoint string such as ``tcp:8080:interface=127.0.0.1``."""
+    match = _ENDPOINT.match(value)
+    if not match:
+        return "must be a Twisted endpoint such as 'tcp:8080:interface=127.0.0.1'"
+    kind = match.group(1)
+    rest = value[match.end():]
+    if kind in ("tcp", "tcp6", "ssl"):
+        positional = [part for part in rest.split(":") if part and "=" not in part]
+        named = dict(part.split("=", 1) for part in rest.split(":") if "=" in part)
+        port = named.get("port", positional[0] if positional else "")
+        if not port.isdigit() or not 0 <= int(port) <= 65535:
+            return "needs a port number between 0 and 65535"
+    elif kind == "unix" and not rest:
+        return "needs a socket path"
+    return None
+
+
+def _area_code(value: Any) -> str | None:
+    if value and not value.isdigit():
+        return "must be digits only, without the trunk 0 (e.g. '30' for Berlin)"
+    return None
+
+
+def _digits_list(value: Any) -> str | None:
+    for item in value:
+        if not re.fullmatch(r"\+?[0-9 ()./-]{3,}", item):
+            return f"{item!r} is not a phone number"
+    return None
+
+
+def _name(value: Any) -> str | None:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,19}", value):
+        return "must be 1-20 characters: lower-case letters, digits, '-' or '_'"
+    return None
+
+
+def _host(value: Any) -> str | None:
+    if not value or any(c.isspace() for c in value):
+        return "must be a host name or address"
+    return None
+
+
+# --- the sections -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    state_dir: str = setting(
+        "var",
+        "Folder for dpvoip's own state: the embedded PostgreSQL and the spool. "
+        "Relative paths are taken from the working directory.",
+    )
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: str = setting(
+        "text",
+        "'text' for human-readable lines, 'json' for one JSON object per line "
+        "(honoured by `dpvoip run` and etc/dpvoip.tac; with plain twistd use "
+        "--logger dpvoip.logs.json_observer).",
+        _one_of("text", "json"),
+    )
+    level: str = setting(
+        "info", "Lowest level logged.", _one_of("debug", "info", "warn", "error", "critical")
+    )
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: Secret = setting(
+        Secret(""),
+        "PostgreSQL URL of the CRM's database (attached mode). Empty: dpvoip starts its own "
+        "embedded PostgreSQL in state_dir (standalone mode). May hold a password.",
+        env="DATABASE_URL",
+    )
+    mode: str = setting(
+        "auto",
+        "'auto': standalone when url is empty, attached otherwise. 'standalone': dpvoip "
+        "creates the CRM tables it uses itself. 'attached': the CRM owns them; dpvoip checks "
+        "they exist and never creates or alters them.",
+        _one_of("auto", "standalone", "attached"),
+    )
+    crm_schema: str = setting(
+        "public", "PostgreSQL schema that holds the CRM's tables.", _name
+    )
+    pool_size: int = setting(4, "Connections in the pool.", _between(1, 64))
+    connect_timeout: float = setting(
+        5.0, "Seconds to wait for a connection to PostgreSQL.", _between(1, 120)
+    )
+    keepalives_idle: int = setting(
+        30, "Seconds of silence before TCP keepalive probes to PostgreSQL.", _between(1, 7200)
+    )
+    keepalives_interval: int = setting(
+        10, "Seconds between TCP keepalive probes.", _between(1, 600)
+    )
+    keepalives_count: int = setting(
+        3, "Unanswered probes before the connection is declared dead.", _between(1, 60)
+    )
+    statement_timeout: float = setting(
+        10.0, "Seconds a single statement may run before PostgreSQL cancels it.",
+        _between(0.1, 600),
+    )
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    listen: str = setting(
+        "tcp:8080:interface=127.0.0.1",
+        "Twisted endpoint of the web server. Loopback by default: put the reverse proxy of "
+        "the CRM in front of it.",
+        _endpoint,
+    )
+    max_body_bytes: int = setting(
+        65536, "Largest request body accepted; larger ones get 413.", _between(1024, 10_485_760)
+    )
+    request_timeout: float = setting(
+        15.0,
+        "Seconds a client may take to send one whole request (headers and body); slower "
+        "clients are cut off.",
+        _between(1, 300),
+    )
+    idle_timeout: float = setting(
+        60.0, "Seconds an idle keep-alive connection stays open.", _between(1, 3600)
+    )
+    drain_timeout: float = setting(
+        3.0,
+        "At shutdown, seconds to let requests in flight finish their writes.",
+        _between(0, 30),
+    )
+    max_headers: int = setting(
+        100, "Most header lines accepted in one request.", _between(10, 500)
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        ["127.0.0.1/32", "::1/128"],
+        "Reverse proxies whose X-Forwarded-For hop is believed.",
+        _networks,
+    )
+    access_log: bool = setting(
+        True, "Log one line per request (method, path without query, status, time)."
+    )
+
+
+@dataclass(frozen=True)
+class CrmSettings:
+    secret_key: Secret = setting(
+        Secret(""),
+        "The CRM's Django SECRET_KEY: needed to recognise the CRM's session cookies and JWTs.",
+        env="SECRET_KEY",
+    )
+    jwt_signing_key: Secret = setting(
+        Secret(""),
+        "The CRM's JWT_SIGNING_KEY when it sets one (else secret_key signs the JWTs).",
+        env="JWT_SIGNING_KEY",
+    )
+    language: str = setting(
+        "en", "Language of call log lines and ticket texts.", _one_of("en", "el")
+    )
+    allowed_origins: tuple[str, ...] = setting(
+        [], "Origins (scheme://host[:port]) allowed to POST with the CRM's session cookie."
+    )
+
+
+@dataclass(frozen=True)
+class ZadarmaSettings:
+    key: Secret = setting(Secret(""), "Zadarma API key.", env="ZADARMA_KEY")
+    secret: Secret = setting(
+        Secret(""), "Zadarma API secret; also signs the webhooks.", env="ZADARMA_SECRET"
+    )
+    sandbox: bool = setting(False, "Use Zadarma's sandbox API.")
+    timezone: str = setting(
+        "",
+        "The Zadarma account's time zone (call_start is local to it). Empty: asked from "
+        "Zadarma at start when API keys are set, else the daemon's time zone.",
+        _time_zone,
+    )
+    allowed_networks: tuple[str, ...] = setting(
+        ["185.45.152.40/30"], "Networks Zadarma's webhooks come from.", _networks
+    )
+    caller_name: bool = setting(
+        True, "Answer NOTIFY_START with the matched caller's name for the phones' display."
+    )
+    redirect_to_owner: bool = setting(
+        False, "Answer NOTIFY_START with a redirect to the extension of the caller's owner."
+    )
+    create_tickets: bool = setting(False, "Create missed-call tickets for Zadarma calls.")
+
+
+@dataclass(frozen=True)
+class FritzBoxSettings:
+    name: str = setting("office", "Short name of the box, part of its calls' ids.", _name)
+    host: str = setting("fritz.box", "Host name or address of the box.", _host, env="FRITZ_HOST")
+    port: int = setting(1012, "CallMonitor port.", _between(1, 65535), env="FRITZ_PORT")
+    timezone: str = setting(
+        "Europe/Athens", "Time zone of the box's clock.", _time_zone
+    )
+    country: str = setting("GR", "Country of the box's lines (for numbers).", _region)
+    area_code: str = setting(
+        "", "Local area code, without trunk 0, for local numbers dialled without one.",
+        _area_code,
+    )
+    own_numbers: tuple[str, ...] = setting(
+        [], "The office's own numbers on this box: never matched to a client.", _digits_list
+    )
+    answering_machine_extensions: tuple[int, ...] = setting(
+        [6, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49],
+        "Extensions that are answering machines: a call they take is a missed call.",
+    )
+    blocked_threshold_seconds: float = setting(
+        2.0,
+        "A RING ended without answer within this many seconds was blocked by the box.",
+        _between(0, 30),
+    )
+    newline_keepalive_seconds: float = setting(
+        0.0, "Send a bare newline this often to keep NAT mappings alive (0: never).",
+        _between(0, 3600),
+    )
+
+
+@dataclass(frozen=True)
+class LegacyMonitorSettings:
+    token: Secret = setting(
+        Secret(""),
+        "Bearer token of the old fritz_monitor.py script's endpoint. Empty: endpoint refuses all.",
+        env="FRITZ_API_TOKEN",
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole, validated configuration."""
+
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    crm: CrmSettings = field(default_factory=CrmSettings)
+    zadarma: ZadarmaSettings = field(default_factory=ZadarmaSettings)
+    fritzbox: tuple[FritzBoxSettings, ...] = field(
+        default_factory=lambda: (FritzBoxSettings(),)
+    )
+    legacy_monitor: LegacyMonitorSettings = field(default_factory=LegacyMonitorSettings)
+
+    @property
+    def standalone(self) -> bool:
+        if self.database.mode == "auto":
+            return not self.database.url
+        return self.database.mode == "standalone"
+
+    @property
+    def embedded(self) -> bool:
+        """True when dpvoip runs its own PostgreSQL (no URL given)."""
+        return not self.database.url
+
+    def state_path(self, base: Path) -> Path:
+        return base / self.daemon.state_dir
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "daemon": DaemonSettings,
+    "log": LogSettings,
+    "database": DatabaseSettings,
+    "web": WebSettings,
+    "crm": CrmSettings,
+    "zadarma": ZadarmaSettings,
+    "legacy_monitor": LegacyMonitorSettings,
+}
+LIST_SECTIONS: dict[str, type[Any]] = {"fritzbox": FritzBoxSettings}
+
+#: Environment variables that are not settings but are ours.
+RESERVED_ENV = frozenset({"DPVOIP_CONFIG"})
+
+
+# --- conversion -------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _type_name(kind: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             Secret: "a string"}
+    if typing.get_origin(kind) is tuple:
+        return "a list of " + _type_name(typing.get_args(kind)[0])[2:] + "s"
+    return names.get(kind, str(kind))
+
+
+def _convert(kind: Any, value: Any, from_env: bool) -> Any:
+    """Turn a TOML (or environment string) value into the declared type, or raise ValueError."""
+    if typing.get_origin(kind) is tuple:
+        item_kind = typing.get_args(kind)[0]
+        if from_env:
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise ValueError
+        return tuple(_convert(item_kind, item, from_env) for item in value)
+    if kind is bool:
+        if from_env:
+            lowered = value.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if kind is int:
+        if from_env:
+            return int(value.strip())
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError
+    if kind is float:
+        if from_env:
+            return float(value.strip())
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError
+    if kind is str or kind is Secret:
+        if not isinstance(value, str):
+            raise ValueError
+        return Secret(value) if kind is Secret else value
+    raise TypeError(f"unsupported setting type {kind!r}")
+
+
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type[T], raw: Mapping[str, Any], where: str) -> T:
+    """Build one section from its raw TOML table, checking every key."""
+    hints = _hints(cls)
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{where} unknown key {key!r} (known: {', '.join(sorted(known))})")
+        values[key] = _checked(known[key], hints[key], value, f"{where} {key}", from_env=False)
+    return cls(**values)
+
+
+def _checked(spec: Any, kind: Any, value: Any, where: str, from_env: bool) -> Any:
+    try:
+        converted = _convert(kind, value, from_env)
+    except (ValueError, TypeError):
+        got = "" if from_env or kind is Secret else f", got {_toml_type(value)}"
+        raise ConfigError(f"{where}: expected {_type_name(kind)}{got}") from None
+    check = spec.metadata.get("check")
+    problem = check(converted) if check else None
+    if problem:
+        if kind is Secret:
+            problem = "is not valid"
+        raise ConfigError(f"{where}: {problem}")
+    return converted
+
+
+def _toml_type(value: Any) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def parse(text: str, source: str = "config") -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{source}: not valid TOML: {error}") from None
+
+
+def from_toml(data: Mapping[str, Any], source: str = "config") -> Config:
+    sections: dict[str, Any] = {}
+    for name, table in data.items():
+        if name in SECTIONS:
+            if not isinstance(table, dict):
+                raise ConfigError(f"{source}: [{name}] must be a table")
+            sections[name] = _build(SECTIONS[name], table, f"{source}: [{name}]")
+        elif name in LIST_SECTIONS:
+            if not isinstance(table, list) or not all(isinstance(t, dict) for t in table):
+                raise ConfigError(f"{source}: [[{name}]] must be an array of tables")
+            sections[name] = tuple(
+                _build(LIST_SECTIONS[name], item, f"{source}: [[{name}]] #{index + 1}")
+                for index, item in enumerate(table)
+            )
+        else:
+            known = sorted([*SECTIONS, *LIST_SECTIONS])
+            raise ConfigError(
+                f"{source}: unknown section [{name}] (known: {', '.join(known)})"
+            )
+    config = Config(**sections)
+    _check_whole(config, source)
+    return config
+
+
+def _check_whole(config: Config, source: str) -> None:
+    names = [box.name for box in config.fritzbox]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"{source}: [[fritzbox]] name {name!r} is used twice")
+    if config.database.mode == "attached" and not config.database.url:
+        raise ConfigError(
+            f"{source}: [database] mode 'attached' needs url (or DATABASE_URL)"
+        )
+
+
+def _env_name(section: str, key: str) -> str:
+    return f"DPVOIP_{section.upper()}_{key.upper()}"
+
+
+def apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
+    """Apply ``DPVOIP_<SECTION>_<KEY>`` and the CRM's own variable names over the file."""
+    known_env: set[str] = set(RESERVED_ENV)
+    updated: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        current = getattr(config, section)
+        hints = _hints(cls)
+        changes: dict[str, Any] = {}
+        for spec in fields(cls):
+            for env_name in (_env_name(section, spec.name), spec.metadata.get("env", "")):
+                if not env_name:
+                    continue
+                known_env.add(env_name)
+                if env_name in environ:
+                    where = f"environment {env_name} ([{section}] {spec.name})"
+                    changes[spec.name] = _checked(
+                        spec, hints[spec.name], environ[env_name], where, from_env=True
+                    )
+        if changes:
+            updated[section] = replace(current, **changes)
+    boxes = list(config.fritzbox)
+    box_hints = _hints(FritzBoxSettings)
+    box_changes: dict[str, Any] = {}
+    for spec in fields(FritzBoxSettings):
+        for env_name in (_env_name("fritzbox", spec.name), spec.metadata.get("env", "")):
+            if not env_name:
+                continue
+            known_env.add(env_name)
+            if env_name in environ:
+                where = f"environment {env_name} (first [[fritzbox]] {spec.name})"
+                box_changes[spec.name] = _checked(
+                    spec, box_hints[spec.name], environ[env_name], where, from_env=True
+                )
+    if box_changes:
+        boxes[0:1] = [replace(boxes[0] if boxes else FritzBoxSettings(), **box_changes)]
+        updated["fritzbox"] = tuple(boxes)
+    for name in environ:
+        if name.startswith("DPVOIP_") and name not in known_env:
+            raise ConfigError(f"environment {name}: unknown setting")
+    result = replace(config, **updated)
+    _check_whole(result, "environment")
+    return result
+
+
+def load(path: Path | None, environ: Mapping[str, str]) -> Config:
+    """Load the file (when given) and apply the environment. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read the config file: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
+        data = parse(text, source)
+    return apply_environment(from_toml(data, source), environ)
+
+
+def describe() -> list[tuple[str, str, Any, str, str]]:
+    """(section, key, default, doc, env names) for every setting: docs and the example file."""
+    rows: list[tuple[str, str, Any, str, str]] = []
+    for section, cls in [*SECTIONS.items(), *LIST_SECTIONS.items()]:
+        for spec in fields(cls):
+            default = spec.default if spec.default is not MISSING else spec.default_factory()  # type: ignore[misc]
+            envs = ", ".join(e for e in (_env_name(section, spec.name), spec.metadata["env"]) if e)
+            rows.append((section, spec.name, default, spec.metadata["doc"], envs))
+    return rows
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "CrmSettings",
+    "DaemonSettings",
+    "DatabaseSettings",
+    "FritzBoxSettings",
+    "LegacyMonitorSettings",
+    "LogSettings",
+    "Secret",
+    "WebSettings",
+    "ZadarmaSettings",
+    "describe",
+    "load",
+]

@@ -1,0 +1,149 @@
+"""dpvoip's own schema, versioned, and the CRM tables of standalone mode.
+
+Everything runs in one transaction under an advisory lock, so several instances starting
+at once migrate once, and a failure leaves the database as it was. In attached mode the
+CRM's tables are only checked, never created or altered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from dpvoip.crm_schema import REQUIRED, CrmCapabilities, capabilities, missing
+
+#: The CRM version dpvoip creates in standalone mode (a copy of the CRM's own DDL).
+STANDALONE_DDL = "dpeconomy-2025-12.sql"
+SHIPPED_DDL = ("dpeconomy-2025-12.sql", "dpeconomy-2026-08.sql")
+
+_LOCK_KEY = 0x64707670  # "dpvp": one advisory lock id for all of dpvoip's schema work
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "dpvoip schema and migration ledger",
+        """
+        CREATE SCHEMA IF NOT EXISTS dpvoip;
+        CREATE TABLE IF NOT EXISTS dpvoip.schema_migration (
+            version integer PRIMARY KEY,
+            name text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
+    Migration(
+        2,
+        "instance facts (mode, CRM version seen)",
+        """
+        CREATE TABLE dpvoip.instance_fact (
+            key text PRIMARY KEY,
+            value text NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
+)
+
+
+class SchemaMismatch(Exception):
+    """The CRM's tables lack what dpvoip needs; ``problems`` lists every missing item."""
+
+    def __init__(self, schema: str, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(
+            f"the CRM database (schema {schema!r}) lacks what dpvoip needs: "
+            + "; ".join(problems)
+        )
+
+
+@dataclass(frozen=True)
+class SchemaReport:
+    mode: str
+    schema_version: int
+    applied_now: tuple[int, ...]
+    crm_tables: tuple[str, ...]
+    created_crm_tables: bool
+    crm: CrmCapabilities = field(default_factory=CrmCapabilities)
+
+
+def ddl_text(name: str) -> str:
+    return resources.files("dpvoip").joinpath("sql", name).read_text(encoding="utf-8")
+
+
+async def read_catalogue(cursor: Any, schema: str) -> dict[str, set[str]]:
+    await cursor.execute(
+        "SELECT table_name, column_name FROM information_schema.columns"
+        " WHERE table_schema = %s AND table_name = ANY(%s)",
+        (schema, [*REQUIRED]),
+    )
+    present: dict[str, set[str]] = {}
+    for table, column in cursor.fetchall():
+        present.setdefault(table, set()).add(column)
+    return present
+
+
+async def prepare(cursor: Any, *, standalone: bool, crm_schema: str) -> SchemaReport:
+    """Check (attached) or create (standalone) the CRM tables, then migrate ``dpvoip``."""
+    await cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+    present = await read_catalogue(cursor, crm_schema)
+    created = False
+    if standalone and not present:
+        await cursor.execute(ddl_text(STANDALONE_DDL))
+        await cursor.execute("RESET ALL")
+        present = await read_catalogue(cursor, crm_schema)
+        created = True
+    problems = missing(present)
+    if problems:
+        raise SchemaMismatch(crm_schema, problems)
+    applied = await _migrate(cursor)
+    version = MIGRATIONS[-1].version
+    mode = "standalone" if standalone else "attached"
+    await cursor.execute(
+        "INSERT INTO dpvoip.instance_fact (key, value) VALUES ('mode', %s)"
+        " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
+        (mode,),
+    )
+    return SchemaReport(
+        mode=mode,
+        schema_version=version,
+        applied_now=tuple(applied),
+        crm_tables=tuple(sorted(present)),
+        created_crm_tables=created,
+        crm=capabilities(present),
+    )
+
+
+async def _migrate(cursor: Any) -> list[int]:
+    await cursor.execute(MIGRATIONS[0].sql)
+    await cursor.execute("SELECT version FROM dpvoip.schema_migration")
+    done = {row[0] for row in cursor.fetchall()}
+    applied: list[int] = []
+    for migration in MIGRATIONS:
+        if migration.version in done:
+            continue
+        if migration.version != 1:
+            await cursor.execute(migration.sql)
+        await cursor.execute(
+            "INSERT INTO dpvoip.schema_migration (version, name) VALUES (%s, %s)",
+            (migration.version, migration.name),
+        )
+        applied.append(migration.version)
+    return applied
+
+
+async def schema_version(cursor: Any) -> int:
+    """The newest applied migration, 0 when dpvoip's schema does not exist yet."""
+    await cursor.execute("SELECT to_regclass('dpvoip.schema_migration') IS NOT NULL")
+    if not cursor.fetchone()[0]:
+        return 0
+    await cursor.execute("SELECT coalesce(max(version), 0) FROM dpvoip.schema_migration")
+    return int(cursor.fetchone()[0])

@@ -1,0 +1,229 @@
+"""A txpostgres connection pool that heals, starts without PostgreSQL, and never hangs.
+
+txpostgres' own ``ConnectionPool`` connects once and never recovers a dead connection;
+its ``start()`` fails when PostgreSQL is down. Here every connection has its own
+``DeadConnectionDetector`` that reconnects it with capped back-off, the pool starts
+whatever the state of PostgreSQL, queries go to a live connection when there is one and
+fail fast with ``ConnectionDead`` when there is none.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import psycopg2
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txpostgres import reconnection, txpostgres
+
+T = TypeVar("T")
+log = Logger()
+
+ConnectionDead = reconnection.ConnectionDead
+
+
+def backoff_delays(
+    initial: float = 0.5, cap: float = 5.0, factor: float = 2.0, jitter: float = 0.1
+) -> Iterator[float]:
+    """Reconnection delays: at once, then growing with jitter up to ``cap``, forever."""
+    yield 0.0
+    delay = initial
+    while True:
+        yield min(cap, delay * random.uniform(1 - jitter, 1 + jitter))  # noqa: S311
+        delay = min(cap, delay * factor)
+
+
+class _Detector(reconnection.DeadConnectionDetector):  # type: ignore[misc]
+    """A detector whose reconnection loop can be stopped when the pool closes."""
+
+    def __init__(self, reactor: IReactorTime, on_state: Callable[[], None]) -> None:
+        super().__init__(reconnectionIterator=backoff_delays, reactor=reactor)
+        self._retrying: Deferred[Any] | None = None
+        self._on_state = on_state
+        self.closed = False
+
+    def startReconnecting(self, f: Failure) -> None:
+        if self.closed:
+            return
+        log.warn("database connection lost ({error}); reconnecting", error=_short(f))
+        self._on_state()
+        from txpostgres import retrying
+
+        call = retrying.RetryingCall(self.reconnect)
+        call.reactor = self.reactor
+        self._retrying = call.start(self.reconnectionIterator())
+        self._retrying.addCallback(lambda _: self.connectionRecovered())
+        self._retrying.addErrback(lambda f: f.trap(defer.CancelledError))
+
+    def reconnect(self) -> Deferred[Any]:
+        if self.closed:
+            return defer.fail(defer.CancelledError())
+        return super().reconnect()  # type: ignore[no-any-return]
+
+    def connectionRecovered(self) -> Deferred[Any]:
+        self._retrying = None
+        log.info("database connection re-established")
+        d: Deferred[Any] = super().connectionRecovered()
+        self._on_state()
+        return d
+
+    def stop(self) -> None:
+        self.closed = True
+        if self._retrying is not None:
+            retrying, self._retrying = self._retrying, None
+            retrying.cancel()
+
+
+class _Connection(txpostgres.Connection):  # type: ignore[misc]
+    """A connection whose connect attempt gives up after ``connect_timeout``.
+
+    libpq's ``connect_timeout`` is not applied to asynchronous connections, so an
+    unanswered SYN would otherwise leave the reconnection loop waiting forever.
+    """
+
+    connect_timeout = 5.0
+
+    def connect(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        attempt: Deferred[Any] = super().connect(*args, **kwargs)
+        if attempt.called:
+            return attempt
+        result: Deferred[Any] = Deferred()
+        timer: IDelayedCall = self.reactor.callLater(self.connect_timeout, self._give_up, result)
+
+        def settle(outcome: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not result.called:
+                result.callback(outcome) if not isinstance(outcome, Failure) else result.errback(
+                    outcome
+                )
+
+        attempt.addBoth(settle)
+        return result
+
+    def _give_up(self, result: Deferred[Any]) -> None:
+        self._pollingD = None
+        try:
+            self.close()
+        except Exception:  # noqa: S110 - the socket may already be gone
+            pass
+        if not result.called:
+            result.errback(psycopg2.OperationalError("timeout while connecting to PostgreSQL"))
+
+
+class HealingPool:
+    """A fixed-size pool of self-healing txpostgres connections."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        dsn: str,
+        size: int,
+        connect_timeout: float = 5.0,
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._dsn = dsn
+        self._connections: list[_Connection] = []
+        self._idle: list[_Connection] = []
+        self._semaphore = DeferredSemaphore(size)
+        self._on_reconnect = on_reconnect or (lambda: None)
+        self._closed = False
+        for _ in range(size):
+            connection = _Connection(reactor=reactor)
+            connection.connect_timeout = connect_timeout
+            connection.detector = _Detector(reactor, self._state_changed)
+            self._connections.append(connection)
+            self._idle.append(connection)
+
+    def _state_changed(self) -> None:
+        if not self._closed:
+            self._on_reconnect()
+
+    def start(self) -> Deferred[None]:
+        """Connect every connection; fires once each has tried once, whatever the outcome."""
+        attempts = []
+        for connection in self._connections:
+            d = connection.connect(self._dsn)
+            d.addErrback(connection.detector.checkForDeadConnection)
+            d.addErrback(lambda _: None)
+            attempts.append(d)
+        return defer.gatherResults(attempts).addCallback(lambda _: None)
+
+    @property
+    def live(self) -> int:
+        """How many connections are currently usable."""
+        return sum(1 for c in self._connections if self._usable(c))
+
+    @staticmethod
+    def _usable(connection: _Connection) -> bool:
+        raw = connection._connection
+        return (
+            raw is not None
+            and not raw.closed
+            and not connection.detector.connectionIsDead
+        )
+
+    def close(self) -> None:
+        self._closed = True
+        for connection in self._connections:
+            connection.detector.stop()
+            try:
+                if connection._connection is not None:
+                    connection.close()
+            except Exception:  # noqa: S110 - closing a dead connection may fail; nothing to do
+                pass
+
+    def _checkout(self) -> _Connection:
+        for connection in self._idle:
+            if self._usable(connection):
+                self._idle.remove(connection)
+                return connection
+        return self._idle.pop()
+
+    def _using(self, work: Callable[[_Connection], Deferred[T]]) -> Deferred[T]:
+        def run() -> Deferred[T]:
+            if self._closed:
+                return defer.fail(ConnectionDead("the pool is closed"))
+            connection = self._checkout()
+
+            def put_back(result: Any) -> Any:
+                self._idle.append(connection)
+                return result
+
+            return work(connection).addBoth(put_back)
+
+        return self._semaphore.run(run)
+
+    def run_query(self, sql: str, params: Any = None) -> Deferred[list[tuple[Any, ...]]]:
+        return self._using(lambda c: c.runQuery(sql, params))
+
+    def run_operation(self, sql: str, params: Any = None) -> Deferred[None]:
+        return self._using(lambda c: c.runOperation(sql, params))
+
+    def run_interaction(
+        self, interaction: Callable[[Any], Awaitable[T]]
+    ) -> Deferred[T]:
+        """Run ``async def interaction(cursor)`` in one transaction.
+
+        txpostgres would commit at once if handed a coroutine function: it does not await
+        it. Wrapping it in ``Deferred.fromCoroutine`` makes the commit wait for it.
+        """
+
+        def transact(cursor: Any) -> Deferred[T]:
+            return Deferred.fromCoroutine(_as_coroutine(interaction(cursor)))
+
+        return self._using(lambda c: c.runInteraction(transact))
+
+
+async def _as_coroutine(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+def _short(f: Failure) -> str:
+    return str(f.value).strip().splitlines()[0] if str(f.value).strip() else type(f.value).__name__

@@ -1,0 +1,273 @@
+"""The composition root: ``makeService(config)`` builds and wires every service.
+
+Nothing else in dpvoip reaches for the reactor or a global: it is handed in from here.
+Services start in order (database, Fritz!Boxes, web) and stop in the reverse order, each
+waiting for the one before: stop accepting HTTP and let requests in flight finish their
+writes, drop the Fritz!Box connections, drain and close the pool, stop the embedded
+PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, threads
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from dpvoip import __version__
+from dpvoip.config import Config
+from dpvoip.dsn import connection_dsn
+from dpvoip.embedded import EmbeddedPostgres
+from dpvoip.migrations import SchemaMismatch, prepare
+from dpvoip.pool import HealingPool
+from dpvoip.store import Store
+from dpvoip.web.app import Readiness, WebApp
+from dpvoip.web.server import DpvoipSite, WebService
+
+log = Logger(namespace="dpvoip")
+
+
+class ExitStatus:
+    """How the process ends: 0 after SIGTERM or a clean stop, 1 after a fatal error.
+
+    twistd re-raises SIGTERM on itself after a clean shutdown (exit status 143); an
+    administrator's `systemctl stop` or `kill` is a normal stop, so it exits 0 here.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self.code = 0
+        self.message = ""
+        reactor.addSystemEventTrigger("after", "shutdown", self._settle)
+
+    def fatal(self, message: str) -> None:
+        if self.code == 0:
+            self.code, self.message = 1, message
+            log.critical("dpvoip cannot run: {message}", message=message)
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def _settle(self) -> None:
+        # Private twistd/reactor contract: a signal stored here is re-raised after the run.
+        self._reactor._exitSignal = None
+        if self.code:
+            code = self.code
+            sys.stderr.write(f"dpvoip: {self.message}\n")
+
+            def leave() -> None:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+
+            atexit.register(leave)
+
+
+class OrderedServices(MultiService):
+    """Children start one after the other, in order, and stop in the reverse order."""
+
+    def __init__(self, exit_status: ExitStatus) -> None:
+        super().__init__()
+        self._exit = exit_status
+        self.started: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        Service.startService(self)
+        Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        for child in list(self):
+            try:
+                await defer.maybeDeferred(child.startService)
+            except Exception as error:
+                self._exit.fatal(f"{getattr(child, 'name', child)} failed to start: {error}")
+                return
+        self.started.callback(None)
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        for child in reversed(list(self)):
+            if not child.running:
+                continue
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {name} failed", name=getattr(child, "name", child))
+
+
+class EmbeddedPostgresService(Service):
+    """Starts the private PostgreSQL (in a thread: initdb and pg_ctl block) and stops it."""
+
+    name = "embedded PostgreSQL"
+
+    def __init__(self, reactor: Any, cluster: EmbeddedPostgres) -> None:
+        self._reactor = reactor
+        self.cluster = cluster
+
+    def startService(self) -> Deferred[None]:
+        super().startService()
+        log.info("starting embedded PostgreSQL in {folder}", folder=str(self.cluster.folder))
+        return threads.deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), self.cluster.start
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return threads.deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), self.cluster.stop
+        )
+
+
+class DatabaseService(Service):
+    """Owns the pool: starts it (PostgreSQL may be down), prepares the schema once reachable."""
+
+    name = "database"
+
+    def __init__(self, store: Store, config: Config, exit_status: ExitStatus) -> None:
+        self.store = store
+        self._config = config
+        self._exit = exit_status
+        self._preparing = False
+
+    def startService(self) -> Deferred[None]:
+        super().startService()
+        started = self.store.pool.start()
+        return started.addCallback(lambda _: self.try_prepare())
+
+    def try_prepare(self) -> None:
+        """Check and migrate the schema, once, as soon as PostgreSQL answers."""
+        if self.store.schema is not None or self._preparing or not self.running:
+            return
+        if self.store.pool.live == 0:
+            log.warn("PostgreSQL is not reachable yet; dpvoip is up but not ready")
+            return
+        self._preparing = True
+        standalone = self._config.standalone
+        schema = self._config.database.crm_schema
+        prepared = self.store.write(lambda c: prepare(c, standalone=standalone, crm_schema=schema))
+        prepared.addCallbacks(self._prepared, self._not_prepared)
+
+    def _prepared(self, report: Any) -> None:
+        self._preparing = False
+        self.store.schema = report
+        if report.created_crm_tables:
+            log.info("created the CRM tables of standalone mode (D.P. Economy 2025-12)")
+        log.info(
+            "database ready: {mode} mode, dpvoip schema version {version}"
+            "{applied}, CRM {crm}",
+            mode=report.mode, version=report.schema_version, crm=report.crm.version,
+            applied=f" (applied now: {list(report.applied_now)})" if report.applied_now else "",
+        )
+
+    def _not_prepared(self, failure: Any) -> None:
+        self._preparing = False
+        if failure.check(SchemaMismatch):
+            self._exit.fatal(str(failure.value))
+            return
+        log.warn("schema preparation failed, will retry when the database is back: {error}",
+                 error=str(failure.value).strip().splitlines()[0] if str(failure.value) else "")
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        drained = self.store.drain(self._config.web.drain_timeout)
+        return drained.addCallback(lambda _: self.store.pool.close())
+
+
+class Daemon:
+    """The wired daemon: what tests and the command line may look into."""
+
+    def __init__(
+        self,
+        service: OrderedServices,
+        store: Store,
+        web: WebService,
+        exit_status: ExitStatus,
+        embedded: EmbeddedPostgres | None,
+    ) -> None:
+        self.service = service
+        self.store = store
+        self.web = web
+        self.exit_status = exit_status
+        self.embedded = embedded
+
+
+def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daemon:
+    """Wire every service from ``config``."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    base = base or Path.cwd()
+    exit_status = ExitStatus(reactor)
+    top = OrderedServices(exit_status)
+    top.setName("dpvoip")
+
+    embedded: EmbeddedPostgres | None = None
+    if config.embedded:
+        embedded = EmbeddedPostgres(config.state_path(base) / "pg")
+        EmbeddedPostgresService(reactor, embedded).setServiceParent(top)
+        dsn = connection_dsn(embedded.dsn(), config.database)
+    else:
+        dsn = connection_dsn(config.database.url.reveal(), config.database)
+
+    database: DatabaseService
+    pool = HealingPool(
+        reactor, dsn, config.database.pool_size, config.database.connect_timeout,
+        on_reconnect=lambda: reactor.callLater(0, database.try_prepare),
+    )
+    store = Store(pool, reactor)
+    database = DatabaseService(store, config, exit_status)
+    database.setServiceParent(top)
+
+    async def readiness() -> Readiness:
+        state = await store.state()
+        schema = store.schema
+        db = {
+            "reachable": state.reachable,
+            "live_connections": state.live_connections,
+            "mode": schema.mode if schema else ("standalone" if config.standalone else "attached"),
+            "schema_version": schema.schema_version if schema else None,
+            "embedded": config.embedded,
+        }
+        return Readiness(state.reachable and schema is not None, {"database": db, "fritzbox": []})
+
+    app = WebApp(lambda: Deferred.fromCoroutine(readiness()), __version__)
+    site = DpvoipSite(app.resource(), config.web, reactor)
+    web = _Listening(reactor, site, config.web.listen)
+    web.setServiceParent(top)
+    return Daemon(top, store, web, exit_status, embedded)
+
+
+class _Listening(WebService):
+    name = "web"
+
+    def startService(self) -> Deferred[None]:  # type: ignore[override]
+        Service.startService(self)
+        return self.listen().addCallback(self._announce)
+
+    def _announce(self, port: Any) -> None:
+        address = port.getHost()
+        host = getattr(address, "host", None)
+        if host is not None:
+            shown = f"[{host}]" if ":" in host else host
+            url = f"http://{shown}:{address.port}"
+        else:
+            url = f"unix:{getattr(address, 'name', address)}"
+        log.info(
+            "dpvoip {version} listening on {url} — check it with: curl {url}/readyz "
+            "(configuration: etc/dpvoip.toml.example explains every setting)",
+            version=__version__, url=url,
+        )
+
+
+def makeService(config: Config, reactor: Any = None) -> OrderedServices:
+    """The single composition root used by the twistd plugin and etc/dpvoip.tac."""
+    return build(config, reactor).service

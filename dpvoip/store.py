@@ -1,0 +1,119 @@
+"""The database edge: shielded writes, a readiness probe, and draining at shutdown.
+
+A write, once started, is never rolled back because the HTTP client that caused it went
+away: Klein cancels a handler's Deferred on disconnect, and that cancellation would reach
+the transaction. ``Store.write`` hands out a shield instead and keeps the real Deferred
+for itself, so shutdown can wait for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from dpvoip.migrations import SchemaReport
+from dpvoip.pool import HealingPool
+
+T = TypeVar("T")
+log = Logger()
+
+
+def shield(inner: Deferred[T]) -> Deferred[T]:
+    """A Deferred with ``inner``'s result whose cancellation does not reach ``inner``."""
+    outer: Deferred[T] = Deferred()
+
+    def relay(result: Any) -> None:
+        if not outer.called:
+            outer.callback(result) if not _is_failure(result) else outer.errback(result)
+
+    inner.addBoth(relay)
+    return outer
+
+
+def _is_failure(result: Any) -> bool:
+    from twisted.python.failure import Failure
+
+    return isinstance(result, Failure)
+
+
+def race(clock: IReactorTime, work: Deferred[T], seconds: float, fallback: T) -> Deferred[T]:
+    """``work``'s result, or ``fallback`` after ``seconds``; ``work`` is left to finish.
+
+    For probes only: a timed-out query is not cancelled (txpostgres logs a critical error
+    when a query is cancelled through Deferred.addTimeout).
+    """
+    result: Deferred[T] = Deferred()
+    timer = clock.callLater(seconds, lambda: result.called or result.callback(fallback))
+
+    def settle(outcome: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if not result.called:
+            result.callback(fallback if _is_failure(outcome) else outcome)
+
+    work.addBoth(settle)
+    return result
+
+
+@dataclass(frozen=True)
+class DatabaseState:
+    reachable: bool
+    live_connections: int
+    schema: SchemaReport | None
+
+
+class Store:
+    """Runs transactions on the pool; the only way the rest of dpvoip touches PostgreSQL."""
+
+    def __init__(self, pool: HealingPool, clock: IReactorTime) -> None:
+        self.pool = pool
+        self._clock = clock
+        self._in_flight: set[Deferred[Any]] = set()
+        self.schema: SchemaReport | None = None
+
+    def write(self, interaction: Callable[[Any], Awaitable[T]]) -> Deferred[T]:
+        """Run ``interaction`` in a transaction that commits even if the caller gives up."""
+        inner = self.pool.run_interaction(interaction)
+        self._in_flight.add(inner)
+
+        def forget(result: Any) -> Any:
+            self._in_flight.discard(inner)
+            return result
+
+        inner.addBoth(forget)
+        return shield(inner)
+
+    def read(self, sql: str, params: Any = None) -> Deferred[list[tuple[Any, ...]]]:
+        return self.pool.run_query(sql, params)
+
+    def state(self, timeout: float = 1.0) -> Deferred[DatabaseState]:
+        """Whether a query reaches PostgreSQL within ``timeout`` seconds now."""
+        probe = self.pool.run_query("SELECT 1")
+        reached = race(self._clock, probe.addCallback(lambda _: True), timeout, False)
+        return reached.addCallback(
+            lambda ok: DatabaseState(bool(ok), self.pool.live, self.schema)
+        )
+
+    @property
+    def writes_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """Wait (at most ``timeout`` seconds) for the writes under way to finish."""
+        if not self._in_flight:
+            return defer.succeed(None)
+        pending = defer.DeferredList(list(self._in_flight), consumeErrors=True)
+        waited = race(self._clock, pending.addCallback(lambda _: True), timeout, False)
+
+        def report(finished: bool) -> None:
+            if not finished:
+                log.warn("shutdown: {n} database writes still running after {t}s",
+                         n=len(self._in_flight), t=timeout)
+
+        return waited.addCallback(report)

@@ -1,0 +1,101 @@
+"""The Klein application: routes translate HTTP into calls on injected services.
+
+Routes never touch the database or the reactor themselves: what they need (here the
+readiness report) is passed in by the composition root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from dpvoip.web.errors import HttpError, error_body, json_body
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What /readyz reports; ``ready`` decides between 200 and 503."""
+
+    ready: bool
+    checks: dict[str, Any] = field(default_factory=dict)
+
+
+ReadinessProbe = Callable[[], Deferred[Readiness]]
+
+
+def _json(request: IRequest, status: int, body: bytes) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return body
+
+
+class WebApp:
+    """dpvoip's HTTP surface. Later capabilities add their routes here."""
+
+    app = Klein()
+
+    def __init__(self, readiness: ReadinessProbe, version: str) -> None:
+        self._readiness = readiness
+        self._version = version
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    def healthz(self, request: IRequest) -> bytes:
+        """Alive: the process answers. Says nothing about the database (see /readyz)."""
+        return _json(request, 200, json_body({"alive": True, "version": self._version}))
+
+    @app.route("/readyz", methods=["GET", "HEAD"])
+    async def readyz(self, request: IRequest) -> bytes:
+        report = await self._readiness()
+        status = 200 if report.ready else 503
+        return _json(request, status, json_body({"ready": report.ready, **report.checks}))
+
+    @app.handle_errors(HttpError)
+    def http_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, HttpError)
+        for name, value in error.headers.items():
+            request.setHeader(name.encode(), value.encode())
+        return _json(request, error.status, error_body(error.status, error.message))
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return _json(request, 404, error_body(404, "no such resource"))
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        allowed = sorted(getattr(error, "valid_methods", None) or [])
+        if allowed:
+            request.setHeader(b"Allow", ", ".join(allowed).encode())
+        method = request.method.decode("ascii", "replace")
+        return _json(request, 405, error_body(405, f"method {method} not allowed here"))
+
+    @app.handle_errors(HTTPException)
+    def other_http(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, HTTPException)
+        status = error.code or 400
+        return _json(request, status, error_body(status, error.description or error.name))
+
+    @app.handle_errors(Exception)
+    def unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        log.failure("unexpected error answering {path}", failure, path=_path(request))
+        return _json(request, 500, error_body(500, "internal error; the details are logged"))
+
+
+def _path(request: IRequest) -> str:
+    return request.path.decode("ascii", "replace")

@@ -1,0 +1,37 @@
+"""HTTP errors as JSON: one shape for every rejection, never a stack trace."""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Any
+
+
+class HttpError(Exception):
+    """Raised by a route to answer ``status`` with ``message`` (and nothing written)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_body(status: int, message: str) -> bytes:
+    return json_body({"error": message, "status": status})
+
+
+def json_body(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def raw_response(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 response, for rejections made before a request reaches a route."""
+    body = error_body(status, message)
+    reason = HTTPStatus(status).phrase
+    return (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Content-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("ascii") + body

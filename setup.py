@@ -1,0 +1,36 @@
+"""Packaging for dpvoip.
+
+``twisted.plugins`` is listed as a package (with no ``__init__.py`` of ours) so that
+``twistd dpvoip`` finds the service maker; Twisted's plugin cache is rebuilt by
+``dpvoip plugin-cache`` which the bootstrap script runs right after installing.
+"""
+
+from setuptools import setup
+
+setup(
+    name="dpvoip",
+    version="0.1.0",
+    description="Telephony daemon for the D.P. Economy CRM: Fritz!Box CallMonitor, Zadarma, tickets",
+    python_requires=">=3.11",
+    packages=["dpvoip", "dpvoip.protocols", "dpvoip.web", "twisted.plugins"],
+    package_data={"dpvoip": ["sql/*.sql", "py.typed"]},
+    include_package_data=False,
+    install_requires=[
+        "Twisted>=24.7,<27",
+        "klein>=24.8,<25",
+        # Werkzeug releases have broken klein before: only the range klein 24.8 is tested with.
+        "Werkzeug>=3.0,<3.2",
+        "treq>=24.9",
+        "txpostgres==1.7.0",
+        "psycopg2-binary>=2.9.9,<2.10",
+        "service-identity>=24.1",
+        "phonenumbers>=8.13",
+        "prometheus-client>=0.20",
+        "PyJWT>=2.8,<3",
+    ],
+    extras_require={
+        # Only when no system PostgreSQL exists: a wheel carrying PostgreSQL binaries.
+        "embedded": ["pgserver>=0.1.4"],
+    },
+    entry_points={"console_scripts": ["dpvoip = dpvoip.cli:main"]},
+)

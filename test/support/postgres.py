@@ -1,0 +1,81 @@
+"""One real PostgreSQL for the whole test run, on a private unix socket.
+
+It is dpvoip's own embedded cluster code (so the tests exercise it too), started once per
+test process in a temporary folder and stopped at exit. Each test gets a fresh database,
+made quickly from a template that already holds one of the CRM's DDL versions.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import shutil
+import tempfile
+from pathlib import Path
+
+import psycopg2
+
+from dpvoip.embedded import EmbeddedPostgres
+from dpvoip.migrations import SHIPPED_DDL, ddl_text
+
+_server: TestPostgres | None = None
+_names = itertools.count(1)
+
+
+class TestPostgres:
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="dpvoip-test-pg-"))
+        self.folder.chmod(0o755)
+        self.cluster = EmbeddedPostgres(self.folder / "pg")
+        self.cluster.start()
+        self._templates: dict[str, str] = {}
+
+    def template(self, crm: str | None) -> str:
+        key = crm or "empty"
+        if key not in self._templates:
+            name = f"tpl_{key.replace('-', '_')}"
+            self.cluster.create_database(name)
+            if crm is not None:
+                ddl = next(f for f in SHIPPED_DDL if crm in f)
+                self.execute(name, ddl_text(ddl))
+            self._templates[key] = name
+        return self._templates[key]
+
+    def new_database(self, crm: str | None = "2025-12") -> str:
+        """A fresh database (with the CRM tables of ``crm``, or empty); its DSN."""
+        name = f"t{next(_names)}"
+        self.cluster.create_database(name, template=self.template(crm))
+        return self.cluster.dsn(name)
+
+    def execute(self, database: str, sql: str) -> None:
+        connection = psycopg2.connect(self.cluster.dsn(database))
+        try:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute(sql)
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        self.cluster.stop(mode="immediate")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def postgres() -> TestPostgres:
+    global _server
+    if _server is None:
+        _server = TestPostgres()
+        atexit.register(_server.stop)
+    return _server
+
+
+def query(dsn: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """A blocking query for assertions (outside the code under test)."""
+    connection = psycopg2.connect(dsn)
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
+    finally:
+        connection.close()
