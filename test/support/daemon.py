@@ -1,0 +1,99 @@
+"""Run the real daemon (twistd, as installed) in a subprocess and talk to it over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
+_LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
+
+
+def clean_environment(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("DPVOIP_") and k not in (
+               "DATABASE_URL", "FRITZ_HOST", "FRITZ_PORT", "FRITZ_API_TOKEN", "ZADARMA_KEY",
+               "ZADARMA_SECRET", "SECRET_KEY", "JWT_SIGNING_KEY")}
+    env.update(extra)
+    return env
+
+
+class Daemon:
+    """One daemon process; its output goes to a file so a test can read all of it."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+        self.output_path = cwd / f"daemon-{time.monotonic_ns()}.log"
+        self._output = self.output_path.open("wb")
+        self.process = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdout=self._output, stderr=subprocess.STDOUT,
+        )
+        self.url = ""
+
+    def output(self) -> str:
+        return self.output_path.read_text(errors="replace")
+
+    def wait_listening(self, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = _LISTENING.search(self.output())
+            if found:
+                self.url = found.group(1)
+                return self.url
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited {self.process.returncode}:\n{self.output()}")
+            time.sleep(0.05)
+        raise AssertionError(f"daemon never listened:\n{self.output()}")
+
+    def get(self, path: str) -> tuple[int, dict[str, object]]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as response:  # noqa: S310
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def wait_ready(self, timeout: float = 30) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        body: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            status, body = self.get("/readyz")
+            if status == 200:
+                return body
+            time.sleep(0.1)
+        raise AssertionError(f"never ready: {body}\n{self.output()}")
+
+    def terminate(self, timeout: float = 5) -> tuple[int, float]:
+        """SIGTERM; (exit status, seconds it took)."""
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"no exit {timeout}s after SIGTERM:\n{self.output()}") from None
+        return code, time.monotonic() - started
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"still running:\n{self.output()}") from None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._output.close()
+
+
+def twistd(*args: str) -> list[str]:
+    return [str(BIN / "twistd"), *args]
