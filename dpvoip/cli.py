@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -33,8 +34,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plugin_cache(args: argparse.Namespace) -> int:
     """Rebuild Twisted's plugin cache (run at install, as the installing user)."""
-    from twisted import plugins
     from twisted.plugin import IPlugin, getPlugins
+
+    from twisted import plugins
 
     names = sorted(getattr(p, "tapname", "") for p in getPlugins(IPlugin, plugins))
     print("twisted plugin cache rebuilt; dpvoip plugin found:", "dpvoip" in names)
@@ -126,10 +128,8 @@ def _with_database(config: Config, work: Any) -> int:
             pool.close()
 
     try:
-        try:
+        with contextlib.suppress(SystemExit):  # react() always exits; the code is ours
             task.react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
-        except SystemExit:
-            pass
         return outcome[0]
     finally:
         if embedded is not None and started_here:

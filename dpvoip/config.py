@@ -588,7 +588,10 @@ def describe() -> list[tuple[str, str, Any, str, str]]:
     rows: list[tuple[str, str, Any, str, str]] = []
     for section, cls in [*SECTIONS.items(), *LIST_SECTIONS.items()]:
         for spec in fields(cls):
-            default = spec.default if spec.default is not MISSING else spec.default_factory()  # type: ignore[misc]
+            default = (
+                spec.default if spec.default is not MISSING
+                else spec.default_factory()  # type: ignore[operator]
+            )
             envs = ", ".join(e for e in (_env_name(section, spec.name), spec.metadata["env"]) if e)
             rows.append((section, spec.name, default, spec.metadata["doc"], envs))
     return rows

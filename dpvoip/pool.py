@@ -9,6 +9,7 @@ fail fast with ``ConnectionDead`` when there is none.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -117,10 +118,8 @@ class _Connection(txpostgres.Connection):  # type: ignore[misc]
 
     def _give_up(self, result: Deferred[Any]) -> None:
         self._pollingD = None
-        try:
+        with contextlib.suppress(Exception):  # the socket may already be gone
             self.close()
-        except Exception:  # noqa: S110 - the socket may already be gone
-            pass
         if not result.called:
             result.errback(psycopg2.OperationalError("timeout while connecting to PostgreSQL"))
 

@@ -249,7 +249,7 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
 class _Listening(WebService):
     name = "web"
 
-    def startService(self) -> Deferred[None]:  # type: ignore[override]
+    def startService(self) -> Deferred[None]:
         Service.startService(self)
         return self.listen().addCallback(self._announce)
 

@@ -49,7 +49,12 @@ def race(clock: IReactorTime, work: Deferred[T], seconds: float, fallback: T) ->
     when a query is cancelled through Deferred.addTimeout).
     """
     result: Deferred[T] = Deferred()
-    timer = clock.callLater(seconds, lambda: result.called or result.callback(fallback))
+
+    def give_up() -> None:
+        if not result.called:
+            result.callback(fallback)
+
+    timer = clock.callLater(seconds, give_up)
 
     def settle(outcome: Any) -> None:
         if timer.active():

@@ -41,6 +41,6 @@ def load_or_exit(path: str | None, environ: Any) -> Config:
 
 
 def makeService(options: Options) -> IService:
-    from dpvoip.service import makeService as compose
+    from dpvoip import service
 
-    return compose(options["loaded"])
+    return service.makeService(options["loaded"])

@@ -194,6 +194,7 @@ class AttachedTests(DaemonTestCase):
         self.assertEqual(database["mode"], "attached")
         code, seconds = daemon.terminate()
         self.assertEqual(code, 0)
+        self.assertLess(seconds, 5)
         self.assertNotIn("secret-pw", daemon.output())
         self.assertFalse((self.home / "state" / "pg").exists(), "no embedded server when attached")
 

@@ -100,9 +100,10 @@ class PrepareTests(TestCase):
     def test_prepare_twice_changes_nothing(self) -> Any:
         dsn = postgres().new_database(crm=None)
         first = yield self.run_prepare(dsn, standalone=True)
-        before = query(dsn, _COLUMNS), query(dsn, "SELECT version, name FROM dpvoip.schema_migration")
+        ledger = "SELECT version, name FROM dpvoip.schema_migration"
+        before = query(dsn, _COLUMNS), query(dsn, ledger)
         second = yield self.run_prepare(dsn, standalone=True)
-        after = query(dsn, _COLUMNS), query(dsn, "SELECT version, name FROM dpvoip.schema_migration")
+        after = query(dsn, _COLUMNS), query(dsn, ledger)
         self.assertEqual(first.applied_now, tuple(m.version for m in MIGRATIONS))
         self.assertEqual(second.applied_now, ())
         self.assertFalse(second.created_crm_tables)

@@ -98,4 +98,5 @@ class WebApp:
 
 
 def _path(request: IRequest) -> str:
-    return request.path.decode("ascii", "replace")
+    path: bytes = request.path
+    return path.decode("ascii", "replace")

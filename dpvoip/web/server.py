@@ -14,7 +14,9 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import IResource
 
@@ -59,12 +61,11 @@ class BoundedRequest(server.Request):
     def _refuse(self) -> None:
         self._refused = True
         limit = self._limit()
-        self.channel.transport.write(
-            raw_response(413, f"request body larger than {limit} bytes")
-        )
+        transport: Any = self.channel.transport
+        transport.write(raw_response(413, f"request body larger than {limit} bytes"))
         self.method = getattr(self.channel, "_command", b"-")
         self.path = getattr(self.channel, "_path", b"-").split(b"?", 1)[0]
-        self.channel.transport.loseConnection()
+        transport.loseConnection()
         self.owner.request_refused(self, 413)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
@@ -101,15 +102,16 @@ class BoundedChannel(http.HTTPChannel):
     def _too_slow(self) -> None:
         self._deadline = None
         log.info("cut off a client too slow to send its request")
-        self.transport.write(raw_response(408, "request not received in time"))
-        self.transport.abortConnection()
+        transport: Any = self.transport
+        transport.write(raw_response(408, "request not received in time"))
+        transport.abortConnection()
 
     def _disarm(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
         super().connectionLost(reason)
 
@@ -117,7 +119,7 @@ class BoundedChannel(http.HTTPChannel):
 class DpvoipSite(server.Site):
     """A Site with dpvoip's limits, a secret-free access log and in-flight tracking."""
 
-    protocol = BoundedChannel
+    protocol = BoundedChannel  # type: ignore[assignment]
     requestFactory = BoundedRequest
     noisy = False
 
@@ -212,7 +214,9 @@ class WebService(Service):
     async def _stop(self) -> None:
         if self.port is not None:
             port, self.port = self.port, None
-            await port.stopListening()
+            stopped = port.stopListening()
+            if stopped is not None:
+                await stopped
         if self.site.in_flight:
             log.info("shutdown: waiting for {n} requests in flight", n=self.site.in_flight)
             from dpvoip.store import race
