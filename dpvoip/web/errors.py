@@ -35,3 +35,19 @@ def raw_response(status: int, message: str) -> bytes:
         f"Content-Length: {len(body)}\r\n"
         "Connection: close\r\n\r\n"
     ).encode("ascii") + body
+
+
+def media_type(header: bytes | None) -> str:
+    """The bare media type of a Content-Type header value, lower-case ('' when absent)."""
+    if not header:
+        return ""
+    return header.split(b";", 1)[0].strip().decode("latin-1").lower()
+
+
+def require_media_type(header: bytes | None, *accepted: str) -> str:
+    """The request's media type if it is one of ``accepted``, else a 415 HttpError."""
+    found = media_type(header)
+    if found not in accepted:
+        shown = found or "none"
+        raise HttpError(415, f"Content-Type {shown} not supported; send {' or '.join(accepted)}")
+    return found

@@ -106,6 +106,14 @@ class BoundedChannel(http.HTTPChannel):
         transport.write(raw_response(408, "request not received in time"))
         transport.abortConnection()
 
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted answers a malformed request (bad request line, too many or too long
+        # headers, broken chunking) with a bare 400; answer it in dpvoip's JSON shape.
+        self._disarm()
+        transport: Any = self.transport
+        transport.write(raw_response(400, "malformed HTTP request"))
+        self.loseConnection()
+
     def _disarm(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
