@@ -89,15 +89,25 @@ class BoundedChannel(http.HTTPChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if self._deadline is None and data:
-            factory: DpvoipSite = self.factory
-            self._deadline = factory.clock.callLater(
-                factory.settings.request_timeout, self._too_slow
-            )
+            self._arm()
         super().dataReceived(data)
 
     def allContentReceived(self) -> None:
         self._disarm()
         super().allContentReceived()
+        if getattr(self, "_buffer", b"") or self._dataBuffer:
+            # Part of a pipelined next request arrived with this one: its clock runs now.
+            self._arm()
+
+    def _send100Continue(self) -> None:
+        # A refused request (413 already sent) must not get an interim response after it.
+        if self.requests and getattr(self.requests[-1], "_refused", False):
+            return
+        super()._send100Continue()
+
+    def _arm(self) -> None:
+        factory: DpvoipSite = self.factory
+        self._deadline = factory.clock.callLater(factory.settings.request_timeout, self._too_slow)
 
     def _too_slow(self) -> None:
         self._deadline = None
