@@ -66,7 +66,8 @@ def example_config() -> str:
             header = f"[[{section}]]" if section == "fritzbox" else f"[{section}]"
             lines += ["", header]
             if section == "fritzbox":
-                lines.append("# One table per Fritz!Box; with none, one box at fritz.box:1012.")
+                lines.append("# One table per Fritz!Box. With no [[fritzbox]] table at all")
+                lines.append("# there is one box at fritz.box:1012; `fritzbox = []`: no box.")
         for text in textwrap.wrap(doc, 86):
             lines.append(f"# {text}")
         lines.append(f"# environment: {envs}")

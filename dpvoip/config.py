@@ -280,6 +280,37 @@ class CrmSettings:
 
 
 @dataclass(frozen=True)
+class DirectorySettings:
+    region: str = setting(
+        "GR",
+        "Country of the numbers written in the CRM without a country code.",
+        _region,
+    )
+    own_numbers: tuple[str, ...] = setting(
+        [],
+        "The office's own numbers (all boxes and Zadarma): never matched to a record.",
+        _digits_list,
+    )
+    refresh_seconds: float = setting(
+        15.0,
+        "How often records edited in the CRM are re-read (by their update time).",
+        _between(1, 60),
+    )
+    sweep_seconds: float = setting(
+        60.0, "How often deleted CRM records are removed from the index.", _between(5, 3600)
+    )
+    margin_seconds: float = setting(
+        60.0,
+        "Re-read records updated up to this long before the last refresh: covers clock skew "
+        "between the CRM's hosts and transactions committed late.",
+        _between(0, 3600),
+    )
+    page_size: int = setting(
+        5000, "Rows read per query while indexing.", _between(100, 100_000)
+    )
+
+
+@dataclass(frozen=True)
 class ZadarmaSettings:
     key: Secret = setting(Secret(""), "Zadarma API key.", env="ZADARMA_KEY")
     secret: Secret = setting(
@@ -353,6 +384,7 @@ class Config:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     web: WebSettings = field(default_factory=WebSettings)
     crm: CrmSettings = field(default_factory=CrmSettings)
+    directory: DirectorySettings = field(default_factory=DirectorySettings)
     zadarma: ZadarmaSettings = field(default_factory=ZadarmaSettings)
     fritzbox: tuple[FritzBoxSettings, ...] = field(
         default_factory=lambda: (FritzBoxSettings(),)
@@ -380,6 +412,7 @@ SECTIONS: dict[str, type[Any]] = {
     "database": DatabaseSettings,
     "web": WebSettings,
     "crm": CrmSettings,
+    "directory": DirectorySettings,
     "zadarma": ZadarmaSettings,
     "legacy_monitor": LegacyMonitorSettings,
 }
@@ -398,7 +431,7 @@ def _type_name(kind: Any) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
              Secret: "a string"}
     if typing.get_origin(kind) is tuple:
-        return "a list of " + _type_name(typing.get_args(kind)[0])[2:] + "s"
+        return "a list of " + _type_name(typing.get_args(kind)[0]).split(" ", 1)[1] + "s"
     return names.get(kind, str(kind))
 
 
@@ -484,7 +517,9 @@ def parse(text: str, source: str = "config") -> dict[str, Any]:
         raise ConfigError(f"{source}: not valid TOML: {error}") from None
 
 
-def from_toml(data: Mapping[str, Any], source: str = "config") -> Config:
+def from_toml(data: Mapping[str, Any], source: str = "config", whole: bool = True) -> Config:
+    """The file's settings; ``whole=False`` defers the checks that span settings (the
+    environment may still supply what the file lacks, e.g. DATABASE_URL)."""
     sections: dict[str, Any] = {}
     for name, table in data.items():
         if name in SECTIONS:
@@ -504,7 +539,8 @@ def from_toml(data: Mapping[str, Any], source: str = "config") -> Config:
                 f"{source}: unknown section [{name}] (known: {', '.join(known)})"
             )
     config = Config(**sections)
-    _check_whole(config, source)
+    if whole:
+        _check_whole(config, source)
     return config
 
 
@@ -523,7 +559,9 @@ def _env_name(section: str, key: str) -> str:
     return f"DPVOIP_{section.upper()}_{key.upper()}"
 
 
-def apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
+def apply_environment(
+    config: Config, environ: Mapping[str, str], source: str = "environment"
+) -> Config:
     """Apply ``DPVOIP_<SECTION>_<KEY>`` and the CRM's own variable names over the file."""
     known_env: set[str] = set(RESERVED_ENV)
     updated: dict[str, Any] = {}
@@ -563,7 +601,7 @@ def apply_environment(config: Config, environ: Mapping[str, str]) -> Config:
         if name.startswith("DPVOIP_") and name not in known_env:
             raise ConfigError(f"environment {name}: unknown setting")
     result = replace(config, **updated)
-    _check_whole(result, "environment")
+    _check_whole(result, source)
     return result
 
 
@@ -580,7 +618,7 @@ def load(path: Path | None, environ: Mapping[str, str]) -> Config:
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
         data = parse(text, source)
-    return apply_environment(from_toml(data, source), environ)
+    return apply_environment(from_toml(data, source, whole=False), environ, source)
 
 
 def describe() -> list[tuple[str, str, Any, str, str]]:
@@ -603,6 +641,7 @@ __all__ = [
     "CrmSettings",
     "DaemonSettings",
     "DatabaseSettings",
+    "DirectorySettings",
     "FritzBoxSettings",
     "LegacyMonitorSettings",
     "LogSettings",

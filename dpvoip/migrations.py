@@ -51,6 +51,27 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        3,
+        "phone directory: normalised numbers of the CRM's records",
+        """
+        CREATE TABLE dpvoip.directory_entry (
+            source text NOT NULL,
+            record_id bigint NOT NULL,
+            field text NOT NULL,
+            number text NOT NULL,
+            PRIMARY KEY (source, record_id, field)
+        );
+        CREATE INDEX directory_entry_by_number
+            ON dpvoip.directory_entry (number) INCLUDE (source, record_id, field);
+        CREATE TABLE dpvoip.directory_watermark (
+            source text PRIMARY KEY,
+            updated_to timestamptz NOT NULL,
+            region text NOT NULL,
+            swept_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 )
 
 

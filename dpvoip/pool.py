@@ -208,7 +208,7 @@ class HealingPool:
 
         return self._semaphore.run(run)
 
-    def run_query(self, sql: str, params: Any = None) -> Deferred[list[tuple[Any, ...]]]:
+    def run_query(self, sql: Any, params: Any = None) -> Deferred[list[tuple[Any, ...]]]:
         return self._using(lambda c: c.runQuery(sql, params))
 
     def run_operation(self, sql: str, params: Any = None) -> Deferred[None]:

@@ -94,7 +94,7 @@ class Store:
         inner.addBoth(forget)
         return shield(inner)
 
-    def read(self, sql: str, params: Any = None) -> Deferred[list[tuple[Any, ...]]]:
+    def read(self, sql: Any, params: Any = None) -> Deferred[list[tuple[Any, ...]]]:
         return self.pool.run_query(sql, params)
 
     def state(self, timeout: float = 1.0) -> Deferred[DatabaseState]:

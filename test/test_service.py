@@ -19,6 +19,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from dpvoip.config import Config, DatabaseSettings, Secret, WebSettings
 from dpvoip.embedded import EmbeddedPostgres
+from dpvoip.migrations import MIGRATIONS
 from dpvoip.service import ExitStatus, OrderedServices, build
 from dpvoip.web.errors import HttpError, media_type, require_media_type
 from test.support.postgres import query
@@ -183,7 +184,7 @@ class InProcessDaemonTests(TestCase):
         )
         code, body = yield defer.Deferred.fromCoroutine(self._get(url + "/readyz"))
         self.assertEqual(body["database"]["mode"], "attached")
-        self.assertEqual(body["database"]["schema_version"], 2)
+        self.assertEqual(body["database"]["schema_version"], MIGRATIONS[-1].version)
 
         yield daemon.service.stopService()
         self.assertIsNone(daemon.web.port)

@@ -1,0 +1,267 @@
+"""The phone directory's index in ``dpvoip.directory_entry``, and the lookup against it.
+
+Built once (then kept: a restart only catches up), refreshed from the CRM tables' update
+timestamps every few seconds, swept of deleted records every minute. A lookup is one
+round trip: the index finds candidates by number, the same query joins each one's live
+row by primary key, and a hit counts only if the live column still holds the number.
+No CRM table is ever scanned per call, and memory does not grow with the directory: rows
+are read a page at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from psycopg2 import sql
+from twisted.logger import Logger
+
+from dpvoip.directory import SOURCE_BY_NAME, SOURCES, Candidate, Match, Source, choose, entries
+from dpvoip.numbers import Dialling, normalise
+from dpvoip.store import Store
+
+log = Logger(namespace="dpvoip.directory")
+
+
+@dataclass
+class IndexState:
+    """What /readyz and ``dpvoip check`` tell about the directory."""
+
+    built: bool = False
+    entries: int = 0
+    last_refresh: datetime | None = None
+    last_build_seconds: float | None = None
+    refreshed_rows: int = 0
+    errors: int = 0
+    sources: dict[str, int] = field(default_factory=dict)
+
+
+class DirectoryIndex:
+    def __init__(
+        self,
+        store: Store,
+        crm_schema: str,
+        where: Dialling,
+        own_numbers: Sequence[str] = (),
+        page_size: int = 5000,
+        margin_seconds: float = 60.0,
+    ) -> None:
+        self._store = store
+        self._schema = crm_schema
+        self.where = where
+        self.own_numbers = frozenset(n for n in (normalise(o, where) for o in own_numbers) if n)
+        self._page = page_size
+        self._margin = margin_seconds
+        self.state = IndexState()
+        self._lookup_sql = _lookup_sql(crm_schema)
+
+    # -- reading the CRM -------------------------------------------------------------------
+
+    def _table(self, source: Source) -> sql.Composed:
+        return sql.SQL("{}.{}").format(sql.Identifier(self._schema), sql.Identifier(source.table))
+
+    def _select(self, source: Source, condition: sql.Composable) -> sql.Composed:
+        return sql.SQL("SELECT id, {updated}, {phones} FROM {table} WHERE {condition}"
+                       " ORDER BY id LIMIT %(limit)s").format(
+            updated=sql.Identifier(source.updated),
+            phones=sql.SQL(", ").join(sql.Identifier(p) for p in source.phones),
+            table=self._table(source),
+            condition=condition,
+        )
+
+    async def _index_rows(self, source: Source, condition: sql.Composable,
+                          params: dict[str, Any]) -> int:
+        """Re-index every row of ``source`` matching ``condition``, a page at a time."""
+        query = self._select(source, sql.SQL("({}) AND id > %(after)s").format(condition))
+        after, seen = -1, 0
+        while True:
+            rows = await self._store.read(query, {**params, "after": after, "limit": self._page})
+            if not rows:
+                return seen
+            seen += len(rows)
+            after = rows[-1][0]
+            await self._replace(source, rows)
+            if len(rows) < self._page:
+                return seen
+
+    async def _replace(self, source: Source, rows: Sequence[tuple[Any, ...]]) -> None:
+        ids = [row[0] for row in rows]
+        found: list[tuple[str, int, str, str]] = []
+        for row in rows:
+            found.extend(entries(source, row[0], row[2:], self.where))
+
+        async def write(cursor: Any) -> None:
+            await cursor.execute(
+                "DELETE FROM dpvoip.directory_entry WHERE source = %s AND record_id = ANY(%s)",
+                (source.name, ids),
+            )
+            if found:
+                await cursor.execute(
+                    "INSERT INTO dpvoip.directory_entry (source, record_id, field, number)"
+                    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[])",
+                    tuple(list(column) for column in zip(*found, strict=True)),
+                )
+
+        await self._store.write(write)
+
+    # -- build, refresh, sweep -------------------------------------------------------------
+
+    async def needs_build(self) -> bool:
+        rows = await self._store.read(
+            "SELECT source, region FROM dpvoip.directory_watermark"
+        )
+        known = {source: region for source, region in rows}
+        return any(known.get(s.name) != self.where.region for s in SOURCES)
+
+    async def build(self) -> int:
+        """Index every record of every source (used once, and when the region changes)."""
+        started = await self._now()
+        count = 0
+        for source in SOURCES:
+            count += await self._index_rows(source, sql.SQL("true"), {})
+            await self._sweep(source)
+            await self._set_watermark(source, started)
+        self.state.built = True
+        await self._count()
+        return count
+
+    async def refresh(self, sweep: bool = False) -> int:
+        """Re-index records updated since the last refresh (less the margin); sweep deletes."""
+        started = await self._now()
+        marks = dict(await self._store.read(
+            "SELECT source, updated_to FROM dpvoip.directory_watermark"
+        ))
+        changed = 0
+        for source in SOURCES:
+            since = marks.get(source.name)
+            condition = sql.SQL("{} >= %(since)s - make_interval(secs => %(margin)s)").format(
+                sql.Identifier(source.updated)
+            )
+            changed += await self._index_rows(
+                source, condition, {"since": since or started, "margin": self._margin}
+            )
+            if sweep:
+                await self._sweep(source)
+            await self._set_watermark(source, started)
+        self.state.built = True
+        self.state.last_refresh = started
+        self.state.refreshed_rows = changed
+        if sweep:
+            await self._count()
+        return changed
+
+    async def _sweep(self, source: Source) -> None:
+        deleted = sql.SQL(
+            "DELETE FROM dpvoip.directory_entry e WHERE e.source = %s AND NOT EXISTS"
+            " (SELECT 1 FROM {table} r WHERE r.id = e.record_id)"
+        ).format(table=self._table(source))
+
+        async def write(cursor: Any) -> None:
+            await cursor.execute(deleted, (source.name,))
+
+        await self._store.write(write)
+
+    async def _set_watermark(self, source: Source, moment: datetime) -> None:
+        async def write(cursor: Any) -> None:
+            await cursor.execute(
+                "INSERT INTO dpvoip.directory_watermark (source, updated_to, region)"
+                " VALUES (%s, %s, %s) ON CONFLICT (source) DO UPDATE"
+                " SET updated_to = EXCLUDED.updated_to, region = EXCLUDED.region",
+                (source.name, moment, self.where.region),
+            )
+
+        await self._store.write(write)
+
+    async def _now(self) -> datetime:
+        rows = await self._store.read("SELECT now()")
+        moment: datetime = rows[0][0]
+        return moment
+
+    async def _count(self) -> None:
+        rows = await self._store.read(
+            "SELECT source, count(*) FROM dpvoip.directory_entry GROUP BY source"
+        )
+        self.state.sources = {source: int(n) for source, n in rows}
+        self.state.entries = sum(self.state.sources.values())
+
+    # -- lookup ----------------------------------------------------------------------------
+
+    def never_matches(self, number: str | None) -> bool:
+        return number is None or number in self.own_numbers
+
+    async def lookup(self, number: str | None) -> Match | None:
+        """Who ``number`` (E.164, already normalised) belongs to; None when nobody or never."""
+        if number is None or self.never_matches(number):
+            return None
+        rows = await self._store.read(self._lookup_sql, {"number": number})
+        candidates = []
+        for (source, record_id, name, email, active, updated, owner_id, deal_id, deal_name,
+             _column, raw) in rows:
+            if normalise(raw, self.where) != number:
+                continue  # edited since it was indexed: the live row says otherwise
+            candidates.append(Candidate(source, record_id, name or "", email, bool(active),
+                                        updated, owner_id, deal_id, deal_name))
+        match = choose(number, candidates)
+        if match is not None and match.ambiguous:
+            chosen = match.client or match.person
+            log.info(
+                "number {number} belongs to {n} CRM records; chose {kind} {id}",
+                number=number, n=match.candidates,
+                kind="client" if match.client else (match.person.kind if match.person else "-"),
+                id=chosen.id if chosen else "-",
+            )
+        return match
+
+
+def _case(alias: str, source: Source) -> sql.Composed:
+    """The live value of the column an index entry came from."""
+    whens = sql.SQL(" ").join(
+        sql.SQL("WHEN {} THEN {}.{}").format(sql.Literal(p), sql.Identifier(alias),
+                                             sql.Identifier(p))
+        for p in source.phones
+    )
+    return sql.SQL("CASE h.field {} END").format(whens)
+
+
+def _lookup_sql(schema: str) -> sql.Composed:
+    def table(name: str) -> sql.Composed:
+        return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+
+    person_name = (
+        "concat_ws(' ', nullif(p.first_name, ''), nullif(p.middle_name, ''),"
+        " nullif(p.last_name, ''))"
+    )
+    deal = (
+        "LEFT JOIN LATERAL (SELECT d.id, d.name FROM {deal} d WHERE d.{key} = p.id"
+        " AND d.active ORDER BY d.update_date DESC, d.id DESC LIMIT 1) deal ON true"
+    )
+    parts = [
+        sql.SQL(
+            "SELECT 'client', c.id, c.eponimia, c.email, c.is_active, c.updated_at,"
+            " NULL::integer, NULL::integer, NULL::text, h.field, {raw}"
+            " FROM hit h JOIN {t} c ON c.id = h.record_id WHERE h.source = 'client'"
+        ).format(raw=_case("c", SOURCE_BY_NAME["client"]), t=table("accounting_clientprofile")),
+        sql.SQL(
+            "SELECT 'contact', p.id, " + person_name + ", p.email, true, p.update_date,"
+            " p.owner_id, deal.id, deal.name, h.field, {raw}"
+            " FROM hit h JOIN {t} p ON p.id = h.record_id " + deal + " WHERE h.source = 'contact'"
+        ).format(raw=_case("p", SOURCE_BY_NAME["contact"]), t=table("crm_contact"),
+                 deal=table("crm_deal"), key=sql.Identifier("contact_id")),
+        sql.SQL(
+            "SELECT 'lead', p.id, coalesce(nullif(" + person_name + ", ''), p.company_name),"
+            " p.email, true, p.update_date, p.owner_id, deal.id, deal.name, h.field, {raw}"
+            " FROM hit h JOIN {t} p ON p.id = h.record_id " + deal + " WHERE h.source = 'lead'"
+        ).format(raw=_case("p", SOURCE_BY_NAME["lead"]), t=table("crm_lead"),
+                 deal=table("crm_deal"), key=sql.Identifier("lead_id")),
+        sql.SQL(
+            "SELECT 'company', c.id, c.full_name, c.email, true, c.update_date,"
+            " c.owner_id, NULL::integer, NULL::text, h.field, {raw}"
+            " FROM hit h JOIN {t} c ON c.id = h.record_id WHERE h.source = 'company'"
+        ).format(raw=_case("c", SOURCE_BY_NAME["company"]), t=table("crm_company")),
+    ]
+    return sql.SQL(
+        "WITH hit AS (SELECT source, record_id, field FROM dpvoip.directory_entry"
+        " WHERE number = %(number)s) {}"
+    ).format(sql.SQL(" UNION ALL ").join(parts))

@@ -1,0 +1,395 @@
+"""The configuration as an administrator meets it: defaults, the TOML file, environment
+overrides, error messages that name the setting (and never print a secret), the example file."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from dpvoip import cli
+from dpvoip.config import (
+    LIST_SECTIONS,
+    SECTIONS,
+    Config,
+    ConfigError,
+    CrmSettings,
+    DaemonSettings,
+    DatabaseSettings,
+    DirectorySettings,
+    FritzBoxSettings,
+    LegacyMonitorSettings,
+    LogSettings,
+    Secret,
+    WebSettings,
+    ZadarmaSettings,
+    apply_environment,
+    describe,
+    from_toml,
+    load,
+    parse,
+)
+
+EXAMPLE_FILE = Path(__file__).parent.parent / "etc" / "dpvoip.toml.example"
+
+SECRETS = {
+    "DATABASE_URL": "postgres://u:hunter2@h/db",
+    "SECRET_KEY": "s3cr3t-key",
+    "ZADARMA_SECRET": "zsecret",
+    "FRITZ_API_TOKEN": "tok-123",
+}
+
+
+class ConfigTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="dpvoip-config-"))
+        self.addCleanup(shutil.rmtree, self.home, True)
+
+    def write(self, content: str | bytes) -> Path:
+        path = self.home / "dpvoip.toml"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+        return path
+
+    def load_text(self, text: str, environ: Mapping[str, str] | None = None) -> Config:
+        return load(self.write(text), environ or {})
+
+    def error(self, text: str | None, environ: Mapping[str, str] | None = None) -> str:
+        """The message of the ConfigError that loading ``text`` (None: no file) raises."""
+        path = None if text is None else self.write(text)
+        with self.assertRaises(ConfigError, msg=f"accepted {text!r} with {environ!r}") as caught:
+            load(path, environ or {})
+        return str(caught.exception)
+
+
+class DefaultTests(ConfigTestCase):
+    def test_no_file_and_empty_environment_give_safe_defaults(self) -> None:
+        config = load(None, {})
+        self.assertEqual(config, Config())
+        self.assertEqual(config.web.listen, "tcp:8080:interface=127.0.0.1")
+        self.assertEqual(config.web.trusted_proxies, ("127.0.0.1/32", "::1/128"))
+        self.assertEqual(
+            [(box.name, box.host, box.port) for box in config.fritzbox],
+            [("office", "fritz.box", 1012)],
+        )
+        self.assertFalse(config.database.url)
+        self.assertTrue(config.embedded)
+        self.assertTrue(config.standalone)
+        self.assertEqual(config.state_path(Path("/srv")), Path("/srv/var"))
+
+    def test_an_empty_file_is_the_defaults(self) -> None:
+        self.assertEqual(self.load_text(""), Config())
+
+
+FULL = """
+[daemon]
+state_dir = "/var/lib/dpvoip"
+[log]
+format = "json"
+level = "debug"
+[database]
+url = "postgresql://crm@db/crm"
+mode = "attached"
+crm_schema = "crm"
+pool_size = 8
+connect_timeout = 7
+statement_timeout = 2.5
+[web]
+listen = "tcp:9000:interface=0.0.0.0"
+trusted_proxies = ["10.0.0.0/8", "2001:db8::/32"]
+access_log = false
+[crm]
+secret_key = "django"
+language = "el"
+allowed_origins = ["https://crm.example"]
+[directory]
+region = "DE"
+own_numbers = ["+49 30 1234567"]
+page_size = 200
+[zadarma]
+key = "k"
+secret = "s"
+sandbox = true
+timezone = "Europe/Berlin"
+[[fritzbox]]
+name = "athens"
+host = "192.168.1.1"
+own_numbers = ["+30 210 1234567"]
+answering_machine_extensions = [40]
+[[fritzbox]]
+name = "berlin"
+host = "fritz.berlin"
+port = 2012
+timezone = "Europe/Berlin"
+country = "DE"
+area_code = "30"
+newline_keepalive_seconds = 30
+[legacy_monitor]
+token = "t"
+"""
+
+
+class FileTests(ConfigTestCase):
+    def test_every_section_becomes_typed_values(self) -> None:
+        for section in [*SECTIONS, *LIST_SECTIONS]:
+            self.assertIn(f"[{section}]", FULL, "a new section: add it to FULL")
+        config = self.load_text(FULL)
+        self.assertEqual(
+            config,
+            Config(
+                daemon=DaemonSettings(state_dir="/var/lib/dpvoip"),
+                log=LogSettings(format="json", level="debug"),
+                database=replace(
+                    DatabaseSettings(), url=Secret("postgresql://crm@db/crm"), mode="attached",
+                    crm_schema="crm", pool_size=8, connect_timeout=7.0, statement_timeout=2.5,
+                ),
+                web=replace(
+                    WebSettings(), listen="tcp:9000:interface=0.0.0.0",
+                    trusted_proxies=("10.0.0.0/8", "2001:db8::/32"), access_log=False,
+                ),
+                crm=replace(
+                    CrmSettings(), secret_key=Secret("django"), language="el",
+                    allowed_origins=("https://crm.example",),
+                ),
+                directory=replace(
+                    DirectorySettings(), region="DE", own_numbers=("+49 30 1234567",),
+                    page_size=200,
+                ),
+                zadarma=replace(
+                    ZadarmaSettings(), key=Secret("k"), secret=Secret("s"), sandbox=True,
+                    timezone="Europe/Berlin",
+                ),
+                fritzbox=(
+                    replace(
+                        FritzBoxSettings(), name="athens", host="192.168.1.1",
+                        own_numbers=("+30 210 1234567",), answering_machine_extensions=(40,),
+                    ),
+                    replace(
+                        FritzBoxSettings(), name="berlin", host="fritz.berlin", port=2012,
+                        timezone="Europe/Berlin", country="DE", area_code="30",
+                        newline_keepalive_seconds=30.0,
+                    ),
+                ),
+                legacy_monitor=LegacyMonitorSettings(token=Secret("t")),
+            ),
+        )
+        self.assertIsInstance(config.database.connect_timeout, float)
+        self.assertIsInstance(config.database.url, Secret)
+        self.assertEqual(config.database.url.reveal(), "postgresql://crm@db/crm")
+        self.assertFalse(config.embedded)
+        self.assertFalse(config.standalone)
+
+    def test_wrong_or_impossible_settings_name_the_setting_and_the_problem(self) -> None:
+        two_offices = '[[fritzbox]]\nhost = "a"\n[[fritzbox]]\nhost = "b"\n'
+        cases: list[tuple[str, list[str]]] = [
+            ("[web]\nlisten_port = 8080", ["[web] unknown key 'listen_port'", "listen"]),
+            ("[webserver]\nlisten = 1", ["unknown section [webserver]", "web"]),
+            ("web = 5", ["[web] must be a table"]),
+            ('[fritzbox]\nname = "x"', ["[[fritzbox]] must be an array of tables"]),
+            ('[database]\npool_size = "4"', ["[database] pool_size: expected an integer",
+                                             "got a string"]),
+            ("[database]\npool_size = 4.5", ["[database] pool_size: expected an integer"]),
+            ("[database]\npool_size = true", ["[database] pool_size: expected an integer",
+                                             "got true/false"]),
+            ("[web]\naccess_log = 1", ["[web] access_log: expected true or false",
+                                       "got an integer"]),
+            ('[log]\nlevel = ["info"]', ["[log] level: expected a string", "got a list"]),
+            ('[web]\ntrusted_proxies = "10.0.0.1"', ["[web] trusted_proxies: expected a list",
+                                                     "got a string"]),
+            ("[[fritzbox]]\nport = 70000", ["[[fritzbox]] #1 port", "between 1 and 65535"]),
+            ('[[fritzbox]]\nname = "a"\n[[fritzbox]]\nname = "b"\nport = 0',
+             ["[[fritzbox]] #2 port", "between 1 and 65535"]),
+            ('[web]\nlisten = "tcp:70000"', ["[web] listen", "port number"]),
+            ('[web]\nlisten = "8080"', ["[web] listen", "Twisted endpoint"]),
+            ('[web]\nlisten = "unix:"', ["[web] listen", "socket path"]),
+            ("[database]\npool_size = 0", ["[database] pool_size", "between 1 and 64"]),
+            ('[database]\nmode = "remote"', ["[database] mode", "must be one of"]),
+            ('[zadarma]\ntimezone = "Mars/Olympus"', ["[zadarma] timezone", "unknown time zone"]),
+            ('[zadarma]\ntimezone = "Europe"', ["[zadarma] timezone", "unknown time zone"]),
+            ('[[fritzbox]]\ntimezone = "../x"', ["[[fritzbox]] #1 timezone", "unknown time zone"]),
+            ('[[fritzbox]]\ncountry = "XX"', ["[[fritzbox]] #1 country", "unknown country"]),
+            ('[[fritzbox]]\narea_code = "0-30"', ["[[fritzbox]] #1 area_code", "digits only"]),
+            ('[[fritzbox]]\nname = "Office 1"', ["[[fritzbox]] #1 name", "lower-case"]),
+            ('[web]\ntrusted_proxies = ["10.0.0.0/33"]',
+             ["[web] trusted_proxies", "'10.0.0.0/33' is not an IP address or network"]),
+            (two_offices, ["[[fritzbox]] name 'office' is used twice"]),
+            ('[database]\nmode = "attached"', ["[database] mode 'attached' needs url"]),
+            ("[web\nlisten = 1", ["not valid TOML", "line 1"]),
+        ]
+        for text, fragments in cases:
+            message = self.error(text)
+            self.assertIn(str(self.home / "dpvoip.toml"), message, text)
+            for fragment in fragments:
+                self.assertIn(fragment, message, f"for {text!r}")
+
+    def test_an_unreadable_file_is_named_with_the_reason(self) -> None:
+        missing = self.home / "nowhere.toml"
+        cases: list[tuple[Path, str]] = [
+            (missing, "No such file or directory"),
+            (self.home, "Is a directory"),
+            (self.write(b'[web]\nlisten = "tcp:80\xff"\n'), "not UTF-8"),
+        ]
+        for path, reason in cases:
+            with self.assertRaises(ConfigError) as caught:
+                load(path, {})
+            self.assertIn(str(path), str(caught.exception))
+            self.assertIn(reason, str(caught.exception))
+
+
+class EnvironmentTests(ConfigTestCase):
+    def test_each_variable_sets_its_setting(self) -> None:
+        cases: list[tuple[str, str, Callable[[Config], object], object]] = [
+            ("DATABASE_URL", "pg://h/db", lambda c: c.database.url, Secret("pg://h/db")),
+            ("FRITZ_HOST", "10.0.0.1", lambda c: c.fritzbox[0].host, "10.0.0.1"),
+            ("FRITZ_PORT", "1013", lambda c: c.fritzbox[0].port, 1013),
+            ("FRITZ_API_TOKEN", "tok", lambda c: c.legacy_monitor.token, Secret("tok")),
+            ("ZADARMA_KEY", "zk", lambda c: c.zadarma.key, Secret("zk")),
+            ("ZADARMA_SECRET", "zs", lambda c: c.zadarma.secret, Secret("zs")),
+            ("SECRET_KEY", "dj", lambda c: c.crm.secret_key, Secret("dj")),
+            ("DPVOIP_WEB_LISTEN", "unix:/run/d.sock", lambda c: c.web.listen, "unix:/run/d.sock"),
+            ("DPVOIP_DATABASE_POOL_SIZE", " 12 ", lambda c: c.database.pool_size, 12),
+            ("DPVOIP_DATABASE_CONNECT_TIMEOUT", "2.5", lambda c: c.database.connect_timeout, 2.5),
+            ("DPVOIP_WEB_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.1,",
+             lambda c: c.web.trusted_proxies, ("10.0.0.0/8", "192.168.1.1")),
+            ("DPVOIP_FRITZBOX_ANSWERING_MACHINE_EXTENSIONS", "6,40",
+             lambda c: c.fritzbox[0].answering_machine_extensions, (6, 40)),
+            ("DPVOIP_ZADARMA_SANDBOX", "yes", lambda c: c.zadarma.sandbox, True),
+            ("DPVOIP_ZADARMA_SANDBOX", "off", lambda c: c.zadarma.sandbox, False),
+            ("DPVOIP_WEB_ACCESS_LOG", "0", lambda c: c.web.access_log, False),
+            ("DPVOIP_WEB_ACCESS_LOG", "TRUE", lambda c: c.web.access_log, True),
+        ]
+        for name, value, get, want in cases:
+            got = get(load(None, {name: value}))
+            self.assertEqual(got, want, f"{name}={value!r}")
+            self.assertIs(type(got), type(want), f"{name}={value!r}")
+
+    def test_database_url_means_attached_to_the_crm(self) -> None:
+        config = load(None, {"DATABASE_URL": "postgres://u@h/db"})
+        self.assertFalse(config.embedded)
+        self.assertFalse(config.standalone)
+
+    def test_environment_beats_the_file_and_fritz_variables_touch_only_the_first_box(
+        self,
+    ) -> None:
+        config = self.load_text(FULL, {
+            "DPVOIP_DATABASE_POOL_SIZE": "9", "DPVOIP_WEB_LISTEN": "tcp:8181",
+            "FRITZ_PORT": "4000", "SECRET_KEY": "from-env",
+        })
+        self.assertEqual(config.database.pool_size, 9)
+        self.assertEqual(config.web.listen, "tcp:8181")
+        self.assertEqual(config.crm.secret_key, Secret("from-env"))
+        self.assertEqual([b.port for b in config.fritzbox], [4000, 2012])
+        self.assertEqual([b.name for b in config.fritzbox], ["athens", "berlin"])
+        self.assertEqual(config.database.statement_timeout, 2.5)  # untouched file value
+
+    def test_attached_mode_in_the_file_with_database_url_in_the_environment(self) -> None:
+        config = self.load_text('[database]\nmode = "attached"\n', {"DATABASE_URL": "pg://h/db"})
+        self.assertFalse(config.standalone)
+
+    def test_other_variables_are_ignored_and_dpvoip_config_is_allowed(self) -> None:
+        environ = {"DPVOIP_CONFIG": "/etc/dpvoip.toml", "PATH": "/bin", "HOME": "/root"}
+        self.assertEqual(load(None, environ), Config())
+
+    def test_bad_variables_are_named(self) -> None:
+        cases: list[tuple[dict[str, str], list[str]]] = [
+            ({"DPVOIP_FOO_BAR": "1"}, ["DPVOIP_FOO_BAR", "unknown setting"]),
+            ({"DPVOIP_WEB_LISTN": "tcp:1"}, ["DPVOIP_WEB_LISTN", "unknown setting"]),
+            ({"DPVOIP_DATABASE_POOL_SIZE": "many"},
+             ["DPVOIP_DATABASE_POOL_SIZE", "[database] pool_size", "expected an integer"]),
+            ({"DPVOIP_DATABASE_POOL_SIZE": "100"}, ["DPVOIP_DATABASE_POOL_SIZE",
+                                                    "between 1 and 64"]),
+            ({"FRITZ_PORT": "70000"}, ["FRITZ_PORT", "[[fritzbox]] port", "between 1 and 65535"]),
+            ({"DPVOIP_WEB_ACCESS_LOG": "maybe"}, ["DPVOIP_WEB_ACCESS_LOG", "true or false"]),
+            ({"DPVOIP_WEB_TRUSTED_PROXIES": "10.0.0.0/8,nonsense"},
+             ["DPVOIP_WEB_TRUSTED_PROXIES", "'nonsense' is not an IP address"]),
+            ({"DPVOIP_ZADARMA_TIMEZONE": "Nowhere/City"},
+             ["DPVOIP_ZADARMA_TIMEZONE", "unknown time zone"]),
+            ({"DPVOIP_DATABASE_MODE": "attached"}, ["[database] mode 'attached' needs url"]),
+        ]
+        for environ, fragments in cases:
+            message = self.error(None, environ)
+            for fragment in fragments:
+                self.assertIn(fragment, message, f"for {environ!r}")
+
+
+class SecretTests(ConfigTestCase):
+    def test_a_bad_secret_value_is_never_printed(self) -> None:
+        cases: list[tuple[str, str, str]] = [
+            ("[database]\nurl = 987654321", "[database] url", "987654321"),
+            ('[database]\nurl = ["postgres://u:hunter2@h/db"]', "[database] url", "hunter2"),
+            ('[zadarma]\nsecret = ["zsecret"]', "[zadarma] secret", "zsecret"),
+            ('[crm]\nsecret_key = {k = "s3cr3t-key"}', "[crm] secret_key", "s3cr3t-key"),
+            ("[legacy_monitor]\ntoken = true", "[legacy_monitor] token", "true"),
+            ('[database]\nurl = "postgres://u:hunter2@h/db\n', "not valid TOML", "hunter2"),
+        ]
+        for text, names, secret in cases:
+            with self.assertRaises(ConfigError) as caught:
+                from_toml(parse(text))
+            message = str(caught.exception)
+            self.assertIn(names, message)
+            self.assertNotIn(secret, message, f"for {text!r}")
+
+    def test_a_loaded_config_masks_every_secret(self) -> None:
+        config = load(None, SECRETS)
+        for shown in (repr(config), str(config), repr(config.database), str(config.crm)):
+            for secret in SECRETS.values():
+                self.assertNotIn(secret, shown)
+        self.assertIn("Secret('***')", repr(config.database))
+        self.assertEqual(config.database.url.reveal(), SECRETS["DATABASE_URL"])
+        self.assertEqual(config.crm.secret_key.reveal(), SECRETS["SECRET_KEY"])
+        self.assertEqual(config.zadarma.secret.reveal(), SECRETS["ZADARMA_SECRET"])
+        self.assertEqual(config.legacy_monitor.token.reveal(), SECRETS["FRITZ_API_TOKEN"])
+
+    def test_secret_compares_by_value_and_is_false_when_empty(self) -> None:
+        self.assertEqual(Secret("a"), Secret("a"))
+        self.assertNotEqual(Secret("a"), Secret("b"))
+        self.assertNotEqual(Secret("a"), "a")
+        self.assertFalse(Secret(""))
+        self.assertTrue(Secret("a"))
+        self.assertEqual(str(Secret("a")), "Secret('***')")
+
+
+class ExampleConfigTests(ConfigTestCase):
+    def test_the_example_is_the_defaults(self) -> None:
+        config = from_toml(parse(cli.example_config(), "example"), "example")
+        self.assertEqual(config, Config())
+        self.assertEqual(apply_environment(config, {}), load(None, {}))
+
+    def test_the_example_shows_every_key_and_its_variables(self) -> None:
+        text = cli.example_config()
+        data = parse(text)
+        for section, key, _default, _doc, envs in describe():
+            table = data[section][0] if section == "fritzbox" else data[section]
+            self.assertIn(key, table, f"[{section}] {key} missing from the example")
+            self.assertIn(f"# environment: {envs}", text)
+        self.assertEqual(len(data["fritzbox"]), 1)
+
+    def test_the_example_holds_no_secret(self) -> None:
+        self.patch(os, "environ", dict(SECRETS))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(cli.main(["example-config"]), 0)
+        self.assertEqual(out.getvalue(), cli.example_config())
+        for secret in SECRETS.values():
+            self.assertNotIn(secret, out.getvalue())
+        data = parse(out.getvalue())
+        for section, key, default, _doc, _envs in describe():
+            if isinstance(default, Secret):
+                self.assertEqual(data[section][key], "", f"[{section}] {key}")
+
+    def test_the_shipped_example_file_is_current(self) -> None:
+        if not EXAMPLE_FILE.exists():
+            self.skipTest(f"{EXAMPLE_FILE} not generated yet (dpvoip example-config > it)")
+        self.assertEqual(
+            EXAMPLE_FILE.read_text(encoding="utf-8"), cli.example_config(),
+            "etc/dpvoip.toml.example is stale: regenerate it with `dpvoip example-config`",
+        )

@@ -1,0 +1,262 @@
+"""The phone directory against a real PostgreSQL, with both CRM versions: who a number
+belongs to, never a wrong match, the deterministic choice, freshness after edits and
+deletes, and the confirmation against the live row."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from twisted.internet import defer, reactor
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from dpvoip.config import DatabaseSettings
+from dpvoip.directory import Candidate, choose
+from dpvoip.directory_index import DirectoryIndex
+from dpvoip.dsn import connection_dsn
+from dpvoip.migrations import prepare
+from dpvoip.numbers import Dialling, normalise
+from dpvoip.pool import HealingPool
+from dpvoip.store import Store
+from test.support.crm import Crm
+from test.support.postgres import postgres
+
+GR = Dialling("GR")
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+def candidate(source: str, record_id: int, active: bool = True, age_days: int = 0) -> Candidate:
+    return Candidate(source, record_id, f"{source} {record_id}", None, active,
+                     NOW - timedelta(days=age_days))
+
+
+class ChoiceTests(SynchronousTestCase):
+    """The pure rule: active client, then most recently updated, then lowest id."""
+
+    def test_an_active_client_beats_a_newer_inactive_one(self) -> None:
+        match = choose("+30", [candidate("client", 9, active=False),
+                               candidate("client", 5, active=True, age_days=400)])
+        assert match is not None and match.client is not None
+        self.assertEqual(match.client.id, 5)
+        self.assertEqual(match.candidates, 2)
+        self.assertTrue(match.ambiguous)
+
+    def test_then_the_most_recently_updated_then_the_lowest_id(self) -> None:
+        newest = choose("+30", [candidate("contact", 3, age_days=2),
+                                candidate("contact", 4, age_days=1)])
+        tie = choose("+30", [candidate("lead", 8), candidate("contact", 7)])
+        assert newest is not None and newest.person is not None
+        assert tie is not None and tie.person is not None
+        self.assertEqual(newest.person.id, 4)
+        self.assertEqual((tie.person.kind, tie.person.id), ("contact", 7))
+
+    def test_the_order_of_the_candidates_does_not_matter(self) -> None:
+        pool = [candidate("client", i, active=i % 2 == 0, age_days=i % 3) for i in range(1, 9)]
+        first = choose("+30", pool)
+        assert first is not None
+        self.assertEqual(choose("+30", list(reversed(pool))), first)
+
+    def test_the_display_name_prefers_client_then_person_then_company(self) -> None:
+        everything = choose("+30", [candidate("company", 1), candidate("lead", 2),
+                                    candidate("client", 3)])
+        person = choose("+30", [candidate("company", 1), candidate("lead", 2)])
+        company = choose("+30", [candidate("company", 1)])
+        assert everything and person and company
+        self.assertEqual(everything.display_name, "client 3")
+        self.assertEqual(person.display_name, "lead 2")
+        self.assertEqual(company.display_name, "company 1")
+        self.assertIsNone(choose("+30", []))
+
+
+class DirectoryTestCase(TestCase):
+    crm_version = "2025-12"
+    timeout = 60
+
+    def setUp(self) -> Any:
+        self.dsn = postgres().new_database(crm=self.crm_version)
+        self.crm = Crm(self.dsn)
+        pool = HealingPool(reactor, connection_dsn(self.dsn, DatabaseSettings()), 2)
+        self.addCleanup(pool.close)
+        self.store = Store(pool, reactor)
+        self.index = DirectoryIndex(self.store, "public", GR, own_numbers=["210 999 9999"],
+                                    page_size=3, margin_seconds=60)
+
+        async def ready() -> None:
+            await pool.start()
+            await self.store.write(lambda c: prepare(c, standalone=False, crm_schema="public"))
+
+        return defer.Deferred.fromCoroutine(ready())
+
+    def lookup(self, raw: str, where: Dialling = GR) -> defer.Deferred[Any]:
+        return defer.Deferred.fromCoroutine(self.index.lookup(normalise(raw, where)))
+
+    def build(self) -> defer.Deferred[int]:
+        return defer.Deferred.fromCoroutine(self.index.build())
+
+    def refresh(self, sweep: bool = False) -> defer.Deferred[int]:
+        return defer.Deferred.fromCoroutine(self.index.refresh(sweep=sweep))
+
+
+class LookupTests(DirectoryTestCase):
+    @defer.inlineCallbacks
+    def test_every_directory_column_is_indexed_and_found(self) -> Any:
+        client_fields = ["tilefono_oikias_1", "tilefono_oikias_2", "kinito_tilefono",
+                         "tilefono_epixeirisis_1", "tilefono_epixeirisis_2"]
+        expected: dict[str, tuple[str, int]] = {}
+        for n, column in enumerate(client_fields):
+            number = f"210 100 00{n:02d}"
+            phones: dict[str, Any] = {column: number}
+            expected[number] = ("client", self.crm.client(f"Client {n}", **phones))
+        for n, column in enumerate(["phone", "other_phone", "mobile"]):
+            number = f"691 200 00{n:02d}"
+            expected[number] = ("contact", self.crm.contact(f"C{n}", "X", **{column: number}))
+        for n, column in enumerate(["phone", "other_phone", "mobile", "company_phone"]):
+            number = f"231 300 00{n:02d}"
+            expected[number] = ("lead", self.crm.lead(f"L{n}", "Y", **{column: number}))
+        expected["2410 400 000"] = ("company", self.crm.company("Firm AE", phone="2410 400 000"))
+        built = yield self.build()
+        # rows read: 5 clients, 3 contacts, 4 leads, 1 company + the 3 companies of the contacts
+        self.assertEqual(built, 5 + 3 + 4 + 1 + 3)
+        for number, (kind, record_id) in expected.items():
+            match = yield self.lookup(number)
+            self.assertIsNotNone(match, number)
+            found = {"client": match.client, "company": None}.get(kind, match.person)
+            if kind == "company":
+                self.assertEqual(match.company_name, "Firm AE")
+            else:
+                self.assertEqual(found.id, record_id, number)
+
+    @defer.inlineCallbacks
+    def test_the_lookup_brings_client_person_owner_and_active_deal(self) -> Any:
+        owner = self.crm.user("anna")
+        client = self.crm.client("Papadopoulos AE", email="info@papadopoulos.gr",
+                                 kinito_tilefono="+30 691 234 5678")
+        contact = self.crm.contact("Maria", "Ioannou", mobile="0030 6912345678",
+                                   owner_id=owner)
+        self.crm.deal("Old deal", contact_id=contact,
+                      update_date=NOW - timedelta(days=30))
+        newest = self.crm.deal("New deal", contact_id=contact)
+        self.crm.deal("Closed deal", contact_id=contact, active=False)
+        yield self.build()
+        match = yield self.lookup("691-234-5678")
+        self.assertEqual((match.client.id, match.client.name, match.client.email),
+                         (client, "Papadopoulos AE", "info@papadopoulos.gr"))
+        self.assertEqual((match.person.kind, match.person.id, match.person.name,
+                          match.person.owner_id), ("contact", contact, "Maria Ioannou", owner))
+        self.assertEqual((match.deal.id, match.deal.name), (newest, "New deal"))
+        self.assertEqual(match.display_name, "Papadopoulos AE")
+
+    @defer.inlineCallbacks
+    def test_a_lead_without_a_name_is_shown_by_its_company(self) -> Any:
+        self.crm.lead("", "", company_name="Alpha OE", company_phone="2310 555 666")
+        yield self.build()
+        match = yield self.lookup("+30 2310 555666")
+        self.assertEqual(match.display_name, "Alpha OE")
+
+    @defer.inlineCallbacks
+    def test_never_a_match_for_withheld_short_or_own_numbers(self) -> Any:
+        # The replaced software matched these to an arbitrary client: make that tempting.
+        self.crm.client("Trap 1", kinito_tilefono="0")
+        self.crm.client("Trap 2", kinito_tilefono="")
+        self.crm.client("Trap 3", kinito_tilefono="12345")
+        self.crm.client("Trap 4", kinito_tilefono="anonymous")
+        self.crm.client("Office itself", tilefono_epixeirisis_1="2109999999")
+        yield self.build()
+        for raw in ["", "0", "anonymous", "unknown", "+0", "+000000", "12345", "**610",
+                    "210 999 9999", "+302109999999"]:
+            match = yield self.lookup(raw)
+            self.assertIsNone(match, raw)
+        rows = self.crm.query("SELECT count(*) FROM dpvoip.directory_entry")
+        self.assertEqual(rows, [(1,)])  # only the office's own number was indexable
+
+    @defer.inlineCallbacks
+    def test_ambiguity_is_decided_deterministically_and_logged(self) -> Any:
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.crm.client("Inactive newer", active=False, kinito_tilefono="6977000001")
+        active = self.crm.client("Active older", kinito_tilefono="697 700 0001",
+                                 updated_at=NOW - timedelta(days=100))
+        self.crm.contact("Also", "Here", mobile="+306977000001")
+        yield self.build()
+        for _ in range(3):
+            match = yield self.lookup("6977000001")
+            self.assertEqual(match.client.id, active)
+            self.assertEqual(match.candidates, 3)
+        logged = [e for e in events if e.get("log_namespace") == "dpvoip.directory"
+                  and e.get("n") == 3]
+        self.assertEqual(len(logged), 3)
+        self.assertEqual(logged[0]["log_level"], LogLevel.info)
+
+    @defer.inlineCallbacks
+    def test_a_number_seen_by_a_german_box_matches_a_greek_crm_entry(self) -> Any:
+        client = self.crm.client("Greek client", kinito_tilefono="6912345678")
+        german = self.crm.client("German client", tilefono_oikias_1="+49 30 1234567")
+        yield self.build()
+        box = Dialling("DE", "30")
+        match = yield self.lookup("0030 691 234 5678", box)
+        self.assertEqual(match.client.id, client)
+        match = yield self.lookup("1234567", box)  # local, dialled without the area code
+        self.assertEqual(match.client.id, german)
+
+
+class FreshnessTests(DirectoryTestCase):
+    @defer.inlineCallbacks
+    def test_an_added_and_an_edited_number_match_after_one_refresh(self) -> Any:
+        client = self.crm.client("Client", kinito_tilefono="6900000001")
+        yield self.build()
+        added = self.crm.contact("New", "Person", mobile="6900000002")
+        self.crm.update("accounting_clientprofile", client, kinito_tilefono="6900000003",
+                        updated_at=datetime.now(UTC))
+        self.assertIsNone((yield self.lookup("6900000002")))
+        changed = yield self.refresh()
+        self.assertEqual(changed, 3)  # the client, the contact and the contact's company
+        self.assertEqual((yield self.lookup("6900000002")).person.id, added)
+        self.assertEqual((yield self.lookup("6900000003")).client.id, client)
+        self.assertIsNone((yield self.lookup("6900000001")))
+
+    @defer.inlineCallbacks
+    def test_an_edit_undoes_a_hit_at_once_even_before_the_refresh(self) -> Any:
+        client = self.crm.client("Client", kinito_tilefono="6900000011")
+        yield self.build()
+        # The CRM edits the number but the index has not seen it yet: the live row decides.
+        self.crm.update("accounting_clientprofile", client, kinito_tilefono="2101234567")
+        self.assertIsNone((yield self.lookup("6900000011")))
+
+    @defer.inlineCallbacks
+    def test_a_deleted_record_never_matches_and_is_swept(self) -> Any:
+        contact = self.crm.contact("Gone", "Soon", mobile="6900000021")
+        yield self.build()
+        self.crm.query("DELETE FROM crm_contact WHERE id = %s", (contact,))
+        self.assertIsNone((yield self.lookup("6900000021")))
+        yield self.refresh(sweep=True)
+        rows = self.crm.query("SELECT count(*) FROM dpvoip.directory_entry WHERE record_id = %s"
+                              " AND source = 'contact'", (contact,))
+        self.assertEqual(rows, [(0,)])
+        self.assertEqual(self.index.state.sources.get("contact", 0), 0)
+
+    @defer.inlineCallbacks
+    def test_a_late_committed_edit_within_the_margin_is_not_missed(self) -> Any:
+        yield self.build()
+        # A row whose update time is older than the last refresh (a transaction that
+        # committed late, or a CRM host whose clock lags): the margin re-reads it.
+        late = self.crm.client("Late", kinito_tilefono="6900000031",
+                               updated_at=datetime.now(UTC) - timedelta(seconds=30))
+        yield self.refresh()
+        self.assertEqual((yield self.lookup("6900000031")).client.id, late)
+
+    @defer.inlineCallbacks
+    def test_needs_a_build_once_and_again_only_when_the_region_changes(self) -> Any:
+        self.assertTrue((yield defer.Deferred.fromCoroutine(self.index.needs_build())))
+        yield self.build()
+        self.assertFalse((yield defer.Deferred.fromCoroutine(self.index.needs_build())))
+        german = DirectoryIndex(self.store, "public", Dialling("DE"))
+        self.assertTrue((yield defer.Deferred.fromCoroutine(german.needs_build())))
+
+
+class NewestCrmTests(LookupTests):
+    """The same, against the 2026-08 CRM."""
+
+    crm_version = "2026-08"
