@@ -22,9 +22,12 @@ from twisted.logger import Logger
 
 from dpvoip import __version__
 from dpvoip.config import Config
+from dpvoip.directory_index import DirectoryIndex
+from dpvoip.directory_service import DirectoryService
 from dpvoip.dsn import connection_dsn
 from dpvoip.embedded import EmbeddedPostgres
 from dpvoip.migrations import SchemaMismatch, prepare
+from dpvoip.numbers import Dialling, normalise
 from dpvoip.pool import HealingPool
 from dpvoip.store import Store
 from dpvoip.web.app import Readiness, WebApp
@@ -136,6 +139,15 @@ class DatabaseService(Service):
         self._config = config
         self._exit = exit_status
         self._preparing = False
+        self._waiting: list[Deferred[None]] = []
+
+    def when_prepared(self) -> Deferred[None]:
+        """Fires once the schema is checked and migrated (at once if it already is)."""
+        if self.store.schema is not None:
+            return defer.succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._waiting.append(waiter)
+        return waiter
 
     def startService(self) -> Deferred[None]:
         super().startService()
@@ -158,6 +170,9 @@ class DatabaseService(Service):
     def _prepared(self, report: Any) -> None:
         self._preparing = False
         self.store.schema = report
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.callback(None)
         if report.created_crm_tables:
             log.info("created the CRM tables of standalone mode (D.P. Economy 2025-12)")
         log.info(
@@ -191,12 +206,23 @@ class Daemon:
         web: WebService,
         exit_status: ExitStatus,
         embedded: EmbeddedPostgres | None,
+        directory: DirectoryIndex,
     ) -> None:
         self.service = service
         self.store = store
         self.web = web
         self.exit_status = exit_status
         self.embedded = embedded
+        self.directory = directory
+
+
+def _own_numbers(config: Config) -> list[str]:
+    """Every number the office owns: never matched to a CRM record."""
+    numbers = list(config.directory.own_numbers)
+    for box in config.fritzbox:
+        where = Dialling(box.country, box.area_code)
+        numbers.extend(n for n in (normalise(raw, where) for raw in box.own_numbers) if n)
+    return numbers
 
 
 def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daemon:
@@ -227,6 +253,14 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     database = DatabaseService(store, config, exit_status)
     database.setServiceParent(top)
 
+    index = DirectoryIndex(
+        store, config.database.crm_schema, Dialling(config.directory.region),
+        own_numbers=_own_numbers(config), page_size=config.directory.page_size,
+        margin_seconds=config.directory.margin_seconds,
+    )
+    directory = DirectoryService(index, config.directory, reactor, database.when_prepared)
+    directory.setServiceParent(top)
+
     async def readiness() -> Readiness:
         state = await store.state()
         schema = store.schema
@@ -237,13 +271,23 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
             "schema_version": schema.schema_version if schema else None,
             "embedded": config.embedded,
         }
-        return Readiness(state.reachable and schema is not None, {"database": db, "fritzbox": []})
+        listing = index.state
+        directory_state = {
+            "built": listing.built,
+            "entries": listing.entries,
+            "last_refresh": listing.last_refresh.isoformat() if listing.last_refresh else None,
+            "errors": listing.errors,
+        }
+        return Readiness(
+            state.reachable and schema is not None,
+            {"database": db, "directory": directory_state, "fritzbox": []},
+        )
 
     app = WebApp(lambda: Deferred.fromCoroutine(readiness()), __version__)
     site = DpvoipSite(app.resource(), config.web, reactor)
     web = _Listening(reactor, site, config.web.listen)
     web.setServiceParent(top)
-    return Daemon(top, store, web, exit_status, embedded)
+    return Daemon(top, store, web, exit_status, embedded, index)
 
 
 class _Listening(WebService):

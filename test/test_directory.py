@@ -260,3 +260,137 @@ class NewestCrmTests(LookupTests):
     """The same, against the 2026-08 CRM."""
 
     crm_version = "2026-08"
+
+
+class FakeIndex:
+    """Stands in for DirectoryIndex: records the passes and lets the test finish them."""
+
+    def __init__(self, built: bool) -> None:
+        from dpvoip.directory_index import IndexState
+
+        self.state = IndexState()
+        self._built = built
+        self.calls: list[str] = []
+        self.pending: list[defer.Deferred[int]] = []
+
+    async def needs_build(self) -> bool:
+        return not self._built
+
+    async def build(self) -> int:
+        self.calls.append("build")
+        self._built = self.state.built = True
+        return await self._wait()
+
+    async def refresh(self, sweep: bool = False) -> int:
+        self.calls.append("refresh+sweep" if sweep else "refresh")
+        return await self._wait()
+
+    def _wait(self) -> defer.Deferred[int]:
+        waiting: defer.Deferred[int] = defer.Deferred()
+        self.pending.append(waiting)
+        return waiting
+
+    def finish(self, error: Exception | None = None) -> None:
+        waiting = self.pending.pop(0)
+        waiting.errback(error) if error else waiting.callback(1)
+
+
+class DirectoryServiceTests(SynchronousTestCase):
+    def make(self, built: bool) -> tuple[Any, FakeIndex, Any]:
+        from twisted.internet.task import Clock
+
+        from dpvoip.config import DirectorySettings
+        from dpvoip.directory_service import DirectoryService
+
+        clock = Clock()
+        index = FakeIndex(built)
+        prepared: defer.Deferred[None] = defer.Deferred()
+        settings = DirectorySettings(refresh_seconds=15, sweep_seconds=60)
+        service = DirectoryService(index, settings, clock, lambda: prepared)  # type: ignore[arg-type]
+        service.startService()
+        self.assertEqual(index.calls, [], "nothing before the schema is prepared")
+        prepared.callback(None)
+        return service, index, clock
+
+    def test_builds_once_then_refreshes_and_sweeps_on_schedule(self) -> None:
+        service, index, clock = self.make(built=False)
+        self.assertEqual(index.calls, ["build"])
+        clock.advance(15)  # the build is still running: no second pass on top of it
+        self.assertEqual(index.calls, ["build"])
+        index.finish()
+        for _ in range(4):
+            clock.advance(15)
+            index.finish()
+        self.assertEqual(index.calls, ["build", "refresh", "refresh", "refresh+sweep",
+                                       "refresh"])
+        service.stopService()
+        clock.advance(60)
+        self.assertEqual(len(index.calls), 5, "stopped means stopped")
+
+    def test_a_restart_catches_up_and_sweeps_at_once(self) -> None:
+        _, index, _ = self.make(built=True)
+        self.assertEqual(index.calls, ["refresh+sweep"])
+
+    def test_a_failed_pass_is_counted_and_the_next_one_runs(self) -> None:
+        _, index, clock = self.make(built=True)
+        index.finish(RuntimeError("connection lost"))
+        self.assertEqual(index.state.errors, 1)
+        clock.advance(15)
+        index.finish()
+        self.assertEqual(index.calls, ["refresh+sweep", "refresh+sweep"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_stop_waits_for_the_running_pass(self) -> None:
+        service, index, _ = self.make(built=True)
+        stopped = service.stopService()
+        assert stopped is not None
+        self.assertNoResult(stopped)
+        index.finish()
+        self.successResultOf(stopped)
+
+
+class LiveDirectoryTests(TestCase):
+    """The daemon as wired by the composition root keeps the directory fresh by itself."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_an_added_number_matches_and_a_deleted_record_is_swept_while_running(self) -> Any:
+        from dataclasses import replace
+
+        from dpvoip.config import Config, DirectorySettings, Secret, WebSettings
+        from dpvoip.service import build
+        from test.test_database import eventually
+
+        dsn = postgres().new_database(crm="2026-08")
+        crm = Crm(dsn)
+        old = crm.client("Known before start", kinito_tilefono="6944000001")
+        config = Config(
+            database=replace(DatabaseSettings(), url=Secret(dsn), pool_size=2),
+            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
+            directory=DirectorySettings(refresh_seconds=0.5, sweep_seconds=5),
+        )
+        daemon = build(config, reactor)
+        daemon.service.startService()
+        self.addCleanup(daemon.service.stopService)
+        yield daemon.service.started
+        index = daemon.directory
+
+        async def owner(raw: str) -> int | None:
+            match = await index.lookup(normalise(raw, GR))
+            return match.client.id if match and match.client else None
+
+        yield defer.Deferred.fromCoroutine(eventually(lambda: index.state.built))
+        self.assertEqual((yield defer.Deferred.fromCoroutine(owner("6944000001"))), old)
+
+        added = crm.client("Added while running", kinito_tilefono="6944000002")
+        yield defer.Deferred.fromCoroutine(eventually(
+            lambda: defer.Deferred.fromCoroutine(owner("6944000002")).addCallback(
+                lambda found: found == added), seconds=10))
+
+        crm.query("DELETE FROM accounting_clientprofile WHERE id = %s", (old,))
+        self.assertIsNone((yield defer.Deferred.fromCoroutine(owner("6944000001"))))
+        yield defer.Deferred.fromCoroutine(eventually(
+            lambda: crm.query("SELECT count(*) FROM dpvoip.directory_entry"
+                              " WHERE record_id = %s AND source = 'client'", (old,)) == [(0,)],
+            seconds=15))
