@@ -189,10 +189,55 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"CRM {label}: {'; '.join(problems)}")
         else:
             print(f"CRM version: {capabilities(present).version}")
+        if version >= 3:
+            counts = dict(await store.read(
+                "SELECT source, count(*) FROM dpvoip.directory_entry GROUP BY source"))
+            shown = ", ".join(f"{k} {counts[k]}" for k in sorted(counts)) or "not built yet"
+            print(f"directory: {sum(counts.values())} numbers indexed ({shown})")
         boxes = ", ".join(f"{b.name} at {b.host}:{b.port}" for b in config.fritzbox) or "none"
         print(f"Fritz!Boxes configured: {boxes}")
         blocking = problems and not (config.standalone and not present)
         return 1 if blocking else 0
+
+    return _with_database(config, work)
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    """Who a number belongs to, as a call from it would be matched (reads only)."""
+    config = _config(args)
+    from dpvoip.directory_index import DirectoryIndex
+    from dpvoip.numbers import Dialling, normalise
+    from dpvoip.service import _own_numbers
+
+    where = Dialling(args.region or config.directory.region, args.area_code or "")
+    number = normalise(args.number, where)
+
+    async def work(store: Any, dsn: str) -> int:
+        index = DirectoryIndex(store, config.database.crm_schema,
+                               Dialling(config.directory.region), _own_numbers(config))
+        if number is None:
+            print(f"{args.number!r}: not a number dpvoip matches (withheld, too short, "
+                  "service code or garbage)")
+            return 1
+        if index.never_matches(number):
+            print(f"{number}: one of the office's own numbers; never matched")
+            return 1
+        if await index.needs_build():
+            print("building the phone directory first (dpvoip does this at its first start)")
+            await index.build()
+        match = await index.lookup(number)
+        if match is None:
+            print(f"{number}: no CRM record")
+            return 1
+        print(f"{number}: {match.display_name} ({match.candidates} record(s))")
+        if match.client:
+            print(f"  client {match.client.id}: {match.client.name} <{match.client.email or ''}>")
+        if match.person:
+            print(f"  {match.person.kind} {match.person.id}: {match.person.name}"
+                  f" (owner {match.person.owner_id})")
+        if match.deal:
+            print(f"  deal {match.deal.id}: {match.deal.name}")
+        return 0
 
     return _with_database(config, work)
 
@@ -205,12 +250,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("run", cmd_run, "start the daemon in the foreground"),
         ("migrate", cmd_migrate, "create or update dpvoip's schema (and standalone CRM tables)"),
         ("check", cmd_check, "validate the config, reach the database, report what is there"),
+        ("lookup", cmd_lookup, "show who a phone number belongs to in the CRM"),
         ("plugin-cache", cmd_plugin_cache, "rebuild Twisted's plugin cache after install"),
         ("example-config", cmd_example_config, "print the example configuration file"),
     ]:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--config", "-c", help="TOML configuration file")
         sub.set_defaults(handler=handler)
+        if name == "lookup":
+            sub.add_argument("number", help="the number, in any format")
+            sub.add_argument("--region", help="country it was dialled in (default: the CRM's)")
+            sub.add_argument("--area-code", help="local area code it was dialled from")
     args = parser.parse_args(argv)
     return int(args.handler(args))
 

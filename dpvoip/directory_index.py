@@ -195,7 +195,8 @@ class DirectoryIndex:
         """Who ``number`` (E.164, already normalised) belongs to; None when nobody or never."""
         if number is None or self.never_matches(number):
             return None
-        rows = await self._store.read(self._lookup_sql, {"number": number})
+        rows = await self._store.read_prepared("dpvoip_directory_lookup", self._lookup_sql,
+                                               (number,))
         candidates = []
         for (source, record_id, name, email, active, updated, owner_id, deal_id, deal_name,
              _column, raw) in rows:
@@ -215,53 +216,50 @@ class DirectoryIndex:
         return match
 
 
-def _case(alias: str, source: Source) -> sql.Composed:
+def _ident(name: str) -> str:
+    """A quoted SQL identifier (PostgreSQL's rule: double quotes, doubled inside)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _case(alias: str, source: Source) -> str:
     """The live value of the column an index entry came from."""
-    whens = sql.SQL(" ").join(
-        sql.SQL("WHEN {} THEN {}.{}").format(sql.Literal(p), sql.Identifier(alias),
-                                             sql.Identifier(p))
-        for p in source.phones
-    )
-    return sql.SQL("CASE h.field {} END").format(whens)
+    whens = " ".join(f"WHEN '{p}' THEN {alias}.{_ident(p)}" for p in source.phones)
+    return f"CASE h.field {whens} END"
 
 
-def _lookup_sql(schema: str) -> sql.Composed:
-    def table(name: str) -> sql.Composed:
-        return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+def _lookup_sql(schema: str) -> str:
+    """One statement for the whole lookup: candidates by number, live rows by key, deals."""
 
-    person_name = (
-        "concat_ws(' ', nullif(p.first_name, ''), nullif(p.middle_name, ''),"
-        " nullif(p.last_name, ''))"
-    )
-    deal = (
-        "LEFT JOIN LATERAL (SELECT d.id, d.name FROM {deal} d WHERE d.{key} = p.id"
-        " AND d.active ORDER BY d.update_date DESC, d.id DESC LIMIT 1) deal ON true"
-    )
+    def table(name: str) -> str:
+        return f"{_ident(schema)}.{_ident(name)}"
+
+    person = ("concat_ws(' ', nullif(p.first_name, ''), nullif(p.middle_name, ''),"
+              " nullif(p.last_name, ''))")
+
+    def deal(key: str) -> str:
+        return (f"LEFT JOIN LATERAL (SELECT d.id, d.name FROM {table('crm_deal')} d"
+                f" WHERE d.{key} = p.id AND d.active ORDER BY d.update_date DESC, d.id DESC"
+                " LIMIT 1) deal ON true")
+
     parts = [
-        sql.SQL(
-            "SELECT 'client', c.id, c.eponimia, c.email, c.is_active, c.updated_at,"
-            " NULL::integer, NULL::integer, NULL::text, h.field, {raw}"
-            " FROM hit h JOIN {t} c ON c.id = h.record_id WHERE h.source = 'client'"
-        ).format(raw=_case("c", SOURCE_BY_NAME["client"]), t=table("accounting_clientprofile")),
-        sql.SQL(
-            "SELECT 'contact', p.id, " + person_name + ", p.email, true, p.update_date,"
-            " p.owner_id, deal.id, deal.name, h.field, {raw}"
-            " FROM hit h JOIN {t} p ON p.id = h.record_id " + deal + " WHERE h.source = 'contact'"
-        ).format(raw=_case("p", SOURCE_BY_NAME["contact"]), t=table("crm_contact"),
-                 deal=table("crm_deal"), key=sql.Identifier("contact_id")),
-        sql.SQL(
-            "SELECT 'lead', p.id, coalesce(nullif(" + person_name + ", ''), p.company_name),"
-            " p.email, true, p.update_date, p.owner_id, deal.id, deal.name, h.field, {raw}"
-            " FROM hit h JOIN {t} p ON p.id = h.record_id " + deal + " WHERE h.source = 'lead'"
-        ).format(raw=_case("p", SOURCE_BY_NAME["lead"]), t=table("crm_lead"),
-                 deal=table("crm_deal"), key=sql.Identifier("lead_id")),
-        sql.SQL(
-            "SELECT 'company', c.id, c.full_name, c.email, true, c.update_date,"
-            " c.owner_id, NULL::integer, NULL::text, h.field, {raw}"
-            " FROM hit h JOIN {t} c ON c.id = h.record_id WHERE h.source = 'company'"
-        ).format(raw=_case("c", SOURCE_BY_NAME["company"]), t=table("crm_company")),
+        "SELECT 'client', c.id, c.eponimia, c.email, c.is_active, c.updated_at,"
+        " NULL::integer, NULL::integer, NULL::text, h.field,"
+        f" {_case('c', SOURCE_BY_NAME['client'])}"
+        f" FROM hit h JOIN {table('accounting_clientprofile')} c ON c.id = h.record_id"
+        " WHERE h.source = 'client'",
+        f"SELECT 'contact', p.id, {person}, p.email, true, p.update_date, p.owner_id,"
+        f" deal.id, deal.name, h.field, {_case('p', SOURCE_BY_NAME['contact'])}"
+        f" FROM hit h JOIN {table('crm_contact')} p ON p.id = h.record_id"
+        f" {deal('contact_id')} WHERE h.source = 'contact'",
+        f"SELECT 'lead', p.id, coalesce(nullif({person}, ''), p.company_name), p.email, true,"
+        " p.update_date, p.owner_id, deal.id, deal.name, h.field,"
+        f" {_case('p', SOURCE_BY_NAME['lead'])}"
+        f" FROM hit h JOIN {table('crm_lead')} p ON p.id = h.record_id"
+        f" {deal('lead_id')} WHERE h.source = 'lead'",
+        "SELECT 'company', c.id, c.full_name, c.email, true, c.update_date, c.owner_id,"
+        f" NULL::integer, NULL::text, h.field, {_case('c', SOURCE_BY_NAME['company'])}"
+        f" FROM hit h JOIN {table('crm_company')} c ON c.id = h.record_id"
+        " WHERE h.source = 'company'",
     ]
-    return sql.SQL(
-        "WITH hit AS (SELECT source, record_id, field FROM dpvoip.directory_entry"
-        " WHERE number = %(number)s) {}"
-    ).format(sql.SQL(" UNION ALL ").join(parts))
+    return ("WITH hit AS (SELECT source, record_id, field FROM dpvoip.directory_entry"
+            " WHERE number = $1) " + " UNION ALL ".join(parts))

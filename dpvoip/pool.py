@@ -211,6 +211,28 @@ class HealingPool:
     def run_query(self, sql: Any, params: Any = None) -> Deferred[list[tuple[Any, ...]]]:
         return self._using(lambda c: c.runQuery(sql, params))
 
+    def run_prepared(
+        self, name: str, statement: str, params: tuple[Any, ...]
+    ) -> Deferred[list[tuple[Any, ...]]]:
+        """Run a hot read as a server-side prepared statement (planned once per connection).
+
+        ``statement`` uses ``$1, $2 ...``; it is PREPAREd on each connection the first time
+        that connection runs it, and again after the connection is re-established.
+        """
+        placeholders = ", ".join(["%s"] * len(params))
+        execute = f"EXECUTE {name} ({placeholders})" if params else f"EXECUTE {name}"
+
+        async def run(connection: _Connection) -> list[tuple[Any, ...]]:
+            raw = connection._connection
+            prepared: dict[str, Any] = connection.__dict__.setdefault("_prepared", {})
+            if prepared.get(name) is not raw:
+                await connection.runOperation(f"PREPARE {name} AS {statement}")
+                prepared[name] = raw
+            rows: list[tuple[Any, ...]] = await connection.runQuery(execute, params)
+            return rows
+
+        return self._using(lambda c: Deferred.fromCoroutine(run(c)))
+
     def run_operation(self, sql: str, params: Any = None) -> Deferred[None]:
         return self._using(lambda c: c.runOperation(sql, params))
 

@@ -97,6 +97,12 @@ class Store:
     def read(self, sql: Any, params: Any = None) -> Deferred[list[tuple[Any, ...]]]:
         return self.pool.run_query(sql, params)
 
+    def read_prepared(
+        self, name: str, statement: str, params: tuple[Any, ...]
+    ) -> Deferred[list[tuple[Any, ...]]]:
+        """A hot read planned once per connection (see ``HealingPool.run_prepared``)."""
+        return self.pool.run_prepared(name, statement, params)
+
     def state(self, timeout: float = 1.0) -> Deferred[DatabaseState]:
         """Whether a query reaches PostgreSQL within ``timeout`` seconds now."""
         probe = self.pool.run_query("SELECT 1")

@@ -249,3 +249,27 @@ class CommandTests(DaemonTestCase):
         self.assertIn("created the CRM tables", done.stdout)
         self.assertFalse(EmbeddedPostgres(self.home / "state" / "pg").running())
         self.assertLess(time.monotonic() - started, 60)
+
+
+class LookupCommandTests(DaemonTestCase):
+    def test_lookup_finds_the_client_and_check_counts_the_directory(self) -> None:
+        from test.support.crm import Crm
+
+        dsn = postgres().new_database(crm="2025-12")
+        crm = Crm(dsn)
+        client = crm.client("Papadopoulos AE", email="info@example.gr",
+                            kinito_tilefono="691 234 5678")
+        crm.contact("Maria", "Ioannou", mobile="+30 210 555 1234")
+        dpvoip = str(BIN / "dpvoip")
+        self.assertEqual(self.run_command(dpvoip, "migrate", DATABASE_URL=dsn).returncode, 0)
+        found = self.run_command(dpvoip, "lookup", "0030 6912345678", DATABASE_URL=dsn)
+        self.assertEqual(found.returncode, 0, found.stderr)
+        self.assertIn("+306912345678: Papadopoulos AE (1 record(s))", found.stdout)
+        self.assertIn(f"client {client}: Papadopoulos AE <info@example.gr>", found.stdout)
+        nobody = self.run_command(dpvoip, "lookup", "2109999999", DATABASE_URL=dsn)
+        self.assertEqual(nobody.returncode, 1)
+        self.assertIn("+302109999999: no CRM record", nobody.stdout)
+        withheld = self.run_command(dpvoip, "lookup", "anonymous", DATABASE_URL=dsn)
+        self.assertIn("not a number dpvoip matches", withheld.stdout)
+        check = self.run_command(dpvoip, "check", DATABASE_URL=dsn)
+        self.assertIn("directory: 2 numbers indexed (client 1, contact 1)", check.stdout)

@@ -238,3 +238,19 @@ class HealingTests(TestCase):
         self.assertEqual(len(after), 3)
         self.assertFalse(before & after, "the old backends died with the restart")
         self.assertTrue(recovered, "the pool told its owner about the reconnection")
+
+    @defer.inlineCallbacks
+    def test_prepared_statements_are_prepared_again_after_a_restart(self) -> Any:
+        yield threads.deferToThread(self.cluster.start)
+        pool = self._pool(2)
+        yield pool.start()
+        statement = "SELECT $1::int * 2"
+        for n in range(4):  # both connections prepare it once and reuse it
+            rows = yield pool.run_prepared("double", statement, (n,))
+            self.assertEqual(rows, [(n * 2,)])
+        yield threads.deferToThread(self.cluster.stop, "fast")
+        yield threads.deferToThread(self.cluster.start)
+        yield defer.Deferred.fromCoroutine(eventually(lambda: pool.live == 2))
+        for n in range(4):
+            rows = yield pool.run_prepared("double", statement, (n,))
+            self.assertEqual(rows, [(n * 2,)])

@@ -1,0 +1,244 @@
+"""bench/directory: index build time, lookup latency and the daemon's memory at scale.
+
+    .venv/bin/python -m bench.directory                  # 100,000 then 1,000,000 entries
+    .venv/bin/python -m bench.directory --entries 200000 # one scale
+
+Synthetic rows go into the CRM's real tables (the 2025-12 DDL) of a private PostgreSQL,
+with numbers in the messy formats people type. Each scale runs in a fresh process so that
+its memory figures are its own. Printed: build seconds, lookup p50/p99/max over
+``--lookups`` sequential lookups (one database round trip each), the round trip of a bare
+``SELECT 1`` through the same pool as the reference, and RSS before and after the build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+#: Share of the directory entries per source, and phone columns filled per row.
+PLAN = (  # companies first: contacts point at them
+    ("crm_company", 0.10, ("phone",)),
+    ("accounting_clientprofile", 0.40, ("kinito_tilefono", "tilefono_oikias_1")),
+    ("crm_contact", 0.30, ("mobile", "phone")),
+    ("crm_lead", 0.20, ("mobile", "company_phone")),
+)
+
+#: Messy Greek formats, chosen by row: (SQL expression over a 10-digit national number n).
+FORMATS = (
+    "'+30 ' || substr({n},1,3) || ' ' || substr({n},4,3) || ' ' || substr({n},7)",
+    "'0030' || {n}",
+    "substr({n},1,3) || '-' || substr({n},4,3) || '-' || substr({n},7)",
+    "'(' || substr({n},1,3) || ') ' || substr({n},4,3) || ' ' || substr({n},7)",
+    "substr({n},1,3) || '.' || substr({n},4,3) || '.' || substr({n},7)",
+    "{n}",
+    "'+30' || {n}",
+)
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _required_columns(cursor: Any, table: str) -> list[tuple[str, str]]:
+    cursor.execute(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema ="
+        " 'public' AND table_name = %s AND is_nullable = 'NO' AND column_name <> 'id'",
+        (table,),
+    )
+    return list(cursor.fetchall())
+
+
+def _fill(kind: str) -> str:
+    if kind.startswith("timestamp"):
+        return "now() - (g % 1000) * interval '1 minute'"
+    return {"boolean": "false", "date": "current_date", "integer": "0", "bigint": "0",
+            "smallint": "0", "numeric": "0", "jsonb": "'{}'"}.get(kind, "''")
+
+
+def populate(dsn: str, entries: int) -> dict[str, int]:
+    """Insert rows giving about ``entries`` directory entries; returns rows per table."""
+    import psycopg2
+
+    connection = psycopg2.connect(dsn)
+    connection.autocommit = True
+    rows: dict[str, int] = {}
+    offset = 0
+    with connection.cursor() as cursor:
+        for table, share, phones in PLAN:
+            count = max(1, int(entries * share / len(phones)))
+            rows[table] = count
+            values: dict[str, str] = {c: _fill(k) for c, k in _required_columns(cursor, table)}
+            values.update({
+                "accounting_clientprofile": {"afm": "lpad(g::text, 9, '0')",
+                                             "eponimia": "'Client ' || g",
+                                             "is_active": "g % 5 <> 0"},
+                "crm_contact": {"first_name": "'Contact'", "last_name": "g::text",
+                                "company_id": "1 + g % greatest(1, %(companies)s)",
+                                "token": "'c' || g"},
+                "crm_lead": {"first_name": "'Lead'", "last_name": "g::text", "token": "'l' || g"},
+                "crm_company": {"full_name": "'Company ' || g", "token": "'o' || g"},
+            }[table])
+            for index, column in enumerate(phones):
+                # Unique 10-digit numbers: mobiles 69xxxxxxxx, landlines 2xxxxxxxxx.
+                base = f"(({offset} + {index} * {count} + g)::bigint)"
+                prefix = "'69'" if column in ("kinito_tilefono", "mobile") else "'21'"
+                number = f"({prefix} || lpad(({base} % 100000000)::text, 8, '0'))"
+                choice = " ".join(
+                    f"WHEN {i} THEN {fmt.format(n=number)}" for i, fmt in enumerate(FORMATS)
+                )
+                values[column] = f"CASE (g + {index}) % {len(FORMATS)} {choice} END"
+            offset += count * len(phones)
+            columns = ", ".join(f'"{c}"' for c in values)
+            expressions = ", ".join(values.values())
+            statement = (f"INSERT INTO public.{table} ({columns}) SELECT {expressions}"
+                         f" FROM generate_series(1, {count}) g")
+            cursor.execute(statement.replace("%(companies)s", str(rows["crm_company"])))
+        cursor.execute("ANALYZE")
+    connection.close()
+    return rows
+
+
+def sample_numbers(dsn: str, count: int) -> list[str]:
+    import psycopg2
+
+    connection = psycopg2.connect(dsn)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT number FROM dpvoip.directory_entry TABLESAMPLE SYSTEM (5)"
+                       " LIMIT %s", (count,))
+        numbers = [r[0] for r in cursor.fetchall()]
+    connection.close()
+    random.shuffle(numbers)
+    return numbers
+
+
+def child(entries: int, lookups: int) -> dict[str, Any]:
+    """One scale, in this process: populate, build with the daemon's code, look up."""
+    from twisted.internet import defer, task
+
+    from dpvoip.config import DatabaseSettings
+    from dpvoip.directory_index import DirectoryIndex
+    from dpvoip.dsn import connection_dsn
+    from dpvoip.embedded import EmbeddedPostgres
+    from dpvoip.migrations import ddl_text, prepare
+    from dpvoip.numbers import Dialling
+    from dpvoip.pool import HealingPool
+    from dpvoip.store import Store
+
+    folder = Path(tempfile.mkdtemp(prefix="dpvoip-bench-"))
+    folder.chmod(0o755)
+    cluster = EmbeddedPostgres(folder / "pg")
+    result: dict[str, Any] = {"entries_target": entries}
+    try:
+        cluster.start()
+        dsn = cluster.dsn()
+        import psycopg2
+
+        connection = psycopg2.connect(dsn)
+        connection.autocommit = True
+        connection.cursor().execute(ddl_text("dpeconomy-2025-12.sql"))
+        connection.close()
+        started = time.perf_counter()
+        result["rows"] = populate(dsn, entries)
+        result["populate_s"] = round(time.perf_counter() - started, 1)
+
+        async def run(reactor: Any) -> None:
+            pool = HealingPool(reactor, connection_dsn(dsn, DatabaseSettings()), 4)
+            await pool.start()
+            store = Store(pool, reactor)
+            await store.write(lambda c: prepare(c, standalone=False, crm_schema="public"))
+            index = DirectoryIndex(store, "public", Dialling("GR"))
+            result["rss_before_build_kib"] = rss_kib()
+            began = time.perf_counter()
+            await index.build()
+            result["build_s"] = round(time.perf_counter() - began, 2)
+            result["entries"] = index.state.entries
+            result["rss_after_build_kib"] = rss_kib()
+            numbers = sample_numbers(dsn, lookups)
+            latencies, reference = [], []
+            for number in numbers:
+                t0 = time.perf_counter()
+                match = await index.lookup(number)
+                latencies.append(time.perf_counter() - t0)
+                if match is None:
+                    raise AssertionError(f"{number} not found")
+                t0 = time.perf_counter()
+                await store.read("SELECT 1")
+                reference.append(time.perf_counter() - t0)
+            result["lookups"] = len(latencies)
+            result["lookup_ms"] = _percentiles(latencies)
+            result["select1_ms"] = _percentiles(reference)
+            result["rss_after_lookups_kib"] = rss_kib()
+            pool.close()
+
+        with_code: list[int] = []
+        try:
+            task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
+        except SystemExit as exit_:
+            with_code.append(int(exit_.code or 0))
+        if with_code and with_code[0]:
+            raise RuntimeError("benchmark run failed")
+    finally:
+        cluster.stop(mode="immediate")
+        shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "p50": round(statistics.median(ordered) * 1000, 3),
+        "p99": round(ordered[int(len(ordered) * 0.99) - 1] * 1000, 3),
+        "max": round(ordered[-1] * 1000, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--entries", type=int, action="append",
+                        help="directory entries (repeatable); default 100,000 and 1,000,000")
+    parser.add_argument("--lookups", type=int, default=5000)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.entries[0], args.lookups)))
+        return
+    for entries in args.entries or [100_000, 1_000_000]:
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.directory", "--child", "--entries", str(entries),
+             "--lookups", str(args.lookups)],
+            capture_output=True, text=True, check=False, timeout=1800,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
+        if done.returncode != 0:
+            print(done.stdout, done.stderr, file=sys.stderr)
+            raise SystemExit(f"bench at {entries} entries failed")
+        figures = json.loads(done.stdout.strip().splitlines()[-1])
+        lookup, select1 = figures["lookup_ms"], figures["select1_ms"]
+        print(
+            f"directory {figures['entries']:>9,} entries: build {figures['build_s']:.1f}s"
+            f" (populate {figures['populate_s']}s); lookup p50 {lookup['p50']:.3f} ms,"
+            f" p99 {lookup['p99']:.3f} ms, max {lookup['max']:.2f} ms over"
+            f" {figures['lookups']} lookups; SELECT 1 p50 {select1['p50']:.3f} ms"
+            f" p99 {select1['p99']:.3f} ms (lookup/SELECT1 p99 ratio"
+            f" {lookup['p99'] / select1['p99']:.1f}); RSS before build"
+            f" {figures['rss_before_build_kib'] // 1024} MiB, after build"
+            f" {figures['rss_after_build_kib'] // 1024} MiB, after lookups"
+            f" {figures['rss_after_lookups_kib'] // 1024} MiB"
+        )
+
+
+if __name__ == "__main__":
+    main()
