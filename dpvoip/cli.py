@@ -242,6 +242,13 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     return _with_database(config, work)
 
 
+def cmd_fritz_sim(args: argparse.Namespace) -> int:
+    """Play a CallMonitor script on a TCP port as a Fritz!Box does (tests, demos)."""
+    from dpvoip.fritz_sim import serve
+
+    return serve(args.script, args.port, args.host, args.timezone, loop=args.loop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpvoip", description="dpvoip " + __version__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -251,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("migrate", cmd_migrate, "create or update dpvoip's schema (and standalone CRM tables)"),
         ("check", cmd_check, "validate the config, reach the database, report what is there"),
         ("lookup", cmd_lookup, "show who a phone number belongs to in the CRM"),
+        ("fritz-sim", cmd_fritz_sim, "simulate a Fritz!Box CallMonitor playing a script"),
         ("plugin-cache", cmd_plugin_cache, "rebuild Twisted's plugin cache after install"),
         ("example-config", cmd_example_config, "print the example configuration file"),
     ]:
@@ -261,6 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub.add_argument("number", help="the number, in any format")
             sub.add_argument("--region", help="country it was dialled in (default: the CRM's)")
             sub.add_argument("--area-code", help="local area code it was dialled from")
+        if name == "fritz-sim":
+            sub.add_argument("script", help="scenario file (examples in etc/scenarios/)")
+            sub.add_argument("--port", type=int, default=1012, help="TCP port (default 1012)")
+            sub.add_argument("--host", default="127.0.0.1", help="address to listen on")
+            sub.add_argument("--timezone", default="Europe/Athens", help="the box's time zone")
+            sub.add_argument("--loop", action="store_true", help="play the script forever")
     args = parser.parse_args(argv)
     return int(args.handler(args))
 

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from psycopg2 import sql
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from dpvoip.directory import SOURCE_BY_NAME, SOURCES, Candidate, Match, Source, choose, entries
@@ -72,31 +73,49 @@ class DirectoryIndex:
         )
 
     async def _index_rows(self, source: Source, condition: sql.Composable,
-                          params: dict[str, Any]) -> int:
-        """Re-index every row of ``source`` matching ``condition``, a page at a time."""
-        query = self._select(source, sql.SQL("({}) AND id > %(after)s").format(condition))
-        after, seen = -1, 0
-        while True:
-            rows = await self._store.read(query, {**params, "after": after, "limit": self._page})
-            if not rows:
-                return seen
-            seen += len(rows)
-            after = rows[-1][0]
-            await self._replace(source, rows)
-            if len(rows) < self._page:
-                return seen
+                          params: dict[str, Any], fresh: bool = False) -> int:
+        """Re-index every row of ``source`` matching ``condition``, a page at a time.
 
-    async def _replace(self, source: Source, rows: Sequence[tuple[Any, ...]]) -> None:
-        ids = [row[0] for row in rows]
-        found: list[tuple[str, int, str, str]] = []
-        for row in rows:
-            found.extend(entries(source, row[0], row[2:], self.where))
+        Pipelined: while this process normalises one page, PostgreSQL reads the next and
+        writes the previous one, so the two cores work at once. At most one page is held
+        in memory besides the one being read.
+        """
+        query = self._select(source, sql.SQL("({}) AND id > %(after)s").format(condition))
+
+        def page(after: int) -> Deferred[list[tuple[Any, ...]]]:
+            return self._store.read(query, {**params, "after": after, "limit": self._page})
+
+        rows = await page(-1)
+        seen = 0
+        writing: Deferred[None] | None = None
+        while rows:
+            seen += len(rows)
+            following = page(rows[-1][0]) if len(rows) == self._page else None
+            found: list[tuple[str, int, str, str]] = []
+            for row in rows:
+                found.extend(entries(source, row[0], row[2:], self.where))
+            if writing is not None:
+                await writing
+            ids = [] if fresh else [r[0] for r in rows]
+            writing = Deferred.fromCoroutine(self._replace(source, ids, found))
+            rows = await following if following is not None else []
+        if writing is not None:
+            await writing
+        return seen
+
+    async def _replace(
+        self, source: Source, ids: list[int], found: list[tuple[str, int, str, str]]
+    ) -> None:
 
         async def write(cursor: Any) -> None:
-            await cursor.execute(
-                "DELETE FROM dpvoip.directory_entry WHERE source = %s AND record_id = ANY(%s)",
-                (source.name, ids),
-            )
+            if ids:
+                # A join, not "= ANY(array)": on a table without statistics yet the planner
+                # would test every row against the whole array.
+                await cursor.execute(
+                    "DELETE FROM dpvoip.directory_entry e USING unnest(%s::bigint[]) AS r(id)"
+                    " WHERE e.source = %s AND e.record_id = r.id",
+                    (ids, source.name),
+                )
             if found:
                 await cursor.execute(
                     "INSERT INTO dpvoip.directory_entry (source, record_id, field, number)"
@@ -120,9 +139,10 @@ class DirectoryIndex:
         started = await self._now()
         count = 0
         for source in SOURCES:
-            count += await self._index_rows(source, sql.SQL("true"), {})
-            await self._sweep(source)
+            await self._forget(source)
+            count += await self._index_rows(source, sql.SQL("true"), {}, fresh=True)
             await self._set_watermark(source, started)
+        await self._store.operation("ANALYZE dpvoip.directory_entry")
         self.state.built = True
         await self._count()
         return count
@@ -151,6 +171,16 @@ class DirectoryIndex:
         if sweep:
             await self._count()
         return changed
+
+    async def _forget(self, source: Source) -> None:
+        """Empty the index of ``source`` before a full build (lookups miss it meanwhile)."""
+
+        async def write(cursor: Any) -> None:
+            await cursor.execute(
+                "DELETE FROM dpvoip.directory_entry WHERE source = %s", (source.name,)
+            )
+
+        await self._store.write(write)
 
     async def _sweep(self, source: Source) -> None:
         deleted = sql.SQL(

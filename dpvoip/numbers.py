@@ -9,6 +9,7 @@ withheld callers, SIP URIs, service codes, extensions and garbage normalise to `
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import phonenumbers
@@ -27,6 +28,13 @@ MIN_SIGNIFICANT_DIGITS = 6
 #: US: 7); a longer string without a trunk prefix is a national number missing its 0.
 _LOCAL_DIGITS = 8
 
+#: E.164 allows at most 15 digits, country code included.
+_E164_DIGITS = 15
+# An extension after the number ("ext. 12", "x123", ";ext=12"): the call comes from the
+# main number, so that is what is matched.
+_EXTENSION = re.compile(r"(?i)\s*(?:;\s*ext=|ext\.?|extension|x)\s*[0-9]{1,6}\s*$")
+# "+49 (0)30 ...": the trunk 0 written in brackets after the country code.
+_BRACKETED_TRUNK = re.compile(r"^(\+|00)([1-9][0-9]{0,2})[\s.-]*\(0\)")
 _FORMATTING = re.compile(r"[\s\-./()\[\]\u00a0\u2010-\u2015]")
 _DIALABLE = re.compile(r"^\+?[0-9]+$")
 # Call-by-call carrier prefixes: 0100xx before 010xx (010 is no German area code).
@@ -45,7 +53,9 @@ def normalise(raw: str | None, where: Dialling = Dialling()) -> str | None:
     """The E.164 form of ``raw`` (``+302101234567``), or None when it is not a callable number."""
     if raw is None:
         return None
-    text = raw.strip()
+    # Invisible format characters (direction marks, zero-width spaces, BOM, soft hyphen)
+    # come with numbers copied from messengers and spreadsheets.
+    text = "".join(ch for ch in raw if unicodedata.category(ch) != "Cf").strip()
     if text.lower() in WITHHELD:
         return None
     if "@" in text or text.lower().startswith(("sip:", "tel:sip")) or text[0] in "*#":
@@ -53,6 +63,8 @@ def normalise(raw: str | None, where: Dialling = Dialling()) -> str | None:
     if text.lower().startswith("tel:"):
         text = text[4:]
     text = text.rstrip("#")
+    text = _EXTENSION.sub("", text)
+    text = _BRACKETED_TRUNK.sub(r"\1\2", text)
     text = _FORMATTING.sub("", text)
     if not _DIALABLE.match(text):
         return None
@@ -67,10 +79,34 @@ def normalise(raw: str | None, where: Dialling = Dialling()) -> str | None:
     number = _parse(text, where)
     if number is None:
         return None
+    number = _without_doubled_trunk(number)
     significant = phonenumbers.national_significant_number(number)
-    if len(significant) < MIN_SIGNIFICANT_DIGITS or not phonenumbers.is_possible_number(number):
+    if len(significant) < MIN_SIGNIFICANT_DIGITS:
+        return None
+    if len(str(number.country_code)) + len(significant) > _E164_DIGITS:
+        return None
+    # A plausible national length is enough (full validation is slow, and new ranges appear
+    # before the metadata knows them), but not a local-only length (7 digits in the US exist
+    # in every area code), nor a trunk 0 kept after the country code (unless the plan says
+    # the number is valid so: Italy's leading zero is part of its numbers).
+    reason = phonenumbers.is_possible_number_with_reason(number)
+    if reason != phonenumbers.ValidationResult.IS_POSSIBLE:
+        return None
+    if significant.startswith("0") and not phonenumbers.is_valid_number(number):
         return None
     return phonenumbers.format_number(number, PhoneNumberFormat.E164)
+
+
+def _without_doubled_trunk(number: phonenumbers.PhoneNumber) -> phonenumbers.PhoneNumber:
+    """``+49 030 ...`` (a trunk 0 written after the country code) is ``+49 30 ...``."""
+    significant = phonenumbers.national_significant_number(number)
+    if not significant.startswith("0") or phonenumbers.is_valid_number(number):
+        return number
+    try:
+        fixed = phonenumbers.parse(f"+{number.country_code}{significant.lstrip('0')}")
+    except NumberParseException:
+        return number
+    return fixed if phonenumbers.is_valid_number(fixed) else number
 
 
 def _parse(text: str, where: Dialling) -> phonenumbers.PhoneNumber | None:
@@ -98,5 +134,14 @@ def _with_area_code(text: str, where: Dialling) -> phonenumbers.PhoneNumber | No
 
 
 def is_withheld(raw: str | None) -> bool:
-    """True for the forms a withheld caller arrives in (used to decide on tickets)."""
-    return raw is None or raw.strip().lower() in WITHHELD or raw.strip().startswith("+0")
+    """True for the forms a withheld caller arrives in (used to decide on tickets).
+
+    Includes SIP's own form for an anonymous caller, ``sip:anonymous@anonymous.invalid``
+    (RFC 3323).
+    """
+    if raw is None:
+        return True
+    text = raw.strip().lower()
+    if text.startswith("sip:"):
+        text = text[4:]
+    return text in WITHHELD or text.startswith("+0") or text.startswith("anonymous@")

@@ -97,6 +97,10 @@ class Store:
     def read(self, sql: Any, params: Any = None) -> Deferred[list[tuple[Any, ...]]]:
         return self.pool.run_query(sql, params)
 
+    def operation(self, sql: Any, params: Any = None) -> Deferred[None]:
+        """A statement without result rows, outside any transaction (ANALYZE, VACUUM)."""
+        return self.pool.run_operation(sql, params)
+
     def read_prepared(
         self, name: str, statement: str, params: tuple[Any, ...]
     ) -> Deferred[list[tuple[Any, ...]]]:

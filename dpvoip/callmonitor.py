@@ -1,0 +1,108 @@
+"""The Fritz!Box CallMonitor line format: one event per line, fields split by ``;``.
+
+Pure: a line (already decoded) goes in, a typed event or a ``BadLine`` with the reason
+comes out. Tolerates what real boxes send (a missing line field on old firmware, extra
+trailing fields, an empty caller for a withheld number) and rejects the rest, so that
+the protocol can log, count and skip it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class BadLine(ValueError):
+    """A line that is not a CallMonitor event; the message says why."""
+
+
+@dataclass(frozen=True)
+class Ring:
+    """An incoming call rings. ``caller`` is empty when the number is withheld."""
+
+    at: datetime
+    conn_id: int
+    caller: str
+    called: str
+    line: str
+
+
+@dataclass(frozen=True)
+class Call:
+    """An outgoing call is dialled. Note the layout: the remote number is field 5."""
+
+    at: datetime
+    conn_id: int
+    extension: int
+    caller: str
+    called: str
+    line: str
+
+
+@dataclass(frozen=True)
+class Connect:
+    """A call is answered on ``extension`` (or an outgoing call is picked up)."""
+
+    at: datetime
+    conn_id: int
+    extension: int
+    number: str
+
+
+@dataclass(frozen=True)
+class Disconnect:
+    """A call ends; ``duration`` is talk time in seconds since CONNECT (0 if none)."""
+
+    at: datetime
+    conn_id: int
+    duration: int
+
+
+Event = Ring | Call | Connect | Disconnect
+
+_MINIMUM_FIELDS = {"RING": 5, "CALL": 6, "CONNECT": 5, "DISCONNECT": 4}
+TIME_FORMAT = "%d.%m.%y %H:%M:%S"
+
+
+def parse(line: str) -> Event:
+    """The event of one line (without its line ending). Raises BadLine."""
+    text = line.strip()
+    if not text:
+        raise BadLine("empty line")
+    fields = text.split(";")
+    if len(fields) < 2:
+        raise BadLine("not a CallMonitor line (no ';')")
+    kind = fields[1].strip()
+    needed = _MINIMUM_FIELDS.get(kind)
+    if needed is None:
+        raise BadLine(f"unknown event {kind[:20]!r}")
+    if len(fields) < needed:
+        raise BadLine(f"{kind} needs {needed - 1} fields, got {len(fields) - 1}")
+    at = _time(fields[0])
+    conn_id = _number(fields[2], "connection id")
+    if kind == "RING":
+        return Ring(at, conn_id, fields[3].strip(), fields[4].strip(), _optional(fields, 5))
+    if kind == "CALL":
+        return Call(at, conn_id, _number(fields[3], "extension"), fields[4].strip(),
+                    fields[5].strip(), _optional(fields, 6))
+    if kind == "CONNECT":
+        return Connect(at, conn_id, _number(fields[3], "extension"), fields[4].strip())
+    return Disconnect(at, conn_id, _number(fields[3], "duration"))
+
+
+def _time(text: str) -> datetime:
+    try:
+        return datetime.strptime(text.strip(), TIME_FORMAT)
+    except ValueError:
+        raise BadLine(f"bad time {text[:20]!r} (expected dd.mm.yy HH:MM:SS)") from None
+
+
+def _number(text: str, what: str) -> int:
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()) or len(value) > 9:
+        raise BadLine(f"bad {what} {value[:20]!r}")
+    return int(value)
+
+
+def _optional(fields: list[str], index: int) -> str:
+    return fields[index].strip() if len(fields) > index else ""

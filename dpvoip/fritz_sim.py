@@ -1,0 +1,585 @@
+"""A Fritz!Box CallMonitor simulator: plays a script of CallMonitor lines to TCP clients.
+
+dpvoip's CallMonitor client connects to it exactly as to port 1012 of a real box, so the
+tests and the README demo exercise the real protocol: CRLF-terminated lines, silence
+between events, events lost while nobody is connected, a box that closes, resets or
+refuses connections (rebooting), and framing a careful client must survive (partial
+lines, LF only, several lines in one write).
+
+Two halves. ``parse_script`` is pure: text in, a ``Script`` (frozen dataclasses) or a
+``ScriptError`` naming the line out. ``FritzSimulator`` does the I/O and takes every
+timing from the injected reactor, so that a ``Clock`` drives it in tests and the real
+reactor on loopback. ``serve`` is the ``dpvoip fritz-sim`` command.
+
+Script format, one step per line (blank lines and ``#`` comment lines are skipped)::
+
+    <delay> <callmonitor line>   wait <delay> s after the previous step, send line + CRLF
+    <delay> !raw <text>          send exact bytes; escapes \\r \\n \\t \\\\ \\xNN
+    <delay> !close               close every client connection cleanly (FIN)
+    <delay> !reset               abort every client connection (RST)
+    <delay> !refuse <seconds>    close connections, stop listening, listen again later
+    <delay> !await               wait until a client is connected
+
+``{now}``, ``{now+N}``, ``{now-N}`` (N whole seconds) become the box's local time when the
+step is sent, in both kinds of line.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, cast
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    fail,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.interfaces import IAddress, IListeningPort, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import deferLater
+from twisted.logger import ILogObserver, LogEvent, Logger
+from twisted.python.failure import Failure
+from zope.interface import provider
+
+BOX_TIME = "%d.%m.%y %H:%M:%S"
+"""The box's timestamp format (local wall clock, no zone)."""
+
+STOP_GRACE = 2.0
+"""Seconds ``stop()`` lets clients take their last bytes before aborting them."""
+
+DIRECTIVES = ("!raw", "!close", "!reset", "!refuse", "!await")
+
+log = Logger()
+
+
+class ScriptError(ValueError):
+    """A script line that cannot be played; the message names the line and the problem."""
+
+    def __init__(self, line: int, problem: str) -> None:
+        super().__init__(f"line {line}: {problem}")
+        self.line = line
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Send:
+    """A CallMonitor line, sent with CRLF appended; may hold ``{now}`` placeholders."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Raw:
+    """Exact bytes (escapes already decoded); may hold ``{now}`` placeholders."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close every client connection cleanly, as a box does when its service stops."""
+
+
+@dataclass(frozen=True)
+class Reset:
+    """Abort every client connection (RST), as after a crash or a NAT change."""
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Close connections and refuse new ones for ``seconds``, as a rebooting box does."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Await:
+    """Hold the script until at least one client is connected."""
+
+
+Action = Send | Raw | Close | Reset | Refuse | Await
+
+
+@dataclass(frozen=True)
+class Step:
+    """Wait ``delay`` seconds after the previous step, then do ``action``."""
+
+    delay: float
+    action: Action
+    line: int
+    """Line number in the script text, for messages."""
+
+
+@dataclass(frozen=True)
+class Script:
+    steps: tuple[Step, ...]
+
+    @property
+    def duration(self) -> float:
+        """Seconds one play takes at least (delays and refusals; waiting for clients aside)."""
+        return sum(s.delay + (s.action.seconds if isinstance(s.action, Refuse) else 0.0)
+                   for s in self.steps)
+
+
+# --- the pure part -----------------------------------------------------------------------
+
+_STEP = re.compile(r"(\S+)(?:[ \t]+(.*))?\Z", re.DOTALL)
+_DIRECTIVE = re.compile(r"(!\S*)(?:[ \t](.*))?\Z", re.DOTALL)
+_PLACEHOLDER = re.compile(rb"\{now[^}]*\}?")
+_NOW = re.compile(rb"\{now(?:([+-])(\d+))?\}")
+_ESCAPES = {"r": b"\r", "n": b"\n", "t": b"\t", "\\": b"\\"}
+_HEX = re.compile(r"[0-9a-fA-F]{2}")
+
+
+def parse_script(text: str) -> Script:
+    """The steps of a script; the first malformed line raises ``ScriptError``."""
+    steps = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            steps.append(_parse_step(number, line.lstrip()))
+    return Script(tuple(steps))
+
+
+def _parse_step(number: int, line: str) -> Step:
+    match = _STEP.match(line)
+    assert match is not None  # the line is not blank
+    delay = _seconds(number, "delay", match[1])
+    rest = match[2] or ""
+    if not rest.strip():
+        raise ScriptError(number, f"nothing after the delay {match[1]!r}: expected a "
+                                  f"CallMonitor line or one of {', '.join(DIRECTIVES)}")
+    if rest.startswith("!"):
+        return Step(delay, _parse_directive(number, rest), number)
+    text = rest.rstrip()
+    _check_placeholders(number, text.encode())
+    return Step(delay, Send(text), number)
+
+
+def _parse_directive(number: int, rest: str) -> Action:
+    match = _DIRECTIVE.match(rest)
+    assert match is not None  # rest starts with "!"
+    name, argument = match[1], match[2]
+    given = (argument or "").strip()
+    if name == "!raw":
+        if not argument:
+            raise ScriptError(number, "!raw needs the text to send")
+        data = _unescape(number, argument)
+        _check_placeholders(number, data)
+        return Raw(data)
+    if name == "!refuse":
+        if not given:
+            raise ScriptError(number, "!refuse needs the seconds to refuse connections for")
+        return Refuse(_seconds(number, "!refuse time", given))
+    simple: dict[str, Action] = {"!close": Close(), "!reset": Reset(), "!await": Await()}
+    if name not in simple:
+        raise ScriptError(number, f"unknown directive {name!r} (known: {', '.join(DIRECTIVES)})")
+    if given:
+        raise ScriptError(number, f"{name} takes no argument, got {given!r}")
+    return simple[name]
+
+
+def _seconds(number: int, what: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ScriptError(number, f"{what} {text!r} is not a number of seconds "
+                                  "(a step is '<delay> <line>')") from None
+    if not math.isfinite(value) or value < 0:
+        raise ScriptError(number, f"{what} {text!r} must be a finite number of seconds >= 0")
+    return value
+
+
+def _unescape(number: int, text: str) -> bytes:
+    """``!raw`` text to bytes: UTF-8, with the escapes \\r \\n \\t \\\\ \\xNN."""
+    out = bytearray()
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char != "\\":
+            out += char.encode()
+            index += 1
+            continue
+        code = text[index + 1 : index + 2]
+        if code in _ESCAPES:
+            out += _ESCAPES[code]
+            index += 2
+        elif code == "x" and _HEX.fullmatch(text[index + 2 : index + 4]):
+            out.append(int(text[index + 2 : index + 4], 16))
+            index += 4
+        else:
+            shown = text[index : index + 2]
+            raise ScriptError(number, f"unknown escape {shown!r} in !raw "
+                                      "(known: \\r \\n \\t \\\\ \\xNN)")
+    return bytes(out)
+
+
+def _check_placeholders(number: int, data: bytes) -> None:
+    for found in _PLACEHOLDER.finditer(data):
+        if not _NOW.fullmatch(found[0]):
+            shown = found[0].decode(errors="replace")
+            raise ScriptError(number, f"bad placeholder {shown!r}: use {{now}}, {{now+N}} "
+                                      "or {now-N} with N whole seconds")
+
+
+def box_time(at: float, zone: ZoneInfo) -> str:
+    """POSIX time ``at`` as the box writes it: local wall clock, ``dd.mm.yy HH:MM:SS``."""
+    return datetime.fromtimestamp(at, zone).strftime(BOX_TIME)
+
+
+def expand(data: bytes, at: float, zone: ZoneInfo) -> bytes:
+    """Replace ``{now}``, ``{now+N}``, ``{now-N}`` by the box time ``at`` (+/- N s)."""
+
+    def one(found: re.Match[bytes]) -> bytes:
+        shift = int(found[2] or 0) * (-1 if found[1] == b"-" else 1)
+        return box_time(at + shift, zone).encode()
+
+    return _NOW.sub(one, data)
+
+
+def payload(action: Send | Raw, at: float, zone: ZoneInfo) -> bytes:
+    """The bytes a send step puts on the wire at time ``at``."""
+    if isinstance(action, Send):
+        return expand(action.text.encode() + b"\r\n", at, zone)
+    return expand(action.data, at, zone)
+
+
+# --- the I/O part ------------------------------------------------------------------------
+
+
+class _BoxSide(Protocol):
+    """One client's connection as the box sees it: written to, never meaningfully read."""
+
+    def __init__(self, simulator: FritzSimulator) -> None:
+        self.simulator = simulator
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.simulator._joined(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        # A real box ignores whatever clients send (keepalive newlines included).
+        self.simulator.bytes_received += len(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.simulator._left(self)
+        self.lost.callback(None)
+
+    def peer(self) -> str:
+        assert self.transport is not None
+        address: IAddress = self.transport.getPeer()
+        host, port = getattr(address, "host", "?"), getattr(address, "port", "?")
+        return f"{host}:{port}"
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def hang_up(self, abort: bool) -> None:
+        assert self.transport is not None
+        if abort:
+            cast(ITCPTransport, self.transport).abortConnection()
+        else:
+            self.transport.loseConnection()
+
+
+class _BoxFactory(Factory):
+    noisy = False  # one listen per !refuse: no "Starting factory" lines each time
+
+    def __init__(self, simulator: FritzSimulator) -> None:
+        self.simulator = simulator
+
+    def buildProtocol(self, addr: IAddress | None) -> _BoxSide:
+        return _BoxSide(self.simulator)
+
+
+class FritzSimulator:
+    """Serves a ``Script`` on a TCP port the way a Fritz!Box serves its CallMonitor.
+
+    ``reactor`` needs ``listenTCP``, ``callLater`` and ``seconds`` (the real reactor, or
+    ``MemoryReactorClock`` in tests); all timing, ``{now}`` included, comes from it.
+    Every line goes to every connected client; a line due while none is connected is lost
+    (counted in ``lines_dropped``), as on a real box, which never queues.
+    """
+
+    def __init__(self, reactor: Any, script: Script, timezone: str = "Europe/Athens",
+                 host: str = "127.0.0.1") -> None:
+        self.reactor = reactor
+        self.script = script
+        self.zone = ZoneInfo(timezone)
+        self.host = host
+        self.port: int | None = None
+        """The bound port, once ``listen()`` has fired."""
+        self.connections = 0
+        """Connections accepted so far."""
+        self.lines_sent = 0
+        """Send steps (lines or ``!raw``) written to at least one client."""
+        self.lines_dropped = 0
+        """Send steps due while no client was connected: lost."""
+        self.bytes_received = 0
+        """Bytes clients sent (keepalives); read and ignored."""
+        self._factory = _BoxFactory(self)
+        self._listening: IListeningPort | None = None
+        self._clients: list[_BoxSide] = []  # connected and not being hung up on
+        self._open: set[_BoxSide] = set()  # every connection not lost yet
+        self._waiters: list[Deferred[None]] = []
+        self._waiting: Deferred[Any] | None = None
+        self._playing = False
+        self._stopping = False
+
+    @property
+    def connected(self) -> int:
+        """Clients connected now (a connection being closed no longer counts)."""
+        return len(self._clients)
+
+    @property
+    def listening(self) -> bool:
+        return self._listening is not None
+
+    def listen(self, port: int = 0) -> Deferred[int]:
+        """Listen on ``host``:``port`` (0: any free port); fires with the bound port."""
+        if self._listening is not None:
+            return fail(RuntimeError(f"already listening on port {self.port}"))
+        self._stopping = False
+        try:
+            return succeed(self._bind(port))
+        except Exception:
+            return fail()
+
+    def run(self) -> Deferred[None]:
+        """Play the script once, after waiting for a first client; fires when it has ended
+        (or ``stop()`` ended it). Cancelling the Deferred stops the play only."""
+        if self._playing:
+            raise RuntimeError("the script is already playing")
+        if self._listening is None:
+            raise RuntimeError("call listen() before run()")
+        self._playing = True
+        return Deferred.fromCoroutine(self._play())
+
+    def stop(self) -> Deferred[None]:
+        """End the play, stop listening and close every connection; fires when all are
+        closed (clients that do not take their bytes within ``STOP_GRACE`` are aborted)."""
+        self._stopping = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+        return Deferred.fromCoroutine(self._shut())
+
+    # -- the play
+
+    async def _play(self) -> None:
+        try:
+            await self._until_connected()
+            for step in self.script.steps:
+                if step.delay > 0:
+                    await self._wait(deferLater(self.reactor, step.delay))
+                if self._stopping:
+                    return
+                await self._do(step.action)
+        except CancelledError:
+            if not self._stopping:
+                raise  # the caller cancelled run(); stop() ending it is a normal end
+        finally:
+            self._playing = False
+
+    async def _do(self, action: Action) -> None:
+        match action:
+            case Send() | Raw():
+                self._send(payload(action, self.reactor.seconds(), self.zone))
+            case Close():
+                self._hang_up(abort=False)
+            case Reset():
+                self._hang_up(abort=True)
+            case Refuse(seconds):
+                await self._refuse(seconds)
+            case Await():
+                await self._until_connected()
+
+    def _send(self, data: bytes) -> None:
+        shown = data.decode(errors="replace")
+        if not self._clients:
+            self.lines_dropped += 1
+            log.info("dropped (no client connected): {data!r}", data=shown)
+            return
+        for side in self._clients:
+            side.send(data)
+        self.lines_sent += 1
+        log.info("sent to {count} client(s): {data!r}", count=len(self._clients), data=shown)
+
+    def _hang_up(self, abort: bool) -> None:
+        clients, self._clients = self._clients, []
+        for side in clients:
+            side.hang_up(abort)
+        if clients:
+            log.info("{how} {count} connection(s)", count=len(clients),
+                     how="aborting (RST)" if abort else "closing")
+
+    async def _refuse(self, seconds: float) -> None:
+        self._hang_up(abort=False)
+        await self._stop_listening()
+        log.info("refusing connections for {seconds} s", seconds=seconds)
+        if seconds > 0:
+            await self._wait(deferLater(self.reactor, seconds))
+        if not self._stopping:
+            assert self.port is not None
+            self._bind(self.port)
+            log.info("listening again on port {port}", port=self.port)
+
+    async def _until_connected(self) -> None:
+        if self._clients:
+            return
+
+        def forget(waiter: Deferred[None]) -> None:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+        waiter: Deferred[None] = Deferred(forget)
+        self._waiters.append(waiter)
+        await self._wait(waiter)
+
+    async def _wait(self, waiting: Deferred[Any]) -> Any:
+        """Await ``waiting``, which ``stop()`` cancels."""
+        self._waiting = waiting
+        try:
+            return await waiting
+        finally:
+            self._waiting = None
+
+    # -- listening and connections
+
+    def _bind(self, port: int) -> int:
+        self._listening = self.reactor.listenTCP(port, self._factory, interface=self.host)
+        address = self._listening.getHost()
+        assert isinstance(address, IPv4Address | IPv6Address)
+        self.port = address.port
+        return self.port
+
+    async def _stop_listening(self) -> None:
+        listening, self._listening = self._listening, None
+        if listening is not None:
+            await maybeDeferred(listening.stopListening)
+
+    async def _shut(self) -> None:
+        self._hang_up(abort=False)
+        await self._stop_listening()
+        pending = [side.lost for side in self._open]
+        if not pending:
+            return
+        timer = self.reactor.callLater(STOP_GRACE, self._abort_all)
+        try:
+            await DeferredList(pending)
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def _abort_all(self) -> None:
+        for side in list(self._open):
+            side.hang_up(abort=True)
+
+    def _joined(self, side: _BoxSide) -> None:
+        self._open.add(side)
+        if self._listening is None:  # accepted while the port was being closed
+            side.hang_up(abort=False)
+            return
+        self.connections += 1
+        self._clients.append(side)
+        log.info("client {peer} connected ({count} connected)", peer=side.peer(),
+                 count=len(self._clients))
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _left(self, side: _BoxSide) -> None:
+        self._open.discard(side)
+        if side in self._clients:
+            self._clients.remove(side)
+        log.info("client {peer} disconnected ({count} connected)", peer=side.peer(),
+                 count=len(self._clients))
+
+
+# --- the command -------------------------------------------------------------------------
+
+
+def serve(path: str, port: int = 1012, host: str = "127.0.0.1",
+          timezone: str = "Europe/Athens", loop: bool = False) -> int:
+    """``dpvoip fritz-sim``: play the script at ``path`` on ``host``:``port``.
+
+    Exits 0 when the script has been played (and its last bytes delivered), or on Ctrl-C
+    or SIGTERM; 2 for a bad script or time zone, 1 when the port cannot be bound.
+    """
+    try:
+        script = parse_script(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        print(f"fritz-sim: cannot read {path}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    except ScriptError as error:
+        print(f"fritz-sim: {path}: {error}", file=sys.stderr)
+        return 2
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        print(f"fritz-sim: unknown time zone {timezone!r}", file=sys.stderr)
+        return 2
+    if loop and script.duration == 0:
+        print(f"fritz-sim: {path}: --loop needs a script with some delay", file=sys.stderr)
+        return 2
+
+    from twisted.internet import task
+    from twisted.internet.error import CannotListenError
+    from twisted.logger import globalLogBeginner
+
+    globalLogBeginner.beginLoggingTo([_print_event], redirectStandardIO=False)
+    async def main(reactor: Any) -> None:
+        simulator = FritzSimulator(reactor, script, timezone, host)
+        try:
+            bound = await simulator.listen(port)
+        except CannotListenError as error:
+            print(f"fritz-sim: cannot listen on {host}:{port}: {error.socketError}",
+                  file=sys.stderr)
+            raise SystemExit(1) from None
+        shown_host = f"[{host}]" if ":" in host else host
+        print(f"fritz-sim: serving {path} on {shown_host}:{bound} "
+              "(point dpvoip's [[fritzbox]] host/port here)", flush=True)
+        stopping = [False]
+
+        def on_shutdown() -> Deferred[None]:
+            stopping[0] = True
+            return simulator.stop()
+
+        reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
+        try:
+            while not stopping[0]:
+                await simulator.run()
+                if not loop:
+                    break
+        finally:
+            await simulator.stop()
+
+    try:
+        task.react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
+    except SystemExit as exit_:  # react() always exits; the code is ours to return
+        return int(exit_.code or 0)
+    return 0
+
+
+@provider(ILogObserver)
+def _print_event(event: LogEvent) -> None:
+    """The simulator's own log lines on stdout, errors from anywhere on stderr."""
+    from twisted.logger import LogLevel, formatEvent
+
+    if event.get("log_namespace") == __name__:
+        print(f"fritz-sim: {formatEvent(event)}", flush=True)
+    elif event.get("log_level") in (LogLevel.error, LogLevel.critical):
+        print(f"fritz-sim: {formatEvent(event)}", file=sys.stderr, flush=True)
+        if "log_failure" in event:
+            print(event["log_failure"].getTraceback(), file=sys.stderr, flush=True)
