@@ -63,6 +63,8 @@ def setting(default: Any, doc: str, check: Check | None = None, env: str = "") -
     meta = {"doc": doc, "check": check, "env": env}
     if isinstance(default, list):
         return field(default_factory=lambda: tuple(default), metadata=meta)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -274,8 +276,39 @@ class CrmSettings:
     language: str = setting(
         "en", "Language of call log lines and ticket texts.", _one_of("en", "el")
     )
+    timezone: str = setting(
+        "Europe/Athens", "The office's time zone, for times written in tickets and logs.",
+        _time_zone,
+    )
     allowed_origins: tuple[str, ...] = setting(
         [], "Origins (scheme://host[:port]) allowed to POST with the CRM's session cookie."
+    )
+
+
+@dataclass(frozen=True)
+class TicketSettings:
+    withheld: bool = setting(
+        False, "Create missed-call tickets for withheld numbers too (each on its own)."
+    )
+    group_hours: float = setting(
+        24.0,
+        "A missed call updates an open ticket of the same number created within this many "
+        "hours instead of opening a new one.",
+        _between(0, 24 * 30),
+    )
+    urgent_at: int = setting(
+        3, "Missed calls of one number in the window that make its ticket urgent.",
+        _between(2, 100),
+    )
+    assign_by_number: dict[str, str] = setting(
+        {},
+        "Assign tickets of calls to an own number to a CRM user: { \"2107654321\" = "
+        "\"anna\" } (the number as the box or Zadarma shows it; the CRM username).",
+    )
+    assign_by_extension: dict[str, str] = setting(
+        {},
+        "Assign tickets by the extension that rang or took the call (e.g. the answering "
+        "machine): { \"40\" = \"anna\" }.",
     )
 
 
@@ -385,6 +418,7 @@ class Config:
     web: WebSettings = field(default_factory=WebSettings)
     crm: CrmSettings = field(default_factory=CrmSettings)
     directory: DirectorySettings = field(default_factory=DirectorySettings)
+    tickets: TicketSettings = field(default_factory=TicketSettings)
     zadarma: ZadarmaSettings = field(default_factory=ZadarmaSettings)
     fritzbox: tuple[FritzBoxSettings, ...] = field(
         default_factory=lambda: (FritzBoxSettings(),)
@@ -413,6 +447,7 @@ SECTIONS: dict[str, type[Any]] = {
     "web": WebSettings,
     "crm": CrmSettings,
     "directory": DirectorySettings,
+    "tickets": TicketSettings,
     "zadarma": ZadarmaSettings,
     "legacy_monitor": LegacyMonitorSettings,
 }
@@ -432,11 +467,24 @@ def _type_name(kind: Any) -> str:
              Secret: "a string"}
     if typing.get_origin(kind) is tuple:
         return "a list of " + _type_name(typing.get_args(kind)[0]).split(" ", 1)[1] + "s"
+    if typing.get_origin(kind) is dict:
+        return "a table of strings (key = \"value\")"
     return names.get(kind, str(kind))
 
 
 def _convert(kind: Any, value: Any, from_env: bool) -> Any:
     """Turn a TOML (or environment string) value into the declared type, or raise ValueError."""
+    if typing.get_origin(kind) is dict:
+        if from_env:
+            pairs = [part.split("=", 1) for part in value.split(",") if part.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError
+            value = {k.strip(): v.strip() for k, v in pairs}
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ValueError
+        return dict(value)
     if typing.get_origin(kind) is tuple:
         item_kind = typing.get_args(kind)[0]
         if from_env:
@@ -646,6 +694,7 @@ __all__ = [
     "LegacyMonitorSettings",
     "LogSettings",
     "Secret",
+    "TicketSettings",
     "WebSettings",
     "ZadarmaSettings",
     "describe",

@@ -74,6 +74,11 @@ class CrmCapabilities:
         return "2025-12"
 
 
+def quote_ident(name: str) -> str:
+    """A quoted SQL identifier (PostgreSQL's rule: double quotes, doubled inside)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def missing(present: Mapping[str, frozenset[str] | set[str]]) -> list[str]:
     """Everything required that ``present`` lacks, one readable item each, sorted."""
     problems: list[str] = []

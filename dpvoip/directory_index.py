@@ -19,6 +19,7 @@ from psycopg2 import sql
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from dpvoip.crm_schema import quote_ident
 from dpvoip.directory import SOURCE_BY_NAME, SOURCES, Candidate, Match, Source, choose, entries
 from dpvoip.numbers import Dialling, normalise
 from dpvoip.store import Store
@@ -246,14 +247,9 @@ class DirectoryIndex:
         return match
 
 
-def _ident(name: str) -> str:
-    """A quoted SQL identifier (PostgreSQL's rule: double quotes, doubled inside)."""
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _case(alias: str, source: Source) -> str:
     """The live value of the column an index entry came from."""
-    whens = " ".join(f"WHEN '{p}' THEN {alias}.{_ident(p)}" for p in source.phones)
+    whens = " ".join(f"WHEN '{p}' THEN {alias}.{quote_ident(p)}" for p in source.phones)
     return f"CASE h.field {whens} END"
 
 
@@ -261,7 +257,7 @@ def _lookup_sql(schema: str) -> str:
     """One statement for the whole lookup: candidates by number, live rows by key, deals."""
 
     def table(name: str) -> str:
-        return f"{_ident(schema)}.{_ident(name)}"
+        return f"{quote_ident(schema)}.{quote_ident(name)}"
 
     person = ("concat_ws(' ', nullif(p.first_name, ''), nullif(p.middle_name, ''),"
               " nullif(p.last_name, ''))")

@@ -72,6 +72,41 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        4,
+        "call details: what the CRM's call row has no column for",
+        """
+        CREATE TABLE dpvoip.call_detail (
+            call_id text PRIMARY KEY,
+            source text NOT NULL,
+            box text,
+            conn_id integer,
+            direction text NOT NULL,
+            remote_raw text NOT NULL DEFAULT '',
+            remote_number text,
+            own_number text NOT NULL DEFAULT '',
+            line text NOT NULL DEFAULT '',
+            extension integer,
+            answered_at timestamptz,
+            forwarded_to text,
+            outcome text,
+            started_at timestamptz NOT NULL,
+            ended_at timestamptz,
+            client_id bigint,
+            contact_id integer,
+            lead_id integer,
+            deal_id integer,
+            ticket_id bigint,
+            hairpin boolean NOT NULL DEFAULT false,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX call_detail_by_box_connection
+            ON dpvoip.call_detail (box, conn_id, started_at DESC);
+        CREATE INDEX call_detail_by_remote_number
+            ON dpvoip.call_detail (remote_number, started_at DESC);
+        """,
+    ),
 )
 
 

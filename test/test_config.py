@@ -28,6 +28,7 @@ from dpvoip.config import (
     LegacyMonitorSettings,
     LogSettings,
     Secret,
+    TicketSettings,
     WebSettings,
     ZadarmaSettings,
     apply_environment,
@@ -111,6 +112,11 @@ access_log = false
 secret_key = "django"
 language = "el"
 allowed_origins = ["https://crm.example"]
+timezone = "Europe/Berlin"
+[tickets]
+withheld = true
+urgent_at = 4
+assign_by_number = { "2107654321" = "anna" }
 [directory]
 region = "DE"
 own_numbers = ["+49 30 1234567"]
@@ -158,7 +164,11 @@ class FileTests(ConfigTestCase):
                 ),
                 crm=replace(
                     CrmSettings(), secret_key=Secret("django"), language="el",
-                    allowed_origins=("https://crm.example",),
+                    allowed_origins=("https://crm.example",), timezone="Europe/Berlin",
+                ),
+                tickets=replace(
+                    TicketSettings(), withheld=True, urgent_at=4,
+                    assign_by_number={"2107654321": "anna"},
                 ),
                 directory=replace(
                     DirectorySettings(), region="DE", own_numbers=("+49 30 1234567",),

@@ -1,0 +1,265 @@
+"""The per-box call tracker: CallMonitor events in, call happenings out.
+
+A pure state machine, one per Fritz!Box connection stream, keyed by connection id (the box
+reuses ids at once, so never by number). It knows nothing of databases or sockets: the
+protocol feeds it parsed events and hands what it returns to the ingest entry point. Every
+case of fritzbox.md sections 4 and 5 is decided here: answered, missed, voicemail,
+blocked, not reached, fax, interrupted; connection-id reuse, call waiting and parallel
+calls (independent ids), a CALL on a ringing id (the box forwarding the call), a hairpin
+call to one of the office's own numbers, a RING or CALL on an id still open (a lost
+DISCONNECT), and CONNECT or DISCONNECT for an id it never saw start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+from dpvoip.callmonitor import Call, Connect, Disconnect, Event, Ring
+from dpvoip.outcomes import FAX_EXTENSION, Outcome, notes
+
+
+def call_id(box: str, started: datetime, conn_id: int) -> str:
+    """dpvoip's stable id of a Fritz!Box call: box, box-local start time, connection id."""
+    return f"fb-{box}-{started:%Y%m%d%H%M%S}-{conn_id}"
+
+
+@dataclass(frozen=True)
+class Started:
+    call_id: str
+    box: str
+    conn_id: int
+    direction: str  # "incoming" | "outgoing"
+    remote: str  # the remote party's number as the box sent it ('' when withheld)
+    own_number: str
+    line: str
+    extension: int | None  # the extension that dialled (outgoing)
+    at: datetime  # UTC
+    hairpin: bool = False
+
+
+@dataclass(frozen=True)
+class Answered:
+    call_id: str
+    extension: int
+    at: datetime
+    transfer: bool = False  # a second CONNECT: picked up or transferred elsewhere
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    """The box forwards a ringing call to an external number (a CALL on its id)."""
+
+    call_id: str
+    to_number: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Ended:
+    call_id: str
+    outcome: Outcome
+    duration: int
+    at: datetime
+    extension: int | None
+    notes: str
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """A CONNECT or DISCONNECT for an id this tracker never saw start (after a reconnect
+    or a restart): the ingest looks for a plausible open call of the box to close."""
+
+    box: str
+    conn_id: int
+    at: datetime
+    local_at: datetime
+    kind: str  # "CONNECT" | "DISCONNECT"
+    extension: int | None = None
+    duration: int = 0
+
+
+Happening = Started | Answered | Forwarded | Ended | Unmatched
+
+
+@dataclass(frozen=True)
+class BoxRules:
+    """What a tracker needs to know about its box."""
+
+    name: str
+    zone: ZoneInfo
+    machine_extensions: frozenset[int] = frozenset({6, *range(40, 50)})
+    blocked_within: float = 2.0
+    is_own_number: Callable[[str], bool] = field(default=lambda number: False)
+
+
+@dataclass
+class _Open:
+    call_id: str
+    direction: str
+    started_local: datetime
+    remote: str
+    extension: int | None = None
+    connected: bool = False
+    forwarded_to: str = ""
+    hairpin_of: str | None = None  # the call this id is the other leg of
+
+
+class CallTracker:
+    def __init__(self, rules: BoxRules) -> None:
+        self.rules = rules
+        self._open: dict[int, _Open] = {}
+
+    @property
+    def open_calls(self) -> int:
+        return sum(1 for call in self._open.values() if call.hairpin_of is None)
+
+    def utc(self, local: datetime) -> datetime:
+        """The box's wall-clock time in UTC (in an ambiguous autumn hour: the first one)."""
+        return local.replace(tzinfo=self.rules.zone).astimezone(UTC)
+
+    def feed(self, event: Event) -> list[Happening]:
+        if isinstance(event, Ring):
+            return self._ring(event)
+        if isinstance(event, Call):
+            return self._call(event)
+        if isinstance(event, Connect):
+            return self._connect(event)
+        return self._disconnect(event)
+
+    def close_all(self, reason: str, at: datetime) -> list[Happening]:
+        """Close every open call as interrupted (the connection to the box was lost)."""
+        ended: list[Happening] = []
+        for conn_id in sorted(self._open):
+            call = self._open.pop(conn_id)
+            if call.hairpin_of is None:
+                ended.append(Ended(call.call_id, Outcome.INTERRUPTED, 0, at, call.extension,
+                                   notes(Outcome.INTERRUPTED, detail=reason)))
+        return ended
+
+    # -- events ------------------------------------------------------------------------
+
+    def _lost_disconnect(self, conn_id: int, at: datetime) -> list[Happening]:
+        previous = self._open.pop(conn_id, None)
+        if previous is None or previous.hairpin_of is not None:
+            return []
+        return [Ended(previous.call_id, Outcome.INTERRUPTED, 0, at, previous.extension,
+                      notes(Outcome.INTERRUPTED, detail="DISCONNECT lost, id reused"))]
+
+    def _ring(self, ring: Ring) -> list[Happening]:
+        at = self.utc(ring.at)
+        happened = self._lost_disconnect(ring.conn_id, at)
+        if ring.caller and self.rules.is_own_number(ring.caller):
+            leg = self._outgoing_to_own_number(ring.called)
+            if leg is not None:
+                self._open[ring.conn_id] = _Open(leg.call_id, "incoming", ring.at,
+                                                 ring.caller, hairpin_of=leg.call_id)
+                return happened
+        identity = call_id(self.rules.name, ring.at, ring.conn_id)
+        self._open[ring.conn_id] = _Open(identity, "incoming", ring.at, ring.caller)
+        happened.append(Started(identity, self.rules.name, ring.conn_id, "incoming",
+                                ring.caller, ring.called, ring.line, None, at))
+        return happened
+
+    def _outgoing_to_own_number(self, called: str) -> _Open | None:
+        for call in self._open.values():
+            if call.direction == "outgoing" and call.hairpin_of is None and (
+                self.rules.is_own_number(call.remote)
+                and _same_tail(call.remote, called)
+            ):
+                return call
+        return None
+
+    def _call(self, dialled: Call) -> list[Happening]:
+        at = self.utc(dialled.at)
+        current = self._open.get(dialled.conn_id)
+        if current is not None and current.direction == "incoming" and not current.connected:
+            # The box forwards the ringing call to an external number.
+            current.forwarded_to = dialled.called
+            return [Forwarded(current.call_id, dialled.called, at)]
+        happened = self._lost_disconnect(dialled.conn_id, at)
+        identity = call_id(self.rules.name, dialled.at, dialled.conn_id)
+        hairpin = bool(dialled.called) and self.rules.is_own_number(dialled.called)
+        self._open[dialled.conn_id] = _Open(identity, "outgoing", dialled.at, dialled.called,
+                                            extension=dialled.extension)
+        happened.append(Started(identity, self.rules.name, dialled.conn_id, "outgoing",
+                                dialled.called, dialled.caller, dialled.line,
+                                dialled.extension, at, hairpin=hairpin))
+        return happened
+
+    def _connect(self, connect: Connect) -> list[Happening]:
+        at = self.utc(connect.at)
+        call = self._open.get(connect.conn_id)
+        if call is None:
+            return [Unmatched(self.rules.name, connect.conn_id, at, connect.at, "CONNECT",
+                              extension=connect.extension)]
+        if call.hairpin_of is not None:
+            return []  # the other leg's CONNECT says the same thing
+        transfer = call.connected
+        call.connected = True
+        call.extension = connect.extension
+        return [Answered(call.call_id, connect.extension, at, transfer=transfer)]
+
+    def _disconnect(self, disconnect: Disconnect) -> list[Happening]:
+        at = self.utc(disconnect.at)
+        call = self._open.pop(disconnect.conn_id, None)
+        if call is None:
+            return [Unmatched(self.rules.name, disconnect.conn_id, at, disconnect.at,
+                              "DISCONNECT", duration=disconnect.duration)]
+        if call.hairpin_of is not None:
+            return []
+        outcome = decide(call.direction, call.started_local, disconnect.at, disconnect.duration,
+                         call.extension if call.connected else None, self.rules)
+        detail = f"forwarded to {call.forwarded_to}" if call.forwarded_to else ""
+        if call.direction == "outgoing" and self.rules.is_own_number(call.remote):
+            detail = "internal call to an own number"
+        return [Ended(call.call_id, outcome, disconnect.duration, at, call.extension,
+                      notes(outcome, call.extension, detail))]
+
+
+def decide(
+    direction: str,
+    started_local: datetime,
+    ended_local: datetime,
+    duration: int,
+    answered_on: int | None,
+    rules: BoxRules,
+) -> Outcome:
+    """The outcome of a finished call (fritzbox.md section 5)."""
+    if answered_on is not None:
+        if direction == "incoming" and answered_on in rules.machine_extensions:
+            return Outcome.VOICEMAIL
+        if direction == "incoming" and answered_on == FAX_EXTENSION:
+            return Outcome.FAX
+        return Outcome.ANSWERED
+    if duration > 0:
+        return Outcome.ANSWERED  # talk time without a CONNECT we saw: it was answered
+    if direction == "outgoing":
+        return Outcome.NOT_REACHED
+    rang_for = (ended_local - started_local).total_seconds()
+    return Outcome.BLOCKED if rang_for <= rules.blocked_within else Outcome.MISSED
+
+
+def _same_tail(a: str, b: str, digits: int = 6) -> bool:
+    """Whether two spellings of a number end alike (MSNs come without area code)."""
+    da, db = "".join(c for c in a if c.isdigit()), "".join(c for c in b if c.isdigit())
+    if not da or not db:
+        return False
+    n = min(digits, len(da), len(db))
+    return da[-n:] == db[-n:]
+
+
+__all__ = [
+    "Answered",
+    "BoxRules",
+    "CallTracker",
+    "Ended",
+    "Forwarded",
+    "Happening",
+    "Started",
+    "Unmatched",
+    "call_id",
+    "decide",
+]
