@@ -70,6 +70,8 @@ def parse(line: str) -> Event:
     if not text:
         raise BadLine("empty line")
     fields = text.split(";")
+    if text.endswith(";"):
+        fields.pop()  # every line ends with ';': that is no empty last field
     if len(fields) < 2:
         raise BadLine("not a CallMonitor line (no ';')")
     kind = fields[1].strip()

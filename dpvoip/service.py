@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, threads
@@ -26,10 +27,13 @@ from dpvoip.directory_index import DirectoryIndex
 from dpvoip.directory_service import DirectoryService
 from dpvoip.dsn import connection_dsn
 from dpvoip.embedded import EmbeddedPostgres
+from dpvoip.fritzbox import FritzBox, FritzBoxService
+from dpvoip.ingest import Ingest
 from dpvoip.migrations import SchemaMismatch, prepare
 from dpvoip.numbers import Dialling, normalise
 from dpvoip.pool import HealingPool
 from dpvoip.store import Store
+from dpvoip.texts import Texts
 from dpvoip.web.app import Readiness, WebApp
 from dpvoip.web.server import DpvoipSite, WebService
 
@@ -207,6 +211,8 @@ class Daemon:
         exit_status: ExitStatus,
         embedded: EmbeddedPostgres | None,
         directory: DirectoryIndex,
+        ingest: Ingest,
+        boxes: list[FritzBox],
     ) -> None:
         self.service = service
         self.store = store
@@ -214,6 +220,8 @@ class Daemon:
         self.exit_status = exit_status
         self.embedded = embedded
         self.directory = directory
+        self.ingest = ingest
+        self.boxes = boxes
 
 
 def _own_numbers(config: Config) -> list[str]:
@@ -261,6 +269,15 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     directory = DirectoryService(index, config.directory, reactor, database.when_prepared)
     directory.setServiceParent(top)
 
+    ingest = Ingest(store, index, Texts(config.crm.language), config.tickets,
+                    ZoneInfo(config.crm.timezone), config.database.crm_schema)
+    own = frozenset(index.own_numbers)
+    boxes: list[FritzBox] = []
+    for settings in config.fritzbox:
+        box = FritzBox(settings, ingest, reactor, own)
+        boxes.append(box)
+        FritzBoxService(box, reactor, database.when_prepared).setServiceParent(top)
+
     async def readiness() -> Readiness:
         state = await store.state()
         schema = store.schema
@@ -280,14 +297,15 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
         }
         return Readiness(
             state.reachable and schema is not None,
-            {"database": db, "directory": directory_state, "fritzbox": []},
+            {"database": db, "directory": directory_state,
+             "fritzbox": [b.status.as_json(b.tracker.open_calls) for b in boxes]},
         )
 
     app = WebApp(lambda: Deferred.fromCoroutine(readiness()), __version__)
     site = DpvoipSite(app.resource(), config.web, reactor)
     web = _Listening(reactor, site, config.web.listen)
     web.setServiceParent(top)
-    return Daemon(top, store, web, exit_status, embedded, index)
+    return Daemon(top, store, web, exit_status, embedded, index, ingest, boxes)
 
 
 class _Listening(WebService):

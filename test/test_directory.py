@@ -368,6 +368,7 @@ class LiveDirectoryTests(TestCase):
         config = Config(
             database=replace(DatabaseSettings(), url=Secret(dsn), pool_size=2),
             web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
+            fritzbox=(),
             directory=DirectorySettings(refresh_seconds=0.5, sweep_seconds=5),
         )
         daemon = build(config, reactor)

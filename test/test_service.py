@@ -154,6 +154,7 @@ class InProcessDaemonTests(TestCase):
         config = Config(
             database=replace(DatabaseSettings(), url=Secret(self.cluster.dsn("crm")), pool_size=2),
             web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
+            fritzbox=(),
         )
         daemon = build(config, reactor, self.folder)
         self.assertIsNone(daemon.embedded)

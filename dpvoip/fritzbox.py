@@ -1,0 +1,236 @@
+"""One Fritz!Box: its connection, its call tracker, its state for /readyz.
+
+``FritzBox`` joins the pure parts (parser, tracker) to the ingest entry point and keeps
+the box's status. ``FritzBoxService`` is a ``ClientService`` that connects to the box and
+reconnects forever with capped, jittered exponential back-off (a timer, no polling: the
+CPU is idle while it waits), with TCP keepalive set on every connection so that a dead
+path is noticed in about 90 s.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IProtocol, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dpvoip.callmonitor import BadLine, parse
+from dpvoip.config import FritzBoxSettings
+from dpvoip.ingest import Ingest, Origin
+from dpvoip.numbers import Dialling, normalise
+from dpvoip.protocols.callmonitor import CallMonitorProtocol
+from dpvoip.tracker import BoxRules, CallTracker
+
+log = Logger(namespace="dpvoip.fritzbox")
+
+#: TCP keepalive: first probe after 60 s of silence, then every 10 s, dead after 3.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 10, 3
+#: A box clock this far from ours is worth a warning (wrong zone, or just rebooted).
+CLOCK_SKEW_WARNING = 300.0
+
+
+@dataclass
+class BoxStatus:
+    name: str
+    host: str
+    port: int
+    connected: bool = False
+    since: datetime | None = None
+    last_line_at: datetime | None = None
+    reconnects: int = 0
+    connections: int = 0
+    lines: int = 0
+    bad_lines: int = 0
+    long_lines: int = 0
+    orphans_closed: int = 0
+
+    def as_json(self, open_calls: int) -> dict[str, Any]:
+        return {
+            "name": self.name, "host": self.host, "port": self.port,
+            "connected": self.connected,
+            "since": self.since.isoformat() if self.since else None,
+            "last_line": self.last_line_at.isoformat() if self.last_line_at else None,
+            "reconnects": self.reconnects, "lines": self.lines, "bad_lines": self.bad_lines,
+            "open_calls": open_calls,
+        }
+
+
+def rules_for(settings: FritzBoxSettings, own_numbers: frozenset[str]) -> BoxRules:
+    where = Dialling(settings.country, settings.area_code)
+
+    def is_own(raw: str) -> bool:
+        number = normalise(raw, where)
+        return number is not None and number in own_numbers
+
+    return BoxRules(
+        name=settings.name,
+        zone=ZoneInfo(settings.timezone),
+        machine_extensions=frozenset(settings.answering_machine_extensions),
+        blocked_within=settings.blocked_threshold_seconds,
+        is_own_number=is_own,
+    )
+
+
+class FritzBox:
+    """A box's lines become happenings for the ingest; its status is kept here."""
+
+    def __init__(self, settings: FritzBoxSettings, ingest: Ingest, clock: IReactorTime,
+                 own_numbers: frozenset[str]) -> None:
+        self.settings = settings
+        self._ingest = ingest
+        self._clock = clock
+        self.rules = rules_for(settings, own_numbers)
+        self.origin = Origin(settings.name, Dialling(settings.country, settings.area_code),
+                             self.rules)
+        self.tracker = CallTracker(self.rules)
+        self.status = BoxStatus(settings.name, settings.host, settings.port)
+        self.pending: set[Deferred[None]] = set()
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock.seconds(), UTC)
+
+    def _submit(self, happenings: list[Any]) -> None:
+        for happening in happenings:
+            done = self._ingest.submit(happening, self.origin)
+            self.pending.add(done)
+
+            def settle(result: object, d: Deferred[None] = done, h: Any = happening) -> None:
+                self.pending.discard(d)
+                if isinstance(result, Failure):
+                    self._failed(result, h)
+
+            done.addBoth(settle)
+
+    def _failed(self, failure: Failure, happening: Any) -> None:
+        log.failure("box {box}: could not record {what}", failure, box=self.settings.name,
+                    what=type(happening).__name__)
+
+    # -- from the protocol -----------------------------------------------------------------
+
+    def connection_made(self, protocol: CallMonitorProtocol) -> None:
+        status = self.status
+        if status.connections:
+            status.reconnects += 1
+        status.connections += 1
+        status.connected = True
+        status.since = self._now()
+        log.info("box {box}: connected to {host}:{port}", box=self.settings.name,
+                 host=self.settings.host, port=self.settings.port)
+        # Calls open when the connection went down can no longer be followed.
+        orphans = self.tracker.close_all("monitor connection lost", self._now())
+        status.orphans_closed += len(orphans)
+        self._submit(orphans)
+
+    def line_received(self, text: str) -> None:
+        self.status.lines += 1
+        self.status.last_line_at = self._now()
+        if not text.strip():
+            return
+        try:
+            event = parse(text)
+        except BadLine as error:
+            self.status.bad_lines += 1
+            log.warn("box {box}: skipped a bad line ({error}): {line!r}",
+                     box=self.settings.name, error=str(error), line=text[:120])
+            return
+        skew = abs(self.tracker.utc(event.at).timestamp() - self._clock.seconds())
+        if skew > CLOCK_SKEW_WARNING:
+            log.warn("box {box}: its clock is {minutes:.0f} min away from ours (time zone "
+                     "{zone}?)", box=self.settings.name, minutes=skew / 60,
+                     zone=self.settings.timezone)
+        self._submit(self.tracker.feed(event))
+
+    def line_too_long(self) -> None:
+        self.status.long_lines += 1
+        log.warn("box {box}: a line longer than the limit; dropping the connection",
+                 box=self.settings.name)
+
+    def connection_lost(self, reason: Failure) -> None:
+        self.status.connected = False
+        self.status.since = self._now()
+        log.info("box {box}: connection lost ({why})", box=self.settings.name,
+                 why=reason.getErrorMessage())
+
+
+def keepalive(protocol: IProtocol) -> None:
+    """prepareConnection: short TCP keepalive timers on the box's socket."""
+    transport: Any = getattr(protocol, "transport", None)
+    handle = transport.getHandle() if transport is not None else None
+    if handle is None or not hasattr(handle, "setsockopt"):
+        return
+    handle.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+                          ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                          ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+        if hasattr(socket, option):
+            handle.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def retry_policy(initial: float = 1.0, cap: float = 60.0) -> Callable[[int], float]:
+    """Capped, jittered exponential back-off that never gives up."""
+    return backoffPolicy(initialDelay=initial, maxDelay=cap, factor=2.0)
+
+
+class FritzBoxService(ClientService):
+    """Keeps one box connected, from the moment the database is prepared."""
+
+    def __init__(self, box: FritzBox, reactor: Any, prepared: Callable[[], Deferred[None]],
+                 endpoint: Any = None, retry: Callable[[int], float] | None = None) -> None:
+        settings = box.settings
+        endpoint = endpoint or HostnameEndpoint(reactor, settings.host, settings.port,
+                                                timeout=10)
+        factory = Factory.forProtocol(
+            lambda: CallMonitorProtocol(box, reactor, settings.newline_keepalive_seconds)
+        )
+        super().__init__(endpoint, factory, retryPolicy=retry or retry_policy(),
+                         clock=reactor, prepareConnection=keepalive)
+        self.box = box
+        self.name = f"fritzbox {settings.name}"
+        self._prepared = prepared
+        self._reactor = reactor
+        self._begun = False
+
+    def startService(self) -> None:
+        # Not connected until the schema is there and the last run's open calls are closed.
+        self.running = True
+        begun = self._prepared().addCallback(lambda _: Deferred.fromCoroutine(self._begin()))
+        begun.addErrback(lambda f: log.failure("box {box}: could not start", f,
+                                               box=self.box.settings.name))
+
+    async def _begin(self) -> None:
+        if not self.running or self._begun:
+            return
+        self._begun = True
+        try:
+            closed = await self.box._ingest.close_open_calls(
+                self.box.settings.name, "dpvoip restarted", self.box._now()
+            )
+        except Exception as error:  # the database went away; the calls stay for next time
+            log.warn("box {box}: could not close the calls left open: {error}",
+                     box=self.box.settings.name, error=str(error) or type(error).__name__)
+            closed = 0
+        if closed:
+            log.info("box {box}: closed {n} calls left open by the last run",
+                     box=self.box.settings.name, n=closed)
+        if self.running:
+            self.running = False
+            super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        if not self._begun:
+            self.running = False
+            done: Deferred[None] = Deferred()
+            done.callback(None)
+            return done
+        stopped: Deferred[None] = super().stopService()
+        return stopped

@@ -1,0 +1,328 @@
+"""CallMonitor lines through the tracker and the ingest entry point into a real PostgreSQL,
+with both CRM versions: call rows, call logs, matching, tickets, replays, concurrency,
+recovery after a restart."""
+
+from __future__ import annotations
+
+import select
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg2
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+
+from dpvoip.callmonitor import parse
+from dpvoip.config import DatabaseSettings, FritzBoxSettings, TicketSettings
+from dpvoip.directory_index import DirectoryIndex
+from dpvoip.dsn import connection_dsn
+from dpvoip.fritzbox import rules_for
+from dpvoip.ingest import Ingest, Origin
+from dpvoip.migrations import prepare
+from dpvoip.numbers import Dialling
+from dpvoip.outcomes import Outcome
+from dpvoip.pool import HealingPool
+from dpvoip.store import Store
+from dpvoip.texts import Texts
+from dpvoip.tracker import CallTracker, Ended
+from test.support.crm import Crm
+from test.support.postgres import postgres
+
+OWN = ("2107654321",)
+
+
+def today(hhmmss: str, days_ago: int = 0) -> str:
+    """A CallMonitor timestamp of today (Athens time) at ``hhmmss``, so that the 24 h
+    ticket window is real."""
+    moment = datetime.now(ZoneInfo("Europe/Athens")) - timedelta(days=days_ago)
+    return f"{moment:%d.%m.%y} {hhmmss}"
+
+
+class IngestTestCase(TestCase):
+    crm_version = "2025-12"
+    tickets = TicketSettings()
+    timeout = 60
+
+    def setUp(self) -> Any:
+        self.dsn = postgres().new_database(crm=self.crm_version)
+        self.crm = Crm(self.dsn)
+        pool = HealingPool(reactor, connection_dsn(self.dsn, DatabaseSettings()), 4)
+        self.addCleanup(pool.close)
+        self.store = Store(pool, reactor)
+        where = Dialling("GR")
+        self.index = DirectoryIndex(self.store, "public", where, own_numbers=OWN)
+        self.ingest = Ingest(self.store, self.index, Texts("en"), self.tickets,
+                             ZoneInfo("Europe/Athens"))
+        settings = replace(FritzBoxSettings(), own_numbers=OWN)
+        self.rules = rules_for(settings, frozenset(self.index.own_numbers))
+        self.origin = Origin("office", where, self.rules)
+        self.tracker = CallTracker(self.rules)
+
+        async def ready() -> None:
+            await pool.start()
+            self.store.schema = await self.store.write(
+                lambda c: prepare(c, standalone=False, crm_schema="public"))
+
+        return defer.Deferred.fromCoroutine(ready())
+
+    async def _lines(self, lines: tuple[str, ...]) -> None:
+        for line in lines:
+            for happening in self.tracker.feed(parse(line)):
+                await self.ingest.submit(happening, self.origin)
+
+    def lines(self, *lines: str) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._lines(lines))
+
+    def build_directory(self) -> defer.Deferred[int]:
+        return defer.Deferred.fromCoroutine(self.index.build())
+
+    def calls(self) -> list[tuple[Any, ...]]:
+        return self.crm.query(
+            "SELECT call_id, direction, phone_number, status, duration_seconds, notes,"
+            " ticket_created, ticket_id, client_id, client_email, resolution,"
+            " ended_at IS NOT NULL FROM accounting_voipcall ORDER BY id")
+
+    def logs(self) -> list[tuple[str, str]]:
+        return [(a, d) for a, d in self.crm.query(
+            "SELECT action, description FROM accounting_voipcalllog ORDER BY id")]
+
+    def tickets_rows(self) -> list[tuple[Any, ...]]:
+        return self.crm.query(
+            "SELECT id, title, status, priority, notes, call_id, client_id, assigned_to_id,"
+            " email_sent, follow_up_scheduled FROM accounting_ticket ORDER BY id")
+
+    def missed(self, conn: int, caller: str, ring: str, end: str) -> tuple[str, str]:
+        return (f"{today(ring)};RING;{conn};{caller};7654321;SIP0;",
+                f"{today(end)};DISCONNECT;{conn};0;")
+
+
+class CallRecordTests(IngestTestCase):
+    @defer.inlineCallbacks
+    def test_an_answered_call_of_a_known_client(self) -> Any:
+        client = self.crm.client("Papadopoulos AE", email="info@papadopoulos.gr",
+                                 kinito_tilefono="691 234 5678")
+        yield self.build_directory()
+        yield self.lines("17.06.20 10:28:29;RING;0;06912345678;7654321;SIP0;",
+                         "17.06.20 10:28:43;CONNECT;0;11;06912345678;")
+        [call] = self.calls()
+        self.assertEqual(call[:6], ("fb-office-20200617102829-0", "incoming", "+306912345678",
+                                    "active", 0, ""))
+        yield self.lines("17.06.20 10:30:31;DISCONNECT;0;109;")
+        [call] = self.calls()
+        self.assertEqual(call, ("fb-office-20200617102829-0", "incoming", "+306912345678",
+                                "completed", 109, "answered on extension 11", False, None,
+                                client, "info@papadopoulos.gr", "pending", True))
+        started = self.crm.query("SELECT started_at, ended_at FROM accounting_voipcall")[0]
+        self.assertEqual(started, (datetime(2020, 6, 17, 7, 28, 29, tzinfo=UTC),
+                                   datetime(2020, 6, 17, 7, 30, 31, tzinfo=UTC)))
+        self.assertEqual(self.logs(), [
+            ("started", "Incoming call from +306912345678 - Papadopoulos AE"),
+            ("client_matched", f"Matched to client Papadopoulos AE (#{client})"),
+            ("status_changed", "Answered on extension 11"),
+            ("ended", "Call ended: answered on extension 11, talk time 1:49"),
+        ])
+        self.assertEqual(self.tickets_rows(), [])
+        detail = self.crm.query("SELECT source, box, conn_id, remote_raw, remote_number,"
+                                " own_number, line, extension, outcome FROM dpvoip.call_detail")
+        self.assertEqual(detail, [("fritzbox", "office", 0, "06912345678", "+306912345678",
+                                   "7654321", "SIP0", 11, "answered")])
+
+    @defer.inlineCallbacks
+    def test_an_outgoing_call_records_the_dialled_number_never_the_own(self) -> Any:
+        yield self.lines(f"{today('10:30:57')};CALL;1;11;7654321;2101234567#;SIP0;",
+                         f"{today('10:31:00')};DISCONNECT;1;0;")
+        [call] = self.calls()
+        self.assertEqual(call[1:6], ("outgoing", "+302101234567", "failed", 0, "not reached"))
+        self.assertEqual(self.logs()[0], ("started", "Outgoing call to +302101234567 - unknown"))
+        self.assertEqual(self.tickets_rows(), [])
+
+    @defer.inlineCallbacks
+    def test_a_withheld_caller_is_recorded_without_number_or_match(self) -> Any:
+        self.crm.client("Trap", kinito_tilefono="0")
+        yield self.build_directory()
+        yield self.lines(*self.missed(0, "", "10:00:00", "10:00:30"))
+        [call] = self.calls()
+        self.assertEqual((call[2], call[3], call[8]), ("", "missed", None))
+        self.assertEqual(self.logs()[0],
+                         ("started", "Incoming call from withheld number - unknown"))
+        self.assertEqual(self.tickets_rows(), [], "no ticket for a withheld number by default")
+
+    @defer.inlineCallbacks
+    def test_a_replayed_event_changes_nothing(self) -> Any:
+        lines = ("17.06.20 10:28:29;RING;0;2101234567;7654321;SIP0;",
+                 "17.06.20 10:28:43;CONNECT;0;11;2101234567;",
+                 "17.06.20 10:30:31;DISCONNECT;0;109;")
+        yield self.lines(*lines)
+        before = self.calls(), self.logs()
+        self.tracker = CallTracker(self.rules)  # as after a restart, the box resends
+        yield self.lines(*lines)
+        self.assertEqual((self.calls(), self.logs()), before)
+        self.assertGreaterEqual(self.ingest.counters.replays_ignored, 3)
+
+
+class TicketTests(IngestTestCase):
+    @defer.inlineCallbacks
+    def test_a_missed_call_makes_a_ticket_in_the_same_transaction(self) -> Any:
+        client = self.crm.client("Papadopoulos AE", kinito_tilefono="6912345678")
+        yield self.build_directory()
+        yield self.lines(*self.missed(0, "06912345678", "10:00:00", "10:00:20"))
+        [ticket] = self.tickets_rows()
+        [call] = self.calls()
+        call_row = self.crm.query("SELECT id FROM accounting_voipcall")[0][0]
+        self.assertEqual(ticket[1:], ("MISSED CALL - +306912345678 - Papadopoulos AE", "open",
+                                      "high", "", call_row, client, None, False, False))
+        self.assertEqual((call[3], call[6], call[7]), ("missed", True, str(ticket[0])))
+        self.assertEqual(self.logs()[-1],
+                         ("ticket_created", f"Ticket #{ticket[0]} created: "
+                                            "MISSED CALL - +306912345678 - Papadopoulos AE"))
+        description = self.crm.query("SELECT description FROM accounting_ticket")[0][0]
+        self.assertIn("Missed call from +306912345678 (Papadopoulos AE) at", description)
+
+    @defer.inlineCallbacks
+    def test_missed_calls_of_one_number_are_grouped_and_escalated(self) -> Any:
+        for n, (ring, end) in enumerate([("09:00:00", "09:00:30"), ("09:10:00", "09:10:30"),
+                                         ("09:20:00", "09:20:30")]):
+            yield self.lines(*self.missed(n % 2, "2101234567", ring, end))
+        [ticket] = self.tickets_rows()
+        self.assertEqual(ticket[1:4], ("MISSED CALLS (3x) - +302101234567", "open", "urgent"))
+        self.assertEqual(ticket[4].splitlines(), [
+            f"[{today('09:10:00')[:5].replace('.', '/')} 09:10] missed call (total 2)",
+            f"[{today('09:20:00')[:5].replace('.', '/')} 09:20] missed call (total 3)",
+        ])
+        linked = self.crm.query("SELECT ticket_created, ticket_id FROM accounting_voipcall")
+        self.assertEqual(linked, [(True, str(ticket[0]))] * 3)
+        actions = [a for a, _ in self.logs() if a.startswith("ticket")]
+        self.assertEqual(actions, ["ticket_created", "ticket_updated", "ticket_updated"])
+
+    @defer.inlineCallbacks
+    def test_an_old_or_closed_ticket_is_not_reused(self) -> Any:
+        yield self.lines(*self.missed(0, "2101234567", "08:00:00", "08:00:30"))
+        self.crm.query("UPDATE accounting_ticket SET status = 'resolved'")
+        yield self.lines(*self.missed(1, "2101234567", "08:10:00", "08:10:30"))
+        self.assertEqual([t[1] for t in self.tickets_rows()],
+                         ["MISSED CALL - +302101234567"] * 2)
+
+    @defer.inlineCallbacks
+    def test_no_ticket_for_blocked_answered_fax_or_outgoing_calls(self) -> Any:
+        yield self.lines(
+            f"{today('11:00:00')};RING;0;2101111111;7654321;SIP0;",  # blocked
+            f"{today('11:00:01')};DISCONNECT;0;0;",
+            f"{today('11:01:00')};RING;0;2102222222;7654321;SIP0;",  # answered
+            f"{today('11:01:05')};CONNECT;0;11;2102222222;",
+            f"{today('11:02:05')};DISCONNECT;0;60;",
+            f"{today('11:03:00')};RING;0;2103333333;7654321;SIP0;",  # fax
+            f"{today('11:03:02')};CONNECT;0;5;2103333333;",
+            f"{today('11:04:00')};DISCONNECT;0;58;",
+            f"{today('11:05:00')};CALL;1;11;7654321;2104444444;SIP0;",  # not reached
+            f"{today('11:05:20')};DISCONNECT;1;0;",
+        )
+        self.assertEqual([c[3] for c in self.calls()],
+                         ["failed", "completed", "completed", "failed"])
+        self.assertEqual(self.tickets_rows(), [])
+
+    @defer.inlineCallbacks
+    def test_voicemail_is_a_missed_call_assigned_by_extension(self) -> Any:
+        anna = self.crm.user("anna")
+        self.ingest._tickets = replace(TicketSettings(), assign_by_extension={"40": "anna"})
+        yield self.lines(f"{today('12:00:00')};RING;0;2101234567;7654321;SIP0;",
+                         f"{today('12:00:20')};CONNECT;0;40;2101234567;",
+                         f"{today('12:00:50')};DISCONNECT;0;30;")
+        [call] = self.calls()
+        self.assertEqual((call[3], call[5]), ("missed", "voicemail (answering machine 1)"))
+        [ticket] = self.tickets_rows()
+        self.assertEqual((ticket[2], ticket[7]), ("assigned", anna))
+
+    @defer.inlineCallbacks
+    def test_assignment_by_the_called_own_number(self) -> Any:
+        bob = self.crm.user("bob")
+        self.ingest._tickets = replace(TicketSettings(),
+                                       assign_by_number={"210 765 4321": "bob"})
+        yield self.lines(f"{today('12:00:00')};RING;0;2101234567;2107654321;SIP0;",
+                         f"{today('12:00:20')};DISCONNECT;0;0;")
+        self.assertEqual(self.tickets_rows()[0][7], bob)
+
+    @defer.inlineCallbacks
+    def test_two_missed_calls_of_one_number_ending_at_once_make_one_ticket(self) -> Any:
+        for conn in (0, 1):
+            yield self.lines(f"{today('13:00:00')};RING;{conn};2101234567;7654321;SIP{conn};")
+        ends = [h for conn in (0, 1)
+                for h in self.tracker.feed(parse(f"{today('13:00:30')};DISCONNECT;{conn};0;"))]
+        yield defer.gatherResults([self.ingest.submit(h, self.origin) for h in ends])
+        [ticket] = self.tickets_rows()
+        self.assertEqual(ticket[1], "MISSED CALLS (2x) - +302101234567")
+        self.assertEqual({c[7] for c in self.calls()}, {str(ticket[0])})
+
+
+class WithheldTicketTests(IngestTestCase):
+    tickets = replace(TicketSettings(), withheld=True)
+
+    @defer.inlineCallbacks
+    def test_withheld_calls_get_their_own_tickets_when_configured(self) -> Any:
+        yield self.lines(*self.missed(0, "", "14:00:00", "14:00:30"))
+        yield self.lines(*self.missed(0, "", "14:01:00", "14:01:30"))
+        self.assertEqual([t[1] for t in self.tickets_rows()],
+                         ["MISSED CALL - withheld number"] * 2)
+
+
+class RecoveryTests(IngestTestCase):
+    @defer.inlineCallbacks
+    def test_calls_left_open_are_closed_at_start_and_recovered_by_a_late_disconnect(
+        self,
+    ) -> Any:
+        yield self.lines(f"{today('15:00:00')};RING;2;2101234567;7654321;SIP0;")
+        closed = yield defer.Deferred.fromCoroutine(self.ingest.close_open_calls(
+            "office", "dpvoip restarted", datetime.now(UTC)))
+        self.assertEqual(closed, 1)
+        [call] = self.calls()
+        self.assertEqual((call[3], call[5]), ("failed", "interrupted: dpvoip restarted"))
+        # After the restart the box sends the DISCONNECT of a call this process never saw.
+        self.tracker = CallTracker(self.rules)
+        yield self.lines(f"{today('15:00:40')};DISCONNECT;2;0;")
+        [call] = self.calls()
+        self.assertEqual((call[3], call[5]), ("missed", "missed: recovered after a reconnect"))
+        self.assertEqual(len(self.tickets_rows()), 1)
+
+    @defer.inlineCallbacks
+    def test_an_unknown_disconnect_with_nothing_to_close_is_an_orphan(self) -> Any:
+        yield self.lines(f"{today('16:00:00')};DISCONNECT;7;12;")
+        self.assertEqual(self.calls(), [])
+        self.assertEqual(self.ingest.counters.orphans, 1)
+
+    @defer.inlineCallbacks
+    def test_an_interrupted_call_is_never_ticketed(self) -> Any:
+        yield self.lines(f"{today('16:00:00')};RING;0;2101234567;7654321;SIP0;")
+        for end in self.tracker.close_all("monitor connection lost", datetime.now(UTC)):
+            assert isinstance(end, Ended) and end.outcome is Outcome.INTERRUPTED
+            yield self.ingest.submit(end, self.origin)
+        self.assertEqual(self.calls()[0][3:6],
+                         ("failed", 0, "interrupted: monitor connection lost"))
+        self.assertEqual(self.tickets_rows(), [])
+
+
+class NewestCrmTests(IngestTestCase):
+    crm_version = "2026-08"
+
+    @defer.inlineCallbacks
+    def test_call_log_lines_fill_the_newer_columns_and_events_are_published(self) -> Any:
+        client = self.crm.client("Client", kinito_tilefono="6912345678")
+        yield self.build_directory()
+        listener = psycopg2.connect(self.dsn)
+        listener.autocommit = True
+        self.addCleanup(listener.close)
+        listener.cursor().execute("LISTEN dpvoip_calls")
+        yield self.lines(*self.missed(0, "6912345678", "17:00:00", "17:00:30"))
+        rows = self.crm.query("SELECT action, call_reference, phone_number, client_id"
+                              " FROM accounting_voipcalllog ORDER BY id")
+        started = datetime.strptime(today("17:00:00"), "%d.%m.%y %H:%M:%S")
+        identity = f"fb-office-{started:%Y%m%d%H%M%S}-0"
+        self.assertEqual({r[1:] for r in rows}, {(identity, "+306912345678", client)})
+        self.assertEqual([r[0] for r in rows],
+                         ["started", "client_matched", "ended", "ticket_created"])
+        select.select([listener], [], [], 2)
+        listener.poll()
+        events = [n.payload for n in listener.notifies]
+        self.assertEqual(len(events), 3)
+        self.assertIn('"event": "started"', events[0])
+        self.assertIn('"event": "ticket_created"', events[2])
