@@ -13,7 +13,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -26,10 +26,10 @@ from twisted.python.failure import Failure
 
 from dpvoip.callmonitor import BadLine, parse
 from dpvoip.config import FritzBoxSettings
-from dpvoip.ingest import Ingest, Origin
+from dpvoip.ingest import Origin
 from dpvoip.numbers import Dialling, normalise
 from dpvoip.protocols.callmonitor import CallMonitorProtocol
-from dpvoip.tracker import BoxRules, CallTracker
+from dpvoip.tracker import BoxRules, CallTracker, Happening
 
 log = Logger(namespace="dpvoip.fritzbox")
 
@@ -37,6 +37,14 @@ log = Logger(namespace="dpvoip.fritzbox")
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 10, 3
 #: A box clock this far from ours is worth a warning (wrong zone, or just rebooted).
 CLOCK_SKEW_WARNING = 300.0
+
+
+class Recorder(Protocol):
+    """What a box needs of the ingest entry point (the real ``Ingest``, or a test's fake)."""
+
+    def submit(self, happening: Happening, origin: Origin) -> Deferred[None]: ...
+
+    async def close_open_calls(self, box: str, reason: str, at: datetime) -> int: ...
 
 
 @dataclass
@@ -84,7 +92,7 @@ def rules_for(settings: FritzBoxSettings, own_numbers: frozenset[str]) -> BoxRul
 class FritzBox:
     """A box's lines become happenings for the ingest; its status is kept here."""
 
-    def __init__(self, settings: FritzBoxSettings, ingest: Ingest, clock: IReactorTime,
+    def __init__(self, settings: FritzBoxSettings, ingest: Recorder, clock: IReactorTime,
                  own_numbers: frozenset[str]) -> None:
         self.settings = settings
         self._ingest = ingest
@@ -165,7 +173,8 @@ class FritzBox:
 def keepalive(protocol: IProtocol) -> None:
     """prepareConnection: short TCP keepalive timers on the box's socket."""
     transport: Any = getattr(protocol, "transport", None)
-    handle = transport.getHandle() if transport is not None else None
+    get_handle = getattr(transport, "getHandle", None)
+    handle = get_handle() if get_handle is not None else None
     if handle is None or not hasattr(handle, "setsockopt"):
         return
     handle.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

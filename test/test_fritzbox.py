@@ -1,0 +1,251 @@
+"""The Fritz!Box connection: framing, bad lines, the newline keepalive, TCP keepalive on
+a real socket, and connection faults with a Clock (refused, reset, peer close, back-off
+cap, never giving up, orphans closed on reconnect)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from twisted.internet import defer, error, protocol, reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocol, IProtocolFactory
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from dpvoip.config import FritzBoxSettings
+from dpvoip.fritzbox import (
+    KEEPALIVE_COUNT,
+    KEEPALIVE_IDLE,
+    KEEPALIVE_INTERVAL,
+    FritzBox,
+    FritzBoxService,
+    keepalive,
+    retry_policy,
+)
+from dpvoip.ingest import Origin
+from dpvoip.outcomes import Outcome
+from dpvoip.protocols.callmonitor import MAX_LINE, CallMonitorProtocol
+from dpvoip.tracker import Ended, Happening, Started
+
+RING = b"17.06.20 10:28:29;RING;0;07191952123;69123;SIP0;"
+DISCONNECT = b"17.06.20 10:28:40;DISCONNECT;0;0;"
+
+
+class FakeIngest:
+    """Records what the box hands to the ingest entry point."""
+
+    def __init__(self) -> None:
+        self.happenings: list[Happening] = []
+        self.closed_at_start: list[str] = []
+
+    def submit(self, happening: Happening, origin: Origin) -> Deferred[None]:
+        self.happenings.append(happening)
+        return defer.succeed(None)
+
+    async def close_open_calls(self, box: str, reason: str, at: datetime) -> int:
+        self.closed_at_start.append(f"{box}: {reason}")
+        return 0
+
+
+def make_box(clock: Clock, **settings: Any) -> tuple[FritzBox, FakeIngest]:
+    ingest = FakeIngest()
+    box = FritzBox(replace(FritzBoxSettings(), **settings), ingest, clock, frozenset())
+    return box, ingest
+
+
+def connect(box: FritzBox, clock: Clock, newline_every: float = 0.0
+            ) -> tuple[CallMonitorProtocol, StringTransport]:
+    wire = CallMonitorProtocol(box, clock, newline_every)
+    transport = StringTransport()
+    wire.makeConnection(transport)
+    return wire, transport
+
+
+class FramingTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_592_382_509)  # 2020-06-17 08:28:29 UTC, the box's 10:28:29
+        self.box, self.ingest = make_box(self.clock)
+        self.wire, self.transport = connect(self.box, self.clock)
+
+    def started(self) -> list[Started]:
+        return [h for h in self.ingest.happenings if isinstance(h, Started)]
+
+    def test_crlf_lf_split_and_joined_segments_all_arrive_whole(self) -> None:
+        for chunk in [RING[:10], RING[10:33], RING[33:] + b"\r", b"\n" + DISCONNECT + b"\n",
+                      RING.replace(b";0;", b";1;", 1) + b"\r\n" + b"\r\n" + b"\n"]:
+            self.wire.dataReceived(chunk)
+        kinds = [type(h).__name__ for h in self.ingest.happenings]
+        self.assertEqual(kinds, ["Started", "Ended", "Started"])
+        self.assertEqual(self.box.status.bad_lines, 0)
+        self.assertEqual(self.box.status.lines, 5)  # empty lines are counted, not events
+
+    def test_a_call_of_one_segment_is_complete(self) -> None:
+        # The replaced script lost every call whose RING and DISCONNECT shared a segment.
+        self.wire.dataReceived(RING + b"\r\n" + DISCONNECT + b"\r\n")
+        [end] = [h for h in self.ingest.happenings if isinstance(h, Ended)]
+        self.assertEqual(end.outcome, Outcome.MISSED)
+
+    def test_bad_lines_are_counted_and_skipped(self) -> None:
+        self.wire.dataReceived(b"garbage\r\n17.06.20 10:28:29;RING;x;1;2;\r\n\xff\xfe;;\r\n")
+        self.wire.dataReceived(RING + b"\r\n")
+        self.assertEqual(self.box.status.bad_lines, 3)
+        self.assertEqual(len(self.started()), 1)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_invalid_utf8_is_replaced_line_by_line(self) -> None:
+        self.wire.dataReceived(RING.replace(b"SIP0", b"SIP\xe9") + b"\r\n")
+        [started] = self.started()
+        self.assertEqual(started.line, "SIP\ufffd")
+
+    def test_an_over_long_line_drops_the_connection(self) -> None:
+        self.wire.dataReceived(b"x" * (MAX_LINE + 10))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.box.status.long_lines, 1)
+
+    def test_the_optional_newline_keepalive(self) -> None:
+        box, _ = make_box(self.clock)
+        wire, transport = connect(box, self.clock, newline_every=120)
+        self.clock.advance(119)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(1)
+        self.assertEqual(transport.value(), b"\n")
+        wire.connectionLost(Failure(error.ConnectionDone()))
+        self.clock.advance(600)
+        self.assertEqual(transport.value(), b"\n", "no keepalive after the connection is gone")
+
+
+class FakeEndpoint:
+    """An endpoint whose connection attempts the test answers: refuse, or accept."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[Deferred[IProtocol], IProtocolFactory]] = []
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        attempt: Deferred[IProtocol] = Deferred()
+        self.attempts.append((attempt, factory))
+        return attempt
+
+    def refuse(self) -> None:
+        attempt, _ = self.attempts[-1]
+        attempt.errback(error.ConnectionRefusedError())
+
+    def accept(self) -> tuple[Any, StringTransport]:
+        """The protocol as ClientService wraps it (its proxy sees connectionLost too)."""
+        attempt, factory = self.attempts[-1]
+        wire: Any = factory.buildProtocol(None)
+        transport = StringTransport()
+        wire.makeConnection(transport)
+        attempt.callback(wire)
+        return wire, transport
+
+
+class ConnectionFaultTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.box, self.ingest = make_box(self.clock, name="office")
+        self.endpoint = FakeEndpoint()
+        self.service = FritzBoxService(
+            self.box, self.clock, lambda: defer.succeed(None), endpoint=self.endpoint,
+            retry=retry_policy(initial=1.0, cap=60.0),
+        )
+        self.service.startService()
+
+    def tearDown(self) -> None:
+        self.service.stopService()
+
+    def test_calls_left_by_the_last_run_are_closed_before_connecting(self) -> None:
+        self.assertEqual(self.ingest.closed_at_start, ["office: dpvoip restarted"])
+        self.assertEqual(len(self.endpoint.attempts), 1)
+
+    def test_refused_a_thousand_times_backs_off_to_the_cap_and_never_gives_up(self) -> None:
+        delays = []
+        for _ in range(1000):
+            self.endpoint.refuse()
+            pending = self.clock.getDelayedCalls()
+            self.assertEqual(len(pending), 1, "one timer while waiting: no busy loop")
+            delay = pending[0].getTime() - self.clock.seconds()
+            delays.append(delay)
+            self.clock.advance(delay)
+        self.assertEqual(len(self.endpoint.attempts), 1001)
+        self.assertLess(delays[0], 3)
+        self.assertTrue(all(d <= 61 for d in delays), "capped at 60 s plus < 1 s of jitter")
+        self.assertGreater(min(delays[20:]), 30, "capped, not reset")
+        # An hour off, then the box is back.
+        self.endpoint.accept()
+        self.assertTrue(self.box.status.connected)
+
+    def test_a_peer_close_or_reset_reconnects_and_closes_open_calls_as_orphans(self) -> None:
+        wire, _ = self.endpoint.accept()
+        wire.dataReceived(RING + b"\r\n")
+        self.assertEqual(self.box.tracker.open_calls, 1)
+        for reason in (error.ConnectionDone(), error.ConnectionLost()):
+            wire.connectionLost(Failure(reason))
+            self.assertFalse(self.box.status.connected)
+            self.clock.advance(61)
+            wire, _ = self.endpoint.accept()
+            self.assertTrue(self.box.status.connected)
+        orphans = [h for h in self.ingest.happenings if isinstance(h, Ended)]
+        self.assertEqual([(o.outcome, o.notes) for o in orphans],
+                         [(Outcome.INTERRUPTED, "interrupted: monitor connection lost")])
+        self.assertEqual(self.box.status.reconnects, 2)
+        self.assertEqual(self.box.tracker.open_calls, 0)
+
+    def test_status_reports_since_when_and_the_last_line(self) -> None:
+        self.clock.advance(1000)
+        wire, _ = self.endpoint.accept()
+        self.clock.advance(5)
+        wire.dataReceived(RING + b"\r\n")
+        state = self.box.status.as_json(self.box.tracker.open_calls)
+        self.assertEqual(state["connected"], True)
+        self.assertEqual(state["since"], "1970-01-01T00:16:40+00:00")
+        self.assertEqual(state["last_line"], "1970-01-01T00:16:45+00:00")
+        self.assertEqual((state["lines"], state["open_calls"], state["reconnects"]), (1, 1, 0))
+
+
+class Accept(protocol.Protocol):
+    pass
+
+
+class TcpKeepaliveTests(TestCase):
+    @defer.inlineCallbacks
+    def test_every_connection_gets_short_keepalive_timers(self) -> Any:
+        server = protocol.ServerFactory()
+        server.protocol = Accept
+        port = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        connected: Deferred[protocol.Protocol] = Deferred()
+
+        class Client(protocol.Protocol):
+            def connectionMade(self) -> None:
+                connected.callback(self)
+
+        factory = protocol.ClientFactory()
+        factory.protocol = Client
+        address: Any = port.getHost()
+        reactor.connectTCP("127.0.0.1", address.port, factory)
+        client = yield connected
+        keepalive(client)
+        handle = client.transport.getHandle()  # type: ignore[union-attr]
+        self.assertEqual(handle.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+        self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                         KEEPALIVE_IDLE)
+        self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                         KEEPALIVE_INTERVAL)
+        self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                         KEEPALIVE_COUNT)
+        # A dead peer is noticed within idle + interval x count.
+        self.assertLessEqual(KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT, 90)
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        yield defer.Deferred.fromCoroutine(_settle())
+
+
+async def _settle() -> None:
+    from twisted.internet.task import deferLater
+
+    await deferLater(reactor, 0.05, lambda: None)
