@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from twisted.internet import defer, error, protocol, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocol, IProtocolFactory
 from twisted.internet.task import Clock
@@ -138,7 +139,7 @@ class FakeEndpoint:
     def accept(self) -> tuple[Any, StringTransport]:
         """The protocol as ClientService wraps it (its proxy sees connectionLost too)."""
         attempt, factory = self.attempts[-1]
-        wire: Any = factory.buildProtocol(None)
+        wire: Any = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1012))
         transport = StringTransport()
         wire.makeConnection(transport)
         attempt.callback(wire)
@@ -231,7 +232,7 @@ class TcpKeepaliveTests(TestCase):
         reactor.connectTCP("127.0.0.1", address.port, factory)
         client = yield connected
         keepalive(client)
-        handle = client.transport.getHandle()  # type: ignore[union-attr]
+        handle = client.transport.getHandle()
         self.assertEqual(handle.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
         self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
                          KEEPALIVE_IDLE)
@@ -241,7 +242,7 @@ class TcpKeepaliveTests(TestCase):
                          KEEPALIVE_COUNT)
         # A dead peer is noticed within idle + interval x count.
         self.assertLessEqual(KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT, 90)
-        client.transport.loseConnection()  # type: ignore[union-attr]
+        client.transport.loseConnection()
         yield defer.Deferred.fromCoroutine(_settle())
 
 
