@@ -196,12 +196,33 @@ def cmd_check(args: argparse.Namespace) -> int:
                 "SELECT source, count(*) FROM dpvoip.directory_entry GROUP BY source"))
             shown = ", ".join(f"{k} {counts[k]}" for k in sorted(counts)) or "not built yet"
             print(f"directory: {sum(counts.values())} numbers indexed ({shown})")
-        boxes = ", ".join(f"{b.name} at {b.host}:{b.port}" for b in config.fritzbox) or "none"
-        print(f"Fritz!Boxes configured: {boxes}")
+        reports: dict[str, tuple[Any, ...]] = {}
+        if version >= 5:
+            rows = await store.read(
+                "SELECT box, connected, since, last_line_at, reconnects, bad_lines,"
+                " extract(epoch FROM now() - reported_at) FROM dpvoip.box_status")
+            reports = {row[0]: row[1:] for row in rows}
+        if not config.fritzbox:
+            print("Fritz!Boxes: none configured")
+        for box in config.fritzbox:
+            print(f"Fritz!Box {box.name} ({box.host}:{box.port}): "
+                  + _box_line(reports.get(box.name)))
         blocking = problems and not (config.standalone and not present)
         return 1 if blocking else 0
 
     return _with_database(config, work)
+
+
+def _box_line(report: tuple[Any, ...] | None) -> str:
+    if report is None:
+        return "no state reported yet (is the daemon running?)"
+    connected, since, last_line, reconnects, bad_lines, age = report
+    when = since.strftime("%Y-%m-%d %H:%M:%S %Z") if since else "never"
+    state = f"connected since {when}" if connected else f"NOT connected (since {when})"
+    last = last_line.strftime("%Y-%m-%d %H:%M:%S %Z") if last_line else "none"
+    stale = f"; last report {age:.0f}s ago: daemon not running?" if age > 30 else ""
+    return (f"{state}, last line {last}, {reconnects} reconnects, {bad_lines} bad lines"
+            f"{stale}")
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:

@@ -17,10 +17,12 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -168,6 +170,56 @@ class FritzBox:
         self.status.since = self._now()
         log.info("box {box}: connection lost ({why})", box=self.settings.name,
                  why=reason.getErrorMessage())
+
+
+class BoxStatusReporter(Service):
+    """Writes every box's state to ``dpvoip.box_status`` every few seconds, so that
+    ``dpvoip check`` (another process) can tell. Best effort: a failed write is retried
+    at the next tick."""
+
+    name = "box status"
+
+    def __init__(self, boxes: list[FritzBox], store: Any, clock: IReactorTime,
+                 every: float = 5.0) -> None:
+        self._boxes = boxes
+        self._store = store
+        self._clock = clock
+        self._every = every
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self._boxes:
+            self._loop = LoopingCall(self.report)
+            self._loop.clock = self._clock
+            self._loop.start(self._every, now=False)
+
+    def report(self) -> Deferred[None]:
+        async def write(cursor: Any) -> None:
+            for box in self._boxes:
+                s = box.status
+                await cursor.execute(
+                    "INSERT INTO dpvoip.box_status (box, host, port, connected, since,"
+                    " last_line_at, reconnects, lines, bad_lines, open_calls, reported_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())"
+                    " ON CONFLICT (box) DO UPDATE SET host = EXCLUDED.host, port ="
+                    " EXCLUDED.port, connected = EXCLUDED.connected, since = EXCLUDED.since,"
+                    " last_line_at = EXCLUDED.last_line_at, reconnects = EXCLUDED.reconnects,"
+                    " lines = EXCLUDED.lines, bad_lines = EXCLUDED.bad_lines,"
+                    " open_calls = EXCLUDED.open_calls, reported_at = now()",
+                    (s.name, s.host, s.port, s.connected, s.since, s.last_line_at,
+                     s.reconnects, s.lines, s.bad_lines, box.tracker.open_calls),
+                )
+
+        written: Deferred[None] = self._store.write(write)
+        written.addErrback(lambda _: None)
+        return written
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return None
 
 
 def keepalive(protocol: IProtocol) -> None:

@@ -29,7 +29,7 @@ from dpvoip.directory import Match
 from dpvoip.directory_index import DirectoryIndex
 from dpvoip.numbers import Dialling, is_withheld, normalise
 from dpvoip.outcomes import Outcome, notes, talk_time
-from dpvoip.store import Store
+from dpvoip.store import Batch, Store
 from dpvoip.texts import Texts, grouped_title, missed_title
 from dpvoip.tracker import (
     Answered,
@@ -134,39 +134,41 @@ class Ingest:
             self.counters.failures += 1
             raise
 
-    # -- the CRM's call log ------------------------------------------------------------------
+    # -- SQL fragments ---------------------------------------------------------------------
 
     @property
     def _capabilities(self) -> CrmCapabilities:
         schema = self._store.schema
         return schema.crm if schema is not None else CrmCapabilities()
 
-    async def _log(self, cursor: Any, row: tuple[int, str, str, int | None], action: str,
-                   description: str) -> None:
-        """One line of the CRM's call log; fills the 2026-08 CRM's extra columns."""
-        row_id, reference, phone, client_id = row
-        columns = ["action", "description", "created_at", "call_id"]
-        values: list[Any] = [action, description, row_id]
+    def _log_lines(self, call: str, count: int) -> str:
+        """INSERT of ``count`` call-log lines for the call row of CTE ``call`` (id, call_id,
+        phone_number, client_id); fills the 2026-08 CRM's extra columns when present.
+        Parameters: action, description per line."""
         capabilities = self._capabilities
+        columns, values = [], []
         if capabilities.call_log_client_id:
             columns.append("client_id")
-            values.append(client_id)
+            values.append("c.client_id")
         if capabilities.call_log_call_reference:
             columns.append("call_reference")
-            values.append(reference)
+            values.append("c.call_id")
         if capabilities.call_log_phone_number:
             columns.append("phone_number")
-            values.append(phone)
-        placeholders = ["%s", "%s", "now()", *(["%s"] * (len(columns) - 3))]
-        await cursor.execute(
-            f"INSERT INTO {self._crm}.accounting_voipcalllog ({', '.join(columns)})"
-            f" VALUES ({', '.join(placeholders)})",
-            values,
+            values.append("c.phone_number")
+        extra_columns = "".join(", " + column for column in columns)
+        extra_values = "".join(", " + value for value in values)
+        lines = ", ".join(["(%s, %s, " + str(n) + ")" for n in range(count)])
+        return (
+            f"INSERT INTO {self._crm}.accounting_voipcalllog (action, description, created_at,"
+            f" call_id{extra_columns}) SELECT v.action, v.description, now(), c.id{extra_values}"
+            f" FROM {call} c CROSS JOIN (VALUES {lines}) AS v(action, description, n)"
+            " ORDER BY v.n"
         )
 
-    async def _notify(self, cursor: Any, event: str, call_id: str, **fields: Any) -> None:
-        payload = json.dumps({"event": event, "call_id": call_id, **fields}, default=str)
-        await cursor.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
+    @staticmethod
+    def _payload(event: str, call_id: str, **fields: Any) -> str:
+        return json.dumps({"event": event, "call_id": call_id, **fields}, default=str)
 
     # -- happenings --------------------------------------------------------------------------
 
@@ -176,52 +178,47 @@ class Ingest:
         phone = "" if started.hairpin else remote_column(started.remote, number)
         client = match.client if match else None
         person = match.person if match else None
-
-        async def write(cursor: Any) -> bool:
-            await cursor.execute(
-                f"INSERT INTO {self._crm}.accounting_voipcall (call_id, direction,"
-                " phone_number, status, started_at, ended_at, duration_seconds, notes,"
-                " ticket_created, ticket_id, created_at, updated_at, client_id, client_email,"
-                " resolution) VALUES (%s, %s, %s, 'active', %s, NULL, 0, %s, false, NULL,"
-                " now(), now(), %s, %s, 'pending') ON CONFLICT (call_id) DO NOTHING"
-                " RETURNING id",
-                (started.call_id, started.direction, phone, started.at,
-                 "internal call to an own number" if started.hairpin else "",
-                 client.id if client else None, client.email if client else None),
-            )
-            inserted = cursor.fetchone()
-            if inserted is None:
-                return False  # a replay: the call is there already
-            row = (inserted[0], started.call_id, phone, client.id if client else None)
-            await cursor.execute(
-                "INSERT INTO dpvoip.call_detail (call_id, source, box, conn_id, direction,"
-                " remote_raw, remote_number, own_number, line, extension, started_at,"
-                " client_id, contact_id, lead_id, deal_id, hairpin) VALUES (%s, %s, %s, %s,"
-                " %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (call_id) DO NOTHING",
-                (started.call_id, origin.source, started.box, started.conn_id,
-                 started.direction, started.remote, number, started.own_number, started.line,
-                 started.extension, started.at, client.id if client else None,
-                 person.id if person and person.kind == "contact" else None,
-                 person.id if person and person.kind == "lead" else None,
-                 match.deal.id if match and match.deal else None, started.hairpin),
-            )
-            shown = phone or self._texts("withheld")
-            name = match.display_name if match else self._texts("unknown")
-            await self._log(cursor, row, "started",
-                            self._texts(f"started_{started.direction}", number=shown,
-                                        name=name))
-            if match is not None:
-                await self._log(cursor, row, "client_matched", self._matched_text(match))
-            await self._notify(cursor, "started", started.call_id, direction=started.direction,
-                               number=phone, name=match.display_name if match else None,
-                               box=started.box)
-            return True
-
-        if await self._store.write(write):
+        shown = phone or self._texts("withheld")
+        name = match.display_name if match else self._texts("unknown")
+        logs: list[str] = ["started", self._texts(f"started_{started.direction}",
+                                                  number=shown, name=name)]
+        if match is not None:
+            logs += ["client_matched", self._matched_text(match)]
+        statement = (
+            f"WITH call AS (INSERT INTO {self._crm}.accounting_voipcall (call_id, direction,"
+            " phone_number, status, started_at, ended_at, duration_seconds, notes,"
+            " ticket_created, ticket_id, created_at, updated_at, client_id, client_email,"
+            " resolution) VALUES (%s, %s, %s, 'active', %s, NULL, 0, %s, false, NULL,"
+            " now(), now(), %s, %s, 'pending') ON CONFLICT (call_id) DO NOTHING"
+            " RETURNING id, call_id, phone_number, client_id),"
+            " detail AS (INSERT INTO dpvoip.call_detail (call_id, source, box, conn_id,"
+            " direction, remote_raw, remote_number, own_number, line, extension, started_at,"
+            " client_id, contact_id, lead_id, deal_id, hairpin) SELECT c.call_id, %s, %s, %s,"
+            " %s, %s, %s, %s, %s, %s, %s, c.client_id, %s, %s, %s, %s FROM call c"
+            " ON CONFLICT (call_id) DO NOTHING),"
+            f" logs AS ({self._log_lines('call', len(logs) // 2)}),"
+            " note AS (SELECT pg_notify(%s, %s) FROM call)"
+            " SELECT c.id, (SELECT count(*) FROM note) FROM call c"
+        )
+        params = (
+            started.call_id, started.direction, phone, started.at,
+            "internal call to an own number" if started.hairpin else "",
+            client.id if client else None, client.email if client else None,
+            origin.source, started.box, started.conn_id, started.direction, started.remote,
+            number, started.own_number, started.line, started.extension, started.at,
+            person.id if person and person.kind == "contact" else None,
+            person.id if person and person.kind == "lead" else None,
+            match.deal.id if match and match.deal else None, started.hairpin,
+            *logs,
+            NOTIFY_CHANNEL, self._payload("started", started.call_id,
+                                          direction=started.direction, number=phone,
+                                          name=match.display_name if match else None,
+                                          box=started.box),
+        )
+        if await self._store.write_one(statement, params):
             self.counters.calls_started += 1
         else:
-            self.counters.replays_ignored += 1
+            self.counters.replays_ignored += 1  # the call is there already
 
     def _matched_text(self, match: Match) -> str:
         if match.client is not None:
@@ -233,204 +230,210 @@ class Ingest:
         return self._texts("client_matched", kind="company", name=match.company_name or "",
                            id="-")
 
-    async def _call_row(self, cursor: Any, call_id: str) -> tuple[int, str, str, int | None]:
-        await cursor.execute(
-            f"SELECT id, call_id, phone_number, client_id FROM {self._crm}.accounting_voipcall"
-            " WHERE call_id = %s",
-            (call_id,),
+    def _detail_change(self, assignment: str, condition: str, log: str) -> str:
+        """One statement: change the detail row if it changes, log it, publish it."""
+        return (
+            f"WITH changed AS (UPDATE dpvoip.call_detail SET {assignment}, updated_at = now()"
+            f" WHERE call_id = %s AND {condition} RETURNING call_id),"
+            f" call AS (SELECT v.id, v.call_id, v.phone_number, v.client_id FROM"
+            f" {self._crm}.accounting_voipcall v JOIN changed USING (call_id)),"
+            f" logs AS ({log}),"
+            " note AS (SELECT pg_notify(%s, %s) FROM call)"
+            " SELECT c.id, (SELECT count(*) FROM note) FROM call c"
         )
-        found = cursor.fetchone()
-        if found is None:
-            raise LookupError(f"call {call_id} has no row")
-        return (found[0], found[1], found[2], found[3])
 
     async def _answered(self, answered: Answered) -> None:
-        async def write(cursor: Any) -> None:
-            await cursor.execute(
-                "UPDATE dpvoip.call_detail SET extension = %s, answered_at ="
-                " coalesce(answered_at, %s), updated_at = now() WHERE call_id = %s"
-                " AND ended_at IS NULL AND extension IS DISTINCT FROM %s RETURNING call_id",
-                (answered.extension, answered.at, answered.call_id, answered.extension),
-            )
-            if cursor.fetchone() is None:
-                self.counters.replays_ignored += 1
-                return
-            row = await self._call_row(cursor, answered.call_id)
-            key = "transferred" if answered.transfer else "answered"
-            await self._log(cursor, row, "status_changed",
-                            self._texts(key, extension=answered.extension))
-            await self._notify(cursor, "answered", answered.call_id,
-                               extension=answered.extension)
-
-        await self._store.write(write)
+        key = "transferred" if answered.transfer else "answered"
+        statement = self._detail_change(
+            "extension = %s, answered_at = coalesce(answered_at, %s)",
+            "ended_at IS NULL AND extension IS DISTINCT FROM %s",
+            self._log_lines("call", 1),
+        )
+        rows = await self._store.write_one(statement, (
+            answered.extension, answered.at, answered.call_id, answered.extension,
+            "status_changed", self._texts(key, extension=answered.extension),
+            NOTIFY_CHANNEL, self._payload("answered", answered.call_id,
+                                          extension=answered.extension),
+        ))
+        if not rows:
+            self.counters.replays_ignored += 1
 
     async def _forwarded(self, forwarded: Forwarded) -> None:
-        async def write(cursor: Any) -> None:
-            await cursor.execute(
-                "UPDATE dpvoip.call_detail SET forwarded_to = %s, updated_at = now()"
-                " WHERE call_id = %s AND forwarded_to IS DISTINCT FROM %s RETURNING call_id",
-                (forwarded.to_number, forwarded.call_id, forwarded.to_number),
-            )
-            if cursor.fetchone() is None:
-                return
-            row = await self._call_row(cursor, forwarded.call_id)
-            await self._log(cursor, row, "status_changed",
-                            self._texts("forwarded", number=forwarded.to_number))
+        statement = self._detail_change(
+            "forwarded_to = %s", "forwarded_to IS DISTINCT FROM %s", self._log_lines("call", 1)
+        )
+        await self._store.write_one(statement, (
+            forwarded.to_number, forwarded.call_id, forwarded.to_number,
+            "status_changed", self._texts("forwarded", number=forwarded.to_number),
+            NOTIFY_CHANNEL, self._payload("forwarded", forwarded.call_id),
+        ))
 
-        await self._store.write(write)
+    def _finish_statement(self, recovering: bool, lock: bool) -> str:
+        """Finalise the call row and its detail, log and publish it; with ``lock``, also
+        take the ticket lock of its number (so the ticket lookup that follows, in a new
+        statement, sees any ticket another transaction just committed)."""
+        reopen = " OR d.outcome = 'interrupted'" if recovering else ""
+        locking = (
+            " lock AS (SELECT pg_advisory_xact_lock(hashtext('dpvoip-ticket:' || u.number))"
+            " FROM updated u WHERE u.direction = 'incoming' AND u.number IS NOT NULL),"
+            if lock else " lock AS (SELECT 1 WHERE false),"
+        )
+        return (
+            f"WITH updated AS (UPDATE {self._crm}.accounting_voipcall c SET status = %s,"
+            " ended_at = %s, duration_seconds = %s, notes = %s, updated_at = now()"
+            " FROM dpvoip.call_detail d WHERE c.call_id = %s AND d.call_id = c.call_id"
+            f" AND (c.status = 'active'{reopen}) AND d.outcome IS DISTINCT FROM %s"
+            " RETURNING c.id, c.call_id, c.phone_number, c.client_id, d.direction,"
+            " d.remote_number AS number, d.started_at, d.own_number, d.extension),"
+            " detail AS (UPDATE dpvoip.call_detail d SET outcome = %s, ended_at = %s,"
+            " updated_at = now() FROM updated u WHERE d.call_id = u.call_id),"
+            f" logs AS ({self._log_lines('updated', 1)}),"
+            " note AS (SELECT pg_notify(%s, %s) FROM updated),"
+            f"{locking}"
+            " done AS (SELECT (SELECT count(*) FROM note) + (SELECT count(*) FROM lock))"
+            " SELECT u.id, u.call_id, u.phone_number, u.client_id, u.direction, u.number,"
+            " u.started_at, u.own_number, u.extension, (SELECT * FROM done) FROM updated u"
+        )
 
     async def _ended(self, ended: Ended, origin: Origin, recovering: bool = False) -> None:
-        async def write(cursor: Any) -> bool:
-            return await self._finish(cursor, ended, origin, recovering)
+        ticketable = ended.outcome.wants_ticket("incoming")
+        params = (
+            ended.outcome.status, ended.at, ended.duration, ended.notes, ended.call_id,
+            ended.outcome.value, ended.outcome.value, ended.at,
+            "ended", self._texts("ended", notes=ended.notes, talk=talk_time(ended.duration)),
+            NOTIFY_CHANNEL, self._payload("ended", ended.call_id, status=ended.outcome.status,
+                                          outcome=ended.outcome.value,
+                                          duration=ended.duration),
+        )
+        if not ticketable:
+            rows = await self._store.write_one(self._finish_statement(recovering, False),
+                                               params)
+        else:
+            async def steps(batch: Batch) -> list[tuple[Any, ...]]:
+                found = await batch.run(self._finish_statement(recovering, True), params)
+                if found:
+                    await self._ticket(batch, found[0], ended, origin)
+                return found
 
-        if await self._store.write(write):
+            rows = await self._store.batch(steps)
+        if rows:
             self.counters.calls_ended += 1
         else:
             self.counters.replays_ignored += 1
 
-    async def _finish(self, cursor: Any, ended: Ended, origin: Origin,
-                      recovering: bool) -> bool:
-        """Finalise the call row, log it, apply the ticket rule: one transaction."""
-        reopen = " OR d.outcome = 'interrupted'" if recovering else ""
-        await cursor.execute(
-            f"UPDATE {self._crm}.accounting_voipcall c SET status = %s, ended_at = %s,"
-            " duration_seconds = %s, notes = %s, updated_at = now()"
-            " FROM dpvoip.call_detail d WHERE c.call_id = %s AND d.call_id = c.call_id"
-            f" AND (c.status = 'active'{reopen}) AND d.outcome IS DISTINCT FROM %s"
-            " RETURNING c.id, c.phone_number, c.client_id, d.direction, d.remote_number,"
-            " d.started_at, d.own_number, d.extension",
-            (ended.outcome.status, ended.at, ended.duration, ended.notes, ended.call_id,
-             ended.outcome.value),
-        )
-        found = cursor.fetchone()
-        if found is None:
-            return False
-        row_id, phone, client_id, direction, number, started_at, own, extension = found
-        await cursor.execute(
-            "UPDATE dpvoip.call_detail SET outcome = %s, ended_at = %s, updated_at = now()"
-            " WHERE call_id = %s",
-            (ended.outcome.value, ended.at, ended.call_id),
-        )
-        row = (row_id, ended.call_id, phone, client_id)
-        await self._log(cursor, row, "ended", self._texts(
-            "ended", notes=ended.notes, talk=talk_time(ended.duration)))
-        await self._notify(cursor, "ended", ended.call_id, status=ended.outcome.status,
-                           outcome=ended.outcome.value, duration=ended.duration)
-        if ended.outcome.wants_ticket(direction) and (phone or self._tickets.withheld):
-            await self._ticket(cursor, row, number or phone, started_at, own,
-                               extension if extension is not None else ended.extension,
-                               origin)
-        return True
-
-    async def _ticket(self, cursor: Any, row: tuple[int, str, str, int | None], number: str,
-                      started_at: datetime, own_number: str, extension: int | None,
+    async def _ticket(self, batch: Batch, found: tuple[Any, ...], ended: Ended,
                       origin: Origin) -> None:
-        """The missed-call ticket rule of behaviour.md section 5, inside the call's
-        transaction."""
-        row_id, call_id, phone, client_id = row
-        local = started_at.astimezone(self._zone)
-        ticket = None
+        """The missed-call ticket rule of behaviour.md section 5, in the call's transaction:
+        two more statements, the last one committing."""
+        (row_id, call_id, phone, client_id, direction, number, started_at, own_number,
+         extension, _) = found
+        if direction != "incoming" or not (phone or self._tickets.withheld):
+            return
+        if extension is None:
+            extension = ended.extension
+        window_start = started_at - timedelta(hours=self._tickets.group_hours)
+        existing = None
         count = 1
-        if number:
-            await cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
-                                 (f"dpvoip-ticket:{number}",))
-            await cursor.execute(
-                f"SELECT t.id, t.priority FROM dpvoip.call_detail d JOIN {self._crm}"
-                ".accounting_ticket t ON t.id = d.ticket_id WHERE d.remote_number = %s"
-                " AND d.ticket_id IS NOT NULL AND t.status = ANY(%s) AND t.created_at > %s"
-                " ORDER BY t.created_at DESC LIMIT 1 FOR UPDATE OF t",
-                (number, list(_OPEN_TICKET),
-                 started_at - timedelta(hours=self._tickets.group_hours)),
-            )
-            ticket = cursor.fetchone()
-            await cursor.execute(
-                "SELECT count(*) FROM dpvoip.call_detail WHERE remote_number = %s AND"
-                " direction = 'incoming' AND outcome IN ('missed', 'voicemail')"
-                " AND started_at > %s",
-                (number, started_at - timedelta(hours=self._tickets.group_hours)),
-            )
-            count = int(cursor.fetchone()[0])
+        client_name = None
+        assignee_name = self._assignee_name(own_number, extension, origin)
+        facts = await batch.run(
+            f"SELECT (SELECT t.id FROM dpvoip.call_detail d JOIN {self._crm}.accounting_ticket t"
+            " ON t.id = d.ticket_id WHERE %(number)s::text IS NOT NULL"
+            " AND d.remote_number = %(number)s AND d.ticket_id IS NOT NULL"
+            " AND t.status = ANY(%(open)s) AND t.created_at > %(since)s"
+            " ORDER BY t.created_at DESC LIMIT 1),"
+            " (SELECT count(*) FROM dpvoip.call_detail WHERE remote_number = %(number)s"
+            " AND direction = 'incoming' AND outcome IN ('missed', 'voicemail')"
+            " AND started_at > %(since)s),"
+            f" (SELECT eponimia FROM {self._crm}.accounting_clientprofile WHERE id = %(client)s),"
+            f" (SELECT id FROM {self._crm}.auth_user WHERE username = %(user)s AND is_active)",
+            {"number": number, "open": list(_OPEN_TICKET), "since": window_start,
+             "client": client_id, "user": assignee_name},
+        )
+        existing, count, client_name, assignee = facts[0]
+        count = max(1, int(count)) if number else 1
+        if assignee_name and assignee is None:
+            log.warn("ticket assignment: no active CRM user {username!r}",
+                     username=assignee_name)
         shown = phone or self._texts("withheld")
-        if ticket is not None:
-            ticket_id = int(ticket[0])
+        local = started_at.astimezone(self._zone)
+        if existing is not None:
             title = grouped_title(count, shown)
-            priority = "urgent" if count >= self._tickets.urgent_at else ticket[1]
             note = self._texts("ticket_note", time=f"{local:%d/%m %H:%M}", count=count)
-            await cursor.execute(
-                f"UPDATE {self._crm}.accounting_ticket SET title = %s, priority = %s,"
-                " notes = CASE WHEN notes = '' THEN %s ELSE notes || E'\\n' || %s END"
-                " WHERE id = %s",
-                (title, priority, note, note, ticket_id),
+            ticket = (
+                f"UPDATE {self._crm}.accounting_ticket SET title = %(title)s, priority ="
+                " CASE WHEN %(urgent)s THEN 'urgent' ELSE priority END, notes = CASE WHEN"
+                " notes = '' THEN %(note)s ELSE notes || E'\\n' || %(note)s END"
+                " WHERE id = %(existing)s RETURNING id"
             )
             action = "ticket_updated"
             self.counters.tickets_updated += 1
         else:
-            client_name = await self._client_name(cursor, client_id)
             title = missed_title(shown, client_name)
-            description = self._texts(
-                "ticket_description", number=shown,
-                client=f" ({client_name})" if client_name else "",
-                time=f"{local:%d/%m/%Y %H:%M}",
-            )
-            assignee = await self._assignee(cursor, own_number, extension, origin)
-            await cursor.execute(
+            note = ""
+            ticket = (
                 f"INSERT INTO {self._crm}.accounting_ticket (title, description, status,"
-                " priority, notes, created_at, assigned_at, resolved_at, closed_at,"
-                " email_sent, follow_up_scheduled, assigned_to_id, call_id, client_id)"
-                " VALUES (%s, %s, %s, 'high', '', now(), %s, NULL, NULL, false, false, %s,"
-                " %s, %s) RETURNING id",
-                (title, description, "assigned" if assignee else "open",
-                 datetime.now(self._zone) if assignee else None, assignee, row_id,
-                 client_id),
+                " priority, notes, created_at, assigned_at, resolved_at, closed_at, email_sent,"
+                " follow_up_scheduled, assigned_to_id, call_id, client_id) VALUES (%(title)s,"
+                " %(description)s, CASE WHEN %(assignee)s::integer IS NULL THEN 'open'"
+                " ELSE 'assigned' END, 'high', '', now(), CASE WHEN %(assignee)s::integer"
+                " IS NULL THEN NULL ELSE now() END, NULL, NULL, false, false, %(assignee)s,"
+                " %(row)s, %(client)s) RETURNING id"
             )
-            ticket_id = int(cursor.fetchone()[0])
             action = "ticket_created"
             self.counters.tickets_created += 1
-        await cursor.execute(
-            f"UPDATE {self._crm}.accounting_voipcall SET ticket_created = true,"
-            " ticket_id = %s, updated_at = now() WHERE id = %s",
-            (str(ticket_id), row_id),
+        template = self._texts(action, id="{id}", title=title)
+        await batch.run(
+            f"WITH ticket AS ({ticket}),"
+            f" call AS (UPDATE {self._crm}.accounting_voipcall v SET ticket_created = true,"
+            " ticket_id = t.id::text, updated_at = now() FROM ticket t WHERE v.id = %(row)s"
+            " RETURNING v.id, v.call_id, v.phone_number, v.client_id, t.id AS ticket),"
+            " detail AS (UPDATE dpvoip.call_detail d SET ticket_id = c.ticket FROM call c"
+            " WHERE d.call_id = c.call_id),"
+            f" logs AS (INSERT INTO {self._crm}.accounting_voipcalllog (action, description,"
+            f" created_at, call_id{self._log_extra_columns()}) SELECT %(action)s,"
+            " replace(%(template)s, '{id}', c.ticket::text), now(),"
+            f" c.id{self._log_extra_values()} FROM call c),"
+            " note AS (SELECT pg_notify(%(channel)s, json_build_object('event', %(action)s,"
+            " 'call_id', c.call_id, 'ticket_id', c.ticket)::text) FROM call c)"
+            " SELECT (SELECT count(*) FROM note)",
+            {"title": title, "urgent": count >= self._tickets.urgent_at, "note": note,
+             "existing": existing, "assignee": assignee, "row": row_id, "client": client_id,
+             "description": self._texts(
+                 "ticket_description", number=shown,
+                 client=f" ({client_name})" if client_name else "",
+                 time=f"{local:%d/%m/%Y %H:%M}"),
+             "action": action, "template": template, "channel": NOTIFY_CHANNEL},
+            last=True,
         )
-        await cursor.execute(
-            "UPDATE dpvoip.call_detail SET ticket_id = %s WHERE call_id = %s",
-            (ticket_id, call_id),
-        )
-        await self._log(cursor, row, action, self._texts(action, id=ticket_id, title=title))
-        await self._notify(cursor, action, call_id, ticket_id=ticket_id)
 
-    async def _client_name(self, cursor: Any, client_id: int | None) -> str | None:
-        if client_id is None:
-            return None
-        await cursor.execute(
-            f"SELECT eponimia FROM {self._crm}.accounting_clientprofile WHERE id = %s",
-            (client_id,),
-        )
-        found = cursor.fetchone()
-        return str(found[0]) if found else None
+    def _log_extra_columns(self) -> str:
+        capabilities = self._capabilities
+        names = [name for name, present in (
+            ("client_id", capabilities.call_log_client_id),
+            ("call_reference", capabilities.call_log_call_reference),
+            ("phone_number", capabilities.call_log_phone_number)) if present]
+        return "".join(", " + name for name in names)
 
-    async def _assignee(self, cursor: Any, own_number: str, extension: int | None,
-                        origin: Origin) -> int | None:
-        """The CRM user a ticket goes to, by the called own number or the extension."""
-        username = None
-        if extension is not None:
-            username = self._tickets.assign_by_extension.get(str(extension))
-        if username is None and own_number:
+    def _log_extra_values(self) -> str:
+        capabilities = self._capabilities
+        names = [value for value, present in (
+            ("c.client_id", capabilities.call_log_client_id),
+            ("c.call_id", capabilities.call_log_call_reference),
+            ("c.phone_number", capabilities.call_log_phone_number)) if present]
+        return "".join(", " + name for name in names)
+
+    def _assignee_name(self, own_number: str, extension: int | None,
+                       origin: Origin) -> str | None:
+        """The CRM username a ticket goes to, by the extension or the called own number."""
+        if extension is not None and str(extension) in self._tickets.assign_by_extension:
+            return self._tickets.assign_by_extension[str(extension)]
+        if own_number:
             wanted = normalise(own_number, origin.where) or own_number
             for configured, user in self._tickets.assign_by_number.items():
                 if (normalise(configured, origin.where) or configured) == wanted:
-                    username = user
-                    break
-        if username is None:
-            return None
-        await cursor.execute(
-            f"SELECT id FROM {self._crm}.auth_user WHERE username = %s AND is_active",
-            (username,),
-        )
-        found = cursor.fetchone()
-        if found is None:
-            log.warn("ticket assignment: no active CRM user {username!r}", username=username)
-            return None
-        return int(found[0])
+                    return user
+        return None
 
     # -- events of calls this process never saw start ----------------------------------------
 

@@ -107,6 +107,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             ON dpvoip.call_detail (remote_number, started_at DESC);
         """,
     ),
+    Migration(
+        5,
+        "Fritz!Box connection states, for dpvoip check",
+        """
+        CREATE TABLE dpvoip.box_status (
+            box text PRIMARY KEY,
+            host text NOT NULL,
+            port integer NOT NULL,
+            connected boolean NOT NULL,
+            since timestamptz,
+            last_line_at timestamptz,
+            reconnects integer NOT NULL,
+            lines bigint NOT NULL,
+            bad_lines bigint NOT NULL,
+            open_calls integer NOT NULL,
+            reported_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 )
 
 

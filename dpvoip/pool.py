@@ -194,7 +194,8 @@ class HealingPool:
                 return connection
         return self._idle.pop()
 
-    def _using(self, work: Callable[[_Connection], Deferred[T]]) -> Deferred[T]:
+    def with_connection(self, work: Callable[[_Connection], Deferred[T]]) -> Deferred[T]:
+        """Run ``work`` with one connection of its own (a live one if there is one)."""
         def run() -> Deferred[T]:
             if self._closed:
                 return defer.fail(ConnectionDead("the pool is closed"))
@@ -209,7 +210,7 @@ class HealingPool:
         return self._semaphore.run(run)
 
     def run_query(self, sql: Any, params: Any = None) -> Deferred[list[tuple[Any, ...]]]:
-        return self._using(lambda c: c.runQuery(sql, params))
+        return self.with_connection(lambda c: c.runQuery(sql, params))
 
     def run_prepared(
         self, name: str, statement: str, params: tuple[Any, ...]
@@ -231,10 +232,10 @@ class HealingPool:
             rows: list[tuple[Any, ...]] = await connection.runQuery(execute, params)
             return rows
 
-        return self._using(lambda c: Deferred.fromCoroutine(run(c)))
+        return self.with_connection(lambda c: Deferred.fromCoroutine(run(c)))
 
     def run_operation(self, sql: str, params: Any = None) -> Deferred[None]:
-        return self._using(lambda c: c.runOperation(sql, params))
+        return self.with_connection(lambda c: c.runOperation(sql, params))
 
     def run_interaction(
         self, interaction: Callable[[Any], Awaitable[T]]
@@ -248,7 +249,7 @@ class HealingPool:
         def transact(cursor: Any) -> Deferred[T]:
             return Deferred.fromCoroutine(_as_coroutine(interaction(cursor)))
 
-        return self._using(lambda c: c.runInteraction(transact))
+        return self.with_connection(lambda c: c.runInteraction(transact))
 
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:

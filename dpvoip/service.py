@@ -27,7 +27,7 @@ from dpvoip.directory_index import DirectoryIndex
 from dpvoip.directory_service import DirectoryService
 from dpvoip.dsn import connection_dsn
 from dpvoip.embedded import EmbeddedPostgres
-from dpvoip.fritzbox import FritzBox, FritzBoxService
+from dpvoip.fritzbox import BoxStatusReporter, FritzBox, FritzBoxService
 from dpvoip.ingest import Ingest
 from dpvoip.migrations import SchemaMismatch, prepare
 from dpvoip.numbers import Dialling, normalise
@@ -277,6 +277,8 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
         box = FritzBox(settings, ingest, reactor, own)
         boxes.append(box)
         FritzBoxService(box, reactor, database.when_prepared).setServiceParent(top)
+    if boxes:
+        BoxStatusReporter(boxes, store, reactor).setServiceParent(top)
 
     async def readiness() -> Readiness:
         state = await store.state()

@@ -111,6 +111,16 @@ class CallTracker:
     def __init__(self, rules: BoxRules) -> None:
         self.rules = rules
         self._open: dict[int, _Open] = {}
+        self._last_identity: dict[int, tuple[str, int]] = {}
+
+    def _identity(self, started: datetime, conn_id: int) -> str:
+        """The call id; a second call on one id within one second (a blocked caller
+        redialling) gets a suffix, the same one when the same lines are replayed."""
+        identity = call_id(self.rules.name, started, conn_id)
+        last, repeats = self._last_identity.get(conn_id, ("", 0))
+        repeats = repeats + 1 if last == identity else 0
+        self._last_identity[conn_id] = (identity, repeats)
+        return f"{identity}-{repeats + 1}" if repeats else identity
 
     @property
     def open_calls(self) -> int:
@@ -157,7 +167,7 @@ class CallTracker:
                 self._open[ring.conn_id] = _Open(leg.call_id, "incoming", ring.at,
                                                  ring.caller, hairpin_of=leg.call_id)
                 return happened
-        identity = call_id(self.rules.name, ring.at, ring.conn_id)
+        identity = self._identity(ring.at, ring.conn_id)
         self._open[ring.conn_id] = _Open(identity, "incoming", ring.at, ring.caller)
         happened.append(Started(identity, self.rules.name, ring.conn_id, "incoming",
                                 ring.caller, ring.called, ring.line, None, at))
@@ -180,7 +190,7 @@ class CallTracker:
             current.forwarded_to = dialled.called
             return [Forwarded(current.call_id, dialled.called, at)]
         happened = self._lost_disconnect(dialled.conn_id, at)
-        identity = call_id(self.rules.name, dialled.at, dialled.conn_id)
+        identity = self._identity(dialled.at, dialled.conn_id)
         hairpin = bool(dialled.called) and self.rules.is_own_number(dialled.called)
         self._open[dialled.conn_id] = _Open(identity, "outgoing", dialled.at, dialled.called,
                                             extension=dialled.extension)

@@ -179,6 +179,15 @@ class OutcomeTests(SynchronousTestCase):
         self.assertEqual([e.outcome for e in ended(happened)], [Outcome.BLOCKED] * 3)
         self.assertEqual(len({e.call_id for e in ended(happened)}), 3)
 
+    def test_redialling_within_one_second_gets_distinct_stable_ids(self) -> None:
+        lines = [line for _ in range(3) for line in (
+            "01.02.24 10:00:00;RING;0;2101234567;7654321;SIP0;",
+            "01.02.24 10:00:00;DISCONNECT;0;0;")]
+        first = [e.call_id for e in ended(Box().feed(*lines))]
+        self.assertEqual(first, ["fb-office-20240201100000-0", "fb-office-20240201100000-0-2",
+                                 "fb-office-20240201100000-0-3"])
+        self.assertEqual([e.call_id for e in ended(Box().feed(*lines))], first)
+
     def test_fax(self) -> None:
         end = self.outcome_of("01.02.24 10:00:00;RING;0;2101234567;7654321;SIP0;",
                               "01.02.24 10:00:05;CONNECT;0;5;2101234567;",

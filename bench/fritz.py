@@ -1,0 +1,210 @@
+"""bench/fritz: the CallMonitor path at load.
+
+    .venv/bin/python -m bench.fritz                   # 1,000,000-entry directory, 50 calls/s
+    .venv/bin/python -m bench.fritz --entries 100000 --rate 50 --seconds 20
+
+Measures, printed as medians of the run:
+- the parser alone, lines per second, beside a bare ``str.split(';')`` of the same lines
+  (the reference);
+- RING received -> call row (with its log lines, match and NOTIFY) committed: p50/p99;
+- DISCONNECT received -> call finalised and its missed-call ticket committed: p50/p99;
+at ``--rate`` calls per second, each a missed call from a number of the directory, sent
+by a fake box over real TCP on loopback into the daemon's own protocol, tracker and ingest,
+against a private PostgreSQL holding ``--entries`` directory entries in the CRM's tables.
+The RSS of this process is printed before and after the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from bench.directory import populate, rss_kib, sample_numbers
+
+LINES = [
+    "17.06.20 10:28:29;RING;0;07191952123;69123;SIP0;",
+    "17.06.20 10:28:43;CONNECT;0;11;07191952123;",
+    "17.06.20 10:30:31;DISCONNECT;0;109;",
+    "17.06.20 10:30:57;CALL;1;11;69123;952123;SIP0;",
+]
+
+
+def parser_rate(seconds: float = 2.0) -> tuple[float, float]:
+    from dpvoip.callmonitor import parse
+
+    def rate(work: Any) -> float:
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            for _ in range(1000):
+                for line in LINES:
+                    work(line)
+            count += 1000 * len(LINES)
+        return count / (time.perf_counter() - started)
+
+    return rate(parse), rate(lambda line: line.split(";"))
+
+
+def percentiles(samples: list[float]) -> str:
+    ordered = sorted(samples)
+    p99 = ordered[max(0, int(len(ordered) * 0.99) - 1)]
+    return (f"p50 {statistics.median(ordered) * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms,"
+            f" max {ordered[-1] * 1000:.2f} ms (n={len(ordered)})")
+
+
+def load(entries: int, rate: float, seconds: float) -> dict[str, Any]:
+    import psycopg2
+    from twisted.internet import defer, protocol, task
+    from twisted.internet.defer import Deferred
+
+    from dpvoip.config import DatabaseSettings, FritzBoxSettings, TicketSettings
+    from dpvoip.directory_index import DirectoryIndex
+    from dpvoip.dsn import connection_dsn
+    from dpvoip.embedded import EmbeddedPostgres
+    from dpvoip.fritzbox import FritzBox
+    from dpvoip.ingest import Ingest
+    from dpvoip.migrations import ddl_text, prepare
+    from dpvoip.numbers import Dialling
+    from dpvoip.pool import HealingPool
+    from dpvoip.protocols.callmonitor import CallMonitorProtocol
+    from dpvoip.store import Store
+    from dpvoip.texts import Texts
+    from dpvoip.tracker import Ended, Started
+
+    folder = Path(tempfile.mkdtemp(prefix="dpvoip-bench-fritz-"))
+    folder.chmod(0o755)
+    cluster = EmbeddedPostgres(folder / "pg")
+    figures: dict[str, Any] = {}
+    try:
+        cluster.start()
+        dsn = cluster.dsn()
+        connection = psycopg2.connect(dsn)
+        connection.autocommit = True
+        connection.cursor().execute(ddl_text("dpeconomy-2025-12.sql"))
+        connection.close()
+        populate(dsn, entries)
+
+        async def run(reactor: Any) -> None:
+            pool = HealingPool(reactor, connection_dsn(dsn, DatabaseSettings()), 8)
+            await pool.start()
+            store = Store(pool, reactor)
+            store.schema = await store.write(
+                lambda c: prepare(c, standalone=False, crm_schema="public"))
+            index = DirectoryIndex(store, "public", Dialling("GR"))
+            await index.build()
+            figures["entries"] = index.state.entries
+            numbers = ["0" + n[3:] if n.startswith("+30") else n
+                       for n in sample_numbers(dsn, 2000)]
+            zone = ZoneInfo("Europe/Athens")
+            ingest = Ingest(store, index, Texts("en"), TicketSettings(), zone)
+            box = FritzBox(replace(FritzBoxSettings(), name="bench"), ingest, reactor,
+                           frozenset())
+            ring_latency: list[float] = []
+            end_latency: list[float] = []
+            received: dict[str, float] = {}
+            original_submit = ingest.submit
+
+            def timed_submit(happening: Any, origin: Any) -> Deferred[None]:
+                began = received.pop("now")
+                done = original_submit(happening, origin)
+
+                def took(result: Any) -> Any:
+                    elapsed = time.perf_counter() - began
+                    if isinstance(happening, Started):
+                        ring_latency.append(elapsed)
+                    elif isinstance(happening, Ended):
+                        end_latency.append(elapsed)
+                    return result
+
+                return done.addBoth(took)
+
+            ingest.submit = timed_submit  # type: ignore[method-assign]
+            original_line = box.line_received
+
+            def timed_line(text: str) -> None:
+                received["now"] = time.perf_counter()
+                original_line(text)
+                received.pop("now", None)
+
+            box.line_received = timed_line  # type: ignore[method-assign]
+
+            listener = protocol.ServerFactory()
+            listener.protocol = lambda: CallMonitorProtocol(box, reactor)  # type: ignore[assignment,misc]
+            port = reactor.listenTCP(0, listener, interface="127.0.0.1")
+
+            client_ready: Deferred[Any] = Deferred()
+
+            class FakeBox(protocol.Protocol):
+                def connectionMade(self) -> None:
+                    client_ready.callback(self)
+
+            sender = protocol.ClientFactory()
+            sender.protocol = FakeBox
+            reactor.connectTCP("127.0.0.1", port.getHost().port, sender)
+            wire = await client_ready
+            figures["rss_before_kib"] = rss_kib()
+            start = datetime.now(zone).replace(tzinfo=None) - timedelta(minutes=5)
+            calls = int(rate * seconds)
+            for n in range(calls):
+                conn = n % 40
+                ring_at = start + timedelta(seconds=n / rate)
+                stamp = f"{ring_at:%d.%m.%y %H:%M:%S}"
+                end_stamp = f"{ring_at + timedelta(seconds=15):%d.%m.%y %H:%M:%S}"
+                caller = random.choice(numbers)  # noqa: S311
+                wire.transport.write(f"{stamp};RING;{conn};{caller};7654321;SIP0;\r\n".encode())
+                reactor.callLater(0.2, wire.transport.write,
+                                  f"{end_stamp};DISCONNECT;{conn};0;\r\n".encode())
+                await task.deferLater(reactor, 1 / rate, lambda: None)
+            await task.deferLater(reactor, 2, lambda: None)
+            while box.pending:
+                await defer.DeferredList(list(box.pending))
+            figures["rss_after_kib"] = rss_kib()
+            figures["ring"] = ring_latency
+            figures["end"] = end_latency
+            figures["tickets"] = ingest.counters.tickets_created + ingest.counters.tickets_updated
+            figures["calls"] = ingest.counters.calls_ended
+            wire.transport.loseConnection()
+            await port.stopListening()
+            pool.close()
+
+        try:
+            task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
+        except SystemExit as exit_:
+            if exit_.code:
+                raise RuntimeError("bench failed") from None
+    finally:
+        cluster.stop(mode="immediate")
+        shutil.rmtree(folder, ignore_errors=True)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--entries", type=int, default=1_000_000)
+    parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    runs = [parser_rate() for _ in range(3)]
+    parsed = statistics.median(r[0] for r in runs)
+    split = statistics.median(r[1] for r in runs)
+    print(f"parser: {parsed:,.0f} lines/s (str.split reference {split:,.0f} lines/s,"
+          f" ratio {parsed / split:.2f})")
+    figures = load(args.entries, args.rate, args.seconds)
+    print(f"load: {figures['calls']} missed calls at {args.rate:g}/s, directory"
+          f" {figures['entries']:,} entries, {figures['tickets']} ticket writes")
+    print(f"RING -> call row committed: {percentiles(figures['ring'])}")
+    print(f"DISCONNECT -> call finalised + ticket committed: {percentiles(figures['end'])}")
+    print(f"RSS: {figures['rss_before_kib'] // 1024} MiB before the load,"
+          f" {figures['rss_after_kib'] // 1024} MiB after")
+
+
+if __name__ == "__main__":
+    main()
