@@ -325,7 +325,7 @@ class Ingest:
                       origin: Origin) -> None:
         """The missed-call ticket rule of behaviour.md section 5, in the call's transaction:
         two more statements, the last one committing."""
-        (row_id, call_id, phone, client_id, direction, number, started_at, own_number,
+        (row_id, _call_id, phone, client_id, direction, number, started_at, own_number,
          extension, _) = found
         if direction != "incoming" or not (phone or self._tickets.withheld):
             return

@@ -10,11 +10,14 @@ connection.
 
 from __future__ import annotations
 
+import itertools
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -211,7 +214,7 @@ class ScenarioTests(SynchronousTestCase):
         # the blocked call: a DISCONNECT;0 sent with no delay after its RING
         self.assertTrue(any(
             prev[1][0] == "RING" and here == (0.0, ["DISCONNECT", prev[1][1], "0"])
-            for prev, here in zip(lines, lines[1:], strict=False)))
+            for prev, here in itertools.pairwise(lines)))
 
 
 # --- timing, with a fake reactor -------------------------------------------------------
@@ -222,12 +225,14 @@ class FakeClient:
 
     def __init__(self, fake: MemoryReactorClock, index: int = -1) -> None:
         factory = fake.tcpServers[index][1]
-        self.protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        assert protocol is not None
+        self.protocol = protocol
         self.transport = StringTransport()
         self.protocol.makeConnection(self.transport)
 
     def received(self) -> bytes:
-        return self.transport.value()
+        return bytes(self.transport.value())
 
     def lose(self) -> None:
         self.protocol.connectionLost(Failure(ConnectionDone()))
@@ -303,7 +308,7 @@ class TimingTests(SynchronousTestCase):
         self.assertFalse(first.transport.disconnected)  # a clean close, not an abort
         self.assertEqual(simulator.connected, 0)
         first.lose()
-        fake.advance(2)
+        fake.pump([1, 1])  # one step at a time: Clock runs chained calls from the end time
         self.assertEqual((simulator.lines_sent, simulator.lines_dropped), (1, 2))
         self.assertNoResult(done)
         second = FakeClient(fake)
@@ -366,7 +371,7 @@ class TimingTests(SynchronousTestCase):
         self.assertEqual(simulator.lines_sent + simulator.lines_dropped, 0)
 
     def test_stop_while_awaiting_a_client(self) -> None:
-        fake, simulator = fake_simulator("1 a;\n")
+        _, simulator = fake_simulator("1 a;\n")
         done = simulator.run()
         self.successResultOf(simulator.stop())
         self.assertIsNone(self.successResultOf(done))
@@ -427,7 +432,7 @@ class Client(Protocol):
 
     def __init__(self) -> None:
         self.chunks: list[tuple[float, bytes]] = []
-        self.lost: Deferred[Failure] = Deferred()
+        self.lost: Deferred[None] = Deferred()
         self.reason: Failure | None = None
 
     def dataReceived(self, data: bytes) -> None:
@@ -435,7 +440,13 @@ class Client(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.reason = reason
-        self.lost.callback(reason)
+        self.lost.callback(None)
+
+    async def ended(self) -> Failure:
+        """How the connection ended, once it has."""
+        await self.lost
+        assert self.reason is not None
+        return self.reason
 
     @property
     def data(self) -> bytes:
@@ -474,7 +485,7 @@ class LiveTests(TestCase):
         client = Client()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
 
-        def close() -> Deferred[Failure] | None:
+        def close() -> Deferred[None] | None:
             if client.reason is not None:
                 return None
             assert client.transport is not None
@@ -494,7 +505,7 @@ class LiveTests(TestCase):
         done = simulator.run()
         client = await self.connect(port)
         started = reactor.seconds()
-        reason = await client.lost
+        reason = await client.ended()
         await done
         self.assertTrue(reason.check(ConnectionDone))
         lines = client.line_times()
@@ -503,7 +514,7 @@ class LiveTests(TestCase):
         self.assertEqual([line.split(b";")[1] for _, line in lines],
                          [b"RING", b"CONNECT", b"DISCONNECT"])
         times = [started] + [at for at, _ in lines]
-        gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
         self.assertGreaterEqual(gaps[1], 0.04)
         self.assertGreaterEqual(gaps[2], 0.09)
         self.assertLess(times[-1] - started, 5)
@@ -525,10 +536,10 @@ class LiveTests(TestCase):
         )
         done = simulator.run()
         first = await self.connect(port)
-        await first.lost
+        await first.ended()
         await until(lambda: simulator.lines_dropped == 2)
         second = await self.connect(port)
-        await second.lost
+        await second.ended()
         await done
         self.assertEqual((first.data, second.data), (b"first;\r\n", b"last;\r\n"))
         self.assertEqual((simulator.lines_sent, simulator.lines_dropped), (2, 2))
@@ -538,7 +549,7 @@ class LiveTests(TestCase):
         simulator, port = await self.start("0.02 a;\n0.02 !close\n")
         done = simulator.run()
         client = await self.connect(port)
-        reason = await client.lost
+        reason = await client.ended()
         await done
         self.assertTrue(reason.check(ConnectionDone), reason)
         self.assertEqual(client.data, b"a;\r\n")
@@ -548,7 +559,7 @@ class LiveTests(TestCase):
         simulator, port = await self.start("0.02 a;\n0.1 !reset\n")
         done = simulator.run()
         client = await self.connect(port)
-        reason = await client.lost
+        reason = await client.ended()
         await done
         self.assertTrue(reason.check(ConnectionLost), reason)
         self.assertFalse(reason.check(ConnectionDone), reason)
@@ -563,7 +574,7 @@ class LiveTests(TestCase):
         )
         done = simulator.run()
         first = await self.connect(port)
-        self.assertTrue((await first.lost).check(ConnectionDone))
+        self.assertTrue((await first.ended()).check(ConnectionDone))
         await until(lambda: not simulator.listening)
         await deferLater(reactor, 0.02)  # the listening socket closes one turn later
         refused_at = reactor.seconds()
@@ -578,7 +589,7 @@ class LiveTests(TestCase):
             except ConnectionRefusedError:
                 self.assertLess(reactor.seconds() - refused_at, 5)
                 await deferLater(reactor, 0.05)
-        await second.lost
+        await second.ended()
         await done
         self.assertGreater(attempts, 2)  # refused for a while, not just once
         self.assertEqual(second.data, b"back;\r\n")
@@ -597,7 +608,7 @@ class LiveTests(TestCase):
         )
         done = simulator.run()
         client = await self.connect(port)
-        await client.lost
+        await client.ended()
         await done
         self.assertTrue(re.fullmatch(
             rb"lf;only;\nhalf a line;\r\none;\r\ntwo;\r\n\r\n\xff\\;"
@@ -612,7 +623,7 @@ class LiveTests(TestCase):
         for _ in range(5):
             client.transport.write(b"\n")
             await deferLater(reactor, 0.02)
-        reason = await client.lost
+        reason = await client.ended()
         await done
         self.assertTrue(reason.check(ConnectionDone))
         self.assertEqual(client.data, b"a;\r\nb;\r\n")
@@ -624,8 +635,8 @@ class LiveTests(TestCase):
         client = await self.connect(port)
         await until(lambda: simulator.connected == 1)
         await simulator.stop()
-        self.assertIsNone(await done)
-        self.assertTrue((await client.lost).check(ConnectionDone))
+        await done
+        self.assertTrue((await client.ended()).check(ConnectionDone))
         with self.assertRaises(ConnectionRefusedError):
             await self.connect(port)
 
@@ -643,8 +654,9 @@ class CommandTests(SynchronousTestCase):
         first = process.stdout.readline()
         found = re.fullmatch(r"fritz-sim: serving (\S+) on 127\.0\.0\.1:(\d+) "
                              r"\(point dpvoip's \[\[fritzbox\]\] host/port here\)\n", first)
-        self.assertIsNotNone(found, first + process.stderr.read() if process.stderr else first)
-        assert found is not None
+        if found is None:
+            process.kill()
+            self.fail(f"unexpected first line {first!r}; output: {process.communicate()}")
         return process, int(found[2])
 
     def reap(self, process: subprocess.Popen[str]) -> None:
@@ -660,7 +672,9 @@ class CommandTests(SynchronousTestCase):
             return data
 
     def script(self, text: str) -> str:
-        path = Path(self.mktemp())
+        folder = Path(tempfile.mkdtemp(prefix="dpvoip-fritz-sim-"))
+        self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
+        path = folder / "script.txt"
         path.write_text(text)
         return str(path)
 
@@ -683,7 +697,8 @@ class CommandTests(SynchronousTestCase):
             [sys.executable, "-m", "dpvoip.cli", "fritz-sim", self.script("1 ok;\nbad\n")],
             cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
         self.assertEqual(result.returncode, 2)
-        self.assertIn("line 2: 'bad' is not a number of seconds", result.stderr)
+        self.assertIn("script.txt: line 2: delay 'bad' is not a number of seconds",
+                      result.stderr)
 
     def test_port_taken(self) -> None:
         with socket.socket() as taken:
