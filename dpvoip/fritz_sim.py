@@ -428,12 +428,14 @@ class FritzSimulator:
         self._hang_up(abort=False)
         await self._stop_listening()
         log.info("refusing connections for {seconds} s", seconds=seconds)
-        if seconds > 0:
-            await self._wait(deferLater(self.reactor, seconds))
-        if not self._stopping:
-            assert self.port is not None
-            self._bind(self.port)
-            log.info("listening again on port {port}", port=self.port)
+        try:
+            if seconds > 0:
+                await self._wait(deferLater(self.reactor, seconds))
+        finally:  # also when run() is cancelled: only stop() leaves the port closed
+            if not self._stopping:
+                assert self.port is not None
+                self._bind(self.port)
+                log.info("listening again on port {port}", port=self.port)
 
     async def _until_connected(self) -> None:
         if self._clients:

@@ -412,6 +412,17 @@ class TimingTests(SynchronousTestCase):
         fake.advance(1)
         self.assertEqual(client.received(), b"a;\r\n")
 
+    def test_cancelling_run_during_a_refusal_listens_again(self) -> None:
+        fake, simulator = fake_simulator("0 !refuse 5\n")
+        client = FakeClient(fake)
+        done = simulator.run()
+        client.lose()
+        self.assertFalse(simulator.listening)
+        done.cancel()
+        self.failureResultOf(done, CancelledError)
+        self.assertTrue(simulator.listening)
+        self.assertEqual(fake.getDelayedCalls(), [])
+
     def test_run_misuse(self) -> None:
         simulator = FritzSimulator(MemoryReactorClock(), Script(()))
         self.assertRaises(RuntimeError, simulator.run)
