@@ -393,6 +393,14 @@ class FritzBoxSettings:
         "A RING ended without answer within this many seconds was blocked by the box.",
         _between(0, 30),
     )
+    reconnect_initial_seconds: float = setting(
+        1.0, "First wait before reconnecting to the box; doubles at each failure.",
+        _between(0.05, 60),
+    )
+    reconnect_max_seconds: float = setting(
+        60.0, "Longest wait between reconnection attempts (it never gives up).",
+        _between(1, 3600),
+    )
     newline_keepalive_seconds: float = setting(
         0.0, "Send a bare newline this often to keep NAT mappings alive (0: never).",
         _between(0, 3600),

@@ -149,7 +149,7 @@ class EmbeddedPostgres:
             conf.write(
                 "listen_addresses = ''\n"
                 "max_connections = 50\n"
-                "shared_buffers = 32MB\n"
+                "shared_buffers = 128MB\n"
                 "fsync = on\n"
             )
 

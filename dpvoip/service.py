@@ -27,7 +27,7 @@ from dpvoip.directory_index import DirectoryIndex
 from dpvoip.directory_service import DirectoryService
 from dpvoip.dsn import connection_dsn
 from dpvoip.embedded import EmbeddedPostgres
-from dpvoip.fritzbox import BoxStatusReporter, FritzBox, FritzBoxService
+from dpvoip.fritzbox import BoxStatusReporter, FritzBox, FritzBoxService, retry_policy
 from dpvoip.ingest import Ingest
 from dpvoip.migrations import SchemaMismatch, prepare
 from dpvoip.numbers import Dialling, normalise
@@ -276,7 +276,11 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     for settings in config.fritzbox:
         box = FritzBox(settings, ingest, reactor, own)
         boxes.append(box)
-        FritzBoxService(box, reactor, database.when_prepared).setServiceParent(top)
+        FritzBoxService(
+            box, reactor, database.when_prepared,
+            retry=retry_policy(settings.reconnect_initial_seconds / 2,
+                               settings.reconnect_max_seconds),
+        ).setServiceParent(top)
     if boxes:
         BoxStatusReporter(boxes, store, reactor).setServiceParent(top)
 
