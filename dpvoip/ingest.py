@@ -64,8 +64,7 @@ class Origin:
 class IngestCounters:
     calls_started: int = 0
     calls_ended: int = 0
-    tickets_created: int = 0
-    tickets_updated: int = 0
+    ticket_writes: int = 0  # tickets created or updated
     replays_ignored: int = 0
     orphans: int = 0
     failures: int = 0
@@ -323,89 +322,87 @@ class Ingest:
 
     async def _ticket(self, batch: Batch, found: tuple[Any, ...], ended: Ended,
                       origin: Origin) -> None:
-        """The missed-call ticket rule of behaviour.md section 5, in the call's transaction:
-        two more statements, the last one committing."""
+        """The missed-call ticket rule of behaviour.md section 5, in the call's transaction.
+
+        One statement (that also commits): it looks for an open ticket of the number
+        created within the window (the previous statement took the number's lock, so this
+        one sees any ticket another transaction just committed), counts the number's missed
+        calls, then updates that ticket or creates one, links the call, logs and publishes.
+        The words come from ``texts`` as templates; SQL only fills in the numbers.
+        """
         (row_id, _call_id, phone, client_id, direction, number, started_at, own_number,
          extension, _) = found
         if direction != "incoming" or not (phone or self._tickets.withheld):
             return
         if extension is None:
             extension = ended.extension
-        window_start = started_at - timedelta(hours=self._tickets.group_hours)
-        existing = None
-        count = 1
-        client_name = None
-        assignee_name = self._assignee_name(own_number, extension, origin)
-        facts = await batch.run(
-            f"SELECT (SELECT t.id FROM dpvoip.call_detail d JOIN {self._crm}.accounting_ticket t"
+        shown = phone or self._texts("withheld")
+        local = started_at.astimezone(self._zone)
+        assignee = self._assignee_name(own_number, extension, origin)
+        await batch.run(
+            "WITH facts AS (SELECT"
+            f" (SELECT t.id FROM dpvoip.call_detail d JOIN {self._crm}.accounting_ticket t"
             " ON t.id = d.ticket_id WHERE %(number)s::text IS NOT NULL"
             " AND d.remote_number = %(number)s AND d.ticket_id IS NOT NULL"
             " AND t.status = ANY(%(open)s) AND t.created_at > %(since)s"
-            " ORDER BY t.created_at DESC LIMIT 1),"
-            " (SELECT count(*) FROM dpvoip.call_detail WHERE remote_number = %(number)s"
-            " AND direction = 'incoming' AND outcome IN ('missed', 'voicemail')"
-            " AND started_at > %(since)s),"
-            f" (SELECT eponimia FROM {self._crm}.accounting_clientprofile WHERE id = %(client)s),"
-            f" (SELECT id FROM {self._crm}.auth_user WHERE username = %(user)s AND is_active)",
-            {"number": number, "open": list(_OPEN_TICKET), "since": window_start,
-             "client": client_id, "user": assignee_name},
-        )
-        existing, count, client_name, assignee = facts[0]
-        count = max(1, int(count)) if number else 1
-        if assignee_name and assignee is None:
-            log.warn("ticket assignment: no active CRM user {username!r}",
-                     username=assignee_name)
-        shown = phone or self._texts("withheld")
-        local = started_at.astimezone(self._zone)
-        if existing is not None:
-            title = grouped_title(count, shown)
-            note = self._texts("ticket_note", time=f"{local:%d/%m %H:%M}", count=count)
-            ticket = (
-                f"UPDATE {self._crm}.accounting_ticket SET title = %(title)s, priority ="
-                " CASE WHEN %(urgent)s THEN 'urgent' ELSE priority END, notes = CASE WHEN"
-                " notes = '' THEN %(note)s ELSE notes || E'\\n' || %(note)s END"
-                " WHERE id = %(existing)s RETURNING id"
-            )
-            action = "ticket_updated"
-            self.counters.tickets_updated += 1
-        else:
-            title = missed_title(shown, client_name)
-            note = ""
-            ticket = (
-                f"INSERT INTO {self._crm}.accounting_ticket (title, description, status,"
-                " priority, notes, created_at, assigned_at, resolved_at, closed_at, email_sent,"
-                " follow_up_scheduled, assigned_to_id, call_id, client_id) VALUES (%(title)s,"
-                " %(description)s, CASE WHEN %(assignee)s::integer IS NULL THEN 'open'"
-                " ELSE 'assigned' END, 'high', '', now(), CASE WHEN %(assignee)s::integer"
-                " IS NULL THEN NULL ELSE now() END, NULL, NULL, false, false, %(assignee)s,"
-                " %(row)s, %(client)s) RETURNING id"
-            )
-            action = "ticket_created"
-            self.counters.tickets_created += 1
-        template = self._texts(action, id="{id}", title=title)
-        await batch.run(
-            f"WITH ticket AS ({ticket}),"
+            " ORDER BY t.created_at DESC LIMIT 1) AS existing,"
+            " CASE WHEN %(number)s::text IS NULL THEN 1 ELSE greatest(1, (SELECT count(*)"
+            " FROM dpvoip.call_detail WHERE remote_number = %(number)s AND direction ="
+            " 'incoming' AND outcome IN ('missed', 'voicemail') AND started_at > %(since)s))"
+            " END AS n,"
+            f" (SELECT eponimia FROM {self._crm}.accounting_clientprofile"
+            " WHERE id = %(client)s) AS client_name,"
+            f" (SELECT id FROM {self._crm}.auth_user WHERE username = %(user)s"
+            " AND is_active) AS assignee),"
+            f" updated AS (UPDATE {self._crm}.accounting_ticket t SET"
+            " title = left(replace(%(grouped)s, '{n}', f.n::text), 200),"
+            " priority = CASE WHEN f.n >= %(urgent_at)s THEN 'urgent' ELSE t.priority END,"
+            " notes = CASE WHEN t.notes = '' THEN replace(%(note)s, '{n}', f.n::text)"
+            " ELSE t.notes || E'\\n' || replace(%(note)s, '{n}', f.n::text) END"
+            " FROM facts f WHERE t.id = f.existing RETURNING t.id, t.title),"
+            f" created AS (INSERT INTO {self._crm}.accounting_ticket (title, description,"
+            " status, priority, notes, created_at, assigned_at, resolved_at, closed_at,"
+            " email_sent, follow_up_scheduled, assigned_to_id, call_id, client_id) SELECT"
+            " left(%(title)s || coalesce(' - ' || f.client_name, ''), 200),"
+            " replace(%(description)s, '{client}', coalesce(' (' || f.client_name || ')', '')),"
+            " CASE WHEN f.assignee IS NULL THEN 'open' ELSE 'assigned' END, 'high', '', now(),"
+            " CASE WHEN f.assignee IS NULL THEN NULL ELSE now() END, NULL, NULL, false, false,"
+            " f.assignee, %(row)s, %(client)s FROM facts f WHERE f.existing IS NULL"
+            " RETURNING id, title),"
+            " ticket AS (SELECT id, title, 'ticket_updated' AS action FROM updated"
+            " UNION ALL SELECT id, title, 'ticket_created' FROM created),"
             f" call AS (UPDATE {self._crm}.accounting_voipcall v SET ticket_created = true,"
             " ticket_id = t.id::text, updated_at = now() FROM ticket t WHERE v.id = %(row)s"
-            " RETURNING v.id, v.call_id, v.phone_number, v.client_id, t.id AS ticket),"
+            " RETURNING v.id, v.call_id, v.phone_number, v.client_id, t.id AS ticket,"
+            " t.title, t.action),"
             " detail AS (UPDATE dpvoip.call_detail d SET ticket_id = c.ticket FROM call c"
             " WHERE d.call_id = c.call_id),"
             f" logs AS (INSERT INTO {self._crm}.accounting_voipcalllog (action, description,"
-            f" created_at, call_id{self._log_extra_columns()}) SELECT %(action)s,"
-            " replace(%(template)s, '{id}', c.ticket::text), now(),"
+            f" created_at, call_id{self._log_extra_columns()}) SELECT c.action,"
+            " replace(replace(CASE c.action WHEN 'ticket_created' THEN %(created_log)s"
+            " ELSE %(updated_log)s END, '{id}', c.ticket::text), '{title}', c.title), now(),"
             f" c.id{self._log_extra_values()} FROM call c),"
-            " note AS (SELECT pg_notify(%(channel)s, json_build_object('event', %(action)s,"
+            " note AS (SELECT pg_notify(%(channel)s, json_build_object('event', c.action,"
             " 'call_id', c.call_id, 'ticket_id', c.ticket)::text) FROM call c)"
             " SELECT (SELECT count(*) FROM note)",
-            {"title": title, "urgent": count >= self._tickets.urgent_at, "note": note,
-             "existing": existing, "assignee": assignee, "row": row_id, "client": client_id,
-             "description": self._texts(
-                 "ticket_description", number=shown,
-                 client=f" ({client_name})" if client_name else "",
-                 time=f"{local:%d/%m/%Y %H:%M}"),
-             "action": action, "template": template, "channel": NOTIFY_CHANNEL},
+            {
+                "number": number, "open": list(_OPEN_TICKET),
+                "since": started_at - timedelta(hours=self._tickets.group_hours),
+                "client": client_id, "user": assignee, "row": row_id,
+                "urgent_at": self._tickets.urgent_at,
+                "grouped": grouped_title("{n}", shown),
+                "note": self._texts("ticket_note", time=f"{local:%d/%m %H:%M}", count="{n}"),
+                "title": missed_title(shown, None),
+                "description": self._texts("ticket_description", number=shown,
+                                           client="{client}",
+                                           time=f"{local:%d/%m/%Y %H:%M}"),
+                "created_log": self._texts("ticket_created", id="{id}", title="{title}"),
+                "updated_log": self._texts("ticket_updated", id="{id}", title="{title}"),
+                "channel": NOTIFY_CHANNEL,
+            },
             last=True,
         )
+        self.counters.ticket_writes += 1
 
     def _log_extra_columns(self) -> str:
         capabilities = self._capabilities

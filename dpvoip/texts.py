@@ -60,5 +60,5 @@ def missed_title(number: str, client_name: str | None) -> str:
     return f"{title} - {client_name}"[:200] if client_name else title
 
 
-def grouped_title(count: int, number: str) -> str:
+def grouped_title(count: int | str, number: str) -> str:
     return f"MISSED CALLS ({count}x) - {number}"[:200]

@@ -61,7 +61,7 @@ class EndToEndTestCase(TestCase):
 
         def check() -> bool:
             last[:] = self.crm.query(sql)
-            return last == expected
+            return bool(last == expected)
 
         async def wait() -> None:
             try:
@@ -221,7 +221,7 @@ class FaultTests(EndToEndTestCase):
 
         daemon, _ = yield self.start("0 {now};RING;0;2101111111;2107654321;SIP0;\n")
         yield self.wait_for("SELECT count(*) FROM accounting_voipcall", [(1,)])
-        port = daemon.web.port.getHost().port  # type: ignore[union-attr]
+        port = daemon.web.port.getHost().port
         pool = HTTPConnectionPool(reactor, persistent=False)
         response = yield treq.get(f"http://127.0.0.1:{port}/readyz", pool=pool)
         body = json.loads((yield response.content()))
