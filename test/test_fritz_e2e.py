@@ -231,3 +231,44 @@ class FaultTests(EndToEndTestCase):
         self.assertIsNotNone(box["since"])
         self.assertIsNotNone(box["last_line"])
         yield pool.closeCachedConnections()
+
+
+class CheckTests(EndToEndTestCase):
+    @defer.inlineCallbacks
+    def test_dpvoip_check_shows_each_box(self) -> Any:
+        import tempfile
+        from pathlib import Path
+
+        from dpvoip.fritzbox import BoxStatusReporter
+        from test.support.daemon import BIN, clean_environment
+
+        daemon, simulator = yield self.start("0 {now};RING;0;2101111111;2107654321;SIP0;\n")
+        yield self.wait_for("SELECT count(*) FROM accounting_voipcall", [(1,)])
+        yield BoxStatusReporter(daemon.boxes, daemon.store, reactor).report()
+        config = Path(tempfile.mkdtemp()) / "dpvoip.toml"
+        config.write_text(f'[[fritzbox]]\nname = "office"\nhost = "127.0.0.1"\n'
+                          f'port = {simulator.port}\n'
+                          '[[fritzbox]]\nname = "annex"\nhost = "10.0.0.2"\n')
+        done = yield defer.Deferred.fromCoroutine(_run_in_thread(
+            [str(BIN / "dpvoip"), "check", "--config", str(config)],
+            clean_environment(DATABASE_URL=self.dsn)))
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        def line(prefix: str) -> str:
+            [found] = [str(x) for x in done.stdout.splitlines() if x.startswith(prefix)]
+            return found
+
+        office = line(f"Fritz!Box office (127.0.0.1:{simulator.port}): ")
+        self.assertIn("): connected since", office)
+        self.assertIn("0 reconnects", office)
+        self.assertNotIn("last line none", office)
+        self.assertIn("no state reported yet", line("Fritz!Box annex (10.0.0.2:1012): "))
+
+
+async def _run_in_thread(argv: list[str], env: dict[str, str]) -> Any:
+    import subprocess
+
+    from twisted.internet import threads
+
+    return await threads.deferToThread(
+        subprocess.run, argv, capture_output=True, text=True, env=env, timeout=60,
+        check=False)
