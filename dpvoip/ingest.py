@@ -216,6 +216,8 @@ class Ingest:
         )
         if await self._store.write_one(statement, params):
             self.counters.calls_started += 1
+            log.info("call {call_id}: {direction} {number} ({name})", call_id=started.call_id,
+                     direction=started.direction, number=shown, name=name)
         else:
             self.counters.replays_ignored += 1  # the call is there already
 
@@ -317,6 +319,9 @@ class Ingest:
             rows = await self._store.batch(steps)
         if rows:
             self.counters.calls_ended += 1
+            log.info("call {call_id}: {status}, {notes}, talk time {talk}",
+                     call_id=ended.call_id, status=ended.outcome.status, notes=ended.notes,
+                     talk=talk_time(ended.duration))
         else:
             self.counters.replays_ignored += 1
 
@@ -403,6 +408,8 @@ class Ingest:
             last=True,
         )
         self.counters.ticket_writes += 1
+        log.info("call {call_id}: missed-call ticket written for {number}",
+                 call_id=ended.call_id, number=shown)
 
     def _log_extra_columns(self) -> str:
         capabilities = self._capabilities

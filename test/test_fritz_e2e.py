@@ -107,7 +107,7 @@ class SampleTests(EndToEndTestCase):
             ("incoming", "+491781234567", "missed", 30, "voicemail (answering machine 1)",
              True),
         ])
-        tickets = self.crm.query("SELECT title FROM accounting_ticket ORDER BY id")
+        tickets = self.crm.query("SELECT title FROM accounting_ticket ORDER BY title")
         self.assertEqual(tickets, [("MISSED CALL - +491755290123",),
                                    ("MISSED CALL - +491781234567",)])
         # The outgoing number dialled without area code is local to the box (07191).
