@@ -13,6 +13,7 @@ its memory figures are its own. Printed: build seconds, lookup p50/p99/max over
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +113,33 @@ def populate(dsn: str, entries: int) -> dict[str, int]:
     return rows
 
 
+@contextlib.contextmanager
+def crm_database(entries: int) -> Iterator[tuple[str, float]]:
+    """A private PostgreSQL holding the 2025-12 CRM tables filled with ``entries``
+    directory entries; (its DSN, seconds it took to fill). Removed afterwards."""
+    import psycopg2
+
+    from dpvoip.embedded import EmbeddedPostgres
+    from dpvoip.migrations import ddl_text
+
+    folder = Path(tempfile.mkdtemp(prefix="dpvoip-bench-"))
+    folder.chmod(0o755)
+    cluster = EmbeddedPostgres(folder / "pg")
+    try:
+        cluster.start()
+        dsn = cluster.dsn()
+        connection = psycopg2.connect(dsn)
+        connection.autocommit = True
+        connection.cursor().execute(ddl_text("dpeconomy-2025-12.sql"))
+        connection.close()
+        started = time.perf_counter()
+        populate(dsn, entries)
+        yield dsn, time.perf_counter() - started
+    finally:
+        cluster.stop(mode="immediate")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def sample_numbers(dsn: str, count: int) -> list[str]:
     import psycopg2
 
@@ -131,28 +160,14 @@ def child(entries: int, lookups: int) -> dict[str, Any]:
     from dpvoip.config import DatabaseSettings
     from dpvoip.directory_index import DirectoryIndex
     from dpvoip.dsn import connection_dsn
-    from dpvoip.embedded import EmbeddedPostgres
-    from dpvoip.migrations import ddl_text, prepare
+    from dpvoip.migrations import prepare
     from dpvoip.numbers import Dialling
     from dpvoip.pool import HealingPool
     from dpvoip.store import Store
 
-    folder = Path(tempfile.mkdtemp(prefix="dpvoip-bench-"))
-    folder.chmod(0o755)
-    cluster = EmbeddedPostgres(folder / "pg")
     result: dict[str, Any] = {"entries_target": entries}
-    try:
-        cluster.start()
-        dsn = cluster.dsn()
-        import psycopg2
-
-        connection = psycopg2.connect(dsn)
-        connection.autocommit = True
-        connection.cursor().execute(ddl_text("dpeconomy-2025-12.sql"))
-        connection.close()
-        started = time.perf_counter()
-        result["rows"] = populate(dsn, entries)
-        result["populate_s"] = round(time.perf_counter() - started, 1)
+    with crm_database(entries) as (dsn, filled):
+        result["populate_s"] = round(filled, 1)
 
         async def run(reactor: Any) -> None:
             pool = HealingPool(reactor, connection_dsn(dsn, DatabaseSettings()), 4)
@@ -190,9 +205,6 @@ def child(entries: int, lookups: int) -> dict[str, Any]:
             with_code.append(int(exit_.code or 0))
         if with_code and with_code[0]:
             raise RuntimeError("benchmark run failed")
-    finally:
-        cluster.stop(mode="immediate")
-        shutil.rmtree(folder, ignore_errors=True)
     return result
 
 

@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from bench.directory import populate, rss_kib, sample_numbers
+from bench.directory import crm_database, rss_kib, sample_numbers
 
 LINES = [
     "17.06.20 10:28:29;RING;0;07191952123;69123;SIP0;",
@@ -61,17 +58,15 @@ def percentiles(samples: list[float]) -> str:
 
 
 def load(entries: int, rate: float, seconds: float) -> dict[str, Any]:
-    import psycopg2
     from twisted.internet import defer, protocol, task
     from twisted.internet.defer import Deferred
 
     from dpvoip.config import DatabaseSettings, FritzBoxSettings, TicketSettings
     from dpvoip.directory_index import DirectoryIndex
     from dpvoip.dsn import connection_dsn
-    from dpvoip.embedded import EmbeddedPostgres
     from dpvoip.fritzbox import FritzBox
     from dpvoip.ingest import Ingest
-    from dpvoip.migrations import ddl_text, prepare
+    from dpvoip.migrations import prepare
     from dpvoip.numbers import Dialling
     from dpvoip.pool import HealingPool
     from dpvoip.protocols.callmonitor import CallMonitorProtocol
@@ -79,18 +74,8 @@ def load(entries: int, rate: float, seconds: float) -> dict[str, Any]:
     from dpvoip.texts import Texts
     from dpvoip.tracker import Ended, Started
 
-    folder = Path(tempfile.mkdtemp(prefix="dpvoip-bench-fritz-"))
-    folder.chmod(0o755)
-    cluster = EmbeddedPostgres(folder / "pg")
     figures: dict[str, Any] = {}
-    try:
-        cluster.start()
-        dsn = cluster.dsn()
-        connection = psycopg2.connect(dsn)
-        connection.autocommit = True
-        connection.cursor().execute(ddl_text("dpeconomy-2025-12.sql"))
-        connection.close()
-        populate(dsn, entries)
+    with crm_database(entries) as (dsn, _):
 
         async def run(reactor: Any) -> None:
             pool = HealingPool(reactor, connection_dsn(dsn, DatabaseSettings()), 8)
@@ -181,9 +166,6 @@ def load(entries: int, rate: float, seconds: float) -> dict[str, Any]:
         except SystemExit as exit_:
             if exit_.code:
                 raise RuntimeError("bench failed") from None
-    finally:
-        cluster.stop(mode="immediate")
-        shutil.rmtree(folder, ignore_errors=True)
     return figures
 
 

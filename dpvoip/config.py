@@ -615,46 +615,45 @@ def _env_name(section: str, key: str) -> str:
     return f"DPVOIP_{section.upper()}_{key.upper()}"
 
 
+def _from_environment(
+    cls: type[Any], section: str, label: str, environ: Mapping[str, str], known: set[str]
+) -> dict[str, Any]:
+    """The settings of one section that the environment sets (names recorded in ``known``)."""
+    hints = _hints(cls)
+    changes: dict[str, Any] = {}
+    for spec in fields(cls):
+        for env_name in (_env_name(section, spec.name), spec.metadata.get("env", "")):
+            if not env_name:
+                continue
+            known.add(env_name)
+            if env_name in environ:
+                where = f"environment {env_name} ({label} {spec.name})"
+                changes[spec.name] = _checked(
+                    spec, hints[spec.name], environ[env_name], where, from_env=True
+                )
+    return changes
+
+
 def apply_environment(
     config: Config, environ: Mapping[str, str], source: str = "environment"
 ) -> Config:
-    """Apply ``DPVOIP_<SECTION>_<KEY>`` and the CRM's own variable names over the file."""
-    known_env: set[str] = set(RESERVED_ENV)
+    """Apply ``DPVOIP_<SECTION>_<KEY>`` and the CRM's own variable names over the file.
+    The ``[[fritzbox]]`` variables (and FRITZ_HOST, FRITZ_PORT) set the first box."""
+    known: set[str] = set(RESERVED_ENV)
     updated: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
-        current = getattr(config, section)
-        hints = _hints(cls)
-        changes: dict[str, Any] = {}
-        for spec in fields(cls):
-            for env_name in (_env_name(section, spec.name), spec.metadata.get("env", "")):
-                if not env_name:
-                    continue
-                known_env.add(env_name)
-                if env_name in environ:
-                    where = f"environment {env_name} ([{section}] {spec.name})"
-                    changes[spec.name] = _checked(
-                        spec, hints[spec.name], environ[env_name], where, from_env=True
-                    )
+        changes = _from_environment(cls, section, f"[{section}]", environ, known)
         if changes:
-            updated[section] = replace(current, **changes)
-    boxes = list(config.fritzbox)
-    box_hints = _hints(FritzBoxSettings)
-    box_changes: dict[str, Any] = {}
-    for spec in fields(FritzBoxSettings):
-        for env_name in (_env_name("fritzbox", spec.name), spec.metadata.get("env", "")):
-            if not env_name:
-                continue
-            known_env.add(env_name)
-            if env_name in environ:
-                where = f"environment {env_name} (first [[fritzbox]] {spec.name})"
-                box_changes[spec.name] = _checked(
-                    spec, box_hints[spec.name], environ[env_name], where, from_env=True
-                )
+            updated[section] = replace(getattr(config, section), **changes)
+    box_changes = _from_environment(
+        FritzBoxSettings, "fritzbox", "first [[fritzbox]]", environ, known
+    )
     if box_changes:
+        boxes = list(config.fritzbox)
         boxes[0:1] = [replace(boxes[0] if boxes else FritzBoxSettings(), **box_changes)]
         updated["fritzbox"] = tuple(boxes)
     for name in environ:
-        if name.startswith("DPVOIP_") and name not in known_env:
+        if name.startswith("DPVOIP_") and name not in known:
             raise ConfigError(f"environment {name}: unknown setting")
     result = replace(config, **updated)
     _check_whole(result, source)

@@ -144,19 +144,7 @@ class Ingest:
         """INSERT of ``count`` call-log lines for the call row of CTE ``call`` (id, call_id,
         phone_number, client_id); fills the 2026-08 CRM's extra columns when present.
         Parameters: action, description per line."""
-        capabilities = self._capabilities
-        columns, values = [], []
-        if capabilities.call_log_client_id:
-            columns.append("client_id")
-            values.append("c.client_id")
-        if capabilities.call_log_call_reference:
-            columns.append("call_reference")
-            values.append("c.call_id")
-        if capabilities.call_log_phone_number:
-            columns.append("phone_number")
-            values.append("c.phone_number")
-        extra_columns = "".join(", " + column for column in columns)
-        extra_values = "".join(", " + value for value in values)
+        extra_columns, extra_values = self._log_extras()
         lines = ", ".join(["(%s, %s, " + str(n) + ")" for n in range(count)])
         return (
             f"INSERT INTO {self._crm}.accounting_voipcalllog (action, description, created_at,"
@@ -344,6 +332,7 @@ class Ingest:
         shown = phone or self._texts("withheld")
         local = started_at.astimezone(self._zone)
         assignee = self._assignee_name(own_number, extension, origin)
+        extra_columns, extra_values = self._log_extras()
         await batch.run(
             "WITH facts AS (SELECT"
             f" (SELECT t.id FROM dpvoip.call_detail d JOIN {self._crm}.accounting_ticket t"
@@ -383,10 +372,10 @@ class Ingest:
             " detail AS (UPDATE dpvoip.call_detail d SET ticket_id = c.ticket FROM call c"
             " WHERE d.call_id = c.call_id),"
             f" logs AS (INSERT INTO {self._crm}.accounting_voipcalllog (action, description,"
-            f" created_at, call_id{self._log_extra_columns()}) SELECT c.action,"
+            f" created_at, call_id{extra_columns}) SELECT c.action,"
             " replace(replace(CASE c.action WHEN 'ticket_created' THEN %(created_log)s"
             " ELSE %(updated_log)s END, '{id}', c.ticket::text), '{title}', c.title), now(),"
-            f" c.id{self._log_extra_values()} FROM call c),"
+            f" c.id{extra_values} FROM call c),"
             " note AS (SELECT pg_notify(%(channel)s, json_build_object('event', c.action,"
             " 'call_id', c.call_id, 'ticket_id', c.ticket)::text) FROM call c)"
             " SELECT (SELECT count(*) FROM note)",
@@ -411,21 +400,17 @@ class Ingest:
         log.info("call {call_id}: missed-call ticket written for {number}",
                  call_id=ended.call_id, number=shown)
 
-    def _log_extra_columns(self) -> str:
+    def _log_extras(self) -> tuple[str, str]:
+        """The 2026-08 CRM's extra call-log columns, and their values from a call CTE ``c``
+        (id, call_id, phone_number, client_id): both as ", a, b" fragments."""
         capabilities = self._capabilities
-        names = [name for name, present in (
-            ("client_id", capabilities.call_log_client_id),
-            ("call_reference", capabilities.call_log_call_reference),
-            ("phone_number", capabilities.call_log_phone_number)) if present]
-        return "".join(", " + name for name in names)
-
-    def _log_extra_values(self) -> str:
-        capabilities = self._capabilities
-        names = [value for value, present in (
-            ("c.client_id", capabilities.call_log_client_id),
-            ("c.call_id", capabilities.call_log_call_reference),
-            ("c.phone_number", capabilities.call_log_phone_number)) if present]
-        return "".join(", " + name for name in names)
+        pairs = [pair for pair, present in (
+            (("client_id", "c.client_id"), capabilities.call_log_client_id),
+            (("call_reference", "c.call_id"), capabilities.call_log_call_reference),
+            (("phone_number", "c.phone_number"), capabilities.call_log_phone_number),
+        ) if present]
+        return ("".join(", " + column for column, _ in pairs),
+                "".join(", " + value for _, value in pairs))
 
     def _assignee_name(self, own_number: str, extension: int | None,
                        origin: Origin) -> str | None:

@@ -7,8 +7,9 @@ import itertools
 from datetime import datetime
 from typing import Any
 
-import psycopg2
 from psycopg2 import sql
+
+from test.support.postgres import query
 
 _serial = itertools.count(1)
 _FILL = {
@@ -35,14 +36,7 @@ class Crm:
         return self._columns[table]
 
     def query(self, text: Any, params: Any = ()) -> list[tuple[Any, ...]]:
-        connection = psycopg2.connect(self.dsn)
-        try:
-            connection.autocommit = True
-            with connection.cursor() as cursor:
-                cursor.execute(text, params)
-                return cursor.fetchall() if cursor.description else []
-        finally:
-            connection.close()
+        return query(self.dsn, text, params)
 
     def insert(self, table: str, **values: Any) -> int:
         row: dict[str, Any] = {}

@@ -12,6 +12,7 @@ import itertools
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 
@@ -69,7 +70,7 @@ def postgres() -> TestPostgres:
     return _server
 
 
-def query(dsn: str, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+def query(dsn: str, sql: Any, params: Any = ()) -> list[tuple[Any, ...]]:
     """A blocking query for assertions (outside the code under test)."""
     connection = psycopg2.connect(dsn)
     try:
