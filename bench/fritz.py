@@ -50,6 +50,33 @@ def parser_rate(seconds: float = 2.0) -> tuple[float, float]:
     return rate(parse), rate(lambda line: line.split(";"))
 
 
+def raw_reference(dsn: str, rate: float, count: int) -> tuple[list[float], list[float]]:
+    """The reference of quality.md: plain psycopg2 INSERTs on the same database, paced like
+    the load. One autocommitted INSERT (a RING's floor), and a two-statement transaction
+    with a row lock in between (a missed call's floor)."""
+    import psycopg2
+
+    connection = psycopg2.connect(dsn)
+    connection.autocommit = True
+    cursor = connection.cursor()
+    cursor.execute("CREATE TABLE bench_reference (id serial PRIMARY KEY, v text)")
+    single, double = [], []
+    for n in range(count):
+        began = time.perf_counter()
+        cursor.execute("INSERT INTO bench_reference (v) VALUES (%s)", (str(n),))
+        single.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        cursor.execute("BEGIN; INSERT INTO bench_reference (v) VALUES (%s) RETURNING id",
+                       (str(n),))
+        row: Any = cursor.fetchone()
+        cursor.execute("SELECT pg_advisory_xact_lock(%s); UPDATE bench_reference SET v = 'x'"
+                       " WHERE id = %s; COMMIT", (n, row[0]))
+        double.append(time.perf_counter() - began)
+        time.sleep(1 / rate)
+    connection.close()
+    return single, double
+
+
 def percentiles(samples: list[float]) -> str:
     ordered = sorted(samples)
     p99 = ordered[max(0, int(len(ordered) * 0.99) - 1)]
@@ -76,6 +103,7 @@ def load(entries: int, rate: float, seconds: float) -> dict[str, Any]:
 
     figures: dict[str, Any] = {}
     with crm_database(entries) as (dsn, _):
+        figures["raw_single"], figures["raw_double"] = raw_reference(dsn, rate, 300)
 
         async def run(reactor: Any) -> None:
             pool = HealingPool(reactor, connection_dsn(dsn, DatabaseSettings()), 8)
@@ -185,6 +213,9 @@ def main() -> None:
           f" {figures['entries']:,} entries, {figures['tickets']} ticket writes")
     print(f"RING -> call row committed: {percentiles(figures['ring'])}")
     print(f"DISCONNECT -> call finalised + ticket committed: {percentiles(figures['end'])}")
+    print(f"reference, raw psycopg2 at the same pace: one INSERT"
+          f" {percentiles(figures['raw_single'])}; a two-round-trip transaction"
+          f" {percentiles(figures['raw_double'])}")
     print(f"RSS: {figures['rss_before_kib'] // 1024} MiB before the load,"
           f" {figures['rss_after_kib'] // 1024} MiB after")
 
