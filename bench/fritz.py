@@ -165,6 +165,10 @@ def load(entries: int, rate: float, seconds: float) -> dict[str, Any]:
             reactor.connectTCP("127.0.0.1", port.getHost().port, sender)
             wire = await client_ready
             figures["rss_before_kib"] = rss_kib()
+            import gc
+
+            gc.collect()
+            gc.freeze()  # as the daemon does once started: no full collections of startup data
             start = datetime.now(zone).replace(tzinfo=None)
             calls = int(rate * seconds)
             for n in range(calls):

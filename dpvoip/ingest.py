@@ -257,55 +257,66 @@ class Ingest:
             NOTIFY_CHANNEL, self._payload("forwarded", forwarded.call_id),
         ))
 
-    def _finish_statement(self, recovering: bool, lock: bool) -> str:
-        """Finalise the call row and its detail, log and publish it; with ``lock``, also
-        take the ticket lock of its number (so the ticket lookup that follows, in a new
-        statement, sees any ticket another transaction just committed)."""
-        reopen = " OR d.outcome = 'interrupted'" if recovering else ""
-        locking = (
-            " lock AS (SELECT pg_advisory_xact_lock(hashtext('dpvoip-ticket:' || u.number))"
-            " FROM updated u WHERE u.direction = 'incoming' AND u.number IS NOT NULL),"
-            if lock else " lock AS (SELECT 1 WHERE false),"
-        )
+    def _finish_statement(self, recovering: bool) -> str:
+        """One statement: finalise the call row and its detail, log and publish it."""
         return (
             f"WITH updated AS (UPDATE {self._crm}.accounting_voipcall c SET status = %s,"
             " ended_at = %s, duration_seconds = %s, notes = %s, updated_at = now()"
             " FROM dpvoip.call_detail d WHERE c.call_id = %s AND d.call_id = c.call_id"
-            f" AND (c.status = 'active'{reopen}) AND d.outcome IS DISTINCT FROM %s"
-            " RETURNING c.id, c.call_id, c.phone_number, c.client_id, d.direction,"
-            " d.remote_number AS number, d.started_at, d.own_number, d.extension),"
+            f" AND (c.status = 'active'{self._reopen(recovering)})"
+            " AND d.outcome IS DISTINCT FROM %s RETURNING c.id, c.call_id, c.phone_number,"
+            " c.client_id),"
             " detail AS (UPDATE dpvoip.call_detail d SET outcome = %s, ended_at = %s,"
             " updated_at = now() FROM updated u WHERE d.call_id = u.call_id),"
             f" logs AS ({self._log_lines('updated', 1)}),"
-            " note AS (SELECT pg_notify(%s, %s) FROM updated),"
-            f"{locking}"
-            " done AS (SELECT (SELECT count(*) FROM note) + (SELECT count(*) FROM lock))"
-            " SELECT u.id, u.call_id, u.phone_number, u.client_id, u.direction, u.number,"
-            " u.started_at, u.own_number, u.extension, (SELECT * FROM done) FROM updated u"
+            " note AS (SELECT pg_notify(%s, %s) FROM updated)"
+            " SELECT u.id, (SELECT count(*) FROM note) FROM updated u"
         )
 
+    @staticmethod
+    def _reopen(recovering: bool) -> str:
+        return " OR d.outcome = 'interrupted'" if recovering else ""
+
     async def _ended(self, ended: Ended, origin: Origin, recovering: bool = False) -> None:
-        ticketable = ended.outcome.wants_ticket("incoming")
+        log_line = self._texts("ended", notes=ended.notes, talk=talk_time(ended.duration))
+        payload = self._payload("ended", ended.call_id, status=ended.outcome.status,
+                                outcome=ended.outcome.value, duration=ended.duration)
         params = (
             ended.outcome.status, ended.at, ended.duration, ended.notes, ended.call_id,
             ended.outcome.value, ended.outcome.value, ended.at,
-            "ended", self._texts("ended", notes=ended.notes, talk=talk_time(ended.duration)),
-            NOTIFY_CHANNEL, self._payload("ended", ended.call_id, status=ended.outcome.status,
-                                          outcome=ended.outcome.value,
-                                          duration=ended.duration),
+            "ended", log_line, NOTIFY_CHANNEL, payload,
         )
-        if not ticketable:
-            rows = await self._store.write_one(self._finish_statement(recovering, False),
-                                               params)
+        if not ended.outcome.wants_ticket("incoming"):
+            done = bool(await self._store.write_one(self._finish_statement(recovering),
+                                                    params))
         else:
-            async def steps(batch: Batch) -> list[tuple[Any, ...]]:
-                found = await batch.run(self._finish_statement(recovering, True), params)
-                if found:
-                    await self._ticket(batch, found[0], ended, origin)
-                return found
+            async def steps(batch: Batch) -> bool:
+                # First the call and, for a number, its ticket lock: the statement that
+                # follows then sees any ticket another transaction just committed.
+                found = await batch.run(
+                    "SELECT c.id, c.phone_number, c.client_id, d.direction, d.remote_number,"
+                    f" d.started_at, d.own_number, d.extension FROM {self._crm}"
+                    ".accounting_voipcall c JOIN dpvoip.call_detail d ON d.call_id = c.call_id"
+                    " LEFT JOIN LATERAL (SELECT pg_advisory_xact_lock(hashtext("
+                    "'dpvoip-ticket:' || d.remote_number)) WHERE d.direction = 'incoming'"
+                    " AND d.remote_number IS NOT NULL) AS locked ON true"
+                    f" WHERE c.call_id = %s AND (c.status = 'active'{self._reopen(recovering)})"
+                    " AND d.outcome IS DISTINCT FROM %s FOR UPDATE OF c",
+                    (ended.call_id, ended.outcome.value),
+                )
+                if not found:
+                    return False
+                row_id, phone, client_id, direction, number, started_at, own, extension = (
+                    found[0])
+                if direction != "incoming" or not (phone or self._tickets.withheld):
+                    await batch.run(self._finish_statement(recovering), params, last=True)
+                    return True
+                await self._ticket(batch, ended, origin, row_id, phone, client_id, number,
+                                   started_at, own, extension, log_line, payload)
+                return True
 
-            rows = await self._store.batch(steps)
-        if rows:
+            done = await self._store.batch(steps)
+        if done:
             self.counters.calls_ended += 1
             log.info("call {call_id}: {status}, {notes}, talk time {talk}",
                      call_id=ended.call_id, status=ended.outcome.status, notes=ended.notes,
@@ -313,20 +324,15 @@ class Ingest:
         else:
             self.counters.replays_ignored += 1
 
-    async def _ticket(self, batch: Batch, found: tuple[Any, ...], ended: Ended,
-                      origin: Origin) -> None:
-        """The missed-call ticket rule of behaviour.md section 5, in the call's transaction.
-
-        One statement (that also commits): it looks for an open ticket of the number
-        created within the window (the previous statement took the number's lock, so this
-        one sees any ticket another transaction just committed), counts the number's missed
-        calls, then updates that ticket or creates one, links the call, logs and publishes.
-        The words come from ``texts`` as templates; SQL only fills in the numbers.
-        """
-        (row_id, _call_id, phone, client_id, direction, number, started_at, own_number,
-         extension, _) = found
-        if direction != "incoming" or not (phone or self._tickets.withheld):
-            return
+    async def _ticket(self, batch: Batch, ended: Ended, origin: Origin, row_id: int,
+                      phone: str, client_id: int | None, number: str | None,
+                      started_at: datetime, own_number: str, extension: int | None,
+                      ended_line: str, ended_payload: str) -> None:
+        """The missed call's end and its ticket (behaviour.md section 5), one statement
+        that also commits: it looks for an open ticket of the number created within the
+        window, counts the number's missed calls, updates that ticket or creates one,
+        finalises the call row linked to it, logs and publishes both. The words come from
+        ``texts`` as templates; SQL only fills in the numbers."""
         if extension is None:
             extension = ended.extension
         shown = phone or self._texts("withheld")
@@ -340,10 +346,10 @@ class Ingest:
             " AND d.remote_number = %(number)s AND d.ticket_id IS NOT NULL"
             " AND t.status = ANY(%(open)s) AND t.created_at > %(since)s"
             " ORDER BY t.created_at DESC LIMIT 1) AS existing,"
-            " CASE WHEN %(number)s::text IS NULL THEN 1 ELSE greatest(1, (SELECT count(*)"
+            " CASE WHEN %(number)s::text IS NULL THEN 1 ELSE 1 + (SELECT count(*)"
             " FROM dpvoip.call_detail WHERE remote_number = %(number)s AND direction ="
-            " 'incoming' AND outcome IN ('missed', 'voicemail') AND started_at > %(since)s))"
-            " END AS n,"
+            " 'incoming' AND outcome IN ('missed', 'voicemail') AND started_at > %(since)s"
+            " AND call_id <> %(call_id)s) END AS n,"
             f" (SELECT eponimia FROM {self._crm}.accounting_clientprofile"
             " WHERE id = %(client)s) AS client_name,"
             f" (SELECT id FROM {self._crm}.auth_user WHERE username = %(user)s"
@@ -365,22 +371,27 @@ class Ingest:
             " RETURNING id, title),"
             " ticket AS (SELECT id, title, 'ticket_updated' AS action FROM updated"
             " UNION ALL SELECT id, title, 'ticket_created' FROM created),"
-            f" call AS (UPDATE {self._crm}.accounting_voipcall v SET ticket_created = true,"
-            " ticket_id = t.id::text, updated_at = now() FROM ticket t WHERE v.id = %(row)s"
-            " RETURNING v.id, v.call_id, v.phone_number, v.client_id, t.id AS ticket,"
-            " t.title, t.action),"
-            " detail AS (UPDATE dpvoip.call_detail d SET ticket_id = c.ticket FROM call c"
+            f" call AS (UPDATE {self._crm}.accounting_voipcall v SET status = %(status)s,"
+            " ended_at = %(at)s, duration_seconds = %(duration)s, notes = %(notes)s,"
+            " ticket_created = true, ticket_id = t.id::text, updated_at = now()"
+            " FROM ticket t WHERE v.id = %(row)s RETURNING v.id, v.call_id, v.phone_number,"
+            " v.client_id, t.id AS ticket, t.title, t.action),"
+            " detail AS (UPDATE dpvoip.call_detail d SET outcome = %(outcome)s, ended_at ="
+            " %(at)s, ticket_id = c.ticket, updated_at = now() FROM call c"
             " WHERE d.call_id = c.call_id),"
             f" logs AS (INSERT INTO {self._crm}.accounting_voipcalllog (action, description,"
-            f" created_at, call_id{extra_columns}) SELECT c.action,"
-            " replace(replace(CASE c.action WHEN 'ticket_created' THEN %(created_log)s"
-            " ELSE %(updated_log)s END, '{id}', c.ticket::text), '{title}', c.title), now(),"
-            f" c.id{extra_values} FROM call c),"
-            " note AS (SELECT pg_notify(%(channel)s, json_build_object('event', c.action,"
+            f" created_at, call_id{extra_columns}) SELECT line.action, line.description,"
+            f" now(), c.id{extra_values} FROM call c CROSS JOIN LATERAL (VALUES"
+            " (0, 'ended', %(ended_line)s), (1, c.action, replace(replace(CASE c.action"
+            " WHEN 'ticket_created' THEN %(created_log)s ELSE %(updated_log)s END, '{id}',"
+            " c.ticket::text), '{title}', c.title))) AS line(n, action, description)"
+            " ORDER BY line.n),"
+            " note AS (SELECT pg_notify(%(channel)s, %(ended_payload)s) FROM call"
+            " UNION ALL SELECT pg_notify(%(channel)s, json_build_object('event', c.action,"
             " 'call_id', c.call_id, 'ticket_id', c.ticket)::text) FROM call c)"
             " SELECT (SELECT count(*) FROM note)",
             {
-                "number": number, "open": list(_OPEN_TICKET),
+                "number": number, "open": list(_OPEN_TICKET), "call_id": ended.call_id,
                 "since": started_at - timedelta(hours=self._tickets.group_hours),
                 "client": client_id, "user": assignee, "row": row_id,
                 "urgent_at": self._tickets.urgent_at,
@@ -392,7 +403,10 @@ class Ingest:
                                            time=f"{local:%d/%m/%Y %H:%M}"),
                 "created_log": self._texts("ticket_created", id="{id}", title="{title}"),
                 "updated_log": self._texts("ticket_updated", id="{id}", title="{title}"),
-                "channel": NOTIFY_CHANNEL,
+                "channel": NOTIFY_CHANNEL, "status": ended.outcome.status, "at": ended.at,
+                "duration": ended.duration, "notes": ended.notes,
+                "outcome": ended.outcome.value, "ended_line": ended_line,
+                "ended_payload": ended_payload,
             },
             last=True,
         )
