@@ -105,6 +105,7 @@ class FritzBox:
         self.tracker = CallTracker(self.rules)
         self.status = BoxStatus(settings.name, settings.host, settings.port)
         self.pending: set[Deferred[None]] = set()
+        self.connection: CallMonitorProtocol | None = None
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
@@ -132,6 +133,7 @@ class FritzBox:
         if status.connections:
             status.reconnects += 1
         status.connections += 1
+        self.connection = protocol
         status.connected = True
         status.since = self._now()
         log.info("box {box}: connected to {host}:{port}", box=self.settings.name,
@@ -166,6 +168,7 @@ class FritzBox:
                  box=self.settings.name)
 
     def connection_lost(self, reason: Failure) -> None:
+        self.connection = None
         self.status.connected = False
         self.status.since = self._now()
         log.info("box {box}: connection lost ({why})", box=self.settings.name,

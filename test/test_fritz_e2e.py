@@ -4,6 +4,7 @@ tables. Scenarios of fritzbox.md sections 4, 5 and 8, framing, and connection fa
 
 from __future__ import annotations
 
+import socket
 from dataclasses import replace
 from typing import Any
 
@@ -196,6 +197,11 @@ class FaultTests(EndToEndTestCase):
         [box] = daemon.boxes
         self.assertGreaterEqual(box.status.reconnects, 2)
         self.assertTrue(box.status.connected)
+        # The daemon's own connection to the box has the short keepalive timers.
+        assert box.connection is not None and box.connection.transport is not None
+        handle: Any = box.connection.transport.getHandle()
+        self.assertEqual(handle.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+        self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 60)
         self.assertEqual(simulator.lines_dropped, 0)
 
     @defer.inlineCallbacks
