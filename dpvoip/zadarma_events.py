@@ -1,13 +1,14 @@
 """Zadarma's webhook events as typed data (zadarma.md section 1.3). Pure.
 
-Values are kept exactly as received (the signature covers them raw); numbers are
-normalised elsewhere, only for matching. Optional fields are simply absent. An event this
+Values are kept as received but for surrounding white space (the signature is checked
+on the raw form before this); numbers are normalised elsewhere, only for matching. Optional fields are simply absent. An event this
 module does not know is returned as ``UnknownEvent``: it is answered 200 and counted, and
 creates no call.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +28,7 @@ REQUIRED: Mapping[str, tuple[str, ...]] = {
     "NOTIFY_IVR": ("pbx_call_id", "call_start", "caller_id"),
 }
 
+_CALL_START = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
 _LIMIT = 200  # no field Zadarma sends is longer; a longer one is not Zadarma
 
 
@@ -79,6 +81,8 @@ def parse_event(form: Mapping[str, str]) -> ZadarmaEvent | UnknownEvent:
         raise BadEvent(f"{kind} lacks {', '.join(missing)}")
     start = form.get("call_start", "").strip()
     try:
+        if start and not _CALL_START.fullmatch(start):
+            raise ValueError
         call_start = datetime.strptime(start, "%Y-%m-%d %H:%M:%S") if start else None
     except ValueError:
         raise BadEvent(f"call_start {start[:30]!r} is not YYYY-MM-DD HH:MM:SS") from None

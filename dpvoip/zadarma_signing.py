@@ -50,10 +50,16 @@ def webhook_signature(secret: str, form: Mapping[str, str]) -> str | None:
 def verify_webhook(secret: str, form: Mapping[str, str], header: str | None) -> bool:
     """Whether ``header`` is the event's signature. Constant time; the raw-digest form one
     official SDK produces by mistake is rejected (it is not what Zadarma sends)."""
-    expected = webhook_signature(secret, form)
-    if not secret or expected is None or header is None:
+    if not secret or header is None:
         return False
-    return hmac.compare_digest(expected.encode("ascii"), header.strip().encode("utf-8"))
+    try:
+        expected = webhook_signature(secret, form)
+        given = header.strip().encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: not what Zadarma sends
+        return False
+    if expected is None:
+        return False
+    return hmac.compare_digest(expected.encode("ascii"), given)
 
 
 def php_query(params: Mapping[str, str | int]) -> str:
