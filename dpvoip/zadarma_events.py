@@ -1,9 +1,9 @@
 """Zadarma's webhook events as typed data (zadarma.md section 1.3). Pure.
 
 Values are kept as received but for surrounding white space (the signature is checked
-on the raw form before this); numbers are normalised elsewhere, only for matching. Optional fields are simply absent. An event this
-module does not know is returned as ``UnknownEvent``: it is answered 200 and counted, and
-creates no call.
+on the raw form before this); numbers are normalised elsewhere, only for matching.
+Optional fields are simply absent. An event this module does not know is returned as
+``UnknownEvent``: it is answered 200 and counted, and creates no call.
 """
 
 from __future__ import annotations
