@@ -1,0 +1,140 @@
+"""A Zadarma call computed from its events: real event sequences, in every order."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import datetime
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from dpvoip.outcomes import Outcome
+from dpvoip.zadarma_calls import ZadarmaCall, summarise
+from dpvoip.zadarma_events import ZadarmaEvent, parse_event
+
+START = "2024-01-01 10:00:00"
+PBX = "in_" + "a" * 40
+
+
+def event(kind: str, **fields: str) -> ZadarmaEvent:
+    form = {"event": kind, "pbx_call_id": fields.pop("pbx_call_id", PBX),
+            "call_start": START, **fields}
+    if kind == "NOTIFY_RECORD":
+        del form["call_start"]
+    parsed = parse_event(form)
+    assert isinstance(parsed, ZadarmaEvent)
+    return parsed
+
+
+INCOMING_ANSWERED = [
+    event("NOTIFY_START", caller_id="+302101234567", called_did="302107654321"),
+    event("NOTIFY_INTERNAL", caller_id="+302101234567", called_did="302107654321",
+          internal="100"),
+    event("NOTIFY_ANSWER", caller_id="+302101234567", destination="100", internal="100"),
+    event("NOTIFY_END", caller_id="+302101234567", called_did="302107654321", internal="100",
+          duration="95", disposition="answered", status_code="16", is_recorded="1",
+          call_id_with_rec="1704103200.123456"),
+]
+INCOMING_MISSED = [
+    event("NOTIFY_START", caller_id="6912345678", called_did="302107654321"),
+    event("NOTIFY_INTERNAL", caller_id="6912345678", called_did="302107654321",
+          internal="100"),
+    event("NOTIFY_END", caller_id="6912345678", called_did="302107654321", duration="0",
+          disposition="no answer", status_code="19", is_recorded="0"),
+]
+OUTGOING = [
+    event("NOTIFY_OUT_START", internal="101", destination="302310555123",
+          caller_id="302107654321"),
+    event("NOTIFY_OUT_END", internal="101", destination="302310555123",
+          caller_id="302107654321", duration="42", disposition="answered",
+          status_code="16", is_recorded="0"),
+]
+CALLBACK = [
+    event("NOTIFY_OUT_START", internal="100", destination="306971234567",
+          caller_id="302107654321", calltype="callback_leg1"),
+    event("NOTIFY_OUT_START", internal="100", destination="302101234567",
+          caller_id="302107654321", calltype="callback_leg2"),
+    event("NOTIFY_OUT_END", internal="100", destination="302101234567",
+          caller_id="302107654321", duration="61", disposition="answered",
+          status_code="16", is_recorded="0", calltype="callback_leg2"),
+    event("NOTIFY_OUT_END", internal="100", destination="306971234567",
+          caller_id="302107654321", duration="70", disposition="answered",
+          status_code="16", is_recorded="0", calltype="callback_leg1"),
+]
+
+
+def every_order(events: list[ZadarmaEvent]) -> set[ZadarmaCall | None]:
+    return {summarise(order) for order in itertools.permutations(events)}
+
+
+class SummaryTests(SynchronousTestCase):
+    def test_an_incoming_answered_call_in_every_order(self) -> None:
+        [call] = every_order(INCOMING_ANSWERED)
+        assert call is not None
+        self.assertEqual((call.direction, call.remote, call.own_number, call.extension),
+                         ("incoming", "+302101234567", "302107654321", "100"))
+        self.assertEqual((call.outcome, call.duration, call.notes, call.recording),
+                         (Outcome.ANSWERED, 95, "answered", "1704103200.123456"))
+        self.assertEqual(call.started, datetime(2024, 1, 1, 10, 0, 0))
+
+    def test_an_incoming_missed_call(self) -> None:
+        [call] = every_order(INCOMING_MISSED)
+        assert call is not None
+        self.assertEqual((call.outcome, call.duration, call.notes),
+                         (Outcome.MISSED, 0, "missed (no answer)"))
+        self.assertTrue(call.outcome and call.outcome.wants_ticket(call.direction))
+
+    def test_an_outgoing_call(self) -> None:
+        [call] = every_order(OUTGOING)
+        assert call is not None
+        self.assertEqual((call.direction, call.remote, call.extension, call.outcome,
+                          call.duration), ("outgoing", "302310555123", "101",
+                                           Outcome.ANSWERED, 42))
+
+    def test_a_callback_is_one_outgoing_call_to_the_customer(self) -> None:
+        [call] = every_order(CALLBACK)
+        assert call is not None
+        self.assertEqual((call.direction, call.remote, call.callback, call.duration,
+                          call.notes), ("outgoing", "302101234567", True, 61,
+                                        "answered, callback"))
+
+    def test_a_callback_whose_user_never_answers(self) -> None:
+        leg1 = [
+            CALLBACK[0],
+            event("NOTIFY_OUT_END", internal="100", destination="306971234567",
+                  caller_id="302107654321", duration="0", disposition="no answer",
+                  status_code="19", is_recorded="0", calltype="callback_leg1"),
+        ]
+        [call] = every_order(leg1)
+        assert call is not None
+        self.assertEqual((call.remote, call.outcome, call.notes),
+                         ("", Outcome.NOT_REACHED, "not reached (no answer), callback"))
+
+    def test_a_call_in_progress_has_no_outcome(self) -> None:
+        call = summarise(INCOMING_ANSWERED[:3])
+        assert call is not None
+        self.assertIsNone(call.outcome)
+        self.assertTrue(call.answered)
+        self.assertFalse(call.final)
+
+    def test_a_recording_notice_alone_is_no_call_yet_and_joins_later(self) -> None:
+        record = event("NOTIFY_RECORD", call_id_with_rec="1704103200.999")
+        self.assertIsNone(summarise([record]))
+        call = summarise([record, *INCOMING_MISSED])
+        assert call is not None
+        self.assertEqual(call.recording, "1704103200.999")
+
+    def test_duplicates_change_nothing(self) -> None:
+        once = summarise(INCOMING_ANSWERED)
+        self.assertEqual(summarise(INCOMING_ANSWERED + INCOMING_ANSWERED[1:3]), once)
+
+    def test_a_hidden_caller_and_failures(self) -> None:
+        hidden = summarise([event("NOTIFY_START", caller_id="0", called_did="302107654321"),
+                            event("NOTIFY_END", caller_id="0", called_did="302107654321",
+                                  disposition="cancel", duration="0")])
+        assert hidden is not None
+        self.assertEqual((hidden.remote, hidden.outcome), ("", Outcome.MISSED))
+        failed = summarise([event("NOTIFY_OUT_END", internal="101", destination="4420",
+                                  disposition="no money", duration="0")])
+        assert failed is not None
+        self.assertEqual((failed.outcome, failed.outcome.status if failed.outcome else None,
+                          failed.notes), (Outcome.FAILED, "failed", "failed (no money)"))
