@@ -14,10 +14,10 @@ number by a transaction-scoped advisory lock, so they make one ticket.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from twisted.internet.defer import Deferred
@@ -41,8 +41,12 @@ from dpvoip.tracker import (
     Unmatched,
     decide,
 )
+from dpvoip.zadarma_calls import ZadarmaCall, summarise
+from dpvoip.zadarma_events import ZadarmaEvent, parse_event
+from dpvoip.zadarma_events import call_id as zadarma_call_id
 
 log = Logger(namespace="dpvoip.ingest")
+T = TypeVar("T")
 
 #: How far back a CONNECT/DISCONNECT of an unknown id may find the call it belongs to.
 RECOVERY_WINDOW = timedelta(hours=12)
@@ -58,6 +62,21 @@ class Origin:
     where: Dialling
     rules: BoxRules | None = None
     source: str = "fritzbox"
+
+
+@dataclass(frozen=True)
+class ZadarmaContext:
+    """How to read a Zadarma account's events: its numbers' country, its clock's zone."""
+
+    where: Dialling
+    zone: ZoneInfo
+    tickets: bool = False
+
+
+@dataclass(frozen=True)
+class ZadarmaOutcome:
+    duplicate: bool
+    match: Match | None = None
 
 
 @dataclass
@@ -100,16 +119,27 @@ class Ingest:
 
     def submit(self, happening: Happening, origin: Origin) -> Deferred[None]:
         """Apply ``happening``; fires when it is committed (or fails, after logging it)."""
-        key = _chain_key(happening)
+        return self._in_order(_chain_key(happening), lambda: self._apply(happening, origin))
+
+    def submit_zadarma(self, event: ZadarmaEvent, form: Mapping[str, str],
+                       context: ZadarmaContext) -> Deferred[ZadarmaOutcome]:
+        """Record a Zadarma webhook event (journal, call row, logs, CRM, ticket); fires with
+        what the answer needs once it is committed."""
+        return self._in_order(f"zd:{event.pbx_call_id}",
+                              lambda: self._zadarma(event, form, context))
+
+    def _in_order(self, key: str, work: Callable[[], Awaitable[T]]) -> Deferred[T]:
+        """Run ``work`` after everything submitted before under ``key`` (one call's events
+        in order); different keys run concurrently."""
         previous = self._chains.get(key)
         done: Deferred[None] = Deferred()  # fires, never fails, when this one is through
         self._chains[key] = done
 
-        async def run() -> None:
+        async def run() -> T:
             if previous is not None:
                 await previous
             try:
-                await self._apply(happening, origin)
+                return await work()
             finally:
                 if self._chains.get(key) is done:
                     del self._chains[key]
@@ -438,6 +468,140 @@ class Ingest:
                     return user
         return None
 
+    # -- Zadarma -----------------------------------------------------------------------------
+
+    async def _zadarma(self, event: ZadarmaEvent, form: Mapping[str, str],
+                       context: ZadarmaContext) -> ZadarmaOutcome:
+        """Journal the event, then compute the call again from all of its events and write
+        what changed: one transaction, serialised per call across instances by an advisory
+        lock. A repeated event stops at the journal and changes nothing."""
+        identity = zadarma_call_id(event.pbx_call_id)
+
+        async def steps(batch: Batch) -> ZadarmaOutcome:
+            fresh = await batch.run(
+                "SELECT pg_advisory_xact_lock(hashtext(%s));"
+                " INSERT INTO dpvoip.zadarma_event (pbx_call_id, event, calltype, internal,"
+                " destination, form) VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT DO NOTHING RETURNING id",
+                (f"dpvoip-zadarma:{event.pbx_call_id}", event.pbx_call_id, event.kind,
+                 event.calltype, event.internal, event.destination, json.dumps(dict(form))),
+            )
+            if not fresh:
+                self.counters.replays_ignored += 1
+                return ZadarmaOutcome(duplicate=True)
+            [(forms, previous)] = await batch.run(
+                "SELECT (SELECT json_agg(form ORDER BY id) FROM dpvoip.zadarma_event"
+                " WHERE pbx_call_id = %s), (SELECT outcome FROM dpvoip.call_detail"
+                " WHERE call_id = %s)",
+                (event.pbx_call_id, identity),
+            )
+            events = [e for e in map(parse_event, forms) if isinstance(e, ZadarmaEvent)]
+            call = summarise(events)
+            if call is None:
+                return ZadarmaOutcome(duplicate=False)  # a recording notice, kept for later
+            return await self._zadarma_call(batch, identity, call, previous, context)
+
+        return await self._store.batch(steps)
+
+    async def _zadarma_call(self, batch: Batch, identity: str, call: ZadarmaCall,
+                            previous: str | None, context: ZadarmaContext) -> ZadarmaOutcome:
+        number = normalise(call.remote, context.where)
+        match = await self._directory.lookup(number) if number else None
+        phone = remote_column(call.remote, number)
+        client = match.client if match else None
+        person = match.person if match else None
+        started = (call.started.replace(tzinfo=context.zone).astimezone(UTC)
+                   if call.started else datetime.now(UTC))
+        outcome = call.outcome
+        extension = int(call.extension) if call.extension.isdigit() else None
+        [(row_id, inserted)] = await batch.run(
+            f"WITH call AS (INSERT INTO {self._crm}.accounting_voipcall AS v (call_id,"
+            " direction, phone_number, status, started_at, ended_at, duration_seconds, notes,"
+            " ticket_created, ticket_id, created_at, updated_at, client_id, client_email,"
+            " resolution) VALUES (%(id)s, %(direction)s, %(phone)s, %(status)s, %(started)s,"
+            " CASE WHEN %(final)s THEN now() END, %(duration)s, %(notes)s, false, NULL, now(),"
+            " now(), %(client)s, %(email)s, 'pending') ON CONFLICT (call_id) DO UPDATE SET"
+            " direction = EXCLUDED.direction, phone_number = EXCLUDED.phone_number,"
+            " status = EXCLUDED.status, started_at = EXCLUDED.started_at,"
+            " ended_at = coalesce(v.ended_at, EXCLUDED.ended_at),"
+            " duration_seconds = EXCLUDED.duration_seconds, notes = EXCLUDED.notes,"
+            " client_id = coalesce(EXCLUDED.client_id, v.client_id),"
+            " client_email = coalesce(EXCLUDED.client_email, v.client_email),"
+            " updated_at = now() RETURNING v.id, v.call_id, (xmax = 0) AS inserted),"
+            " detail AS (INSERT INTO dpvoip.call_detail AS d (call_id, source, direction,"
+            " remote_raw, remote_number, own_number, extension, started_at, ended_at, outcome,"
+            " client_id, contact_id, lead_id, deal_id, pbx_call_id, disposition, calltype,"
+            " recording) VALUES (%(id)s, 'zadarma', %(direction)s, %(remote)s, %(number)s,"
+            " %(own)s, %(extension)s, %(started)s, CASE WHEN %(final)s THEN now() END,"
+            " %(outcome)s, %(client)s, %(contact)s, %(lead)s, %(deal)s, %(pbx)s,"
+            " %(disposition)s, %(calltype)s, %(recording)s) ON CONFLICT (call_id) DO UPDATE"
+            " SET direction = EXCLUDED.direction, remote_raw = EXCLUDED.remote_raw,"
+            " remote_number = EXCLUDED.remote_number, own_number = EXCLUDED.own_number,"
+            " extension = EXCLUDED.extension, started_at = EXCLUDED.started_at,"
+            " ended_at = coalesce(d.ended_at, EXCLUDED.ended_at), outcome = EXCLUDED.outcome,"
+            " client_id = coalesce(EXCLUDED.client_id, d.client_id),"
+            " contact_id = coalesce(EXCLUDED.contact_id, d.contact_id),"
+            " lead_id = coalesce(EXCLUDED.lead_id, d.lead_id),"
+            " deal_id = coalesce(EXCLUDED.deal_id, d.deal_id),"
+            " disposition = EXCLUDED.disposition, calltype = EXCLUDED.calltype,"
+            " recording = coalesce(nullif(EXCLUDED.recording, ''), d.recording),"
+            " updated_at = now())"
+            " SELECT id, inserted FROM call",
+            {"id": identity, "direction": call.direction, "phone": phone,
+             "status": outcome.status if outcome else "active", "started": started,
+             "final": outcome is not None, "duration": call.duration, "notes": call.notes,
+             "client": client.id if client else None, "email": client.email if client else None,
+             "remote": call.remote, "number": number, "own": call.own_number,
+             "extension": extension, "outcome": outcome.value if outcome else None,
+             "contact": person.id if person and person.kind == "contact" else None,
+             "lead": person.id if person and person.kind == "lead" else None,
+             "deal": match.deal.id if match and match.deal else None,
+             "pbx": call.pbx_call_id, "disposition": call.disposition or None,
+             "calltype": "callback" if call.callback else "normal",
+             "recording": call.recording},
+        )
+        lines: list[str] = []
+        shown = phone or self._texts("withheld")
+        name = match.display_name if match else self._texts("unknown")
+        if inserted:
+            self.counters.calls_started += 1
+            lines += ["started", self._texts(f"started_{call.direction}", number=shown,
+                                             name=name)]
+            if match is not None:
+                lines += ["client_matched", self._matched_text(match)]
+        ending = outcome is not None and previous is None
+        ended_line = self._texts("ended", notes=call.notes, talk=talk_time(call.duration))
+        ended_payload = self._payload("ended", identity, status=outcome.status,
+                                      outcome=outcome.value, duration=call.duration
+                                      ) if outcome else ""
+        ticket = (ending and outcome is not None and context.tickets
+                  and outcome.wants_ticket(call.direction)
+                  and bool(phone or self._tickets.withheld))
+        if ending and not ticket:
+            self.counters.calls_ended += 1
+            lines += ["ended", ended_line]
+        if lines:
+            event = "started" if inserted else "ended"
+            await batch.run(
+                f"WITH call AS (SELECT id, call_id, phone_number, client_id FROM {self._crm}"
+                ".accounting_voipcall WHERE call_id = %s),"
+                f" logs AS ({self._log_lines('call', len(lines) // 2)}),"
+                " note AS (SELECT pg_notify(%s, %s) FROM call)"
+                " SELECT (SELECT count(*) FROM note)",
+                (identity, *lines, NOTIFY_CHANNEL,
+                 self._payload(event, identity, direction=call.direction, number=phone,
+                               name=match.display_name if match else None)),
+            )
+        if ticket and outcome is not None:
+            self.counters.calls_ended += 1
+            ended = Ended(identity, outcome, call.duration, datetime.now(UTC), extension,
+                          call.notes)
+            origin = Origin("zadarma", context.where, source="zadarma")
+            await self._ticket(batch, ended, origin, row_id, phone,
+                               client.id if client else None, number, started,
+                               call.own_number, extension, ended_line, ended_payload)
+        return ZadarmaOutcome(duplicate=False, match=match)
+
     # -- events of calls this process never saw start ----------------------------------------
 
     async def _unmatched(self, event: Unmatched, origin: Origin) -> None:
@@ -492,5 +656,3 @@ def _chain_key(happening: Happening) -> str:
         return f"{happening.box}:{happening.conn_id}"
     return happening.call_id
 
-
-Apply = Callable[[Happening, Origin], Awaitable[None]]

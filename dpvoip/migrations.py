@@ -126,6 +126,29 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        6,
+        "Zadarma: the event journal, and what a Zadarma call keeps",
+        """
+        CREATE TABLE dpvoip.zadarma_event (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            pbx_call_id text NOT NULL,
+            event text NOT NULL,
+            calltype text NOT NULL,
+            internal text NOT NULL,
+            destination text NOT NULL,
+            form jsonb NOT NULL,
+            received_at timestamptz NOT NULL DEFAULT now(),
+            UNIQUE (pbx_call_id, event, calltype, internal, destination)
+        );
+        ALTER TABLE dpvoip.call_detail
+            ADD COLUMN pbx_call_id text,
+            ADD COLUMN disposition text,
+            ADD COLUMN calltype text,
+            ADD COLUMN recording text,
+            ADD COLUMN crm_touched boolean NOT NULL DEFAULT false;
+        """,
+    ),
 )
 
 

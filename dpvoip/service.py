@@ -29,14 +29,16 @@ from dpvoip.directory_service import DirectoryService
 from dpvoip.dsn import connection_dsn
 from dpvoip.embedded import EmbeddedPostgres
 from dpvoip.fritzbox import BoxStatusReporter, FritzBox, FritzBoxService, retry_policy
-from dpvoip.ingest import Ingest
+from dpvoip.ingest import Ingest, ZadarmaContext
 from dpvoip.migrations import SchemaMismatch, prepare
 from dpvoip.numbers import Dialling, normalise
 from dpvoip.pool import HealingPool
+from dpvoip.sources import networks
 from dpvoip.store import Store
 from dpvoip.texts import Texts
 from dpvoip.web.app import Readiness, WebApp
 from dpvoip.web.server import DpvoipSite, WebService
+from dpvoip.web.zadarma import ZadarmaWebhook
 
 log = Logger(namespace="dpvoip")
 
@@ -312,7 +314,19 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
              "fritzbox": [b.status.as_json(b.tracker.open_calls) for b in boxes]},
         )
 
-    app = WebApp(lambda: Deferred.fromCoroutine(readiness()), __version__)
+    zadarma = ZadarmaWebhook(
+        recorder=ingest,
+        context=ZadarmaContext(
+            Dialling(config.directory.region),
+            ZoneInfo(config.zadarma.timezone or config.crm.timezone),
+            tickets=config.zadarma.create_tickets,
+        ),
+        secret=config.zadarma.secret,
+        allowlist=networks(config.zadarma.allowed_networks),
+        proxies=networks(config.web.trusted_proxies),
+        caller_name=config.zadarma.caller_name,
+    )
+    app = WebApp(lambda: Deferred.fromCoroutine(readiness()), __version__, zadarma)
     site = DpvoipSite(app.resource(), config.web, reactor)
     web = _Listening(reactor, site, config.web.listen)
     web.setServiceParent(top)

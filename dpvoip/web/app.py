@@ -18,6 +18,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from dpvoip.web.errors import HttpError, error_body, json_body
+from dpvoip.web.zadarma import ZadarmaWebhook
 
 log = Logger()
 
@@ -45,9 +46,11 @@ class WebApp:
 
     app = Klein()
 
-    def __init__(self, readiness: ReadinessProbe, version: str) -> None:
+    def __init__(self, readiness: ReadinessProbe, version: str,
+                 zadarma: ZadarmaWebhook | None = None) -> None:
         self._readiness = readiness
         self._version = version
+        self._zadarma = zadarma
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -62,6 +65,19 @@ class WebApp:
         report = await self._readiness()
         status = 200 if report.ready else 503
         return _json(request, status, json_body({"ready": report.ready, **report.checks}))
+
+    @app.route("/voip/zd/", methods=["GET", "HEAD"])
+    def zadarma_echo(self, request: IRequest) -> bytes:
+        """Zadarma checks the URL with ?zd_echo=X and wants exactly X back, first of all."""
+        if self._zadarma is None:
+            raise HttpError(404, "Zadarma webhooks are not configured")
+        return self._zadarma.echo(request)
+
+    @app.route("/voip/zd/", methods=["POST"])
+    async def zadarma_event(self, request: IRequest) -> bytes:
+        if self._zadarma is None:
+            raise HttpError(404, "Zadarma webhooks are not configured")
+        return await self._zadarma.event(request)
 
     @app.handle_errors(HttpError)
     def http_error(self, request: IRequest, failure: Failure) -> bytes:

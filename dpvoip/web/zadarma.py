@@ -1,0 +1,127 @@
+"""``/voip/zd/``: Zadarma's webhooks, checked, recorded, answered.
+
+The order of checks is Zadarma's: the URL echo first (before anything else), then where
+the request comes from (403), its form (415, 400, 413 by the server), its signature
+(401), then the event. A request is answered 200 only once its event is committed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from dpvoip.config import Secret
+from dpvoip.ingest import ZadarmaContext, ZadarmaOutcome
+from dpvoip.sources import Network, allowed, client_address
+from dpvoip.web.errors import HttpError, require_media_type
+from dpvoip.zadarma_events import BadEvent, UnknownEvent, ZadarmaEvent, parse_event
+from dpvoip.zadarma_signing import verify_webhook
+
+log = Logger(namespace="dpvoip.zadarma")
+FORM = "application/x-www-form-urlencoded"
+
+
+class Recorder(Protocol):
+    def submit_zadarma(self, event: ZadarmaEvent, form: dict[str, str],
+                       context: ZadarmaContext) -> Deferred[ZadarmaOutcome]: ...
+
+
+@dataclass
+class WebhookCounters:
+    received: int = 0
+    recorded: int = 0
+    duplicates: int = 0
+    unknown: int = 0
+    refused: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class ZadarmaWebhook:
+    recorder: Recorder
+    context: ZadarmaContext
+    secret: Secret
+    allowlist: Sequence[Network]
+    proxies: Sequence[Network]
+    caller_name: bool = True
+    counters: WebhookCounters = field(default_factory=WebhookCounters)
+
+    def refuse(self, status: int, message: str) -> HttpError:
+        self.counters.refused[status] = self.counters.refused.get(status, 0) + 1
+        return HttpError(status, message)
+
+    def echo(self, request: IRequest) -> bytes:
+        token = request.args.get(b"zd_echo")
+        if not token:
+            raise self.refuse(400, "zd_echo missing")
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        value: bytes = token[0]
+        return value
+
+    async def event(self, request: IRequest) -> bytes:
+        self.counters.received += 1
+        peer = request.getClientAddress()
+        forwarded = request.requestHeaders.getRawHeaders(b"X-Forwarded-For", [])
+        sender = client_address(getattr(peer, "host", ""),
+                                [h.decode("latin-1") for h in forwarded], self.proxies)
+        if not allowed(sender, self.allowlist):
+            log.warn("webhook from {sender} refused: not a Zadarma address",
+                     sender=sender or "an unreadable address")
+            raise self.refuse(403, "not an address Zadarma sends from")
+        try:
+            require_media_type(request.getHeader(b"Content-Type"), FORM)
+        except HttpError as error:
+            raise self.refuse(error.status, error.message) from None
+        form = _form(request)
+        if form is None:
+            raise self.refuse(400, "malformed form body (a field given twice, or not UTF-8)")
+        signature = request.getHeader(b"Signature")
+        if not self.secret:
+            log.error("webhook refused: [zadarma] secret (ZADARMA_SECRET) is not configured")
+            raise self.refuse(401, "signature cannot be checked")
+        header = signature.decode("latin-1") if signature else None
+        if not verify_webhook(self.secret.reveal(), form, header):
+            raise self.refuse(401, "missing or wrong Signature")
+        try:
+            parsed = parse_event(form)
+        except BadEvent as error:
+            raise self.refuse(400, str(error)) from None
+        if isinstance(parsed, UnknownEvent):
+            self.counters.unknown += 1
+            log.info("Zadarma event {kind!r} is not one dpvoip records; answered 200",
+                     kind=parsed.kind)
+            return b""
+        outcome = await self.recorder.submit_zadarma(parsed, form, self.context)
+        if outcome.duplicate:
+            self.counters.duplicates += 1
+        else:
+            self.counters.recorded += 1
+        if parsed.kind in ("NOTIFY_START", "NOTIFY_IVR"):
+            return self.answer(request, outcome)
+        return b""
+
+    def answer(self, request: IRequest, outcome: ZadarmaOutcome) -> bytes:
+        """What changes the live call: the caller's name on the phones."""
+        reply: dict[str, Any] = {}
+        if self.caller_name and outcome.match is not None and outcome.match.display_name:
+            reply["caller_name"] = outcome.match.display_name[:64]
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(reply, ensure_ascii=False).encode("utf-8")
+
+
+def _form(request: IRequest) -> dict[str, str] | None:
+    """The form as text, one value per field; None when it cannot be read as one."""
+    form: dict[str, str] = {}
+    for key, values in request.args.items():
+        if len(values) != 1:
+            return None
+        try:
+            form[key.decode("utf-8")] = values[0].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return form

@@ -1,0 +1,269 @@
+"""Zadarma webhooks over HTTP into the daemon as wired, into a real PostgreSQL: real event
+sequences, duplicates and disorder, forged and spoofed requests, malformed bodies.
+The test client signs as Zadarma does (the signing vectors are in test_zadarma_core)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlencode
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
+
+from dpvoip.config import Config, DatabaseSettings, Secret, WebSettings, ZadarmaSettings
+from dpvoip.service import Daemon, build
+from dpvoip.zadarma_signing import webhook_signature
+from test.support.crm import Crm
+from test.support.postgres import postgres
+from test.test_database import eventually
+
+SECRET = "zd-test-secret"
+ZADARMA = "185.45.152.41"
+PBX = "in_" + "b" * 40
+START = "2026-01-15 10:00:00"  # Athens winter time: 08:00 UTC
+
+
+def incoming(caller: str = "6912345678", answered: bool = True,
+             pbx: str = PBX) -> list[dict[str, str]]:
+    common = {"pbx_call_id": pbx, "call_start": START, "caller_id": caller}
+    end = {"event": "NOTIFY_END", **common, "called_did": "302107654321",
+           "duration": "95" if answered else "0",
+           "disposition": "answered" if answered else "no answer", "status_code": "16",
+           "is_recorded": "0", "calltype": "normal"}
+    if answered:
+        end["internal"] = "100"
+    events = [
+        {"event": "NOTIFY_START", **common, "called_did": "302107654321"},
+        {"event": "NOTIFY_INTERNAL", **common, "called_did": "302107654321", "internal": "100",
+         "calltype": "normal"},
+    ]
+    if answered:
+        events.append({"event": "NOTIFY_ANSWER", **common, "destination": "100",
+                       "internal": "100", "calltype": "normal"})
+    return [*events, end]
+
+
+class WebhookTestCase(TestCase):
+    timeout = 60
+    zadarma = replace(ZadarmaSettings(), secret=Secret(SECRET), timezone="Europe/Athens")
+
+    def setUp(self) -> Any:
+        self.dsn = postgres().new_database(crm="2026-08")
+        self.crm = Crm(self.dsn)
+        self.http = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(self.http.closeCachedConnections)
+        config = Config(
+            database=replace(DatabaseSettings(), url=Secret(self.dsn), pool_size=4),
+            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
+            zadarma=self.zadarma, fritzbox=(),
+        )
+        self.daemon: Daemon = build(config, reactor)
+
+        async def start() -> None:
+            self.daemon.service.startService()
+            self.addCleanup(self.daemon.service.stopService)
+            await self.daemon.service.started
+            await eventually(lambda: self.daemon.directory.state.built)
+
+        return defer.Deferred.fromCoroutine(start())
+
+    @property
+    def url(self) -> str:
+        port = self.daemon.web.port.getHost().port  # type: ignore[union-attr]
+        return f"http://127.0.0.1:{port}/voip/zd/"
+
+    async def _post(self, form: dict[str, str], sender: str, signature: str | None,
+                    content_type: str, body: bytes | None) -> tuple[int, bytes]:
+        headers: dict[bytes | str, list[bytes | str]] = {
+            "Content-Type": [content_type], "X-Forwarded-For": [sender]}
+        if signature is not None:
+            headers["Signature"] = [signature]
+        data = body if body is not None else urlencode(form).encode()
+        response = await treq.post(self.url, data=data, headers=headers, pool=self.http)
+        return response.code, await response.content()
+
+    def post(self, form: dict[str, str], sender: str = ZADARMA, signature: str | None = "",
+             content_type: str = "application/x-www-form-urlencoded",
+             body: bytes | None = None) -> defer.Deferred[tuple[int, bytes]]:
+        if signature == "":
+            signature = webhook_signature(SECRET, form)
+        return defer.Deferred.fromCoroutine(
+            self._post(form, sender, signature, content_type, body))
+
+    async def _send_all(self, events: list[dict[str, str]]) -> list[int]:
+        codes = []
+        for form in events:
+            code, _ = await self.post(form)
+            codes.append(code)
+        return codes
+
+    def send_all(self, events: list[dict[str, str]]) -> defer.Deferred[list[int]]:
+        return defer.Deferred.fromCoroutine(self._send_all(events))
+
+    def calls(self) -> list[tuple[Any, ...]]:
+        return self.crm.query(
+            "SELECT call_id, direction, phone_number, status, duration_seconds, notes,"
+            " client_id, ticket_created, started_at::text FROM accounting_voipcall ORDER BY id")
+
+    def logs(self) -> list[str]:
+        return [r[0] for r in self.crm.query(
+            "SELECT action FROM accounting_voipcalllog ORDER BY id")]
+
+
+class EchoTests(WebhookTestCase):
+    @defer.inlineCallbacks
+    def test_the_url_check_echoes_the_token_before_any_other_check(self) -> Any:
+        response = yield treq.get(self.url + "?zd_echo=a1b2c3", pool=self.http)
+        self.assertEqual(response.code, 200)
+        self.assertEqual((yield response.content()), b"a1b2c3")
+
+
+class CallTests(WebhookTestCase):
+    @defer.inlineCallbacks
+    def test_an_incoming_answered_call_of_a_known_client(self) -> Any:
+        client = self.crm.client("Papadopoulos AE", kinito_tilefono="691 234 5678")
+        yield defer.Deferred.fromCoroutine(self.daemon.directory.build())
+        events = incoming()
+        code, body = yield self.post(events[0])
+        self.assertEqual((code, json.loads(body)), (200, {"caller_name": "Papadopoulos AE"}))
+        self.assertEqual((yield self.send_all(events[1:])), [200, 200, 200])
+        self.assertEqual(self.calls(), [(
+            f"zd-{PBX}", "incoming", "+306912345678", "completed", 95, "answered", client,
+            False, "2026-01-15 08:00:00+00",
+        )])
+        self.assertEqual(self.logs(), ["started", "client_matched", "ended"])
+        detail = self.crm.query("SELECT source, pbx_call_id, extension, outcome, disposition"
+                                " FROM dpvoip.call_detail")
+        self.assertEqual(detail, [("zadarma", PBX, 100, "answered", "answered")])
+
+    @defer.inlineCallbacks
+    def test_an_unknown_caller_gets_an_empty_answer_and_a_missed_call_no_ticket(self) -> Any:
+        events = incoming("2101234567", answered=False)
+        code, body = yield self.post(events[0])
+        self.assertEqual((code, json.loads(body)), (200, {}))
+        yield self.send_all(events[1:])
+        [call] = self.calls()
+        self.assertEqual(call[3:8], ("missed", 0, "missed (no answer)", None, False))
+        self.assertEqual(self.crm.query("SELECT count(*) FROM accounting_ticket"), [(0,)])
+
+    @defer.inlineCallbacks
+    def test_an_outgoing_call_and_a_callback(self) -> Any:
+        outgoing = [
+            {"event": "NOTIFY_OUT_START", "pbx_call_id": "out_" + "c" * 40,
+             "call_start": START, "internal": "101", "destination": "302310555123",
+             "caller_id": "302107654321", "calltype": "normal"},
+            {"event": "NOTIFY_OUT_END", "pbx_call_id": "out_" + "c" * 40,
+             "call_start": START, "internal": "101", "destination": "302310555123",
+             "caller_id": "302107654321", "duration": "42", "disposition": "answered",
+             "status_code": "16", "is_recorded": "0", "calltype": "normal"},
+        ]
+        callback = [
+            {"event": "NOTIFY_OUT_START", "pbx_call_id": "out_" + "d" * 40,
+             "call_start": START, "internal": "100", "destination": destination,
+             "caller_id": "302107654321", "calltype": leg}
+            for leg, destination in (("callback_leg1", "306971234567"),
+                                     ("callback_leg2", "302101234567"))
+        ] + [
+            {"event": "NOTIFY_OUT_END", "pbx_call_id": "out_" + "d" * 40,
+             "call_start": START, "internal": "100", "destination": destination,
+             "caller_id": "302107654321", "duration": seconds, "disposition": "answered",
+             "status_code": "16", "is_recorded": "0", "calltype": leg}
+            for leg, destination, seconds in (("callback_leg2", "302101234567", "61"),
+                                              ("callback_leg1", "306971234567", "70"))
+        ]
+        yield self.send_all(outgoing + callback)
+        self.assertEqual([c[1:6] for c in self.calls()], [
+            ("outgoing", "+302310555123", "completed", 42, "answered"),
+            ("outgoing", "+302101234567", "completed", 61, "answered, callback"),
+        ])
+
+    @defer.inlineCallbacks
+    def test_every_order_and_duplicates_give_the_same_call(self) -> Any:
+        events = incoming()
+        expected: list[tuple[Any, ...]] | None = None
+        for n, order in enumerate(itertools.islice(itertools.permutations(events), 0, 24, 5)):
+            pbx = f"in_{n:040d}"
+            sequence = [{**e, "pbx_call_id": pbx} for e in [*order, order[0], order[2]]]
+            codes = yield self.send_all(sequence)
+            self.assertEqual(codes, [200] * len(sequence))
+            [call] = [c for c in self.calls() if c[0] == f"zd-{pbx}"]
+            if expected is None:
+                expected = [call[1:]]
+            self.assertEqual([call[1:]], expected)
+        self.assertEqual(self.logs().count("ended"), 5, "one ended line per call, ever")
+
+    @defer.inlineCallbacks
+    def test_a_recording_notice_first_is_kept_for_the_call(self) -> Any:
+        record = {"event": "NOTIFY_RECORD", "pbx_call_id": PBX,
+                  "call_id_with_rec": "1768464000.123456"}
+        self.assertEqual((yield self.post(record))[0], 200)
+        self.assertEqual(self.calls(), [])
+        yield self.send_all(incoming())
+        self.assertEqual(self.crm.query("SELECT recording FROM dpvoip.call_detail"),
+                         [("1768464000.123456",)])
+
+    @defer.inlineCallbacks
+    def test_an_unknown_event_is_answered_and_creates_nothing(self) -> Any:
+        form = {"event": "NOTIFY_SOMETHING_NEW", "pbx_call_id": PBX, "result": "{}"}
+        code, _ = yield self.post(form)
+        self.assertEqual(code, 200)
+        self.assertEqual(self.calls(), [])
+
+
+class TicketTests(WebhookTestCase):
+    zadarma = replace(WebhookTestCase.zadarma, create_tickets=True)
+
+    @defer.inlineCallbacks
+    def test_missed_calls_make_tickets_when_configured(self) -> Any:
+        yield self.send_all(incoming("6912345678", answered=False))
+        yield self.send_all(incoming("6912345678", answered=False, pbx="in_" + "e" * 40))
+        self.assertEqual(self.crm.query("SELECT title FROM accounting_ticket"),
+                         [("MISSED CALLS (2x) - +306912345678",)])
+        self.assertEqual([c[7] for c in self.calls()], [True, True])
+
+
+class RefusalTests(WebhookTestCase):
+    @defer.inlineCallbacks
+    def test_forged_and_spoofed_requests_write_nothing(self) -> Any:
+        form = incoming()[0]
+        raw_digest = "mnwU1M6lreDYs0RGEcgsI+8Ehw8="
+        edited = {**form, "caller_id": "6999999999"}
+        cases = [
+            (self.post(form, signature=None), 401),
+            (self.post(form, signature=raw_digest), 401),
+            (self.post(form, signature=webhook_signature("another-secret", form)), 401),
+            (self.post(edited, signature=webhook_signature(SECRET, form)), 401),
+            (self.post(form, sender="203.0.113.5"), 403),
+            (self.post(form, sender=f"{ZADARMA}, 203.0.113.5"), 403),
+        ]
+        for request, status in cases:
+            code, body = yield request
+            self.assertEqual(code, status, body)
+            self.assertNotIn(SECRET.encode(), body)
+        self.assertEqual(self.calls(), [])
+        self.assertEqual(self.crm.query("SELECT count(*) FROM dpvoip.zadarma_event"), [(0,)])
+
+    @defer.inlineCallbacks
+    def test_malformed_requests_get_a_clear_4xx_never_500(self) -> Any:
+        form = incoming()[0]
+        no_id = {k: v for k, v in form.items() if k != "pbx_call_id"}
+        bad_start = {**form, "call_start": "15/01/2026 10:00"}
+        cases = [
+            (self.post(form, content_type="application/json", body=json.dumps(form).encode()),
+             415),
+            (self.post(no_id), 400),
+            (self.post(bad_start), 400),
+            (self.post(form, body=urlencode(form).encode() + b"&caller_id=1"), 400),
+            (self.post(form, body=b"caller_id=%ff%fe&event=NOTIFY_START"), 400),
+            (self.post({**form, "x": "y" * 70_000}), 413),
+        ]
+        for request, status in cases:
+            code, body = yield request
+            self.assertEqual(code, status, body)
+            self.assertEqual(json.loads(body)["status"], status)
+        self.assertEqual(self.calls(), [])
