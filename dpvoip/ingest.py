@@ -71,12 +71,14 @@ class ZadarmaContext:
     where: Dialling
     zone: ZoneInfo
     tickets: bool = False
+    redirect_to_owner: bool = False
 
 
 @dataclass(frozen=True)
 class ZadarmaOutcome:
     duplicate: bool
     match: Match | None = None
+    owner_extension: str = ""  # the pbx_number of the CRM user who owns the caller
 
 
 @dataclass
@@ -592,6 +594,15 @@ class Ingest:
                  self._payload(event, identity, direction=call.direction, number=phone,
                                name=match.display_name if match else None)),
             )
+        if ending and outcome is not None and person is not None:
+            await self._touch_crm(batch, identity, call, outcome, person.kind, person.id,
+                                  person.name, match.deal.id if match and match.deal else None)
+        owner_extension = ""
+        if context.redirect_to_owner and person is not None and person.owner_id is not None:
+            found = await batch.run(
+                f"SELECT pbx_number FROM {self._crm}.common_userprofile WHERE user_id = %s"
+                " AND pbx_number <> ''", (person.owner_id,))
+            owner_extension = str(found[0][0]) if found else ""
         if ticket and outcome is not None:
             self.counters.calls_ended += 1
             ended = Ended(identity, outcome, call.duration, datetime.now(UTC), extension,
@@ -600,7 +611,32 @@ class Ingest:
             await self._ticket(batch, ended, origin, row_id, phone,
                                client.id if client else None, number, started,
                                call.own_number, extension, ended_line, ended_payload)
-        return ZadarmaOutcome(duplicate=False, match=match)
+        return ZadarmaOutcome(duplicate=False, match=match, owner_extension=owner_extension)
+
+    async def _touch_crm(self, batch: Batch, identity: str, call: ZadarmaCall,
+                         outcome: Outcome, kind: str, person_id: int, name: str,
+                         deal_id: int | None) -> None:
+        """The CRM's sales side, once per call (behaviour.md section 6): an answered call
+        sets the contact's or lead's ``was_in_touch``; every finished call prepends one line
+        to the active deal's workflow. Targeted UPDATEs only: CRM users edit these rows."""
+        today = datetime.now(self._zone).date()
+        what = "Incoming call from" if call.direction == "incoming" else "Outgoing call to"
+        line = (f"{today:%d.%m.%Y} - {what} {name} ({outcome.value},"
+                f" {talk_time(call.duration)}).")
+        table = "crm_contact" if kind == "contact" else "crm_lead"
+        await batch.run(
+            "WITH touched AS (UPDATE dpvoip.call_detail SET crm_touched = true"
+            " WHERE call_id = %(id)s AND NOT crm_touched RETURNING call_id),"
+            f" person AS (UPDATE {self._crm}.{table} SET was_in_touch = %(today)s"
+            " WHERE id = %(person)s AND %(answered)s AND EXISTS (SELECT 1 FROM touched)"
+            " RETURNING id),"
+            f" deal AS (UPDATE {self._crm}.crm_deal SET workflow = %(line)s || CASE WHEN"
+            " workflow = '' THEN '' ELSE E'\\n' END || workflow WHERE id = %(deal)s"
+            " AND EXISTS (SELECT 1 FROM touched) RETURNING id)"
+            " SELECT (SELECT count(*) FROM person), (SELECT count(*) FROM deal)",
+            {"id": identity, "today": today, "person": person_id,
+             "answered": outcome is Outcome.ANSWERED, "line": line, "deal": deal_id},
+        )
 
     # -- events of calls this process never saw start ----------------------------------------
 

@@ -320,6 +320,7 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
             Dialling(config.directory.region),
             ZoneInfo(config.zadarma.timezone or config.crm.timezone),
             tickets=config.zadarma.create_tickets,
+            redirect_to_owner=config.zadarma.redirect_to_owner,
         ),
         secret=config.zadarma.secret,
         allowlist=networks(config.zadarma.allowed_networks),

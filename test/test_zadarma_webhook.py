@@ -267,3 +267,42 @@ class RefusalTests(WebhookTestCase):
             self.assertEqual(code, status, body)
             self.assertEqual(json.loads(body)["status"], status)
         self.assertEqual(self.calls(), [])
+
+
+class CrmSideTests(WebhookTestCase):
+    zadarma = replace(WebhookTestCase.zadarma, redirect_to_owner=True)
+
+    @defer.inlineCallbacks
+    def test_was_in_touch_and_one_workflow_line_per_call_and_the_owner_redirect(self) -> Any:
+        from datetime import datetime
+        from zoneinfo import ZoneInfo
+
+        owner = self.crm.user("anna")
+        self.crm.insert("common_userprofile", user_id=owner, pbx_number="104",
+                        utc_timezone="", language_code="el")
+        contact = self.crm.contact("Maria", "Ioannou", mobile="6912345678", owner_id=owner)
+        deal = self.crm.deal("Insurance", contact_id=contact, workflow="older line")
+        yield defer.Deferred.fromCoroutine(self.daemon.directory.build())
+        events = incoming()
+        code, body = yield self.post(events[0])
+        self.assertEqual(json.loads(body), {"caller_name": "Maria Ioannou", "redirect": "104"})
+        self.crm.query("UPDATE crm_deal SET name = 'Insurance (edited)' WHERE id = %s", (deal,))
+        yield self.send_all([*events[1:], events[-1], events[0]])  # with replays
+        today = datetime.now(ZoneInfo("Europe/Athens")).date()
+        self.assertEqual(self.crm.query("SELECT was_in_touch FROM crm_contact"), [(today,)])
+        [(name, workflow)] = self.crm.query("SELECT name, workflow FROM crm_deal")
+        self.assertEqual(name, "Insurance (edited)", "only the workflow is written")
+        self.assertEqual(workflow.splitlines(), [
+            f"{today:%d.%m.%Y} - Incoming call from Maria Ioannou (answered, 1:35).",
+            "older line",
+        ])
+
+    @defer.inlineCallbacks
+    def test_a_missed_call_adds_a_line_but_no_touch(self) -> Any:
+        lead = self.crm.lead("Nikos", "Georgiou", mobile="6900000001")
+        self.crm.deal("Lead deal", lead_id=lead)
+        yield defer.Deferred.fromCoroutine(self.daemon.directory.build())
+        yield self.send_all(incoming("6900000001", answered=False))
+        self.assertEqual(self.crm.query("SELECT was_in_touch FROM crm_lead"), [(None,)])
+        [(workflow,)] = self.crm.query("SELECT workflow FROM crm_deal")
+        self.assertIn("Incoming call from Nikos Georgiou (missed, 0:00).", workflow)

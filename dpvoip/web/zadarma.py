@@ -110,6 +110,8 @@ class ZadarmaWebhook:
         reply: dict[str, Any] = {}
         if self.caller_name and outcome.match is not None and outcome.match.display_name:
             reply["caller_name"] = outcome.match.display_name[:64]
+        if outcome.owner_extension:
+            reply["redirect"] = outcome.owner_extension
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps(reply, ensure_ascii=False).encode("utf-8")
 
