@@ -285,7 +285,8 @@ class CrmSideTests(WebhookTestCase):
         yield defer.Deferred.fromCoroutine(self.daemon.directory.build())
         events = incoming()
         code, body = yield self.post(events[0])
-        self.assertEqual(json.loads(body), {"caller_name": "Maria Ioannou", "redirect": "104"})
+        self.assertEqual((code, json.loads(body)),
+                         (200, {"caller_name": "Maria Ioannou", "redirect": "104"}))
         self.crm.query("UPDATE crm_deal SET name = 'Insurance (edited)' WHERE id = %s", (deal,))
         yield self.send_all([*events[1:], events[-1], events[0]])  # with replays
         today = datetime.now(ZoneInfo("Europe/Athens")).date()
