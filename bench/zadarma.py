@@ -1,0 +1,207 @@
+"""bench/zadarma: signed Zadarma webhooks over HTTP into the daemon as wired.
+
+    .venv/bin/python -m bench.zadarma                      # 1,000,000-entry directory
+    .venv/bin/python -m bench.zadarma --entries 100000 --seconds 10
+
+Prints, for a private PostgreSQL holding ``--entries`` directory entries:
+- NOTIFY_START answered with caller_name (caller in the directory): p50/p99, sequential;
+- signed NOTIFY_END (caller matched, call + log + CRM update committed) at ``--rate``
+  requests/s: p50/p99;
+- the most NOTIFY_END requests/s with ``--concurrency`` requests in flight;
+- the reference: a bare Twisted web server answering 200 on the same loopback, same
+  client (so the figures can be read on another machine as ratios).
+The load generator runs in a separate process (one core each), speaking HTTP/1.1 with
+keep-alive, and signs every request as Zadarma does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench.directory import crm_database, sample_numbers
+
+SECRET = "bench-secret"  # noqa: S105 - signs the benchmark's own requests
+
+
+def percentiles(samples: list[float]) -> str:
+    ordered = sorted(samples)
+    p99 = ordered[max(0, int(len(ordered) * 0.99) - 1)]
+    return (f"p50 {statistics.median(ordered) * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms"
+            f" (n={len(ordered)})")
+
+
+def client(port: int, numbers: list[str], mode: str, seconds: float, rate: float,
+           concurrency: int) -> dict[str, Any]:
+    """The load generator (its own process): raw HTTP/1.1 keep-alive connections."""
+    import http.client
+    import threading
+    from urllib.parse import urlencode
+
+    from dpvoip.zadarma_signing import webhook_signature
+
+    latencies: list[float] = []
+    errors: dict[int, int] = {}
+    count = [0]
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def form(n: int, kind: str) -> dict[str, str]:
+        caller = numbers[n % len(numbers)]
+        base = {"event": kind, "pbx_call_id": f"in_{os.getpid():08d}{n:032d}",
+                "call_start": time.strftime("%Y-%m-%d %H:%M:%S"), "caller_id": caller,
+                "called_did": "302107654321"}
+        if kind == "NOTIFY_END":
+            base.update(duration="65", disposition="answered", status_code="16",
+                        is_recorded="0", internal="100", calltype="normal")
+        return base
+
+    def worker(offset: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        n = offset
+        while time.monotonic() < deadline:
+            if mode == "reference":
+                body, headers = b"", {}
+                method, path = "GET", "/"
+            else:
+                data = form(n, mode)
+                body = urlencode(data).encode()
+                headers = {"Content-Type": "application/x-www-form-urlencoded",
+                           "Signature": webhook_signature(SECRET, data) or "",
+                           "X-Forwarded-For": "185.45.152.42"}
+                method, path = "POST", "/voip/zd/"
+            began = time.perf_counter()
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            elapsed = time.perf_counter() - began
+            with lock:
+                if response.status != 200:
+                    errors[response.status] = errors.get(response.status, 0) + 1
+                    continue
+                latencies.append(elapsed)
+                count[0] += 1
+            n += concurrency
+            if rate:
+                time.sleep(max(0.0, concurrency / rate - elapsed))
+        connection.close()
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"latencies": latencies, "rate": count[0] / (time.monotonic() - started),
+            "errors": errors}
+
+
+def drive(port: int, numbers: list[str], mode: str, seconds: float, rate: float = 0,
+          concurrency: int = 1) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.zadarma", "--client", json.dumps(
+            {"port": port, "numbers": numbers, "mode": mode, "seconds": seconds,
+             "rate": rate, "concurrency": concurrency})],
+        capture_output=True, text=True, check=False, timeout=seconds + 120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"load generator failed: {done.stderr[-2000:]}")
+    figures: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--entries", type=int, default=1_000_000)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--rate", type=float, default=300.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        options = json.loads(args.client)
+        print(json.dumps(client(**options)))
+        return
+
+    from twisted.internet import defer, task, threads
+    from twisted.web import resource, server
+
+    from dpvoip.config import (
+        Config,
+        DatabaseSettings,
+        Secret,
+        WebSettings,
+        ZadarmaSettings,
+    )
+    from dpvoip.service import build
+
+    with crm_database(args.entries) as (dsn, _):
+        async def run(reactor: Any) -> None:
+            config = Config(
+                database=replace(DatabaseSettings(), url=Secret(dsn), pool_size=8),
+                web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
+                zadarma=replace(ZadarmaSettings(), secret=Secret(SECRET),
+                                timezone="Europe/Athens"),
+                fritzbox=(),
+            )
+            daemon = build(config, reactor)
+            daemon.service.startService()
+            await daemon.service.started
+            while not daemon.directory.state.built:
+                await task.deferLater(reactor, 0.5, lambda: None)
+            port = daemon.web.port.getHost().port  # type: ignore[union-attr]
+            # Callers as a Greek account shows them: national numbers of the directory.
+            numbers = [n[3:] for n in sample_numbers(dsn, 3000) if n.startswith("+30")]
+
+            class Ok(resource.Resource):
+                isLeaf = True
+
+                def render_GET(self, request: Any) -> bytes:
+                    return b"ok"
+
+            bare = reactor.listenTCP(0, server.Site(Ok()), interface="127.0.0.1")
+            bare_port = bare.getHost().port
+
+            def load(*a: Any, **k: Any) -> Any:
+                return threads.deferToThread(drive, *a, **k)
+
+            start = await load(port, numbers, "NOTIFY_START", args.seconds / 3, rate=50)
+            end = await load(port, numbers, "NOTIFY_END", args.seconds, rate=args.rate,
+                             concurrency=max(1, int(args.rate // 40)))
+            most = await load(port, numbers, "NOTIFY_END", args.seconds,
+                              concurrency=args.concurrency)
+            reference = await load(bare_port, numbers, "reference", args.seconds / 3,
+                                   concurrency=args.concurrency)
+            print(f"directory: {daemon.directory.state.entries:,} entries")
+            print(f"NOTIFY_START -> caller_name answer: {percentiles(start['latencies'])}")
+            print(f"NOTIFY_END at {end['rate']:.0f} req/s (asked {args.rate:g}):"
+                  f" {percentiles(end['latencies'])}")
+            print(f"NOTIFY_END most: {most['rate']:.0f} req/s with {args.concurrency} in"
+                  f" flight, {percentiles(most['latencies'])}")
+            failed = {k: v for run in (start, end, most) for k, v in run["errors"].items()}
+            if failed:
+                print(f"non-200 answers: {failed}")
+            print(f"reference bare Twisted 200: {reference['rate']:.0f} req/s,"
+                  f" {percentiles(reference['latencies'])};"
+                  f" ratio {most['rate'] / reference['rate']:.2f}")
+            await bare.stopListening()
+            await daemon.service.stopService()
+
+        try:
+            task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
+        except SystemExit as exit_:
+            if exit_.code:
+                raise
+
+
+if __name__ == "__main__":
+    main()
