@@ -50,6 +50,7 @@ def client(port: int, numbers: list[str], mode: str, seconds: float, rate: float
 
     latencies: list[float] = []
     errors: dict[int, int] = {}
+    failures: dict[str, int] = {}
     count = [0]
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
@@ -79,9 +80,17 @@ def client(port: int, numbers: list[str], mode: str, seconds: float, rate: float
                            "X-Forwarded-For": "185.45.152.42"}
                 method, path = "POST", "/voip/zd/"
             began = time.perf_counter()
-            connection.request(method, path, body=body, headers=headers)
-            response = connection.getresponse()
-            response.read()
+            try:
+                connection.request(method, path, body=body, headers=headers)
+                response = connection.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException) as error:
+                with lock:
+                    name = type(error).__name__
+                    failures[name] = failures.get(name, 0) + 1
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                continue
             elapsed = time.perf_counter() - began
             with lock:
                 if response.status != 200:
@@ -101,7 +110,7 @@ def client(port: int, numbers: list[str], mode: str, seconds: float, rate: float
     for thread in threads:
         thread.join()
     return {"latencies": latencies, "rate": count[0] / (time.monotonic() - started),
-            "errors": errors}
+            "errors": errors, "failures": failures}
 
 
 def drive(port: int, numbers: list[str], mode: str, seconds: float, rate: float = 0,
@@ -187,7 +196,8 @@ def main() -> None:
                   f" {percentiles(end['latencies'])}")
             print(f"NOTIFY_END most: {most['rate']:.0f} req/s with {args.concurrency} in"
                   f" flight, {percentiles(most['latencies'])}")
-            failed = {k: v for run in (start, end, most) for k, v in run["errors"].items()}
+            failed = {k: v for run in (start, end, most)
+                      for k, v in [*run["errors"].items(), *run["failures"].items()]}
             if failed:
                 print(f"non-200 answers: {failed}")
             print(f"reference bare Twisted 200: {reference['rate']:.0f} req/s,"
