@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from dpvoip.crm_schema import quote_ident
 from dpvoip.directory import SOURCE_BY_NAME, SOURCES, Candidate, Match, Source, choose, entries
 from dpvoip.numbers import Dialling, normalise
-from dpvoip.store import Store
+from dpvoip.store import Batch, Store
 
 log = Logger(namespace="dpvoip.directory")
 
@@ -224,12 +224,20 @@ class DirectoryIndex:
     def never_matches(self, number: str | None) -> bool:
         return number is None or number in self.own_numbers
 
-    async def lookup(self, number: str | None) -> Match | None:
-        """Who ``number`` (E.164, already normalised) belongs to; None when nobody or never."""
+    async def lookup(self, number: str | None, within: Batch | None = None) -> Match | None:
+        """Who ``number`` (E.164, already normalised) belongs to; None when nobody or never.
+
+        ``within``: run the lookup on that transaction's own connection. A transaction must
+        never wait for a second pool connection: with as many such transactions as the pool
+        has connections, all would wait for ever.
+        """
         if number is None or self.never_matches(number):
             return None
-        rows = await self._store.read_prepared("dpvoip_directory_lookup", self._lookup_sql,
-                                               (number,))
+        if within is not None:
+            rows = await within.run(self._lookup_sql.replace("$1", "%s"), (number,))
+        else:
+            rows = await self._store.read_prepared("dpvoip_directory_lookup",
+                                                   self._lookup_sql, (number,))
         candidates = []
         for (source, record_id, name, email, active, updated, owner_id, deal_id, deal_name,
              _column, raw) in rows:

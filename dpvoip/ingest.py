@@ -508,7 +508,7 @@ class Ingest:
     async def _zadarma_call(self, batch: Batch, identity: str, call: ZadarmaCall,
                             previous: str | None, context: ZadarmaContext) -> ZadarmaOutcome:
         number = normalise(call.remote, context.where)
-        match = await self._directory.lookup(number) if number else None
+        match = await self._directory.lookup(number, within=batch) if number else None
         phone = remote_column(call.remote, number)
         client = match.client if match else None
         person = match.person if match else None

@@ -50,6 +50,7 @@ def incoming(caller: str = "6912345678", answered: bool = True,
 
 class WebhookTestCase(TestCase):
     timeout = 60
+    pool_size = 4
     zadarma = replace(ZadarmaSettings(), secret=Secret(SECRET), timezone="Europe/Athens")
 
     def setUp(self) -> Any:
@@ -58,7 +59,8 @@ class WebhookTestCase(TestCase):
         self.http = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(self.http.closeCachedConnections)
         config = Config(
-            database=replace(DatabaseSettings(), url=Secret(self.dsn), pool_size=4),
+            database=replace(DatabaseSettings(), url=Secret(self.dsn),
+                             pool_size=self.pool_size),
             web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
             zadarma=self.zadarma, fritzbox=(),
         )
@@ -307,3 +309,22 @@ class CrmSideTests(WebhookTestCase):
         self.assertEqual(self.crm.query("SELECT was_in_touch FROM crm_lead"), [(None,)])
         [(workflow,)] = self.crm.query("SELECT workflow FROM crm_deal")
         self.assertIn("Incoming call from Nikos Georgiou (missed, 0:00).", workflow)
+
+
+class ConcurrencyTests(WebhookTestCase):
+    pool_size = 2
+
+    @defer.inlineCallbacks
+    def test_more_concurrent_events_than_pool_connections_all_complete(self) -> Any:
+        # Each event's transaction looks its caller up: that must not need a second pool
+        # connection, or a pool's worth of concurrent events would wait for ever.
+        for n in range(12):
+            self.crm.client(f"Client {n}", kinito_tilefono=f"69000000{n:02d}")
+        yield defer.Deferred.fromCoroutine(self.daemon.directory.build())
+        ends = [incoming(f"69000000{n:02d}", pbx=f"in_{n:040d}")[-1] for n in range(12)]
+        started = reactor.seconds()
+        answers = yield defer.gatherResults([self.post(form) for form in ends])
+        self.assertEqual([code for code, _ in answers], [200] * 12)
+        self.assertLess(reactor.seconds() - started, 10)
+        self.assertEqual(len(self.calls()), 12)
+        self.assertEqual({c[6] is not None for c in self.calls()}, {True})
