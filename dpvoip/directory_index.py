@@ -234,7 +234,8 @@ class DirectoryIndex:
         if number is None or self.never_matches(number):
             return None
         if within is not None:
-            rows = await within.run(self._lookup_sql.replace("$1", "%s"), (number,))
+            rows = await within.run_prepared("dpvoip_directory_lookup", self._lookup_sql,
+                                             (number,))
         else:
             rows = await self._store.read_prepared("dpvoip_directory_lookup",
                                                    self._lookup_sql, (number,))

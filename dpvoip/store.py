@@ -30,10 +30,26 @@ class Batch:
     and last statements (psycopg2 sends several statements in one message): a hot-path
     transaction of three statements costs three round trips, not five."""
 
-    def __init__(self, cursor: Any) -> None:
+    def __init__(self, cursor: Any, connection: Any = None) -> None:
         self._cursor = cursor
+        self._connection = connection
         self._begun = False
         self._done = False
+
+    async def run_prepared(self, name: str, statement: str, params: tuple[Any, ...]
+                           ) -> list[tuple[Any, ...]]:
+        """A hot read inside this transaction, planned once per connection (see
+        ``HealingPool.run_prepared``; the same per-connection record is used)."""
+        connection = self._connection
+        if connection is None:
+            return await self.run(statement.replace("$1", "%s"), params)
+        raw = connection._connection
+        prepared: dict[str, Any] = connection.__dict__.setdefault("_prepared", {})
+        if prepared.get(name) is not raw:
+            await self.run(f"PREPARE {name} AS {statement}")
+            prepared[name] = raw
+        placeholders = ", ".join(["%s"] * len(params))
+        return await self.run(f"EXECUTE {name} ({placeholders})", params)
 
     async def run(self, sql: str, params: Any = None, last: bool = False
                   ) -> list[tuple[Any, ...]]:
@@ -147,7 +163,7 @@ class Store:
         """A transaction in as few round trips as possible (see ``Batch``), shielded."""
 
         async def run(connection: Any) -> T:
-            batch = Batch(connection.cursor())
+            batch = Batch(connection.cursor(), connection)
             try:
                 result = await steps(batch)
                 await batch.finish()
