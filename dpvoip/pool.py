@@ -220,17 +220,10 @@ class HealingPool:
         ``statement`` uses ``$1, $2 ...``; it is PREPAREd on each connection the first time
         that connection runs it, and again after the connection is re-established.
         """
-        placeholders = ", ".join(["%s"] * len(params))
-        execute = f"EXECUTE {name} ({placeholders})" if params else f"EXECUTE {name}"
 
         async def run(connection: _Connection) -> list[tuple[Any, ...]]:
-            raw = connection._connection
-            prepared: dict[str, Any] = connection.__dict__.setdefault("_prepared", {})
-            if prepared.get(name) is not raw:
-                await connection.runOperation(f"PREPARE {name} AS {statement}")
-                prepared[name] = raw
-            rows: list[tuple[Any, ...]] = await connection.runQuery(execute, params)
-            return rows
+            return await run_prepared(connection, name, statement, params,
+                                      connection.runOperation, connection.runQuery)
 
         return self.with_connection(lambda c: Deferred.fromCoroutine(run(c)))
 
@@ -250,6 +243,23 @@ class HealingPool:
             return Deferred.fromCoroutine(_as_coroutine(interaction(cursor)))
 
         return self.with_connection(lambda c: c.runInteraction(transact))
+
+
+async def run_prepared(
+    connection: Any, name: str, statement: str, params: tuple[Any, ...],
+    operation: Callable[[str], Awaitable[Any]],
+    query: Callable[[str, tuple[Any, ...]], Awaitable[list[tuple[Any, ...]]]],
+) -> list[tuple[Any, ...]]:
+    """EXECUTE ``name``, PREPAREd first if this connection (this libpq session: a
+    reconnected connection is a new one) has not prepared it yet."""
+    raw = connection._connection
+    prepared: dict[str, Any] = connection.__dict__.setdefault("_prepared", {})
+    if prepared.get(name) is not raw:
+        await operation(f"PREPARE {name} AS {statement}")
+        prepared[name] = raw
+    placeholders = ", ".join(["%s"] * len(params))
+    return await query(f"EXECUTE {name} ({placeholders})" if params else f"EXECUTE {name}",
+                       params)
 
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from dpvoip.migrations import SchemaReport
-from dpvoip.pool import HealingPool
+from dpvoip.pool import HealingPool, run_prepared
 
 T = TypeVar("T")
 log = Logger()
@@ -40,16 +40,10 @@ class Batch:
                            ) -> list[tuple[Any, ...]]:
         """A hot read inside this transaction, planned once per connection (see
         ``HealingPool.run_prepared``; the same per-connection record is used)."""
-        connection = self._connection
-        if connection is None:
+        if self._connection is None:
             return await self.run(statement.replace("$1", "%s"), params)
-        raw = connection._connection
-        prepared: dict[str, Any] = connection.__dict__.setdefault("_prepared", {})
-        if prepared.get(name) is not raw:
-            await self.run(f"PREPARE {name} AS {statement}")
-            prepared[name] = raw
-        placeholders = ", ".join(["%s"] * len(params))
-        return await self.run(f"EXECUTE {name} ({placeholders})", params)
+        return await run_prepared(self._connection, name, statement, params, self.run,
+                                  self.run)
 
     async def run(self, sql: str, params: Any = None, last: bool = False
                   ) -> list[tuple[Any, ...]]:
