@@ -480,23 +480,27 @@ class Ingest:
         identity = zadarma_call_id(event.pbx_call_id)
 
         async def steps(batch: Batch) -> ZadarmaOutcome:
-            fresh = await batch.run(
-                "SELECT pg_advisory_xact_lock(hashtext(%s));"
-                " INSERT INTO dpvoip.zadarma_event (pbx_call_id, event, calltype, internal,"
-                " destination, form) VALUES (%s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT DO NOTHING RETURNING id",
-                (f"dpvoip-zadarma:{event.pbx_call_id}", event.pbx_call_id, event.kind,
-                 event.calltype, event.internal, event.destination, json.dumps(dict(form))),
+            # One round trip: the lock, then (a new statement, so a new snapshot that sees
+            # what the lock's previous holder committed) the journal entry and the journal.
+            [(fresh, forms, previous)] = await batch.run(
+                "SELECT pg_advisory_xact_lock(hashtext(%(lock)s));"
+                " WITH added AS (INSERT INTO dpvoip.zadarma_event (pbx_call_id, event,"
+                " calltype, internal, destination, form) VALUES (%(pbx)s, %(event)s,"
+                " %(calltype)s, %(internal)s, %(destination)s, %(form)s)"
+                " ON CONFLICT DO NOTHING RETURNING id, form)"
+                " SELECT (SELECT count(*) FROM added) > 0,"
+                " (SELECT json_agg(j.form ORDER BY j.id) FROM (SELECT id, form FROM"
+                " dpvoip.zadarma_event WHERE pbx_call_id = %(pbx)s UNION ALL SELECT id, form"
+                " FROM added) AS j),"
+                " (SELECT outcome FROM dpvoip.call_detail WHERE call_id = %(call)s)",
+                {"lock": f"dpvoip-zadarma:{event.pbx_call_id}", "pbx": event.pbx_call_id,
+                 "event": event.kind, "calltype": event.calltype, "internal": event.internal,
+                 "destination": event.destination, "form": json.dumps(dict(form)),
+                 "call": identity},
             )
             if not fresh:
                 self.counters.replays_ignored += 1
                 return ZadarmaOutcome(duplicate=True)
-            [(forms, previous)] = await batch.run(
-                "SELECT (SELECT json_agg(form ORDER BY id) FROM dpvoip.zadarma_event"
-                " WHERE pbx_call_id = %s), (SELECT outcome FROM dpvoip.call_detail"
-                " WHERE call_id = %s)",
-                (event.pbx_call_id, identity),
-            )
             events = [e for e in map(parse_event, forms) if isinstance(e, ZadarmaEvent)]
             call = summarise(events)
             if call is None:
