@@ -520,7 +520,30 @@ class Ingest:
                    if call.started else datetime.now(UTC))
         outcome = call.outcome
         extension = int(call.extension) if call.extension.isdigit() else None
-        [(row_id, inserted)] = await batch.run(
+        shown = phone or self._texts("withheld")
+        name = match.display_name if match else self._texts("unknown")
+        ending = outcome is not None and previous is None
+        ended_line = self._texts("ended", notes=call.notes, talk=talk_time(call.duration))
+        ended_payload = self._payload("ended", identity, status=outcome.status,
+                                      outcome=outcome.value, duration=call.duration
+                                      ) if outcome else ""
+        ticket = (ending and outcome is not None and context.tickets
+                  and outcome.wants_ticket(call.direction)
+                  and bool(phone or self._tickets.withheld))
+        # (action, text, only when the row is new): the row's creation is known in SQL.
+        entries = [("started", self._texts(f"started_{call.direction}", number=shown,
+                                           name=name), True)]
+        if match is not None:
+            entries.append(("client_matched", self._matched_text(match), True))
+        if ending and not ticket:
+            entries.append(("ended", ended_line, False))
+        log_params: dict[str, Any] = {}
+        for n, (action, text, only_new) in enumerate(entries):
+            log_params |= {f"action{n}": action, f"text{n}": text, f"new{n}": only_new}
+        values = ", ".join(f"(%(action{n})s, %(text{n})s, %(new{n})s, {n})"
+                           for n in range(len(entries)))
+        extra_columns, extra_values = self._log_extras()
+        [(row_id, inserted, _)] = await batch.run(
             f"WITH call AS (INSERT INTO {self._crm}.accounting_voipcall AS v (call_id,"
             " direction, phone_number, status, started_at, ended_at, duration_seconds, notes,"
             " ticket_created, ticket_id, created_at, updated_at, client_id, client_email,"
@@ -533,7 +556,8 @@ class Ingest:
             " duration_seconds = EXCLUDED.duration_seconds, notes = EXCLUDED.notes,"
             " client_id = coalesce(EXCLUDED.client_id, v.client_id),"
             " client_email = coalesce(EXCLUDED.client_email, v.client_email),"
-            " updated_at = now() RETURNING v.id, v.call_id, (xmax = 0) AS inserted),"
+            " updated_at = now() RETURNING v.id, v.call_id, v.phone_number, v.client_id,"
+            " (xmax = 0) AS inserted),"
             " detail AS (INSERT INTO dpvoip.call_detail AS d (call_id, source, direction,"
             " remote_raw, remote_number, own_number, extension, started_at, ended_at, outcome,"
             " client_id, contact_id, lead_id, deal_id, pbx_call_id, disposition, calltype,"
@@ -551,8 +575,16 @@ class Ingest:
             " deal_id = coalesce(EXCLUDED.deal_id, d.deal_id),"
             " disposition = EXCLUDED.disposition, calltype = EXCLUDED.calltype,"
             " recording = coalesce(nullif(EXCLUDED.recording, ''), d.recording),"
-            " updated_at = now())"
-            " SELECT id, inserted FROM call",
+            " updated_at = now()),"
+            f" logs AS (INSERT INTO {self._crm}.accounting_voipcalllog (action, description,"
+            f" created_at, call_id{extra_columns}) SELECT v.action, v.description, now(),"
+            f" c.id{extra_values} FROM call c CROSS JOIN (VALUES {values})"
+            " AS v(action, description, only_new, n) WHERE c.inserted OR NOT v.only_new"
+            " ORDER BY v.n),"
+            " note AS (SELECT pg_notify(%(channel)s, CASE WHEN c.inserted THEN"
+            " %(started_payload)s ELSE %(ended_payload)s END) FROM call c"
+            " WHERE c.inserted OR %(ending)s)"
+            " SELECT id, inserted, (SELECT count(*) FROM note) FROM call",
             {"id": identity, "direction": call.direction, "phone": phone,
              "status": outcome.status if outcome else "active", "started": started,
              "final": outcome is not None, "duration": call.duration, "notes": call.notes,
@@ -564,40 +596,17 @@ class Ingest:
              "deal": match.deal.id if match and match.deal else None,
              "pbx": call.pbx_call_id, "disposition": call.disposition or None,
              "calltype": "callback" if call.callback else "normal",
-             "recording": call.recording},
+             "recording": call.recording, "channel": NOTIFY_CHANNEL,
+             "started_payload": self._payload("started", identity, direction=call.direction,
+                                              number=phone,
+                                              name=match.display_name if match else None),
+             "ended_payload": ended_payload, "ending": ending and not ticket,
+             **log_params},
         )
-        lines: list[str] = []
-        shown = phone or self._texts("withheld")
-        name = match.display_name if match else self._texts("unknown")
         if inserted:
             self.counters.calls_started += 1
-            lines += ["started", self._texts(f"started_{call.direction}", number=shown,
-                                             name=name)]
-            if match is not None:
-                lines += ["client_matched", self._matched_text(match)]
-        ending = outcome is not None and previous is None
-        ended_line = self._texts("ended", notes=call.notes, talk=talk_time(call.duration))
-        ended_payload = self._payload("ended", identity, status=outcome.status,
-                                      outcome=outcome.value, duration=call.duration
-                                      ) if outcome else ""
-        ticket = (ending and outcome is not None and context.tickets
-                  and outcome.wants_ticket(call.direction)
-                  and bool(phone or self._tickets.withheld))
         if ending and not ticket:
             self.counters.calls_ended += 1
-            lines += ["ended", ended_line]
-        if lines:
-            event = "started" if inserted else "ended"
-            await batch.run(
-                f"WITH call AS (SELECT id, call_id, phone_number, client_id FROM {self._crm}"
-                ".accounting_voipcall WHERE call_id = %s),"
-                f" logs AS ({self._log_lines('call', len(lines) // 2)}),"
-                " note AS (SELECT pg_notify(%s, %s) FROM call)"
-                " SELECT (SELECT count(*) FROM note)",
-                (identity, *lines, NOTIFY_CHANNEL,
-                 self._payload(event, identity, direction=call.direction, number=phone,
-                               name=match.display_name if match else None)),
-            )
         if ending and outcome is not None and person is not None:
             await self._touch_crm(batch, identity, call, outcome, person.kind, person.id,
                                   person.name, match.deal.id if match and match.deal else None)
