@@ -61,7 +61,6 @@ class Disconnect:
 Event = Ring | Call | Connect | Disconnect
 
 _MINIMUM_FIELDS = {"RING": 5, "CALL": 6, "CONNECT": 5, "DISCONNECT": 4}
-TIME_FORMAT = "%d.%m.%y %H:%M:%S"
 
 
 def parse(line: str) -> Event:

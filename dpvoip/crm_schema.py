@@ -93,7 +93,8 @@ def missing(present: Mapping[str, frozenset[str] | set[str]]) -> list[str]:
 
 
 def capabilities(present: Mapping[str, frozenset[str] | set[str]]) -> CrmCapabilities:
-    log_columns = set(present.get("accounting_voipcalllog", ()))
+    log_columns = set(present.get("accounting_voipcalllog", ())) & OPTIONAL[
+        "accounting_voipcalllog"]
     return CrmCapabilities(
         call_log_client_id="client_id" in log_columns,
         call_log_call_reference="call_reference" in log_columns,

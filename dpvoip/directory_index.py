@@ -20,7 +20,16 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from dpvoip.crm_schema import quote_ident
-from dpvoip.directory import SOURCE_BY_NAME, SOURCES, Candidate, Match, Source, choose, entries
+from dpvoip.directory import (
+    SOURCE_BY_NAME,
+    SOURCES,
+    Candidate,
+    Match,
+    Source,
+    choose,
+    confirmed,
+    entries,
+)
 from dpvoip.numbers import Dialling, normalise
 from dpvoip.store import Batch, Store
 
@@ -242,7 +251,7 @@ class DirectoryIndex:
         candidates = []
         for (source, record_id, name, email, active, updated, owner_id, deal_id, deal_name,
              _column, raw) in rows:
-            if normalise(raw, self.where) != number:
+            if not confirmed(number, raw, self.where):
                 continue  # edited since it was indexed: the live row says otherwise
             candidates.append(Candidate(source, record_id, name or "", email, bool(active),
                                         updated, owner_id, deal_id, deal_name))

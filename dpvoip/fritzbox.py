@@ -126,6 +126,11 @@ class FritzBox:
         log.failure("box {box}: could not record {what}", failure, box=self.settings.name,
                     what=type(happening).__name__)
 
+    async def close_left_open(self) -> int:
+        """Close the calls of this box the last run left active (before connecting)."""
+        return await self._ingest.close_open_calls(self.settings.name, "dpvoip restarted",
+                                                   self._now())
+
     # -- from the protocol -----------------------------------------------------------------
 
     def connection_made(self, protocol: CallMonitorProtocol) -> None:
@@ -276,9 +281,7 @@ class FritzBoxService(ClientService):
             return
         self._begun = True
         try:
-            closed = await self.box._ingest.close_open_calls(
-                self.box.settings.name, "dpvoip restarted", self.box._now()
-            )
+            closed = await self.box.close_left_open()
         except Exception as error:  # the database went away; the calls stay for next time
             log.warn("box {box}: could not close the calls left open: {error}",
                      box=self.box.settings.name, error=str(error) or type(error).__name__)

@@ -329,31 +329,9 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     )
     app = WebApp(lambda: Deferred.fromCoroutine(readiness()), __version__, zadarma)
     site = DpvoipSite(app.resource(), config.web, reactor)
-    web = _Listening(reactor, site, config.web.listen)
+    web = WebService(reactor, site, config.web.listen)
     web.setServiceParent(top)
     return Daemon(top, store, web, exit_status, embedded, index, ingest, boxes)
-
-
-class _Listening(WebService):
-    name = "web"
-
-    def startService(self) -> Deferred[None]:
-        Service.startService(self)
-        return self.listen().addCallback(self._announce)
-
-    def _announce(self, port: Any) -> None:
-        address = port.getHost()
-        host = getattr(address, "host", None)
-        if host is not None:
-            shown = f"[{host}]" if ":" in host else host
-            url = f"http://{shown}:{address.port}"
-        else:
-            url = f"unix:{getattr(address, 'name', address)}"
-        log.info(
-            "dpvoip {version} listening on {url} — check it with: curl {url}/readyz "
-            "(configuration: etc/dpvoip.toml.example explains every setting)",
-            version=__version__, url=url,
-        )
 
 
 def makeService(config: Config, reactor: Any = None) -> OrderedServices:

@@ -205,7 +205,10 @@ class DpvoipSite(server.Site):
 
 
 class WebService(Service):
-    """Listens on the configured endpoint; at stop, stops accepting then drains."""
+    """Listens on the configured endpoint and says where; at stop, stops accepting then
+    drains."""
+
+    name = "web"
 
     def __init__(self, reactor: Any, site: DpvoipSite, endpoint_description: str) -> None:
         self._reactor = reactor
@@ -225,6 +228,10 @@ class WebService(Service):
 
         return listening.addCallback(keep)
 
+    def startService(self) -> Deferred[None]:
+        super().startService()
+        return self.listen().addCallback(_announce)
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
         return Deferred.fromCoroutine(self._stop())
@@ -241,3 +248,20 @@ class WebService(Service):
 
             waited = self.site.idle().addCallback(lambda _: True)
             await race(self._reactor, waited, self.site.settings.drain_timeout, False)
+
+
+def _announce(port: IListeningPort) -> None:
+    from dpvoip import __version__
+
+    address: Any = port.getHost()
+    host = getattr(address, "host", None)
+    if host is not None:
+        shown = f"[{host}]" if ":" in host else host
+        url = f"http://{shown}:{address.port}"
+    else:
+        url = f"unix:{getattr(address, 'name', address)}"
+    Logger(namespace="dpvoip").info(
+        "dpvoip {version} listening on {url} — check it with: curl {url}/readyz "
+        "(configuration: etc/dpvoip.toml.example explains every setting)",
+        version=__version__, url=url,
+    )
