@@ -265,6 +265,80 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     return _with_database(config, work)
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """dpvoip's own API tokens: create (shown once), list, revoke."""
+    config = _config(args)
+    from dpvoip.api_tokens import TokenError, create_token, list_tokens, revoke_token
+    from dpvoip.migrations import SchemaMismatch, prepare
+
+    schema = config.database.crm_schema
+
+    async def work(store: Any, dsn: str) -> int:
+        try:
+            await store.write(lambda c: prepare(c, standalone=config.standalone,
+                                                crm_schema=schema))
+        except SchemaMismatch as error:
+            print(f"dpvoip: {error}", file=sys.stderr)
+            return 1
+        if args.action == "create":
+            if not args.user:
+                print("dpvoip: token create needs --user NAME (a CRM username)",
+                      file=sys.stderr)
+                return 2
+            try:
+                token_id, token = await create_token(store, schema, args.user, args.label)
+            except TokenError as error:
+                print(f"dpvoip: {error}", file=sys.stderr)
+                return 1
+            print(f"token {token_id} for {args.user} (shown once; send it as "
+                  "'Authorization: Bearer <token>'):")
+            print(token)
+            return 0
+        if args.action == "list":
+            tokens = await list_tokens(store, schema)
+            if not tokens:
+                print("no tokens")
+            for t in tokens:
+                state = (f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at
+                         else "active")
+                used = f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "never"
+                print(f"{t.id}\t{t.username}\t{t.label or '-'}\tcreated "
+                      f"{t.created_at:%Y-%m-%d %H:%M}\tlast used {used}\t{state}")
+            return 0
+        if args.id is None:
+            print("dpvoip: token revoke needs the token's id (see `dpvoip token list`)",
+                  file=sys.stderr)
+            return 2
+        if await revoke_token(store, args.id):
+            print(f"token {args.id} revoked")
+            return 0
+        print(f"dpvoip: no active token {args.id}", file=sys.stderr)
+        return 1
+
+    return _with_database(config, work)
+
+
+def cmd_zadarma_sim(args: argparse.Namespace) -> int:
+    """A fake Zadarma API on a local port, checking signatures as Zadarma does (demos)."""
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred
+
+    from dpvoip.zadarma_fake import serve
+
+    async def main(reactor: Any) -> None:
+        port = await serve(reactor, args.listen, args.key, args.secret,
+                           timezone=args.timezone, recordings={"demo": ["1700000000.1"]})
+        address: Any = port.getHost()
+        print(f"fake Zadarma API listening on {address.host}:{address.port}; set "
+              f"[zadarma] api_url = \"http://{address.host}:{address.port}\", key = "
+              f"\"{args.key}\", secret = \"{args.secret}\"", flush=True)
+        await Deferred()  # until interrupted
+
+    with contextlib.suppress(SystemExit, KeyboardInterrupt):
+        task.react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
+    return 0
+
+
 def cmd_fritz_sim(args: argparse.Namespace) -> int:
     """Play a CallMonitor script on a TCP port as a Fritz!Box does (tests, demos)."""
     from dpvoip.fritz_sim import serve
@@ -281,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("migrate", cmd_migrate, "create or update dpvoip's schema (and standalone CRM tables)"),
         ("check", cmd_check, "validate the config, reach the database, report what is there"),
         ("lookup", cmd_lookup, "show who a phone number belongs to in the CRM"),
+        ("token", cmd_token, "create, list or revoke dpvoip API tokens for CRM users"),
+        ("zadarma-sim", cmd_zadarma_sim, "a fake Zadarma API that checks signatures (demos)"),
         ("fritz-sim", cmd_fritz_sim, "simulate a Fritz!Box CallMonitor playing a script"),
         ("plugin-cache", cmd_plugin_cache, "rebuild Twisted's plugin cache after install"),
         ("example-config", cmd_example_config, "print the example configuration file"),
@@ -292,6 +368,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub.add_argument("number", help="the number, in any format")
             sub.add_argument("--region", help="country it was dialled in (default: the CRM's)")
             sub.add_argument("--area-code", help="local area code it was dialled from")
+        if name == "token":
+            sub.add_argument("action", choices=["create", "list", "revoke"])
+            sub.add_argument("id", nargs="?", type=int, help="token id (revoke)")
+            sub.add_argument("--user", help="CRM username the token acts for (create)")
+            sub.add_argument("--label", default="", help="what the token is for (create)")
+        if name == "zadarma-sim":
+            sub.add_argument("--listen", default="tcp:8443:interface=127.0.0.1",
+                             help="Twisted endpoint (default tcp:8443:interface=127.0.0.1)")
+            sub.add_argument("--key", default="demo-key", help="API key it accepts")
+            sub.add_argument("--secret", default="demo-secret", help="API secret it checks")
+            sub.add_argument("--timezone", default="UTC+2", help="what it says the zone is")
         if name == "fritz-sim":
             sub.add_argument("script", help="scenario file (examples in etc/scenarios/)")
             sub.add_argument("--port", type=int, default=1012, help="TCP port (default 1012)")

@@ -21,6 +21,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 
+from dpvoip.dialling_policy import DEFAULT_BLOCKED_PREFIXES
+
 
 class ConfigError(Exception):
     """A setting is unknown, of the wrong type, impossible, or the file is unreadable."""
@@ -151,6 +153,32 @@ def _digits_list(value: Any) -> str | None:
 def _name(value: Any) -> str | None:
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,19}", value):
         return "must be 1-20 characters: lower-case letters, digits, '-' or '_'"
+    return None
+
+
+def _regions(value: Any) -> str | None:
+    for item in value:
+        if item not in phonenumbers.SUPPORTED_REGIONS:
+            return f"unknown country {item!r} (use two-letter codes such as 'GR' or 'DE')"
+    return None
+
+
+def _e164_prefixes(value: Any) -> str | None:
+    for item in value:
+        if not re.fullmatch(r"\+[1-9][0-9]{0,14}", item):
+            return f"{item!r} is not a number prefix in E.164 form (such as '+30901')"
+    return None
+
+
+def _base_url(value: Any) -> str | None:
+    if value and not re.fullmatch(r"https?://[^\s/?#]+(:[0-9]+)?/?", value):
+        return "must be a base URL such as 'https://api.zadarma.com' (no path, query or spaces)"
+    return None
+
+
+def _cookie_name(value: Any) -> str | None:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        return "must be a cookie name: letters, digits, '_', '.' or '-'"
     return None
 
 
@@ -366,6 +394,52 @@ class ZadarmaSettings:
         False, "Answer NOTIFY_START with a redirect to the extension of the caller's owner."
     )
     create_tickets: bool = setting(False, "Create missed-call tickets for Zadarma calls.")
+    api_url: str = setting(
+        "",
+        "Base URL of Zadarma's REST API. Empty: https://api.zadarma.com (or the sandbox when "
+        "sandbox = true). Set it only for a proxy or the `dpvoip zadarma-sim` fake.",
+        _base_url,
+    )
+    api_timeout: float = setting(
+        10.0, "Seconds one API request may take, answer body included.", _between(1, 120)
+    )
+    api_requests_per_minute: int = setting(
+        90, "dpvoip's own limit of API requests per minute (Zadarma allows 100).",
+        _between(1, 100),
+    )
+    api_ca_file: str = setting(
+        "", "PEM file of extra certificate authorities to trust for the API (empty: the "
+        "system's). The server's name is always verified.",
+    )
+
+
+@dataclass(frozen=True)
+class ClickToCallSettings:
+    allowed_countries: tuple[str, ...] = setting(
+        [],
+        "Countries (ISO codes such as \"GR\", \"DE\") that click-to-call may dial. Empty: "
+        "only the [directory] region.",
+        _regions,
+    )
+    blocked_prefixes: tuple[str, ...] = setting(
+        list(DEFAULT_BLOCKED_PREFIXES),
+        "Number prefixes (E.164 with +) never dialled: premium-rate and satellite ranges.",
+        _e164_prefixes,
+    )
+    block_premium: bool = setting(
+        True, "Also refuse any number the phone-number metadata classifies as premium-rate."
+    )
+    per_user_per_minute: int = setting(
+        5, "Click-to-call requests one user may make per minute.", _between(1, 100)
+    )
+    session_cookie: str = setting(
+        "sessionid", "Name of the CRM's session cookie (Django's SESSION_COOKIE_NAME).",
+        _cookie_name,
+    )
+    login_url: str = setting(
+        "/admin/login/", "Where the CRM's sign-in page is, for the hint shown when nobody is "
+        "signed in.",
+    )
 
 
 @dataclass(frozen=True)
@@ -428,6 +502,7 @@ class Config:
     directory: DirectorySettings = field(default_factory=DirectorySettings)
     tickets: TicketSettings = field(default_factory=TicketSettings)
     zadarma: ZadarmaSettings = field(default_factory=ZadarmaSettings)
+    click_to_call: ClickToCallSettings = field(default_factory=ClickToCallSettings)
     fritzbox: tuple[FritzBoxSettings, ...] = field(
         default_factory=lambda: (FritzBoxSettings(),)
     )
@@ -457,6 +532,7 @@ SECTIONS: dict[str, type[Any]] = {
     "directory": DirectorySettings,
     "tickets": TicketSettings,
     "zadarma": ZadarmaSettings,
+    "click_to_call": ClickToCallSettings,
     "legacy_monitor": LegacyMonitorSettings,
 }
 LIST_SECTIONS: dict[str, type[Any]] = {"fritzbox": FritzBoxSettings}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
@@ -69,7 +69,7 @@ class ZadarmaContext:
     """How to read a Zadarma account's events: its numbers' country, its clock's zone."""
 
     where: Dialling
-    zone: ZoneInfo
+    zone: tzinfo
     tickets: bool = False
     redirect_to_owner: bool = False
 

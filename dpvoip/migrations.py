@@ -149,6 +149,36 @@ MIGRATIONS: tuple[Migration, ...] = (
             ADD COLUMN crm_touched boolean NOT NULL DEFAULT false;
         """,
     ),
+    Migration(
+        7,
+        "click-to-call: dpvoip's API tokens and the record of every request",
+        """
+        CREATE TABLE dpvoip.api_token (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            user_id integer NOT NULL,
+            label text NOT NULL DEFAULT '',
+            token_sha256 text NOT NULL UNIQUE,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            last_used_at timestamptz,
+            revoked_at timestamptz
+        );
+        CREATE TABLE dpvoip.callback_request (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            requested_at timestamptz NOT NULL DEFAULT now(),
+            user_id integer,
+            login text NOT NULL,
+            connection_id integer,
+            from_number text,
+            number_given text NOT NULL,
+            number_dialled text,
+            result text NOT NULL,
+            http_status integer NOT NULL,
+            message text NOT NULL DEFAULT ''
+        );
+        CREATE INDEX callback_request_by_user
+            ON dpvoip.callback_request (user_id, requested_at DESC);
+        """,
+    ),
 )
 
 

@@ -23,6 +23,9 @@ WITHHELD = frozenset({
 
 #: Fewer significant digits than this is an extension or a service code, never a client.
 MIN_SIGNIFICANT_DIGITS = 6
+#: The longest text read as a number: the CRM's widest phone column. Longer input is not a
+#: number, and parsing it costs time that grows with its length.
+MAX_RAW_CHARS = 100
 
 #: A subscriber number dialled without its area code has at most this many digits (DE: 8,
 #: US: 7); a longer string without a trunk prefix is a national number missing its 0.
@@ -51,7 +54,7 @@ class Dialling:
 
 def normalise(raw: str | None, where: Dialling = Dialling()) -> str | None:
     """The E.164 form of ``raw`` (``+302101234567``), or None when it is not a callable number."""
-    if raw is None:
+    if raw is None or len(raw) > MAX_RAW_CHARS:
         return None
     # Invisible format characters (direction marks, zero-width spaces, BOM, soft hyphen)
     # come with numbers copied from messengers and spreadsheets.

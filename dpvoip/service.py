@@ -13,32 +13,42 @@ import atexit
 import gc
 import os
 import sys
+from dataclasses import replace
+from datetime import tzinfo
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from dpvoip import __version__
+from dpvoip.click_to_call import ClickToCall
 from dpvoip.config import Config
+from dpvoip.dialling_policy import DiallingPolicy
 from dpvoip.directory_index import DirectoryIndex
 from dpvoip.directory_service import DirectoryService
 from dpvoip.dsn import connection_dsn
 from dpvoip.embedded import EmbeddedPostgres
 from dpvoip.fritzbox import BoxStatusReporter, FritzBox, FritzBoxService, retry_policy
 from dpvoip.ingest import Ingest, ZadarmaContext
+from dpvoip.logins import Logins
 from dpvoip.migrations import SchemaMismatch, prepare
 from dpvoip.numbers import Dialling, normalise
 from dpvoip.pool import HealingPool
+from dpvoip.rate_limit import RateLimiter
 from dpvoip.sources import networks
 from dpvoip.store import Store
 from dpvoip.texts import Texts
 from dpvoip.web.app import Readiness, WebApp
+from dpvoip.web.callback import CallbackPages
 from dpvoip.web.server import DpvoipSite, WebService
 from dpvoip.web.zadarma import ZadarmaWebhook
+from dpvoip.zadarma_account import ZadarmaAccountService, http_pool_and_agent
+from dpvoip.zadarma_api import ZadarmaApi, base_url
 
 log = Logger(namespace="dpvoip")
 
@@ -220,6 +230,8 @@ class Daemon:
         directory: DirectoryIndex,
         ingest: Ingest,
         boxes: list[FritzBox],
+        zadarma: ZadarmaWebhook,
+        account: ZadarmaAccountService,
     ) -> None:
         self.service = service
         self.store = store
@@ -229,6 +241,8 @@ class Daemon:
         self.directory = directory
         self.ingest = ingest
         self.boxes = boxes
+        self.zadarma = zadarma
+        self.account = account
 
 
 def _own_numbers(config: Config) -> list[str]:
@@ -314,11 +328,19 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
              "fritzbox": [b.status.as_json(b.tracker.open_calls) for b in boxes]},
         )
 
+    office_zone = ZoneInfo(config.crm.timezone)
+    http_pool, agent = http_pool_and_agent(reactor, config.zadarma.api_ca_file,
+                                           config.zadarma.api_timeout)
+    api = ZadarmaApi(HTTPClient(agent), reactor, config.zadarma.key.reveal(),
+                     config.zadarma.secret.reveal(),
+                     base_url(config.zadarma.api_url, config.zadarma.sandbox),
+                     config.zadarma.api_timeout, config.zadarma.api_requests_per_minute)
+
     zadarma = ZadarmaWebhook(
         recorder=ingest,
         context=ZadarmaContext(
             Dialling(config.directory.region),
-            ZoneInfo(config.zadarma.timezone or config.crm.timezone),
+            ZoneInfo(config.zadarma.timezone) if config.zadarma.timezone else office_zone,
             tickets=config.zadarma.create_tickets,
             redirect_to_owner=config.zadarma.redirect_to_owner,
         ),
@@ -327,11 +349,30 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
         proxies=networks(config.web.trusted_proxies),
         caller_name=config.zadarma.caller_name,
     )
-    app = WebApp(lambda: Deferred.fromCoroutine(readiness()), __version__, zadarma)
+
+    def learned(zone: tzinfo) -> None:
+        zadarma.context = replace(zadarma.context, zone=zone)
+
+    account = ZadarmaAccountService(api, http_pool, reactor, office_zone,
+                                    learn_zone=not config.zadarma.timezone, on_zone=learned)
+    account.setServiceParent(top)
+    clicks = config.click_to_call
+    region = config.directory.region
+    callback = CallbackPages(
+        Logins(store, config.database.crm_schema, config.crm.secret_key,
+               config.crm.jwt_signing_key, clicks.session_cookie, reactor),
+        ClickToCall(
+            store, config.database.crm_schema, api,
+            DiallingPolicy(frozenset(clicks.allowed_countries or (region,)),
+                           clicks.blocked_prefixes, clicks.block_premium),
+            Dialling(region), RateLimiter(clicks.per_user_per_minute, 60.0), reactor),
+        config.crm.allowed_origins, clicks.login_url,
+    )
+    app = WebApp(lambda: Deferred.fromCoroutine(readiness()), __version__, zadarma, callback)
     site = DpvoipSite(app.resource(), config.web, reactor)
     web = WebService(reactor, site, config.web.listen)
     web.setServiceParent(top)
-    return Daemon(top, store, web, exit_status, embedded, index, ingest, boxes)
+    return Daemon(top, store, web, exit_status, embedded, index, ingest, boxes, zadarma, account)
 
 
 def makeService(config: Config, reactor: Any = None) -> OrderedServices:

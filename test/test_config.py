@@ -18,6 +18,7 @@ from dpvoip import cli
 from dpvoip.config import (
     LIST_SECTIONS,
     SECTIONS,
+    ClickToCallSettings,
     Config,
     ConfigError,
     CrmSettings,
@@ -126,6 +127,16 @@ key = "k"
 secret = "s"
 sandbox = true
 timezone = "Europe/Berlin"
+api_url = "http://127.0.0.1:8443/"
+api_timeout = 4
+api_requests_per_minute = 50
+[click_to_call]
+allowed_countries = ["GR", "DE"]
+blocked_prefixes = ["+30901"]
+block_premium = false
+per_user_per_minute = 2
+session_cookie = "crm_session"
+login_url = "/accounts/login/"
 [[fritzbox]]
 name = "athens"
 host = "192.168.1.1"
@@ -176,7 +187,13 @@ class FileTests(ConfigTestCase):
                 ),
                 zadarma=replace(
                     ZadarmaSettings(), key=Secret("k"), secret=Secret("s"), sandbox=True,
-                    timezone="Europe/Berlin",
+                    timezone="Europe/Berlin", api_url="http://127.0.0.1:8443/",
+                    api_timeout=4.0, api_requests_per_minute=50,
+                ),
+                click_to_call=ClickToCallSettings(
+                    allowed_countries=("GR", "DE"), blocked_prefixes=("+30901",),
+                    block_premium=False, per_user_per_minute=2, session_cookie="crm_session",
+                    login_url="/accounts/login/",
                 ),
                 fritzbox=(
                     replace(
@@ -234,6 +251,18 @@ class FileTests(ConfigTestCase):
             (two_offices, ["[[fritzbox]] name 'office' is used twice"]),
             ('[database]\nmode = "attached"', ["[database] mode 'attached' needs url"]),
             ("[web\nlisten = 1", ["not valid TOML", "line 1"]),
+            ('[click_to_call]\nallowed_countries = ["UK"]',
+             ["[click_to_call] allowed_countries", "unknown country 'UK'"]),
+            ('[click_to_call]\nblocked_prefixes = ["0901"]',
+             ["[click_to_call] blocked_prefixes", "E.164"]),
+            ("[click_to_call]\nper_user_per_minute = 0",
+             ["[click_to_call] per_user_per_minute", "between 1 and 100"]),
+            ('[click_to_call]\nsession_cookie = "a b"', ["[click_to_call] session_cookie"]),
+            ('[zadarma]\napi_url = "https://api.zadarma.com/v1/"', ["[zadarma] api_url",
+                                                                   "no path"]),
+            ('[zadarma]\napi_url = "ftp://x"', ["[zadarma] api_url", "base URL"]),
+            ("[zadarma]\napi_requests_per_minute = 101",
+             ["[zadarma] api_requests_per_minute", "between 1 and 100"]),
         ]
         for text, fragments in cases:
             message = self.error(text)

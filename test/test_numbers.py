@@ -534,3 +534,9 @@ def test_normalise_is_idempotent_on_realistic_numbers(where: Dialling) -> None:
 def test_withheld_never_matches(where: Dialling, raw: str | None) -> None:
     if is_withheld(raw):
         assert normalise(raw, where) is None
+
+
+def test_text_longer_than_any_crm_phone_column_is_not_a_number() -> None:
+    # parsing cost grows with the length: a long field must not cost seconds
+    assert normalise("6912345678" + " " * 91) is None
+    assert normalise("+30 691 234 5678" + " " * 84) == "+306912345678"

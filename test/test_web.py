@@ -209,7 +209,8 @@ class LiveTests(TestCase):
         self.assertEqual(self.site.in_flight, 0)
 
 
-async def until(check: Callable[[], bool], seconds: float = 5.0) -> None:
+async def until(check: Callable[[], object], seconds: float = 5.0) -> None:
+    """Wait (real time, bounded) until ``check()`` is true."""
     deadline = reactor.seconds() + seconds
     while not check():
         if reactor.seconds() > deadline:

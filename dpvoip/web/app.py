@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
+from dpvoip.web.callback import CallbackPages
 from dpvoip.web.errors import HttpError, error_body, json_body
 from dpvoip.web.zadarma import ZadarmaWebhook
 
@@ -47,10 +48,12 @@ class WebApp:
     app = Klein()
 
     def __init__(self, readiness: ReadinessProbe, version: str,
-                 zadarma: ZadarmaWebhook | None = None) -> None:
+                 zadarma: ZadarmaWebhook | None = None,
+                 callback: CallbackPages | None = None) -> None:
         self._readiness = readiness
         self._version = version
         self._zadarma = zadarma
+        self._callback = callback
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -78,6 +81,25 @@ class WebApp:
         if self._zadarma is None:
             raise HttpError(404, "Zadarma webhooks are not configured")
         return await self._zadarma.event(request)
+
+    def _click_to_call(self) -> CallbackPages:
+        if self._callback is None:
+            raise HttpError(404, "click-to-call is not configured")
+        return self._callback
+
+    @app.route("/voip/get-callback/", methods=["GET", "HEAD"])
+    async def callback_page(self, request: IRequest) -> bytes:
+        """Shows the number and the user's connections. Never dials: a link must not be
+        able to make the company pay for a call."""
+        return await self._click_to_call().page(request)
+
+    @app.route("/voip/get-callback/", methods=["POST"])
+    async def callback_dial(self, request: IRequest) -> bytes:
+        return await self._click_to_call().dial(request)
+
+    @app.route("/voip/calls/<string:call>/recording", methods=["GET", "HEAD"])
+    async def call_recording(self, request: IRequest, call: str) -> bytes:
+        return await self._click_to_call().recording(request, call)
 
     @app.handle_errors(HttpError)
     def http_error(self, request: IRequest, failure: Failure) -> bytes:

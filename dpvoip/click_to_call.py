@@ -1,0 +1,178 @@
+"""Click-to-call: a CRM user asks Zadarma to ring their phone, then the client.
+
+Every check that protects the company's money happens here, before Zadarma is asked:
+the connection must be the user's own and active, the number must pass the dialling
+policy, the user must be within their rate. Every request, refused or not, is recorded
+in ``dpvoip.callback_request``. The web routes only translate HTTP to and from this.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.logger import Logger
+
+from dpvoip.crm_schema import quote_ident
+from dpvoip.dialling_policy import DiallingPolicy
+from dpvoip.logins import CrmUser
+from dpvoip.numbers import Dialling
+from dpvoip.rate_limit import RateLimiter
+from dpvoip.store import Store
+from dpvoip.zadarma_api import ZadarmaApi, ZadarmaApiError
+
+log = Logger()
+
+_FROM = re.compile(r"^(\+?[0-9]{7,15}|[0-9]{3,5})$")
+_SIP = re.compile(r"^([0-9]{5}|[0-9]{3})$")
+_FORMATTING = re.compile(r"[\s\-./()]")
+
+
+@dataclass(frozen=True)
+class Connection:
+    id: int
+    type: str
+    number: str
+    callerid: str
+    provider: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "number": self.number,
+                "callerid": self.callerid, "provider": self.provider}
+
+
+@dataclass(frozen=True)
+class CallbackOutcome:
+    """What the user is told: ``status`` is the HTTP status of the answer."""
+
+    status: int
+    message: str
+    number: str | None = None
+    retry_after: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+class NoRecording(Exception):
+    pass
+
+
+class ClickToCall:
+    def __init__(self, store: Store, crm_schema: str, api: ZadarmaApi, policy: DiallingPolicy,
+                 where: Dialling, per_user: RateLimiter, clock: Any) -> None:
+        self._store = store
+        self._crm = quote_ident(crm_schema)
+        self._api = api
+        self._policy = policy
+        self._where = where
+        self._per_user = per_user
+        self._clock = clock
+
+    async def connections(self, user: CrmUser) -> list[Connection]:
+        rows = await self._store.read(
+            f"SELECT id, type, number, callerid, provider FROM {self._crm}.voip_connection"
+            " WHERE owner_id = %s AND active ORDER BY id",
+            (user.id,),
+        )
+        return [Connection(*row) for row in rows]
+
+    async def dial(self, user: CrmUser, connection_id: str, number: str, sip: str = "",
+                   predicted: bool = False) -> CallbackOutcome:
+        connection: Connection | None = None
+        dialled: str | None = None
+        try:
+            outcome, connection, dialled = await self._dial(
+                user, connection_id, number, sip, predicted)
+        except ZadarmaApiError as error:
+            outcome = CallbackOutcome(error.status, error.message, retry_after=error.retry_after)
+        await self._record(user, connection, connection_id, number, dialled, outcome)
+        return outcome
+
+    async def _dial(self, user: CrmUser, connection_id: str, number: str, sip: str,
+                    predicted: bool) -> tuple[CallbackOutcome, Connection | None, str | None]:
+        wait = self._per_user.take(user.id, self._clock.seconds())
+        if wait is not None:
+            return CallbackOutcome(
+                429, f"too many calls requested; try again in {math.ceil(wait)} s",
+                retry_after=wait), None, None
+        if not connection_id.strip().isdigit() or len(connection_id.strip()) > 9:
+            return CallbackOutcome(400, "choose one of your connections (callerid)"), None, None
+        connection = await self._own_connection(user, int(connection_id))
+        if connection is None:
+            return CallbackOutcome(
+                403, f"connection {int(connection_id)} is not one of your active connections"
+            ), None, None
+        verdict = self._policy.check(number, self._where)
+        if verdict.number is None:
+            return CallbackOutcome(400, verdict.refusal or "not a number that may be dialled"), \
+                connection, None
+        if sip and not _SIP.match(sip):
+            return CallbackOutcome(400, "sip must be a 3- or 5-digit extension or SIP number"), \
+                connection, verdict.number
+        ring_first = _FORMATTING.sub("", connection.number)
+        if not _FROM.match(ring_first):
+            return CallbackOutcome(
+                400, f"your connection's number {connection.number[:30]!r} is not a phone, "
+                "SIP number or extension Zadarma can ring"), connection, verdict.number
+        await self._api.callback(ring_first, verdict.number, sip, predicted)
+        log.info("click-to-call for {user}: {ring} then {number}", user=user.username,
+                 ring=ring_first, number=verdict.number)
+        return CallbackOutcome(200, "Expect a call to your smartphone", verdict.number), \
+            connection, verdict.number
+
+    async def _own_connection(self, user: CrmUser, connection_id: int) -> Connection | None:
+        rows = await self._store.read(
+            f"SELECT id, type, number, callerid, provider FROM {self._crm}.voip_connection"
+            " WHERE id = %s AND owner_id = %s AND active",
+            (connection_id, user.id),
+        )
+        return Connection(*rows[0]) if rows else None
+
+    async def refused(self, user: CrmUser | None, connection_id: str, number: str,
+                      outcome: CallbackOutcome) -> CallbackOutcome:
+        """Record a request refused before it reached the checks above (no login, a
+        cross-site post): those are the ones an administrator most wants to see."""
+        await self._record(user, None, connection_id, number, None, outcome)
+        return outcome
+
+    async def _record(self, user: CrmUser | None, connection: Connection | None,
+                      connection_id: str, number: str, dialled: str | None,
+                      outcome: CallbackOutcome) -> None:
+        given_id = connection_id.strip()
+        try:
+            await self._store.write_one(
+                "INSERT INTO dpvoip.callback_request (user_id, login, connection_id,"
+                " from_number, number_given, number_dialled, result, http_status, message)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (user.id if user else None, user.via if user else "none",
+                 connection.id if connection else (int(given_id) if given_id.isdigit()
+                                                   and len(given_id) <= 9 else None),
+                 connection.number if connection else None, number[:64], dialled,
+                 "dialled" if outcome.ok else "refused", outcome.status, outcome.message[:300]),
+            )
+        except Exception as error:  # the answer must still reach the user
+            log.error("click-to-call request of {user} not recorded: {error}",
+                      user=user.username if user else "an unknown user",
+                      error=str(error).splitlines()[0] if str(error) else "")
+
+    async def recording_link(self, call: str) -> str:
+        """A fresh link to the recording of the call (the CRM's call id, or dpvoip's)."""
+        if call.isdigit() and len(call) <= 18:
+            rows = await self._store.read(
+                "SELECT d.recording, d.pbx_call_id FROM dpvoip.call_detail d"
+                f" JOIN {self._crm}.accounting_voipcall v ON v.call_id = d.call_id"
+                " WHERE v.id = %s",
+                (int(call),),
+            )
+        else:
+            rows = await self._store.read(
+                "SELECT recording, pbx_call_id FROM dpvoip.call_detail WHERE call_id = %s",
+                (call[:64],),
+            )
+        if not rows or not rows[0][0]:
+            raise NoRecording("this call has no recording")
+        return await self._api.recording_link(call_id=rows[0][0])

@@ -1,0 +1,139 @@
+"""Who is asking: the CRM's session cookie, the CRM's JWT, or one of dpvoip's API tokens.
+
+The thin edge around ``crm_logins`` (which checks signatures): it reads the session row,
+the user and the token from the database. A request with no credential at all is
+``NotSignedIn`` with ``presented=False`` (the page shows a sign-in hint); one whose
+credential is refused says why, without repeating the credential.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.web.iweb import IRequest
+
+from dpvoip.config import Secret
+from dpvoip.crm_logins import (
+    LoginRefused,
+    api_token_hash,
+    bearer_token,
+    looks_like_api_token,
+    read_jwt,
+    read_session,
+    session_hash_matches,
+)
+from dpvoip.crm_schema import quote_ident
+from dpvoip.store import Store
+
+_SESSION_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+
+
+class NotSignedIn(Exception):
+    def __init__(self, message: str, presented: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.presented = presented
+
+
+@dataclass(frozen=True)
+class CrmUser:
+    id: int
+    username: str
+    name: str
+    via: str  # "session", "jwt" or "token": a cookie login must pass the origin check
+
+
+class Logins:
+    def __init__(self, store: Store, crm_schema: str, secret_key: Secret, jwt_key: Secret,
+                 cookie_name: str, clock: Any) -> None:
+        self._store = store
+        self._crm = quote_ident(crm_schema)
+        self._secret_key = secret_key
+        self._jwt_key = jwt_key
+        self._cookie = cookie_name.encode()
+        self._clock = clock
+
+    async def identify(self, request: IRequest) -> CrmUser:
+        header = request.getHeader(b"Authorization")
+        if header is not None:
+            token = bearer_token(header)
+            if token is None:
+                raise NotSignedIn("only 'Authorization: Bearer <token>' is understood", True)
+            if looks_like_api_token(token):
+                return await self._by_api_token(token)
+            return await self._by_jwt(token)
+        cookie = request.getCookie(self._cookie)
+        if cookie:
+            return await self._by_session(cookie.decode("latin-1"))
+        raise NotSignedIn("not signed in to the CRM", False)
+
+    def _keys(self) -> str:
+        key = self._secret_key.reveal()
+        if not key:
+            raise NotSignedIn("the CRM's SECRET_KEY is not configured in dpvoip ([crm] "
+                              "secret_key): CRM logins cannot be checked", True)
+        return key
+
+    async def _by_session(self, session_key: str) -> CrmUser:
+        secret = self._keys()
+        if not 8 <= len(session_key) <= 40 or not set(session_key) <= _SESSION_KEY_CHARS:
+            raise NotSignedIn("the CRM session cookie is malformed; sign in again", True)
+        rows = await self._store.read(
+            f"SELECT s.session_data FROM {self._crm}.django_session s"
+            " WHERE s.session_key = %s AND s.expire_date > now()",
+            (session_key,),
+        )
+        if not rows:
+            raise NotSignedIn("the CRM session has expired or was signed out; sign in again",
+                              True)
+        try:
+            session = read_session(rows[0][0], secret)
+        except LoginRefused as refused:
+            raise NotSignedIn(f"the CRM session is not valid ({refused})", True) from None
+        user, password = await self._user(session.user_id)
+        if not session_hash_matches(secret, password, session.auth_hash):
+            raise NotSignedIn("the password changed since this session signed in; sign in "
+                              "again", True)
+        return CrmUser(user.id, user.username, user.name, "session")
+
+    async def _by_jwt(self, token: str) -> CrmUser:
+        keys = [k for k in (self._jwt_key.reveal(), self._keys()) if k]
+        try:
+            user_id = read_jwt(token, keys, self._clock.seconds())
+        except LoginRefused as refused:
+            raise NotSignedIn(f"the access token is not accepted ({refused})", True) from None
+        user, _ = await self._user(user_id)
+        return CrmUser(user.id, user.username, user.name, "jwt")
+
+    async def _by_api_token(self, token: str) -> CrmUser:
+        rows = await self._store.write_one(
+            "WITH t AS (UPDATE dpvoip.api_token SET last_used_at = now()"
+            "  WHERE token_sha256 = %s AND revoked_at IS NULL RETURNING user_id)"
+            f" SELECT u.id, u.username, u.first_name, u.last_name, u.is_active"
+            f" FROM t JOIN {self._crm}.auth_user u ON u.id = t.user_id",
+            (api_token_hash(token),),
+        )
+        if not rows:
+            raise NotSignedIn("the dpvoip API token is unknown or revoked", True)
+        user_id, username, first, last, active = rows[0]
+        if not active:
+            raise NotSignedIn("the CRM user of this token is not active", True)
+        return CrmUser(user_id, username, _name(first, last, username), "token")
+
+    async def _user(self, user_id: int) -> tuple[CrmUser, str]:
+        rows = await self._store.read(
+            f"SELECT id, username, first_name, last_name, is_active, password"
+            f" FROM {self._crm}.auth_user WHERE id = %s",
+            (user_id,),
+        )
+        if not rows:
+            raise NotSignedIn("the CRM user no longer exists", True)
+        uid, username, first, last, active, password = rows[0]
+        if not active:
+            raise NotSignedIn("the CRM user is not active", True)
+        return CrmUser(uid, username, _name(first, last, username), ""), password
+
+
+def _name(first: str, last: str, username: str) -> str:
+    return f"{first} {last}".strip() or username

@@ -1,0 +1,257 @@
+"""Click-to-call over HTTP: the CRM's popup (HTML and plain text) and its JSON clients.
+
+Translation only: who is asking comes from ``Logins``, every decision about the call from
+``ClickToCall``. What is decided here is what HTTP alone can tell: a GET never dials, a
+POST that rides on the CRM's cookie must come from an allowed origin (another site could
+otherwise make a signed-in user's browser dial), and the answer's format follows the
+request's (form in, plain text out; JSON in or asked for, JSON out).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+import psycopg2
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from txpostgres.reconnection import ConnectionDead
+
+from dpvoip.click_to_call import CallbackOutcome, ClickToCall, Connection, NoRecording
+from dpvoip.logins import CrmUser, Logins, NotSignedIn
+from dpvoip.web.errors import HttpError, error_body, json_body, media_type
+from dpvoip.zadarma_api import ZadarmaApiError
+
+log = Logger()
+
+NO_CONNECTION = ("You do not have a VoiP connection configured. Please contact your "
+                 "administrator.")
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+_PAGE_HEADERS = {
+    b"Content-Security-Policy": b"default-src 'none'; style-src 'unsafe-inline'; "
+                                b"form-action 'self'; frame-ancestors 'self'",
+    b"X-Frame-Options": b"SAMEORIGIN",
+    b"Referrer-Policy": b"same-origin",
+    b"X-Content-Type-Options": b"nosniff",
+    b"Cache-Control": b"no-store",
+}
+
+
+@dataclass
+class CallbackPages:
+    logins: Logins
+    calls: ClickToCall
+    allowed_origins: Sequence[str]
+    login_url: str
+
+    # -- GET: show, never dial -----------------------------------------------------------
+
+    async def page(self, request: IRequest) -> bytes:
+        number = _arg(request, b"number")[:64]
+        wants_json = _wants_json(request)
+        try:
+            user = await self.logins.identify(request)
+            connections = await self.calls.connections(user)
+        except NotSignedIn as refused:
+            return self._not_signed_in(request, refused, wants_json)
+        except (psycopg2.Error, ConnectionDead):
+            raise HttpError(503, "the CRM database is not reachable; try again shortly") \
+                from None
+        if wants_json:
+            body: dict[str, Any] = {"number": number, "user": user.username,
+                                    "connections": [c.as_json() for c in connections]}
+            if not connections:
+                body["message"] = NO_CONNECTION
+            return _send(request, 200, "application/json; charset=utf-8", json_body(body))
+        if not connections:
+            return _send(request, 200, "text/plain; charset=utf-8", NO_CONNECTION.encode())
+        return _send(request, 200, "text/html; charset=utf-8",
+                     _page(number, user, connections), _PAGE_HEADERS)
+
+    def _not_signed_in(self, request: IRequest, refused: NotSignedIn, wants_json: bool) -> bytes:
+        target = request.uri.decode("latin-1")
+        login = f"{self.login_url}?next={quote(target, safe='')}"
+        if wants_json:
+            body = {"error": refused.message, "status": 401, "login_url": login}
+            return _send(request, 401, "application/json; charset=utf-8", json_body(body))
+        page = (
+            "<!doctype html><html><head><meta charset='utf-8'><title>Sign in</title></head>"
+            f"<body><p>{html.escape(refused.message)}.</p>"
+            f"<p><a href='{html.escape(login, quote=True)}'>Sign in to the CRM</a>, then "
+            "open this page again.</p></body></html>"
+        )
+        return _send(request, 401, "text/html; charset=utf-8", page.encode(), _PAGE_HEADERS)
+
+    # -- POST: dial ----------------------------------------------------------------------
+
+    async def dial(self, request: IRequest) -> bytes:
+        kind = media_type(request.getHeader(b"Content-Type"))
+        as_json = kind == "application/json"
+        if not as_json and kind not in FORM_TYPES:
+            raise HttpError(415, f"Content-Type {kind or 'none'} not supported; send a form "
+                            "or application/json")
+        connection_id, number, sip, predicted = (_json_fields(request) if as_json
+                                                 else _form_fields(request, kind))
+        try:
+            user = await self.logins.identify(request)
+        except NotSignedIn as not_signed_in:
+            outcome = await self.calls.refused(None, connection_id, number,
+                                               CallbackOutcome(401, not_signed_in.message))
+            return self._answer(request, as_json, outcome)
+        except (psycopg2.Error, ConnectionDead):
+            return self._answer(request, as_json, CallbackOutcome(
+                503, "the CRM database is not reachable; try again shortly"))
+        try:
+            if user.via == "session" and not self._same_origin(request):
+                log.warn("click-to-call of {user} refused: cross-site request",
+                         user=user.username)
+                outcome = await self.calls.refused(user, connection_id, number, CallbackOutcome(
+                    403, "this request does not come from the CRM's own pages"))
+            else:
+                outcome = await self.calls.dial(user, connection_id, number, sip, predicted)
+        except (psycopg2.Error, ConnectionDead):
+            outcome = CallbackOutcome(503, "the CRM database is not reachable; try again "
+                                           "shortly")
+        return self._answer(request, as_json, outcome)
+
+    def _answer(self, request: IRequest, as_json: bool, outcome: CallbackOutcome) -> bytes:
+        if outcome.retry_after is not None:
+            request.setHeader(b"Retry-After", str(max(1, round(outcome.retry_after))).encode())
+        if as_json:
+            if outcome.ok:
+                body = json_body({"ok": True, "message": outcome.message,
+                                  "number": outcome.number})
+            else:
+                body = error_body(outcome.status, outcome.message)
+            return _send(request, outcome.status, "application/json; charset=utf-8", body)
+        text = outcome.message if outcome.ok else f"Error! {outcome.message}"
+        return _send(request, outcome.status, "text/plain; charset=utf-8", text.encode())
+
+    def _same_origin(self, request: IRequest) -> bool:
+        """The Origin (else the Referer) is one of the allowed origins, or, when none is
+        configured, the host this request was addressed to."""
+        origin = request.getHeader(b"Origin")
+        source = origin if origin is not None else request.getHeader(b"Referer")
+        if not source:
+            return False
+        parts = urlsplit(bytes(source).decode("latin-1"))
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            return False
+        seen = f"{parts.scheme}://{parts.netloc}".lower()
+        if self.allowed_origins:
+            return seen in {o.rstrip("/").lower() for o in self.allowed_origins}
+        # A browser cannot set X-Forwarded-Host on a cross-site form post; a proxy in front
+        # of dpvoip sets it to the CRM's host when it rewrites Host.
+        host: bytes = (request.getHeader(b"X-Forwarded-Host") or request.getHeader(b"Host")
+                       or b"")
+        addressed: str = host.decode("latin-1").split(",")[0].strip().lower()
+        return parts.netloc.lower() == addressed
+
+    # -- GET recording: a fresh link -----------------------------------------------------
+
+    async def recording(self, request: IRequest, call: str) -> bytes:
+        try:
+            await self.logins.identify(request)
+            link = await self.calls.recording_link(call)
+        except NotSignedIn as refused:
+            raise HttpError(401, refused.message) from None
+        except NoRecording as missing:
+            raise HttpError(404, str(missing)) from None
+        except ZadarmaApiError as error:
+            raise HttpError(error.status, error.message) from None
+        except (psycopg2.Error, ConnectionDead):
+            raise HttpError(503, "the CRM database is not reachable; try again shortly") \
+                from None
+        request.setResponseCode(302)
+        request.setHeader(b"Location", link.encode("ascii", "replace"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Referrer-Policy", b"no-referrer")
+        return b""
+
+
+def _send(request: IRequest, status: int, content_type: str, body: bytes,
+          headers: dict[bytes, bytes] | None = None) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", content_type.encode())
+    request.setHeader(b"Cache-Control", b"no-store")
+    for name, value in (headers or {}).items():
+        request.setHeader(name, value)
+    return body
+
+
+def _arg(request: IRequest, name: bytes) -> str:
+    values = request.args.get(name) or [b""]
+    return bytes(values[0]).decode("utf-8", "replace").strip()
+
+
+def _wants_json(request: IRequest) -> bool:
+    accept = (request.getHeader(b"Accept") or b"").decode("latin-1").lower()
+    return "application/json" in accept and "text/html" not in accept
+
+
+def _form_fields(request: IRequest, kind: str) -> tuple[str, str, str, bool]:
+    """The form's own fields: values in the query string do not count, so a link cannot
+    supply what the user did not submit."""
+    if kind == "application/x-www-form-urlencoded":
+        request.content.seek(0)
+        parsed = parse_qs(request.content.read(), keep_blank_values=True)
+    else:
+        in_query = parse_qs(urlsplit(request.uri).query, keep_blank_values=True)
+        parsed = {k: v for k, v in request.args.items() if k not in in_query}
+
+    def field(name: bytes) -> str:
+        values = parsed.get(name) or [b""]
+        return bytes(values[0]).decode("utf-8", "replace").strip()
+
+    return (field(b"callerid"), field(b"to_number"), field(b"sip"),
+            field(b"predicted").lower() in ("1", "true", "on", "yes"))
+
+
+def _json_fields(request: IRequest) -> tuple[str, str, str, bool]:
+    try:
+        request.content.seek(0)
+        data = json.loads(request.content.read())
+    except (ValueError, UnicodeDecodeError):
+        raise HttpError(400, "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise HttpError(400, "send a JSON object: {\"connection\": id, \"number\": \"...\"}")
+    connection = data.get("connection")
+    number = data.get("number")
+    sip = data.get("sip", "")
+    predicted = data.get("predicted", False)
+    if isinstance(connection, bool) or not isinstance(connection, int | str):
+        raise HttpError(400, "connection must be the id of one of your connections")
+    if not isinstance(number, str):
+        raise HttpError(400, "number must be a string")
+    if not isinstance(sip, str | int) or isinstance(sip, bool):
+        raise HttpError(400, "sip must be a string")
+    if not isinstance(predicted, bool):
+        raise HttpError(400, "predicted must be true or false")
+    return str(connection), number, str(sip), predicted
+
+
+def _page(number: str, user: CrmUser, connections: list[Connection]) -> bytes:
+    """The popup: the number, the connection to ring first, the Call button. The form posts
+    back to this same path; the browser adds the Origin that the POST is checked against."""
+    options = "".join(
+        f"<option value='{c.id}'>{html.escape(c.callerid)} ({html.escape(c.provider)})"
+        "</option>" for c in connections
+    )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Call "
+        f"{html.escape(number)}</title><style>body{{font-family:sans-serif;margin:1.5em}}"
+        "label,select,input,button{display:block;margin:.4em 0}</style></head><body>"
+        f"<p>Signed in as {html.escape(user.name)}.</p>"
+        "<form method='post' action=''>"
+        f"<label>Number <input name='to_number' value='{html.escape(number, quote=True)}' "
+        "required maxlength='64'></label>"
+        f"<label>Ring first <select name='callerid'>{options}</select></label>"
+        "<button type='submit'>Call</button></form>"
+        "<p>Your phone rings first; the number is called when you answer.</p>"
+        "</body></html>"
+    )
+    return page.encode("utf-8")

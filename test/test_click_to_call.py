@@ -1,0 +1,561 @@
+"""Click-to-call as a CRM user meets it: the daemon as wired, a real PostgreSQL with the
+CRM's tables, the CRM's own logins (a Django session cookie, a simplejwt access token, a
+dpvoip token), and the fake Zadarma API on loopback checking every signature."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.http_headers import Headers
+
+from dpvoip.api_tokens import create_token, revoke_token
+from dpvoip.config import (
+    ClickToCallSettings,
+    Config,
+    CrmSettings,
+    DatabaseSettings,
+    Secret,
+    WebSettings,
+    ZadarmaSettings,
+)
+from dpvoip.crm_logins import session_auth_hash
+from dpvoip.service import Daemon, build
+from dpvoip.zadarma_fake import Fault, ZadarmaFake
+from test.support.crm import Crm
+from test.support.postgres import postgres
+from test.support.tls import make_authority
+from test.test_crm_logins import access_claims, forge_jwt, session
+from test.test_database import eventually
+
+SECRET_KEY = "crm-secret-key-for-tests-0123456789abcdef"
+KEY, API_SECRET = "testkey", "testsecret"
+PASSWORD = "pbkdf2_sha256$870000$salt$hash-of-the-old-password="
+CLIENT = "6912345678"
+
+
+class ClickToCallCase(TestCase):
+    timeout = 30
+    click = ClickToCallSettings()
+    api_timeout = 10.0
+    allowed_origins: tuple[str, ...] = ()
+
+    def setUp(self) -> Any:
+        self.dsn = postgres().new_database(crm="2025-12")
+        self.crm = Crm(self.dsn)
+        self.http = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(self.http.closeCachedConnections)
+        self.fake = ZadarmaFake(KEY, API_SECRET, reactor)
+        self.addCleanup(self.fake.close)
+        self.anna = self.crm.user("anna", password=PASSWORD, first_name="Anna",
+                                  last_name="Papa")
+        self.connection = self.crm.insert(
+            "voip_connection", type="pbx", active=True, number="100", callerid="Anna desk",
+            provider="Zadarma", owner_id=self.anna)
+        return defer.Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        port = await self.fake.listen(reactor, "tcp:0:interface=127.0.0.1")
+        url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+        self.daemon = self.start_daemon(url)
+        self.daemon.service.startService()
+        self.addCleanup(self.daemon.service.stopService)
+        await self.daemon.service.started
+        await eventually(lambda: self.daemon.store.schema is not None)
+
+    def start_daemon(self, api_url: str, ca_file: str = "") -> Daemon:
+        config = Config(
+            database=replace(DatabaseSettings(), url=Secret(self.dsn)),
+            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
+            crm=replace(CrmSettings(), secret_key=Secret(SECRET_KEY),
+                        allowed_origins=self.allowed_origins),
+            zadarma=replace(ZadarmaSettings(), key=Secret(KEY), secret=Secret(API_SECRET),
+                            api_url=api_url, api_timeout=self.api_timeout,
+                            api_ca_file=ca_file),
+            click_to_call=self.click,
+            fritzbox=(),
+        )
+        return build(config, reactor)
+
+    # -- the CRM's logins ------------------------------------------------------------------
+
+    def sign_in(self, user: int | None = None, password: str = PASSWORD,
+                expires: str = "now() + interval '1 day'") -> str:
+        """A session row as Django writes it; the cookie value is its key."""
+        user = self.anna if user is None else user
+        key = secrets.token_hex(16)
+        data = session({"_auth_user_id": str(user),
+                        "_auth_user_backend": "django.contrib.auth.backends.ModelBackend",
+                        "_auth_user_hash": session_auth_hash(SECRET_KEY, password)},
+                       SECRET_KEY)
+        self.crm.query(
+            f"INSERT INTO django_session VALUES (%s, %s, {expires}) RETURNING 1", (key, data))
+        return key
+
+    def jwt(self, user: int | None = None, key: str = SECRET_KEY, **claims: object) -> str:
+        user = self.anna if user is None else user
+        fields: dict[str, object] = {"user_id": str(user), "exp": int(time.time()) + 300,
+                                     **claims}
+        return forge_jwt(access_claims(**fields), key)
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        port = self.daemon.web.port.getHost().port  # type: ignore[union-attr]
+        return f"http://127.0.0.1:{port}/voip/get-callback/"
+
+    @property
+    def origin(self) -> str:
+        port = self.daemon.web.port.getHost().port  # type: ignore[union-attr]
+        return f"http://127.0.0.1:{port}"
+
+    async def _request(self, method: str, url: str, headers: dict[str, str],
+                       body: bytes | None) -> tuple[int, str, dict[str, str]]:
+        sent: dict[bytes | str, list[bytes | str]] = {k: [v] for k, v in headers.items()}
+        response = await treq.request(
+            method, url, headers=sent, data=body,
+            pool=self.http, allow_redirects=False)
+        text = (await response.content()).decode("utf-8")
+        found = {k.decode().lower(): v[0].decode()
+                 for k, v in response.headers.getAllRawHeaders()}
+        return response.code, text, found
+
+    def get(self, query: str = "", cookie: str | None = None, accept: str = "text/html",
+            bearer: str | None = None, url: str | None = None,
+            ) -> defer.Deferred[tuple[int, str, dict[str, str]]]:
+        headers = {"Accept": accept}
+        if cookie:
+            headers["Cookie"] = f"sessionid={cookie}"
+        if bearer:
+            headers["Authorization"] = f"Bearer {bearer}"
+        target = url or self.url + (f"?{query}" if query else "")
+        return defer.Deferred.fromCoroutine(self._request("GET", target, headers, None))
+
+    def post_form(self, fields: dict[str, str], cookie: str | None = None,
+                  origin: str | None = "", referer: str | None = None,
+                  query: str = "") -> defer.Deferred[tuple[int, str, dict[str, str]]]:
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        if cookie:
+            headers["Cookie"] = f"sessionid={cookie}"
+        if origin is not None:
+            headers["Origin"] = origin or self.origin
+        if referer is not None:
+            headers["Referer"] = referer
+        target = self.url + (f"?{query}" if query else "")
+        return defer.Deferred.fromCoroutine(
+            self._request("POST", target, headers, urlencode(fields).encode()))
+
+    def post_json(self, body: object, bearer: str | None = None, cookie: str | None = None,
+                  ) -> defer.Deferred[tuple[int, str, dict[str, str]]]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if bearer:
+            headers["Authorization"] = f"Bearer {bearer}"
+        if cookie:
+            headers["Cookie"] = f"sessionid={cookie}"
+        return defer.Deferred.fromCoroutine(
+            self._request("POST", self.url, headers, json.dumps(body).encode()))
+
+    def call_form(self, number: str = CLIENT) -> dict[str, str]:
+        return {"callerid": str(self.connection), "to_number": number}
+
+    def dialled(self) -> list[Mapping[str, str]]:
+        return [r.params for r in self.fake.requests if r.path == "/v1/request/callback/"]
+
+    def recorded(self) -> list[tuple[Any, ...]]:
+        return self.crm.query(
+            "SELECT user_id, login, connection_id, number_given, number_dialled, result,"
+            " http_status FROM dpvoip.callback_request ORDER BY id")
+
+
+class PageTests(ClickToCallCase):
+    @defer.inlineCallbacks
+    def test_the_popup_shows_the_number_and_the_users_connections_and_dials_nothing(
+            self) -> Any:
+        cookie = self.sign_in()
+        code, page, headers = yield self.get(f"number={CLIENT}", cookie)
+        self.assertEqual(code, 200)
+        self.assertIn("text/html", headers["content-type"])
+        self.assertIn(f"value='{CLIENT}'", page)
+        self.assertIn(f"<option value='{self.connection}'>Anna desk (Zadarma)</option>", page)
+        self.assertIn("method='post'", page)
+        self.assertIn("frame-ancestors 'self'", headers["content-security-policy"])
+        self.assertEqual(self.dialled(), [])
+
+    @defer.inlineCallbacks
+    def test_a_get_carrying_every_field_of_a_call_still_never_dials(self) -> Any:
+        cookie = self.sign_in()
+        query = urlencode({"number": CLIENT, **self.call_form()})
+        code, _, _ = yield self.get(query, cookie)
+        self.assertEqual(code, 200)
+        self.assertEqual(self.dialled(), [])
+        self.assertEqual(self.recorded(), [])
+
+    @defer.inlineCallbacks
+    def test_json_lists_the_active_connections_of_this_user_only(self) -> Any:
+        self.crm.insert("voip_connection", type="sip", active=False, number="101",
+                        callerid="old", provider="Zadarma", owner_id=self.anna)
+        other = self.crm.user("bob", password=PASSWORD)
+        self.crm.insert("voip_connection", type="pbx", active=True, number="102",
+                        callerid="Bob", provider="Zadarma", owner_id=other)
+        code, body, _ = yield self.get(f"number={CLIENT}", self.sign_in(),
+                                       accept="application/json")
+        self.assertEqual(code, 200)
+        self.assertEqual(json.loads(body), {
+            "number": CLIENT, "user": "anna",
+            "connections": [{"id": self.connection, "type": "pbx", "number": "100",
+                             "callerid": "Anna desk", "provider": "Zadarma"}]})
+
+    @defer.inlineCallbacks
+    def test_a_user_without_a_connection_gets_the_crms_own_text(self) -> Any:
+        bob = self.crm.user("bob", password=PASSWORD)
+        code, body, _ = yield self.get(f"number={CLIENT}", self.sign_in(bob))
+        self.assertEqual((code, body), (200, "You do not have a VoiP connection configured. "
+                                             "Please contact your administrator."))
+
+    @defer.inlineCallbacks
+    def test_nobody_signed_in_gets_a_sign_in_hint(self) -> Any:
+        code, page, _ = yield self.get(f"number={CLIENT}")
+        self.assertEqual(code, 401)
+        self.assertIn("/admin/login/?next=%2Fvoip%2Fget-callback%2F%3Fnumber%3D6912345678",
+                      page)
+        code, body, _ = yield self.get(f"number={CLIENT}", accept="application/json")
+        self.assertEqual(code, 401)
+        self.assertTrue(json.loads(body)["login_url"].startswith("/admin/login/?next="))
+
+
+class DialTests(ClickToCallCase):
+    @defer.inlineCallbacks
+    def test_the_popup_form_dials_through_zadarma_signed_as_zadarma_checks(self) -> Any:
+        code, body, _ = yield self.post_form(self.call_form("210 123 4567"), self.sign_in())
+        self.assertEqual((code, body), (200, "Expect a call to your smartphone"))
+        [sent] = [r for r in self.fake.requests if r.path == "/v1/request/callback/"]
+        self.assertTrue(sent.authorized)
+        self.assertEqual(sent.query, "from=100&to=%2B302101234567")
+        self.assertEqual(self.recorded(), [
+            (self.anna, "session", self.connection, "210 123 4567", "+302101234567",
+             "dialled", 200)])
+
+    @defer.inlineCallbacks
+    def test_json_in_json_out_with_sip_and_predicted(self) -> Any:
+        code, body, _ = yield self.post_json(
+            {"connection": self.connection, "number": "+30 691 234 5678", "sip": "100",
+             "predicted": True}, bearer=self.jwt())
+        self.assertEqual(code, 200)
+        self.assertEqual(json.loads(body), {"ok": True, "message":
+                                            "Expect a call to your smartphone",
+                                            "number": "+306912345678"})
+        self.assertEqual(self.dialled(), [{"from": "100", "to": "+306912345678",
+                                           "sip": "100", "predicted": "1"}])
+
+    @defer.inlineCallbacks
+    def test_fields_only_in_the_query_string_of_a_post_do_not_dial(self) -> Any:
+        code, body, _ = yield self.post_form({}, self.sign_in(),
+                                             query=urlencode(self.call_form()))
+        self.assertEqual(code, 400)
+        self.assertTrue(body.startswith("Error! "))
+        self.assertEqual(self.dialled(), [])
+
+    @defer.inlineCallbacks
+    def test_another_users_connection_is_refused(self) -> Any:
+        bob = self.crm.user("bob", password=PASSWORD)
+        code, body, _ = yield self.post_form(self.call_form(), self.sign_in(bob))
+        self.assertEqual(code, 403)
+        self.assertIn("not one of your active connections", body)
+        self.crm.query("UPDATE voip_connection SET active = false RETURNING 1")
+        code, _, _ = yield self.post_form(self.call_form(), self.sign_in())
+        self.assertEqual(code, 403)
+        self.assertEqual(self.dialled(), [])
+        self.assertEqual([r[5:] for r in self.recorded()], [("refused", 403)] * 2)
+
+    @defer.inlineCallbacks
+    def test_premium_and_blocked_numbers_are_never_dialled(self) -> Any:
+        cookie = self.sign_in()
+        for number in ("+30 901 123 4567", "+44 909 876 0000", "+355 4 222 3456", "12"):
+            code, body, _ = yield self.post_form(self.call_form(number), cookie)
+            self.assertEqual(code, 400, number)
+            self.assertTrue(body.startswith("Error! "), body)
+        self.assertEqual(self.dialled(), [])
+        self.assertEqual([r[5] for r in self.recorded()], ["refused"] * 4)
+
+
+class OriginTests(ClickToCallCase):
+    @defer.inlineCallbacks
+    def test_a_cookie_post_from_a_foreign_site_is_refused(self) -> Any:
+        cookie = self.sign_in()
+        for origin, referer in (("https://evil.example", None), (None, None),
+                                (None, "https://evil.example/page"), ("null", None)):
+            code, body, _ = yield self.post_form(self.call_form(), cookie, origin=origin,
+                                                 referer=referer)
+            self.assertEqual(code, 403, (origin, referer))
+            self.assertIn("CRM's own pages", body)
+        self.assertEqual(self.dialled(), [])
+        self.assertEqual(len(self.recorded()), 4)
+
+    @defer.inlineCallbacks
+    def test_the_referer_of_the_crms_own_page_is_enough(self) -> Any:
+        code, _, _ = yield self.post_form(self.call_form(), self.sign_in(), origin=None,
+                                          referer=self.origin + "/admin/crm/contact/7/")
+        self.assertEqual(code, 200)
+
+    @defer.inlineCallbacks
+    def test_a_bearer_token_needs_no_origin(self) -> Any:
+        code, _, _ = yield self.post_json({"connection": self.connection, "number": CLIENT},
+                                          bearer=self.jwt())
+        self.assertEqual(code, 200)
+
+
+class AllowedOriginTests(ClickToCallCase):
+    allowed_origins = ("https://crm.example",)
+
+    @defer.inlineCallbacks
+    def test_only_the_configured_origins_count_when_some_are_set(self) -> Any:
+        cookie = self.sign_in()
+        code, _, _ = yield self.post_form(self.call_form(), cookie)  # own host: not listed
+        self.assertEqual(code, 403)
+        code, _, _ = yield self.post_form(self.call_form(), cookie,
+                                          origin="https://crm.example")
+        self.assertEqual(code, 200)
+
+
+class LoginTests(ClickToCallCase):
+    @defer.inlineCallbacks
+    def test_an_expired_session_is_refused(self) -> Any:
+        cookie = self.sign_in(expires="now() - interval '1 minute'")
+        code, body, _ = yield self.post_form(self.call_form(), cookie)
+        self.assertEqual(code, 401)
+        self.assertIn("expired", body)
+        self.assertEqual(self.dialled(), [])
+        self.assertEqual(self.recorded()[0][:2], (None, "none"))
+
+    @defer.inlineCallbacks
+    def test_a_session_from_before_a_password_change_is_refused(self) -> Any:
+        cookie = self.sign_in()
+        self.crm.query("UPDATE auth_user SET password = 'pbkdf2_sha256$870000$x$new='"
+                       " RETURNING 1")
+        code, body, _ = yield self.post_form(self.call_form(), cookie)
+        self.assertEqual(code, 401)
+        self.assertIn("password changed", body)
+
+    @defer.inlineCallbacks
+    def test_a_tampered_or_unknown_cookie_is_refused(self) -> Any:
+        cookie = self.sign_in()
+        self.crm.query("UPDATE django_session SET session_data ="
+                       " replace(session_data, ':', 'x:') RETURNING 1")
+        code, _, _ = yield self.post_form(self.call_form(), cookie)
+        self.assertEqual(code, 401)
+        code, _, _ = yield self.post_form(self.call_form(), "0" * 32)
+        self.assertEqual(code, 401)
+        code, _, _ = yield self.post_form(self.call_form(), "../../etc")
+        self.assertEqual(code, 401)
+        self.assertEqual(self.dialled(), [])
+
+    @defer.inlineCallbacks
+    def test_an_inactive_users_session_is_refused(self) -> Any:
+        cookie = self.sign_in()
+        self.crm.query("UPDATE auth_user SET is_active = false RETURNING 1")
+        code, body, _ = yield self.post_form(self.call_form(), cookie)
+        self.assertEqual(code, 401)
+        self.assertIn("not active", body)
+
+    @defer.inlineCallbacks
+    def test_expired_foreign_and_refresh_jwts_are_refused(self) -> Any:
+        call = {"connection": self.connection, "number": CLIENT}
+        for token in (self.jwt(exp=int(time.time()) - 5), self.jwt(key="another-key" * 4),
+                      self.jwt(token_type="refresh")):
+            code, body, _ = yield self.post_json(call, bearer=token)
+            self.assertEqual(code, 401, body)
+        self.assertEqual(self.dialled(), [])
+
+    @defer.inlineCallbacks
+    def test_a_dpvoip_token_works_until_it_is_revoked(self) -> Any:
+        token_id, token = yield defer.Deferred.fromCoroutine(
+            create_token(self.daemon.store, "public", "anna", "script"))
+        stored = self.crm.query("SELECT token_sha256 FROM dpvoip.api_token")
+        self.assertNotIn(token, str(stored))
+        call = {"connection": self.connection, "number": CLIENT}
+        code, _, _ = yield self.post_json(call, bearer=token)
+        self.assertEqual(code, 200)
+        self.assertEqual(self.recorded()[-1][:2], (self.anna, "token"))
+        yield defer.Deferred.fromCoroutine(revoke_token(self.daemon.store, token_id))
+        code, body, _ = yield self.post_json(call, bearer=token)
+        self.assertEqual(code, 401)
+        self.assertIn("revoked", body)
+
+
+class LimitTests(ClickToCallCase):
+    click = replace(ClickToCallSettings(), per_user_per_minute=3)
+
+    @defer.inlineCallbacks
+    def test_the_fourth_call_in_a_minute_is_refused_with_retry_after(self) -> Any:
+        cookie = self.sign_in()
+        codes = []
+        for _ in range(4):
+            code, _, headers = yield self.post_form(self.call_form(), cookie)
+            codes.append(code)
+        self.assertEqual(codes, [200, 200, 200, 429])
+        self.assertTrue(1 <= int(headers["retry-after"]) <= 60)
+        self.assertEqual(len(self.dialled()), 3)
+        # another user has a budget of their own
+        bob = self.crm.user("bob", password=PASSWORD)
+        bobs = self.crm.insert("voip_connection", type="pbx", active=True, number="101",
+                               callerid="Bob", provider="Zadarma", owner_id=bob)
+        code, _, _ = yield self.post_form({"callerid": str(bobs), "to_number": CLIENT},
+                                          self.sign_in(bob))
+        self.assertEqual(code, 200)
+
+
+class ZadarmaFailureTests(ClickToCallCase):
+    api_timeout = 1.0
+
+    @defer.inlineCallbacks
+    def test_zadarmas_error_is_a_502_with_its_message(self) -> Any:
+        self.fake.fail_next(Fault.error("Wrong phone number", code=400))
+        code, body, _ = yield self.post_form(self.call_form(), self.sign_in())
+        self.assertEqual((code, body), (502, "Error! Wrong phone number"))
+        self.assertEqual(self.recorded()[-1][5:], ("refused", 502))
+
+    @defer.inlineCallbacks
+    def test_a_silent_zadarma_is_a_504_within_the_deadline(self) -> Any:
+        self.fake.fail_next(Fault.hang())
+        started = time.monotonic()
+        code, _, _ = yield self.post_json({"connection": self.connection, "number": CLIENT},
+                                          bearer=self.jwt())
+        self.assertEqual(code, 504)
+        self.assertLess(time.monotonic() - started, 3.0)
+
+    @defer.inlineCallbacks
+    def test_zadarmas_rate_limit_is_a_429(self) -> Any:
+        self.fake.fail_next(Fault.rate_limited(int(time.time()) + 30))
+        code, _, headers = yield self.post_form(self.call_form(), self.sign_in())
+        self.assertEqual(code, 429)
+        self.assertTrue(25 <= int(headers["retry-after"]) <= 31)
+
+    @defer.inlineCallbacks
+    def test_an_answer_that_is_not_json_is_a_502(self) -> Any:
+        self.fake.fail_next(Fault.html())
+        code, body, _ = yield self.post_form(self.call_form(), self.sign_in())
+        self.assertEqual(code, 502)
+        self.assertIn("no JSON", body)
+
+
+class TlsTests(TestCase):
+    """The daemon's API client verifies the server's name with service-identity."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="dpvoip-tls-"))
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.authority = make_authority()
+        self.dsn = postgres().new_database(crm="2025-12")
+        self.crm = Crm(self.dsn)
+        anna = self.crm.user("anna", password=PASSWORD)
+        self.connection = self.crm.insert(
+            "voip_connection", type="pbx", active=True, number="100", callerid="Anna",
+            provider="Zadarma", owner_id=anna)
+        self.token = forge_jwt(access_claims(user_id=str(anna), exp=int(time.time()) + 300),
+                               SECRET_KEY)
+        self.http = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(self.http.closeCachedConnections)
+
+    async def _dial_through(self, names: tuple[str, ...], host: str) -> tuple[int, str, int]:
+        files = self.authority.issue(dns_names=names).write(self.folder / host)
+        fake = ZadarmaFake(KEY, API_SECRET, reactor)
+        self.addCleanup(fake.close)
+        port = await fake.listen(reactor, files.endpoint_description())
+        config = Config(
+            database=replace(DatabaseSettings(), url=Secret(self.dsn)),
+            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
+            crm=replace(CrmSettings(), secret_key=Secret(SECRET_KEY)),
+            zadarma=replace(ZadarmaSettings(), key=Secret(KEY), secret=Secret(API_SECRET),
+                            api_url=f"https://{host}:{port.getHost().port}",  # type: ignore[attr-defined]
+                            api_ca_file=str(files.ca), api_timeout=5.0),
+            fritzbox=())
+        daemon = build(config, reactor)
+        daemon.service.startService()
+        self.addCleanup(daemon.service.stopService)
+        await daemon.service.started
+        await eventually(lambda: daemon.store.schema is not None)
+        web = daemon.web.port.getHost().port  # type: ignore[union-attr]
+        response = await treq.post(
+            f"http://127.0.0.1:{web}/voip/get-callback/",
+            json={"connection": self.connection, "number": CLIENT},
+            headers=Headers({b"Authorization": [f"Bearer {self.token}".encode()]}),
+            pool=self.http)
+        body = (await response.content()).decode()
+        return response.code, body, len([r for r in fake.requests
+                                         if r.path == "/v1/request/callback/"])
+
+    @defer.inlineCallbacks
+    def test_a_certificate_for_the_right_name_is_accepted(self) -> Any:
+        code, body, seen = yield defer.Deferred.fromCoroutine(
+            self._dial_through(("localhost",), "localhost"))
+        self.assertEqual((code, seen), (200, 1), body)
+
+    @defer.inlineCallbacks
+    def test_a_certificate_for_another_name_is_refused_and_nothing_is_sent(self) -> Any:
+        code, body, seen = yield defer.Deferred.fromCoroutine(
+            self._dial_through(("zadarma.test",), "localhost"))
+        self.assertEqual((code, seen), (502, 0))
+        self.assertIn("certificate", json.loads(body)["error"])
+
+
+class RecordingTests(ClickToCallCase):
+    def recording_url(self, call: object) -> str:
+        return f"{self.origin}/voip/calls/{call}/recording"
+
+    def call_with_recording(self, recording: str) -> int:
+        self.crm.query(
+            "INSERT INTO dpvoip.call_detail (call_id, source, direction, started_at,"
+            " recording) VALUES ('zd-in_1', 'zadarma', 'incoming', now(), %s) RETURNING 1",
+            (recording,))
+        return self.crm.insert("accounting_voipcall", call_id="zd-in_1",
+                               direction="incoming", phone_number=CLIENT, status="completed",
+                               started_at=time.strftime("%Y-%m-%d %H:%M:%S+00",
+                                                        time.gmtime()))
+
+    @defer.inlineCallbacks
+    def test_a_signed_in_user_is_sent_to_a_fresh_link(self) -> Any:
+        self.fake.add_recording("in_1", "1700000000.123")
+        call = self.call_with_recording("1700000000.123")
+        code, _, headers = yield self.get(url=self.recording_url(call), cookie=self.sign_in())
+        self.assertEqual(code, 302)
+        self.assertTrue(headers["location"].endswith("1700000000.123.mp3"))
+        code, _, headers = yield self.get(url=self.recording_url("zd-in_1"), bearer=self.jwt())
+        self.assertEqual(code, 302)
+
+    @defer.inlineCallbacks
+    def test_a_call_without_recording_is_404_and_nobody_signed_in_401(self) -> Any:
+        call = self.call_with_recording("")
+        url = self.recording_url(call)
+        code, _, _ = yield self.get(url=url, cookie=self.sign_in())
+        self.assertEqual(code, 404)
+        code, _, _ = yield self.get(url=url)
+        self.assertEqual(code, 401)
+        self.assertEqual([r.path for r in self.fake.requests
+                          if r.path.startswith("/v1/pbx/record")], [])
+
+
+class AccountZoneTests(ClickToCallCase):
+    @defer.inlineCallbacks
+    def test_the_account_zone_is_asked_from_zadarma_at_start(self) -> Any:
+        yield eventually(lambda: self.daemon.account.zone_stated is not None)
+        self.assertEqual(self.daemon.account.zone_stated, "UTC+3")
+        # the office zone when it is at +3 now (summer in Athens), else a fixed +3
+        zone = self.daemon.zadarma.context.zone
+        self.assertEqual(datetime.now(zone).utcoffset(), timedelta(hours=3))
+        self.assertIn("/v1/info/timezone/", [r.path for r in self.fake.requests])
