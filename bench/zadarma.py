@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rate", type=float, default=300.0)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--profile", help="write the daemon's cProfile of the saturated run "
+                        "to this file (and print its top functions)")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
@@ -186,8 +188,20 @@ def main() -> None:
             start = await load(port, numbers, "NOTIFY_START", args.seconds / 3, rate=50)
             end = await load(port, numbers, "NOTIFY_END", args.seconds, rate=args.rate,
                              concurrency=max(1, int(args.rate // 40)))
+            profile = None
+            if args.profile:
+                import cProfile
+
+                profile = cProfile.Profile()
+                profile.enable()
             most = await load(port, numbers, "NOTIFY_END", args.seconds,
                               concurrency=args.concurrency)
+            if profile is not None:
+                import pstats
+
+                profile.disable()
+                profile.dump_stats(args.profile)
+                pstats.Stats(profile).sort_stats("tottime").print_stats(25)
             reference = await load(bare_port, numbers, "reference", args.seconds / 3,
                                    concurrency=args.concurrency)
             print(f"directory: {daemon.directory.state.entries:,} entries")

@@ -273,3 +273,38 @@ class LookupCommandTests(DaemonTestCase):
         self.assertIn("not a number dpvoip matches", withheld.stdout)
         check = self.run_command(dpvoip, "check", DATABASE_URL=dsn)
         self.assertIn("directory: 2 numbers indexed (client 1, contact 1)", check.stdout)
+
+
+class TokenCommandTests(DaemonTestCase):
+    def test_create_list_and_revoke_a_token_for_a_crm_user(self) -> None:
+        from test.support.crm import Crm
+
+        dsn = postgres().new_database(crm="2025-12")
+        anna = Crm(dsn).user("anna", password="x")
+        dpvoip = str(BIN / "dpvoip")
+        created = self.run_command(dpvoip, "token", "create", "--user", "anna", "--label",
+                                   "crm script", DATABASE_URL=dsn)
+        self.assertEqual(created.returncode, 0, created.stderr)
+        token = created.stdout.strip().splitlines()[-1]
+        self.assertTrue(token.startswith("dpv_"))
+        stored = query(dsn, "SELECT user_id, label, token_sha256 FROM dpvoip.api_token")
+        self.assertEqual([row[:2] for row in stored], [(anna, "crm script")])
+        self.assertNotIn(token, str(stored))  # only the hash is kept
+        listed = self.run_command(dpvoip, "token", "list", DATABASE_URL=dsn)
+        self.assertRegex(listed.stdout, r"1\tanna\tcrm script\tcreated .*\tlast used never"
+                                        r"\tactive")
+        self.assertNotIn(token, listed.stdout)
+        revoked = self.run_command(dpvoip, "token", "revoke", "1", DATABASE_URL=dsn)
+        self.assertEqual((revoked.returncode, revoked.stdout.strip()), (0, "token 1 revoked"))
+        again = self.run_command(dpvoip, "token", "revoke", "1", DATABASE_URL=dsn)
+        self.assertEqual(again.returncode, 1)
+        self.assertIn("revoked", self.run_command(dpvoip, "token", "list",
+                                                  DATABASE_URL=dsn).stdout)
+
+    def test_an_unknown_user_gets_no_token(self) -> None:
+        dsn = postgres().new_database(crm="2025-12")
+        done = self.run_command(str(BIN / "dpvoip"), "token", "create", "--user", "nobody",
+                                DATABASE_URL=dsn)
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("no active CRM user named 'nobody'", done.stderr)
+        self.assertEqual(query(dsn, "SELECT count(*) FROM dpvoip.api_token"), [(0,)])
