@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -113,6 +114,19 @@ def client(port: int, numbers: list[str], mode: str, seconds: float, rate: float
             "errors": errors, "failures": failures}
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process (the daemon; the load generator is another process)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores, from /proc/stat."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
 def drive(port: int, numbers: list[str], mode: str, seconds: float, rate: float = 0,
           concurrency: int = 1) -> dict[str, Any]:
     done = subprocess.run(
@@ -194,8 +208,12 @@ def main() -> None:
 
                 profile = cProfile.Profile()
                 profile.enable()
+            cpu_before, machine_before = _cpu_seconds(), _machine_busy()
             most = await load(port, numbers, "NOTIFY_END", args.seconds,
                               concurrency=args.concurrency)
+            cpu = _cpu_seconds() - cpu_before
+            busy, elapsed = (a - b for a, b in zip(_machine_busy(), machine_before,
+                                                   strict=True))
             if profile is not None:
                 import pstats
 
@@ -210,6 +228,11 @@ def main() -> None:
                   f" {percentiles(end['latencies'])}")
             print(f"NOTIFY_END most: {most['rate']:.0f} req/s with {args.concurrency} in"
                   f" flight, {percentiles(most['latencies'])}")
+            served = most["rate"] * args.seconds
+            print(f"daemon CPU (its one Python thread) per NOTIFY_END: "
+                  f"{cpu / served * 1000:.3f} ms = {served / cpu:.0f} req/s per core;"
+                  f" the whole machine was {busy / elapsed * 100:.0f}% busy of"
+                  f" {os.cpu_count()} cores (PostgreSQL, load generator, daemon)")
             failed = {k: v for run in (start, end, most)
                       for k, v in [*run["errors"].items(), *run["failures"].items()]}
             if failed:

@@ -21,13 +21,20 @@ from dpvoip.logins import CrmUser
 from dpvoip.numbers import Dialling
 from dpvoip.rate_limit import RateLimiter
 from dpvoip.store import Store
-from dpvoip.zadarma_api import ZadarmaApi, ZadarmaApiError
+from dpvoip.zadarma_api import ZadarmaApi, ZadarmaApiError, ZadarmaRefused
 
 log = Logger()
 
 _FROM = re.compile(r"^(\+?[0-9]{7,15}|[0-9]{3,5})$")
 _SIP = re.compile(r"^([0-9]{5}|[0-9]{3})$")
 _FORMATTING = re.compile(r"[\s\-./()]")
+_ID = re.compile(r"[0-9]{1,9}")
+
+
+def _text(value: str) -> str:
+    """What PostgreSQL can store of user input: a NUL would make the INSERT fail and the
+    attempt go unrecorded."""
+    return value.replace("\x00", "\ufffd")
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,7 @@ class ClickToCall:
             return CallbackOutcome(
                 429, f"too many calls requested; try again in {math.ceil(wait)} s",
                 retry_after=wait), None, None
-        if not connection_id.strip().isdigit() or len(connection_id.strip()) > 9:
+        if not _ID.fullmatch(connection_id.strip()):
             return CallbackOutcome(400, "choose one of your connections (callerid)"), None, None
         connection = await self._own_connection(user, int(connection_id))
         if connection is None:
@@ -149,10 +156,11 @@ class ClickToCall:
                 " from_number, number_given, number_dialled, result, http_status, message)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (user.id if user else None, user.via if user else "none",
-                 connection.id if connection else (int(given_id) if given_id.isdigit()
-                                                   and len(given_id) <= 9 else None),
-                 connection.number if connection else None, number[:64], dialled,
-                 "dialled" if outcome.ok else "refused", outcome.status, outcome.message[:300]),
+                 connection.id if connection else (int(given_id) if _ID.fullmatch(given_id)
+                                                   else None),
+                 connection.number if connection else None, _text(number[:64]), dialled,
+                 "dialled" if outcome.ok else "refused", outcome.status,
+                 _text(outcome.message[:300])),
             )
         except Exception as error:  # the answer must still reach the user
             log.error("click-to-call request of {user} not recorded: {error}",
@@ -161,7 +169,7 @@ class ClickToCall:
 
     async def recording_link(self, call: str) -> str:
         """A fresh link to the recording of the call (the CRM's call id, or dpvoip's)."""
-        if call.isdigit() and len(call) <= 18:
+        if re.fullmatch(r"[0-9]{1,18}", call):
             rows = await self._store.read(
                 "SELECT d.recording, d.pbx_call_id FROM dpvoip.call_detail d"
                 f" JOIN {self._crm}.accounting_voipcall v ON v.call_id = d.call_id"
@@ -175,4 +183,9 @@ class ClickToCall:
             )
         if not rows or not rows[0][0]:
             raise NoRecording("this call has no recording")
-        return await self._api.recording_link(call_id=rows[0][0])
+        try:
+            return await self._api.recording_link(call_id=rows[0][0])
+        except ZadarmaRefused as refused:
+            if "not found" in refused.message.lower():
+                raise NoRecording("Zadarma no longer has this call's recording") from None
+            raise

@@ -176,6 +176,14 @@ def _base_url(value: Any) -> str | None:
     return None
 
 
+def _origins(value: Any) -> str | None:
+    for item in value:
+        if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?/?", item):
+            return (f"{item!r} is not an origin: write scheme://host[:port], such as "
+                    "'https://crm.example.com'")
+    return None
+
+
 def _cookie_name(value: Any) -> str | None:
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
         return "must be a cookie name: letters, digits, '_', '.' or '-'"
@@ -309,7 +317,11 @@ class CrmSettings:
         _time_zone,
     )
     allowed_origins: tuple[str, ...] = setting(
-        [], "Origins (scheme://host[:port]) allowed to POST with the CRM's session cookie."
+        [],
+        "Origins (scheme://host[:port]) allowed to POST click-to-call with the CRM's session "
+        "cookie. Empty: the CRM's pages as the browser marks them (Sec-Fetch-Site), or the "
+        "host the request was addressed to (Host, or X-Forwarded-Host from the proxy).",
+        _origins,
     )
 
 

@@ -41,6 +41,8 @@ _DEFAULT_RANGES: dict[str, str] = {
     "+43930": "a premium-rate number",
     "+43931": "a premium-rate number",
     "+43939": "a premium-rate number",
+    # Greece: 70 "personal numbers" (follow-me, billed above a normal call).
+    "+3070": "a personal (follow-me) number",
     # Switzerland: 900, 901, 906 (pn).
     "+41900": "a premium-rate number",
     "+41901": "a premium-rate number",

@@ -56,10 +56,10 @@ class Logins:
 
     async def identify(self, request: IRequest) -> CrmUser:
         header = request.getHeader(b"Authorization")
-        if header is not None:
-            token = bearer_token(header)
-            if token is None:
-                raise NotSignedIn("only 'Authorization: Bearer <token>' is understood", True)
+        # Another scheme (Basic auth of a proxy in front of the CRM) is not ours: the
+        # session cookie then decides.
+        token = bearer_token(header) if header is not None else None
+        if token is not None:
             if looks_like_api_token(token):
                 return await self._by_api_token(token)
             return await self._by_jwt(token)
@@ -98,7 +98,9 @@ class Logins:
         return CrmUser(user.id, user.username, user.name, "session")
 
     async def _by_jwt(self, token: str) -> CrmUser:
-        keys = [k for k in (self._jwt_key.reveal(), self._keys()) if k]
+        keys = [k for k in (self._jwt_key.reveal(), self._secret_key.reveal()) if k]
+        if not keys:
+            self._keys()  # says what is missing
         try:
             user_id = read_jwt(token, keys, self._clock.seconds())
         except LoginRefused as refused:

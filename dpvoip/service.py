@@ -366,7 +366,8 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
             DiallingPolicy(frozenset(clicks.allowed_countries or (region,)),
                            clicks.blocked_prefixes, clicks.block_premium),
             Dialling(region), RateLimiter(clicks.per_user_per_minute, 60.0), reactor),
-        config.crm.allowed_origins, clicks.login_url,
+        config.crm.allowed_origins, clicks.login_url, reactor,
+        proxies=networks(config.web.trusted_proxies),
     )
     app = WebApp(lambda: Deferred.fromCoroutine(readiness()), __version__, zadarma, callback)
     site = DpvoipSite(app.resource(), config.web, reactor)

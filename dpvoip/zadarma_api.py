@@ -173,7 +173,10 @@ class ZadarmaApi:
             return ZadarmaUnreachable(f"cannot connect to Zadarma: {_first_line(error)}")
         if isinstance(error, ResponseFailed):
             return ZadarmaUnreachable(_response_failed(error))
-        return error
+        if isinstance(error, ZadarmaApiError):
+            return error
+        # RequestNotSent, RequestTransmissionFailed (a stale pooled connection) and the like
+        return ZadarmaUnreachable(f"the request to Zadarma failed: {_first_line(error)}")
 
 
     async def _exchange(self, verb: str, url: str, headers: dict[str, list[str]],
@@ -192,11 +195,12 @@ class ZadarmaApi:
         reset = _header_number(response, b"X-RateLimit-Reset")
         try:
             decoded = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             decoded = None
         if response.code == 429:
             now = self._clock.seconds()
-            until = reset if reset is not None and reset > now else now + 60
+            # a reset in the past, absurdly far (milliseconds?) or missing: one minute
+            until = reset if reset is not None and now < reset <= now + 3600 else now + 60
             self._blocked_until = max(self._blocked_until, until)
             raise ZadarmaRateLimited(
                 f"Zadarma's rate limit is reached; try again in {math.ceil(until - now)} s",
@@ -305,9 +309,10 @@ def read_body(response: IResponse, limit: int) -> Deferred[bytes]:
 def _header_number(response: IResponse, name: bytes) -> float | None:
     values = response.headers.getRawHeaders(name) or []
     try:
-        return float(values[0]) if values else None
+        number = float(values[0]) if values else None
     except ValueError:
         return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _first_line(error: BaseException) -> str:

@@ -147,27 +147,30 @@ class ClickToCallCase(TestCase):
 
     def post_form(self, fields: dict[str, str], cookie: str | None = None,
                   origin: str | None = "", referer: str | None = None,
-                  query: str = "") -> defer.Deferred[tuple[int, str, dict[str, str]]]:
-        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+                  query: str = "", extra: dict[str, str] | None = None,
+                  path: str = "/voip/get-callback/",
+                  ) -> defer.Deferred[tuple[int, str, dict[str, str]]]:
+        headers = {"Content-Type": "application/x-www-form-urlencoded", **(extra or {})}
         if cookie:
             headers["Cookie"] = f"sessionid={cookie}"
         if origin is not None:
             headers["Origin"] = origin or self.origin
         if referer is not None:
             headers["Referer"] = referer
-        target = self.url + (f"?{query}" if query else "")
+        target = self.origin + path + (f"?{query}" if query else "")
         return defer.Deferred.fromCoroutine(
             self._request("POST", target, headers, urlencode(fields).encode()))
 
     def post_json(self, body: object, bearer: str | None = None, cookie: str | None = None,
+                  raw: bytes | None = None,
                   ) -> defer.Deferred[tuple[int, str, dict[str, str]]]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if bearer:
             headers["Authorization"] = f"Bearer {bearer}"
         if cookie:
             headers["Cookie"] = f"sessionid={cookie}"
-        return defer.Deferred.fromCoroutine(
-            self._request("POST", self.url, headers, json.dumps(body).encode()))
+        data = raw if raw is not None else json.dumps(body).encode()
+        return defer.Deferred.fromCoroutine(self._request("POST", self.url, headers, data))
 
     def call_form(self, number: str = CLIENT) -> dict[str, str]:
         return {"callerid": str(self.connection), "to_number": number}
@@ -318,6 +321,93 @@ class OriginTests(ClickToCallCase):
         self.assertEqual(code, 200)
 
 
+class ProxiedOriginTests(ClickToCallCase):
+    """Behind the CRM's reverse proxy, which may rewrite Host to dpvoip's own address."""
+
+    CRM = "https://crm.example.com"
+
+    @defer.inlineCallbacks
+    def test_the_browsers_own_same_origin_mark_is_enough(self) -> Any:
+        code, _, _ = yield self.post_form(self.call_form(), self.sign_in(), origin=self.CRM,
+                                          extra={"Sec-Fetch-Site": "same-origin"})
+        self.assertEqual(code, 200)
+
+    @defer.inlineCallbacks
+    def test_the_forwarded_host_with_or_without_the_default_port(self) -> Any:
+        cookie = self.sign_in()
+        for forwarded, origin in (("crm.example.com:443", self.CRM),
+                                  ("crm.example.com", self.CRM + ":8443"),
+                                  ("CRM.example.com", self.CRM)):
+            code, _, _ = yield self.post_form(self.call_form(), cookie, origin=origin,
+                                              extra={"X-Forwarded-Host": forwarded})
+            self.assertEqual(code, 200, (forwarded, origin))
+        self.assertEqual(len(self.dialled()), 3)
+
+    @defer.inlineCallbacks
+    def test_a_cross_site_post_stays_refused_behind_the_proxy(self) -> Any:
+        cookie = self.sign_in()
+        for extra in ({"Sec-Fetch-Site": "cross-site"},
+                      {"X-Forwarded-Host": "crm.example.com:8443"},
+                      {"Sec-Fetch-Site": "same-site"}):
+            code, _, _ = yield self.post_form(self.call_form(), cookie, origin=self.CRM,
+                                              extra=extra)
+            self.assertEqual(code, 403, extra)
+        self.assertEqual(self.dialled(), [])
+
+    @defer.inlineCallbacks
+    def test_basic_auth_of_a_proxy_does_not_hide_the_session(self) -> Any:
+        code, _, _ = yield self.post_form(self.call_form(), self.sign_in(),
+                                          extra={"Authorization": "Basic YWRtaW46cHc="})
+        self.assertEqual(code, 200)
+
+    @defer.inlineCallbacks
+    def test_the_path_without_its_slash_works_too(self) -> Any:
+        code, _, _ = yield self.post_form(self.call_form(), self.sign_in(),
+                                          path="/voip/get-callback")
+        self.assertEqual(code, 200)
+
+
+class OddInputTests(ClickToCallCase):
+    @defer.inlineCallbacks
+    def test_a_number_pasted_with_non_breaking_spaces_is_dialled(self) -> Any:
+        code, body, _ = yield self.post_form(self.call_form("210\u00a0123\u00a04567"),
+                                             self.sign_in())
+        self.assertEqual((code, body), (200, "Expect a call to your smartphone"))
+        self.assertEqual(self.recorded()[-1][3], "210\u00a0123\u00a04567")
+
+    @defer.inlineCallbacks
+    def test_odd_fields_are_400s_and_recorded(self) -> Any:
+        cookie = self.sign_in()
+        for form in ({"callerid": "\u00b2", "to_number": CLIENT},
+                     {"callerid": "\u0661", "to_number": CLIENT},
+                     {"callerid": str(self.connection), "to_number": "69\x00123"},
+                     {"callerid": str(self.connection), "to_number": "\u03c4\u03b7\u03bb."}):
+            code, body, _ = yield self.post_form(form, cookie)
+            self.assertEqual(code, 400, form)
+            self.assertTrue(body.startswith("Error! "))
+        self.assertEqual([r[5:] for r in self.recorded()], [("refused", 400)] * 4)
+        self.assertEqual(self.dialled(), [])
+
+    @defer.inlineCallbacks
+    def test_odd_json_is_a_400_never_a_500(self) -> Any:
+        token = self.jwt()
+        for raw in (b"[" * 30000, b"\xff", b"[1]", b'{"connection": "\u00b2", "number": "1"}',
+                    b'{"connection": true, "number": "1"}', b'{"connection": 1}'):
+            code, body, _ = yield self.post_json(None, bearer=token, raw=raw)
+            self.assertIn(code, (400, 403), raw[:40])
+            self.assertIn("error", json.loads(body))
+        self.assertEqual(self.dialled(), [])
+
+    @defer.inlineCallbacks
+    def test_a_flood_of_anonymous_posts_is_cut_off_and_not_all_recorded(self) -> Any:
+        codes = []
+        for _ in range(25):
+            code, _, _ = yield self.post_form(self.call_form())
+            codes.append(code)
+        self.assertEqual(codes, [401] * 20 + [429] * 5)
+        self.assertEqual(len(self.recorded()), 20)
+
+
 class AllowedOriginTests(ClickToCallCase):
     allowed_origins = ("https://crm.example",)
 
@@ -355,12 +445,15 @@ class LoginTests(ClickToCallCase):
         cookie = self.sign_in()
         self.crm.query("UPDATE django_session SET session_data ="
                        " replace(session_data, ':', 'x:') RETURNING 1")
-        code, _, _ = yield self.post_form(self.call_form(), cookie)
+        code, body, _ = yield self.post_form(self.call_form(), cookie)
+        self.assertEqual((code, body), (401, "Error! the CRM session is not valid (bad "
+                                             "session signature)"))
+        code, body, _ = yield self.post_form(self.call_form(), "0" * 32)
         self.assertEqual(code, 401)
-        code, _, _ = yield self.post_form(self.call_form(), "0" * 32)
+        self.assertIn("expired or was signed out", body)
+        code, body, _ = yield self.post_form(self.call_form(), "../../etc")
         self.assertEqual(code, 401)
-        code, _, _ = yield self.post_form(self.call_form(), "../../etc")
-        self.assertEqual(code, 401)
+        self.assertIn("malformed", body)
         self.assertEqual(self.dialled(), [])
 
     @defer.inlineCallbacks
@@ -374,10 +467,12 @@ class LoginTests(ClickToCallCase):
     @defer.inlineCallbacks
     def test_expired_foreign_and_refresh_jwts_are_refused(self) -> Any:
         call = {"connection": self.connection, "number": CLIENT}
-        for token in (self.jwt(exp=int(time.time()) - 5), self.jwt(key="another-key" * 4),
-                      self.jwt(token_type="refresh")):
+        for token, reason in ((self.jwt(exp=int(time.time()) - 5), "expired"),
+                              (self.jwt(key="another-key" * 4), "signature"),
+                              (self.jwt(token_type="refresh"), "not an access token")):
             code, body, _ = yield self.post_json(call, bearer=token)
             self.assertEqual(code, 401, body)
+            self.assertIn(reason, json.loads(body)["error"])
         self.assertEqual(self.dialled(), [])
 
     @defer.inlineCallbacks
@@ -537,6 +632,15 @@ class RecordingTests(ClickToCallCase):
         self.assertTrue(headers["location"].endswith("1700000000.123.mp3"))
         code, _, headers = yield self.get(url=self.recording_url("zd-in_1"), bearer=self.jwt())
         self.assertEqual(code, 302)
+
+    @defer.inlineCallbacks
+    def test_a_recording_zadarma_no_longer_has_is_404(self) -> Any:
+        call = self.call_with_recording("1700000000.999")
+        code, body, _ = yield self.get(url=self.recording_url(call), bearer=self.jwt())
+        self.assertEqual(code, 404)
+        self.assertIn("no longer has", body)
+        code, _, _ = yield self.get(url=self.recording_url("%C2%B2"), bearer=self.jwt())
+        self.assertEqual(code, 404)
 
     @defer.inlineCallbacks
     def test_a_call_without_recording_is_404_and_nobody_signed_in_401(self) -> Any:

@@ -251,6 +251,8 @@ class FileTests(ConfigTestCase):
             (two_offices, ["[[fritzbox]] name 'office' is used twice"]),
             ('[database]\nmode = "attached"', ["[database] mode 'attached' needs url"]),
             ("[web\nlisten = 1", ["not valid TOML", "line 1"]),
+            ('[crm]\nallowed_origins = ["crm.example.com"]',
+             ["[crm] allowed_origins", "not an origin"]),
             ('[click_to_call]\nallowed_countries = ["UK"]',
              ["[click_to_call] allowed_countries", "unknown country 'UK'"]),
             ('[click_to_call]\nblocked_prefixes = ["0901"]',

@@ -89,6 +89,7 @@ def test_ordinary_numbers_are_dialled_in_e164(raw: str, where: Dialling, expecte
 IN_BLOCKED_RANGE: dict[str, tuple[str, str]] = {
     "+30901": ("+30 901 123 4567", "premium-rate"),
     "+30909": ("+30 909 123 4567", "premium-rate"),
+    "+3070": ("+30 70 1234 5678", "personal (follow-me)"),
     "+49900": ("+49 900 1 123456", "premium-rate"),
     "+49137": ("+49 137 7 123456", "premium-rate (televoting)"),
     "+43900": ("+43 900 123456", "premium-rate"),

@@ -705,3 +705,38 @@ class AccountServiceTests(ApiTestCase):
         await settle()
         self.assertEqual((self.fake.requests, self.zones), ([], []))
         self.assert_no_timers()
+
+
+class _FailingClient:
+    """An HTTP client whose request fails as a stale pooled connection does."""
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        from twisted.internet.defer import fail
+        from twisted.python.failure import Failure
+        from twisted.web._newclient import RequestNotSent
+
+        return fail(Failure(RequestNotSent()))
+
+
+class _NanHeaders(Resource):
+    """A success whose rate-limit headers are not numbers a clock can use."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"X-RateLimit-Remaining", b"nan")
+        request.setHeader(b"X-RateLimit-Reset", b"inf")
+        return b'{"status":"success","balance":1}'
+
+
+class OddTransportTests(ApiTestCase):
+    async def test_any_other_transport_failure_is_unreachable(self) -> None:
+        api = ZadarmaApi(_FailingClient(), self.clock, KEY, SECRET, "http://127.0.0.1:1",
+                         5.0, 10)
+        error = await self.fails(api.request(BALANCE), ZadarmaUnreachable)
+        self.assertIn("the request to Zadarma failed", error.message)
+
+    async def test_non_finite_rate_headers_are_ignored(self) -> None:
+        url, _ = await self.serve(Site(_NanHeaders()))
+        reply = await self.api(url).request(BALANCE)
+        self.assertEqual((reply.remaining, reply.reset), (None, None))

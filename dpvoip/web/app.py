@@ -87,13 +87,13 @@ class WebApp:
             raise HttpError(404, "click-to-call is not configured")
         return self._callback
 
-    @app.route("/voip/get-callback/", methods=["GET", "HEAD"])
+    @app.route("/voip/get-callback/", methods=["GET", "HEAD"], strict_slashes=False)
     async def callback_page(self, request: IRequest) -> bytes:
         """Shows the number and the user's connections. Never dials: a link must not be
         able to make the company pay for a call."""
         return await self._click_to_call().page(request)
 
-    @app.route("/voip/get-callback/", methods=["POST"])
+    @app.route("/voip/get-callback/", methods=["POST"], strict_slashes=False)
     async def callback_dial(self, request: IRequest) -> bytes:
         return await self._click_to_call().dial(request)
 

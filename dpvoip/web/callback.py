@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -23,6 +24,8 @@ from txpostgres.reconnection import ConnectionDead
 
 from dpvoip.click_to_call import CallbackOutcome, ClickToCall, Connection, NoRecording
 from dpvoip.logins import CrmUser, Logins, NotSignedIn
+from dpvoip.rate_limit import RateLimiter
+from dpvoip.sources import Network, client_address
 from dpvoip.web.errors import HttpError, error_body, json_body, media_type
 from dpvoip.zadarma_api import ZadarmaApiError
 
@@ -47,6 +50,14 @@ class CallbackPages:
     calls: ClickToCall
     allowed_origins: Sequence[str]
     login_url: str
+    clock: Any
+    proxies: Sequence[Network] = ()
+    #: Refused anonymous posts per client address: each is recorded, so a flood must not
+    #: become a flood of rows. Beyond it: 429, counted, not recorded.
+    anonymous: RateLimiter = field(default_factory=lambda: RateLimiter(20, 60.0))
+    #: Recording links per user: each costs one of the Zadarma requests click-to-call needs.
+    recordings: RateLimiter = field(default_factory=lambda: RateLimiter(20, 60.0))
+    unrecorded_floods: int = 0
 
     # -- GET: show, never dial -----------------------------------------------------------
 
@@ -99,6 +110,11 @@ class CallbackPages:
         try:
             user = await self.logins.identify(request)
         except NotSignedIn as not_signed_in:
+            wait = self.anonymous.take(self._sender(request), self.clock.seconds())
+            if wait is not None:
+                self.unrecorded_floods += 1
+                return self._answer(request, as_json, CallbackOutcome(
+                    429, "too many requests without signing in", retry_after=wait))
             outcome = await self.calls.refused(None, connection_id, number,
                                                CallbackOutcome(401, not_signed_in.message))
             return self._answer(request, as_json, outcome)
@@ -132,37 +148,53 @@ class CallbackPages:
         return _send(request, outcome.status, "text/plain; charset=utf-8", text.encode())
 
     def _same_origin(self, request: IRequest) -> bool:
-        """The Origin (else the Referer) is one of the allowed origins, or, when none is
-        configured, the host this request was addressed to."""
-        origin = request.getHeader(b"Origin")
-        source = origin if origin is not None else request.getHeader(b"Referer")
-        if not source:
+        """Whether a cookie-authenticated POST comes from the CRM's own pages.
+
+        ``Sec-Fetch-Site: same-origin`` is set by the browser itself (a page cannot forge
+        it) and survives any proxy. Otherwise the Origin (else the Referer) must be one of
+        ``allowed_origins``, or, when none is configured, the host the browser addressed
+        (``Host``, or ``X-Forwarded-Host`` set by a proxy that rewrites it); a browser
+        cannot set either header on a cross-site form post."""
+        if _header(request, b"Sec-Fetch-Site") == "same-origin":
+            return True
+        source = _header(request, b"Origin") or _header(request, b"Referer")
+        seen = origin_of(source)
+        if seen is None:
             return False
-        parts = urlsplit(bytes(source).decode("latin-1"))
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            return False
-        seen = f"{parts.scheme}://{parts.netloc}".lower()
         if self.allowed_origins:
-            return seen in {o.rstrip("/").lower() for o in self.allowed_origins}
-        # A browser cannot set X-Forwarded-Host on a cross-site form post; a proxy in front
-        # of dpvoip sets it to the CRM's host when it rewrites Host.
-        host: bytes = (request.getHeader(b"X-Forwarded-Host") or request.getHeader(b"Host")
-                       or b"")
-        addressed: str = host.decode("latin-1").split(",")[0].strip().lower()
-        return parts.netloc.lower() == addressed
+            return seen in {origin_of(o) for o in self.allowed_origins}
+        _, name, port = seen  # the scheme is the proxy's business: only the host counts
+        for header in (b"X-Forwarded-Host", b"Host"):
+            for host in _header(request, header).split(","):
+                addressed = _host_and_port(host.strip().lower())
+                if addressed and addressed[0] == name and addressed[1] in (None, port):
+                    return True
+        return False
 
     # -- GET recording: a fresh link -----------------------------------------------------
 
+    def _sender(self, request: IRequest) -> str:
+        peer = request.getClientAddress()
+        forwarded = request.requestHeaders.getRawHeaders(b"X-Forwarded-For", [])
+        return client_address(getattr(peer, "host", ""),
+                              [h.decode("latin-1") for h in forwarded], self.proxies) or "?"
+
     async def recording(self, request: IRequest, call: str) -> bytes:
         try:
-            await self.logins.identify(request)
+            user = await self.logins.identify(request)
+            wait = self.recordings.take(user.id, self.clock.seconds())
+            if wait is not None:
+                raise HttpError(429, f"too many recordings asked; try again in "
+                                f"{math.ceil(wait)} s", {"Retry-After": str(math.ceil(wait))})
             link = await self.calls.recording_link(call)
         except NotSignedIn as refused:
             raise HttpError(401, refused.message) from None
         except NoRecording as missing:
             raise HttpError(404, str(missing)) from None
         except ZadarmaApiError as error:
-            raise HttpError(error.status, error.message) from None
+            headers = ({"Retry-After": str(max(1, math.ceil(error.retry_after)))}
+                       if error.retry_after is not None else {})
+            raise HttpError(error.status, error.message, headers) from None
         except (psycopg2.Error, ConnectionDead):
             raise HttpError(503, "the CRM database is not reachable; try again shortly") \
                 from None
@@ -171,6 +203,36 @@ class CallbackPages:
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"Referrer-Policy", b"no-referrer")
         return b""
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_of(text: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an origin or URL, default ports made explicit; None when it
+    is not an http(s) origin (``null``, garbage)."""
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[parts.scheme]
+
+
+def _host_and_port(host: str) -> tuple[str, int | None] | None:
+    parts = urlsplit(f"//{host}")
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    return (parts.hostname, port) if parts.hostname else None
+
+
+def _header(request: IRequest, name: bytes) -> str:
+    value = request.getHeader(name)
+    return bytes(value).decode("latin-1") if value else ""
 
 
 def _send(request: IRequest, status: int, content_type: str, body: bytes,
@@ -198,24 +260,30 @@ def _form_fields(request: IRequest, kind: str) -> tuple[str, str, str, bool]:
     supply what the user did not submit."""
     if kind == "application/x-www-form-urlencoded":
         request.content.seek(0)
-        parsed = parse_qs(request.content.read(), keep_blank_values=True)
+        body = request.content.read().decode("latin-1")
+        parsed: dict[str, list[str]] = parse_qs(body, keep_blank_values=True,
+                                                encoding="utf-8", errors="replace")
     else:
-        in_query = parse_qs(urlsplit(request.uri).query, keep_blank_values=True)
-        parsed = {k: v for k, v in request.args.items() if k not in in_query}
+        query = request.uri.decode("latin-1").partition("?")[2]
+        in_query = parse_qs(query, keep_blank_values=True)
+        parsed = {}
+        for key, values in request.args.items():
+            name = bytes(key).decode("utf-8", "replace")
+            if name not in in_query:
+                parsed[name] = [bytes(v).decode("utf-8", "replace") for v in values]
 
-    def field(name: bytes) -> str:
-        values = parsed.get(name) or [b""]
-        return bytes(values[0]).decode("utf-8", "replace").strip()
+    def field(name: str) -> str:
+        return str((parsed.get(name) or [""])[0]).strip()
 
-    return (field(b"callerid"), field(b"to_number"), field(b"sip"),
-            field(b"predicted").lower() in ("1", "true", "on", "yes"))
+    return (field("callerid"), field("to_number"), field("sip"),
+            field("predicted").lower() in ("1", "true", "on", "yes"))
 
 
 def _json_fields(request: IRequest) -> tuple[str, str, str, bool]:
     try:
         request.content.seek(0)
         data = json.loads(request.content.read())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise HttpError(400, "the body is not valid JSON") from None
     if not isinstance(data, dict):
         raise HttpError(400, "send a JSON object: {\"connection\": id, \"number\": \"...\"}")
