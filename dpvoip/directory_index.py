@@ -10,9 +10,9 @@ are read a page at a time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from psycopg2 import sql
@@ -248,6 +248,29 @@ class DirectoryIndex:
         else:
             rows = await self._store.read_prepared("dpvoip_directory_lookup",
                                                    self._lookup_sql, (number,))
+        return self._match(number, rows)
+
+    def lookup_subquery(self, parameter: str) -> str:
+        """The lookup as one JSON value (an array of rows, or NULL), to ride along in
+        another statement that already runs at that moment: one round trip fewer. The
+        number is the statement's ``%(parameter)s``; read it with ``match_of``."""
+        return (
+            "(SELECT json_agg(json_build_array(l.s, l.i, l.n, l.e, l.a, extract(epoch FROM"
+            " l.u), l.o, l.d, l.dn, l.f, l.r)) FROM ("
+            + self._lookup_sql.replace("$1", f"%({parameter})s::text")
+            + ") AS l(s, i, n, e, a, u, o, d, dn, f, r))"
+        )
+
+    def match_of(self, number: str | None, rows: list[list[Any]] | None) -> Match | None:
+        """The match a ``lookup_subquery`` value gives for ``number``."""
+        if number is None or self.never_matches(number):
+            return None
+        return self._match(number, [
+            (*row[:5], datetime.fromtimestamp(float(row[5]), UTC), *row[6:])
+            for row in rows or ()
+        ])
+
+    def _match(self, number: str, rows: Iterable[Sequence[Any]]) -> Match | None:
         candidates = []
         for (source, record_id, name, email, active, updated, owner_id, deal_id, deal_name,
              _column, raw) in rows:

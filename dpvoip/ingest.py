@@ -479,12 +479,20 @@ class Ingest:
         lock. A repeated event stops at the journal and changes nothing."""
         identity = zadarma_call_id(event.pbx_call_id)
 
+        # The caller as this event alone shows it: looked up in the same round trip as the
+        # journal. Nearly always the call's own number; when the whole journal says
+        # otherwise (a callback's legs), it is looked up again.
+        alone = summarise([event])
+        guess = normalise(alone.remote, context.where) if alone else None
+        if self._directory.never_matches(guess):
+            guess = None
+
         async def steps(batch: Batch) -> ZadarmaOutcome:
             # One round trip: the lock, then (a new statement, so a new snapshot that sees
-            # what the lock's previous holder committed) the journal entry and the journal.
-            [(fresh, forms, previous)] = await batch.run(
-                "SELECT pg_advisory_xact_lock(hashtext(%(lock)s));"
-                " WITH added AS (INSERT INTO dpvoip.zadarma_event (pbx_call_id, event,"
+            # what the lock's previous holder committed) the journal entry, the journal
+            # and the guessed caller's directory entries.
+            [(fresh, forms, previous, found)] = await batch.run_planned(
+                "WITH added AS (INSERT INTO dpvoip.zadarma_event (pbx_call_id, event,"
                 " calltype, internal, destination, form) VALUES (%(pbx)s, %(event)s,"
                 " %(calltype)s, %(internal)s, %(destination)s, %(form)s)"
                 " ON CONFLICT DO NOTHING RETURNING id, form)"
@@ -492,11 +500,13 @@ class Ingest:
                 " (SELECT json_agg(j.form ORDER BY j.id) FROM (SELECT id, form FROM"
                 " dpvoip.zadarma_event WHERE pbx_call_id = %(pbx)s UNION ALL SELECT id, form"
                 " FROM added) AS j),"
-                " (SELECT outcome FROM dpvoip.call_detail WHERE call_id = %(call)s)",
+                " (SELECT outcome FROM dpvoip.call_detail WHERE call_id = %(call)s),"
+                f" {self._directory.lookup_subquery('number')}",
                 {"lock": f"dpvoip-zadarma:{event.pbx_call_id}", "pbx": event.pbx_call_id,
                  "event": event.kind, "calltype": event.calltype, "internal": event.internal,
                  "destination": event.destination, "form": json.dumps(dict(form)),
-                 "call": identity},
+                 "call": identity, "number": guess},
+                prefix="SELECT pg_advisory_xact_lock(hashtext(%(lock)s)); ",
             )
             if not fresh:
                 self.counters.replays_ignored += 1
@@ -505,14 +515,19 @@ class Ingest:
             call = summarise(events)
             if call is None:
                 return ZadarmaOutcome(duplicate=False)  # a recording notice, kept for later
-            return await self._zadarma_call(batch, identity, call, previous, context)
+            number = normalise(call.remote, context.where)
+            if number == guess:
+                match = self._directory.match_of(number, found)
+            else:
+                match = await self._directory.lookup(number, within=batch) if number else None
+            return await self._zadarma_call(batch, identity, call, previous, context,
+                                            number, match)
 
         return await self._store.batch(steps)
 
     async def _zadarma_call(self, batch: Batch, identity: str, call: ZadarmaCall,
-                            previous: str | None, context: ZadarmaContext) -> ZadarmaOutcome:
-        number = normalise(call.remote, context.where)
-        match = await self._directory.lookup(number, within=batch) if number else None
+                            previous: str | None, context: ZadarmaContext, number: str | None,
+                            match: Match | None) -> ZadarmaOutcome:
         phone = remote_column(call.remote, number)
         client = match.client if match else None
         person = match.person if match else None
@@ -540,10 +555,10 @@ class Ingest:
         log_params: dict[str, Any] = {}
         for n, (action, text, only_new) in enumerate(entries):
             log_params |= {f"action{n}": action, f"text{n}": text, f"new{n}": only_new}
-        values = ", ".join(f"(%(action{n})s, %(text{n})s, %(new{n})s, {n})"
+        values = ", ".join(f"(%(action{n})s, %(text{n})s, %(new{n})s::boolean, {n})"
                            for n in range(len(entries)))
         extra_columns, extra_values = self._log_extras()
-        [(row_id, inserted, _)] = await batch.run(
+        [(row_id, inserted, _)] = await batch.run_planned(
             f"WITH call AS (INSERT INTO {self._crm}.accounting_voipcall AS v (call_id,"
             " direction, phone_number, status, started_at, ended_at, duration_seconds, notes,"
             " ticket_created, ticket_id, created_at, updated_at, client_id, client_email,"

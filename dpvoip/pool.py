@@ -10,7 +10,10 @@ fail fast with ``ConnectionDead`` when there is none.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import random
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -245,18 +248,49 @@ class HealingPool:
         return self.with_connection(lambda c: c.runInteraction(transact))
 
 
-async def run_prepared(
-    connection: Any, name: str, statement: str, params: tuple[Any, ...],
-    operation: Callable[[str], Awaitable[Any]],
-    query: Callable[[str, tuple[Any, ...]], Awaitable[list[tuple[Any, ...]]]],
-) -> list[tuple[Any, ...]]:
-    """EXECUTE ``name``, PREPAREd first if this connection (this libpq session: a
-    reconnected connection is a new one) has not prepared it yet."""
+async def ensure_prepared(connection: Any, name: str, statement: str,
+                          operation: Callable[[str], Awaitable[Any]]) -> None:
+    """PREPARE ``statement`` as ``name`` unless this connection (this libpq session: a
+    reconnected connection is a new one) has already."""
     raw = connection._connection
     prepared: dict[str, Any] = connection.__dict__.setdefault("_prepared", {})
     if prepared.get(name) is not raw:
         await operation(f"PREPARE {name} AS {statement}")
         prepared[name] = raw
+
+
+_NAMED = re.compile(r"%\((\w+)\)s|%%")
+
+
+@functools.lru_cache(maxsize=128)
+def positional(statement: str) -> tuple[str, tuple[str, ...]]:
+    """``statement`` with its ``%(name)s`` parameters turned into ``$1, $2 ...`` (for
+    PREPARE), and the names in that order (for the EXECUTE that passes them)."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(0) == "%%":
+            return "%"
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return _NAMED.sub(number, statement), tuple(names)
+
+
+def statement_name(statement: str) -> str:
+    """A name that changes whenever the statement does (variants get their own plans)."""
+    return "dpvoip_" + hashlib.sha1(statement.encode(), usedforsecurity=False).hexdigest()[:16]
+
+
+async def run_prepared(
+    connection: Any, name: str, statement: str, params: tuple[Any, ...],
+    operation: Callable[[str], Awaitable[Any]],
+    query: Callable[[str, tuple[Any, ...]], Awaitable[list[tuple[Any, ...]]]],
+) -> list[tuple[Any, ...]]:
+    """EXECUTE ``name``, PREPAREd first if this connection has not prepared it yet."""
+    await ensure_prepared(connection, name, statement, operation)
     placeholders = ", ".join(["%s"] * len(params))
     return await query(f"EXECUTE {name} ({placeholders})" if params else f"EXECUTE {name}",
                        params)

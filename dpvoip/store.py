@@ -9,7 +9,7 @@ for itself, so shutdown can wait for it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -19,7 +19,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from dpvoip.migrations import SchemaReport
-from dpvoip.pool import HealingPool, run_prepared
+from dpvoip.pool import (
+    HealingPool,
+    ensure_prepared,
+    positional,
+    run_prepared,
+    statement_name,
+)
 
 T = TypeVar("T")
 log = Logger()
@@ -44,6 +50,20 @@ class Batch:
             return await self.run(statement.replace("$1", "%s"), params)
         return await run_prepared(self._connection, name, statement, params, self.run,
                                   self.run)
+
+    async def run_planned(self, statement: str, params: Mapping[str, Any], prefix: str = ""
+                          ) -> list[tuple[Any, ...]]:
+        """A hot statement with ``%(name)s`` parameters, planned once per connection: the
+        server parses and plans it once, and each run sends a short EXECUTE instead of the
+        whole text. ``prefix`` (statements with the same parameters) rides along in front."""
+        if self._connection is None:
+            return await self.run(prefix + statement, params)
+        text, names = positional(statement)
+        name = statement_name(text)
+        await ensure_prepared(self._connection, name, text, self.run)
+        arguments = ", ".join(f"%({n})s" for n in names)
+        return await self.run(f"{prefix}EXECUTE {name} ({arguments})" if names
+                              else f"{prefix}EXECUTE {name}", params)
 
     async def run(self, sql: str, params: Any = None, last: bool = False
                   ) -> list[tuple[Any, ...]]:

@@ -178,10 +178,15 @@ class CallTests(WebhookTestCase):
             for leg, destination, seconds in (("callback_leg2", "302101234567", "61"),
                                               ("callback_leg1", "306971234567", "70"))
         ]
+        customer = self.crm.client("Customer AE", tilefono_oikias_1="210 123 4567")
+        # the user's own mobile, rung first by leg 1, is also in the CRM: the first event
+        # alone points at it, the call as a whole at the customer
+        self.crm.client("Staff mobile", kinito_tilefono="697 123 4567")
+        yield defer.Deferred.fromCoroutine(self.daemon.directory.build())
         yield self.send_all(outgoing + callback)
-        self.assertEqual([c[1:6] for c in self.calls()], [
-            ("outgoing", "+302310555123", "completed", 42, "answered"),
-            ("outgoing", "+302101234567", "completed", 61, "answered, callback"),
+        self.assertEqual([c[1:7] for c in self.calls()], [
+            ("outgoing", "+302310555123", "completed", 42, "answered", None),
+            ("outgoing", "+302101234567", "completed", 61, "answered, callback", customer),
         ])
 
     @defer.inlineCallbacks
