@@ -323,11 +323,16 @@ def cmd_zadarma_sim(args: argparse.Namespace) -> int:
     from twisted.internet import task
     from twisted.internet.defer import Deferred
 
-    from dpvoip.zadarma_fake import serve
+    from dpvoip.zadarma_fake import ReceivedRequest, serve
+
+    def report(received: ReceivedRequest, status: int) -> None:
+        shown = "&".join(f"{k}={v}" for k, v in sorted(received.params.items()))
+        print(f"{received.method} {received.path} {shown} -> {status}", flush=True)
 
     async def main(reactor: Any) -> None:
         port = await serve(reactor, args.listen, args.key, args.secret,
-                           timezone=args.timezone, recordings={"demo": ["1700000000.1"]})
+                           timezone=args.timezone, recordings={"demo": ["1700000000.1"]},
+                           report=report)
         address: Any = port.getHost()
         print(f"fake Zadarma API listening on {address.host}:{address.port}; set "
               f"[zadarma] api_url = \"http://{address.host}:{address.port}\", key = "

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from dpvoip.migrations import SchemaReport
@@ -200,6 +201,10 @@ class Store:
     ) -> Deferred[list[tuple[Any, ...]]]:
         """A hot read planned once per connection (see ``HealingPool.run_prepared``)."""
         return self.pool.run_prepared(name, statement, params)
+
+    def pause(self, seconds: float) -> Deferred[None]:
+        """Let other work reach the database between the steps of a long background job."""
+        return deferLater(self._clock, seconds, lambda: None)
 
     def state(self, timeout: float = 1.0) -> Deferred[DatabaseState]:
         """Whether a query reaches PostgreSQL within ``timeout`` seconds now."""

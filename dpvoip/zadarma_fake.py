@@ -277,7 +277,10 @@ class ZadarmaFake:
                  balance: float = 10.34, currency: str = "USD", timezone: str = "UTC+3",
                  pbx_id: int = 1234, extensions: Sequence[int] = (100, 101, 102),
                  recordings: Mapping[str, Sequence[str]] | None = None,
-                 record_base: str = RECORD_BASE) -> None:
+                 record_base: str = RECORD_BASE,
+                 report: Callable[[ReceivedRequest, int], None] | None = None) -> None:
+        self.report = report
+        """Told of every request and the status it got (the demo prints them)."""
         self.key = key
         self.secret = secret
         self.clock = clock
@@ -380,10 +383,14 @@ class ZadarmaFake:
             return self._fail(request, fault, quota)
         _limit_headers(request, quota)
         if quota.exceeded:
-            return _send(request, _error(429, "Too many requests"))
-        if not received.authorized:
-            return _send(request, _error(401, "Not authorized"))
-        return _send(request, self._route(received))
+            answer = _error(429, "Too many requests")
+        elif not received.authorized:
+            answer = _error(401, "Not authorized")
+        else:
+            answer = self._route(received)
+        if self.report is not None:
+            self.report(received, answer.code)
+        return _send(request, answer)
 
     def _receive(self, request: Request) -> ReceivedRequest:
         method = request.method.decode("ascii", "replace")
@@ -557,10 +564,12 @@ class _ApiResource(Resource):
 
 def serve(reactor: Any, endpoint_description: str, key: str, secret: str, *,
           rate_limit: int = RATE_LIMIT, timezone: str = "UTC+3",
-          recordings: Mapping[str, Sequence[str]] | None = None) -> Deferred[IListeningPort]:
+          recordings: Mapping[str, Sequence[str]] | None = None,
+          report: Callable[[ReceivedRequest, int], None] | None = None,
+          ) -> Deferred[IListeningPort]:
     """``dpvoip zadarma-sim``: serve a fake for ``key``/``secret`` where the endpoint
     description says (``tcp:8443:interface=127.0.0.1``, or ``ssl:...`` with a certificate
     for TLS); fires with the listening port. ValueError for a bad ``timezone``."""
     fake = ZadarmaFake(key, secret, reactor, rate_limit=rate_limit, timezone=timezone,
-                       recordings=recordings)
+                       recordings=recordings, report=report)
     return fake.listen(reactor, endpoint_description)

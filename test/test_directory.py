@@ -238,6 +238,20 @@ class FreshnessTests(DirectoryTestCase):
         self.assertEqual(self.index.state.sources.get("contact", 0), 0)
 
     @defer.inlineCallbacks
+    def test_the_sweep_works_through_every_page_and_keeps_the_living(self) -> Any:
+        # page_size 3: eleven contacts (two numbers each) take four sweep steps
+        contacts = [self.crm.contact(f"C{n}", "X", mobile=f"69000001{n:02d}",
+                                     phone=f"21000001{n:02d}") for n in range(11)]
+        yield self.build()
+        gone = contacts[1::3]  # in every page, at its edges and inside
+        self.crm.query("DELETE FROM crm_contact WHERE id = ANY(%s)", (gone,))
+        yield self.refresh(sweep=True)
+        left = self.crm.query("SELECT DISTINCT record_id FROM dpvoip.directory_entry"
+                              " WHERE source = 'contact' ORDER BY 1")
+        self.assertEqual([r[0] for r in left], [c for c in contacts if c not in gone])
+        self.assertEqual(self.index.state.sources["contact"], 2 * (11 - len(gone)))
+
+    @defer.inlineCallbacks
     def test_a_late_committed_edit_within_the_margin_is_not_missed(self) -> Any:
         yield self.build()
         # A row whose update time is older than the last refresh (a transaction that

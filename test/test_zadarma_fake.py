@@ -311,6 +311,21 @@ class RecordingOfRequestsTests(LiveTestCase):
         self.assertTrue(third.authorized)
 
 
+class ReportTests(LiveTestCase):
+    def make_fake(self) -> ZadarmaFake:
+        self.reported: list[tuple[str, int]] = []
+        return ZadarmaFake(KEY, SECRET, self.clock,
+                           report=lambda r, status: self.reported.append((r.path, status)))
+
+    async def test_every_answered_request_is_reported_with_its_status(self) -> None:
+        await self.start()
+        await self.get(CALLBACK, {"from": "100", "to": "+442012345678"})
+        await self.call(BALANCE, authorization="")
+        await self.call("/v1/nowhere/")
+        self.assertEqual(self.reported, [(CALLBACK, 200), (BALANCE, 401),
+                                         ("/v1/nowhere/", 404)])
+
+
 class RateLimitTests(LiveTestCase):
     async def test_headers_the_101st_request_and_the_next_window(self) -> None:
         await self.start()
