@@ -21,6 +21,11 @@ from dpvoip.directory_index import DirectoryIndex
 log = Logger(namespace="dpvoip.directory")
 
 
+#: Tables the statistics show untouched are skipped; every so often all are read anyway
+#: (statistics lag, and can be switched off).
+FULL_PASS_SECONDS = 300.0
+
+
 class DirectoryService(Service):
     name = "directory"
 
@@ -38,6 +43,7 @@ class DirectoryService(Service):
         self._loop: LoopingCall | None = None
         self._running_pass: Deferred[None] | None = None
         self._last_sweep = float("-inf")
+        self._last_full = float("-inf")
 
     def startService(self) -> None:
         super().startService()
@@ -78,7 +84,10 @@ class DirectoryService(Service):
                      s=index.state.last_build_seconds)
             return
         sweep = started - self._last_sweep >= self._settings.sweep_seconds
-        changed = await index.refresh(sweep=sweep)
+        force = started - self._last_full >= FULL_PASS_SECONDS
+        changed = await index.refresh(sweep=sweep, force=force)
+        if force:
+            self._last_full = started
         if sweep:
             self._last_sweep = started
         if changed:

@@ -237,6 +237,26 @@ class FreshnessTests(DirectoryTestCase):
         self.assertEqual(rows, [(0,)])
         self.assertEqual(self.index.state.sources.get("contact", 0), 0)
 
+    def watermarks(self) -> dict[str, Any]:
+        return dict(self.crm.query("SELECT source, updated_to FROM dpvoip.directory_watermark"))
+
+    @defer.inlineCallbacks
+    def test_tables_nobody_wrote_to_are_not_read_again_until_a_full_pass(self) -> Any:
+        self.crm.client("A", kinito_tilefono="6900000041")
+        yield self.build()
+        yield self.refresh()  # the first pass reads everything and notes the counters
+        before = self.watermarks()
+        yield self.refresh()
+        self.assertEqual(self.watermarks(), before, "no writes: no table re-read")
+        self.crm.contact("New", "Person", mobile="6900000042")
+        yield self.refresh()
+        after = self.watermarks()
+        self.assertGreater(after["contact"], before["contact"])
+        self.assertEqual(after["client"], before["client"])
+        self.assertIsNotNone((yield self.lookup("6900000042")))
+        yield defer.Deferred.fromCoroutine(self.index.refresh(force=True))
+        self.assertTrue(all(self.watermarks()[k] > after[k] for k in ("client", "lead")))
+
     @defer.inlineCallbacks
     def test_the_sweep_works_through_every_page_and_keeps_the_living(self) -> Any:
         # page_size 3: eleven contacts (two numbers each) take four sweep steps
@@ -295,8 +315,8 @@ class FakeIndex:
         self._built = self.state.built = True
         return await self._wait()
 
-    async def refresh(self, sweep: bool = False) -> int:
-        self.calls.append("refresh+sweep" if sweep else "refresh")
+    async def refresh(self, sweep: bool = False, force: bool = False) -> int:
+        self.calls.append("refresh" + ("+sweep" if sweep else "") + ("+all" if force else ""))
         return await self._wait()
 
     def _wait(self) -> defer.Deferred[int]:
@@ -335,15 +355,26 @@ class DirectoryServiceTests(SynchronousTestCase):
         for _ in range(4):
             clock.advance(15)
             index.finish()
-        self.assertEqual(index.calls, ["build", "refresh", "refresh", "refresh+sweep",
+        self.assertEqual(index.calls, ["build", "refresh+all", "refresh", "refresh+sweep",
                                        "refresh"])
         service.stopService()
         clock.advance(60)
         self.assertEqual(len(index.calls), 5, "stopped means stopped")
 
+    def test_every_table_is_read_in_full_every_five_minutes(self) -> None:
+        from dpvoip.directory_service import FULL_PASS_SECONDS
+
+        _, index, clock = self.make(built=True)
+        index.finish()
+        for _ in range(int(FULL_PASS_SECONDS // 15)):
+            clock.advance(15)
+            index.finish()
+        self.assertEqual([c.endswith("+all") for c in index.calls],
+                         [True] + [False] * 19 + [True])
+
     def test_a_restart_catches_up_and_sweeps_at_once(self) -> None:
         _, index, _ = self.make(built=True)
-        self.assertEqual(index.calls, ["refresh+sweep"])
+        self.assertEqual(index.calls, ["refresh+sweep+all"])
 
     def test_a_failed_pass_is_counted_and_the_next_one_runs(self) -> None:
         _, index, clock = self.make(built=True)
@@ -351,7 +382,7 @@ class DirectoryServiceTests(SynchronousTestCase):
         self.assertEqual(index.state.errors, 1)
         clock.advance(15)
         index.finish()
-        self.assertEqual(index.calls, ["refresh+sweep", "refresh+sweep"])
+        self.assertEqual(index.calls, ["refresh+sweep+all", "refresh+sweep+all"])
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_stop_waits_for_the_running_pass(self) -> None:
