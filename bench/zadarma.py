@@ -23,6 +23,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -178,7 +179,7 @@ def main() -> None:
                                 timezone="Europe/Athens"),
                 fritzbox=(),
             )
-            daemon = build(config, reactor)
+            daemon = build(config, reactor, Path(tempfile.mkdtemp(prefix="dpvoip-bench-")))
             daemon.service.startService()
             await daemon.service.started
             while not daemon.directory.state.built:

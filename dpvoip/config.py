@@ -209,6 +209,27 @@ class DaemonSettings:
 
 
 @dataclass(frozen=True)
+class SpoolSettings:
+    max_mb: int = setting(
+        64,
+        "Most disk space (MiB) for events spooled while PostgreSQL is unavailable. When "
+        "full, webhooks get 503 (Zadarma sends again) and Fritz!Box events are logged as "
+        "not recorded.",
+        _between(1, 65536),
+    )
+    alarm_percent: int = setting(
+        80, "Spool use (percent of max_mb) that raises the alarm (log, /readyz 503).",
+        _between(1, 100),
+    )
+    deadline_seconds: float = setting(
+        2.0,
+        "An event not committed within this many seconds is spooled (and acknowledged) "
+        "instead; its late commit, if any, makes the replay a no-op.",
+        _between(0.05, 60),
+    )
+
+
+@dataclass(frozen=True)
 class LogSettings:
     format: str = setting(
         "text",
@@ -507,6 +528,7 @@ class Config:
     """The whole, validated configuration."""
 
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
     log: LogSettings = field(default_factory=LogSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     web: WebSettings = field(default_factory=WebSettings)
@@ -537,6 +559,7 @@ class Config:
 
 SECTIONS: dict[str, type[Any]] = {
     "daemon": DaemonSettings,
+    "spool": SpoolSettings,
     "log": LogSettings,
     "database": DatabaseSettings,
     "web": WebSettings,

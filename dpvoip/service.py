@@ -13,7 +13,7 @@ import atexit
 import gc
 import os
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import tzinfo
 from pathlib import Path
 from typing import Any
@@ -32,15 +32,17 @@ from dpvoip.dialling_policy import DiallingPolicy
 from dpvoip.directory_index import DirectoryIndex
 from dpvoip.directory_service import DirectoryService
 from dpvoip.dsn import connection_dsn
+from dpvoip.durable import DurableIngest, DurableService
 from dpvoip.embedded import EmbeddedPostgres
 from dpvoip.fritzbox import BoxStatusReporter, FritzBox, FritzBoxService, retry_policy
-from dpvoip.ingest import Ingest, ZadarmaContext
+from dpvoip.ingest import Ingest, Origin, ZadarmaContext
 from dpvoip.logins import Logins
 from dpvoip.migrations import SchemaMismatch, prepare
 from dpvoip.numbers import Dialling, normalise
 from dpvoip.pool import HealingPool
 from dpvoip.rate_limit import RateLimiter
 from dpvoip.sources import networks
+from dpvoip.spool import AsyncSpool, Spool
 from dpvoip.store import Store
 from dpvoip.texts import Texts
 from dpvoip.web.app import Readiness, WebApp
@@ -232,6 +234,8 @@ class Daemon:
         boxes: list[FritzBox],
         zadarma: ZadarmaWebhook,
         account: ZadarmaAccountService,
+        durable: DurableIngest,
+        spooler: DurableService,
     ) -> None:
         self.service = service
         self.store = store
@@ -243,6 +247,8 @@ class Daemon:
         self.boxes = boxes
         self.zadarma = zadarma
         self.account = account
+        self.durable = durable
+        self.spooler = spooler
 
 
 def _own_numbers(config: Config) -> list[str]:
@@ -292,13 +298,23 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
 
     ingest = Ingest(store, index, Texts(config.crm.language), config.tickets,
                     ZoneInfo(config.crm.timezone), config.database.crm_schema)
+    spool = AsyncSpool(Spool(config.state_path(base) / "spool",
+                             max_bytes=config.spool.max_mb * 1024 * 1024,
+                             alarm_ratio=config.spool.alarm_percent / 100), reactor)
+    origins: dict[str, Origin] = {}
+    durable = DurableIngest(ingest, spool, store, reactor, origins,
+                            lambda: zadarma.context, config.directory.region,
+                            deadline=config.spool.deadline_seconds)
+    spooler = DurableService(durable, spool, reactor, database.when_prepared)
+    spooler.setServiceParent(top)
     own = frozenset(index.own_numbers)
     boxes: list[FritzBox] = []
     for settings in config.fritzbox:
-        box = FritzBox(settings, ingest, reactor, own)
+        box = FritzBox(settings, durable, reactor, own)
+        origins[settings.name] = box.origin
         boxes.append(box)
         FritzBoxService(
-            box, reactor, database.when_prepared,
+            box, reactor, spooler.when_replayed,
             retry=retry_policy(settings.reconnect_initial_seconds / 2,
                                settings.reconnect_max_seconds),
         ).setServiceParent(top)
@@ -322,9 +338,13 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
             "last_refresh": listing.last_refresh.isoformat() if listing.last_refresh else None,
             "errors": listing.errors,
         }
+        spooled = spool.state()
+        spool_state = {"pending": spooled.pending, "bytes": spooled.bytes,
+                       "limit": spooled.limit, "alarm": spooled.alarm,
+                       "spooling": durable.spooling, **asdict(durable.counters)}
         return Readiness(
-            state.reachable and schema is not None,
-            {"database": db, "directory": directory_state,
+            state.reachable and schema is not None and not spooled.alarm,
+            {"database": db, "directory": directory_state, "spool": spool_state,
              "fritzbox": [b.status.as_json(b.tracker.open_calls) for b in boxes]},
         )
 
@@ -337,7 +357,7 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
                      config.zadarma.api_timeout, config.zadarma.api_requests_per_minute)
 
     zadarma = ZadarmaWebhook(
-        recorder=ingest,
+        recorder=durable,
         context=ZadarmaContext(
             Dialling(config.directory.region),
             ZoneInfo(config.zadarma.timezone) if config.zadarma.timezone else office_zone,
@@ -373,7 +393,8 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     site = DpvoipSite(app.resource(), config.web, reactor)
     web = WebService(reactor, site, config.web.listen)
     web.setServiceParent(top)
-    return Daemon(top, store, web, exit_status, embedded, index, ingest, boxes, zadarma, account)
+    return Daemon(top, store, web, exit_status, embedded, index, ingest, boxes, zadarma, account,
+                  durable, spooler)
 
 
 def makeService(config: Config, reactor: Any = None) -> OrderedServices:

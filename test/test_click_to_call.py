@@ -36,6 +36,7 @@ from dpvoip.crm_logins import session_auth_hash
 from dpvoip.service import Daemon, build
 from dpvoip.zadarma_fake import Fault, ZadarmaFake
 from test.support.crm import Crm
+from test.support.daemon import scratch
 from test.support.postgres import postgres
 from test.support.tls import make_authority
 from test.test_crm_logins import access_claims, forge_jwt, session
@@ -88,7 +89,7 @@ class ClickToCallCase(TestCase):
             click_to_call=self.click,
             fritzbox=(),
         )
-        return build(config, reactor)
+        return build(config, reactor, scratch(self))
 
     # -- the CRM's logins ------------------------------------------------------------------
 
@@ -580,7 +581,7 @@ class TlsTests(TestCase):
                             api_url=f"https://{host}:{port.getHost().port}",  # type: ignore[attr-defined]
                             api_ca_file=str(files.ca), api_timeout=5.0),
             fritzbox=())
-        daemon = build(config, reactor)
+        daemon = build(config, reactor, scratch(self))
         daemon.service.startService()
         self.addCleanup(daemon.service.stopService)
         await daemon.service.started

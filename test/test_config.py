@@ -29,6 +29,7 @@ from dpvoip.config import (
     LegacyMonitorSettings,
     LogSettings,
     Secret,
+    SpoolSettings,
     TicketSettings,
     WebSettings,
     ZadarmaSettings,
@@ -95,6 +96,10 @@ class DefaultTests(ConfigTestCase):
 FULL = """
 [daemon]
 state_dir = "/var/lib/dpvoip"
+[spool]
+max_mb = 16
+alarm_percent = 70
+deadline_seconds = 0.5
 [log]
 format = "json"
 level = "debug"
@@ -164,6 +169,7 @@ class FileTests(ConfigTestCase):
             config,
             Config(
                 daemon=DaemonSettings(state_dir="/var/lib/dpvoip"),
+                spool=SpoolSettings(max_mb=16, alarm_percent=70, deadline_seconds=0.5),
                 log=LogSettings(format="json", level="debug"),
                 database=replace(
                     DatabaseSettings(), url=Secret("postgresql://crm@db/crm"), mode="attached",

@@ -20,6 +20,7 @@ from dpvoip.numbers import Dialling, normalise
 from dpvoip.pool import HealingPool
 from dpvoip.store import Store
 from test.support.crm import Crm
+from test.support.daemon import scratch
 from test.support.postgres import postgres
 
 GR = Dialling("GR")
@@ -416,7 +417,7 @@ class LiveDirectoryTests(TestCase):
             fritzbox=(),
             directory=DirectorySettings(refresh_seconds=0.5, sweep_seconds=5),
         )
-        daemon = build(config, reactor)
+        daemon = build(config, reactor, scratch(self))
         daemon.service.startService()
         self.addCleanup(daemon.service.stopService)
         yield daemon.service.started

@@ -22,6 +22,7 @@ from dpvoip.config import (
 from dpvoip.fritz_sim import FritzSimulator, parse_script
 from dpvoip.service import Daemon, build
 from test.support.crm import Crm
+from test.support.daemon import scratch
 from test.support.postgres import postgres
 from test.test_database import eventually
 
@@ -46,7 +47,7 @@ class EndToEndTestCase(TestCase):
                               reconnect_initial_seconds=0.2, reconnect_max_seconds=1.0,
                               **box),),
         )
-        daemon = build(config, reactor)
+        daemon = build(config, reactor, scratch(self))
         daemon.service.startService()
         self.addCleanup(daemon.service.stopService)
         await daemon.service.started

@@ -19,6 +19,7 @@ from dpvoip.config import Config, DatabaseSettings, Secret, WebSettings, Zadarma
 from dpvoip.service import Daemon, build
 from dpvoip.zadarma_signing import webhook_signature
 from test.support.crm import Crm
+from test.support.daemon import scratch
 from test.support.postgres import postgres
 from test.test_database import eventually
 
@@ -64,7 +65,7 @@ class WebhookTestCase(TestCase):
             web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
             zadarma=self.zadarma, fritzbox=(),
         )
-        self.daemon: Daemon = build(config, reactor)
+        self.daemon: Daemon = build(config, reactor, scratch(self))
 
         async def start() -> None:
             self.daemon.service.startService()

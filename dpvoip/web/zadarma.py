@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from dpvoip.config import Secret
+from dpvoip.durable import NotRecorded
 from dpvoip.ingest import ZadarmaContext, ZadarmaOutcome
 from dpvoip.sources import Network, allowed, client_address
 from dpvoip.web.errors import HttpError, require_media_type
@@ -96,7 +97,10 @@ class ZadarmaWebhook:
             log.info("Zadarma event {kind!r} is not one dpvoip records; answered 200",
                      kind=parsed.kind)
             return b""
-        outcome = await self.recorder.submit_zadarma(parsed, form, self.context)
+        try:
+            outcome = await self.recorder.submit_zadarma(parsed, form, self.context)
+        except NotRecorded as error:
+            raise self.refuse(503, str(error)) from None
         if outcome.duplicate:
             self.counters.duplicates += 1
         else:

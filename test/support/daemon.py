@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -97,3 +98,14 @@ class Daemon:
 
 def twistd(*args: str) -> list[str]:
     return [str(BIN / "twistd"), *args]
+
+
+def scratch(case: Any) -> Path:
+    """A state folder of its own for an in-process daemon (its spool), removed afterwards:
+    never the working directory, where one test's spool would replay into the next."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="dpvoip-state-"))
+    case.addCleanup(shutil.rmtree, folder, True)
+    return folder

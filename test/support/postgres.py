@@ -80,3 +80,24 @@ def query(dsn: str, sql: Any, params: Any = ()) -> list[tuple[Any, ...]]:
             return cursor.fetchall() if cursor.description else []
     finally:
         connection.close()
+
+
+def private_cluster(case: Any, prefix: str) -> tuple[Path, EmbeddedPostgres, str]:
+    """A PostgreSQL cluster of the test's own (one it may stop and start), holding the
+    2025-12 CRM tables in database ``crm``: (its folder, the cluster, the DSN). Stopped
+    and removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    folder.chmod(0o755)
+    case.addCleanup(shutil.rmtree, folder, True)
+    cluster = EmbeddedPostgres(folder / "pg")
+    cluster.start()
+    case.addCleanup(lambda: cluster.stop(mode="immediate") if cluster.running() else None)
+    cluster.create_database("crm")
+    dsn = cluster.dsn("crm")
+    connection = psycopg2.connect(dsn)
+    try:
+        connection.autocommit = True
+        connection.cursor().execute(ddl_text("dpeconomy-2025-12.sql"))
+    finally:
+        connection.close()
+    return folder, cluster, dsn

@@ -1,0 +1,312 @@
+"""The ingest entry point made durable: committed to PostgreSQL, or spooled to disk first.
+
+Every event goes to the ingest. When PostgreSQL is unreachable, or does not commit within
+``deadline`` seconds, the event is appended to the spool and fsynced; only then is it
+acknowledged (a webhook gets its 200). From the first spooled event on, every newer event
+is spooled too, until the replay has emptied the spool: the events of a call therefore
+reach the database in the order they happened. Replay goes through the same ingest, which
+is replay-safe (the Zadarma journal and the call ids make a second delivery a no-op).
+An event that timed out may still commit later: its replay then changes nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import psycopg2
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from txpostgres.reconnection import ConnectionDead
+
+from dpvoip.ingest import Ingest, Origin, ZadarmaContext, ZadarmaOutcome
+from dpvoip.numbers import Dialling
+from dpvoip.spool import AsyncSpool, SpoolFull
+from dpvoip.spool_records import BadRecord, fritz_record, read_record, zadarma_record
+from dpvoip.store import Store, shield
+from dpvoip.tracker import Happening
+from dpvoip.zadarma_events import ZadarmaEvent, parse_event
+
+log = Logger()
+T = TypeVar("T")
+
+#: Failures that mean "the database is not there now", not "this event is wrong".
+UNAVAILABLE = (ConnectionDead, psycopg2.OperationalError, psycopg2.InterfaceError,
+               TimeoutError)
+
+
+class NotRecorded(Exception):
+    """Neither committed nor spooled (the spool is full): the event is not acknowledged."""
+
+
+@dataclass
+class DurableCounters:
+    direct: int = 0
+    spooled: int = 0
+    replayed: int = 0
+    unreplayable: int = 0
+    refused: int = 0  # spool full: not acknowledged (webhooks get 503; Zadarma retries)
+
+
+class DurableIngest:
+    def __init__(self, ingest: Ingest, spool: AsyncSpool, store: Store, clock: Any,
+                 origins: Mapping[str, Origin], zadarma: Callable[[], ZadarmaContext],
+                 region: str, deadline: float = 2.0) -> None:
+        self._ingest = ingest
+        self._spool = spool
+        self._store = store
+        self._clock = clock
+        self._origins = origins
+        self._zadarma = zadarma
+        self._region = region
+        self._deadline = deadline
+        self._spooling = False
+        self._appends = itertools.count()
+        self._appended = 0
+        self._replaying: Deferred[bool] | None = None
+        self.counters = DurableCounters()
+
+    @property
+    def spooling(self) -> bool:
+        return self._spooling
+
+    # -- the entry points ------------------------------------------------------------------
+
+    def submit(self, happening: Happening, origin: Origin) -> Deferred[None]:
+        record = fritz_record(happening, origin.name)
+        return shield(Deferred.fromCoroutine(self._durably(
+            lambda: self._ingest.submit(happening, origin), record, None)))
+
+    def submit_zadarma(self, event: ZadarmaEvent, form: Mapping[str, str],
+                       context: ZadarmaContext) -> Deferred[ZadarmaOutcome]:
+        record = zadarma_record(dict(form))
+        # Spooled, the answer has no caller name: the directory is in the database.
+        # Shielded: a client hanging up (Klein cancels its handler) must not stop the
+        # event half-way between a failed commit and the spool.
+        return shield(Deferred.fromCoroutine(self._durably(
+            lambda: self._ingest.submit_zadarma(event, form, context), record,
+            ZadarmaOutcome(duplicate=False))))
+
+    async def close_open_calls(self, box: str, reason: str, at: datetime) -> int:
+        """At a box's start, after the replay: straight to the database."""
+        return await self._ingest.close_open_calls(box, reason, at)
+
+    async def _durably(self, work: Callable[[], Deferred[T]], record: bytes,
+                       spooled_result: T) -> T:
+        if self._spooling or self._store.schema is None:
+            return await self._to_spool(record, spooled_result, "spool not empty")
+        attempt = work()
+        try:
+            result = await _within(self._clock, attempt, self._deadline)
+        except UNAVAILABLE as error:
+            reason = type(error).__name__
+            return await self._to_spool(record, spooled_result, reason)
+        self.counters.direct += 1
+        return result
+
+    async def _to_spool(self, record: bytes, result: T, reason: str) -> T:
+        if not self._spooling:
+            log.warn("database unavailable ({reason}): events are spooled to disk until it "
+                     "is back", reason=reason)
+        self._spooling = True
+        self._appended = next(self._appends)
+        try:
+            await self._spool.append(record)
+        except SpoolFull:
+            self.counters.refused += 1
+            log.critical("the spool is full: an event could not be recorded (not "
+                         "acknowledged); free space or raise [spool] max_mb")
+            raise NotRecorded("the database is unavailable and the spool is full") from None
+        self.counters.spooled += 1
+        return result
+
+    # -- replay ----------------------------------------------------------------------------
+
+    def idle(self) -> Deferred[None]:
+        """Fires when no replay is running."""
+        running = self._replaying
+        if running is None:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+
+        def relay(result: object) -> object:
+            waiter.callback(None)
+            return result
+
+        running.addBoth(relay)
+        return waiter
+
+    def replay(self) -> Deferred[bool]:
+        """Replay the spool into the database, in order; fires True once it is empty (then
+        new events go straight to the database again), False if the database failed."""
+        if self._replaying is None:
+            self._replaying = Deferred.fromCoroutine(self._replay())
+
+            def done(result: Any) -> Any:
+                self._replaying = None
+                return result
+
+            self._replaying.addBoth(done)
+        return self._replaying
+
+    async def _replay(self) -> bool:
+        if self._store.schema is None:
+            return False
+        while True:
+            seen = self._appended
+            pending = await self._spool.pending()
+            if not pending:
+                if seen == self._appended:
+                    if self._spooling:
+                        log.info("spool replayed: events go straight to the database again")
+                    self._spooling = False
+                    return True
+                continue  # an event was spooled while we looked: read again
+            self._spooling = True
+            done = 0
+            try:
+                for seq, payload in pending:
+                    await self._apply(payload)
+                    done = seq
+                    self.counters.replayed += 1
+            except UNAVAILABLE as error:
+                log.info("replay paused: the database is unavailable ({error})",
+                         error=type(error).__name__)
+                return False
+            finally:
+                if done:
+                    await self._spool.replayed(done)
+
+    async def _apply(self, payload: bytes) -> None:
+        try:
+            source, what, box = read_record(payload)
+        except BadRecord as error:
+            self.counters.unreplayable += 1
+            log.error("spool record skipped: {error}: {payload}", error=str(error),
+                      payload=payload[:500].decode("utf-8", "replace"))
+            return
+        if source == "zadarma":
+            event = parse_event(what)
+            if isinstance(event, ZadarmaEvent):
+                await _within(self._clock, self._ingest.submit_zadarma(
+                    event, what, self._zadarma()), self._deadline * 5)
+            return
+        origin = self._origins.get(box) or Origin(box, Dialling(self._region))
+        await _within(self._clock, self._ingest.submit(what, origin), self._deadline * 5)
+
+
+def _within(clock: Any, work: Deferred[T], seconds: float) -> Awaitable[T]:
+    """``work``, or TimeoutError after ``seconds``: the work itself goes on (a commit in
+    flight cannot be called back), only the wait ends."""
+    waiter: Deferred[T] = Deferred()
+
+    def give_up() -> None:
+        if not waiter.called:
+            waiter.errback(TimeoutError(f"no commit within {seconds:g} s"))
+
+    timer = clock.callLater(seconds, give_up)
+
+    def settle(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if not waiter.called:
+            if hasattr(result, "raiseException"):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    work.addBoth(settle)
+    return waiter
+
+
+class DurableService(Service):
+    """Opens the spool at start, replays it once the database schema is prepared (before
+    the boxes connect), and again every ``interval`` seconds while events are spooled."""
+
+    name = "spool"
+
+    def __init__(self, durable: DurableIngest, spool: AsyncSpool, clock: Any,
+                 prepared: Callable[[], Deferred[None]], interval: float = 1.0) -> None:
+        self._durable = durable
+        self._spool = spool
+        self._clock = clock
+        self._prepared = prepared
+        self._interval = interval
+        self._loop: LoopingCall | None = None
+        self._replayed_once = False
+        self._waiting: list[Deferred[None]] = []
+        self._alarmed = False
+
+    def when_replayed(self) -> Deferred[None]:
+        """Fires once what the last run spooled is in the database."""
+        if self._replayed_once:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._waiting.append(waiter)
+        return waiter
+
+    def startService(self) -> Deferred[None]:
+        super().startService()
+        opened = self._spool.start()
+
+        def begin(_: object) -> None:
+            state = self._spool.state()
+            if state.recovered_torn_bytes:
+                log.warn("spool: cut {n} bytes of a record torn by a crash",
+                         n=state.recovered_torn_bytes)
+            if state.pending:
+                log.info("spool: {n} events of the last run to replay", n=state.pending)
+            self._prepared().addCallback(lambda _: self._start_loop())
+
+        return opened.addCallback(begin)
+
+    def _start_loop(self) -> None:
+        if not self.running:
+            return
+        loop = LoopingCall(self._tick)
+        loop.clock = self._clock
+        self._loop = loop
+        loop.start(self._interval, now=True).addErrback(
+            lambda failure: log.failure("spool replay loop stopped", failure))
+
+    def _tick(self) -> None:
+        self._watch_alarm()
+        if self._replayed_once and not self._durable.spooling:
+            return
+        replayed = self._durable.replay()
+
+        def settle(result: object) -> None:
+            if result is True and not self._replayed_once:
+                self._replayed_once = True
+                waiting, self._waiting = self._waiting, []
+                for waiter in waiting:
+                    waiter.callback(None)
+            elif hasattr(result, "getErrorMessage"):
+                log.warn("spool replay failed, will retry: {error}",
+                         error=result.getErrorMessage())
+
+        replayed.addBoth(settle)
+
+    def _watch_alarm(self) -> None:
+        state = self._spool.state()
+        if state.alarm and not self._alarmed:
+            log.critical("spool nearly full: {used} of {limit} bytes; the database has been "
+                         "unavailable for long", used=state.bytes, limit=state.limit)
+        elif self._alarmed and not state.alarm:
+            log.info("spool below its alarm level again")
+        self._alarmed = state.alarm
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await self._durable.idle()  # a replay in flight finishes first
+        await self._spool.stop()

@@ -1,0 +1,72 @@
+"""What a spool record holds: an event exactly as the ingest entry point receives it.
+
+Pure. A Fritz!Box happening is kept with its fields and the name of its box (the box's
+rules come from the configuration when it is replayed); a Zadarma event is kept as the
+raw form it arrived as (parsed again at replay, by the same code). JSON, so that an
+administrator can read a spool that will not replay.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from datetime import datetime
+from typing import Any
+
+from dpvoip.outcomes import Outcome
+from dpvoip.tracker import Answered, Ended, Forwarded, Happening, Started, Unmatched
+
+_KINDS: dict[str, type[Any]] = {
+    cls.__name__: cls for cls in (Started, Answered, Forwarded, Ended, Unmatched)
+}
+_TIMES = frozenset({"at", "local_at"})
+
+
+class BadRecord(ValueError):
+    """A record this version cannot read (written by another version, or damaged)."""
+
+
+def fritz_record(happening: Happening, box: str) -> bytes:
+    values: dict[str, Any] = {}
+    for spec in fields(happening):
+        value = getattr(happening, spec.name)
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, Outcome):
+            value = value.value
+        values[spec.name] = value
+    return _dump({"source": "fritzbox", "box": box, "kind": type(happening).__name__,
+                  "fields": values})
+
+
+def zadarma_record(form: dict[str, str]) -> bytes:
+    return _dump({"source": "zadarma", "form": form})
+
+
+def read_record(payload: bytes) -> tuple[str, Any, Any]:
+    """("fritzbox", happening, box name) or ("zadarma", form, None)."""
+    try:
+        data = json.loads(payload)
+        if data["source"] == "zadarma":
+            form = data["form"]
+            if not isinstance(form, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in form.items()):
+                raise BadRecord("a Zadarma record without its form")
+            return "zadarma", form, None
+        if data["source"] == "fritzbox":
+            kind = _KINDS[data["kind"]]
+            values = dict(data["fields"])
+            for name in _TIMES & values.keys():
+                values[name] = datetime.fromisoformat(values[name])
+            if kind is Ended:
+                values["outcome"] = Outcome(values["outcome"])
+            return "fritzbox", kind(**values), str(data["box"])
+    except BadRecord:
+        raise
+    except (ValueError, KeyError, TypeError) as error:
+        raise BadRecord(f"unreadable spool record: {error}") from None
+    raise BadRecord(f"a spool record of unknown source {data.get('source')!r}")
+
+
+def _dump(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

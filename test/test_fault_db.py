@@ -1,0 +1,300 @@
+"""Fault test: PostgreSQL restarted in the middle of a mixed load of 200 events/s.
+
+The daemon as wired, its own PostgreSQL cluster (restarted by the test, so not the shared
+one), signed Zadarma webhooks over HTTP and CallMonitor lines from a fake box over TCP.
+Every acknowledged event (a webhook's 200; every line the box sent) must end up in the
+database exactly once. Bounded: about 15 s of load and recovery, 180 s at most.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlencode
+
+import psycopg2
+import treq
+from twisted.internet import defer, reactor, threads
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.http_headers import Headers
+
+from dpvoip.config import (
+    Config,
+    DaemonSettings,
+    DatabaseSettings,
+    FritzBoxSettings,
+    Secret,
+    SpoolSettings,
+    WebSettings,
+    ZadarmaSettings,
+)
+from dpvoip.fritz_sim import box_time
+from dpvoip.service import build
+from dpvoip.zadarma_signing import webhook_signature
+from test.support.postgres import private_cluster
+from test.test_database import eventually
+
+SECRET = "fault-secret"
+ZONE = "Europe/Athens"
+RATE = 200.0  # events per second, both sources together
+LOAD_SECONDS = 6.0
+DOWN_AT, DOWN_FOR = 2.0, 1.5
+
+
+class _Box(Protocol):
+    def __init__(self, box: FakeBox) -> None:
+        self.box = box
+
+    def connectionMade(self) -> None:
+        self.box.connections.append(self)
+
+
+class FakeBox(ServerFactory):
+    """A CallMonitor port: the test writes lines to whichever connection is current."""
+
+    def __init__(self) -> None:
+        self.connections: list[_Box] = []
+
+    def buildProtocol(self, addr: Any) -> _Box:
+        return _Box(self)
+
+    def send(self, line: str) -> bool:
+        if not self.connections or self.connections[-1].transport is None:
+            return False
+        self.connections[-1].transport.write(line.encode() + b"\n")
+        return True
+
+
+class FaultCase(TestCase):
+    """The daemon as wired, on a PostgreSQL cluster of its own, and a fake box."""
+
+    timeout = 180
+
+    def setUp(self) -> Any:
+        self.folder, self.cluster, self.dsn = private_cluster(self, "dpvoip-fault-db-")
+        self.http = HTTPConnectionPool(reactor, persistent=True)
+        self.http.maxPersistentPerHost = 16
+        self.addCleanup(self.http.closeCachedConnections)
+        return defer.Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        self.box = FakeBox()
+        port = reactor.listenTCP(0, self.box, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        config = Config(
+            daemon=DaemonSettings(state_dir=str(self.folder / "state")),
+            database=replace(DatabaseSettings(), url=Secret(self.dsn), connect_timeout=2.0),
+            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
+            zadarma=replace(ZadarmaSettings(), secret=Secret(SECRET), timezone=ZONE,
+                            allowed_networks=("127.0.0.1/32",)),
+            spool=replace(SpoolSettings(), deadline_seconds=1.0),
+            fritzbox=(replace(FritzBoxSettings(), name="office", host="127.0.0.1",
+                              port=port.getHost().port,  # type: ignore[attr-defined]
+                              timezone=ZONE,
+                              reconnect_initial_seconds=0.1, reconnect_max_seconds=1.0),),
+        )
+        self.daemon = build(config, reactor, base=self.folder)
+        self.daemon.service.startService()
+        self.addCleanup(self.daemon.service.stopService)
+        await self.daemon.service.started
+        await eventually(lambda: self.daemon.store.schema is not None, 30)
+        await eventually(lambda: bool(self.box.connections), 30)
+        web = self.daemon.web.port.getHost().port  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{web}/voip/zd/"
+
+    async def webhook(self, form: dict[str, str]) -> int:
+        try:
+            response = await treq.post(
+                self.url, data=urlencode(form).encode(), pool=self.http,
+                headers=Headers({
+                    "Content-Type": ["application/x-www-form-urlencoded"],
+                    "Signature": [webhook_signature(SECRET, form) or ""]}))
+            await response.content()
+            return int(response.code)
+        except Exception:
+            return 0
+
+
+class DatabaseRestartTest(FaultCase):
+    @defer.inlineCallbacks
+    def test_every_acknowledged_event_is_stored_exactly_once(self) -> Any:
+        sent_zd: list[tuple[str, str]] = []
+        acked_zd: list[tuple[str, str]] = []
+        codes: dict[int, int] = {}
+        fritz_calls: list[str] = []
+        pending: list[defer.Deferred[None]] = []
+        numbers = itertools.count(1)
+        started = time.monotonic()
+        restart: defer.Deferred[None] | None = None
+
+        async def one_zadarma_event(n: int) -> None:
+            call, kind = divmod(n, 2)
+            pbx = f"in_fault{call:034d}"
+            form = {"event": "NOTIFY_START" if kind == 0 else "NOTIFY_END",
+                    "pbx_call_id": pbx, "call_start": _local(time.time() - kind),
+                    "caller_id": f"69{call:08d}", "called_did": "302107654321"}
+            if kind:
+                form.update(duration="0", disposition="no answer", status_code="19",
+                            is_recorded="0", calltype="normal")
+            sent_zd.append((pbx, form["event"]))
+            code = await self.webhook(form)
+            codes[code] = codes.get(code, 0) + 1
+            if code == 200:
+                acked_zd.append((pbx, form["event"]))
+
+        async def restart_database() -> None:
+            await threads.deferToThread(self.cluster.stop, "fast")
+            await deferLater(reactor, DOWN_FOR, lambda: None)
+            await threads.deferToThread(self.cluster.start)
+
+        zadarma_seq = itertools.count()
+        conn = 0
+        while (elapsed := time.monotonic() - started) < LOAD_SECONDS:
+            if restart is None and elapsed >= DOWN_AT:
+                restart = defer.Deferred.fromCoroutine(restart_database())
+            n = next(numbers)
+            if n % 4 == 0:  # a quarter of the events: CallMonitor lines, two per call
+                conn = (conn + 1) % 40
+                now = box_time(time.time(), _zone())
+                if self.box.send(f"{now};RING;{conn};69{n:08d};2107654321;SIP0;"):
+                    self.box.send(f"{now};DISCONNECT;{conn};0;")
+                    fritz_calls.append(f"69{n:08d}")
+            else:
+                pending.append(defer.Deferred.fromCoroutine(
+                    one_zadarma_event(next(zadarma_seq))))
+            yield deferLater(reactor, 1 / RATE, lambda: None)
+        assert restart is not None
+        yield restart
+        yield defer.DeferredList(pending)
+        # recovery: the spool replayed, nothing left behind
+        yield defer.Deferred.fromCoroutine(eventually(
+            lambda: not self.daemon.durable.spooling, 60))
+        yield deferLater(reactor, 1.0, lambda: None)
+
+        journal = _query(self.dsn, "SELECT pbx_call_id, event, count(*)"
+                                   " FROM dpvoip.zadarma_event GROUP BY 1, 2")
+        stored = {(pbx, event): count for pbx, event, count in journal}
+        lost = [e for e in acked_zd if e not in stored]
+        doubled = [e for e, count in stored.items() if count > 1]
+        calls = _query(self.dsn, "SELECT call_id, count(*) FROM accounting_voipcall"
+                                 " GROUP BY 1 HAVING count(*) > 1")
+        fritz_rows = _query(self.dsn, "SELECT phone_number FROM accounting_voipcall"
+                                      " WHERE call_id LIKE 'fb-%%'")
+        fritz_stored = [row[0] for row in fritz_rows]
+        fritz_lost = [n for n in fritz_calls if f"+30{n}" not in fritz_stored]
+        fritz_doubled = len(fritz_stored) - len(set(fritz_stored))
+        ended = {pbx for pbx, event in acked_zd if event == "NOTIFY_END"}
+        zd_calls = dict(_query(self.dsn, "SELECT call_id, status FROM accounting_voipcall"
+                                         " WHERE call_id LIKE 'zd-%%'"))
+        wrong = [pbx for pbx in ended if zd_calls.get(f"zd-{pbx}") != "missed"]
+        counters = self.daemon.durable.counters
+        print(f"\nDB restart under load: webhook events sent {len(sent_zd)}, acknowledged"
+              f" {len(acked_zd)} (answers {codes}), stored {len(stored)}, lost {len(lost)},"
+              f" duplicated {len(doubled)}; Fritz!Box calls sent {len(fritz_calls)}, stored"
+              f" {len(fritz_stored)}, lost {len(fritz_lost)}, duplicated {fritz_doubled};"
+              f" spooled {counters.spooled}, replayed {counters.replayed}")
+        self.assertGreater(counters.spooled, 0, "the restart must have made events spool")
+        self.assertEqual(lost, [])
+        self.assertEqual(doubled, [])
+        self.assertEqual(calls, [])
+        self.assertEqual(wrong, [], "every ended call recorded once, as missed")
+        self.assertEqual(fritz_lost, [])
+        self.assertEqual(fritz_doubled, 0)
+        self.assertGreaterEqual(len(acked_zd), 0.95 * len(sent_zd))
+
+
+def _local(at: float) -> str:
+    """A moment as Zadarma writes ``call_start``: the account's local time."""
+    from datetime import datetime
+
+    return datetime.fromtimestamp(at, _zone()).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _zone() -> Any:
+    from zoneinfo import ZoneInfo
+
+    return ZoneInfo(ZONE)
+
+
+def _query(dsn: str, sql: str) -> list[tuple[Any, ...]]:
+    connection = psycopg2.connect(dsn)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
+            return cursor.fetchall()
+    finally:
+        connection.close()
+
+
+class _HangUp(Protocol):
+    """Sends a whole request and hangs up at once, before any answer."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.request)
+        self.transport.loseConnection()
+
+
+class DatabaseDownTest(FaultCase):
+    """The same daemon and cluster; the database stopped on purpose."""
+
+    def event(self, pbx: str, kind: str = "NOTIFY_START") -> dict[str, str]:
+        form = {"event": kind, "pbx_call_id": pbx, "call_start": _local(time.time()),
+                "caller_id": "6912345678", "called_did": "302107654321"}
+        if kind == "NOTIFY_END":
+            form.update(duration="0", disposition="no answer", status_code="19",
+                        is_recorded="0", calltype="normal")
+        return form
+
+    def journal(self) -> list[tuple[Any, ...]]:
+        return _query(self.dsn, "SELECT pbx_call_id, event FROM dpvoip.zadarma_event"
+                                " ORDER BY id")
+
+    async def hang_up_after(self, form: dict[str, str]) -> None:
+        body = urlencode(form).encode()
+        port = self.daemon.web.port.getHost().port  # type: ignore[union-attr]
+        request = (b"POST /voip/zd/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   b"Content-Type: application/x-www-form-urlencoded\r\n"
+                   b"Signature: " + (webhook_signature(SECRET, form) or "").encode() +
+                   b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        await connectProtocol(endpoint, _HangUp(request))
+
+    @defer.inlineCallbacks
+    def test_notify_start_is_answered_at_once_without_a_name_while_the_database_is_down(
+            self) -> Any:
+        yield threads.deferToThread(self.cluster.stop, "fast")
+        began = time.monotonic()
+        code = yield defer.Deferred.fromCoroutine(self.webhook(self.event("in_down_1")))
+        answered = time.monotonic() - began
+        self.assertEqual(code, 200)
+        self.assertLess(answered, 1.5, "within the spool deadline (1 s) and an fsync")
+        self.assertTrue(self.daemon.durable.spooling)
+        yield threads.deferToThread(self.cluster.start)
+        yield defer.Deferred.fromCoroutine(eventually(
+            lambda: not self.daemon.durable.spooling, 30))
+        self.assertEqual(self.journal(), [("in_down_1", "NOTIFY_START")])
+
+    @defer.inlineCallbacks
+    def test_a_client_hanging_up_mid_request_still_has_its_event_recorded(self) -> Any:
+        yield defer.Deferred.fromCoroutine(self.hang_up_after(self.event("in_hang_1")))
+        yield defer.Deferred.fromCoroutine(eventually(lambda: len(self.journal()) == 1, 10))
+        yield threads.deferToThread(self.cluster.stop, "fast")
+        yield defer.Deferred.fromCoroutine(self.hang_up_after(
+            self.event("in_hang_1", "NOTIFY_END")))
+        yield defer.Deferred.fromCoroutine(eventually(
+            lambda: self.daemon.durable.counters.spooled == 1, 10))
+        yield threads.deferToThread(self.cluster.start)
+        yield defer.Deferred.fromCoroutine(eventually(
+            lambda: not self.daemon.durable.spooling, 30))
+        self.assertEqual(self.journal(), [("in_hang_1", "NOTIFY_START"),
+                                          ("in_hang_1", "NOTIFY_END")])
