@@ -25,7 +25,7 @@ from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from dpvoip import __version__
+from dpvoip import __version__, metrics
 from dpvoip.click_to_call import ClickToCall
 from dpvoip.config import Config
 from dpvoip.dialling_policy import DiallingPolicy
@@ -389,7 +389,14 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
         config.crm.allowed_origins, clicks.login_url, reactor,
         proxies=networks(config.web.trusted_proxies),
     )
-    app = WebApp(lambda: Deferred.fromCoroutine(readiness()), __version__, zadarma, callback)
+    own_metrics = metrics.registry(metrics.Sources(
+        spool=spool.state, spooling=lambda: durable.spooling,
+        durable=lambda: durable.counters, ingest=lambda: ingest.counters,
+        webhook=lambda: zadarma.counters, boxes=lambda: [b.status for b in boxes],
+        directory_entries=lambda: index.state.entries,
+    ))
+    app = WebApp(lambda: Deferred.fromCoroutine(readiness()), __version__, zadarma, callback,
+                 lambda: metrics.exposition(own_metrics))
     site = DpvoipSite(app.resource(), config.web, reactor)
     web = WebService(reactor, site, config.web.listen)
     web.setServiceParent(top)

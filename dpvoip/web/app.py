@@ -49,11 +49,13 @@ class WebApp:
 
     def __init__(self, readiness: ReadinessProbe, version: str,
                  zadarma: ZadarmaWebhook | None = None,
-                 callback: CallbackPages | None = None) -> None:
+                 callback: CallbackPages | None = None,
+                 metrics: Callable[[], bytes] | None = None) -> None:
         self._readiness = readiness
         self._version = version
         self._zadarma = zadarma
         self._callback = callback
+        self._metrics = metrics
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -68,6 +70,14 @@ class WebApp:
         report = await self._readiness()
         status = 200 if report.ready else 503
         return _json(request, status, json_body({"ready": report.ready, **report.checks}))
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        """Prometheus' text format. Meant for the monitoring host: keep it off the proxy."""
+        if self._metrics is None:
+            raise HttpError(404, "metrics are not configured")
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self._metrics()
 
     @app.route("/voip/zd/", methods=["GET", "HEAD"])
     def zadarma_echo(self, request: IRequest) -> bytes:

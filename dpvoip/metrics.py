@@ -1,0 +1,95 @@
+"""The daemon's counters in Prometheus' text format, read at the moment of each scrape.
+
+Nothing here counts: the counters live where the events happen (the spool, the durable
+entry point, the ingest, the webhook, the boxes). A collector reads them when asked, so
+there is one source of truth and no second set of numbers to keep in step. The registry
+is the daemon's own, never prometheus_client's global one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where each figure is read from (callables, so that the values are current)."""
+
+    spool: Callable[[], Any]  # SpoolState
+    spooling: Callable[[], bool]
+    durable: Callable[[], Any]  # DurableCounters
+    ingest: Callable[[], Any]  # IngestCounters
+    webhook: Callable[[], Any]  # WebhookCounters
+    boxes: Callable[[], Iterable[Any]]  # BoxStatus of each box
+    directory_entries: Callable[[], int]
+
+
+class DaemonCollector(Collector):
+    def __init__(self, sources: Sources) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._sources
+        spool = s.spool()
+        yield _gauge("dpvoip_spool_pending_events", "Events spooled, not yet in PostgreSQL.",
+                     spool.pending)
+        yield _gauge("dpvoip_spool_bytes", "Bytes the spool holds on disk.", spool.bytes)
+        yield _gauge("dpvoip_spool_limit_bytes", "The spool's bound ([spool] max_mb).",
+                     spool.limit)
+        yield _gauge("dpvoip_spool_alarm", "1 when the spool is nearly full.", int(spool.alarm))
+        yield _gauge("dpvoip_spooling", "1 while new events go to the spool.",
+                     int(s.spooling()))
+        yield _counters("dpvoip_events", "Events by the path they took to the database.",
+                        "path", asdict(s.durable()))
+        yield _counters("dpvoip_ingest", "What the ingest did.", "what", asdict(s.ingest()))
+        webhook = asdict(s.webhook())
+        refused: Mapping[int, int] = webhook.pop("refused")
+        yield _counters("dpvoip_zadarma_webhooks", "Zadarma webhook requests.", "outcome",
+                        webhook)
+        yield _counters("dpvoip_zadarma_webhooks_refused", "Webhooks refused, by status.",
+                        "status", {str(k): v for k, v in refused.items()})
+        connected = GaugeMetricFamily("dpvoip_fritzbox_connected",
+                                      "1 while the box's CallMonitor is connected.",
+                                      labels=["box"])
+        lines = CounterMetricFamily("dpvoip_fritzbox_lines", "CallMonitor lines received.",
+                                    labels=["box", "kind"])
+        reconnects = CounterMetricFamily("dpvoip_fritzbox_reconnects",
+                                         "Connections lost and made again.", labels=["box"])
+        for box in s.boxes():
+            connected.add_metric([box.name], int(box.connected))
+            lines.add_metric([box.name, "good"], box.lines - box.bad_lines)
+            lines.add_metric([box.name, "bad"], box.bad_lines)
+            reconnects.add_metric([box.name], box.reconnects)
+        yield connected
+        yield lines
+        yield reconnects
+        yield _gauge("dpvoip_directory_entries", "Numbers in the phone directory.",
+                     s.directory_entries())
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counters(name: str, documentation: str, label: str,
+              values: Mapping[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
+
+
+def registry(sources: Sources) -> CollectorRegistry:
+    own = CollectorRegistry(auto_describe=False)
+    own.register(DaemonCollector(sources))
+    return own
+
+
+def exposition(own: CollectorRegistry) -> bytes:
+    return generate_latest(own)

@@ -1,0 +1,116 @@
+"""The spool's bound as an administrator meets it: the alarm in /readyz and /metrics, and
+a webhook refused with 503 (so that Zadarma sends it again) once the spool is full.
+
+The daemon as wired, its database unreachable (nothing is replayed), its spool filled
+beforehand by the spool's own code with records a replay would accept.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlencode
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.http_headers import Headers
+
+from dpvoip.config import (
+    Config,
+    DaemonSettings,
+    DatabaseSettings,
+    Secret,
+    SpoolSettings,
+    WebSettings,
+    ZadarmaSettings,
+)
+from dpvoip.service import build
+from dpvoip.spool import Spool
+from dpvoip.spool_records import zadarma_record
+from dpvoip.zadarma_signing import webhook_signature
+from test.support.daemon import scratch
+
+SECRET = "bound-secret"
+MIB = 1024 * 1024
+
+
+class SpoolBoundTest(TestCase):
+    timeout = 60
+
+    def fill(self, folder: Any, upto: int) -> None:
+        """Spool records until about ``upto`` bytes are used (the last few bytes with
+        records smaller than any real event)."""
+        spool = Spool(folder, max_bytes=MIB)
+        spool.open()
+        for size in (60_000, 1_000, 0):
+            record = zadarma_record({"event": "NOTIFY_START", "pbx_call_id": "in_filler",
+                                     "x": "x" * size})
+            while spool.state().bytes + len(record) + 18 <= upto:
+                spool.append_many([record])
+        spool.close()
+
+    async def start(self, filled: int) -> None:
+        base = scratch(self)
+        self.fill(base / "state" / "spool", filled)
+        config = Config(
+            daemon=DaemonSettings(state_dir="state"),
+            database=replace(DatabaseSettings(), url=Secret(
+                "postgresql://nobody@127.0.0.1:1/crm"), connect_timeout=1.0),
+            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
+            zadarma=replace(ZadarmaSettings(), secret=Secret(SECRET),
+                            timezone="Europe/Athens", allowed_networks=("127.0.0.1/32",)),
+            spool=SpoolSettings(max_mb=1, alarm_percent=80, deadline_seconds=0.5),
+            fritzbox=(),
+        )
+        self.daemon = build(config, reactor, base)
+        self.daemon.service.startService()
+        self.addCleanup(self.daemon.service.stopService)
+        await self.daemon.service.started
+        self.http = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(self.http.closeCachedConnections)
+        port = self.daemon.web.port.getHost().port  # type: ignore[union-attr]
+        self.base = f"http://127.0.0.1:{port}"
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        response = await treq.get(self.base + path, pool=self.http)
+        return response.code, await response.content()
+
+    async def event(self, pbx: str) -> int:
+        form = {"event": "NOTIFY_START", "pbx_call_id": pbx,
+                "call_start": "2026-01-15 10:00:00", "caller_id": "6912345678",
+                "called_did": "302107654321"}
+        response = await treq.post(
+            self.base + "/voip/zd/", data=urlencode(form).encode(), pool=self.http,
+            headers=Headers({"Content-Type": ["application/x-www-form-urlencoded"],
+                             "Signature": [webhook_signature(SECRET, form) or ""]}))
+        await response.content()
+        return int(response.code)
+
+    async def _below_the_alarm(self) -> None:
+        await self.start(MIB // 2)
+        self.assertEqual(await self.event("in_ok_1"), 200)
+        _, body = await self.get("/readyz")
+        spool = json.loads(body)["spool"]
+        self.assertEqual((spool["alarm"], spool["spooling"]), (False, True))
+        self.assertGreater(spool["pending"], 1)
+
+    def test_below_the_alarm_events_are_spooled_and_acknowledged(self) -> Any:
+        return defer.Deferred.fromCoroutine(self._below_the_alarm())
+
+    async def _full(self) -> None:
+        await self.start(MIB)
+        code, body = await self.get("/readyz")
+        self.assertEqual(code, 503)
+        self.assertTrue(json.loads(body)["spool"]["alarm"])
+        _, metrics = await self.get("/metrics")
+        self.assertIn(b"dpvoip_spool_alarm 1.0", metrics)
+        self.assertEqual(await self.event("in_full_1"), 503, "not acknowledged: sent again")
+        _, metrics = await self.get("/metrics")
+        self.assertIn(b'dpvoip_events_total{path="refused"} 1.0', metrics)
+        self.assertEqual(self.daemon.durable.counters.refused, 1)
+
+    def test_a_full_spool_raises_the_alarm_and_refuses_with_503(self) -> Any:
+        return defer.Deferred.fromCoroutine(self._full())
