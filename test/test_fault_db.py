@@ -298,3 +298,46 @@ class DatabaseDownTest(FaultCase):
             lambda: not self.daemon.durable.spooling, 30))
         self.assertEqual(self.journal(), [("in_hang_1", "NOTIFY_START"),
                                           ("in_hang_1", "NOTIFY_END")])
+
+
+class DuplicatesAndDisorderTest(FaultCase):
+    @defer.inlineCallbacks
+    def test_shuffled_and_doubled_events_across_an_outage_give_each_call_once(self) -> Any:
+        import random
+
+        random.seed(7)
+        calls = [f"in_mess{n:036d}" for n in range(20)]
+        events: list[dict[str, str]] = []
+        for n, pbx in enumerate(calls):
+            start = _local(time.time() - 60)
+            common = {"pbx_call_id": pbx, "call_start": start, "caller_id": f"69{n:08d}",
+                      "called_did": "302107654321"}
+            answered = n % 2 == 0
+            end = {"event": "NOTIFY_END", **common, "duration": "30" if answered else "0",
+                   "disposition": "answered" if answered else "no answer",
+                   "status_code": "16", "is_recorded": "0", "calltype": "normal"}
+            if answered:
+                end["internal"] = "100"
+            events += [{"event": "NOTIFY_START", **common}, end]
+            if answered:
+                events.append({"event": "NOTIFY_ANSWER", **common, "destination": "100",
+                               "internal": "100", "calltype": "normal"})
+        sequence = events + random.sample(events, len(events) // 2)  # half sent twice
+        random.shuffle(sequence)
+        half = len(sequence) // 2
+        for form in sequence[:half]:
+            self.assertEqual((yield defer.Deferred.fromCoroutine(self.webhook(form))), 200)
+        yield threads.deferToThread(self.cluster.stop, "fast")
+        for form in sequence[half:]:  # spooled, duplicates and all
+            self.assertEqual((yield defer.Deferred.fromCoroutine(self.webhook(form))), 200)
+        yield threads.deferToThread(self.cluster.start)
+        yield defer.Deferred.fromCoroutine(eventually(
+            lambda: not self.daemon.durable.spooling, 60))
+        rows = _query(self.dsn, "SELECT call_id, status, duration_seconds FROM"
+                                " accounting_voipcall ORDER BY call_id")
+        expected = [(f"zd-{pbx}", "completed" if n % 2 == 0 else "missed",
+                     30 if n % 2 == 0 else 0) for n, pbx in enumerate(calls)]
+        self.assertEqual(rows, sorted(expected))
+        ended_lines = _query(self.dsn, "SELECT count(*) FROM accounting_voipcalllog"
+                                       " WHERE action = 'ended'")
+        self.assertEqual(ended_lines, [(20,)], "one 'ended' line per call, ever")
