@@ -78,25 +78,24 @@ class DurableIngest:
     # -- the entry points ------------------------------------------------------------------
 
     def submit(self, happening: Happening, origin: Origin) -> Deferred[None]:
-        record = fritz_record(happening, origin.name)
         return shield(Deferred.fromCoroutine(self._durably(
-            lambda: self._ingest.submit(happening, origin), record, None)))
+            lambda: self._ingest.submit(happening, origin),
+            lambda: fritz_record(happening, origin.name), None)))
 
     def submit_zadarma(self, event: ZadarmaEvent, form: Mapping[str, str],
                        context: ZadarmaContext) -> Deferred[ZadarmaOutcome]:
-        record = zadarma_record(dict(form))
         # Spooled, the answer has no caller name: the directory is in the database.
         # Shielded: a client hanging up (Klein cancels its handler) must not stop the
         # event half-way between a failed commit and the spool.
         return shield(Deferred.fromCoroutine(self._durably(
-            lambda: self._ingest.submit_zadarma(event, form, context), record,
-            ZadarmaOutcome(duplicate=False))))
+            lambda: self._ingest.submit_zadarma(event, form, context),
+            lambda: zadarma_record(dict(form)), ZadarmaOutcome(duplicate=False))))
 
     async def close_open_calls(self, box: str, reason: str, at: datetime) -> int:
         """At a box's start, after the replay: straight to the database."""
         return await self._ingest.close_open_calls(box, reason, at)
 
-    async def _durably(self, work: Callable[[], Deferred[T]], record: bytes,
+    async def _durably(self, work: Callable[[], Deferred[T]], record: Callable[[], bytes],
                        spooled_result: T) -> T:
         if self._spooling or self._store.schema is None:
             return await self._to_spool(record, spooled_result, "spool not empty")
@@ -109,14 +108,14 @@ class DurableIngest:
         self.counters.direct += 1
         return result
 
-    async def _to_spool(self, record: bytes, result: T, reason: str) -> T:
+    async def _to_spool(self, record: Callable[[], bytes], result: T, reason: str) -> T:
         if not self._spooling:
             log.warn("database unavailable ({reason}): events are spooled to disk until it "
                      "is back", reason=reason)
         self._spooling = True
         self._appended = next(self._appends)
         try:
-            await self._spool.append(record)
+            await self._spool.append(record())
         except SpoolFull:
             self.counters.refused += 1
             log.critical("the spool is full: an event could not be recorded (not "
