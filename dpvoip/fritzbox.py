@@ -9,6 +9,7 @@ path is noticed in about 90 s.
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
@@ -245,9 +246,17 @@ def keepalive(protocol: IProtocol) -> None:
             handle.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
-def retry_policy(initial: float = 1.0, cap: float = 60.0) -> Callable[[int], float]:
-    """Capped, jittered exponential back-off that never gives up."""
-    return backoffPolicy(initialDelay=initial, maxDelay=cap, factor=2.0)
+def retry_policy(initial: float = 1.0, cap: float = 60.0,
+                 random: Callable[[], float] = random.random) -> Callable[[int], float]:
+    """Exponential back-off that never gives up: ``initial`` doubled at each failure, never
+    more than ``cap``. The jitter (a quarter of the delay, so that boxes behind one router
+    do not retry in step) is taken off the delay, never added: the cap is the cap."""
+
+    def delay(attempt: int) -> float:  # ClientService counts failed attempts from 1
+        base = min(initial * 2.0 ** (min(max(attempt, 1), 64) - 1), cap)
+        return base * (0.75 + 0.25 * random())
+
+    return delay
 
 
 class FritzBoxService(ClientService):

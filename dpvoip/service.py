@@ -315,7 +315,7 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
         boxes.append(box)
         FritzBoxService(
             box, reactor, spooler.when_replayed,
-            retry=retry_policy(settings.reconnect_initial_seconds / 2,
+            retry=retry_policy(settings.reconnect_initial_seconds,
                                settings.reconnect_max_seconds),
         ).setServiceParent(top)
     if boxes:

@@ -175,8 +175,8 @@ class ConnectionFaultTests(SynchronousTestCase):
             self.clock.advance(delay)
         self.assertEqual(len(self.endpoint.attempts), 1001)
         self.assertLess(delays[0], 3)
-        self.assertTrue(all(d <= 61 for d in delays), "capped at 60 s plus < 1 s of jitter")
-        self.assertGreater(min(delays[20:]), 30, "capped, not reset")
+        self.assertTrue(all(d <= 60 for d in delays), "the cap is the cap, jitter included")
+        self.assertGreater(min(delays[20:]), 44, "capped, not reset (jitter: a quarter)")
         # An hour off, then the box is back.
         self.endpoint.accept()
         self.assertTrue(self.box.status.connected)
@@ -250,3 +250,12 @@ async def _settle() -> None:
     from twisted.internet.task import deferLater
 
     await deferLater(reactor, 0.05, lambda: None)
+
+
+def test_the_retry_policy_starts_at_the_initial_delay_doubles_and_never_passes_the_cap() -> None:
+    for fraction, factor in ((0.0, 0.75), (0.999999, 1.0)):
+        delay = retry_policy(initial=1.0, cap=60.0, random=lambda f=fraction: f)
+        waits = [delay(attempt) for attempt in range(1, 12)]
+        expected = [min(2.0 ** n, 60.0) * factor for n in range(11)]
+        assert [round(w, 3) for w in waits] == [round(e, 3) for e in expected]
+    assert max(retry_policy(0.05, 1.0)(n) for n in range(1, 2000)) <= 1.0

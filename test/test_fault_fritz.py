@@ -1,0 +1,442 @@
+"""Fault test: the Fritz!Box connection dropped 1,000 times, the CPU idle during back-off.
+
+The daemon as wired by ``dpvoip.service.build`` (its real ``FritzBoxService`` with the
+back-off from the configuration: 0.05 s initial, 1 s cap), a real PostgreSQL, and fake
+boxes on 127.0.0.1 that speak the CallMonitor line format and misbehave connection after
+connection, in rotation: accept and close at once (FIN), accept and reset (RST), send a
+RING and close (the call is open when the connection dies), send a whole incoming call
+and close, send a RING and reset, send a whole outgoing call and reset; and, in the
+middle, a phase where the port is closed, so that every attempt is refused and the
+back-off grows to its cap.
+
+One box, dropped 1,000 times in a row: after every accepted connection the
+``ClientService`` starts its back-off again from the initial delay (less a jitter of up to
+a quarter: the policy takes its jitter off the delay, so the cap is never exceeded).
+
+What the test asserts: every drop (the daemon's "Scheduling retry" log event, one per
+lost connection or failed attempt) is followed by a new attempt; the fake counts
+connections = accepted drops + 1 (a last, good session whose call goes through); no
+scheduled wait exceeds the cap plus the jitter, and no attempt comes later than its wait
+(plus the endpoint's 0.3 s before it reports a refusal); attempts far past the point
+where the back-off would exceed the cap uncapped still wait no longer; the process uses
+under 5 % of one CPU while every box is refused and waiting; every call the fakes sent
+is in ``accounting_voipcall`` exactly once, the ones cut by a drop closed as interrupted,
+none left active. Bounded: about 75 s, 180 s at most (trial timeout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+from zoneinfo import ZoneInfo
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, ITCPTransport
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.internet.task import deferLater
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from zope.interface import provider
+
+from dpvoip.config import (
+    Config,
+    DatabaseSettings,
+    DirectorySettings,
+    FritzBoxSettings,
+    Secret,
+    WebSettings,
+)
+from dpvoip.fritz_sim import box_time
+from dpvoip.service import Daemon, build
+from test.support.daemon import scratch
+from test.support.postgres import postgres, query
+from test.test_database import eventually
+
+BOXES = 1
+DROPS_PER_BOX = 1000
+FIRST_LEG = 450  # accepted drops before the port closes
+REFUSED_SETTLE, REFUSED_MEASURE = 1.0, 7.0  # every box refused this long, CPU measured
+INITIAL, CAP = 0.05, 1.0  # the configuration's reconnect_initial/max_seconds
+JITTER = 0.0  # dpvoip's policy takes its jitter off the delay: nothing is added
+LATE = 0.25  # how much later than scheduled an attempt may come (timer, name lookup)
+#: A ``HostnameEndpoint`` with one address reports a refused attempt only at its next
+#: attempt tick, 0.3 s after the refusal: the gap between two refused attempts is longer.
+ENDPOINT_LAG = HostnameEndpoint._DEFAULT_ATTEMPT_DELAY
+#: The attempt whose delay, uncapped, would be 3.2 s: far more than the cap.
+UNCAPPED_ABOVE_LIMIT = 7
+CPU_LIMIT = 0.05
+#: An attempt refused just before the port reopened is reported up to this much after.
+IN_FLIGHT = ENDPOINT_LAG + LATE
+RESET_AFTER = 0.1  # s between sending lines and resetting: the lines are read first
+ZONE = "Europe/Athens"
+OWN = "2107654321"
+INTERRUPTED = "interrupted: monitor connection lost"
+ANSWERED = "answered on extension 11"
+
+#: One order of events for the whole test (log events and the fakes' accepts).
+_sequence = itertools.count()
+
+
+@dataclass(frozen=True)
+class Expected:
+    direction: str
+    status: str
+    duration: int
+    notes: str
+
+
+@dataclass
+class Retry:
+    """A "Scheduling retry" event of the daemon's ``ClientService`` for one box."""
+
+    order: int
+    at: float
+    attempt: int
+    delay: float
+    listening: bool
+
+
+@dataclass
+class Accept:
+    order: int
+    at: float
+
+
+class _Side(Protocol):
+    """One connection from the daemon, as the fake box sees it."""
+
+    def __init__(self, box: FakeBox) -> None:
+        self.box = box
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.box.accepted(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.box.sides.discard(self)
+        self.lost.callback(None)
+
+
+@dataclass(eq=False)
+class FakeBox(ServerFactory):
+    """A CallMonitor port that misbehaves on every connection until the daemon has seen
+    ``DROPS_PER_BOX`` drops of it; then a good session with one last call, left open."""
+
+    index: int
+    drops_so_far: Callable[[], int]
+    t0: float = field(default_factory=lambda: time.time() - 120)
+    port: int = 0
+    listening: IListeningPort | None = None
+    accepts: list[Accept] = field(default_factory=list)
+    sides: set[_Side] = field(default_factory=set)
+    calls: dict[str, Expected] = field(default_factory=dict)  # E.164 number -> outcome
+    reopened_at: float = 0.0
+    orphans: int = 0
+    after_final: int = 0
+    final: _Side | None = None
+    refusing: defer.Deferred[None] = field(default_factory=defer.Deferred)
+    settled: defer.Deferred[None] = field(default_factory=defer.Deferred)
+    noisy = False
+
+    @property
+    def name(self) -> str:
+        return f"box{self.index}"
+
+    def listen(self) -> None:
+        """On a fixed port below the ephemeral range (so that no outgoing connection takes
+        it, or connects to itself, while the port is closed)."""
+        if self.port:
+            self.listening = reactor.listenTCP(self.port, self, interface="127.0.0.1")
+            self.reopened_at = time.monotonic()
+            return
+        for port in random.sample(range(20000, 32000), 200):
+            try:
+                self.listening = reactor.listenTCP(port, self, interface="127.0.0.1")
+            except CannotListenError:
+                continue
+            self.port = port
+            return
+        raise AssertionError("no free port")
+
+    def refuse(self) -> defer.Deferred[None]:
+        listening, self.listening = self.listening, None
+        assert listening is not None
+        stopped: defer.Deferred[None] | None = listening.stopListening()
+        return stopped if stopped is not None else defer.succeed(None)
+
+    async def stop(self) -> None:
+        if self.listening is not None:
+            await self.refuse()
+        for side in list(self.sides):
+            cast(ITCPTransport, side.transport).abortConnection()
+            await side.lost
+
+    # -- connections ---------------------------------------------------------------------
+
+    def buildProtocol(self, addr: Any) -> _Side:
+        return _Side(self)
+
+    def accepted(self, side: _Side) -> None:
+        self.accepts.append(Accept(next(_sequence), time.monotonic()))
+        self.sides.add(side)
+        transport = cast(ITCPTransport, side.transport)
+        if self.final is not None:
+            self.after_final += 1
+            return
+        if self.drops_so_far() >= DROPS_PER_BOX:
+            self.final = side
+            transport.write(self._call("incoming"))
+            self.settled.callback(None)
+            return
+        if len(self.accepts) == FIRST_LEG:
+            self.refuse().chainDeferred(self.refusing)
+        kind = (len(self.accepts) - 1) % 6
+        if kind == 0:  # accept, then FIN
+            transport.loseConnection()
+        elif kind == 1:  # accept, then RST
+            transport.abortConnection()
+        elif kind == 2:  # a call rings, then FIN: it is open when the connection dies
+            transport.write(self._call("orphan"))
+            transport.loseConnection()
+        elif kind == 3:  # a whole incoming call, then FIN
+            transport.write(self._call("incoming"))
+            transport.loseConnection()
+        elif kind == 4:  # a call rings, then RST
+            transport.write(self._call("orphan"))
+            reactor.callLater(RESET_AFTER, transport.abortConnection)
+        else:  # a whole outgoing call, then RST
+            transport.write(self._call("outgoing"))
+            reactor.callLater(RESET_AFTER, transport.abortConnection)
+
+    def _call(self, kind: str) -> bytes:
+        """A call of a number of its own, at a second of its own (unique call ids)."""
+        n = len(self.calls)
+        at, conn = self.t0 + n, n % 4
+        number = f"69{self.index:02d}{n:06d}"
+
+        def t(shift: int) -> str:
+            return box_time(at + shift, ZoneInfo(ZONE))
+
+        if kind == "outgoing":
+            lines = [f"{t(0)};CALL;{conn};11;{OWN};{number};SIP0;",
+                     f"{t(3)};CONNECT;{conn};11;{number};",
+                     f"{t(45)};DISCONNECT;{conn};42;"]
+            expected = Expected("outgoing", "completed", 42, ANSWERED)
+        else:
+            lines = [f"{t(0)};RING;{conn};{number};{OWN};SIP0;"]
+            expected = Expected("incoming", "failed", 0, INTERRUPTED)
+            if kind == "incoming":
+                lines += [f"{t(1)};CONNECT;{conn};11;{number};",
+                          f"{t(30)};DISCONNECT;{conn};29;"]
+                expected = Expected("incoming", "completed", 29, ANSWERED)
+            else:
+                self.orphans += 1
+        self.calls[f"+30{number}"] = expected
+        return "".join(line + "\r\n" for line in lines).encode()
+
+
+class FritzBoxDropsTest(TestCase):
+    timeout = 180
+
+    def setUp(self) -> None:
+        self.dsn = postgres().new_database(crm="2025-12")
+        self.retries: dict[int, list[Retry]] = {}
+        self.fakes: dict[int, FakeBox] = {}
+
+        @provider(ILogObserver)
+        def observe(event: LogEvent) -> None:
+            if not str(event.get("log_format", "")).startswith("Scheduling retry"):
+                return
+            port = getattr(event.get("endpoint"), "_port", None)
+            fake = self.fakes.get(port) if isinstance(port, int) else None
+            if fake is None:
+                return
+            self.retries[fake.port].append(
+                Retry(next(_sequence), time.monotonic(), int(event["attempt"]),
+                      float(event["delay"]), fake.listening is not None))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    async def _start(self) -> Daemon:
+        for index in range(BOXES):
+            fake = FakeBox(index, lambda: 0)
+            fake.listen()
+            fake.drops_so_far = self._drops_of(fake.port)
+            self.fakes[fake.port] = fake
+            self.retries[fake.port] = []
+            self.addCleanup(self._stop_fake, fake)
+        config = Config(
+            database=replace(DatabaseSettings(), url=Secret(self.dsn), pool_size=4),
+            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
+            directory=DirectorySettings(own_numbers=(OWN,)),
+            fritzbox=tuple(
+                replace(FritzBoxSettings(), name=fake.name, host="127.0.0.1", port=fake.port,
+                        timezone=ZONE, reconnect_initial_seconds=INITIAL,
+                        reconnect_max_seconds=CAP)
+                for fake in self.fakes.values()),
+        )
+        daemon = build(config, reactor, scratch(self))
+        daemon.service.startService()
+        self.addCleanup(daemon.service.stopService)  # runs before the fakes stop
+        await daemon.service.started
+        return daemon
+
+    def _drops_of(self, port: int) -> Callable[[], int]:
+        return lambda: len(self.retries[port])
+
+    def _stop_fake(self, fake: FakeBox) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(fake.stop())
+
+    async def _thousand_drops(self) -> None:
+        began = time.monotonic()
+        daemon = await self._start()
+        fakes = list(self.fakes.values())
+
+        # First leg: accepted connections dropped, one after the other, on every box.
+        await defer.gatherResults([fake.refusing for fake in fakes])
+        first_leg = time.monotonic() - began
+        # Every port closed: every box refused, waiting, the back-off growing to its cap.
+        await deferLater(reactor, REFUSED_SETTLE, lambda: None)
+        cpu0, wall0 = _cpu(), time.monotonic()
+        await deferLater(reactor, REFUSED_MEASURE, lambda: None)
+        cpu, wall = _cpu() - cpu0, time.monotonic() - wall0
+        for fake in fakes:
+            fake.listen()
+        # Second leg: drops again until DROPS_PER_BOX, then a good session with one call.
+        await defer.gatherResults([fake.settled for fake in fakes])
+        drops_done = time.monotonic() - began
+
+        sent = {number: (fake.name, expected)
+                for fake in fakes for number, expected in fake.calls.items()}
+        sql = ("SELECT v.call_id, d.box, v.direction, v.phone_number, v.status,"
+               " v.duration_seconds, v.notes FROM accounting_voipcall v"
+               " LEFT JOIN dpvoip.call_detail d ON d.call_id = v.call_id")
+        rows: list[tuple[Any, ...]] = []
+
+        def settled() -> bool:
+            rows[:] = query(self.dsn, sql)
+            return len(rows) >= len(sent) and all(row[4] != "active" for row in rows)
+
+        with contextlib.suppress(AssertionError):  # the assertions below say what is amiss
+            await eventually(settled, 30)
+        await deferLater(reactor, 0.5, lambda: None)  # nothing more arrives late
+        rows[:] = query(self.dsn, sql)
+
+        # -- the connections -----------------------------------------------------------
+        waits: list[float] = []
+        refused_waits: list[float] = []
+        delays: list[float] = []
+        refused_total = 0
+        handshake_resets = 0
+        for fake in fakes:
+            box = next(b for b in daemon.boxes if b.settings.name == fake.name)
+            retries = self.retries[fake.port]
+            self.assertEqual(len(retries), DROPS_PER_BOX, f"{fake.name}: drops")
+            events: list[Retry | Accept] = sorted([*retries, *fake.accepts],
+                                                  key=lambda e: e.order)
+            # A retry follows an accepted connection (lost) or none (refused); every
+            # retry is followed by exactly one attempt: a refusal or an accepted one.
+            accepted_since = 0
+            refused = 0
+            for event, following in itertools.zip_longest(events, events[1:]):
+                if isinstance(event, Accept):
+                    accepted_since += 1
+                    self.assertLessEqual(accepted_since, 1, f"{fake.name}: two accepts")
+                    continue
+                assert isinstance(event, Retry)
+                if accepted_since == 0:
+                    refused += 1
+                    # refused while the port was closed (or in flight when it reopened)
+                    self.assertTrue(not event.listening
+                                    or event.at - fake.reopened_at < IN_FLIGHT,
+                                    f"{fake.name}: an attempt failed while listening")
+                accepted_since = 0
+                assert following is not None, f"{fake.name}: gave up after a drop"
+                wait = following.at - event.at
+                waits.append(wait)
+                delays.append(event.delay)
+                if not event.listening:
+                    refused_waits.append(wait)
+                lag = ENDPOINT_LAG if isinstance(following, Retry) else 0.0
+                self.assertLessEqual(wait, event.delay + lag + LATE,
+                                     f"{fake.name}: late attempt")
+            self.assertIsInstance(events[-1], Accept)
+            self.assertGreaterEqual(refused, 3, f"{fake.name}: refused attempts")
+            self.assertEqual(len(fake.accepts), DROPS_PER_BOX - refused + 1,
+                             f"{fake.name}: connections = accepted drops + 1")
+            self.assertEqual(fake.after_final, 0)
+            self.assertTrue(box.status.connected)
+            # A reset can reach the daemon before its connect completes: it sees a
+            # failed attempt, not a connection (still a drop, still retried).
+            handshake_resets += len(fake.accepts) - box.status.connections
+            self.assertEqual(box.status.reconnects, box.status.connections - 1)
+            self.assertEqual(box.status.orphans_closed, fake.orphans, fake.name)
+            self.assertEqual(box.tracker.open_calls, 0)
+            refused_total += refused
+        attempts = [r.attempt for rs in self.retries.values() for r in rs]
+        self.assertLessEqual(max(delays), CAP + JITTER, "back-off above its cap")
+        self.assertLessEqual(max(waits), CAP + JITTER + ENDPOINT_LAG + LATE)
+        self.assertGreaterEqual(max(attempts), UNCAPPED_ABOVE_LIMIT,
+                                "the refused phase must reach the cap")
+        self.assertLess(cpu / wall, CPU_LIMIT, f"CPU {cpu:.3f} s in {wall:.1f} s of back-off")
+
+        # -- the calls -------------------------------------------------------------------
+        by_number: dict[str, list[tuple[Any, ...]]] = {}
+        for row in rows:
+            by_number.setdefault(row[3], []).append(row)
+        lost = sorted(set(sent) - set(by_number))
+        doubled = sorted(n for n, found in by_number.items() if len(found) > 1)
+        unexpected = sorted(set(by_number) - set(sent))
+        wrong = [(row, sent[number]) for number, found in by_number.items()
+                 if number in sent for row in found
+                 if (row[1], row[2], row[5], row[6]) != (sent[number][0],
+                                                          sent[number][1].direction,
+                                                          sent[number][1].duration,
+                                                          sent[number][1].notes)
+                 or row[4] != sent[number][1].status]
+        left_open = [row for row in rows if row[4] == "active"]
+        same_id = len(rows) - len({row[0] for row in rows})
+        orphans = sum(fake.orphans for fake in fakes)
+        interrupted = sum(1 for row in rows if row[6] == INTERRUPTED)
+        total = time.monotonic() - began
+        print(f"\nFritz!Box dropped: boxes {BOXES}, drops {sum(map(len, self.retries.values()))}"
+              f" (refused {refused_total}, accepted then closed/reset"
+              f" {BOXES * DROPS_PER_BOX - refused_total}, of which reset before the daemon"
+              f" saw the connection {handshake_resets}), connections at the fakes"
+              f" {sum(len(f.accepts) for f in fakes)}, highest attempt {max(attempts)},"
+              f" max scheduled delay {max(delays):.3f} s, max wait {max(waits):.3f} s"
+              f" (refused phase {max(refused_waits):.3f} s), mean wait"
+              f" {sum(waits) / len(waits):.3f} s; CPU during back-off {cpu:.3f} s in"
+              f" {wall:.1f} s = {100 * cpu / wall:.2f} %; calls sent {len(sent)} (cut by a"
+              f" drop {orphans}), stored {len(rows)}, interrupted {interrupted}, lost"
+              f" {len(lost)}, duplicated {len(doubled) + same_id}, wrong {len(wrong)}, left"
+              f" open {len(left_open)}; first leg {first_leg:.1f} s, all drops"
+              f" {drops_done:.1f} s, total {total:.1f} s")
+        self.assertEqual(lost, [])
+        self.assertEqual(doubled, [])
+        self.assertEqual(same_id, 0)
+        self.assertEqual(unexpected, [])
+        self.assertEqual(wrong, [])
+        self.assertEqual(left_open, [])
+        self.assertEqual(interrupted, orphans)
+        self.assertGreater(orphans, 0)
+
+    def test_a_thousand_drops_reconnect_every_time_and_record_every_call_once(
+        self,
+    ) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._thousand_drops())
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
