@@ -4,6 +4,7 @@ cap, never giving up, orphans closed on reconnect)."""
 
 from __future__ import annotations
 
+import functools
 import socket
 from dataclasses import replace
 from datetime import datetime
@@ -254,7 +255,7 @@ async def _settle() -> None:
 
 def test_the_retry_policy_starts_at_the_initial_delay_doubles_and_never_passes_the_cap() -> None:
     for fraction, factor in ((0.0, 0.75), (0.999999, 1.0)):
-        delay = retry_policy(initial=1.0, cap=60.0, random=lambda f=fraction: f)
+        delay = retry_policy(initial=1.0, cap=60.0, random=functools.partial(float, fraction))
         waits = [delay(attempt) for attempt in range(1, 12)]
         expected = [min(2.0 ** n, 60.0) * factor for n in range(11)]
         assert [round(w, 3) for w in waits] == [round(e, 3) for e in expected]
