@@ -91,9 +91,10 @@ class DurableIngest:
             lambda: self._ingest.submit_zadarma(event, form, context),
             lambda: zadarma_record(dict(form)), ZadarmaOutcome(duplicate=False))))
 
-    async def close_open_calls(self, box: str, reason: str, at: datetime) -> int:
+    async def close_open_calls(self, box: str, reason: str, at: datetime,
+                               started_before: datetime | None = None) -> int:
         """At a box's start, after the replay: straight to the database."""
-        return await self._ingest.close_open_calls(box, reason, at)
+        return await self._ingest.close_open_calls(box, reason, at, started_before)
 
     async def _durably(self, work: Callable[[], Deferred[T]], record: Callable[[], bytes],
                        spooled_result: T) -> T:

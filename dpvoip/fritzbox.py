@@ -47,7 +47,8 @@ class Recorder(Protocol):
 
     def submit(self, happening: Happening, origin: Origin) -> Deferred[None]: ...
 
-    async def close_open_calls(self, box: str, reason: str, at: datetime) -> int: ...
+    async def close_open_calls(self, box: str, reason: str, at: datetime,
+                               started_before: datetime | None = None) -> int: ...
 
 
 @dataclass
@@ -106,6 +107,7 @@ class FritzBox:
         self.tracker = CallTracker(self.rules)
         self.status = BoxStatus(settings.name, settings.host, settings.port)
         self.pending: set[Deferred[None]] = set()
+        self.born = self._now()  # calls older than this are the last run's
         self.connection: CallMonitorProtocol | None = None
 
     def _now(self) -> datetime:
@@ -128,9 +130,10 @@ class FritzBox:
                     what=type(happening).__name__)
 
     async def close_left_open(self) -> int:
-        """Close the calls of this box the last run left active (before connecting)."""
+        """Close the calls of this box the last run left active: those that started before
+        this run did (the box is already connected, its new calls are this run's)."""
         return await self._ingest.close_open_calls(self.settings.name, "dpvoip restarted",
-                                                   self._now())
+                                                   self._now(), self.born)
 
     # -- from the protocol -----------------------------------------------------------------
 
@@ -279,13 +282,16 @@ class FritzBoxService(ClientService):
         self._begun = False
 
     def startService(self) -> None:
-        # Not connected until the schema is there and the last run's open calls are closed.
-        self.running = True
-        begun = self._prepared().addCallback(lambda _: Deferred.fromCoroutine(self._begin()))
-        begun.addErrback(lambda f: log.failure("box {box}: could not start", f,
-                                               box=self.box.settings.name))
+        # Connected at once, whether the database is there or not (events are spooled),
+        # so that no call is missed; the last run's open calls are closed once the
+        # database is there and what the last run spooled has been replayed.
+        super().startService()
+        closing = self._prepared().addCallback(
+            lambda _: Deferred.fromCoroutine(self._close_left_open()))
+        closing.addErrback(lambda f: log.failure("box {box}: could not start", f,
+                                                 box=self.box.settings.name))
 
-    async def _begin(self) -> None:
+    async def _close_left_open(self) -> None:
         if not self.running or self._begun:
             return
         self._begun = True
@@ -298,15 +304,7 @@ class FritzBoxService(ClientService):
         if closed:
             log.info("box {box}: closed {n} calls left open by the last run",
                      box=self.box.settings.name, n=closed)
-        if self.running:
-            self.running = False
-            super().startService()
 
     def stopService(self) -> Deferred[None]:
-        if not self._begun:
-            self.running = False
-            done: Deferred[None] = Deferred()
-            done.callback(None)
-            return done
         stopped: Deferred[None] = super().stopService()
         return stopped

@@ -697,13 +697,15 @@ class Ingest:
                       notes(outcome, extension, "recovered after a reconnect"))
         await self._ended(ended, origin, recovering=True)
 
-    async def close_open_calls(self, box: str, reason: str, at: datetime) -> int:
-        """Close every call of ``box`` still active (left by a lost connection or a crash)."""
+    async def close_open_calls(self, box: str, reason: str, at: datetime,
+                               started_before: datetime | None = None) -> int:
+        """Close every call of ``box`` still active (left by a lost connection or a crash);
+        with ``started_before``, only those that started before it (the last run's)."""
         rows = await self._store.read(
             f"SELECT d.call_id, d.extension FROM dpvoip.call_detail d JOIN {self._crm}"
             ".accounting_voipcall c ON c.call_id = d.call_id WHERE d.box = %s"
-            " AND c.status = 'active'",
-            (box,),
+            " AND c.status = 'active' AND (%s::timestamptz IS NULL OR d.started_at < %s)",
+            (box, started_before, started_before),
         )
         origin = Origin(box, Dialling())
         for call_id, extension in rows:

@@ -44,13 +44,16 @@ class FakeIngest:
     def __init__(self) -> None:
         self.happenings: list[Happening] = []
         self.closed_at_start: list[str] = []
+        self.started_before: list[datetime | None] = []
 
     def submit(self, happening: Happening, origin: Origin) -> Deferred[None]:
         self.happenings.append(happening)
         return defer.succeed(None)
 
-    async def close_open_calls(self, box: str, reason: str, at: datetime) -> int:
+    async def close_open_calls(self, box: str, reason: str, at: datetime,
+                               started_before: datetime | None = None) -> int:
         self.closed_at_start.append(f"{box}: {reason}")
+        self.started_before.append(started_before)
         return 0
 
 
@@ -161,9 +164,24 @@ class ConnectionFaultTests(SynchronousTestCase):
     def tearDown(self) -> None:
         self.service.stopService()
 
-    def test_calls_left_by_the_last_run_are_closed_before_connecting(self) -> None:
+    def test_calls_left_by_the_last_run_are_closed_those_of_this_run_are_not(self) -> None:
         self.assertEqual(self.ingest.closed_at_start, ["office: dpvoip restarted"])
+        self.assertEqual(self.ingest.started_before, [self.box.born])
         self.assertEqual(len(self.endpoint.attempts), 1)
+
+    def test_the_box_is_connected_before_the_database_is_there(self) -> None:
+        # calls during a database outage at start are spooled, not missed
+        box, ingest = make_box(self.clock, name="annex")
+        endpoint = FakeEndpoint()
+        prepared: defer.Deferred[None] = defer.Deferred()
+        service = FritzBoxService(box, self.clock, lambda: prepared, endpoint=endpoint,
+                                  retry=retry_policy(initial=1.0, cap=60.0))
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(len(endpoint.attempts), 1)
+        self.assertEqual(ingest.closed_at_start, [], "closing waits for the database")
+        prepared.callback(None)
+        self.assertEqual(ingest.closed_at_start, ["annex: dpvoip restarted"])
 
     def test_refused_a_thousand_times_backs_off_to_the_cap_and_never_gives_up(self) -> None:
         delays = []

@@ -286,6 +286,18 @@ class RecoveryTests(IngestTestCase):
         self.assertEqual(len(self.tickets_rows()), 1)
 
     @defer.inlineCallbacks
+    def test_only_the_last_runs_calls_are_closed_at_start(self) -> Any:
+        yield self.lines(f"{today('15:00:00')};RING;2;2101234567;7654321;SIP0;")
+        yield self.lines(f"{today('15:05:00')};RING;3;2101234568;7654321;SIP0;")
+        this_run_began = datetime.strptime(today("15:02:00"), "%d.%m.%y %H:%M:%S").replace(
+            tzinfo=self.rules.zone)
+        closed = yield defer.Deferred.fromCoroutine(self.ingest.close_open_calls(
+            "office", "dpvoip restarted", datetime.now(UTC), this_run_began))
+        self.assertEqual(closed, 1)
+        self.assertEqual(sorted((c[3], c[5]) for c in self.calls()), [
+            ("active", ""), ("failed", "interrupted: dpvoip restarted")])
+
+    @defer.inlineCallbacks
     def test_an_unknown_disconnect_with_nothing_to_close_is_an_orphan(self) -> Any:
         yield self.lines(f"{today('16:00:00')};DISCONNECT;7;12;")
         self.assertEqual(self.calls(), [])
