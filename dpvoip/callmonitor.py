@@ -96,8 +96,10 @@ def _time(text: str) -> datetime:
     value = text.strip()
     try:
         if (len(value) != 17 or value[2] != "." or value[5] != "." or value[8] != " "
-                or value[11] != ":" or value[14] != ":" or not value.isascii()):
-            raise ValueError
+                or value[11] != ":" or value[14] != ":" or not value.isascii()
+                or not (value[0:2] + value[3:5] + value[6:8] + value[9:11] + value[12:14]
+                        + value[15:17]).isdigit()):
+            raise ValueError  # int() would take "-1" or " 5"
         return datetime(2000 + int(value[6:8]), int(value[3:5]), int(value[0:2]),
                         int(value[9:11]), int(value[12:14]), int(value[15:17]))
     except ValueError:

@@ -27,7 +27,7 @@ from txpostgres.reconnection import ConnectionDead
 from dpvoip.ingest import Ingest, Origin, ZadarmaContext, ZadarmaOutcome
 from dpvoip.numbers import Dialling
 from dpvoip.spool import AsyncSpool, SpoolFull
-from dpvoip.spool_records import BadRecord, fritz_record, read_record, zadarma_record
+from dpvoip.spool_records import fritz_record, read_record, zadarma_record
 from dpvoip.store import Store, shield
 from dpvoip.tracker import Happening
 from dpvoip.zadarma_events import ZadarmaEvent, parse_event
@@ -171,9 +171,19 @@ class DurableIngest:
             done = 0
             try:
                 for seq, payload in pending:
-                    await self._apply(payload)
+                    try:
+                        await self._apply(payload)
+                    except UNAVAILABLE:
+                        raise
+                    except Exception as error:  # this record, every time: never a jam
+                        self.counters.unreplayable += 1
+                        log.error("spool record {seq} could not be applied and is skipped"
+                                  " ({error}): {payload}", seq=seq,
+                                  error=f"{type(error).__name__}: {error}"[:300],
+                                  payload=payload[:500].decode("utf-8", "replace"))
+                    else:
+                        self.counters.replayed += 1
                     done = seq
-                    self.counters.replayed += 1
             except UNAVAILABLE as error:
                 log.info("replay paused: the database is unavailable ({error})",
                          error=type(error).__name__)
@@ -183,13 +193,7 @@ class DurableIngest:
                     await self._spool.replayed(done)
 
     async def _apply(self, payload: bytes) -> None:
-        try:
-            source, what, box = read_record(payload)
-        except BadRecord as error:
-            self.counters.unreplayable += 1
-            log.error("spool record skipped: {error}: {payload}", error=str(error),
-                      payload=payload[:500].decode("utf-8", "replace"))
-            return
+        source, what, box = read_record(payload)  # BadRecord: skipped by the caller
         if source == "zadarma":
             event = parse_event(what)
             if isinstance(event, ZadarmaEvent):

@@ -185,8 +185,10 @@ class CallTracker:
     def _call(self, dialled: Call) -> list[Happening]:
         at = self.utc(dialled.at)
         current = self._open.get(dialled.conn_id)
-        if current is not None and current.direction == "incoming" and not current.connected:
-            # The box forwards the ringing call to an external number.
+        if (current is not None and current.direction == "incoming" and not current.connected
+                and current.hairpin_of is None):
+            # The box forwards the ringing call to an external number. (On the left-over
+            # internal leg of a hairpin call whose DISCONNECT was lost, a CALL is new.)
             current.forwarded_to = dialled.called
             return [Forwarded(current.call_id, dialled.called, at)]
         happened = self._lost_disconnect(dialled.conn_id, at)

@@ -32,6 +32,10 @@ _CALL_START = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}
 _LIMIT = 200  # no field Zadarma sends is longer; a longer one is not Zadarma
 
 
+#: Seconds: a week. Longer is no call, and would not fit the CRM's integer column anyway.
+MAX_DURATION = 7 * 24 * 3600
+
+
 class BadEvent(ValueError):
     """A form that claims to be a known event but lacks or garbles a field."""
 
@@ -86,9 +90,13 @@ def parse_event(form: Mapping[str, str]) -> ZadarmaEvent | UnknownEvent:
         call_start = datetime.strptime(start, "%Y-%m-%d %H:%M:%S") if start else None
     except ValueError:
         raise BadEvent(f"call_start {start[:30]!r} is not YYYY-MM-DD HH:MM:SS") from None
+    if call_start is not None and not 2000 <= call_start.year <= 2100:
+        raise BadEvent(f"call_start {start[:30]!r} is not a plausible time of a call")
     duration_text = form.get("duration", "").strip() or "0"
     if not (duration_text.isascii() and duration_text.isdigit()):
         raise BadEvent(f"duration {duration_text[:20]!r} is not a number of seconds")
+    if int(duration_text[:12]) > MAX_DURATION or len(duration_text) > 12:
+        raise BadEvent(f"duration {duration_text[:20]!r} is longer than any call")
     recorded = form.get("is_recorded", "").strip() or "0"
     if recorded not in ("0", "1"):
         raise BadEvent(f"is_recorded {recorded[:10]!r} is not 0 or 1")

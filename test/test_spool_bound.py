@@ -114,3 +114,49 @@ class SpoolBoundTest(TestCase):
 
     def test_a_full_spool_raises_the_alarm_and_refuses_with_503(self) -> Any:
         return defer.Deferred.fromCoroutine(self._full())
+
+
+class UnreplayableRecordTest(TestCase):
+    """A record the ingest refuses every time is logged and skipped, never a jam."""
+
+    timeout = 60
+
+    async def _replay_past_a_bad_record(self) -> None:
+        from test.support.postgres import postgres, query
+        from test.test_database import eventually
+
+        dsn = postgres().new_database(crm="2025-12")
+        base = scratch(self)
+        spool = Spool(base / "state" / "spool", max_bytes=MIB)
+        spool.open()
+        good = {"event": "NOTIFY_START", "pbx_call_id": "in_good", "caller_id": "6912345678",
+                "call_start": "2026-01-15 10:00:00", "called_did": "302107654321"}
+        spool.append_many([zadarma_record({**good, "pbx_call_id": "in_bad",
+                                           "event": "NOTIFY_END", "duration": "9" * 30}),
+                           b"not json at all", zadarma_record(good)])
+        spool.close()
+        config = Config(
+            daemon=DaemonSettings(state_dir="state"),
+            database=replace(DatabaseSettings(), url=Secret(dsn)),
+            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
+            zadarma=replace(ZadarmaSettings(), secret=Secret(SECRET),
+                            timezone="Europe/Athens"),
+            fritzbox=(),
+        )
+        daemon = build(config, reactor, base)
+        daemon.service.startService()
+        self.addCleanup(daemon.service.stopService)
+        await daemon.service.started
+        await eventually(lambda: daemon.durable.counters.unreplayable == 2
+                         and daemon.durable.counters.replayed == 1, 30)
+        self.assertEqual(query(dsn, "SELECT pbx_call_id FROM dpvoip.zadarma_event"),
+                         [("in_good",)])
+        port = daemon.web.port.getHost().port  # type: ignore[union-attr]
+        http = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(http.closeCachedConnections)
+        response = await treq.get(f"http://127.0.0.1:{port}/readyz", pool=http)
+        spool_state = json.loads(await response.content())["spool"]
+        self.assertEqual((spool_state["pending"], spool_state["unreplayable"]), (0, 2))
+
+    def test_a_bad_record_is_skipped_and_the_rest_replayed(self) -> Any:
+        return defer.Deferred.fromCoroutine(self._replay_past_a_bad_record())

@@ -905,3 +905,17 @@ def test_php_query_round_trips(params: dict[str, str | int]) -> None:
     assert parse_qsl(query, keep_blank_values=True) == [
         (key, str(params[key])) for key in sorted(params)
     ]
+
+
+@pytest.mark.parametrize(("field", "value", "why"), [
+    ("call_start", "0001-01-01 00:00:00", "plausible time"),
+    ("call_start", "2999-01-01 00:00:00", "plausible time"),
+    ("duration", "9" * 30, "longer than any call"),
+    ("duration", str(7 * 24 * 3600 + 1), "longer than any call"),
+])
+def test_values_no_call_can_have_are_bad_events(field: str, value: str, why: str) -> None:
+    # they would fail every time they were written (a date beyond any zone's range, an
+    # integer the CRM's column cannot hold): refused at the door instead
+    with pytest.raises(BadEvent, match=why):
+        parse_event({**BASE["NOTIFY_END"], field: value})
+    assert parse_event({**BASE["NOTIFY_END"], "duration": str(7 * 24 * 3600)})

@@ -9,6 +9,7 @@ send its request is cut off, and shutdown waits for requests in flight to finish
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -71,7 +72,30 @@ class BoundedRequest(server.Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             return
-        super().requestReceived(command, path, version)
+        try:
+            path.split(b"?", 1)[0].decode("utf-8")
+            unquote_to_bytes(path.split(b"?", 1)[0]).decode("utf-8")
+        except UnicodeDecodeError:
+            self._answer_bad(command, path, "the path is not UTF-8")
+            return
+        try:
+            super().requestReceived(command, path, version)
+        except (ValueError, IndexError, AttributeError, TypeError) as error:
+            # Twisted parses the Content-Type and a multipart body with Python's email
+            # package, which raises on some odd header values before any route runs.
+            if self.finished or self._refused:
+                raise
+            log.info("unreadable request refused: {error}", error=type(error).__name__)
+            self._answer_bad(command, path, "the Content-Type or the form cannot be read")
+
+    def _answer_bad(self, command: bytes, path: bytes, message: str) -> None:
+        self._refused = True
+        self.method = command
+        self.path = path.split(b"?", 1)[0]
+        transport: Any = self.channel.transport
+        transport.write(raw_response(400, message))
+        transport.loseConnection()
+        self.owner.request_refused(self, 400)
 
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
