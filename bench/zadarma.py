@@ -34,6 +34,11 @@ from bench.directory import crm_database, sample_numbers
 SECRET = "bench-secret"  # noqa: S105 - signs the benchmark's own requests
 
 
+def p99(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[max(0, int(len(ordered) * 0.99) - 1)]
+
+
 def percentiles(samples: list[float]) -> str:
     ordered = sorted(samples)
     p99 = ordered[max(0, int(len(ordered) * 0.99) - 1)]
@@ -241,14 +246,26 @@ def main() -> None:
             print(f"reference bare Twisted 200: {reference['rate']:.0f} req/s,"
                   f" {percentiles(reference['latencies'])};"
                   f" ratio {most['rate'] / reference['rate']:.2f}")
+            verdicts = [
+                ("NOTIFY_START answer p99 <= 10 ms", p99(start["latencies"]) <= 0.010),
+                ("NOTIFY_END p99 <= 20 ms at 300 req/s", p99(end["latencies"]) <= 0.020
+                 and end["rate"] >= 0.95 * 300),
+                ("NOTIFY_END >= 1,000 req/s on one core of daemon CPU", served / cpu >= 1000),
+            ]
+            for target, met in verdicts:
+                print(f"target {target}: {'met' if met else 'MISSED'}")
+            missed.extend(target for target, met in verdicts if not met)
             await bare.stopListening()
             await daemon.service.stopService()
 
+        missed: list[str] = []
         try:
             task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
         except SystemExit as exit_:
             if exit_.code:
                 raise
+        if missed:
+            raise SystemExit(f"{len(missed)} quality target(s) missed")
 
 
 if __name__ == "__main__":
