@@ -205,7 +205,7 @@ def main() -> None:
             def load(*a: Any, **k: Any) -> Any:
                 return threads.deferToThread(drive, *a, **k)
 
-            start = await load(port, numbers, "NOTIFY_START", args.seconds / 3, rate=50)
+            start = await load(port, numbers, "NOTIFY_START", args.seconds, rate=50)
             end = await load(port, numbers, "NOTIFY_END", args.seconds, rate=args.rate,
                              concurrency=max(1, int(args.rate // 40)))
             profile = None
