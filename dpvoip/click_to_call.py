@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from dpvoip.crm_schema import quote_ident
 from dpvoip.dialling_policy import DiallingPolicy
 from dpvoip.logins import CrmUser
-from dpvoip.numbers import Dialling
+from dpvoip.numbers import Dialling, without_formatting
 from dpvoip.rate_limit import RateLimiter
 from dpvoip.store import Store
 from dpvoip.zadarma_api import ZadarmaApi, ZadarmaApiError, ZadarmaRefused
@@ -27,7 +27,6 @@ log = Logger()
 
 _FROM = re.compile(r"^(\+?[0-9]{7,15}|[0-9]{3,5})$")
 _SIP = re.compile(r"^([0-9]{5}|[0-9]{3})$")
-_FORMATTING = re.compile(r"[\s\-./()]")
 _ID = re.compile(r"[0-9]{1,9}")
 
 
@@ -120,7 +119,7 @@ class ClickToCall:
         if sip and not _SIP.match(sip):
             return CallbackOutcome(400, "sip must be a 3- or 5-digit extension or SIP number"), \
                 connection, verdict.number
-        ring_first = _FORMATTING.sub("", connection.number)
+        ring_first = without_formatting(connection.number)
         if not _FROM.match(ring_first):
             return CallbackOutcome(
                 400, f"your connection's number {connection.number[:30]!r} is not a phone, "

@@ -157,10 +157,7 @@ def _name(value: Any) -> str | None:
 
 
 def _regions(value: Any) -> str | None:
-    for item in value:
-        if item not in phonenumbers.SUPPORTED_REGIONS:
-            return f"unknown country {item!r} (use two-letter codes such as 'GR' or 'DE')"
-    return None
+    return next((problem for problem in map(_region, value) if problem), None)
 
 
 def _e164_prefixes(value: Any) -> str | None:

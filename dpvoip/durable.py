@@ -12,7 +12,7 @@ An event that timed out may still commit later: its replay then changes nothing.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -28,7 +28,7 @@ from dpvoip.ingest import Ingest, Origin, ZadarmaContext, ZadarmaOutcome
 from dpvoip.numbers import Dialling
 from dpvoip.spool import AsyncSpool, SpoolFull
 from dpvoip.spool_records import fritz_record, read_record, zadarma_record
-from dpvoip.store import Store, shield
+from dpvoip.store import Store, shield, within
 from dpvoip.tracker import Happening
 from dpvoip.zadarma_events import ZadarmaEvent, parse_event
 
@@ -102,7 +102,7 @@ class DurableIngest:
             return await self._to_spool(record, spooled_result, "spool not empty")
         attempt = work()
         try:
-            result = await _within(self._clock, attempt, self._deadline)
+            result = await within(self._clock, attempt, self._deadline)
         except UNAVAILABLE as error:
             reason = type(error).__name__
             return await self._to_spool(record, spooled_result, reason)
@@ -136,7 +136,7 @@ class DurableIngest:
 
         def relay(result: object) -> object:
             waiter.callback(None)
-            return result
+            return result  # the replay's own waiters still see its result
 
         running.addBoth(relay)
         return waiter
@@ -197,35 +197,11 @@ class DurableIngest:
         if source == "zadarma":
             event = parse_event(what)
             if isinstance(event, ZadarmaEvent):
-                await _within(self._clock, self._ingest.submit_zadarma(
+                await within(self._clock, self._ingest.submit_zadarma(
                     event, what, self._zadarma()), self._deadline * 5)
             return
         origin = self._origins.get(box) or Origin(box, Dialling(self._region))
-        await _within(self._clock, self._ingest.submit(what, origin), self._deadline * 5)
-
-
-def _within(clock: Any, work: Deferred[T], seconds: float) -> Awaitable[T]:
-    """``work``, or TimeoutError after ``seconds``: the work itself goes on (a commit in
-    flight cannot be called back), only the wait ends."""
-    waiter: Deferred[T] = Deferred()
-
-    def give_up() -> None:
-        if not waiter.called:
-            waiter.errback(TimeoutError(f"no commit within {seconds:g} s"))
-
-    timer = clock.callLater(seconds, give_up)
-
-    def settle(result: Any) -> None:
-        if timer.active():
-            timer.cancel()
-        if not waiter.called:
-            if hasattr(result, "raiseException"):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
-
-    work.addBoth(settle)
-    return waiter
+        await within(self._clock, self._ingest.submit(what, origin), self._deadline * 5)
 
 
 class DurableService(Service):

@@ -483,9 +483,8 @@ class Ingest:
         # journal. Nearly always the call's own number; when the whole journal says
         # otherwise (a callback's legs), it is looked up again.
         alone = summarise([event])
-        guess = normalise(alone.remote, context.where) if alone else None
-        if self._directory.never_matches(guess):
-            guess = None
+        guessed = normalise(alone.remote, context.where) if alone else None
+        guess = None if self._directory.never_matches(guessed) else guessed
 
         async def steps(batch: Batch) -> ZadarmaOutcome:
             # One round trip: the lock, then (a new statement, so a new snapshot that sees
@@ -515,7 +514,8 @@ class Ingest:
             call = summarise(events)
             if call is None:
                 return ZadarmaOutcome(duplicate=False)  # a recording notice, kept for later
-            number = normalise(call.remote, context.where)
+            number = (guessed if alone is not None and call.remote == alone.remote
+                      else normalise(call.remote, context.where))
             if number == guess:
                 match = self._directory.match_of(number, found)
             else:

@@ -136,6 +136,12 @@ def _with_area_code(text: str, where: Dialling) -> phonenumbers.PhoneNumber | No
     return candidate if phonenumbers.is_valid_number(candidate) else None
 
 
+def without_formatting(text: str) -> str:
+    """``text`` without what people put between the digits of a number (spaces, dots,
+    dashes, brackets), for a number that is sent on as written, not normalised."""
+    return _FORMATTING.sub("", text)
+
+
 def is_withheld(raw: str | None) -> bool:
     """True for the forms a withheld caller arrives in (used to decide on tickets).
 

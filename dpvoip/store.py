@@ -109,17 +109,15 @@ def _is_failure(result: Any) -> bool:
     return isinstance(result, Failure)
 
 
-def race(clock: IReactorTime, work: Deferred[T], seconds: float, fallback: T) -> Deferred[T]:
-    """``work``'s result, or ``fallback`` after ``seconds``; ``work`` is left to finish.
-
-    For probes only: a timed-out query is not cancelled (txpostgres logs a critical error
-    when a query is cancelled through Deferred.addTimeout).
-    """
+def within(clock: IReactorTime, work: Deferred[T], seconds: float) -> Deferred[T]:
+    """``work``'s result or failure, or TimeoutError after ``seconds``; ``work`` is left
+    to finish (a commit in flight cannot be called back; txpostgres logs a critical error
+    when a query is cancelled through Deferred.addTimeout)."""
     result: Deferred[T] = Deferred()
 
     def give_up() -> None:
         if not result.called:
-            result.callback(fallback)
+            result.errback(defer.TimeoutError(f"nothing within {seconds:g} s"))
 
     timer = clock.callLater(seconds, give_up)
 
@@ -127,10 +125,15 @@ def race(clock: IReactorTime, work: Deferred[T], seconds: float, fallback: T) ->
         if timer.active():
             timer.cancel()
         if not result.called:
-            result.callback(fallback if _is_failure(outcome) else outcome)
+            result.errback(outcome) if _is_failure(outcome) else result.callback(outcome)
 
     work.addBoth(settle)
     return result
+
+
+def race(clock: IReactorTime, work: Deferred[T], seconds: float, fallback: T) -> Deferred[T]:
+    """``work``'s result, or ``fallback`` after ``seconds`` or on failure (probes only)."""
+    return within(clock, work, seconds).addErrback(lambda _: fallback)
 
 
 @dataclass(frozen=True)
