@@ -490,7 +490,7 @@ class Ingest:
             # One round trip: the lock, then (a new statement, so a new snapshot that sees
             # what the lock's previous holder committed) the journal entry, the journal
             # and the guessed caller's directory entries.
-            [(fresh, forms, previous, found)] = await batch.run_planned(
+            [(fresh, forms, previous, existed, found)] = await batch.run_planned(
                 "WITH added AS (INSERT INTO dpvoip.zadarma_event (pbx_call_id, event,"
                 " calltype, internal, destination, form) VALUES (%(pbx)s, %(event)s,"
                 " %(calltype)s, %(internal)s, %(destination)s, %(form)s)"
@@ -500,6 +500,8 @@ class Ingest:
                 " dpvoip.zadarma_event WHERE pbx_call_id = %(pbx)s UNION ALL SELECT id, form"
                 " FROM added) AS j),"
                 " (SELECT outcome FROM dpvoip.call_detail WHERE call_id = %(call)s),"
+                f" EXISTS (SELECT 1 FROM {self._crm}.accounting_voipcall"
+                " WHERE call_id = %(call)s),"
                 f" {self._directory.lookup_subquery('number')}",
                 {"lock": f"dpvoip-zadarma:{event.pbx_call_id}", "pbx": event.pbx_call_id,
                  "event": event.kind, "calltype": event.calltype, "internal": event.internal,
@@ -510,8 +512,11 @@ class Ingest:
             if not fresh:
                 self.counters.replays_ignored += 1
                 return ZadarmaOutcome(duplicate=True)
-            events = [e for e in map(parse_event, forms) if isinstance(e, ZadarmaEvent)]
-            call = summarise(events)
+            if len(forms) == 1:  # the journal is this event alone: read it already
+                call = alone
+            else:
+                call = summarise(e for e in map(parse_event, forms)
+                                 if isinstance(e, ZadarmaEvent))
             if call is None:
                 return ZadarmaOutcome(duplicate=False)  # a recording notice, kept for later
             number = (guessed if alone is not None and call.remote == alone.remote
@@ -520,14 +525,18 @@ class Ingest:
                 match = self._directory.match_of(number, found)
             else:
                 match = await self._directory.lookup(number, within=batch) if number else None
-            return await self._zadarma_call(batch, identity, call, previous, context,
-                                            number, match)
+            return await self._zadarma_call(batch, identity, call, previous, existed,
+                                            context, number, match)
 
         return await self._store.batch(steps)
 
     async def _zadarma_call(self, batch: Batch, identity: str, call: ZadarmaCall,
-                            previous: str | None, context: ZadarmaContext, number: str | None,
-                            match: Match | None) -> ZadarmaOutcome:
+                            previous: str | None, existed: bool, context: ZadarmaContext,
+                            number: str | None, match: Match | None) -> ZadarmaOutcome:
+        """The call row, its detail, its log lines, the live event and the CRM's sales
+        side in one statement; the COMMIT rides along unless a ticket or the owner's
+        extension still has to be written or read (the usual event: two round trips in
+        all, the journal's and this one)."""
         phone = remote_column(call.remote, number)
         client = match.client if match else None
         person = match.person if match else None
@@ -558,7 +567,11 @@ class Ingest:
         values = ", ".join(f"(%(action{n})s, %(text{n})s, %(new{n})s::boolean, {n})"
                            for n in range(len(entries)))
         extra_columns, extra_values = self._log_extras()
-        [(row_id, inserted, _)] = await batch.run_planned(
+        touch = ending and outcome is not None and person is not None
+        owner_wanted = (context.redirect_to_owner and person is not None
+                        and person.owner_id is not None)
+        last = not ticket and not owner_wanted
+        rows = await batch.run_planned(
             f"WITH call AS (INSERT INTO {self._crm}.accounting_voipcall AS v (call_id,"
             " direction, phone_number, status, started_at, ended_at, duration_seconds, notes,"
             " ticket_created, ticket_id, created_at, updated_at, client_id, client_email,"
@@ -573,13 +586,18 @@ class Ingest:
             " client_email = coalesce(EXCLUDED.client_email, v.client_email),"
             " updated_at = now() RETURNING v.id, v.call_id, v.phone_number, v.client_id,"
             " (xmax = 0) AS inserted),"
+            # The CRM's sales side, once per call (read before this statement's own write
+            # to the detail row: every part of one statement sees the same snapshot).
+            " touch AS (SELECT %(touch)s::boolean AND NOT coalesce((SELECT crm_touched"
+            " FROM dpvoip.call_detail WHERE call_id = %(id)s), false) AS go),"
             " detail AS (INSERT INTO dpvoip.call_detail AS d (call_id, source, direction,"
             " remote_raw, remote_number, own_number, extension, started_at, ended_at, outcome,"
             " client_id, contact_id, lead_id, deal_id, pbx_call_id, disposition, calltype,"
-            " recording) VALUES (%(id)s, 'zadarma', %(direction)s, %(remote)s, %(number)s,"
-            " %(own)s, %(extension)s, %(started)s, CASE WHEN %(final)s THEN now() END,"
-            " %(outcome)s, %(client)s, %(contact)s, %(lead)s, %(deal)s, %(pbx)s,"
-            " %(disposition)s, %(calltype)s, %(recording)s) ON CONFLICT (call_id) DO UPDATE"
+            " recording, crm_touched) VALUES (%(id)s, 'zadarma', %(direction)s, %(remote)s,"
+            " %(number)s, %(own)s, %(extension)s, %(started)s, CASE WHEN %(final)s THEN now()"
+            " END, %(outcome)s, %(client)s, %(contact)s, %(lead)s, %(deal)s, %(pbx)s,"
+            " %(disposition)s, %(calltype)s, %(recording)s, %(touch)s::boolean)"
+            " ON CONFLICT (call_id) DO UPDATE"
             " SET direction = EXCLUDED.direction, remote_raw = EXCLUDED.remote_raw,"
             " remote_number = EXCLUDED.remote_number, own_number = EXCLUDED.own_number,"
             " extension = EXCLUDED.extension, started_at = EXCLUDED.started_at,"
@@ -590,7 +608,15 @@ class Ingest:
             " deal_id = coalesce(EXCLUDED.deal_id, d.deal_id),"
             " disposition = EXCLUDED.disposition, calltype = EXCLUDED.calltype,"
             " recording = coalesce(nullif(EXCLUDED.recording, ''), d.recording),"
+            " crm_touched = d.crm_touched OR EXCLUDED.crm_touched,"
             " updated_at = now()),"
+            f" contact AS (UPDATE {self._crm}.crm_contact SET was_in_touch = %(today)s"
+            " WHERE id = %(contact)s AND %(answered)s AND (SELECT go FROM touch) RETURNING id),"
+            f" lead AS (UPDATE {self._crm}.crm_lead SET was_in_touch = %(today)s"
+            " WHERE id = %(lead)s AND %(answered)s AND (SELECT go FROM touch) RETURNING id),"
+            f" deal AS (UPDATE {self._crm}.crm_deal SET workflow = %(line)s || CASE WHEN"
+            " workflow = '' THEN '' ELSE E'\\n' END || workflow WHERE id = %(deal)s"
+            " AND (SELECT go FROM touch) RETURNING id),"
             f" logs AS (INSERT INTO {self._crm}.accounting_voipcalllog (action, description,"
             f" created_at, call_id{extra_columns}) SELECT v.action, v.description, now(),"
             f" c.id{extra_values} FROM call c CROSS JOIN (VALUES {values})"
@@ -599,7 +625,8 @@ class Ingest:
             " note AS (SELECT pg_notify(%(channel)s, CASE WHEN c.inserted THEN"
             " %(started_payload)s ELSE %(ended_payload)s END) FROM call c"
             " WHERE c.inserted OR %(ending)s)"
-            " SELECT id, inserted, (SELECT count(*) FROM note) FROM call",
+            " SELECT id, (SELECT count(*) FROM note), (SELECT count(*) FROM contact),"
+            " (SELECT count(*) FROM lead), (SELECT count(*) FROM deal) FROM call",
             {"id": identity, "direction": call.direction, "phone": phone,
              "status": outcome.status if outcome else "active", "started": started,
              "final": outcome is not None, "duration": call.duration, "notes": call.notes,
@@ -616,22 +643,22 @@ class Ingest:
                                               number=phone,
                                               name=match.display_name if match else None),
              "ended_payload": ended_payload, "ending": ending and not ticket,
+             **self._sales_side(call, outcome, person.name if person else "", touch),
              **log_params},
+            last=last,
         )
-        if inserted:
+        if not existed:  # under the call's lock: the row this statement inserted
             self.counters.calls_started += 1
         if ending and not ticket:
             self.counters.calls_ended += 1
-        if ending and outcome is not None and person is not None:
-            await self._touch_crm(batch, identity, call, outcome, person.kind, person.id,
-                                  person.name, match.deal.id if match and match.deal else None)
         owner_extension = ""
-        if context.redirect_to_owner and person is not None and person.owner_id is not None:
+        if owner_wanted and person is not None:
             found = await batch.run(
                 f"SELECT pbx_number FROM {self._crm}.common_userprofile WHERE user_id = %s"
                 " AND pbx_number <> ''", (person.owner_id,))
             owner_extension = str(found[0][0]) if found else ""
         if ticket and outcome is not None:
+            [(row_id, *_)] = rows
             self.counters.calls_ended += 1
             ended = Ended(identity, outcome, call.duration, datetime.now(UTC), extension,
                           call.notes)
@@ -641,30 +668,19 @@ class Ingest:
                                call.own_number, extension, ended_line, ended_payload)
         return ZadarmaOutcome(duplicate=False, match=match, owner_extension=owner_extension)
 
-    async def _touch_crm(self, batch: Batch, identity: str, call: ZadarmaCall,
-                         outcome: Outcome, kind: str, person_id: int, name: str,
-                         deal_id: int | None) -> None:
+    def _sales_side(self, call: ZadarmaCall, outcome: Outcome | None, name: str,
+                    touch: bool) -> dict[str, Any]:
         """The CRM's sales side, once per call (behaviour.md section 6): an answered call
         sets the contact's or lead's ``was_in_touch``; every finished call prepends one line
         to the active deal's workflow. Targeted UPDATEs only: CRM users edit these rows."""
+        if not touch or outcome is None:
+            return {"touch": False, "today": None, "answered": False, "line": None}
         today = datetime.now(self._zone).date()
         what = "Incoming call from" if call.direction == "incoming" else "Outgoing call to"
         line = (f"{today:%d.%m.%Y} - {what} {name} ({outcome.value},"
                 f" {talk_time(call.duration)}).")
-        table = "crm_contact" if kind == "contact" else "crm_lead"
-        await batch.run(
-            "WITH touched AS (UPDATE dpvoip.call_detail SET crm_touched = true"
-            " WHERE call_id = %(id)s AND NOT crm_touched RETURNING call_id),"
-            f" person AS (UPDATE {self._crm}.{table} SET was_in_touch = %(today)s"
-            " WHERE id = %(person)s AND %(answered)s AND EXISTS (SELECT 1 FROM touched)"
-            " RETURNING id),"
-            f" deal AS (UPDATE {self._crm}.crm_deal SET workflow = %(line)s || CASE WHEN"
-            " workflow = '' THEN '' ELSE E'\\n' END || workflow WHERE id = %(deal)s"
-            " AND EXISTS (SELECT 1 FROM touched) RETURNING id)"
-            " SELECT (SELECT count(*) FROM person), (SELECT count(*) FROM deal)",
-            {"id": identity, "today": today, "person": person_id,
-             "answered": outcome is Outcome.ANSWERED, "line": line, "deal": deal_id},
-        )
+        return {"touch": True, "today": today, "answered": outcome is Outcome.ANSWERED,
+                "line": line}
 
     # -- events of calls this process never saw start ----------------------------------------
 

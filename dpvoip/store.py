@@ -52,19 +52,20 @@ class Batch:
         return await run_prepared(self._connection, name, statement, params, self.run,
                                   self.run)
 
-    async def run_planned(self, statement: str, params: Mapping[str, Any], prefix: str = ""
-                          ) -> list[tuple[Any, ...]]:
+    async def run_planned(self, statement: str, params: Mapping[str, Any], prefix: str = "",
+                          last: bool = False) -> list[tuple[Any, ...]]:
         """A hot statement with ``%(name)s`` parameters, planned once per connection: the
         server parses and plans it once, and each run sends a short EXECUTE instead of the
-        whole text. ``prefix`` (statements with the same parameters) rides along in front."""
+        whole text. ``prefix`` (statements with the same parameters) rides along in front;
+        ``last``: the COMMIT rides along behind (and no rows come back)."""
         if self._connection is None:
-            return await self.run(prefix + statement, params)
+            return await self.run(prefix + statement, params, last)
         text, names = positional(statement)
         name = statement_name(text)
         await ensure_prepared(self._connection, name, text, self.run)
         arguments = ", ".join(f"%({n})s" for n in names)
         return await self.run(f"{prefix}EXECUTE {name} ({arguments})" if names
-                              else f"{prefix}EXECUTE {name}", params)
+                              else f"{prefix}EXECUTE {name}", params, last)
 
     async def run(self, sql: str, params: Any = None, last: bool = False
                   ) -> list[tuple[Any, ...]]:

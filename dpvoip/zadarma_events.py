@@ -87,7 +87,9 @@ def parse_event(form: Mapping[str, str]) -> ZadarmaEvent | UnknownEvent:
     try:
         if start and not _CALL_START.fullmatch(start):
             raise ValueError
-        call_start = datetime.strptime(start, "%Y-%m-%d %H:%M:%S") if start else None
+        # The pattern above is ISO 8601's; fromisoformat checks the ranges as strptime
+        # would, ten times faster.
+        call_start = datetime.fromisoformat(start) if start else None
     except ValueError:
         raise BadEvent(f"call_start {start[:30]!r} is not YYYY-MM-DD HH:MM:SS") from None
     if call_start is not None and not 2000 <= call_start.year <= 2100:

@@ -6,6 +6,8 @@ import json
 from http import HTTPStatus
 from typing import Any
 
+from twisted.web.iweb import IRequest
+
 
 class HttpError(Exception):
     """Raised by a route to answer ``status`` with ``message`` (and nothing written)."""
@@ -15,6 +17,20 @@ class HttpError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or {}
+
+
+def json_answer(request: IRequest, status: int, body: bytes) -> bytes:
+    """``body`` as the JSON answer with ``status`` (headers set on ``request``)."""
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return body
+
+
+def error_answer(request: IRequest, error: HttpError) -> bytes:
+    for name, value in error.headers.items():
+        request.setHeader(name.encode(), value.encode())
+    return json_answer(request, error.status, error_body(error.status, error.message))
 
 
 def error_body(status: int, message: str) -> bytes:

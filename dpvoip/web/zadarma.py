@@ -14,13 +14,15 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.server import NOT_DONE_YET
 
 from dpvoip.config import Secret
 from dpvoip.durable import NotRecorded
 from dpvoip.ingest import ZadarmaContext, ZadarmaOutcome
 from dpvoip.sources import Network, allowed, client_address
-from dpvoip.web.errors import HttpError, require_media_type
+from dpvoip.web.errors import HttpError, error_answer, require_media_type
 from dpvoip.zadarma_events import BadEvent, UnknownEvent, ZadarmaEvent, parse_event
 from dpvoip.zadarma_signing import verify_webhook
 
@@ -131,3 +133,38 @@ def _form(request: IRequest) -> dict[str, str] | None:
         except UnicodeDecodeError:
             return None
     return form
+
+
+class WebhookResource:
+    """``POST /voip/zd/`` without Klein: the event handled, then the answer (or the error,
+    in the JSON shape of every other route) written with its length. A client that hung up
+    gets nothing; its event is still recorded (the ingest does not stop for it)."""
+
+    def __init__(self, webhook: ZadarmaWebhook) -> None:
+        self._webhook = webhook
+
+    def render(self, request: IRequest) -> int:
+        gone: list[bool] = []
+        finished: Deferred[None] = request.notifyFinish()  # type: ignore[attr-defined]
+        finished.addErrback(lambda _: gone.append(True))
+
+        def answered(body: bytes) -> None:
+            if not gone:
+                _send(request, body)
+
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            if not isinstance(error, HttpError):
+                log.failure("unexpected error answering a Zadarma event", failure)
+                error = HttpError(500, "internal error; the details are logged")
+            if not gone:
+                _send(request, error_answer(request, error))
+
+        Deferred.fromCoroutine(self._webhook.event(request)).addCallbacks(answered, failed)
+        return NOT_DONE_YET
+
+
+def _send(request: IRequest, body: bytes) -> None:
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
