@@ -140,6 +140,35 @@ def crm_database(entries: int) -> Iterator[tuple[str, float]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def call_history(dsn: str, calls: int) -> None:
+    """``calls`` past calls with three log lines each, then ANALYZE, as autovacuum would
+    long have: the CRM of an office that has been phoning for years, not an empty one.
+
+    An empty call table is not a steady state: PostgreSQL plans a connection's
+    foreign-key checks once, and a plan made while ``accounting_voipcall`` was empty scans
+    the whole table for every log line until autovacuum's next ANALYZE replans it.
+    """
+    import psycopg2
+
+    connection = psycopg2.connect(dsn)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO accounting_voipcall (call_id, direction, phone_number, status,"
+            " started_at, ended_at, duration_seconds, notes, ticket_created, created_at,"
+            " updated_at, resolution) SELECT 'past-' || g, CASE WHEN g %% 3 = 0 THEN"
+            " 'outgoing' ELSE 'incoming' END, '+30210' || lpad(g::text, 7, '0'),"
+            " 'completed', now() - g * interval '7 minutes', now() - g * interval '7 minutes'"
+            " + interval '65 seconds', 65, 'answered', false, now(), now(), 'pending'"
+            " FROM generate_series(1, %s) g", (calls,))
+        cursor.execute(
+            "INSERT INTO accounting_voipcalllog (action, description, created_at, call_id)"
+            " SELECT a, 'history', c.started_at, c.id FROM accounting_voipcall c,"
+            " unnest(ARRAY['started', 'client_matched', 'ended']) a")
+        cursor.execute("ANALYZE")
+    connection.close()
+
+
 def sample_numbers(dsn: str, count: int) -> list[str]:
     import psycopg2
 

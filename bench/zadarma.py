@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.zadarma                      # 1,000,000-entry directory
     .venv/bin/python -m bench.zadarma --entries 100000 --seconds 10
 
-Prints, for a private PostgreSQL holding ``--entries`` directory entries:
+Prints, for a private PostgreSQL holding ``--entries`` directory entries and ``--history``
+past calls (an office's CRM, analysed: see ``bench.directory.call_history``):
 - NOTIFY_START answered with caller_name (caller in the directory): p50/p99, sequential;
 - signed NOTIFY_END (caller matched, call + log + CRM update committed) at ``--rate``
   requests/s: p50/p99;
@@ -29,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.directory import crm_database, sample_numbers
+from bench.directory import call_history, crm_database, sample_numbers
 
 SECRET = "bench-secret"  # noqa: S105 - signs the benchmark's own requests
 
@@ -154,6 +155,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rate", type=float, default=300.0)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--history", type=int, default=200_000,
+                        help="past calls in the CRM (with three log lines each)")
     parser.add_argument("--profile", help="write the daemon's cProfile of the saturated run "
                         "to this file (and print its top functions)")
     parser.add_argument("--client", help=argparse.SUPPRESS)
@@ -176,6 +179,8 @@ def main() -> None:
     from dpvoip.service import build
 
     with crm_database(args.entries) as (dsn, _):
+        call_history(dsn, args.history)
+
         async def run(reactor: Any) -> None:
             config = Config(
                 database=replace(DatabaseSettings(), url=Secret(dsn), pool_size=8),

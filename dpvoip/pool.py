@@ -279,6 +279,7 @@ def positional(statement: str) -> tuple[str, tuple[str, ...]]:
     return _NAMED.sub(number, statement), tuple(names)
 
 
+@functools.lru_cache(maxsize=128)
 def statement_name(statement: str) -> str:
     """A name that changes whenever the statement does (variants get their own plans)."""
     return "dpvoip_" + hashlib.sha1(statement.encode(), usedforsecurity=False).hexdigest()[:16]

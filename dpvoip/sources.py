@@ -9,6 +9,7 @@ client chose to write, never used.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
@@ -19,6 +20,7 @@ def networks(texts: Iterable[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(text, strict=False) for text in texts)
 
 
+@functools.lru_cache(maxsize=1024)  # the same few proxies and Zadarma hosts, every request
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     value = text.strip()
     if value.startswith("[") and "]" in value:  # [v6]:port
