@@ -25,6 +25,7 @@ setup(
         "psycopg2-binary>=2.9.9,<2.10",
         "service-identity>=24.1",
         "phonenumbers>=8.13",
+        "pycountry>=24.6",
         "prometheus-client>=0.20",
         "PyJWT>=2.8,<3",
     ],

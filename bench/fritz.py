@@ -10,8 +10,10 @@ Measures, printed as medians of the run:
 - DISCONNECT received -> call finalised and its missed-call ticket committed: p50/p99;
 at ``--rate`` calls per second, each a missed call from a number of the directory, sent
 by a fake box over real TCP on loopback into the daemon's own protocol, tracker and ingest,
-against a private PostgreSQL holding ``--entries`` directory entries in the CRM's tables.
-The RSS of this process is printed before and after the load.
+against a private PostgreSQL holding ``--entries`` directory entries and ``--history``
+past calls in the CRM's tables, vacuumed and analysed once the directory is built (the
+steady state: see ``bench.directory.settle``). The RSS of this process is printed before
+and after the load. A verdict per quality target; the exit status is 1 when one is missed.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from bench.directory import crm_database, rss_kib, sample_numbers
+from bench.directory import call_history, crm_database, rss_kib, sample_numbers, settle
+from bench.verdicts import p99, report
 
 LINES = [
     "17.06.20 10:28:29;RING;0;07191952123;69123;SIP0;",
@@ -78,14 +81,13 @@ def raw_reference(dsn: str, rate: float, count: int) -> tuple[list[float], list[
 
 
 def percentiles(samples: list[float]) -> str:
-    ordered = sorted(samples)
-    p99 = ordered[max(0, int(len(ordered) * 0.99) - 1)]
-    return (f"p50 {statistics.median(ordered) * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms,"
-            f" max {ordered[-1] * 1000:.2f} ms (n={len(ordered)})")
+    return (f"p50 {statistics.median(samples) * 1000:.2f} ms,"
+            f" p99 {p99(samples) * 1000:.2f} ms, max {max(samples) * 1000:.2f} ms"
+            f" (n={len(samples)})")
 
 
-def load(entries: int, rate: float, seconds: float) -> dict[str, Any]:
-    from twisted.internet import defer, protocol, task
+def load(entries: int, rate: float, seconds: float, history: int) -> dict[str, Any]:
+    from twisted.internet import defer, protocol, task, threads
     from twisted.internet.defer import Deferred
 
     from dpvoip.config import DatabaseSettings, FritzBoxSettings, TicketSettings
@@ -103,6 +105,7 @@ def load(entries: int, rate: float, seconds: float) -> dict[str, Any]:
 
     figures: dict[str, Any] = {}
     with crm_database(entries) as (dsn, _):
+        call_history(dsn, history)
         figures["raw_single"], figures["raw_double"] = raw_reference(dsn, rate, 300)
 
         async def run(reactor: Any) -> None:
@@ -113,6 +116,7 @@ def load(entries: int, rate: float, seconds: float) -> dict[str, Any]:
                 lambda c: prepare(c, standalone=False, crm_schema="public"))
             index = DirectoryIndex(store, "public", Dialling("GR"))
             await index.build()
+            await threads.deferToThread(settle, dsn)
             figures["entries"] = index.state.entries
             # As a Greek line shows callers: the national number, without +30.
             numbers = [n[3:] if n.startswith("+30") else n
@@ -206,13 +210,15 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=1_000_000)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--history", type=int, default=200_000,
+                        help="past calls in the CRM (with three log lines each)")
     args = parser.parse_args()
     runs = [parser_rate() for _ in range(3)]
     parsed = statistics.median(r[0] for r in runs)
     split = statistics.median(r[1] for r in runs)
     print(f"parser: {parsed:,.0f} lines/s (str.split reference {split:,.0f} lines/s,"
           f" ratio {parsed / split:.2f})")
-    figures = load(args.entries, args.rate, args.seconds)
+    figures = load(args.entries, args.rate, args.seconds, args.history)
     print(f"load: {figures['calls']} missed calls at {args.rate:g}/s, directory"
           f" {figures['entries']:,} entries, {figures['tickets']} ticket writes")
     print(f"RING -> call row committed: {percentiles(figures['ring'])}")
@@ -222,6 +228,15 @@ def main() -> None:
           f" {percentiles(figures['raw_double'])}")
     print(f"RSS: {figures['rss_before_kib'] // 1024} MiB before the load,"
           f" {figures['rss_after_kib'] // 1024} MiB after")
+    missed = report([
+        ("CallMonitor parser >= 200,000 lines/s", parsed >= 200_000),
+        ("RING -> call row committed p99 <= 5 ms", p99(figures["ring"]) <= 0.005),
+        ("DISCONNECT -> call finalised + ticket committed p99 <= 5 ms",
+         p99(figures["end"]) <= 0.005),
+        ("RSS <= 80 MB under load", figures["rss_after_kib"] * 1024 <= 80_000_000),
+    ])
+    if missed:
+        raise SystemExit(f"{len(missed)} quality target(s) missed")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 
 import phonenumbers
+import pycountry
 from phonenumbers import PhoneNumberFormat, PhoneNumberType
-from phonenumbers.geodata.locale import LOCALE_DATA
 
 from dpvoip.numbers import Dialling, normalise
 
@@ -216,10 +216,18 @@ def _for_country(number: phonenumbers.PhoneNumber) -> str:
     return f" for {_country_name(region)}"
 
 
+#: Regions with their own calling codes that ISO 3166-1 does not list.
+_NOT_IN_ISO = {"AC": "Ascension Island", "TA": "Tristan da Cunha", "XK": "Kosovo"}
+
+
 def _country_name(region: str) -> str:
-    """The English name of ``region`` ("Albania"), or the code if the metadata has none."""
-    names = LOCALE_DATA.get(region, {})
-    name = names.get("en", "")
-    if name.startswith("*"):  # "*aa": the name is held under another language's key
-        name = names.get(name[1:], "")
-    return name or region
+    """The English name of ``region`` ("Albania"), or the code if none is known.
+
+    From pycountry (a few MiB), not from phonenumbers' geocoding data: importing that
+    loads every prefix of the world, about 90 MiB, which alone is more than the daemon's
+    whole memory target.
+    """
+    country = pycountry.countries.get(alpha_2=region)
+    if country is None:
+        return _NOT_IN_ISO.get(region, region)
+    return str(getattr(country, "common_name", None) or country.name)

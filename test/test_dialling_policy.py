@@ -366,3 +366,22 @@ def test_example_landlines_and_mobiles_are_allowed_in_every_form(
         number, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
     for raw, where in ((national, Dialling(region)), (international, GR), (e164, DE)):
         assert DEFAULT.check(raw, where) == Verdict(e164, None), (raw, where)
+
+
+def test_country_names_come_without_the_world_s_geocoding_data() -> None:
+    """phonenumbers' geodata is ~90 MiB once imported: more than the daemon's whole memory
+    target. The whole daemon is imported in a fresh interpreter and must not load it."""
+    import subprocess
+    import sys
+
+    found = subprocess.run(
+        [sys.executable, "-c", "import sys, dpvoip.service, dpvoip.cli;"
+         " print(sorted(m for m in sys.modules if m.startswith('phonenumbers.geodata')))"],
+        capture_output=True, text=True, check=True, timeout=120)
+    assert found.stdout.strip() == "[]"
+
+
+def test_regions_iso_does_not_list_still_have_names() -> None:
+    policy = DiallingPolicy(allowed_countries=frozenset({"GR"}))
+    assert policy.check("+383 44 123 456", GR) == Verdict(
+        None, "calls to Kosovo are not allowed")
