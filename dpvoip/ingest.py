@@ -325,16 +325,17 @@ class Ingest:
             async def steps(batch: Batch) -> bool:
                 # First the call and, for a number, its ticket lock: the statement that
                 # follows then sees any ticket another transaction just committed.
-                found = await batch.run(
+                found = await batch.run_planned(
                     "SELECT c.id, c.phone_number, c.client_id, d.direction, d.remote_number,"
                     f" d.started_at, d.own_number, d.extension FROM {self._crm}"
                     ".accounting_voipcall c JOIN dpvoip.call_detail d ON d.call_id = c.call_id"
                     " LEFT JOIN LATERAL (SELECT pg_advisory_xact_lock(hashtext("
                     "'dpvoip-ticket:' || d.remote_number)) WHERE d.direction = 'incoming'"
                     " AND d.remote_number IS NOT NULL) AS locked ON true"
-                    f" WHERE c.call_id = %s AND (c.status = 'active'{self._reopen(recovering)})"
-                    " AND d.outcome IS DISTINCT FROM %s FOR UPDATE OF c",
-                    (ended.call_id, ended.outcome.value),
+                    " WHERE c.call_id = %(call)s AND (c.status = 'active'"
+                    f"{self._reopen(recovering)}) AND d.outcome IS DISTINCT FROM %(outcome)s"
+                    " FOR UPDATE OF c",
+                    {"call": ended.call_id, "outcome": ended.outcome.value},
                 )
                 if not found:
                     return False
@@ -371,7 +372,7 @@ class Ingest:
         local = started_at.astimezone(self._zone)
         assignee = self._assignee_name(own_number, extension, origin)
         extra_columns, extra_values = self._log_extras()
-        await batch.run(
+        await batch.run_planned(
             "WITH facts AS (SELECT"
             f" (SELECT t.id FROM dpvoip.call_detail d JOIN {self._crm}.accounting_ticket t"
             " ON t.id = d.ticket_id WHERE %(number)s::text IS NOT NULL"
