@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -163,6 +164,7 @@ def main() -> None:
         return
 
     from twisted.internet import defer, task, threads
+    from twisted.logger import globalLogBeginner
     from twisted.web import resource, server
 
     from dpvoip.config import (
@@ -172,6 +174,7 @@ def main() -> None:
         WebSettings,
         ZadarmaSettings,
     )
+    from dpvoip.logs import observer
     from dpvoip.service import build
 
     with crm_database(args.entries) as (dsn, _):
@@ -185,7 +188,15 @@ def main() -> None:
                                 timezone="Europe/Athens"),
                 fritzbox=(),
             )
-            daemon = build(config, reactor, Path(tempfile.mkdtemp(prefix="dpvoip-bench-")))
+            state = Path(tempfile.mkdtemp(prefix="dpvoip-bench-"))
+            # Logged as `dpvoip run` logs (the access log included), to a file: formatting
+            # and writing a line per request is part of the daemon's cost, and events not
+            # written would pile up in Twisted's start-up buffer instead.
+            log_file = (state / "dpvoip.log").open("w", encoding="utf-8")
+            globalLogBeginner.beginLoggingTo(
+                [observer(config.log.format, config.log.level, log_file)],
+                redirectStandardIO=False)
+            daemon = build(config, reactor, state)
             daemon.service.startService()
             await daemon.service.started
             while not daemon.directory.state.built:
@@ -264,6 +275,8 @@ def main() -> None:
             missed.extend(report(verdicts))
             await bare.stopListening()
             await daemon.service.stopService()
+            log_file.close()
+            shutil.rmtree(state, ignore_errors=True)
 
         missed: list[str] = []
         try:
