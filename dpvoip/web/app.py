@@ -20,7 +20,14 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from zope.interface import implementer
 
 from dpvoip.web.callback import CallbackPages
-from dpvoip.web.errors import HttpError, error_answer, error_body, json_answer, json_body
+from dpvoip.web.errors import (
+    INTERNAL_ERROR,
+    HttpError,
+    error_answer,
+    error_body,
+    json_answer,
+    json_body,
+)
 from dpvoip.web.zadarma import WebhookResource, ZadarmaWebhook
 
 log = Logger()
@@ -136,7 +143,7 @@ class WebApp:
     @app.handle_errors(Exception)
     def unexpected(self, request: IRequest, failure: Failure) -> bytes:
         log.failure("unexpected error answering {path}", failure, path=_path(request))
-        return json_answer(request, 500, error_body(500, "internal error; the details are logged"))
+        return json_answer(request, 500, error_body(500, INTERNAL_ERROR))
 
 
 def _path(request: IRequest) -> str:

@@ -19,6 +19,10 @@ class HttpError(Exception):
         self.headers = headers or {}
 
 
+#: The answer to an error dpvoip did not expect (its details go to the log, never out).
+INTERNAL_ERROR = "internal error; the details are logged"
+
+
 def json_answer(request: IRequest, status: int, body: bytes) -> bytes:
     """``body`` as the JSON answer with ``status`` (headers set on ``request``)."""
     request.setResponseCode(status)

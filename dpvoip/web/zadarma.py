@@ -22,7 +22,7 @@ from dpvoip.config import Secret
 from dpvoip.durable import NotRecorded
 from dpvoip.ingest import ZadarmaContext, ZadarmaOutcome
 from dpvoip.sources import Network, allowed, client_address
-from dpvoip.web.errors import HttpError, error_answer, require_media_type
+from dpvoip.web.errors import INTERNAL_ERROR, HttpError, error_answer, require_media_type
 from dpvoip.zadarma_events import BadEvent, UnknownEvent, ZadarmaEvent, parse_event
 from dpvoip.zadarma_signing import verify_webhook
 
@@ -156,7 +156,7 @@ class WebhookResource:
             error = failure.value
             if not isinstance(error, HttpError):
                 log.failure("unexpected error answering a Zadarma event", failure)
-                error = HttpError(500, "internal error; the details are logged")
+                error = HttpError(500, INTERNAL_ERROR)
             if not gone:
                 _send(request, error_answer(request, error))
 
