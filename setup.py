@@ -5,15 +5,15 @@
 ``dpvoip plugin-cache`` which the bootstrap script runs right after installing.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="dpvoip",
     version="0.1.0",
     description="Telephony daemon for the D.P. Economy CRM: Fritz!Box CallMonitor, Zadarma, tickets",
     python_requires=">=3.11",
-    packages=["dpvoip", "dpvoip.protocols", "dpvoip.web", "twisted.plugins"],
-    package_data={"dpvoip": ["sql/*.sql", "py.typed"]},
+    packages=find_packages(include=["dpvoip", "dpvoip.*"]) + ["twisted.plugins"],
+    package_data={"dpvoip": ["py.typed"], "dpvoip.crm": ["sql/*.sql"]},
     include_package_data=False,
     install_requires=[
         "Twisted>=24.7,<27",

@@ -119,8 +119,8 @@ def crm_database(entries: int) -> Iterator[tuple[str, float]]:
     directory entries; (its DSN, seconds it took to fill). Removed afterwards."""
     import psycopg2
 
-    from dpvoip.embedded import EmbeddedPostgres
-    from dpvoip.migrations import ddl_text
+    from dpvoip.store.embedded import EmbeddedPostgres
+    from dpvoip.store.migrations import ddl_text
 
     folder = Path(tempfile.mkdtemp(prefix="dpvoip-bench-"))
     folder.chmod(0o755)
@@ -199,12 +199,12 @@ def child(entries: int, lookups: int) -> dict[str, Any]:
     from twisted.internet import defer, task
 
     from dpvoip.config import DatabaseSettings
-    from dpvoip.directory_index import DirectoryIndex
-    from dpvoip.dsn import connection_dsn
-    from dpvoip.migrations import prepare
-    from dpvoip.numbers import Dialling
-    from dpvoip.pool import HealingPool
-    from dpvoip.store import Store
+    from dpvoip.core.numbers import Dialling
+    from dpvoip.store.database import Store
+    from dpvoip.store.directory import DirectoryIndex
+    from dpvoip.store.dsn import connection_dsn
+    from dpvoip.store.migrations import prepare
+    from dpvoip.store.pool import HealingPool
 
     result: dict[str, Any] = {"entries_target": entries}
     with crm_database(entries) as (dsn, filled):

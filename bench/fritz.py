@@ -43,7 +43,7 @@ LINES = [
 
 
 def parser_rate(seconds: float = 2.0) -> tuple[float, float]:
-    from dpvoip.callmonitor import parse
+    from dpvoip.fritzbox.parser import parse
 
     def rate(work: Any) -> float:
         count, started = 0, time.perf_counter()
@@ -94,18 +94,19 @@ def load(entries: int, rate: float, seconds: float, history: int) -> dict[str, A
     from twisted.internet import defer, protocol, task, threads
     from twisted.internet.defer import Deferred
 
+    from dpvoip.calls.ingest import Ingest
     from dpvoip.config import DatabaseSettings, FritzBoxSettings, TicketSettings
-    from dpvoip.directory_index import DirectoryIndex
-    from dpvoip.dsn import connection_dsn
-    from dpvoip.fritzbox import FritzBox
-    from dpvoip.ingest import Ingest
-    from dpvoip.migrations import prepare
-    from dpvoip.numbers import Dialling
-    from dpvoip.pool import HealingPool
+    from dpvoip.core.happenings import Ended, Started
+    from dpvoip.core.numbers import Dialling
+    from dpvoip.core.texts import Texts
+    from dpvoip.deferreds import OneShotObserver
+    from dpvoip.fritzbox.box import FritzBox
     from dpvoip.protocols.callmonitor import CallMonitorProtocol
-    from dpvoip.store import Store
-    from dpvoip.texts import Texts
-    from dpvoip.tracker import Ended, Started
+    from dpvoip.store.database import Store
+    from dpvoip.store.directory import DirectoryIndex
+    from dpvoip.store.dsn import connection_dsn
+    from dpvoip.store.migrations import SchemaReport, prepare
+    from dpvoip.store.pool import HealingPool
 
     figures: dict[str, Any] = {}
     with crm_database(entries) as (dsn, _):
@@ -116,8 +117,9 @@ def load(entries: int, rate: float, seconds: float, history: int) -> dict[str, A
             pool = HealingPool(reactor, connection_dsn(dsn, DatabaseSettings()), 8)
             await pool.start()
             store = Store(pool, reactor)
-            store.schema = await store.write(
-                lambda c: prepare(c, standalone=False, crm_schema="public"))
+            schema: OneShotObserver[SchemaReport] = OneShotObserver()
+            schema.fire(await store.write(
+                lambda c: prepare(c, standalone=False, crm_schema="public")))
             index = DirectoryIndex(store, "public", Dialling("GR"))
             await index.build()
             await threads.deferToThread(settle, dsn)
@@ -126,7 +128,7 @@ def load(entries: int, rate: float, seconds: float, history: int) -> dict[str, A
             numbers = [n[3:] if n.startswith("+30") else n
                        for n in sample_numbers(dsn, 2000)]
             zone = ZoneInfo("Europe/Athens")
-            ingest = Ingest(store, index, Texts("en"), TicketSettings(), zone)
+            ingest = Ingest(store, index, Texts("en"), TicketSettings(), zone, schema)
             box = FritzBox(replace(FritzBoxSettings(), name="bench"), ingest, reactor,
                            frozenset())
             ring_latency: list[float] = []

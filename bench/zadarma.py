@@ -51,7 +51,7 @@ def client(port: int, numbers: list[str], mode: str, seconds: float, rate: float
     import threading
     from urllib.parse import urlencode
 
-    from dpvoip.zadarma_signing import webhook_signature
+    from dpvoip.zadarma.signing import webhook_signature
 
     latencies: list[float] = []
     errors: dict[int, int] = {}

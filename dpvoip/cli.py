@@ -96,10 +96,10 @@ def _with_database(config: Config, work: Any) -> int:
     from twisted.internet import task
     from twisted.internet.defer import Deferred
 
-    from dpvoip.dsn import connection_dsn
-    from dpvoip.embedded import EmbeddedError, EmbeddedPostgres
-    from dpvoip.pool import HealingPool
-    from dpvoip.store import Store
+    from dpvoip.store.database import Store
+    from dpvoip.store.dsn import connection_dsn
+    from dpvoip.store.embedded import EmbeddedError, EmbeddedPostgres
+    from dpvoip.store.pool import HealingPool
 
     embedded = None
     started_here = False
@@ -122,7 +122,7 @@ def _with_database(config: Config, work: Any) -> int:
         await pool.start()
         try:
             if pool.live == 0:
-                from dpvoip.dsn import describe as describe_dsn
+                from dpvoip.store.dsn import describe as describe_dsn
 
                 print(f"database: NOT reachable ({describe_dsn(dsn)})")
                 return
@@ -141,7 +141,7 @@ def _with_database(config: Config, work: Any) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     config = _config(args)
-    from dpvoip.migrations import SchemaMismatch, prepare
+    from dpvoip.store.migrations import SchemaMismatch, prepare
 
     async def work(store: Any, dsn: str) -> int:
         try:
@@ -165,9 +165,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config, reach the database, say what is there. Changes nothing."""
     config = _config(args)
     print(f"config: valid ({args.config or os.environ.get('DPVOIP_CONFIG') or 'defaults'})")
-    from dpvoip.crm_schema import capabilities, missing
-    from dpvoip.dsn import describe as describe_dsn
-    from dpvoip.migrations import read_catalogue, schema_version
+    from dpvoip.crm.schema import capabilities, missing
+    from dpvoip.store.dsn import describe as describe_dsn
+    from dpvoip.store.migrations import read_catalogue, schema_version
 
     async def work(store: Any, dsn: str) -> int:
         schema = config.database.crm_schema
@@ -179,7 +179,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         mode = "standalone" if config.standalone else "attached"
         source = "embedded PostgreSQL" if config.embedded else "PostgreSQL"
         print(f"database: reachable, {source} at {describe_dsn(dsn)}; mode: {mode}")
-        from dpvoip.migrations import MIGRATIONS
+        from dpvoip.store.migrations import MIGRATIONS
 
         latest = MIGRATIONS[-1].version
         state = "current" if version == latest else f"needs `dpvoip migrate` (latest {latest})"
@@ -228,9 +228,9 @@ def _box_line(report: tuple[Any, ...] | None) -> str:
 def cmd_lookup(args: argparse.Namespace) -> int:
     """Who a number belongs to, as a call from it would be matched (reads only)."""
     config = _config(args)
-    from dpvoip.directory_index import DirectoryIndex
-    from dpvoip.numbers import Dialling, normalise
+    from dpvoip.core.numbers import Dialling, normalise
     from dpvoip.service import _own_numbers
+    from dpvoip.store.directory import DirectoryIndex
 
     where = Dialling(args.region or config.directory.region, args.area_code or "")
     number = normalise(args.number, where)
@@ -268,8 +268,8 @@ def cmd_lookup(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     """dpvoip's own API tokens: create (shown once), list, revoke."""
     config = _config(args)
-    from dpvoip.api_tokens import TokenError, create_token, list_tokens, revoke_token
-    from dpvoip.migrations import SchemaMismatch, prepare
+    from dpvoip.store.migrations import SchemaMismatch, prepare
+    from dpvoip.store.tokens import TokenError, create_token, list_tokens, revoke_token
 
     schema = config.database.crm_schema
 
@@ -323,7 +323,7 @@ def cmd_zadarma_sim(args: argparse.Namespace) -> int:
     from twisted.internet import task
     from twisted.internet.defer import Deferred
 
-    from dpvoip.zadarma_fake import ReceivedRequest, serve
+    from dpvoip.testing.zadarma import ReceivedRequest, serve
 
     def report(received: ReceivedRequest, status: int) -> None:
         shown = "&".join(f"{k}={v}" for k, v in sorted(received.params.items()))
@@ -346,7 +346,7 @@ def cmd_zadarma_sim(args: argparse.Namespace) -> int:
 
 def cmd_fritz_sim(args: argparse.Namespace) -> int:
     """Play a CallMonitor script on a TCP port as a Fritz!Box does (tests, demos)."""
-    from dpvoip.fritz_sim import serve
+    from dpvoip.testing.fritzbox import serve
 
     return serve(args.script, args.port, args.host, args.timezone, loop=args.loop)
 

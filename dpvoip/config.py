@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 
-from dpvoip.dialling_policy import DEFAULT_BLOCKED_PREFIXES
+from dpvoip.core.dialling_policy import DEFAULT_BLOCKED_PREFIXES
 
 
 class ConfigError(Exception):

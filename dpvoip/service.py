@@ -26,31 +26,32 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from dpvoip import __version__, metrics
-from dpvoip.click_to_call import ClickToCall
+from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext
+from dpvoip.click_to_call.callbacks import ClickToCall
+from dpvoip.click_to_call.logins import Logins
 from dpvoip.config import Config
-from dpvoip.dialling_policy import DiallingPolicy
-from dpvoip.directory_index import DirectoryIndex
-from dpvoip.directory_service import DirectoryService
-from dpvoip.dsn import connection_dsn
-from dpvoip.durable import DurableIngest, DurableService
-from dpvoip.embedded import EmbeddedPostgres
-from dpvoip.fritzbox import BoxStatusReporter, FritzBox, FritzBoxService, retry_policy
-from dpvoip.ingest import Ingest, Origin, ZadarmaContext
-from dpvoip.logins import Logins
-from dpvoip.migrations import SchemaMismatch, prepare
-from dpvoip.numbers import Dialling, normalise
-from dpvoip.pool import HealingPool
-from dpvoip.rate_limit import RateLimiter
-from dpvoip.sources import networks
-from dpvoip.spool import AsyncSpool, Spool
-from dpvoip.store import Store
-from dpvoip.texts import Texts
+from dpvoip.core.dialling_policy import DiallingPolicy
+from dpvoip.core.numbers import Dialling, normalise
+from dpvoip.core.rate_limit import RateLimiter
+from dpvoip.core.texts import Texts
+from dpvoip.deferreds import OneShotObserver
+from dpvoip.fritzbox.box import BoxStatusReporter, FritzBox, FritzBoxService, retry_policy
+from dpvoip.services import DirectoryService
+from dpvoip.spool.durable import DurableIngest, DurableService
+from dpvoip.spool.journal import AsyncSpool, Spool
+from dpvoip.store.database import Store
+from dpvoip.store.directory import DirectoryIndex
+from dpvoip.store.dsn import connection_dsn
+from dpvoip.store.embedded import EmbeddedPostgres
+from dpvoip.store.migrations import SchemaMismatch, SchemaReport, prepare
+from dpvoip.store.pool import HealingPool
 from dpvoip.web.app import Readiness, WebApp
 from dpvoip.web.callback import CallbackPages
 from dpvoip.web.server import DpvoipSite, WebService
+from dpvoip.web.sources import networks
 from dpvoip.web.zadarma import ZadarmaWebhook
-from dpvoip.zadarma_account import ZadarmaAccountService, http_pool_and_agent
-from dpvoip.zadarma_api import ZadarmaApi, base_url
+from dpvoip.zadarma.account import ZadarmaAccountService, http_pool_and_agent
+from dpvoip.zadarma.api import ZadarmaApi, base_url
 
 log = Logger(namespace="dpvoip")
 
@@ -157,20 +158,17 @@ class DatabaseService(Service):
 
     name = "database"
 
-    def __init__(self, store: Store, config: Config, exit_status: ExitStatus) -> None:
+    def __init__(self, store: Store, config: Config, exit_status: ExitStatus,
+                 schema: OneShotObserver[SchemaReport]) -> None:
         self.store = store
         self._config = config
         self._exit = exit_status
+        self._schema = schema
         self._preparing = False
-        self._waiting: list[Deferred[None]] = []
 
     def when_prepared(self) -> Deferred[None]:
         """Fires once the schema is checked and migrated (at once if it already is)."""
-        if self.store.schema is not None:
-            return defer.succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._waiting.append(waiter)
-        return waiter
+        return self._schema.when_fired().addCallback(lambda _: None)
 
     def startService(self) -> Deferred[None]:
         super().startService()
@@ -179,7 +177,7 @@ class DatabaseService(Service):
 
     def try_prepare(self) -> None:
         """Check and migrate the schema, once, as soon as PostgreSQL answers."""
-        if self.store.schema is not None or self._preparing or not self.running:
+        if self._schema.fired or self._preparing or not self.running:
             return
         if self.store.pool.live == 0:
             log.warn("PostgreSQL is not reachable yet; dpvoip is up but not ready")
@@ -192,10 +190,7 @@ class DatabaseService(Service):
 
     def _prepared(self, report: Any) -> None:
         self._preparing = False
-        self.store.schema = report
-        waiting, self._waiting = self._waiting, []
-        for waiter in waiting:
-            waiter.callback(None)
+        self._schema.fire(report)
         if report.created_crm_tables:
             log.info("created the CRM tables of standalone mode (D.P. Economy 2025-12)")
         log.info(
@@ -236,6 +231,7 @@ class Daemon:
         account: ZadarmaAccountService,
         durable: DurableIngest,
         spooler: DurableService,
+        schema: OneShotObserver[SchemaReport],
     ) -> None:
         self.service = service
         self.store = store
@@ -249,6 +245,7 @@ class Daemon:
         self.account = account
         self.durable = durable
         self.spooler = spooler
+        self.schema = schema
 
 
 def _own_numbers(config: Config) -> list[str]:
@@ -285,7 +282,8 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
         on_reconnect=lambda: reactor.callLater(0, database.try_prepare),
     )
     store = Store(pool, reactor)
-    database = DatabaseService(store, config, exit_status)
+    schema: OneShotObserver[SchemaReport] = OneShotObserver()
+    database = DatabaseService(store, config, exit_status, schema)
     database.setServiceParent(top)
 
     index = DirectoryIndex(
@@ -297,12 +295,12 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     directory.setServiceParent(top)
 
     ingest = Ingest(store, index, Texts(config.crm.language), config.tickets,
-                    ZoneInfo(config.crm.timezone), config.database.crm_schema)
+                    ZoneInfo(config.crm.timezone), schema, config.database.crm_schema)
     spool = AsyncSpool(Spool(config.state_path(base) / "spool",
                              max_bytes=config.spool.max_mb * 1024 * 1024,
                              alarm_ratio=config.spool.alarm_percent / 100), reactor)
     origins: dict[str, Origin] = {}
-    durable = DurableIngest(ingest, spool, store, reactor, origins,
+    durable = DurableIngest(ingest, spool, store, schema, reactor, origins,
                             lambda: zadarma.context, config.directory.region,
                             deadline=config.spool.deadline_seconds)
     spooler = DurableService(durable, spool, reactor, database.when_prepared)
@@ -323,12 +321,13 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
 
     async def readiness() -> Readiness:
         state = await store.state()
-        schema = store.schema
+        prepared = schema.peek()
         db = {
             "reachable": state.reachable,
             "live_connections": state.live_connections,
-            "mode": schema.mode if schema else ("standalone" if config.standalone else "attached"),
-            "schema_version": schema.schema_version if schema else None,
+            "mode": prepared.mode if prepared else (
+                "standalone" if config.standalone else "attached"),
+            "schema_version": prepared.schema_version if prepared else None,
             "embedded": config.embedded,
         }
         listing = index.state
@@ -343,7 +342,7 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
                        "limit": spooled.limit, "alarm": spooled.alarm,
                        "spooling": durable.spooling, **asdict(durable.counters)}
         return Readiness(
-            state.reachable and schema is not None and not spooled.alarm,
+            state.reachable and prepared is not None and not spooled.alarm,
             {"database": db, "directory": directory_state, "spool": spool_state,
              "fritzbox": [b.status.as_json(b.tracker.open_calls) for b in boxes]},
         )
@@ -401,7 +400,7 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     web = WebService(reactor, site, config.web.listen)
     web.setServiceParent(top)
     return Daemon(top, store, web, exit_status, embedded, index, ingest, boxes, zadarma, account,
-                  durable, spooler)
+                  durable, spooler, schema)
 
 
 def makeService(config: Config, reactor: Any = None) -> OrderedServices:

@@ -22,7 +22,6 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from dpvoip.api_tokens import create_token, revoke_token
 from dpvoip.config import (
     ClickToCallSettings,
     Config,
@@ -32,9 +31,10 @@ from dpvoip.config import (
     WebSettings,
     ZadarmaSettings,
 )
-from dpvoip.crm_logins import session_auth_hash
+from dpvoip.crm.logins import session_auth_hash
 from dpvoip.service import Daemon, build
-from dpvoip.zadarma_fake import Fault, ZadarmaFake
+from dpvoip.store.tokens import create_token, revoke_token
+from dpvoip.testing.zadarma import Fault, ZadarmaFake
 from test.support.crm import Crm
 from test.support.daemon import scratch
 from test.support.postgres import postgres
@@ -75,7 +75,7 @@ class ClickToCallCase(TestCase):
         self.daemon.service.startService()
         self.addCleanup(self.daemon.service.stopService)
         await self.daemon.service.started
-        await eventually(lambda: self.daemon.store.schema is not None)
+        await eventually(lambda: self.daemon.schema.fired)
 
     def start_daemon(self, api_url: str, ca_file: str = "") -> Daemon:
         config = Config(
@@ -585,7 +585,7 @@ class TlsTests(TestCase):
         daemon.service.startService()
         self.addCleanup(daemon.service.stopService)
         await daemon.service.started
-        await eventually(lambda: daemon.store.schema is not None)
+        await eventually(lambda: daemon.schema.fired)
         web = daemon.web.port.getHost().port  # type: ignore[union-attr]
         response = await treq.post(
             f"http://127.0.0.1:{web}/voip/get-callback/",

@@ -94,7 +94,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dpvoip.crm_logins import (
+from dpvoip.crm.logins import (
     MAX_SESSION_DATA,
     MAX_SESSION_JSON,
     TOKEN_PREFIX,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dpvoip.embedded import EmbeddedPostgres
+from dpvoip.store.embedded import EmbeddedPostgres
 from test.support.daemon import BIN, REPO, Daemon, clean_environment, twistd
 from test.support.postgres import postgres, query
 

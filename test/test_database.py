@@ -17,10 +17,10 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dpvoip.config import DatabaseSettings
-from dpvoip.dsn import connection_dsn, describe
-from dpvoip.embedded import EmbeddedPostgres
-from dpvoip.pool import ConnectionDead, HealingPool, backoff_delays
-from dpvoip.store import Store
+from dpvoip.store.database import Store
+from dpvoip.store.dsn import connection_dsn, describe
+from dpvoip.store.embedded import EmbeddedPostgres
+from dpvoip.store.pool import ConnectionDead, HealingPool, backoff_delays
 from test.support.postgres import postgres, query
 
 

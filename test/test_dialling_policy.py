@@ -12,13 +12,13 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from dpvoip.dialling_policy import (
+from dpvoip.core.dialling_policy import (
     DEFAULT_BLOCKED_PREFIXES,
     MAX_INPUT_CHARS,
     DiallingPolicy,
     Verdict,
 )
-from dpvoip.numbers import Dialling
+from dpvoip.core.numbers import Dialling
 
 GR, DE, AT, CH = Dialling("GR"), Dialling("DE"), Dialling("AT"), Dialling("CH")
 GB, IT, FR, ES = Dialling("GB"), Dialling("IT"), Dialling("FR"), Dialling("ES")

@@ -12,13 +12,13 @@ from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dpvoip.config import DatabaseSettings
-from dpvoip.directory import Candidate, choose
-from dpvoip.directory_index import DirectoryIndex
-from dpvoip.dsn import connection_dsn
-from dpvoip.migrations import prepare
-from dpvoip.numbers import Dialling, normalise
-from dpvoip.pool import HealingPool
-from dpvoip.store import Store
+from dpvoip.core.matching import Candidate, choose
+from dpvoip.core.numbers import Dialling, normalise
+from dpvoip.store.database import Store
+from dpvoip.store.directory import DirectoryIndex
+from dpvoip.store.dsn import connection_dsn
+from dpvoip.store.migrations import prepare
+from dpvoip.store.pool import HealingPool
 from test.support.crm import Crm
 from test.support.daemon import scratch
 from test.support.postgres import postgres
@@ -186,7 +186,7 @@ class LookupTests(DirectoryTestCase):
             match = yield self.lookup("6977000001")
             self.assertEqual(match.client.id, active)
             self.assertEqual(match.candidates, 3)
-        logged = [e for e in events if e.get("log_namespace") == "dpvoip.directory"
+        logged = [e for e in events if e.get("log_namespace") == "dpvoip.core.matching"
                   and e.get("n") == 3]
         self.assertEqual(len(logged), 3)
         self.assertEqual(logged[0]["log_level"], LogLevel.info)
@@ -301,7 +301,7 @@ class FakeIndex:
     """Stands in for DirectoryIndex: records the passes and lets the test finish them."""
 
     def __init__(self, built: bool) -> None:
-        from dpvoip.directory_index import IndexState
+        from dpvoip.store.directory import IndexState
 
         self.state = IndexState()
         self._built = built
@@ -335,7 +335,7 @@ class DirectoryServiceTests(SynchronousTestCase):
         from twisted.internet.task import Clock
 
         from dpvoip.config import DirectorySettings
-        from dpvoip.directory_service import DirectoryService
+        from dpvoip.services import DirectoryService
 
         clock = Clock()
         index = FakeIndex(built)
@@ -363,7 +363,7 @@ class DirectoryServiceTests(SynchronousTestCase):
         self.assertEqual(len(index.calls), 5, "stopped means stopped")
 
     def test_every_table_is_read_in_full_every_five_minutes(self) -> None:
-        from dpvoip.directory_service import FULL_PASS_SECONDS
+        from dpvoip.services import FULL_PASS_SECONDS
 
         _, index, clock = self.make(built=True)
         index.finish()

@@ -34,9 +34,9 @@ from dpvoip.config import (
     WebSettings,
     ZadarmaSettings,
 )
-from dpvoip.fritz_sim import box_time
 from dpvoip.service import build
-from dpvoip.zadarma_signing import webhook_signature
+from dpvoip.testing.fritzbox import box_time
+from dpvoip.zadarma.signing import webhook_signature
 from test.support.postgres import private_cluster
 from test.test_database import eventually
 
@@ -103,7 +103,7 @@ class FaultCase(TestCase):
         self.daemon.service.startService()
         self.addCleanup(self.daemon.service.stopService)
         await self.daemon.service.started
-        await eventually(lambda: self.daemon.store.schema is not None, 30)
+        await eventually(lambda: self.daemon.schema.fired, 30)
         await eventually(lambda: bool(self.box.connections), 30)
         web = self.daemon.web.port.getHost().port  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{web}/voip/zd/"

@@ -55,8 +55,8 @@ from dpvoip.config import (
     Secret,
     WebSettings,
 )
-from dpvoip.fritz_sim import box_time
 from dpvoip.service import Daemon, build
+from dpvoip.testing.fritzbox import box_time
 from test.support.daemon import scratch
 from test.support.postgres import postgres, query
 from test.test_database import eventually

@@ -20,8 +20,8 @@ from zoneinfo import ZoneInfo
 import psycopg2
 from twisted.trial.unittest import SynchronousTestCase
 
-from dpvoip.fritz_sim import box_time
-from dpvoip.zadarma_signing import webhook_signature
+from dpvoip.testing.fritzbox import box_time
+from dpvoip.zadarma.signing import webhook_signature
 from test.support.daemon import Daemon, clean_environment, twistd
 from test.support.postgres import private_cluster
 

@@ -19,8 +19,8 @@ from dpvoip.config import (
     Secret,
     WebSettings,
 )
-from dpvoip.fritz_sim import FritzSimulator, parse_script
 from dpvoip.service import Daemon, build
+from dpvoip.testing.fritzbox import FritzSimulator, parse_script
 from test.support.crm import Crm
 from test.support.daemon import scratch
 from test.support.postgres import postgres
@@ -246,7 +246,7 @@ class CheckTests(EndToEndTestCase):
         import tempfile
         from pathlib import Path
 
-        from dpvoip.fritzbox import BoxStatusReporter
+        from dpvoip.fritzbox.box import BoxStatusReporter
         from test.support.daemon import BIN, clean_environment
 
         daemon, simulator = yield self.start("0 {now};RING;0;2101111111;2107654321;SIP0;\n")

@@ -35,7 +35,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from dpvoip.fritz_sim import (
+from dpvoip.testing.fritzbox import (
     Await,
     Close,
     FritzSimulator,

@@ -19,8 +19,11 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from dpvoip.calls.ingest import Origin
 from dpvoip.config import FritzBoxSettings
-from dpvoip.fritzbox import (
+from dpvoip.core.happenings import Ended, Happening, Started
+from dpvoip.core.outcomes import Outcome
+from dpvoip.fritzbox.box import (
     KEEPALIVE_COUNT,
     KEEPALIVE_IDLE,
     KEEPALIVE_INTERVAL,
@@ -29,10 +32,7 @@ from dpvoip.fritzbox import (
     keepalive,
     retry_policy,
 )
-from dpvoip.ingest import Origin
-from dpvoip.outcomes import Outcome
 from dpvoip.protocols.callmonitor import MAX_LINE, CallMonitorProtocol
-from dpvoip.tracker import Ended, Happening, Started
 
 RING = b"17.06.20 10:28:29;RING;0;07191952123;69123;SIP0;"
 DISCONNECT = b"17.06.20 10:28:40;DISCONNECT;0;0;"

@@ -15,19 +15,21 @@ import psycopg2
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from dpvoip.callmonitor import parse
+from dpvoip.calls.ingest import Ingest, Origin
 from dpvoip.config import DatabaseSettings, FritzBoxSettings, TicketSettings
-from dpvoip.directory_index import DirectoryIndex
-from dpvoip.dsn import connection_dsn
-from dpvoip.fritzbox import rules_for
-from dpvoip.ingest import Ingest, Origin
-from dpvoip.migrations import prepare
-from dpvoip.numbers import Dialling
-from dpvoip.outcomes import Outcome
-from dpvoip.pool import HealingPool
-from dpvoip.store import Store
-from dpvoip.texts import Texts
-from dpvoip.tracker import CallTracker, Ended
+from dpvoip.core.happenings import Ended
+from dpvoip.core.numbers import Dialling
+from dpvoip.core.outcomes import Outcome
+from dpvoip.core.texts import Texts
+from dpvoip.deferreds import OneShotObserver
+from dpvoip.fritzbox.box import rules_for
+from dpvoip.fritzbox.parser import parse
+from dpvoip.fritzbox.tracker import CallTracker
+from dpvoip.store.database import Store
+from dpvoip.store.directory import DirectoryIndex
+from dpvoip.store.dsn import connection_dsn
+from dpvoip.store.migrations import SchemaReport, prepare
+from dpvoip.store.pool import HealingPool
 from test.support.crm import Crm
 from test.support.postgres import postgres
 
@@ -54,8 +56,9 @@ class IngestTestCase(TestCase):
         self.store = Store(pool, reactor)
         where = Dialling("GR")
         self.index = DirectoryIndex(self.store, "public", where, own_numbers=OWN)
+        self.schema: OneShotObserver[SchemaReport] = OneShotObserver()
         self.ingest = Ingest(self.store, self.index, Texts("en"), self.tickets,
-                             ZoneInfo("Europe/Athens"))
+                             ZoneInfo("Europe/Athens"), self.schema)
         settings = replace(FritzBoxSettings(), own_numbers=OWN)
         self.rules = rules_for(settings, frozenset(self.index.own_numbers))
         self.origin = Origin("office", where, self.rules)
@@ -63,8 +66,8 @@ class IngestTestCase(TestCase):
 
         async def ready() -> None:
             await pool.start()
-            self.store.schema = await self.store.write(
-                lambda c: prepare(c, standalone=False, crm_schema="public"))
+            self.schema.fire(await self.store.write(
+                lambda c: prepare(c, standalone=False, crm_schema="public")))
 
         return defer.Deferred.fromCoroutine(ready())
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dpvoip.numbers import WITHHELD, Dialling, is_withheld, normalise
+from dpvoip.core.numbers import WITHHELD, Dialling, is_withheld, normalise
 
 #: Where each country's office or box is: its region and one real local area code.
 AREA_CODES = {"GR": "210", "DE": "30", "AT": "1", "CH": "44", "GB": "20", "US": "415"}

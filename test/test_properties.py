@@ -51,29 +51,21 @@ from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.test.requesthelper import DummyChannel
 
-from dpvoip.callmonitor import BadLine, Call, Connect, Disconnect, Event, Ring, parse
+from dpvoip.calls.ingest import ZadarmaContext, ZadarmaOutcome
 from dpvoip.config import Secret, WebSettings
-from dpvoip.directory import Match
-from dpvoip.ingest import ZadarmaContext, ZadarmaOutcome
-from dpvoip.numbers import Dialling
-from dpvoip.outcomes import Outcome
-from dpvoip.sources import networks
-from dpvoip.tracker import (
-    Answered,
-    BoxRules,
-    CallTracker,
-    Ended,
-    Forwarded,
-    Happening,
-    Started,
-    Unmatched,
-)
+from dpvoip.core.happenings import Answered, Ended, Forwarded, Happening, Started, Unmatched
+from dpvoip.core.matching import Match
+from dpvoip.core.numbers import Dialling
+from dpvoip.core.outcomes import Outcome
+from dpvoip.fritzbox.parser import BadLine, Call, Connect, Disconnect, Event, Ring, parse
+from dpvoip.fritzbox.tracker import BoxRules, CallTracker
 from dpvoip.web.app import Readiness, WebApp
 from dpvoip.web.errors import HttpError
 from dpvoip.web.server import DpvoipSite
+from dpvoip.web.sources import networks
 from dpvoip.web.zadarma import WebhookCounters, ZadarmaWebhook
-from dpvoip.zadarma_events import KNOWN, BadEvent, UnknownEvent, ZadarmaEvent, parse_event
-from dpvoip.zadarma_signing import signed_string, webhook_signature
+from dpvoip.zadarma.events import KNOWN, BadEvent, UnknownEvent, ZadarmaEvent, parse_event
+from dpvoip.zadarma.signing import signed_string, webhook_signature
 
 T = TypeVar("T")
 

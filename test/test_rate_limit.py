@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dpvoip.rate_limit import RateLimiter
+from dpvoip.core.rate_limit import RateLimiter
 
 
 def test_the_limit_is_reached_and_freed_exactly_a_window_later() -> None:

@@ -9,11 +9,11 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dpvoip.config import DatabaseSettings
-from dpvoip.crm_schema import REQUIRED, capabilities, missing
-from dpvoip.dsn import connection_dsn
-from dpvoip.migrations import MIGRATIONS, SHIPPED_DDL, SchemaMismatch, SchemaReport, prepare
-from dpvoip.pool import HealingPool
-from dpvoip.store import Store
+from dpvoip.crm.schema import REQUIRED, capabilities, missing
+from dpvoip.store.database import Store
+from dpvoip.store.dsn import connection_dsn
+from dpvoip.store.migrations import MIGRATIONS, SHIPPED_DDL, SchemaMismatch, SchemaReport, prepare
+from dpvoip.store.pool import HealingPool
 from test.support.postgres import postgres, query
 
 _COLUMNS = (
@@ -52,7 +52,7 @@ class RequirementTests(SynchronousTestCase):
         shared = Path(__file__).resolve().parents[2] / "shared" / "crm"
         if not shared.is_dir():
             self.skipTest("../shared/crm is not beside this checkout")
-        package = Path(__file__).resolve().parents[1] / "dpvoip" / "sql"
+        package = Path(__file__).resolve().parents[1] / "dpvoip" / "crm" / "sql"
         for name in SHIPPED_DDL:
             self.assertEqual((package / name).read_bytes(), (shared / name).read_bytes(), name)
 

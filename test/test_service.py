@@ -18,9 +18,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from dpvoip.config import Config, DatabaseSettings, Secret, WebSettings
-from dpvoip.embedded import EmbeddedPostgres
-from dpvoip.migrations import MIGRATIONS
 from dpvoip.service import ExitStatus, OrderedServices, build
+from dpvoip.store.embedded import EmbeddedPostgres
+from dpvoip.store.migrations import MIGRATIONS
 from dpvoip.web.errors import HttpError, media_type, require_media_type
 from test.support.postgres import query
 from test.test_database import eventually
@@ -195,7 +195,7 @@ class InProcessDaemonTests(TestCase):
 
 
 def _ddl(version: str) -> str:
-    from dpvoip.migrations import ddl_text
+    from dpvoip.store.migrations import ddl_text
 
     return ddl_text(f"dpeconomy-{version}.sql")
 

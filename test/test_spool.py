@@ -32,8 +32,8 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from dpvoip import spool as spool_module
-from dpvoip.spool import (
+from dpvoip.spool import journal as spool_module
+from dpvoip.spool.journal import (
     HEADER,
     MAGIC,
     MARK_NAME,
@@ -471,7 +471,7 @@ def test_a_failed_write_or_fsync_is_not_acknowledged_and_nothing_later_is_lost(
 CHILD = r"""
 import sys
 from pathlib import Path
-from dpvoip.spool import Spool
+from dpvoip.spool.journal import Spool
 
 folder, tag = Path(sys.argv[1]), sys.argv[2]
 spool = Spool(folder, segment_bytes=2048)

@@ -28,9 +28,9 @@ from dpvoip.config import (
     ZadarmaSettings,
 )
 from dpvoip.service import build
-from dpvoip.spool import Spool
-from dpvoip.spool_records import zadarma_record
-from dpvoip.zadarma_signing import webhook_signature
+from dpvoip.spool.journal import Spool
+from dpvoip.spool.records import zadarma_record
+from dpvoip.zadarma.signing import webhook_signature
 from test.support.daemon import scratch
 
 SECRET = "bound-secret"

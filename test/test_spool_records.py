@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from dpvoip.outcomes import Outcome
-from dpvoip.spool_records import BadRecord, fritz_record, read_record, zadarma_record
-from dpvoip.tracker import Answered, Ended, Forwarded, Happening, Started, Unmatched
+from dpvoip.core.happenings import Answered, Ended, Forwarded, Happening, Started, Unmatched
+from dpvoip.core.outcomes import Outcome
+from dpvoip.spool.records import BadRecord, fritz_record, read_record, zadarma_record
 
 AT = datetime(2026, 1, 15, 8, 0, 5, tzinfo=UTC)
 HAPPENINGS: list[Happening] = [

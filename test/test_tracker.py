@@ -8,19 +8,10 @@ from zoneinfo import ZoneInfo
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dpvoip.callmonitor import BadLine, Call, Connect, Disconnect, Ring, parse
-from dpvoip.outcomes import Outcome
-from dpvoip.tracker import (
-    Answered,
-    BoxRules,
-    CallTracker,
-    Ended,
-    Forwarded,
-    Happening,
-    Started,
-    Unmatched,
-    call_id,
-)
+from dpvoip.core.happenings import Answered, Ended, Forwarded, Happening, Started, Unmatched
+from dpvoip.core.outcomes import Outcome
+from dpvoip.fritzbox.parser import BadLine, Call, Connect, Disconnect, Ring, parse
+from dpvoip.fritzbox.tracker import BoxRules, CallTracker, call_id
 
 ATHENS = ZoneInfo("Europe/Athens")
 

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from dpvoip.zadarma_account import account_zone
+from dpvoip.zadarma.account import account_zone
 
 ATHENS = ZoneInfo("Europe/Athens")
 WINTER = datetime(2026, 1, 15, 10, 0, tzinfo=UTC)

@@ -34,13 +34,14 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from dpvoip.zadarma_account import (
+from dpvoip.testing.zadarma import RECORD_BASE, Fault, ZadarmaFake
+from dpvoip.zadarma.account import (
     REFRESH_SECONDS,
     RETRY_SECONDS,
     ZadarmaAccountService,
     http_pool_and_agent,
 )
-from dpvoip.zadarma_api import (
+from dpvoip.zadarma.api import (
     API_URL,
     MAX_ANSWER_BYTES,
     SANDBOX_URL,
@@ -55,7 +56,6 @@ from dpvoip.zadarma_api import (
     ZadarmaUnreachable,
     base_url,
 )
-from dpvoip.zadarma_fake import RECORD_BASE, Fault, ZadarmaFake
 from test.support.tls import make_authority
 from test.test_web import until
 

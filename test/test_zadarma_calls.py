@@ -7,9 +7,9 @@ from datetime import datetime
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dpvoip.outcomes import Outcome
-from dpvoip.zadarma_calls import ZadarmaCall, summarise
-from dpvoip.zadarma_events import ZadarmaEvent, parse_event
+from dpvoip.core.outcomes import Outcome
+from dpvoip.zadarma.calls import ZadarmaCall, summarise
+from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 
 START = "2024-01-01 10:00:00"
 PBX = "in_" + "a" * 40

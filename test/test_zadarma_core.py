@@ -28,9 +28,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dpvoip.sources import Network, allowed, client_address, networks
-from dpvoip.zadarma_events import BadEvent, UnknownEvent, ZadarmaEvent, call_id, parse_event
-from dpvoip.zadarma_signing import (
+from dpvoip.web.sources import Network, allowed, client_address, networks
+from dpvoip.zadarma.events import BadEvent, UnknownEvent, ZadarmaEvent, call_id, parse_event
+from dpvoip.zadarma.signing import (
     api_authorization,
     php_query,
     signed_string,

@@ -35,7 +35,7 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from dpvoip.zadarma_fake import (
+from dpvoip.testing.zadarma import (
     LIFETIME_DEFAULT,
     RECORD_BASE,
     Fault,
@@ -44,7 +44,7 @@ from dpvoip.zadarma_fake import (
     parse_utc_offset,
     serve,
 )
-from dpvoip.zadarma_signing import api_authorization, php_query
+from dpvoip.zadarma.signing import api_authorization, php_query
 from test.support.tls import Authority, make_authority
 from test.test_web import until
 

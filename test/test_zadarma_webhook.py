@@ -17,7 +17,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from dpvoip.config import Config, DatabaseSettings, Secret, WebSettings, ZadarmaSettings
 from dpvoip.service import Daemon, build
-from dpvoip.zadarma_signing import webhook_signature
+from dpvoip.zadarma.signing import webhook_signature
 from test.support.crm import Crm
 from test.support.daemon import scratch
 from test.support.postgres import postgres

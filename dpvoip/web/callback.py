@@ -22,12 +22,12 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from txpostgres.reconnection import ConnectionDead
 
-from dpvoip.click_to_call import CallbackOutcome, ClickToCall, Connection, NoRecording
-from dpvoip.logins import CrmUser, Logins, NotSignedIn
-from dpvoip.rate_limit import RateLimiter
-from dpvoip.sources import Network, client_address
+from dpvoip.click_to_call.callbacks import CallbackOutcome, ClickToCall, Connection, NoRecording
+from dpvoip.click_to_call.logins import CrmUser, Logins, NotSignedIn
+from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.web.errors import HttpError, error_body, json_body, media_type
-from dpvoip.zadarma_api import ZadarmaApiError
+from dpvoip.web.sources import Network, client_address
+from dpvoip.zadarma.api import ZadarmaApiError
 
 log = Logger()
 

@@ -18,13 +18,13 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET
 
+from dpvoip.calls.ingest import ZadarmaContext, ZadarmaOutcome
 from dpvoip.config import Secret
-from dpvoip.durable import NotRecorded
-from dpvoip.ingest import ZadarmaContext, ZadarmaOutcome
-from dpvoip.sources import Network, allowed, client_address
+from dpvoip.spool.durable import NotRecorded
 from dpvoip.web.errors import INTERNAL_ERROR, HttpError, error_answer, require_media_type
-from dpvoip.zadarma_events import BadEvent, UnknownEvent, ZadarmaEvent, parse_event
-from dpvoip.zadarma_signing import verify_webhook
+from dpvoip.web.sources import Network, allowed, client_address
+from dpvoip.zadarma.events import BadEvent, UnknownEvent, ZadarmaEvent, parse_event
+from dpvoip.zadarma.signing import verify_webhook
 
 log = Logger(namespace="dpvoip.zadarma")
 FORM = "application/x-www-form-urlencoded"

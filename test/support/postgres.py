@@ -16,8 +16,8 @@ from typing import Any
 
 import psycopg2
 
-from dpvoip.embedded import EmbeddedPostgres
-from dpvoip.migrations import SHIPPED_DDL, ddl_text
+from dpvoip.store.embedded import EmbeddedPostgres
+from dpvoip.store.migrations import SHIPPED_DDL, ddl_text
 
 _server: TestPostgres | None = None
 _names = itertools.count(1)

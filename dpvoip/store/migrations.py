@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from dpvoip.crm_schema import REQUIRED, CrmCapabilities, capabilities, missing
+from dpvoip.crm.schema import REQUIRED, CrmCapabilities, capabilities, missing
 
 #: The CRM version dpvoip creates in standalone mode (a copy of the CRM's own DDL).
 STANDALONE_DDL = "dpeconomy-2025-12.sql"
@@ -204,7 +204,7 @@ class SchemaReport:
 
 
 def ddl_text(name: str) -> str:
-    return resources.files("dpvoip").joinpath("sql", name).read_text(encoding="utf-8")
+    return resources.files("dpvoip.crm").joinpath("sql", name).read_text(encoding="utf-8")
 
 
 async def read_catalogue(cursor: Any, schema: str) -> dict[str, set[str]]:

@@ -27,14 +27,15 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dpvoip.callmonitor import BadLine, parse
+from dpvoip.calls.ingest import Origin
 from dpvoip.config import FritzBoxSettings
-from dpvoip.ingest import Origin
-from dpvoip.numbers import Dialling, normalise
+from dpvoip.core.happenings import Happening
+from dpvoip.core.numbers import Dialling, normalise
+from dpvoip.fritzbox.parser import BadLine, parse
+from dpvoip.fritzbox.tracker import BoxRules, CallTracker
 from dpvoip.protocols.callmonitor import CallMonitorProtocol
-from dpvoip.tracker import BoxRules, CallTracker, Happening
 
-log = Logger(namespace="dpvoip.fritzbox")
+log = Logger(namespace="dpvoip.fritzbox.box")
 
 #: TCP keepalive: first probe after 60 s of silence, then every 10 s, dead after 3.
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 10, 3

@@ -24,13 +24,15 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from txpostgres.reconnection import ConnectionDead
 
-from dpvoip.ingest import Ingest, Origin, ZadarmaContext, ZadarmaOutcome
-from dpvoip.numbers import Dialling
-from dpvoip.spool import AsyncSpool, SpoolFull
-from dpvoip.spool_records import fritz_record, read_record, zadarma_record
-from dpvoip.store import Store, shield, within
-from dpvoip.tracker import Happening
-from dpvoip.zadarma_events import ZadarmaEvent, parse_event
+from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext, ZadarmaOutcome
+from dpvoip.core.happenings import Happening
+from dpvoip.core.numbers import Dialling
+from dpvoip.deferreds import OneShotObserver
+from dpvoip.spool.journal import AsyncSpool, SpoolFull
+from dpvoip.spool.records import fritz_record, read_record, zadarma_record
+from dpvoip.store.database import Store, shield, within
+from dpvoip.store.migrations import SchemaReport
+from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 
 log = Logger()
 T = TypeVar("T")
@@ -54,12 +56,14 @@ class DurableCounters:
 
 
 class DurableIngest:
-    def __init__(self, ingest: Ingest, spool: AsyncSpool, store: Store, clock: Any,
+    def __init__(self, ingest: Ingest, spool: AsyncSpool, store: Store,
+                 schema: OneShotObserver[SchemaReport], clock: Any,
                  origins: Mapping[str, Origin], zadarma: Callable[[], ZadarmaContext],
                  region: str, deadline: float = 2.0) -> None:
         self._ingest = ingest
         self._spool = spool
         self._store = store
+        self._schema = schema
         self._clock = clock
         self._origins = origins
         self._zadarma = zadarma
@@ -98,7 +102,7 @@ class DurableIngest:
 
     async def _durably(self, work: Callable[[], Deferred[T]], record: Callable[[], bytes],
                        spooled_result: T) -> T:
-        if self._spooling or self._store.schema is None:
+        if self._spooling or not self._schema.fired:
             return await self._to_spool(record, spooled_result, "spool not empty")
         attempt = work()
         try:
@@ -155,7 +159,7 @@ class DurableIngest:
         return self._replaying
 
     async def _replay(self) -> bool:
-        if self._store.schema is None:
+        if not self._schema.fired:
             return False
         while True:
             seen = self._appended

@@ -13,8 +13,8 @@ from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
-from dpvoip.outcomes import Outcome
-from dpvoip.tracker import Answered, Ended, Forwarded, Happening, Started, Unmatched
+from dpvoip.core.happenings import Answered, Ended, Forwarded, Happening, Started, Unmatched
+from dpvoip.core.outcomes import Outcome
 
 _KINDS: dict[str, type[Any]] = {
     cls.__name__: cls for cls in (Started, Answered, Forwarded, Ended, Unmatched)

@@ -26,8 +26,8 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
-from dpvoip.rate_limit import RateLimiter
-from dpvoip.zadarma_signing import api_authorization, php_query
+from dpvoip.core.rate_limit import RateLimiter
+from dpvoip.zadarma.signing import api_authorization, php_query
 
 log = Logger()
 

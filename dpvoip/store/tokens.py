@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from dpvoip.crm_logins import new_api_token
-from dpvoip.crm_schema import quote_ident
-from dpvoip.store import Store
+from dpvoip.crm.logins import new_api_token
+from dpvoip.crm.schema import quote_ident
+from dpvoip.store.database import Store
 
 
 class TokenError(Exception):

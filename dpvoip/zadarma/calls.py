@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from dpvoip.outcomes import Outcome
-from dpvoip.zadarma_events import ZadarmaEvent
+from dpvoip.core.outcomes import Outcome
+from dpvoip.zadarma.events import ZadarmaEvent
 
 #: Dispositions that mean the other side never picked up (as opposed to a failure).
 _UNANSWERED = frozenset({"busy", "cancel", "no answer"})

@@ -19,8 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from dpvoip.migrations import SchemaReport
-from dpvoip.pool import (
+from dpvoip.store.pool import (
     HealingPool,
     ensure_prepared,
     positional,
@@ -141,7 +140,6 @@ def race(clock: IReactorTime, work: Deferred[T], seconds: float, fallback: T) ->
 class DatabaseState:
     reachable: bool
     live_connections: int
-    schema: SchemaReport | None
 
 
 class Store:
@@ -151,7 +149,6 @@ class Store:
         self.pool = pool
         self._clock = clock
         self._in_flight: set[Deferred[Any]] = set()
-        self.schema: SchemaReport | None = None
 
     def write(self, interaction: Callable[[Any], Awaitable[T]]) -> Deferred[T]:
         """Run ``interaction`` in a transaction that commits even if the caller gives up."""
@@ -215,7 +212,7 @@ class Store:
         probe = self.pool.run_query("SELECT 1")
         reached = race(self._clock, probe.addCallback(lambda _: True), timeout, False)
         return reached.addCallback(
-            lambda ok: DatabaseState(bool(ok), self.pool.live, self.schema)
+            lambda ok: DatabaseState(bool(ok), self.pool.live)
         )
 
     @property

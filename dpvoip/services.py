@@ -16,9 +16,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from dpvoip.config import DirectorySettings
-from dpvoip.directory_index import DirectoryIndex
+from dpvoip.store.directory import DirectoryIndex
 
-log = Logger(namespace="dpvoip.directory")
+log = Logger(namespace="dpvoip.core.matching")
 
 
 #: Tables the statistics show untouched are skipped; every so often all are read anyway

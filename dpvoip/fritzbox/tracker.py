@@ -17,71 +17,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-from dpvoip.callmonitor import Call, Connect, Disconnect, Event, Ring
-from dpvoip.outcomes import FAX_EXTENSION, Outcome, notes
+from dpvoip.core.happenings import (
+    Answered,
+    Ended,
+    Forwarded,
+    Happening,
+    Started,
+    Unmatched,
+)
+from dpvoip.core.outcomes import FAX_EXTENSION, Outcome, notes
+from dpvoip.fritzbox.parser import Call, Connect, Disconnect, Event, Ring
 
 
 def call_id(box: str, started: datetime, conn_id: int) -> str:
     """dpvoip's stable id of a Fritz!Box call: box, box-local start time, connection id."""
     return f"fb-{box}-{started:%Y%m%d%H%M%S}-{conn_id}"
-
-
-@dataclass(frozen=True)
-class Started:
-    call_id: str
-    box: str
-    conn_id: int
-    direction: str  # "incoming" | "outgoing"
-    remote: str  # the remote party's number as the box sent it ('' when withheld)
-    own_number: str
-    line: str
-    extension: int | None  # the extension that dialled (outgoing)
-    at: datetime  # UTC
-    hairpin: bool = False
-
-
-@dataclass(frozen=True)
-class Answered:
-    call_id: str
-    extension: int
-    at: datetime
-    transfer: bool = False  # a second CONNECT: picked up or transferred elsewhere
-
-
-@dataclass(frozen=True)
-class Forwarded:
-    """The box forwards a ringing call to an external number (a CALL on its id)."""
-
-    call_id: str
-    to_number: str
-    at: datetime
-
-
-@dataclass(frozen=True)
-class Ended:
-    call_id: str
-    outcome: Outcome
-    duration: int
-    at: datetime
-    extension: int | None
-    notes: str
-
-
-@dataclass(frozen=True)
-class Unmatched:
-    """A CONNECT or DISCONNECT for an id this tracker never saw start (after a reconnect
-    or a restart): the ingest looks for a plausible open call of the box to close."""
-
-    box: str
-    conn_id: int
-    at: datetime
-    local_at: datetime
-    kind: str  # "CONNECT" | "DISCONNECT"
-    extension: int | None = None
-    duration: int = 0
-
-
-Happening = Started | Answered | Forwarded | Ended | Unmatched
 
 
 @dataclass(frozen=True)

@@ -24,28 +24,22 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from dpvoip.config import TicketSettings
-from dpvoip.crm_schema import CrmCapabilities, quote_ident
-from dpvoip.directory import Match
-from dpvoip.directory_index import DirectoryIndex
-from dpvoip.numbers import Dialling, is_withheld, normalise
-from dpvoip.outcomes import Outcome, notes, talk_time
-from dpvoip.store import Batch, Store
-from dpvoip.texts import Texts, grouped_title, missed_title
-from dpvoip.tracker import (
-    Answered,
-    BoxRules,
-    Ended,
-    Forwarded,
-    Happening,
-    Started,
-    Unmatched,
-    decide,
-)
-from dpvoip.zadarma_calls import ZadarmaCall, summarise
-from dpvoip.zadarma_events import ZadarmaEvent, parse_event
-from dpvoip.zadarma_events import call_id as zadarma_call_id
+from dpvoip.core.happenings import Answered, Ended, Forwarded, Happening, Started, Unmatched
+from dpvoip.core.matching import Match
+from dpvoip.core.numbers import Dialling, is_withheld, normalise
+from dpvoip.core.outcomes import Outcome, notes, talk_time
+from dpvoip.core.texts import Texts, grouped_title, missed_title
+from dpvoip.crm.schema import CrmCapabilities, quote_ident
+from dpvoip.deferreds import OneShotObserver
+from dpvoip.fritzbox.tracker import BoxRules, decide
+from dpvoip.store.database import Batch, Store
+from dpvoip.store.directory import DirectoryIndex
+from dpvoip.store.migrations import SchemaReport
+from dpvoip.zadarma.calls import ZadarmaCall, summarise
+from dpvoip.zadarma.events import ZadarmaEvent, parse_event
+from dpvoip.zadarma.events import call_id as zadarma_call_id
 
-log = Logger(namespace="dpvoip.ingest")
+log = Logger(namespace="dpvoip.calls.ingest")
 T = TypeVar("T")
 
 #: How far back a CONNECT/DISCONNECT of an unknown id may find the call it belongs to.
@@ -106,9 +100,11 @@ class Ingest:
         texts: Texts,
         tickets: TicketSettings,
         office_zone: ZoneInfo,
+        schema: OneShotObserver[SchemaReport],
         crm_schema: str = "public",
     ) -> None:
         self._store = store
+        self._schema = schema
         self._directory = directory
         self._texts = texts
         self._tickets = tickets
@@ -169,8 +165,8 @@ class Ingest:
 
     @property
     def _capabilities(self) -> CrmCapabilities:
-        schema = self._store.schema
-        return schema.crm if schema is not None else CrmCapabilities()
+        prepared = self._schema.peek()
+        return prepared.crm if prepared is not None else CrmCapabilities()
 
     def _log_lines(self, call: str, count: int) -> str:
         """INSERT of ``count`` call-log lines for the call row of CTE ``call`` (id, call_id,

@@ -15,13 +15,13 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from dpvoip.crm_schema import quote_ident
-from dpvoip.dialling_policy import DiallingPolicy
-from dpvoip.logins import CrmUser
-from dpvoip.numbers import Dialling, without_formatting
-from dpvoip.rate_limit import RateLimiter
-from dpvoip.store import Store
-from dpvoip.zadarma_api import ZadarmaApi, ZadarmaApiError, ZadarmaRefused
+from dpvoip.click_to_call.logins import CrmUser
+from dpvoip.core.dialling_policy import DiallingPolicy
+from dpvoip.core.numbers import Dialling, without_formatting
+from dpvoip.core.rate_limit import RateLimiter
+from dpvoip.crm.schema import quote_ident
+from dpvoip.store.database import Store
+from dpvoip.zadarma.api import ZadarmaApi, ZadarmaApiError, ZadarmaRefused
 
 log = Logger()
 

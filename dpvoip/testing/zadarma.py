@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from dpvoip.zadarma_signing import api_authorization
+from dpvoip.zadarma.signing import api_authorization
 
 RATE_LIMIT = 100
 """Requests a key may make per window: Zadarma's general limit."""

@@ -18,7 +18,7 @@ import phonenumbers
 import pycountry
 from phonenumbers import PhoneNumberFormat, PhoneNumberType
 
-from dpvoip.numbers import Dialling, normalise
+from dpvoip.core.numbers import Dialling, normalise
 
 #: The region code ``phonenumbers`` gives numbers of no country (+800, +870, +882, ...).
 NON_GEOGRAPHIC = "001"

@@ -22,7 +22,7 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
-from dpvoip.zadarma_api import ZadarmaApi, ZadarmaApiError
+from dpvoip.zadarma.api import ZadarmaApi, ZadarmaApiError
 
 log = Logger()
 

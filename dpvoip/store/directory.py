@@ -19,8 +19,7 @@ from psycopg2 import sql
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from dpvoip.crm_schema import quote_ident
-from dpvoip.directory import (
+from dpvoip.core.matching import (
     SOURCE_BY_NAME,
     SOURCES,
     Candidate,
@@ -30,10 +29,11 @@ from dpvoip.directory import (
     confirmed,
     entries,
 )
-from dpvoip.numbers import Dialling, normalise
-from dpvoip.store import Batch, Store
+from dpvoip.core.numbers import Dialling, normalise
+from dpvoip.crm.schema import quote_ident
+from dpvoip.store.database import Batch, Store
 
-log = Logger(namespace="dpvoip.directory")
+log = Logger(namespace="dpvoip.core.matching")
 
 
 @dataclass

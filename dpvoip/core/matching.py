@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from dpvoip.numbers import Dialling, normalise
+from dpvoip.core.numbers import Dialling, normalise
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.web.iweb import IRequest
 
 from dpvoip.config import Secret
-from dpvoip.crm_logins import (
+from dpvoip.crm.logins import (
     LoginRefused,
     api_token_hash,
     bearer_token,
@@ -23,8 +23,8 @@ from dpvoip.crm_logins import (
     read_session,
     session_hash_matches,
 )
-from dpvoip.crm_schema import quote_ident
-from dpvoip.store import Store
+from dpvoip.crm.schema import quote_ident
+from dpvoip.store.database import Store
 
 _SESSION_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 
