@@ -8,26 +8,51 @@ is the daemon's own, never prometheus_client's global one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 
+class Counted(Protocol):
+    """An object that keeps its counters in a dataclass named ``counters``."""
+
+    @property
+    def counters(self) -> Any: ...
+
+
+class Spool(Protocol):
+    def state(self) -> Any: ...  # SpoolState
+
+
+class Durable(Counted, Protocol):
+    @property
+    def spooling(self) -> bool: ...
+
+
+class Box(Protocol):
+    @property
+    def status(self) -> Any: ...  # BoxStatus
+
+
+class Directory(Protocol):
+    @property
+    def state(self) -> Any: ...  # IndexState
+
+
 @dataclass(frozen=True)
 class Sources:
-    """Where each figure is read from (callables, so that the values are current)."""
+    """The objects each figure is read from, at each scrape (so the values are current)."""
 
-    spool: Callable[[], Any]  # SpoolState
-    spooling: Callable[[], bool]
-    durable: Callable[[], Any]  # DurableCounters
-    ingest: Callable[[], Any]  # IngestCounters
-    webhook: Callable[[], Any]  # WebhookCounters
-    boxes: Callable[[], Iterable[Any]]  # BoxStatus of each box
-    directory_entries: Callable[[], int]
+    spool: Spool
+    durable: Durable
+    ingest: Counted
+    webhook: Counted
+    boxes: Sequence[Box]
+    directory: Directory
 
 
 class DaemonCollector(Collector):
@@ -36,7 +61,7 @@ class DaemonCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self._sources
-        spool = s.spool()
+        spool = s.spool.state()
         yield _gauge("dpvoip_spool_pending_events", "Events spooled, not yet in PostgreSQL.",
                      spool.pending)
         yield _gauge("dpvoip_spool_bytes", "Bytes the spool holds on disk.", spool.bytes)
@@ -44,11 +69,11 @@ class DaemonCollector(Collector):
                      spool.limit)
         yield _gauge("dpvoip_spool_alarm", "1 when the spool is nearly full.", int(spool.alarm))
         yield _gauge("dpvoip_spooling", "1 while new events go to the spool.",
-                     int(s.spooling()))
+                     int(s.durable.spooling))
         yield _counters("dpvoip_events", "Events by the path they took to the database.",
-                        "path", asdict(s.durable()))
-        yield _counters("dpvoip_ingest", "What the ingest did.", "what", asdict(s.ingest()))
-        webhook = asdict(s.webhook())
+                        "path", asdict(s.durable.counters))
+        yield _counters("dpvoip_ingest", "What the ingest did.", "what", asdict(s.ingest.counters))
+        webhook = asdict(s.webhook.counters)
         refused: Mapping[int, int] = webhook.pop("refused")
         yield _counters("dpvoip_zadarma_webhooks", "Zadarma webhook requests.", "outcome",
                         webhook)
@@ -61,7 +86,7 @@ class DaemonCollector(Collector):
                                     labels=["box", "kind"])
         reconnects = CounterMetricFamily("dpvoip_fritzbox_reconnects",
                                          "Connections lost and made again.", labels=["box"])
-        for box in s.boxes():
+        for box in (b.status for b in s.boxes):
             connected.add_metric([box.name], int(box.connected))
             lines.add_metric([box.name, "good"], box.lines - box.bad_lines)
             lines.add_metric([box.name, "bad"], box.bad_lines)
@@ -70,7 +95,7 @@ class DaemonCollector(Collector):
         yield lines
         yield reconnects
         yield _gauge("dpvoip_directory_entries", "Numbers in the phone directory.",
-                     s.directory_entries())
+                     s.directory.state.entries)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -93,3 +118,13 @@ def registry(sources: Sources) -> CollectorRegistry:
 
 def exposition(own: CollectorRegistry) -> bytes:
     return generate_latest(own)
+
+
+class DaemonMetrics:
+    """The ``/metrics`` page: the daemon's own registry, rendered at each scrape."""
+
+    def __init__(self, sources: Sources) -> None:
+        self._registry = registry(sources)
+
+    def exposition(self) -> bytes:
+        return exposition(self._registry)

@@ -1,47 +1,261 @@
-"""Keeps the phone directory's index fresh while dpvoip runs.
+"""dpvoip's own services: how the daemon starts, stops and ends, and the long-lived work it
+owns (the private PostgreSQL, the database and its schema, the phone directory).
 
-Once the schema is prepared: build the index if it was never built (or the region
-changed), else catch up on what changed while dpvoip was stopped; then re-read edited
-records every ``refresh_seconds`` and sweep deleted ones every ``sweep_seconds``. A failed
-pass is logged and counted and the next one tries again: the loop never dies.
+The composition root (``dpvoip.service``) builds them; nothing here builds another
+service or reaches for a global reactor: what each needs is handed in.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
+import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import Service
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from dpvoip.config import DirectorySettings
+from dpvoip.config import Config, DirectorySettings
+from dpvoip.core.errors import summary
+from dpvoip.deferreds import OneShotObserver
+from dpvoip.store.database import Store
 from dpvoip.store.directory import DirectoryIndex
+from dpvoip.store.embedded import EmbeddedPostgres
+from dpvoip.store.migrations import SchemaMismatch, SchemaReport, prepare
 
-log = Logger(namespace="dpvoip.core.matching")
+log = Logger(namespace="dpvoip")
+
+
+class ExitStatus:
+    """How the process ends: 0 after SIGTERM or a clean stop, 1 after a fatal error.
+
+    twistd re-raises SIGTERM on itself after a clean shutdown (exit status 143); an
+    administrator's `systemctl stop` or `kill` is a normal stop, so it exits 0 here.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self.code = 0
+        self.message = ""
+        reactor.addSystemEventTrigger("after", "shutdown", self._settle)
+
+    def fatal(self, message: str) -> None:
+        if self.code == 0:
+            self.code, self.message = 1, message
+            log.critical("dpvoip cannot run: {message}", message=message)
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def _settle(self) -> None:
+        # Private twistd/reactor contract: a signal stored here is re-raised after the run.
+        self._reactor._exitSignal = None
+        if self.code:
+            code = self.code
+            sys.stderr.write(f"dpvoip: {self.message}\n")
+
+            def leave() -> None:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+
+            atexit.register(leave)
+
+
+class OrderedServices(MultiService):
+    """Children start one after the other, in order, and stop in the reverse order."""
+
+    def __init__(self, exit_status: ExitStatus) -> None:
+        super().__init__()
+        self._exit = exit_status
+        self.started: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        Service.startService(self)
+        Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        for child in list(self):
+            try:
+                await defer.maybeDeferred(child.startService)
+            except Exception as error:
+                self._exit.fatal(f"{getattr(child, 'name', child)} failed to start: {error}")
+                return
+        # What start-up loaded (libraries, number metadata) lives as long as the process:
+        # keep it out of the collector's full passes, which would stall calls for tens of ms.
+        gc.collect()
+        gc.freeze()
+        self.started.callback(None)
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        for child in reversed(list(self)):
+            if not child.running:
+                continue
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {name} failed", name=getattr(child, "name", child))
+
+
+class EmbeddedPostgresService(Service):
+    """Starts the private PostgreSQL (in a thread: initdb and pg_ctl block) and stops it."""
+
+    name = "embedded PostgreSQL"
+
+    def __init__(self, reactor: Any, cluster: EmbeddedPostgres) -> None:
+        self._reactor = reactor
+        self.cluster = cluster
+
+    def startService(self) -> Deferred[None]:
+        super().startService()
+        log.info("starting embedded PostgreSQL in {folder}", folder=str(self.cluster.folder))
+        return threads.deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), self.cluster.start
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return threads.deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), self.cluster.stop
+        )
+
+
+class Reconnections:
+    """The pool's news that a connection was lost or made again, passed on to whoever
+    listens.
+
+    Built before the pool (which is given ``notify``) and before the database service
+    (which subscribes): the pool must exist before the service that owns it, and the
+    service must hear the pool; with this in between, neither refers to the other.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def notify(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
+
+class DatabaseService(Service):
+    """Owns the pool: starts it (PostgreSQL may be down), prepares the schema once reachable,
+    and again tries whenever the pool reports a connection back."""
+
+    name = "database"
+
+    def __init__(self, store: Store, config: Config, exit_status: ExitStatus,
+                 schema: OneShotObserver[SchemaReport], reconnections: Reconnections,
+                 clock: IReactorTime) -> None:
+        self.store = store
+        self._config = config
+        self._exit = exit_status
+        self._schema = schema
+        self._clock = clock
+        self._preparing = False
+        reconnections.subscribe(self._reconnected)
+
+    def when_prepared(self) -> Deferred[None]:
+        """Fires once the schema is checked and migrated (at once if it already is)."""
+        return self._schema.when_fired().addCallback(lambda _: None)
+
+    def startService(self) -> Deferred[None]:
+        super().startService()
+        started = self.store.pool.start()
+        return started.addCallback(lambda _: self.try_prepare())
+
+    def _reconnected(self) -> None:
+        # Told from inside the pool's connection bookkeeping: prepare after it is done.
+        self._clock.callLater(0, self.try_prepare)
+
+    def try_prepare(self) -> None:
+        """Check and migrate the schema, once, as soon as PostgreSQL answers."""
+        if self._schema.fired or self._preparing or not self.running:
+            return
+        if self.store.pool.live == 0:
+            log.warn("PostgreSQL is not reachable yet; dpvoip is up but not ready")
+            return
+        self._preparing = True
+        standalone = self._config.standalone
+        schema = self._config.database.crm_schema
+        prepared = self.store.write(lambda c: prepare(c, standalone=standalone, crm_schema=schema))
+        prepared.addCallbacks(self._prepared, self._not_prepared)
+
+    def _prepared(self, report: SchemaReport) -> None:
+        self._preparing = False
+        self._schema.fire(report)
+        if report.created_crm_tables:
+            log.info("created the CRM tables of standalone mode (D.P. Economy 2025-12)")
+        log.info(
+            "database ready: {mode} mode, dpvoip schema version {version}"
+            "{applied}, CRM {crm}",
+            mode=report.mode, version=report.schema_version, crm=report.crm.version,
+            applied=f" (applied now: {list(report.applied_now)})" if report.applied_now else "",
+        )
+
+    def _not_prepared(self, failure: Failure) -> None:
+        self._preparing = False
+        if failure.check(SchemaMismatch):
+            self._exit.fatal(str(failure.value))
+            return
+        error = failure.value
+        assert error is not None  # a Failure always holds its exception
+        log.warn("schema preparation failed, will retry when the database is back: {error}",
+                 error=summary(error))
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        drained = self.store.drain(self._config.web.drain_timeout)
+        return drained.addCallback(lambda _: self.store.pool.close())
 
 
 #: Tables the statistics show untouched are skipped; every so often all are read anyway
 #: (statistics lag, and can be switched off).
 FULL_PASS_SECONDS = 300.0
 
+directory_log = Logger(namespace="dpvoip.core.matching")
+
 
 class DirectoryService(Service):
+    """Keeps the phone directory's index fresh while dpvoip runs.
+
+    Once the schema is prepared: build the index if it was never built (or the region
+    changed), else catch up on what changed while dpvoip was stopped; then re-read edited
+    records every ``refresh_seconds`` and sweep deleted ones every ``sweep_seconds``.
+
+    The beat is Twisted's ``TimerService``: its loop waits for a pass to finish before it
+    schedules the next one, so a pass still running (a big first build) makes the beats
+    that fall within it be skipped, and stopping waits for it. A failed pass is logged and
+    counted and the next beat tries again: a pass never fails the loop, so it never dies.
+    """
+
     name = "directory"
 
     def __init__(
         self,
         index: DirectoryIndex,
         settings: DirectorySettings,
-        clock: Any,
-        prepared: Any,
+        clock: IReactorTime,
+        prepared: Callable[[], Deferred[None]],
     ) -> None:
         self.index = index
         self._settings = settings
         self._clock = clock
         self._prepared = prepared
-        self._loop: LoopingCall | None = None
-        self._running_pass: Deferred[None] | None = None
+        self._timer = TimerService(settings.refresh_seconds, self._beat)
+        self._timer.clock = clock
         self._last_sweep = float("-inf")
         self._last_full = float("-inf")
 
@@ -50,38 +264,28 @@ class DirectoryService(Service):
         self._prepared().addCallback(lambda _: self._begin())
 
     def _begin(self) -> None:
-        if not self.running:
-            return
-        loop = LoopingCall(self._tick)
-        loop.clock = self._clock
-        self._loop = loop
-        loop.start(self._settings.refresh_seconds, now=True)
+        if self.running and not self._timer.running:
+            self._timer.startService()
 
-    def _tick(self) -> None:
-        if self._running_pass is not None:
-            return  # the previous pass is still running (a big first build): skip a beat
-        self._running_pass = Deferred.fromCoroutine(self._pass())
+    def _beat(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._pass()).addErrback(self._failed)
 
-        def done(result: Any) -> None:
-            self._running_pass = None
-            if hasattr(result, "getErrorMessage"):
-                self.index.state.errors += 1
-                log.warn("directory refresh failed, will retry: {error}",
-                         error=result.getErrorMessage())
-
-        self._running_pass.addBoth(done)
+    def _failed(self, failure: Failure) -> None:
+        self.index.state.errors += 1
+        directory_log.warn("directory refresh failed, will retry: {error}",
+                           error=failure.getErrorMessage())
 
     async def _pass(self) -> None:
         index = self.index
         started = self._clock.seconds()
         if not index.state.built and await index.needs_build():
-            log.info("building the phone directory from the CRM's records")
+            directory_log.info("building the phone directory from the CRM's records")
             rows = await index.build()
             index.state.last_build_seconds = self._clock.seconds() - started
             self._last_sweep = started
-            log.info("phone directory built: {entries} numbers from {rows} records in {s:.1f}s",
-                     entries=index.state.entries, rows=rows,
-                     s=index.state.last_build_seconds)
+            directory_log.info(
+                "phone directory built: {entries} numbers from {rows} records in {s:.1f}s",
+                entries=index.state.entries, rows=rows, s=index.state.last_build_seconds)
             return
         sweep = started - self._last_sweep >= self._settings.sweep_seconds
         force = started - self._last_full >= FULL_PASS_SECONDS
@@ -91,15 +295,12 @@ class DirectoryService(Service):
         if sweep:
             self._last_sweep = started
         if changed:
-            log.debug("phone directory: {n} records re-read", n=changed)
+            directory_log.debug("phone directory: {n} records re-read", n=changed)
 
     def stopService(self) -> Deferred[None] | None:
+        """Stops the beat; fires once a pass still running has finished."""
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        running = self._running_pass
-        if running is None:
+        if not self._timer.running:
             return None
-        waiter: Deferred[None] = Deferred()
-        running.addBoth(lambda _: waiter.callback(None))
-        return waiter
+        stopped: Deferred[None] = self._timer.stopService()
+        return stopped

@@ -18,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from dpvoip.config import Config, DatabaseSettings, Secret, WebSettings
-from dpvoip.service import ExitStatus, OrderedServices, build
+from dpvoip.service import build
+from dpvoip.services import ExitStatus, OrderedServices
 from dpvoip.store.embedded import EmbeddedPostgres
 from dpvoip.store.migrations import MIGRATIONS
 from dpvoip.web.errors import HttpError, media_type, require_media_type

@@ -2,17 +2,23 @@
 
 Routes never touch the database or the reactor themselves: what they need (here the
 readiness report) is passed in by the composition root.
+
+One request is not Klein's: ``POST /voip/zd/``, Zadarma's events, the one route under
+load (every step of every call). A front resource hands it straight to its handler
+(``WebhookResource``) and everything else to Klein; Klein's 405 answers still name POST
+among the methods that path allows.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 from klein import Klein
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
@@ -20,17 +26,11 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from zope.interface import implementer
 
 from dpvoip.web.callback import CallbackPages
-from dpvoip.web.errors import (
-    INTERNAL_ERROR,
-    HttpError,
-    error_answer,
-    error_body,
-    json_answer,
-    json_body,
-)
-from dpvoip.web.zadarma import WebhookResource, ZadarmaWebhook
+from dpvoip.web.errors import HttpError, error_answer, failure_answer, json_answer, json_body
+from dpvoip.web.zadarma import NOT_CONFIGURED, WebhookResource, ZadarmaWebhook
 
-log = Logger()
+#: Zadarma's events: the one request answered in front of Klein (``_Front``).
+EVENTS_METHOD, EVENTS_PATH = b"POST", b"/voip/zd/"
 
 
 @dataclass(frozen=True)
@@ -84,16 +84,11 @@ class WebApp:
 
     @app.route("/voip/zd/", methods=["GET", "HEAD"])
     def zadarma_echo(self, request: IRequest) -> bytes:
-        """Zadarma checks the URL with ?zd_echo=X and wants exactly X back, first of all."""
+        """Zadarma checks the URL with ?zd_echo=X and wants exactly X back, first of all.
+        (Its events, ``POST /voip/zd/``, are answered in front of Klein: ``_Front``.)"""
         if self._zadarma is None:
-            raise HttpError(404, "Zadarma webhooks are not configured")
+            raise HttpError(404, NOT_CONFIGURED)
         return self._zadarma.echo(request)
-
-    @app.route("/voip/zd/", methods=["POST"])
-    async def zadarma_event(self, request: IRequest) -> bytes:
-        if self._zadarma is None:
-            raise HttpError(404, "Zadarma webhooks are not configured")
-        return await self._zadarma.event(request)
 
     def _click_to_call(self) -> CallbackPages:
         if self._callback is None:
@@ -114,54 +109,50 @@ class WebApp:
     async def call_recording(self, request: IRequest, call: str) -> bytes:
         return await self._click_to_call().recording(request, call)
 
-    @app.handle_errors(HttpError)
-    def http_error(self, request: IRequest, failure: Failure) -> bytes:
-        error = failure.value
-        assert isinstance(error, HttpError)
-        return error_answer(request, error)
-
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
-        return json_answer(request, 404, error_body(404, "no such resource"))
+        return error_answer(request, HttpError(404, "no such resource"))
 
     @app.handle_errors(MethodNotAllowed)
     def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
-        allowed = sorted(getattr(error, "valid_methods", None) or [])
-        if allowed:
-            request.setHeader(b"Allow", ", ".join(allowed).encode())
+        allowed = set(getattr(error, "valid_methods", None) or ())
+        if _routed_path(request) == EVENTS_PATH.decode():
+            allowed.add(EVENTS_METHOD.decode())
+        headers = {"Allow": ", ".join(sorted(allowed))} if allowed else {}
         method = request.method.decode("ascii", "replace")
-        return json_answer(request, 405, error_body(405, f"method {method} not allowed here"))
+        return error_answer(request, HttpError(405, f"method {method} not allowed here",
+                                               headers))
 
     @app.handle_errors(HTTPException)
     def other_http(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         assert isinstance(error, HTTPException)
         status = error.code or 400
-        return json_answer(request, status, error_body(status, error.description or error.name))
+        return error_answer(request, HttpError(status, error.description or error.name))
 
     @app.handle_errors(Exception)
     def unexpected(self, request: IRequest, failure: Failure) -> bytes:
-        log.failure("unexpected error answering {path}", failure, path=_path(request))
-        return json_answer(request, 500, error_body(500, INTERNAL_ERROR))
+        """An HttpError a route raised, as it says; anything else a 500, details logged."""
+        return failure_answer(request, failure)
 
 
-def _path(request: IRequest) -> str:
+def _routed_path(request: IRequest) -> str:
+    """The path as Klein's routing reads it: percent-decoded, runs of slashes merged."""
     path: bytes = request.path
-    return path.decode("ascii", "replace")
+    return re.sub("/{2,}", "/", unquote(path.decode("ascii", "replace")))
 
 
 @implementer(IResource)
 class _Front:
-    """Zadarma's events, the one route under load (every step of every call), go straight
-    to their handler; everything else to Klein. Klein's routing and result handling cost
-    more than the event's own checks; the answers are the same (``WebhookResource``)."""
+    """``POST /voip/zd/`` straight to its handler; everything else to Klein. Klein's routing
+    and result handling cost more than the event's own checks."""
 
     isLeaf = True
 
     def __init__(self, app: IResource, zadarma: ZadarmaWebhook | None) -> None:
         self._app = app
-        self._events = WebhookResource(zadarma) if zadarma is not None else None
+        self._events = WebhookResource(zadarma)
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
         return self  # a leaf: never asked
@@ -170,7 +161,6 @@ class _Front:
         raise NotImplementedError("dpvoip's routes are Klein's")
 
     def render(self, request: IRequest) -> Any:
-        if self._events is not None and request.method == b"POST" and (
-                request.path == b"/voip/zd/"):
+        if request.method == EVENTS_METHOD and request.path == EVENTS_PATH:
             return self._events.render(request)
         return self._app.render(request)

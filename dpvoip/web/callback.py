@@ -25,7 +25,7 @@ from txpostgres.reconnection import ConnectionDead
 from dpvoip.click_to_call.callbacks import CallbackOutcome, ClickToCall, Connection, NoRecording
 from dpvoip.click_to_call.logins import CrmUser, Logins, NotSignedIn
 from dpvoip.core.rate_limit import RateLimiter
-from dpvoip.web.errors import HttpError, error_body, json_body, media_type
+from dpvoip.web.errors import HttpError, error_answer, json_body, media_type
 from dpvoip.web.sources import Network, client_address
 from dpvoip.zadarma.api import ZadarmaApiError
 
@@ -87,8 +87,7 @@ class CallbackPages:
         target = request.uri.decode("latin-1")
         login = f"{self.login_url}?next={quote(target, safe='')}"
         if wants_json:
-            body = {"error": refused.message, "status": 401, "login_url": login}
-            return _send(request, 401, "application/json; charset=utf-8", json_body(body))
+            return error_answer(request, HttpError(401, refused.message), login_url=login)
         page = (
             "<!doctype html><html><head><meta charset='utf-8'><title>Sign in</title></head>"
             f"<body><p>{html.escape(refused.message)}.</p>"
@@ -138,11 +137,9 @@ class CallbackPages:
         if outcome.retry_after is not None:
             request.setHeader(b"Retry-After", str(max(1, round(outcome.retry_after))).encode())
         if as_json:
-            if outcome.ok:
-                body = json_body({"ok": True, "message": outcome.message,
-                                  "number": outcome.number})
-            else:
-                body = error_body(outcome.status, outcome.message)
+            if not outcome.ok:
+                return error_answer(request, HttpError(outcome.status, outcome.message))
+            body = json_body({"ok": True, "message": outcome.message, "number": outcome.number})
             return _send(request, outcome.status, "application/json; charset=utf-8", body)
         text = outcome.message if outcome.ok else f"Error! {outcome.message}"
         return _send(request, outcome.status, "text/plain; charset=utf-8", text.encode())

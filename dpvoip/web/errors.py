@@ -1,4 +1,10 @@
-"""HTTP errors as JSON: one shape for every rejection, never a stack trace."""
+"""HTTP errors as JSON: one shape for every rejection, never a stack trace.
+
+Every JSON error dpvoip answers is rendered here: ``error_answer`` for a request a route
+or a resource answers (Klein's error handlers, the Zadarma webhook, click-to-call),
+``failure_answer`` for whatever a handler raised, and ``raw_response`` for the rejections
+the server writes before a request reaches any route. All three use ``error_body``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,11 @@ import json
 from http import HTTPStatus
 from typing import Any
 
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+
+log = Logger(namespace="dpvoip.web")
 
 
 class HttpError(Exception):
@@ -31,14 +41,32 @@ def json_answer(request: IRequest, status: int, body: bytes) -> bytes:
     return body
 
 
-def error_answer(request: IRequest, error: HttpError) -> bytes:
+def error_answer(request: IRequest, error: HttpError, **extra: Any) -> bytes:
+    """The JSON answer to ``error``: its status, its headers, the one error shape (with
+    ``extra`` fields after the usual two, for a client that can act on them)."""
     for name, value in error.headers.items():
         request.setHeader(name.encode(), value.encode())
-    return json_answer(request, error.status, error_body(error.status, error.message))
+    return json_answer(request, error.status, error_body(error.status, error.message, **extra))
 
 
-def error_body(status: int, message: str) -> bytes:
-    return json_body({"error": message, "status": status})
+def failure_answer(request: IRequest, failure: Failure) -> bytes:
+    """The answer to what a handler raised: an ``HttpError`` as it says; anything else a
+    500 whose details go to the log, never to the client."""
+    error = failure.value
+    if not isinstance(error, HttpError):
+        log.failure("unexpected error answering {method} {path}", failure,
+                    method=_text(request.method), path=_text(request.path))
+        error = HttpError(500, INTERNAL_ERROR)
+    return error_answer(request, error)
+
+
+def _text(raw: bytes | None) -> str:
+    return raw.decode("ascii", "replace") if raw else "-"
+
+
+def error_body(status: int, message: str, **extra: Any) -> bytes:
+    """The one error shape: ``{"error": message, "status": status, ...}``."""
+    return json_body({"error": message, "status": status, **extra})
 
 
 def json_body(data: Any) -> bytes:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import tzinfo
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -21,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET
 from dpvoip.calls.ingest import ZadarmaContext, ZadarmaOutcome
 from dpvoip.config import Secret
 from dpvoip.spool.durable import NotRecorded
-from dpvoip.web.errors import INTERNAL_ERROR, HttpError, error_answer, require_media_type
+from dpvoip.web.errors import HttpError, error_answer, failure_answer, require_media_type
 from dpvoip.web.sources import Network, allowed, client_address
 from dpvoip.zadarma.events import BadEvent, UnknownEvent, ZadarmaEvent, parse_event
 from dpvoip.zadarma.signing import verify_webhook
@@ -44,15 +45,49 @@ class WebhookCounters:
     refused: dict[int, int] = field(default_factory=dict)
 
 
-@dataclass
+class CurrentZadarmaContext:
+    """How the account's events are read now: the configured context, its zone replaced
+    when Zadarma states the account's zone (``ZadarmaAccountService``).
+
+    Built by the composition root before its readers (the webhook, and the spool's replay
+    of webhook events) and its writer (the account service): each is handed this object,
+    so none refers to another.
+    """
+
+    def __init__(self, configured: ZadarmaContext) -> None:
+        self._context = configured
+
+    def current(self) -> ZadarmaContext:
+        return self._context
+
+    def learn_zone(self, zone: tzinfo) -> None:
+        """The account's clock runs in ``zone``: read the next events' times in it."""
+        self._context = replace(self._context, zone=zone)
+
+
+#: The answer on ``/voip/zd/`` when no webhook is wired (an app built without one).
+NOT_CONFIGURED = "Zadarma webhooks are not configured"
+
+
 class ZadarmaWebhook:
-    recorder: Recorder
-    context: ZadarmaContext
-    secret: Secret
-    allowlist: Sequence[Network]
-    proxies: Sequence[Network]
-    caller_name: bool = True
-    counters: WebhookCounters = field(default_factory=WebhookCounters)
+    """Zadarma's events, checked in Zadarma's order, recorded, answered."""
+
+    def __init__(self, recorder: Recorder, context: ZadarmaContext | CurrentZadarmaContext,
+                 secret: Secret, allowlist: Sequence[Network], proxies: Sequence[Network],
+                 caller_name: bool = True) -> None:
+        self.recorder = recorder
+        self._context = (context if isinstance(context, CurrentZadarmaContext)
+                         else CurrentZadarmaContext(context))
+        self.secret = secret
+        self.allowlist = allowlist
+        self.proxies = proxies
+        self.caller_name = caller_name
+        self.counters = WebhookCounters()
+
+    @property
+    def context(self) -> ZadarmaContext:
+        """How the next event will be read (the account's zone once it is known)."""
+        return self._context.current()
 
     def refuse(self, status: int, message: str) -> HttpError:
         self.counters.refused[status] = self.counters.refused.get(status, 0) + 1
@@ -100,7 +135,7 @@ class ZadarmaWebhook:
                      kind=parsed.kind)
             return b""
         try:
-            outcome = await self.recorder.submit_zadarma(parsed, form, self.context)
+            outcome = await self.recorder.submit_zadarma(parsed, form, self._context.current())
         except NotRecorded as error:
             raise self.refuse(503, str(error)) from None
         if outcome.duplicate:
@@ -136,14 +171,17 @@ def _form(request: IRequest) -> dict[str, str] | None:
 
 
 class WebhookResource:
-    """``POST /voip/zd/`` without Klein: the event handled, then the answer (or the error,
-    in the JSON shape of every other route) written with its length. A client that hung up
-    gets nothing; its event is still recorded (the ingest does not stop for it)."""
+    """``POST /voip/zd/``, its one route: the event handled, then the answer (or the error,
+    in the JSON shape of every other route) written with its length. Served in front of
+    Klein (see ``dpvoip.web.app``). A client that hung up gets nothing; its event is still
+    recorded (the ingest does not stop for it). Without a webhook wired, a 404."""
 
-    def __init__(self, webhook: ZadarmaWebhook) -> None:
+    def __init__(self, webhook: ZadarmaWebhook | None) -> None:
         self._webhook = webhook
 
-    def render(self, request: IRequest) -> int:
+    def render(self, request: IRequest) -> int | bytes:
+        if self._webhook is None:
+            return error_answer(request, HttpError(404, NOT_CONFIGURED))
         gone: list[bool] = []
         finished: Deferred[None] = request.notifyFinish()  # type: ignore[attr-defined]
         finished.addErrback(lambda _: gone.append(True))
@@ -153,12 +191,9 @@ class WebhookResource:
                 _send(request, body)
 
         def failed(failure: Failure) -> None:
-            error = failure.value
-            if not isinstance(error, HttpError):
-                log.failure("unexpected error answering a Zadarma event", failure)
-                error = HttpError(500, INTERNAL_ERROR)
+            body = failure_answer(request, failure)  # logged even if nobody is listening
             if not gone:
-                _send(request, error_answer(request, error))
+                _send(request, body)
 
         Deferred.fromCoroutine(self._webhook.event(request)).addCallbacks(answered, failed)
         return NOT_DONE_YET

@@ -1,0 +1,119 @@
+"""What ``/readyz`` reports: whether dpvoip can record calls now, and why not.
+
+Ready means: PostgreSQL answers, the schema is prepared, and the spool is not nearly full.
+The rest (the directory, the spool's figures, each Fritz!Box) is there for the
+administrator. Everything is read at the moment of the request from the objects that own
+it, handed in by the composition root: no figure is copied or kept here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+
+from dpvoip.deferreds import OneShotObserver
+from dpvoip.store.migrations import SchemaReport
+from dpvoip.web.app import Readiness
+
+
+class DatabaseState(Protocol):
+    @property
+    def reachable(self) -> bool: ...
+    @property
+    def live_connections(self) -> int: ...
+
+
+class Database(Protocol):
+    def state(self) -> Deferred[Any]: ...  # fires with a DatabaseState
+
+
+class DirectoryState(Protocol):
+    built: bool
+    entries: int
+    last_refresh: datetime | None
+    errors: int
+
+
+class Directory(Protocol):
+    @property
+    def state(self) -> DirectoryState: ...
+
+
+class SpoolState(Protocol):
+    @property
+    def pending(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def limit(self) -> int: ...
+    @property
+    def alarm(self) -> bool: ...
+
+
+class Spool(Protocol):
+    def state(self) -> SpoolState: ...
+
+
+class Durable(Protocol):
+    @property
+    def spooling(self) -> bool: ...
+    @property
+    def counters(self) -> Any: ...  # a dataclass of counters
+
+
+class Box(Protocol):
+    @property
+    def status(self) -> Any: ...  # BoxStatus: as_json(open_calls)
+    @property
+    def tracker(self) -> Any: ...  # CallTracker: open_calls
+
+
+class ReadinessReport:
+    """The readiness probe the web app calls for ``/readyz``."""
+
+    def __init__(self, database: Database, schema: OneShotObserver[SchemaReport],
+                 standalone: bool, embedded: bool, directory: Directory, spool: Spool,
+                 durable: Durable, boxes: Sequence[Box]) -> None:
+        self._database = database
+        self._schema = schema
+        self._standalone = standalone
+        self._embedded = embedded
+        self._directory = directory
+        self._spool = spool
+        self._durable = durable
+        self._boxes = boxes
+
+    def __call__(self) -> Deferred[Readiness]:
+        return Deferred.fromCoroutine(self.report())
+
+    async def report(self) -> Readiness:
+        state: DatabaseState = await self._database.state()
+        prepared = self._schema.peek()
+        database = {
+            "reachable": state.reachable,
+            "live_connections": state.live_connections,
+            "mode": prepared.mode if prepared else (
+                "standalone" if self._standalone else "attached"),
+            "schema_version": prepared.schema_version if prepared else None,
+            "embedded": self._embedded,
+        }
+        listing = self._directory.state
+        directory = {
+            "built": listing.built,
+            "entries": listing.entries,
+            "last_refresh": listing.last_refresh.isoformat() if listing.last_refresh else None,
+            "errors": listing.errors,
+        }
+        spooled = self._spool.state()
+        spool = {"pending": spooled.pending, "bytes": spooled.bytes, "limit": spooled.limit,
+                 "alarm": spooled.alarm, "spooling": self._durable.spooling,
+                 **asdict(self._durable.counters)}
+        return Readiness(
+            state.reachable and prepared is not None and not spooled.alarm,
+            {"database": database, "directory": directory, "spool": spool,
+             "fritzbox": [b.status.as_json(b.tracker.open_calls) for b in self._boxes]},
+        )
