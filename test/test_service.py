@@ -6,22 +6,33 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import treq
 from twisted.application.service import Service
 from twisted.internet import defer, reactor, threads
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from dpvoip.config import Config, DatabaseSettings, Secret, WebSettings
+from dpvoip.config import Config, DatabaseSettings, DirectorySettings, Secret, WebSettings
+from dpvoip.deferreds import OneShotObserver
+from dpvoip.metrics import DaemonMetrics, Sources
+from dpvoip.readiness import ReadinessReport
 from dpvoip.service import build
-from dpvoip.services import ExitStatus, OrderedServices
+from dpvoip.services import (
+    DatabaseService,
+    DirectoryService,
+    ExitStatus,
+    OrderedServices,
+    Reconnections,
+)
 from dpvoip.store.embedded import EmbeddedPostgres
-from dpvoip.store.migrations import MIGRATIONS
+from dpvoip.store.migrations import MIGRATIONS, SchemaReport
 from dpvoip.web.errors import HttpError, media_type, require_media_type
 from test.support.postgres import query
 from test.test_database import eventually
@@ -212,3 +223,322 @@ class OwnNumberTests(SynchronousTestCase):
                               own_numbers=("2281234",)),),
         )
         self.assertEqual(_own_numbers(config), ["210 555 0000", "+49302281234"])
+
+
+# -- the readiness report, from fakes of what it reads ---------------------------------------
+
+
+@dataclass
+class FakeDatabaseState:
+    reachable: bool = True
+    live_connections: int = 2
+
+
+class FakeDatabase:
+    def __init__(self) -> None:
+        self.now = FakeDatabaseState()
+
+    def state(self) -> Deferred[FakeDatabaseState]:
+        return succeed(self.now)
+
+
+@dataclass
+class FakeIndexState:
+    built: bool = False
+    entries: int = 0
+    last_refresh: datetime | None = None
+    errors: int = 0
+
+
+@dataclass
+class FakeDirectory:
+    state: FakeIndexState = field(default_factory=FakeIndexState)
+
+
+@dataclass
+class FakeSpoolState:
+    pending: int = 0
+    bytes: int = 0
+    limit: int = 1000
+    alarm: bool = False
+
+
+@dataclass
+class FakeSpool:
+    now: FakeSpoolState = field(default_factory=FakeSpoolState)
+
+    def state(self) -> FakeSpoolState:
+        return self.now
+
+
+@dataclass
+class FakeDurableCounters:
+    direct: int = 0
+    spooled: int = 0
+
+
+@dataclass
+class FakeDurable:
+    spooling: bool = False
+    counters: FakeDurableCounters = field(default_factory=FakeDurableCounters)
+
+
+@dataclass
+class FakeBoxStatus:
+    name: str
+    lines: int = 0
+    bad_lines: int = 0
+    connected: bool = True
+    reconnects: int = 0
+
+    def as_json(self, open_calls: int) -> dict[str, Any]:
+        return {"name": self.name, "open_calls": open_calls}
+
+
+@dataclass
+class FakeTracker:
+    open_calls: int = 0
+
+
+@dataclass
+class FakeBox:
+    status: FakeBoxStatus
+    tracker: FakeTracker = field(default_factory=FakeTracker)
+
+
+def prepared_schema(mode: str = "attached", version: int = 7) -> SchemaReport:
+    return SchemaReport(mode=mode, schema_version=version, applied_now=(),
+                        crm_tables=(), created_crm_tables=False)
+
+
+class ReadinessReportTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.database = FakeDatabase()
+        self.schema: OneShotObserver[SchemaReport] = OneShotObserver()
+        self.directory = FakeDirectory()
+        self.spool = FakeSpool()
+        self.durable = FakeDurable()
+        self.boxes = [FakeBox(FakeBoxStatus("office"))]
+
+    def report(self, standalone: bool = False, embedded: bool = False) -> Any:
+        probe = ReadinessReport(self.database, self.schema, standalone, embedded,
+                                self.directory, self.spool, self.durable, self.boxes)
+        return self.successResultOf(probe())
+
+    def test_not_ready_until_the_schema_is_prepared_and_says_which_mode_it_will_be(self) -> None:
+        answer = self.report(standalone=True, embedded=True)
+        self.assertFalse(answer.ready)
+        self.assertEqual(answer.checks["database"], {
+            "reachable": True, "live_connections": 2, "mode": "standalone",
+            "schema_version": None, "embedded": True})
+        self.schema.fire(prepared_schema("standalone", 9))
+        answer = self.report(standalone=True, embedded=True)
+        self.assertTrue(answer.ready)
+        self.assertEqual((answer.checks["database"]["mode"],
+                          answer.checks["database"]["schema_version"]), ("standalone", 9))
+
+    def test_an_unreachable_database_or_a_nearly_full_spool_is_not_ready(self) -> None:
+        self.schema.fire(prepared_schema())
+        self.assertTrue(self.report().ready)
+        self.database.now = FakeDatabaseState(reachable=False, live_connections=0)
+        self.assertFalse(self.report().ready)
+        self.database.now = FakeDatabaseState()
+        self.spool.now = FakeSpoolState(pending=40, bytes=950, alarm=True)
+        answer = self.report()
+        self.assertFalse(answer.ready)
+        self.assertEqual(answer.checks["spool"]["alarm"], True)
+
+    def test_each_report_reads_the_figures_of_that_moment(self) -> None:
+        self.schema.fire(prepared_schema())
+        first = self.report()
+        self.assertEqual(first.checks["directory"], {
+            "built": False, "entries": 0, "last_refresh": None, "errors": 0})
+        self.directory.state.built = True
+        self.directory.state.entries = 1234
+        self.directory.state.last_refresh = datetime(2026, 1, 15, 8, 0, tzinfo=UTC)
+        self.durable.spooling = True
+        self.durable.counters.spooled = 3
+        self.boxes[0].tracker.open_calls = 2
+        second = self.report()
+        self.assertEqual(second.checks["directory"], {
+            "built": True, "entries": 1234, "last_refresh": "2026-01-15T08:00:00+00:00",
+            "errors": 0})
+        self.assertEqual(second.checks["spool"], {
+            "pending": 0, "bytes": 0, "limit": 1000, "alarm": False, "spooling": True,
+            "direct": 0, "spooled": 3})
+        self.assertEqual(second.checks["fritzbox"], [{"name": "office", "open_calls": 2}])
+
+
+class MetricsSourcesTests(SynchronousTestCase):
+    def test_each_scrape_reads_the_objects_as_they_are_then(self) -> None:
+        @dataclass
+        class Counters:
+            calls: int = 0
+
+        @dataclass
+        class Counted:
+            counters: Counters = field(default_factory=Counters)
+
+        @dataclass
+        class WebhookCounters:
+            received: int = 0
+            refused: dict[int, int] = field(default_factory=dict)
+
+        @dataclass
+        class Webhook:
+            counters: WebhookCounters = field(default_factory=WebhookCounters)
+
+        spool, durable, directory = FakeSpool(), FakeDurable(), FakeDirectory()
+        ingest, webhook = Counted(), Webhook()
+        boxes = [FakeBox(FakeBoxStatus("office"))]
+        page = DaemonMetrics(Sources(spool=spool, durable=durable, ingest=ingest,
+                                     webhook=webhook, boxes=boxes, directory=directory))
+        before = page.exposition().decode()
+        self.assertIn('dpvoip_ingest_total{what="calls"} 0.0', before)
+        ingest.counters.calls = 5
+        webhook.counters.refused[403] = 2
+        directory.state.entries = 77
+        boxes[0].status.lines = 9
+        after = page.exposition().decode()
+        self.assertIn('dpvoip_ingest_total{what="calls"} 5.0', after)
+        self.assertIn('dpvoip_zadarma_webhooks_refused_total{status="403"} 2.0', after)
+        self.assertIn("dpvoip_directory_entries 77.0", after)
+        self.assertIn('dpvoip_fritzbox_lines_total{box="office",kind="good"} 9.0', after)
+
+
+# -- the database service hears the pool through Reconnections -------------------------------
+
+
+class FakePool:
+    live = 1
+
+    def start(self) -> Deferred[None]:
+        return succeed(None)
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.pool = FakePool()
+        self.writes: list[Deferred[SchemaReport]] = []
+
+    def write(self, work: Any) -> Deferred[SchemaReport]:
+        done: Deferred[SchemaReport] = Deferred()
+        self.writes.append(done)
+        return done
+
+
+class DatabaseServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = FakeStore()
+        self.store.pool.live = 0  # PostgreSQL is down at start
+        self.reconnections = Reconnections()
+        self.schema: OneShotObserver[SchemaReport] = OneShotObserver()
+        self.service = DatabaseService(
+            self.store, Config(), ExitStatus(FakeReactor()),  # type: ignore[arg-type]
+            self.schema, self.reconnections, self.clock)
+
+    def test_a_connection_back_prepares_the_schema_on_the_next_turn(self) -> None:
+        self.service.startService()
+        self.assertEqual(self.store.writes, [], "nothing to prepare on without PostgreSQL")
+        self.store.pool.live = 1
+        self.reconnections.notify()
+        self.assertEqual(self.store.writes, [], "not from inside the pool's bookkeeping")
+        self.clock.advance(0)
+        [write] = self.store.writes
+        self.reconnections.notify()  # another connection back while preparing: once only
+        self.clock.advance(0)
+        self.assertEqual(len(self.store.writes), 1)
+        prepared = self.service.when_prepared()
+        write.callback(prepared_schema())
+        self.successResultOf(prepared)
+        self.assertEqual(self.schema.peek(), prepared_schema())
+
+    def test_a_failed_preparation_is_tried_again_when_the_pool_says_so(self) -> None:
+        self.store.pool.live = 1
+        self.service.startService()
+        self.store.writes.pop().errback(OSError("server closed the connection\nmore text"))
+        self.assertFalse(self.schema.fired)
+        self.reconnections.notify()
+        self.clock.advance(0)
+        self.assertEqual(len(self.store.writes), 1)
+
+    def test_nothing_is_prepared_once_stopped(self) -> None:
+        self.service.startService()
+        self.service.running = False  # stopped (without draining the fake store)
+        self.store.pool.live = 1
+        self.reconnections.notify()
+        self.clock.advance(0)
+        self.assertEqual(self.store.writes, [])
+
+
+# -- the directory's beat: Twisted's TimerService on an injected clock ------------------------
+
+
+class SlowIndex:
+    """A directory index whose passes finish when the test says."""
+
+    def __init__(self) -> None:
+        self.state = FakeIndexState(built=True)
+        self.passes: list[Deferred[int]] = []
+
+    async def needs_build(self) -> bool:
+        return False
+
+    async def refresh(self, sweep: bool, force: bool) -> int:
+        running: Deferred[int] = Deferred()
+        self.passes.append(running)
+        return await running
+
+
+class DirectoryBeatTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.index = SlowIndex()
+        self.prepared: Deferred[None] = Deferred()
+        self.service = DirectoryService(
+            self.index,  # type: ignore[arg-type]
+            DirectorySettings(refresh_seconds=10, sweep_seconds=60), self.clock,
+            lambda: self.prepared)
+        self.service.startService()
+
+    def test_nothing_runs_until_the_schema_is_prepared(self) -> None:
+        self.clock.advance(100)
+        self.assertEqual(self.index.passes, [])
+        self.prepared.callback(None)
+        self.assertEqual(len(self.index.passes), 1, "the first pass at once")
+
+    def test_beats_that_fall_within_a_running_pass_are_skipped(self) -> None:
+        self.prepared.callback(None)
+        self.clock.pump([10] * 5)  # a pass that takes 50 s: five beats pass by
+        self.assertEqual(len(self.index.passes), 1)
+        self.index.passes[0].callback(0)
+        self.assertEqual(len(self.index.passes), 1, "the next pass waits for its beat")
+        self.clock.advance(10)
+        self.assertEqual(len(self.index.passes), 2)
+
+    def test_stop_waits_for_the_running_pass_and_then_nothing_runs(self) -> None:
+        self.prepared.callback(None)
+        stopped = self.service.stopService()
+        assert stopped is not None
+        self.assertNoResult(stopped)
+        self.index.passes[0].callback(0)
+        self.successResultOf(stopped)
+        self.clock.pump([10] * 6)
+        self.assertEqual(len(self.index.passes), 1)
+
+    def test_a_failed_pass_is_logged_counted_and_the_beat_goes_on(self) -> None:
+        self.prepared.callback(None)
+        self.index.passes[0].errback(OSError("connection lost"))
+        self.assertEqual(self.index.state.errors, 1)
+        self.clock.advance(10)
+        self.index.passes[1].errback(OSError("connection lost"))
+        self.clock.advance(10)
+        self.assertEqual((len(self.index.passes), self.index.state.errors), (3, 2))
+        self.assertEqual(self.flushLoggedErrors(), [], "a warning, not an unhandled error")
+
+    def test_stopped_before_the_schema_is_prepared_it_never_runs(self) -> None:
+        self.assertIsNone(self.service.stopService())
+        self.prepared.callback(None)
+        self.clock.advance(100)
+        self.assertEqual(self.index.passes, [])

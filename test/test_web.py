@@ -11,9 +11,12 @@ import json
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
 
 import treq
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
@@ -24,12 +27,27 @@ from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublish
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
+from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import provider
 
-from dpvoip.config import WebSettings
+from dpvoip.calls.ingest import ZadarmaContext, ZadarmaOutcome
+from dpvoip.config import Secret, WebSettings
+from dpvoip.core.numbers import Dialling
 from dpvoip.logs import json_line
 from dpvoip.web.app import Readiness, WebApp
+from dpvoip.web.errors import (
+    INTERNAL_ERROR,
+    HttpError,
+    error_answer,
+    error_body,
+    failure_answer,
+    raw_response,
+)
 from dpvoip.web.server import DpvoipSite, WebService
+from dpvoip.web.sources import networks
+from dpvoip.web.zadarma import ZadarmaWebhook
+from dpvoip.zadarma.events import ZadarmaEvent
+from dpvoip.zadarma.signing import webhook_signature
 
 VERSION = "9.8.7-test"
 JSON = "application/json"
@@ -93,10 +111,12 @@ def access_lines(events: list[LogEvent]) -> list[LogEvent]:
 class Wire:
     """One client connection to a DpvoipSite, over a StringTransport, timed by a Clock."""
 
-    def __init__(self, web: WebSettings, probe: Probe, clock: Clock | None = None) -> None:
+    def __init__(self, web: WebSettings, probe: Probe, clock: Clock | None = None,
+                 zadarma: ZadarmaWebhook | None = None, peer: str = "127.0.0.1") -> None:
         self.clock = clock or Clock()
-        self.site = DpvoipSite(WebApp(probe, VERSION).resource(), web, self.clock)
-        self.transport = StringTransport()
+        app = WebApp(probe, VERSION, zadarma=zadarma)
+        self.site = DpvoipSite(app.resource(), web, self.clock)
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
         self.channel: Any = self.site.buildProtocol(None)
         self.channel.makeConnection(self.transport)
 
@@ -394,3 +414,156 @@ class AccessLogTests(SynchronousTestCase):
         wire.send(get("/healthz"))
         self.assertEqual(wire.response()[0], 200)
         self.assertEqual(access_lines(events), [])
+
+
+# -- POST /voip/zd/: one route, in front of Klein; the answers around it as before ------------
+
+SECRET = "zd-web-secret"
+ZADARMA_PEER = "185.45.152.41"
+EVENT = {"event": "NOTIFY_START", "pbx_call_id": "in_" + "a" * 40,
+         "call_start": "2026-01-15 10:00:00", "caller_id": "6912345678",
+         "called_did": "302107654321"}
+
+
+class Recorder:
+    """Stands for the durable ingest: records what it is given, or fails as told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[ZadarmaEvent, ZadarmaContext]] = []
+        self.error: Exception | None = None
+
+    def submit_zadarma(self, event: ZadarmaEvent, form: dict[str, str],
+                       context: ZadarmaContext) -> Deferred[ZadarmaOutcome]:
+        if self.error is not None:
+            raise self.error
+        self.events.append((event, context))
+        return succeed(ZadarmaOutcome(duplicate=False))
+
+
+def webhook(recorder: Recorder) -> ZadarmaWebhook:
+    return ZadarmaWebhook(recorder=recorder,
+                          context=ZadarmaContext(Dialling("GR"), ZoneInfo("Europe/Athens")),
+                          secret=Secret(SECRET), allowlist=networks(["185.45.152.0/24"]),
+                          proxies=())
+
+
+def request(method: str, path: str, body: bytes = b"", *headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {len(body)}",
+             *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def signed_event(form: dict[str, str] = EVENT) -> bytes:
+    return request("POST", "/voip/zd/", urlencode(form).encode(),
+                   "Content-Type: application/x-www-form-urlencoded",
+                   f"Signature: {webhook_signature(SECRET, form)}")
+
+
+class WebhookRouteTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.recorder = Recorder()
+        self.hook = webhook(self.recorder)
+
+    def wire(self, configured: bool = True) -> Wire:
+        return Wire(settings(), Probe(), zadarma=self.hook if configured else None,
+                    peer=ZADARMA_PEER)
+
+    def test_klein_has_no_post_route_for_the_webhook(self) -> None:
+        methods = [rule.methods for rule in WebApp.app.url_map.iter_rules()
+                   if rule.rule == "/voip/zd/"]
+        self.assertEqual(methods, [{"GET", "HEAD"}])
+
+    def test_a_signed_event_is_recorded_and_answered_by_the_front_route(self) -> None:
+        wire = self.wire()
+        wire.send(signed_event())
+        status, headers, body = wire.response()
+        self.assertEqual((status, json.loads(body)), (200, {}))
+        self.assertEqual(headers["content-length"], str(len(body)))  # written whole, not
+        self.assertNotIn("transfer-encoding", headers)                # streamed by Klein
+        [(event, _)] = self.recorder.events
+        self.assertEqual(event.kind, "NOTIFY_START")
+
+    def test_other_methods_on_the_webhook_path_are_405_allowing_post(self) -> None:
+        for configured in (True, False):
+            for method, path in (("PUT", "/voip/zd/"), ("DELETE", "/voip/zd/?zd_echo=1"),
+                                 ("OPTIONS", "/voip/zd/"), ("PATCH", "/voip/zd//"),
+                                 ("PUT", "/voip/%7Ad/")):
+                wire = self.wire(configured)
+                wire.send(request(method, path))
+                status, headers, body = wire.response()
+                self.assertEqual((status, headers["allow"]), (405, "GET, HEAD, POST"),
+                                 (method, path))
+                self.assertEqual(json.loads(body), {
+                    "error": f"method {method} not allowed here", "status": 405})
+        self.assertEqual(self.recorder.events, [])
+
+    def test_other_paths_keep_their_answers(self) -> None:
+        for method, path, status in (("POST", "/voip/zd/x", 404), ("PUT", "/voip/zd", 404),
+                                     ("POST", "/VOIP/zd/", 404), ("POST", "/healthz", 405)):
+            wire = self.wire()
+            wire.send(request(method, path))
+            self.assertEqual(wire.response()[0], status, (method, path))
+        wire = self.wire()
+        wire.send(request("POST", "/healthz"))
+        self.assertEqual(wire.response()[1]["allow"], "GET, HEAD")
+        self.assertEqual(self.recorder.events, [])
+
+    def test_without_a_webhook_the_path_is_404_for_events_and_echo(self) -> None:
+        for sent in (signed_event(), request("GET", "/voip/zd/?zd_echo=abc")):
+            wire = self.wire(configured=False)
+            wire.send(sent)
+            status, headers, body = wire.response()
+            self.assertEqual((status, json.loads(body)), (
+                404, {"error": "Zadarma webhooks are not configured", "status": 404}))
+            self.assertTrue(headers["content-type"].startswith(JSON))
+
+    def test_the_echo_still_comes_first(self) -> None:
+        wire = self.wire()
+        wire.send(request("GET", "/voip/zd/?zd_echo=a1b2"))
+        self.assertEqual(wire.response()[::2], (200, b"a1b2"))
+
+
+class ErrorRendererTests(SynchronousTestCase):
+    """Every JSON error, from Klein's handlers, the webhook and the server, is one shape."""
+
+    def test_an_unexpected_error_is_the_same_500_from_klein_and_from_the_webhook(self) -> None:
+        probe = Probe()
+        probe.error = RuntimeError("probe exploded, password=hunter2")
+        klein = Wire(settings(), probe)
+        klein.send(get("/readyz"))
+        recorder = Recorder()
+        recorder.error = RuntimeError("ingest exploded, password=hunter2")
+        front = Wire(settings(), Probe(), zadarma=webhook(recorder), peer=ZADARMA_PEER)
+        front.send(signed_event())
+        answers = [klein.response(), front.response()]
+        for status, headers, body in answers:
+            self.assertEqual(status, 500)
+            self.assertEqual(json.loads(body), {"error": INTERNAL_ERROR, "status": 500})
+            self.assertEqual((headers["content-type"], headers["cache-control"]),
+                             ("application/json; charset=utf-8", "no-store"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2, "both logged")
+
+    def test_the_rejections_before_a_route_have_the_same_body(self) -> None:
+        status, headers, body = parse(raw_response(413, "too big"))
+        self.assertEqual((status, body), (413, error_body(413, "too big")))
+        self.assertEqual(headers["content-type"], "application/json; charset=utf-8")
+
+    def test_an_http_error_carries_its_headers_and_extra_fields_after_the_usual_two(self) -> None:
+        request: Any = DummyRequest([b""])
+        body = error_answer(request, HttpError(429, "slow down", {"Retry-After": "7"}),
+                            login_url="/login")
+        self.assertEqual(body, b'{"error":"slow down","status":429,"login_url":"/login"}\n')
+        self.assertEqual(request.responseCode, 429)
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"Retry-After"), [b"7"])
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"Cache-Control"), [b"no-store"])
+
+    def test_a_failure_answer_passes_an_http_error_and_hides_anything_else(self) -> None:
+        request: Any = DummyRequest([b""])
+        body = failure_answer(request, Failure(HttpError(403, "no")))
+        self.assertEqual((request.responseCode, body), (403, error_body(403, "no")))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        request = DummyRequest([b""])
+        request.path = b"/voip/calls/1/recording"
+        body = failure_answer(request, Failure(KeyError("secret")))
+        self.assertEqual((request.responseCode, body), (500, error_body(500, INTERNAL_ERROR)))
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)

@@ -7,21 +7,31 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
 
 import treq
 from twisted.internet import defer, reactor
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
+from dpvoip.calls.ingest import ZadarmaContext
 from dpvoip.config import Config, DatabaseSettings, Secret, WebSettings, ZadarmaSettings
+from dpvoip.core.numbers import Dialling
 from dpvoip.service import Daemon, build
+from dpvoip.web.sources import networks
+from dpvoip.web.zadarma import CurrentZadarmaContext, ZadarmaWebhook
+from dpvoip.zadarma.account import ZadarmaAccountService
 from dpvoip.zadarma.signing import webhook_signature
 from test.support.crm import Crm
 from test.support.daemon import scratch
 from test.support.postgres import postgres
 from test.test_database import eventually
+from test.test_web import SECRET as WEB_SECRET
+from test.test_web import ZADARMA_PEER, Probe, Recorder, Wire, settings, signed_event
 
 SECRET = "zd-test-secret"
 ZADARMA = "185.45.152.41"
@@ -334,3 +344,61 @@ class ConcurrencyTests(WebhookTestCase):
         self.assertLess(reactor.seconds() - started, 10)
         self.assertEqual(len(self.calls()), 12)
         self.assertEqual({c[6] is not None for c in self.calls()}, {True})
+
+
+# -- the account's zone, learned, reaches the webhook (in memory) ----------------------------
+
+ATHENS = ZoneInfo("Europe/Athens")
+
+
+class StatedZone:
+    """Stands for the Zadarma API: states the account's zone as Zadarma does."""
+
+    configured = True
+
+    def __init__(self, stated: str) -> None:
+        self.stated = stated
+
+    async def timezone(self) -> str:
+        return self.stated
+
+
+class NoConnections:
+    def closeCachedConnections(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+class LearnedZoneTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.context = CurrentZadarmaContext(ZadarmaContext(Dialling("GR"), ATHENS))
+        self.recorder = Recorder()
+        self.hook = ZadarmaWebhook(recorder=self.recorder, context=self.context,
+                                   secret=Secret(WEB_SECRET),
+                                   allowlist=networks([f"{ZADARMA_PEER}/32"]), proxies=())
+
+    def post_event(self) -> ZadarmaContext:
+        wire = Wire(settings(), Probe(), zadarma=self.hook, peer=ZADARMA_PEER)
+        wire.send(signed_event())
+        self.assertEqual(wire.response()[0], 200)
+        return self.recorder.events[-1][1]
+
+    def test_events_are_read_in_the_configured_zone_until_one_is_learned(self) -> None:
+        self.assertEqual(self.post_event().zone, ATHENS)
+        tokyo = ZoneInfo("Asia/Tokyo")
+        self.context.learn_zone(tokyo)
+        read = self.post_event()
+        self.assertEqual((read.zone, read.where), (tokyo, Dialling("GR")))
+        self.assertEqual(self.hook.context.zone, tokyo)
+        self.assertEqual(self.context.current().zone, tokyo, "the spool's replay reads it too")
+
+    def test_the_zone_the_account_service_learns_is_the_one_the_webhook_uses(self) -> None:
+        clock = Clock()
+        clock.advance(datetime(2026, 1, 15, 10, 0, tzinfo=UTC).timestamp())  # winter: +2
+        account = ZadarmaAccountService(
+            StatedZone("UTC+5"), NoConnections(), clock,  # type: ignore[arg-type]
+            ATHENS, learn_zone=True, on_zone=self.context.learn_zone)
+        account.startService()
+        self.addCleanup(account.stopService)
+        clock.advance(0)
+        self.assertEqual(account.zone_stated, "UTC+5")
+        self.assertEqual(self.post_event().zone, timezone(timedelta(hours=5)))
