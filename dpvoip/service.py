@@ -35,7 +35,8 @@ from dpvoip.core.numbers import Dialling, normalise
 from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.core.texts import Texts
 from dpvoip.deferreds import OneShotObserver
-from dpvoip.fritzbox.box import BoxStatusReporter, FritzBox, FritzBoxService, retry_policy
+from dpvoip.fritzbox.box import FritzBox
+from dpvoip.fritzbox.service import BoxStatusReporter, FritzBoxService, retry_policy
 from dpvoip.services import DirectoryService
 from dpvoip.spool.durable import DurableIngest, DurableService
 from dpvoip.spool.journal import AsyncSpool, Spool
