@@ -37,11 +37,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plugin_cache(args: argparse.Namespace) -> int:
     """Rebuild Twisted's plugin cache (run at install, as the installing user)."""
-    from twisted.plugin import IPlugin, getPlugins
+    from twisted.application.service import IServiceMaker
+    from twisted.plugin import getPlugins
 
     from twisted import plugins
 
-    names = sorted(getattr(p, "tapname", "") for p in getPlugins(IPlugin, plugins))
+    # Loading the plugins of any interface rewrites the cache; twistd's are service makers.
+    names = sorted(p.tapname for p in getPlugins(IServiceMaker, plugins))
     print("twisted plugin cache rebuilt; dpvoip plugin found:", "dpvoip" in names)
     return 0 if "dpvoip" in names else 1
 

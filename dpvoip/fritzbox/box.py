@@ -120,7 +120,7 @@ class FritzBox:
                     what=type(happening).__name__)
 
     def settled(self) -> Deferred[None]:
-        """Fires once every happening handed to the ingest so far is recorded (or failed)."""
+        """Fires once no happening handed to the ingest is still being recorded."""
         return self.pending.when_empty()
 
     async def close_left_open(self) -> int:

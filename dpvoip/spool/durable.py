@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext, ZadarmaOutcome
+from dpvoip.core.errors import summary
 from dpvoip.core.happenings import Happening
 from dpvoip.core.numbers import Dialling
 from dpvoip.deferreds import OneShotObserver, shield, within
@@ -264,7 +265,7 @@ class DurableService(Service):
     def _replay_settled(self, result: bool | Failure) -> None:
         if isinstance(result, Failure):
             log.warn("spool replay failed, will retry: {error}",
-                     error=result.getErrorMessage())
+                     error=summary(result.getErrorMessage()))
         elif result:
             self._replayed.fire(None)
 

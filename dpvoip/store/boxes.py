@@ -20,24 +20,15 @@ from dpvoip.store.database import Store
 class ReportedBox(Protocol):
     """What is reported of a box (``fritzbox.box.BoxStatus`` has it)."""
 
-    @property
-    def name(self) -> str: ...
-    @property
-    def host(self) -> str: ...
-    @property
-    def port(self) -> int: ...
-    @property
-    def connected(self) -> bool: ...
-    @property
-    def since(self) -> datetime | None: ...
-    @property
-    def last_line_at(self) -> datetime | None: ...
-    @property
-    def reconnects(self) -> int: ...
-    @property
-    def lines(self) -> int: ...
-    @property
-    def bad_lines(self) -> int: ...
+    name: str
+    host: str
+    port: int
+    connected: bool
+    since: datetime | None
+    last_line_at: datetime | None
+    reconnects: int
+    lines: int
+    bad_lines: int
 
 
 def report_boxes(store: Store, boxes: Sequence[tuple[ReportedBox, int]]) -> Deferred[None]:
