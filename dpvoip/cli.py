@@ -8,11 +8,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpvoip import __version__
 from dpvoip.config import Config, describe
 from dpvoip.tap import load_or_exit
+
+if TYPE_CHECKING:  # the commands import what they use when they run: a quick --help
+    from dpvoip.store.boxes import BoxReport
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -34,11 +37,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plugin_cache(args: argparse.Namespace) -> int:
     """Rebuild Twisted's plugin cache (run at install, as the installing user)."""
-    from twisted.plugin import IPlugin, getPlugins
+    from twisted.application.service import IServiceMaker
+    from twisted.plugin import getPlugins
 
     from twisted import plugins
 
-    names = sorted(getattr(p, "tapname", "") for p in getPlugins(IPlugin, plugins))
+    # Loading the plugins of any interface rewrites the cache; twistd's are service makers.
+    names = sorted(p.tapname for p in getPlugins(IServiceMaker, plugins))
     print("twisted plugin cache rebuilt; dpvoip plugin found:", "dpvoip" in names)
     return 0 if "dpvoip" in names else 1
 
@@ -166,8 +171,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _config(args)
     print(f"config: valid ({args.config or os.environ.get('DPVOIP_CONFIG') or 'defaults'})")
     from dpvoip.crm.schema import capabilities, missing
+    from dpvoip.store.boxes import reported_boxes
     from dpvoip.store.dsn import describe as describe_dsn
     from dpvoip.store.migrations import read_catalogue, schema_version
+    from dpvoip.store.status import directory_sizes
 
     async def work(store: Any, dsn: str) -> int:
         schema = config.database.crm_schema
@@ -192,16 +199,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         else:
             print(f"CRM version: {capabilities(present).version}")
         if version >= 3:
-            counts = dict(await store.read(
-                "SELECT source, count(*) FROM dpvoip.directory_entry GROUP BY source"))
+            counts = await directory_sizes(store)
             shown = ", ".join(f"{k} {counts[k]}" for k in sorted(counts)) or "not built yet"
             print(f"directory: {sum(counts.values())} numbers indexed ({shown})")
-        reports: dict[str, tuple[Any, ...]] = {}
+        reports: dict[str, BoxReport] = {}
         if version >= 5:
-            rows = await store.read(
-                "SELECT box, connected, since, last_line_at, reconnects, bad_lines,"
-                " extract(epoch FROM now() - reported_at) FROM dpvoip.box_status")
-            reports = {row[0]: row[1:] for row in rows}
+            reports = await reported_boxes(store)
         if not config.fritzbox:
             print("Fritz!Boxes: none configured")
         for box in config.fritzbox:
@@ -213,16 +216,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return _with_database(config, work)
 
 
-def _box_line(report: tuple[Any, ...] | None) -> str:
+def _box_line(report: BoxReport | None) -> str:
     if report is None:
         return "no state reported yet (is the daemon running?)"
-    connected, since, last_line, reconnects, bad_lines, age = report
+    since, last_line, age = report.since, report.last_line_at, report.age_seconds
     when = since.strftime("%Y-%m-%d %H:%M:%S %Z") if since else "never"
-    state = f"connected since {when}" if connected else f"NOT connected (since {when})"
+    state = f"connected since {when}" if report.connected else f"NOT connected (since {when})"
     last = last_line.strftime("%Y-%m-%d %H:%M:%S %Z") if last_line else "none"
     stale = f"; last report {age:.0f}s ago: daemon not running?" if age > 30 else ""
-    return (f"{state}, last line {last}, {reconnects} reconnects, {bad_lines} bad lines"
-            f"{stale}")
+    return (f"{state}, last line {last}, {report.reconnects} reconnects, "
+            f"{report.bad_lines} bad lines{stale}")
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:

@@ -32,7 +32,8 @@ from dpvoip.core.numbers import Dialling, normalise
 from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.core.texts import Texts
 from dpvoip.deferreds import OneShotObserver
-from dpvoip.fritzbox.box import BoxStatusReporter, FritzBox, FritzBoxService, retry_policy
+from dpvoip.fritzbox.box import FritzBox
+from dpvoip.fritzbox.service import BoxStatusReporter, FritzBoxService, retry_policy
 from dpvoip.readiness import ReadinessReport
 from dpvoip.services import (
     DatabaseService,

@@ -4,6 +4,7 @@ dpvoip token), and the fake Zadarma API on loopback checking every signature."""
 
 from __future__ import annotations
 
+import io
 import json
 import secrets
 import shutil
@@ -16,12 +17,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import psycopg2
 import treq
 from twisted.internet import defer, reactor
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyChannel
+from txpostgres.reconnection import ConnectionDead
 
+from dpvoip.click_to_call.callbacks import ClickToCall
+from dpvoip.click_to_call.errors import DatabaseUnreachable
+from dpvoip.click_to_call.logins import CrmUser, Logins
 from dpvoip.config import (
     ClickToCallSettings,
     Config,
@@ -31,10 +40,14 @@ from dpvoip.config import (
     WebSettings,
     ZadarmaSettings,
 )
+from dpvoip.core.numbers import Dialling
+from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.crm.logins import session_auth_hash
 from dpvoip.service import Daemon, build
 from dpvoip.store.tokens import create_token, revoke_token
 from dpvoip.testing.zadarma import Fault, ZadarmaFake
+from dpvoip.web.callback import CallbackPages
+from dpvoip.web.errors import HttpError
 from test.support.crm import Crm
 from test.support.daemon import scratch
 from test.support.postgres import postgres
@@ -664,3 +677,87 @@ class AccountZoneTests(ClickToCallCase):
         zone = self.daemon.zadarma.context.zone
         self.assertEqual(datetime.now(zone).utcoffset(), timedelta(hours=3))
         self.assertIn("/v1/info/timezone/", [r.path for r in self.fake.requests])
+
+
+class DeadStore:
+    """A store whose database is gone (``error``), or refuses every statement."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.statements: list[str] = []
+
+    def read(self, sql: str, params: Any = None) -> defer.Deferred[list[tuple[Any, ...]]]:
+        self.statements.append(sql)
+        return defer.fail(self.error)
+
+    write_one = read
+
+
+class DatabaseDownTests(SynchronousTestCase):
+    """In memory: the CRM's database failing is a 503 (try again shortly), whichever the
+    request, and never taken for a refused login or a missing recording."""
+
+    token = "dpv_" + "a" * 43
+
+    def pages(self, error: Exception) -> CallbackPages:
+        store: Any = DeadStore(error)
+        clock = Clock()
+        logins = Logins(store, "public", Secret(SECRET_KEY), Secret(""), "sessionid", clock)
+        # The database fails before the policy or Zadarma would be asked.
+        calls = ClickToCall(store, "public", None, None, Dialling("GR"),  # type: ignore[arg-type]
+                            RateLimiter(5, 60.0), clock)
+        return CallbackPages(logins, calls, (), "/login/", clock)
+
+    def request(self, body: bytes | None = None, bearer: bool = True) -> Request:
+        """A request as the Site hands it over (no transport behind it)."""
+        request = Request(DummyChannel())
+        request.method, request.uri, request.args = b"GET", b"/voip/get-callback/", {}
+        request.received_cookies = {}
+        if bearer:
+            request.requestHeaders.setRawHeaders(b"Authorization",
+                                                 [f"Bearer {self.token}".encode()])
+        else:
+            request.received_cookies[b"sessionid"] = b"0123456789abcdef0123456789abcdef"
+        request.requestHeaders.setRawHeaders(b"Accept", [b"application/json"])
+        if body is not None:
+            request.method = b"POST"
+            request.requestHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
+            request.content = io.BytesIO(body)
+        return request
+
+    def test_the_page_answers_503_for_a_token_or_a_session(self) -> None:
+        for bearer in (True, False):
+            pages = self.pages(ConnectionDead())
+            done = defer.Deferred.fromCoroutine(pages.page(self.request(bearer=bearer)))
+            failure = self.failureResultOf(done, HttpError)
+            self.assertEqual((failure.value.status, failure.value.message),
+                             (503, "the CRM database is not reachable; try again shortly"))
+
+    def test_a_dial_answers_503_in_json_and_nothing_is_dialled(self) -> None:
+        for error in (ConnectionDead(), psycopg2.OperationalError("the server closed"),
+                      psycopg2.ProgrammingError("relation does not exist")):
+            request = self.request(json.dumps({"connection": 1, "number": CLIENT}).encode())
+            pages = self.pages(error)
+            body = self.successResultOf(defer.Deferred.fromCoroutine(pages.dial(request)))
+            self.assertEqual(request.code, 503)
+            self.assertEqual(json.loads(body)["error"],
+                             "the CRM database is not reachable; try again shortly")
+
+    def test_a_recording_link_answers_503(self) -> None:
+        pages = self.pages(ConnectionDead())
+        done = defer.Deferred.fromCoroutine(pages.recording(self.request(), "123"))
+        self.assertEqual(self.failureResultOf(done, HttpError).value.status, 503)
+
+    def test_the_services_say_database_unreachable_and_let_other_errors_through(
+            self) -> None:
+        store: Any = DeadStore(psycopg2.OperationalError("could not connect\nDETAIL: x"))
+        calls = ClickToCall(store, "public", None, None, Dialling("GR"),  # type: ignore[arg-type]
+                            RateLimiter(5, 60.0), Clock())
+        user = CrmUser(7, "anna", "Anna Papa", "jwt")
+        failure = self.failureResultOf(
+            defer.Deferred.fromCoroutine(calls.connections(user)), DatabaseUnreachable)
+        self.assertEqual(str(failure.value), "could not connect")
+        self.assertIn("voip_connection", store.statements[0])
+        store.error = ValueError("not the database's")
+        self.failureResultOf(defer.Deferred.fromCoroutine(calls.recording_link("12")),
+                             ValueError)

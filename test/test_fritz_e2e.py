@@ -246,7 +246,7 @@ class CheckTests(EndToEndTestCase):
         import tempfile
         from pathlib import Path
 
-        from dpvoip.fritzbox.box import BoxStatusReporter
+        from dpvoip.fritzbox.service import BoxStatusReporter
         from test.support.daemon import BIN, clean_environment
 
         daemon, simulator = yield self.start("0 {now};RING;0;2101111111;2107654321;SIP0;\n")

@@ -23,11 +23,12 @@ from dpvoip.calls.ingest import Origin
 from dpvoip.config import FritzBoxSettings
 from dpvoip.core.happenings import Ended, Happening, Started
 from dpvoip.core.outcomes import Outcome
-from dpvoip.fritzbox.box import (
+from dpvoip.fritzbox.box import FritzBox
+from dpvoip.fritzbox.service import (
     KEEPALIVE_COUNT,
     KEEPALIVE_IDLE,
     KEEPALIVE_INTERVAL,
-    FritzBox,
+    BoxStatusReporter,
     FritzBoxService,
     keepalive,
     retry_policy,
@@ -278,3 +279,100 @@ def test_the_retry_policy_starts_at_the_initial_delay_doubles_and_never_passes_t
         expected = [min(2.0 ** n, 60.0) * factor for n in range(11)]
         assert [round(w, 3) for w in waits] == [round(e, 3) for e in expected]
     assert max(retry_policy(0.05, 1.0)(n) for n in range(1, 2000)) <= 1.0
+
+
+class RecordingStore:
+    """The store's ``write`` as the status reporter uses it: each transaction runs on a
+    cursor that records its statements; ``hold`` keeps the next ones from finishing."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+        self.writes = 0
+        self.hold = False
+        self.fail = False
+        self.held: list[Deferred[None]] = []
+
+    def write(self, interaction: Any) -> Deferred[None]:
+        self.writes += 1
+        store = self
+
+        class Cursor:
+            async def execute(self, sql: str, params: tuple[Any, ...]) -> None:
+                assert sql.startswith("INSERT INTO dpvoip.box_status")
+                store.rows.append(params)
+
+        if self.fail:
+            return defer.fail(ConnectionError("database gone"))
+        done = Deferred.fromCoroutine(interaction(Cursor()))
+        if self.hold:
+            held: Deferred[None] = Deferred()
+            self.held.append(held)
+            return done.addCallback(lambda _: held)
+        return done
+
+
+class BoxStatusReporterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.box, _ = make_box(self.clock, name="office", host="10.0.0.1")
+        self.store = RecordingStore()
+        self.reporter = BoxStatusReporter([self.box], self.store,  # type: ignore[arg-type]
+                                          self.clock, every=5.0)
+
+    def test_reports_at_start_then_every_interval(self) -> None:
+        self.reporter.startService()
+        self.addCleanup(self.reporter.stopService)
+        self.assertEqual(self.store.writes, 1)
+        wire, _ = connect(self.box, self.clock)
+        wire.dataReceived(RING + b"\r\n")
+        self.clock.advance(4.9)
+        self.assertEqual(self.store.writes, 1)
+        self.clock.advance(0.1)
+        self.assertEqual(self.store.writes, 2)
+        name, host, port, connected, since, last_line, *counts, open_calls = self.store.rows[-1]
+        self.assertEqual((name, host, port, connected), ("office", "10.0.0.1", 1012, True))
+        self.assertEqual((since, last_line), (self.box.status.since, self.box.status.last_line_at))
+        self.assertEqual((counts, open_calls), ([0, 1, 0], 1))  # reconnects, lines, bad lines
+
+    def test_a_slow_write_skips_ticks_instead_of_piling_up_and_stop_does_not_wait(
+            self) -> None:
+        self.store.hold = True
+        self.reporter.startService()
+        self.clock.advance(20)
+        self.assertEqual(self.store.writes, 1)
+        self.successResultOf(self.reporter.stopService())
+        self.store.held[0].callback(None)
+        self.clock.advance(20)
+        self.assertEqual(self.store.writes, 1)
+
+    def test_a_failed_write_is_quiet_and_tried_again_at_the_next_tick(self) -> None:
+        self.store.fail = True
+        self.reporter.startService()
+        self.addCleanup(self.reporter.stopService)
+        self.store.fail = False
+        self.clock.advance(5)
+        self.assertEqual((self.store.writes, len(self.store.rows)), (2, 1))
+
+    def test_the_box_tells_when_what_it_handed_to_the_ingest_is_recorded(self) -> None:
+        ingest = FakeIngest()
+        held: list[Deferred[None]] = []
+
+        def submit(happening: Happening, origin: Origin) -> Deferred[None]:
+            held.append(Deferred())
+            return held[-1]
+
+        ingest.submit = submit  # type: ignore[method-assign]
+        box = FritzBox(replace(FritzBoxSettings(), name="annex"), ingest, self.clock,
+                       frozenset())
+        self.successResultOf(box.settled())
+        wire, _ = connect(box, self.clock)
+        wire.dataReceived(RING + b"\r\n" + DISCONNECT + b"\r\n")
+        settled = box.settled()
+        self.assertEqual(len(held), 2)
+        held[0].callback(None)
+        self.assertNoResult(settled)
+        held[1].errback(ConnectionError("database gone"))
+        self.successResultOf(settled)
+        self.assertEqual(len(self.flushLoggedErrors(ConnectionError)), 1)
+

@@ -3,7 +3,9 @@
 Every check that protects the company's money happens here, before Zadarma is asked:
 the connection must be the user's own and active, the number must pass the dialling
 policy, the user must be within their rate. Every request, refused or not, is recorded
-in ``dpvoip.callback_request``. The web routes only translate HTTP to and from this.
+in ``dpvoip.callback_request``. The web routes only translate HTTP to and from this; the
+statements are in ``store.callbacks``. A database that does not answer comes out as
+``DatabaseUnreachable``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from dpvoip.click_to_call.errors import from_database
 from dpvoip.click_to_call.logins import CrmUser
 from dpvoip.core.dialling_policy import DiallingPolicy
+from dpvoip.core.errors import summary
 from dpvoip.core.numbers import Dialling, without_formatting
 from dpvoip.core.rate_limit import RateLimiter
-from dpvoip.crm.schema import quote_ident
+from dpvoip.store.callbacks import CallbackRecords, CallbackRequest
 from dpvoip.store.database import Store
 from dpvoip.zadarma.api import ZadarmaApi, ZadarmaApiError, ZadarmaRefused
 
@@ -70,8 +74,7 @@ class NoRecording(Exception):
 class ClickToCall:
     def __init__(self, store: Store, crm_schema: str, api: ZadarmaApi, policy: DiallingPolicy,
                  where: Dialling, per_user: RateLimiter, clock: Any) -> None:
-        self._store = store
-        self._crm = quote_ident(crm_schema)
+        self._records = CallbackRecords(store, crm_schema)
         self._api = api
         self._policy = policy
         self._where = where
@@ -79,11 +82,7 @@ class ClickToCall:
         self._clock = clock
 
     async def connections(self, user: CrmUser) -> list[Connection]:
-        rows = await self._store.read(
-            f"SELECT id, type, number, callerid, provider FROM {self._crm}.voip_connection"
-            " WHERE owner_id = %s AND active ORDER BY id",
-            (user.id,),
-        )
+        rows = await from_database(self._records.connections(user.id))
         return [Connection(*row) for row in rows]
 
     async def dial(self, user: CrmUser, connection_id: str, number: str, sip: str = "",
@@ -131,12 +130,8 @@ class ClickToCall:
             connection, verdict.number
 
     async def _own_connection(self, user: CrmUser, connection_id: int) -> Connection | None:
-        rows = await self._store.read(
-            f"SELECT id, type, number, callerid, provider FROM {self._crm}.voip_connection"
-            " WHERE id = %s AND owner_id = %s AND active",
-            (connection_id, user.id),
-        )
-        return Connection(*rows[0]) if rows else None
+        row = await from_database(self._records.own_connection(connection_id, user.id))
+        return Connection(*row) if row is not None else None
 
     async def refused(self, user: CrmUser | None, connection_id: str, number: str,
                       outcome: CallbackOutcome) -> CallbackOutcome:
@@ -150,40 +145,33 @@ class ClickToCall:
                       outcome: CallbackOutcome) -> None:
         given_id = connection_id.strip()
         try:
-            await self._store.write_one(
-                "INSERT INTO dpvoip.callback_request (user_id, login, connection_id,"
-                " from_number, number_given, number_dialled, result, http_status, message)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (user.id if user else None, user.via if user else "none",
-                 connection.id if connection else (int(given_id) if _ID.fullmatch(given_id)
-                                                   else None),
-                 connection.number if connection else None, _text(number[:64]), dialled,
-                 "dialled" if outcome.ok else "refused", outcome.status,
-                 _text(outcome.message[:300])),
-            )
+            await self._records.record(CallbackRequest(
+                user_id=user.id if user else None,
+                login=user.via if user else "none",
+                connection_id=connection.id if connection else (
+                    int(given_id) if _ID.fullmatch(given_id) else None),
+                from_number=connection.number if connection else None,
+                number_given=_text(number[:64]),
+                number_dialled=dialled,
+                result="dialled" if outcome.ok else "refused",
+                http_status=outcome.status,
+                message=_text(outcome.message[:300]),
+            ))
         except Exception as error:  # the answer must still reach the user
             log.error("click-to-call request of {user} not recorded: {error}",
                       user=user.username if user else "an unknown user",
-                      error=str(error).splitlines()[0] if str(error) else "")
+                      error=summary(error))
 
     async def recording_link(self, call: str) -> str:
         """A fresh link to the recording of the call (the CRM's call id, or dpvoip's)."""
         if re.fullmatch(r"[0-9]{1,18}", call):
-            rows = await self._store.read(
-                "SELECT d.recording, d.pbx_call_id FROM dpvoip.call_detail d"
-                f" JOIN {self._crm}.accounting_voipcall v ON v.call_id = d.call_id"
-                " WHERE v.id = %s",
-                (int(call),),
-            )
+            recording = await from_database(self._records.recording_of_crm_call(int(call)))
         else:
-            rows = await self._store.read(
-                "SELECT recording, pbx_call_id FROM dpvoip.call_detail WHERE call_id = %s",
-                (call[:64],),
-            )
-        if not rows or not rows[0][0]:
+            recording = await from_database(self._records.recording_of_call(call[:64]))
+        if not recording:
             raise NoRecording("this call has no recording")
         try:
-            return await self._api.recording_link(call_id=rows[0][0])
+            return await self._api.recording_link(call_id=recording)
         except ZadarmaRefused as refused:
             if "not found" in refused.message.lower():
                 raise NoRecording("Zadarma no longer has this call's recording") from None

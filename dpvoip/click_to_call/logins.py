@@ -1,7 +1,7 @@
 """Who is asking: the CRM's session cookie, the CRM's JWT, or one of dpvoip's API tokens.
 
-The thin edge around ``crm_logins`` (which checks signatures): it reads the session row,
-the user and the token from the database. A request with no credential at all is
+The thin edge around ``crm.logins`` (which checks signatures): it reads the session row,
+the user and the token through ``store.accounts``. A request with no credential at all is
 ``NotSignedIn`` with ``presented=False`` (the page shows a sign-in hint); one whose
 credential is refused says why, without repeating the credential.
 """
@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
+from dpvoip.click_to_call.errors import from_database
 from dpvoip.config import Secret
 from dpvoip.crm.logins import (
     LoginRefused,
@@ -23,7 +24,7 @@ from dpvoip.crm.logins import (
     read_session,
     session_hash_matches,
 )
-from dpvoip.crm.schema import quote_ident
+from dpvoip.store.accounts import Account, Accounts
 from dpvoip.store.database import Store
 
 _SESSION_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
@@ -47,8 +48,7 @@ class CrmUser:
 class Logins:
     def __init__(self, store: Store, crm_schema: str, secret_key: Secret, jwt_key: Secret,
                  cookie_name: str, clock: Any) -> None:
-        self._store = store
-        self._crm = quote_ident(crm_schema)
+        self._accounts = Accounts(store, crm_schema)
         self._secret_key = secret_key
         self._jwt_key = jwt_key
         self._cookie = cookie_name.encode()
@@ -79,16 +79,12 @@ class Logins:
         secret = self._keys()
         if not 8 <= len(session_key) <= 40 or not set(session_key) <= _SESSION_KEY_CHARS:
             raise NotSignedIn("the CRM session cookie is malformed; sign in again", True)
-        rows = await self._store.read(
-            f"SELECT s.session_data FROM {self._crm}.django_session s"
-            " WHERE s.session_key = %s AND s.expire_date > now()",
-            (session_key,),
-        )
-        if not rows:
+        data = await from_database(self._accounts.session_data(session_key))
+        if data is None:
             raise NotSignedIn("the CRM session has expired or was signed out; sign in again",
                               True)
         try:
-            session = read_session(rows[0][0], secret)
+            session = read_session(data, secret)
         except LoginRefused as refused:
             raise NotSignedIn(f"the CRM session is not valid ({refused})", True) from None
         user, password = await self._user(session.user_id)
@@ -109,32 +105,25 @@ class Logins:
         return CrmUser(user.id, user.username, user.name, "jwt")
 
     async def _by_api_token(self, token: str) -> CrmUser:
-        rows = await self._store.write_one(
-            "WITH t AS (UPDATE dpvoip.api_token SET last_used_at = now()"
-            "  WHERE token_sha256 = %s AND revoked_at IS NULL RETURNING user_id)"
-            f" SELECT u.id, u.username, u.first_name, u.last_name, u.is_active"
-            f" FROM t JOIN {self._crm}.auth_user u ON u.id = t.user_id",
-            (api_token_hash(token),),
-        )
-        if not rows:
+        account = await from_database(self._accounts.use_token(api_token_hash(token)))
+        if account is None:
             raise NotSignedIn("the dpvoip API token is unknown or revoked", True)
-        user_id, username, first, last, active = rows[0]
-        if not active:
+        if not account.is_active:
             raise NotSignedIn("the CRM user of this token is not active", True)
-        return CrmUser(user_id, username, _name(first, last, username), "token")
+        return _crm_user(account, "token")
 
     async def _user(self, user_id: int) -> tuple[CrmUser, str]:
-        rows = await self._store.read(
-            f"SELECT id, username, first_name, last_name, is_active, password"
-            f" FROM {self._crm}.auth_user WHERE id = %s",
-            (user_id,),
-        )
-        if not rows:
+        account = await from_database(self._accounts.account(user_id))
+        if account is None:
             raise NotSignedIn("the CRM user no longer exists", True)
-        uid, username, first, last, active, password = rows[0]
-        if not active:
+        if not account.is_active:
             raise NotSignedIn("the CRM user is not active", True)
-        return CrmUser(uid, username, _name(first, last, username), ""), password
+        return _crm_user(account, ""), account.password or ""
+
+
+def _crm_user(account: Account, via: str) -> CrmUser:
+    return CrmUser(account.id, account.username,
+                   _name(account.first_name, account.last_name, account.username), via)
 
 
 def _name(first: str, last: str, username: str) -> str:

@@ -1,29 +1,18 @@
-"""One Fritz!Box: its connection, its call tracker, its state for /readyz.
+"""One Fritz!Box: its lines, its call tracker, its state for /readyz and ``dpvoip check``.
 
 ``FritzBox`` joins the pure parts (parser, tracker) to the ingest entry point and keeps
-the box's status. ``FritzBoxService`` is a ``ClientService`` that connects to the box and
-reconnects forever with capped, jittered exponential back-off (a timer, no polling: the
-CPU is idle while it waits), with TCP keepalive set on every connection so that a dead
-path is noticed in about 90 s.
+the box's status. Keeping it connected is ``fritzbox.service``'s work.
 """
 
 from __future__ import annotations
 
-import random
-import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
-from twisted.application.internet import ClientService
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IProtocol, IReactorTime
-from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -31,14 +20,13 @@ from dpvoip.calls.ingest import Origin
 from dpvoip.config import FritzBoxSettings
 from dpvoip.core.happenings import Happening
 from dpvoip.core.numbers import Dialling, normalise
+from dpvoip.deferreds import EmptyableSet
 from dpvoip.fritzbox.parser import BadLine, parse
 from dpvoip.fritzbox.tracker import BoxRules, CallTracker
 from dpvoip.protocols.callmonitor import CallMonitorProtocol
 
 log = Logger(namespace="dpvoip.fritzbox.box")
 
-#: TCP keepalive: first probe after 60 s of silence, then every 10 s, dead after 3.
-KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 10, 3
 #: A box clock this far from ours is worth a warning (wrong zone, or just rebooted).
 CLOCK_SKEW_WARNING = 300.0
 
@@ -107,7 +95,8 @@ class FritzBox:
                              self.rules)
         self.tracker = CallTracker(self.rules)
         self.status = BoxStatus(settings.name, settings.host, settings.port)
-        self.pending: set[Deferred[None]] = set()
+        #: The happenings handed to the ingest and not yet recorded (or failed).
+        self.pending: EmptyableSet[Deferred[None]] = EmptyableSet()
         self.born = self._now()  # calls older than this are the last run's
         self.connection: CallMonitorProtocol | None = None
 
@@ -129,6 +118,10 @@ class FritzBox:
     def _failed(self, failure: Failure, happening: Any) -> None:
         log.failure("box {box}: could not record {what}", failure, box=self.settings.name,
                     what=type(happening).__name__)
+
+    def settled(self) -> Deferred[None]:
+        """Fires once no happening handed to the ingest is still being recorded."""
+        return self.pending.when_empty()
 
     async def close_left_open(self) -> int:
         """Close the calls of this box the last run left active: those that started before
@@ -183,129 +176,3 @@ class FritzBox:
         self.status.since = self._now()
         log.info("box {box}: connection lost ({why})", box=self.settings.name,
                  why=reason.getErrorMessage())
-
-
-class BoxStatusReporter(Service):
-    """Writes every box's state to ``dpvoip.box_status`` every few seconds, so that
-    ``dpvoip check`` (another process) can tell. Best effort: a failed write is retried
-    at the next tick."""
-
-    name = "box status"
-
-    def __init__(self, boxes: list[FritzBox], store: Any, clock: IReactorTime,
-                 every: float = 5.0) -> None:
-        self._boxes = boxes
-        self._store = store
-        self._clock = clock
-        self._every = every
-        self._loop: LoopingCall | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        if self._boxes:
-            self._loop = LoopingCall(self.report)
-            self._loop.clock = self._clock
-            self._loop.start(self._every, now=False)
-
-    def report(self) -> Deferred[None]:
-        async def write(cursor: Any) -> None:
-            for box in self._boxes:
-                s = box.status
-                await cursor.execute(
-                    "INSERT INTO dpvoip.box_status (box, host, port, connected, since,"
-                    " last_line_at, reconnects, lines, bad_lines, open_calls, reported_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())"
-                    " ON CONFLICT (box) DO UPDATE SET host = EXCLUDED.host, port ="
-                    " EXCLUDED.port, connected = EXCLUDED.connected, since = EXCLUDED.since,"
-                    " last_line_at = EXCLUDED.last_line_at, reconnects = EXCLUDED.reconnects,"
-                    " lines = EXCLUDED.lines, bad_lines = EXCLUDED.bad_lines,"
-                    " open_calls = EXCLUDED.open_calls, reported_at = now()",
-                    (s.name, s.host, s.port, s.connected, s.since, s.last_line_at,
-                     s.reconnects, s.lines, s.bad_lines, box.tracker.open_calls),
-                )
-
-        written: Deferred[None] = self._store.write(write)
-        written.addErrback(lambda _: None)
-        return written
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        return None
-
-
-def keepalive(protocol: IProtocol) -> None:
-    """prepareConnection: short TCP keepalive timers on the box's socket."""
-    transport: Any = getattr(protocol, "transport", None)
-    get_handle = getattr(transport, "getHandle", None)
-    handle = get_handle() if get_handle is not None else None
-    if handle is None or not hasattr(handle, "setsockopt"):
-        return
-    handle.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE),
-                          ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-                          ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
-        if hasattr(socket, option):
-            handle.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-
-
-def retry_policy(initial: float = 1.0, cap: float = 60.0,
-                 random: Callable[[], float] = random.random) -> Callable[[int], float]:
-    """Exponential back-off that never gives up: ``initial`` doubled at each failure, never
-    more than ``cap``. The jitter (a quarter of the delay, so that boxes behind one router
-    do not retry in step) is taken off the delay, never added: the cap is the cap."""
-
-    def delay(attempt: int) -> float:  # ClientService counts failed attempts from 1
-        base = min(initial * 2.0 ** (min(max(attempt, 1), 64) - 1), cap)
-        return base * (0.75 + 0.25 * random())
-
-    return delay
-
-
-class FritzBoxService(ClientService):
-    """Keeps one box connected, from the moment the database is prepared."""
-
-    def __init__(self, box: FritzBox, reactor: Any, prepared: Callable[[], Deferred[None]],
-                 endpoint: Any = None, retry: Callable[[int], float] | None = None) -> None:
-        settings = box.settings
-        endpoint = endpoint or HostnameEndpoint(reactor, settings.host, settings.port,
-                                                timeout=10)
-        factory = Factory.forProtocol(
-            lambda: CallMonitorProtocol(box, reactor, settings.newline_keepalive_seconds)
-        )
-        super().__init__(endpoint, factory, retryPolicy=retry or retry_policy(),
-                         clock=reactor, prepareConnection=keepalive)
-        self.box = box
-        self.name = f"fritzbox {settings.name}"
-        self._prepared = prepared
-        self._reactor = reactor
-        self._begun = False
-
-    def startService(self) -> None:
-        # Connected at once, whether the database is there or not (events are spooled),
-        # so that no call is missed; the last run's open calls are closed once the
-        # database is there and what the last run spooled has been replayed.
-        super().startService()
-        closing = self._prepared().addCallback(
-            lambda _: Deferred.fromCoroutine(self._close_left_open()))
-        closing.addErrback(lambda f: log.failure("box {box}: could not start", f,
-                                                 box=self.box.settings.name))
-
-    async def _close_left_open(self) -> None:
-        if not self.running or self._begun:
-            return
-        self._begun = True
-        try:
-            closed = await self.box.close_left_open()
-        except Exception as error:  # the database went away; the calls stay for next time
-            log.warn("box {box}: could not close the calls left open: {error}",
-                     box=self.box.settings.name, error=str(error) or type(error).__name__)
-            closed = 0
-        if closed:
-            log.info("box {box}: closed {n} calls left open by the last run",
-                     box=self.box.settings.name, n=closed)
-
-    def stopService(self) -> Deferred[None]:
-        stopped: Deferred[None] = super().stopService()
-        return stopped

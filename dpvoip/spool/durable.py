@@ -11,35 +11,38 @@ An event that timed out may still commit later: its replay then changes nothing.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-import psycopg2
+from twisted.application.internet import TimerService
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, TimeoutError, succeed
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from txpostgres.reconnection import ConnectionDead
+from twisted.python.failure import Failure
 
 from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext, ZadarmaOutcome
+from dpvoip.core.errors import summary
 from dpvoip.core.happenings import Happening
 from dpvoip.core.numbers import Dialling
-from dpvoip.deferreds import OneShotObserver
+from dpvoip.deferreds import OneShotObserver, shield, within
 from dpvoip.spool.journal import AsyncSpool, SpoolFull
 from dpvoip.spool.records import fritz_record, read_record, zadarma_record
-from dpvoip.store.database import Store, shield, within
+from dpvoip.store.database import Store, is_unavailable
 from dpvoip.store.migrations import SchemaReport
 from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 
 log = Logger()
 T = TypeVar("T")
 
-#: Failures that mean "the database is not there now", not "this event is wrong".
-UNAVAILABLE = (ConnectionDead, psycopg2.OperationalError, psycopg2.InterfaceError,
-               TimeoutError)
+
+def unavailable(error: BaseException) -> bool:
+    """Whether ``error`` means "the database is not there now" (or did not commit within
+    the deadline), not "this event is wrong": the event is spooled, the replay pauses."""
+    return isinstance(error, TimeoutError) or is_unavailable(error)
 
 
 class NotRecorded(Exception):
@@ -72,7 +75,7 @@ class DurableIngest:
         self._spooling = False
         self._appends = itertools.count()
         self._appended = 0
-        self._replaying: Deferred[bool] | None = None
+        self._replaying: OneShotObserver[bool] | None = None
         self.counters = DurableCounters()
 
     @property
@@ -107,9 +110,10 @@ class DurableIngest:
         attempt = work()
         try:
             result = await within(self._clock, attempt, self._deadline)
-        except UNAVAILABLE as error:
-            reason = type(error).__name__
-            return await self._to_spool(record, spooled_result, reason)
+        except Exception as error:
+            if not unavailable(error):
+                raise
+            return await self._to_spool(record, spooled_result, type(error).__name__)
         self.counters.direct += 1
         return result
 
@@ -136,27 +140,23 @@ class DurableIngest:
         running = self._replaying
         if running is None:
             return succeed(None)
-        waiter: Deferred[None] = Deferred()
-
-        def relay(result: object) -> object:
-            waiter.callback(None)
-            return result  # the replay's own waiters still see its result
-
-        running.addBoth(relay)
-        return waiter
+        return running.when_fired().addBoth(lambda _: None)
 
     def replay(self) -> Deferred[bool]:
         """Replay the spool into the database, in order; fires True once it is empty (then
-        new events go straight to the database again), False if the database failed."""
-        if self._replaying is None:
-            self._replaying = Deferred.fromCoroutine(self._replay())
+        new events go straight to the database again), False if the database failed. One
+        replay at a time: who asks while one runs gets its result."""
+        running = self._replaying
+        if running is None:
+            running = self._replaying = OneShotObserver()
+            Deferred.fromCoroutine(self._replay()).addBoth(
+                functools.partial(self._replay_ended, running))
+        return running.when_fired()
 
-            def done(result: Any) -> Any:
-                self._replaying = None
-                return result
-
-            self._replaying.addBoth(done)
-        return self._replaying
+    def _replay_ended(self, run: OneShotObserver[bool], result: bool | Failure) -> None:
+        if self._replaying is run:
+            self._replaying = None
+        run.fire(result)
 
     async def _replay(self) -> bool:
         if not self._schema.fired:
@@ -177,9 +177,10 @@ class DurableIngest:
                 for seq, payload in pending:
                     try:
                         await self._apply(payload)
-                    except UNAVAILABLE:
-                        raise
-                    except Exception as error:  # this record, every time: never a jam
+                    except Exception as error:
+                        if unavailable(error):
+                            raise
+                        # this record, every time: skipped, never a jam
                         self.counters.unreplayable += 1
                         log.error("spool record {seq} could not be applied and is skipped"
                                   " ({error}): {payload}", seq=seq,
@@ -188,7 +189,9 @@ class DurableIngest:
                     else:
                         self.counters.replayed += 1
                     done = seq
-            except UNAVAILABLE as error:
+            except Exception as error:
+                if not unavailable(error):
+                    raise
                 log.info("replay paused: the database is unavailable ({error})",
                          error=type(error).__name__)
                 return False
@@ -210,7 +213,11 @@ class DurableIngest:
 
 class DurableService(Service):
     """Opens the spool at start, replays it once the database schema is prepared (before
-    the boxes connect), and again every ``interval`` seconds while events are spooled."""
+    the boxes connect), and again every ``interval`` seconds while events are spooled.
+
+    The periodic replay is Twisted's ``TimerService``, started once the schema is prepared
+    (its first tick at once) rather than at this service's start: there is nothing to
+    replay into before that."""
 
     name = "spool"
 
@@ -218,21 +225,15 @@ class DurableService(Service):
                  prepared: Callable[[], Deferred[None]], interval: float = 1.0) -> None:
         self._durable = durable
         self._spool = spool
-        self._clock = clock
         self._prepared = prepared
-        self._interval = interval
-        self._loop: LoopingCall | None = None
-        self._replayed_once = False
-        self._waiting: list[Deferred[None]] = []
+        self._replayer = TimerService(interval, self._tick)
+        self._replayer.clock = clock
+        self._replayed = OneShotObserver[None]()
         self._alarmed = False
 
     def when_replayed(self) -> Deferred[None]:
         """Fires once what the last run spooled is in the database."""
-        if self._replayed_once:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._waiting.append(waiter)
-        return waiter
+        return self._replayed.when_fired()
 
     def startService(self) -> Deferred[None]:
         super().startService()
@@ -245,36 +246,28 @@ class DurableService(Service):
                          n=state.recovered_torn_bytes)
             if state.pending:
                 log.info("spool: {n} events of the last run to replay", n=state.pending)
-            self._prepared().addCallback(lambda _: self._start_loop())
+            self._prepared().addCallback(lambda _: self._start_replaying())
 
         return opened.addCallback(begin)
 
-    def _start_loop(self) -> None:
-        if not self.running:
-            return
-        loop = LoopingCall(self._tick)
-        loop.clock = self._clock
-        self._loop = loop
-        loop.start(self._interval, now=True).addErrback(
-            lambda failure: log.failure("spool replay loop stopped", failure))
+    def _start_replaying(self) -> None:
+        if self.running and not self._replayer.running:
+            self._replayer.startService()
 
     def _tick(self) -> None:
+        """One tick of the replay loop: never waits (a replay under way is joined, not
+        started twice), so the loop keeps its beat and stops at once."""
         self._watch_alarm()
-        if self._replayed_once and not self._durable.spooling:
+        if self._replayed.fired and not self._durable.spooling:
             return
-        replayed = self._durable.replay()
+        self._durable.replay().addBoth(self._replay_settled)
 
-        def settle(result: object) -> None:
-            if result is True and not self._replayed_once:
-                self._replayed_once = True
-                waiting, self._waiting = self._waiting, []
-                for waiter in waiting:
-                    waiter.callback(None)
-            elif hasattr(result, "getErrorMessage"):
-                log.warn("spool replay failed, will retry: {error}",
-                         error=result.getErrorMessage())
-
-        replayed.addBoth(settle)
+    def _replay_settled(self, result: bool | Failure) -> None:
+        if isinstance(result, Failure):
+            log.warn("spool replay failed, will retry: {error}",
+                     error=summary(result.getErrorMessage()))
+        elif result:
+            self._replayed.fire(None)
 
     def _watch_alarm(self) -> None:
         state = self._spool.state()
@@ -287,10 +280,10 @@ class DurableService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self._replayer.running:
+            await self._replayer.stopService()
         await self._durable.idle()  # a replay in flight finishes first
         await self._spool.stop()

@@ -81,6 +81,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from dpvoip.deferreds import OneShotObserver
+
 T = TypeVar("T")
 
 MAGIC = b"\xd9\x5f"
@@ -514,7 +516,7 @@ class AsyncSpool:
         self._busy = False
         self._scheduled = False
         self._accepting = False
-        self._stopping: Deferred[None] | None = None
+        self._stopping: OneShotObserver[None] | None = None  # every caller of stop()
         self._shutdown_trigger: Any = None
         self._state = SpoolState(0, 0, spool.max_bytes, False, 0, 0, 0)
 
@@ -580,7 +582,7 @@ class AsyncSpool:
     def stop(self) -> Deferred[None]:
         """Refuse new work, finish what is queued, close the spool, stop the thread."""
         if self._stopping is not None:
-            return _chain(self._stopping)
+            return self._stopping.when_fired()
         if self._pool is None:
             return succeed(None)
         self._accepting = False
@@ -594,9 +596,9 @@ class AsyncSpool:
             pool.stop()  # the thread is idle now: this join is short
             return result
 
-        closed.addBoth(stopped)
-        self._stopping = closed
-        return _chain(closed)
+        stopping = self._stopping = OneShotObserver()
+        closed.addBoth(stopped).addBoth(stopping.fire)
+        return stopping.when_fired()
 
     def _submit(self, call: Callable[[], T]) -> Deferred[T]:
         if not self._accepting:
@@ -692,18 +694,3 @@ class AsyncSpool:
                 self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
 
-
-def _chain(source: Deferred[None]) -> Deferred[None]:
-    """A Deferred that fires with ``source`` without taking its result away from other
-    callers of ``stop``."""
-    result: Deferred[None] = Deferred()
-
-    def relay(value: object) -> object:
-        if isinstance(value, Failure):
-            result.errback(value)
-        else:
-            result.callback(None)
-        return value
-
-    source.addBoth(relay)
-    return result

@@ -232,3 +232,24 @@ class Store:
                          n=len(self._in_flight), t=timeout)
 
         return waited.addCallback(report)
+
+
+# -- what a failure means (for those outside the store, who may not know the drivers) -----
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` means "PostgreSQL is not there now" (the connection is dead or
+    could not be made) rather than "this statement is wrong": the work may be kept and
+    tried again later (the spool does)."""
+    from psycopg2 import InterfaceError, OperationalError
+    from txpostgres.reconnection import ConnectionDead
+
+    return isinstance(error, ConnectionDead | OperationalError | InterfaceError)
+
+
+def is_database_error(error: BaseException) -> bool:
+    """Whether ``error`` came from the database at all: unavailable, or any error the
+    driver reports (a refused statement, a broken constraint)."""
+    from psycopg2 import Error
+
+    return is_unavailable(error) or isinstance(error, Error)

@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-import psycopg2
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
-from txpostgres.reconnection import ConnectionDead
 
 from dpvoip.click_to_call.callbacks import CallbackOutcome, ClickToCall, Connection, NoRecording
+from dpvoip.click_to_call.errors import DatabaseUnreachable
 from dpvoip.click_to_call.logins import CrmUser, Logins, NotSignedIn
 from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.web.errors import HttpError, error_answer, json_body, media_type
@@ -69,7 +68,7 @@ class CallbackPages:
             connections = await self.calls.connections(user)
         except NotSignedIn as refused:
             return self._not_signed_in(request, refused, wants_json)
-        except (psycopg2.Error, ConnectionDead):
+        except DatabaseUnreachable:
             raise HttpError(503, "the CRM database is not reachable; try again shortly") \
                 from None
         if wants_json:
@@ -117,7 +116,7 @@ class CallbackPages:
             outcome = await self.calls.refused(None, connection_id, number,
                                                CallbackOutcome(401, not_signed_in.message))
             return self._answer(request, as_json, outcome)
-        except (psycopg2.Error, ConnectionDead):
+        except DatabaseUnreachable:
             return self._answer(request, as_json, CallbackOutcome(
                 503, "the CRM database is not reachable; try again shortly"))
         try:
@@ -128,7 +127,7 @@ class CallbackPages:
                     403, "this request does not come from the CRM's own pages"))
             else:
                 outcome = await self.calls.dial(user, connection_id, number, sip, predicted)
-        except (psycopg2.Error, ConnectionDead):
+        except DatabaseUnreachable:
             outcome = CallbackOutcome(503, "the CRM database is not reachable; try again "
                                            "shortly")
         return self._answer(request, as_json, outcome)
@@ -192,7 +191,7 @@ class CallbackPages:
             headers = ({"Retry-After": str(max(1, math.ceil(error.retry_after)))}
                        if error.retry_after is not None else {})
             raise HttpError(error.status, error.message, headers) from None
-        except (psycopg2.Error, ConnectionDead):
+        except DatabaseUnreachable:
             raise HttpError(503, "the CRM database is not reachable; try again shortly") \
                 from None
         request.setResponseCode(302)

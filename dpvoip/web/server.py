@@ -284,7 +284,7 @@ class WebService(Service):
                 await stopped
         if self.site.in_flight:
             log.info("shutdown: waiting for {n} requests in flight", n=self.site.in_flight)
-            from dpvoip.store.database import race
+            from dpvoip.deferreds import race
 
             waited = self.site.idle().addCallback(lambda _: True)
             await race(self._reactor, waited, self.site.settings.drain_timeout, False)
