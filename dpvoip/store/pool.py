@@ -20,10 +20,14 @@ from typing import Any, TypeVar
 import psycopg2
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredSemaphore
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txpostgres import reconnection, txpostgres
+from txpostgres import reconnection, retrying, txpostgres
+
+from dpvoip.core.errors import summary
+from dpvoip.deferreds import within
+from dpvoip.internals import raw_connection
 
 T = TypeVar("T")
 log = Logger()
@@ -54,10 +58,8 @@ class _Detector(reconnection.DeadConnectionDetector):  # type: ignore[misc]
     def startReconnecting(self, f: Failure) -> None:
         if self.closed:
             return
-        log.warn("database connection lost ({error}); reconnecting", error=_short(f))
+        log.warn("database connection lost ({error}); reconnecting", error=summary(f.value or ""))
         self._on_state()
-        from txpostgres import retrying
-
         call = retrying.RetryingCall(self.reconnect)
         call.reactor = self.reactor
         self._retrying = call.start(self.reconnectionIterator())
@@ -88,27 +90,20 @@ class _Connection(txpostgres.Connection):  # type: ignore[misc]
 
     libpq's ``connect_timeout`` is not applied to asynchronous connections, so an
     unanswered SYN would otherwise leave the reconnection loop waiting forever.
+    ``prepared`` records the statements PREPAREd on it (see ``ensure_prepared``).
     """
 
     connect_timeout = 5.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prepared: dict[str, Any] = {}
 
     def connect(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
         attempt: Deferred[Any] = super().connect(*args, **kwargs)
         if attempt.called:
             return attempt
-        result: Deferred[Any] = Deferred()
-        timer: IDelayedCall = self.reactor.callLater(self.connect_timeout, self._give_up, result)
-
-        def settle(outcome: Any) -> None:
-            if timer.active():
-                timer.cancel()
-            if not result.called:
-                result.callback(outcome) if not isinstance(outcome, Failure) else result.errback(
-                    outcome
-                )
-
-        attempt.addBoth(settle)
-        return result
+        return within(self.reactor, attempt, self.connect_timeout).addErrback(self._give_up)
 
     def doRead(self) -> None:
         try:
@@ -119,12 +114,13 @@ class _Connection(txpostgres.Connection):  # type: ignore[misc]
             self.reactor.removeReader(self)
             self.detector.checkForDeadConnection(Failure(error))
 
-    def _give_up(self, result: Deferred[Any]) -> None:
-        self._pollingD = None
+    def _give_up(self, failure: Failure) -> None:
+        failure.trap(defer.TimeoutError)
+        # The attempt still polls: closing ends it (its own failure goes nowhere: the
+        # deadline has answered already), and the next attempt starts afresh.
         with contextlib.suppress(Exception):  # the socket may already be gone
             self.close()
-        if not result.called:
-            result.errback(psycopg2.OperationalError("timeout while connecting to PostgreSQL"))
+        raise psycopg2.OperationalError("timeout while connecting to PostgreSQL")
 
 
 class HealingPool:
@@ -173,7 +169,7 @@ class HealingPool:
 
     @staticmethod
     def _usable(connection: _Connection) -> bool:
-        raw = connection._connection
+        raw = raw_connection(connection)
         return (
             raw is not None
             and not raw.closed
@@ -185,7 +181,7 @@ class HealingPool:
         for connection in self._connections:
             connection.detector.stop()
             try:
-                if connection._connection is not None:
+                if raw_connection(connection) is not None:
                     connection.close()
             except Exception:  # noqa: S110 - closing a dead connection may fail; nothing to do
                 pass
@@ -248,15 +244,14 @@ class HealingPool:
         return self.with_connection(lambda c: c.runInteraction(transact))
 
 
-async def ensure_prepared(connection: Any, name: str, statement: str,
+async def ensure_prepared(connection: _Connection, name: str, statement: str,
                           operation: Callable[[str], Awaitable[Any]]) -> None:
     """PREPARE ``statement`` as ``name`` unless this connection (this libpq session: a
     reconnected connection is a new one) has already."""
-    raw = connection._connection
-    prepared: dict[str, Any] = connection.__dict__.setdefault("_prepared", {})
-    if prepared.get(name) is not raw:
+    raw = raw_connection(connection)
+    if connection.prepared.get(name) is not raw:
         await operation(f"PREPARE {name} AS {statement}")
-        prepared[name] = raw
+        connection.prepared[name] = raw
 
 
 _NAMED = re.compile(r"%\((\w+)\)s|%%")
@@ -286,7 +281,7 @@ def statement_name(statement: str) -> str:
 
 
 async def run_prepared(
-    connection: Any, name: str, statement: str, params: tuple[Any, ...],
+    connection: _Connection, name: str, statement: str, params: tuple[Any, ...],
     operation: Callable[[str], Awaitable[Any]],
     query: Callable[[str, tuple[Any, ...]], Awaitable[list[tuple[Any, ...]]]],
 ) -> list[tuple[Any, ...]]:
@@ -300,6 +295,3 @@ async def run_prepared(
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
-
-def _short(f: Failure) -> str:
-    return str(f.value).strip().splitlines()[0] if str(f.value).strip() else type(f.value).__name__
