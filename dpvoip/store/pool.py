@@ -85,7 +85,7 @@ class _Detector(reconnection.DeadConnectionDetector):  # type: ignore[misc]
             retrying.cancel()
 
 
-class _Connection(txpostgres.Connection):  # type: ignore[misc]
+class PooledConnection(txpostgres.Connection):  # type: ignore[misc]
     """A connection whose connect attempt gives up after ``connect_timeout``.
 
     libpq's ``connect_timeout`` is not applied to asynchronous connections, so an
@@ -136,13 +136,13 @@ class HealingPool:
     ) -> None:
         self._reactor = reactor
         self._dsn = dsn
-        self._connections: list[_Connection] = []
-        self._idle: list[_Connection] = []
+        self._connections: list[PooledConnection] = []
+        self._idle: list[PooledConnection] = []
         self._semaphore = DeferredSemaphore(size)
         self._on_reconnect = on_reconnect or (lambda: None)
         self._closed = False
         for _ in range(size):
-            connection = _Connection(reactor=reactor)
+            connection = PooledConnection(reactor=reactor)
             connection.connect_timeout = connect_timeout
             connection.detector = _Detector(reactor, self._state_changed)
             self._connections.append(connection)
@@ -168,7 +168,7 @@ class HealingPool:
         return sum(1 for c in self._connections if self._usable(c))
 
     @staticmethod
-    def _usable(connection: _Connection) -> bool:
+    def _usable(connection: PooledConnection) -> bool:
         raw = raw_connection(connection)
         return (
             raw is not None
@@ -186,14 +186,14 @@ class HealingPool:
             except Exception:  # noqa: S110 - closing a dead connection may fail; nothing to do
                 pass
 
-    def _checkout(self) -> _Connection:
+    def _checkout(self) -> PooledConnection:
         for connection in self._idle:
             if self._usable(connection):
                 self._idle.remove(connection)
                 return connection
         return self._idle.pop()
 
-    def with_connection(self, work: Callable[[_Connection], Deferred[T]]) -> Deferred[T]:
+    def with_connection(self, work: Callable[[PooledConnection], Deferred[T]]) -> Deferred[T]:
         """Run ``work`` with one connection of its own (a live one if there is one)."""
         def run() -> Deferred[T]:
             if self._closed:
@@ -220,7 +220,7 @@ class HealingPool:
         that connection runs it, and again after the connection is re-established.
         """
 
-        async def run(connection: _Connection) -> list[tuple[Any, ...]]:
+        async def run(connection: PooledConnection) -> list[tuple[Any, ...]]:
             return await run_prepared(connection, name, statement, params,
                                       connection.runOperation, connection.runQuery)
 
@@ -244,7 +244,7 @@ class HealingPool:
         return self.with_connection(lambda c: c.runInteraction(transact))
 
 
-async def ensure_prepared(connection: _Connection, name: str, statement: str,
+async def ensure_prepared(connection: PooledConnection, name: str, statement: str,
                           operation: Callable[[str], Awaitable[Any]]) -> None:
     """PREPARE ``statement`` as ``name`` unless this connection (this libpq session: a
     reconnected connection is a new one) has already."""
@@ -281,7 +281,7 @@ def statement_name(statement: str) -> str:
 
 
 async def run_prepared(
-    connection: _Connection, name: str, statement: str, params: tuple[Any, ...],
+    connection: PooledConnection, name: str, statement: str, params: tuple[Any, ...],
     operation: Callable[[str], Awaitable[Any]],
     query: Callable[[str, tuple[Any, ...]], Awaitable[list[tuple[Any, ...]]]],
 ) -> list[tuple[Any, ...]]:
