@@ -198,8 +198,9 @@ class RawConnectionTests(TestCase):
 _PUBLIC = {"_exit"}
 # dpvoip's own, on an object of the same class.
 _OWN = {("config.py", "_value")}  # Secret.__eq__ compares with the other Secret
-# Until the composition root calls internals.forget_exit_signal (another change).
-_NOT_YET = {("service.py", "_exitSignal")}
+# Until ExitStatus (in service.py, moving to services.py) calls
+# internals.forget_exit_signal: then empty this.
+_NOT_YET = {("service.py", "_exitSignal"), ("services.py", "_exitSignal")}
 
 
 def private_reaches(source: str) -> list[tuple[int, str]]:
