@@ -15,7 +15,7 @@ import hashlib
 import random
 import re
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import psycopg2
 from twisted.internet import defer
@@ -114,7 +114,7 @@ class PooledConnection(txpostgres.Connection):  # type: ignore[misc]
             self.reactor.removeReader(self)
             self.detector.checkForDeadConnection(Failure(error))
 
-    def _give_up(self, failure: Failure) -> None:
+    def _give_up(self, failure: Failure) -> NoReturn:
         failure.trap(defer.TimeoutError)
         # The attempt still polls: closing ends it (its own failure goes nowhere: the
         # deadline has answered already), and the next attempt starts afresh.
