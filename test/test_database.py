@@ -9,12 +9,12 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg2
 from psycopg2.extensions import parse_dsn
 from twisted.internet import defer, protocol, reactor, threads
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dpvoip.config import DatabaseSettings
@@ -66,6 +66,53 @@ class DsnTests(SynchronousTestCase):
         self.assertLess(first[1], first[4])
         self.assertTrue(all(d <= 5.0 for d in first))
         self.assertTrue(all(d >= 4.5 for d in first[10:]))
+
+
+class _HeldPool:
+    """A pool whose transactions finish when the test says."""
+
+    def __init__(self) -> None:
+        self.transactions: list[defer.Deferred[None]] = []
+
+    def run_interaction(self, interaction: Any) -> defer.Deferred[None]:
+        self.transactions.append(defer.Deferred())
+        return self.transactions[-1]
+
+
+async def _nothing(cursor: Any) -> None:
+    pass
+
+
+class DrainTests(SynchronousTestCase):
+    """Shutdown waits for the writes under way, on a Clock."""
+
+    def setUp(self) -> None:
+        self.pool = _HeldPool()
+        self.clock = Clock()
+        self.store = Store(cast(Any, self.pool), self.clock)
+
+    def test_nothing_under_way_is_drained_at_once(self) -> None:
+        self.assertIsNone(self.successResultOf(self.store.drain(5)))
+
+    def test_a_write_started_as_the_last_one_ends_is_waited_for_too(self) -> None:
+        first = self.store.write(_nothing)
+        first.addCallback(lambda _: self.store.write(_nothing))  # the spool's next record
+        drained = self.store.drain(5)
+        self.pool.transactions[0].callback(None)
+        self.assertNoResult(drained)
+        self.assertEqual(self.store.writes_in_flight, 1)
+        self.pool.transactions[1].callback(None)
+        self.assertIsNone(self.successResultOf(drained))
+        self.assertEqual(self.store.writes_in_flight, 0)
+
+    def test_drain_gives_up_after_its_timeout(self) -> None:
+        self.store.write(_nothing)
+        drained = self.store.drain(5)
+        self.clock.advance(4.9)
+        self.assertNoResult(drained)
+        self.clock.advance(0.1)
+        self.assertIsNone(self.successResultOf(drained))
+        self.assertEqual(self.store.writes_in_flight, 1)  # left to finish on its own
 
 
 class PoolOnSharedServerTests(TestCase):

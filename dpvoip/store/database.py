@@ -114,13 +114,11 @@ class Store:
 
     def _track(self, inner: Deferred[T]) -> Deferred[T]:
         self._in_flight.add(inner)
-
-        def forget(result: Any) -> Any:
-            self._in_flight.discard(inner)
-            return result
-
-        inner.addBoth(forget)
-        return shield(inner)
+        outer = shield(inner)
+        # After the caller has its result: a write it starts at once (the spool replaying
+        # the next record) is in flight before this one leaves, so a drain waits for it.
+        inner.addBoth(lambda _: self._in_flight.discard(inner))
+        return outer
 
     def write_one(self, sql: Any, params: Any = None) -> Deferred[list[tuple[Any, ...]]]:
         """One statement, atomic on its own (no BEGIN/COMMIT round trips), shielded."""
