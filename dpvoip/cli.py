@@ -232,7 +232,7 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     """Who a number belongs to, as a call from it would be matched (reads only)."""
     config = _config(args)
     from dpvoip.core.numbers import Dialling, normalise
-    from dpvoip.service import _own_numbers
+    from dpvoip.service import own_numbers
     from dpvoip.store.directory import DirectoryIndex
 
     where = Dialling(args.region or config.directory.region, args.area_code or "")
@@ -240,7 +240,7 @@ def cmd_lookup(args: argparse.Namespace) -> int:
 
     async def work(store: Any, dsn: str) -> int:
         index = DirectoryIndex(store, config.database.crm_schema,
-                               Dialling(config.directory.region), _own_numbers(config))
+                               Dialling(config.directory.region), own_numbers(config))
         if number is None:
             print(f"{args.number!r}: not a number dpvoip matches (withheld, too short, "
                   "service code or garbage)")

@@ -94,7 +94,7 @@ class Daemon:
         self.schema = schema
 
 
-def _own_numbers(config: Config) -> list[str]:
+def own_numbers(config: Config) -> list[str]:
     """Every number the office owns: never matched to a CRM record."""
     numbers = list(config.directory.own_numbers)
     for box in config.fritzbox:
@@ -138,7 +138,7 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     region = Dialling(config.directory.region)
     index = DirectoryIndex(
         store, config.database.crm_schema, region,
-        own_numbers=_own_numbers(config), page_size=config.directory.page_size,
+        own_numbers=own_numbers(config), page_size=config.directory.page_size,
         margin_seconds=config.directory.margin_seconds,
     )
     directory = DirectoryService(index, config.directory, reactor, database.when_prepared)

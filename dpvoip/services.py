@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from dpvoip.config import Config, DirectorySettings
 from dpvoip.core.errors import summary
 from dpvoip.deferreds import OneShotObserver
+from dpvoip.internals import forget_exit_signal
 from dpvoip.store.database import Store
 from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.embedded import EmbeddedPostgres
@@ -54,8 +55,7 @@ class ExitStatus:
             self._reactor.stop()
 
     def _settle(self) -> None:
-        # Private twistd/reactor contract: a signal stored here is re-raised after the run.
-        self._reactor._exitSignal = None
+        forget_exit_signal(self._reactor)
         if self.code:
             code = self.code
             sys.stderr.write(f"dpvoip: {self.message}\n")

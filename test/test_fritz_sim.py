@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -527,8 +526,7 @@ class LiveTests(TestCase):
         times = [started] + [at for at, _ in lines]
         gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
         self.assertGreaterEqual(gaps[1], 0.04)
-        self.assertGreaterEqual(gaps[2], 0.09)
-        self.assertLess(times[-1] - started, 5)
+        self.assertGreaterEqual(gaps[2], 0.09)  # (a busy machine only makes gaps longer)
         stamp = datetime.strptime(lines[0][1].split(b";")[0].decode(), "%d.%m.%y %H:%M:%S")
         now = datetime.now(ATHENS).replace(tzinfo=None)
         self.assertLess(abs((now - stamp).total_seconds()), 60)
@@ -588,7 +586,6 @@ class LiveTests(TestCase):
         self.assertTrue((await first.ended()).check(ConnectionDone))
         await until(lambda: not simulator.listening)
         await deferLater(reactor, 0.02)  # the listening socket closes one turn later
-        refused_at = reactor.seconds()
         with self.assertRaises(ConnectionRefusedError):
             await self.connect(port)
         attempts = 1
@@ -597,8 +594,7 @@ class LiveTests(TestCase):
             try:
                 second = await self.connect(port)
                 break
-            except ConnectionRefusedError:
-                self.assertLess(reactor.seconds() - refused_at, 5)
+            except ConnectionRefusedError:  # (for ever: the test's timeout ends it)
                 await deferLater(reactor, 0.05)
         await second.ended()
         await done
@@ -715,11 +711,9 @@ class CommandTests(SynchronousTestCase):
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
-            started = time.monotonic()
             result = subprocess.run(
                 [sys.executable, "-m", "dpvoip.cli", "fritz-sim", self.script("1 a;\n"),
                  "--port", str(taken.getsockname()[1])],
                 cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertIn("cannot listen on 127.0.0.1:", result.stderr)
-        self.assertLess(time.monotonic() - started, 30)

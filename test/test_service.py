@@ -215,14 +215,14 @@ def _ddl(version: str) -> str:
 class OwnNumberTests(SynchronousTestCase):
     def test_a_box_own_number_is_read_with_its_area_code(self) -> None:
         from dpvoip.config import DirectorySettings, FritzBoxSettings
-        from dpvoip.service import _own_numbers
+        from dpvoip.service import own_numbers
 
         config = Config(
             directory=replace(DirectorySettings(), own_numbers=("210 555 0000",)),
             fritzbox=(replace(FritzBoxSettings(), country="DE", area_code="30",
                               own_numbers=("2281234",)),),
         )
-        self.assertEqual(_own_numbers(config), ["210 555 0000", "+49302281234"])
+        self.assertEqual(own_numbers(config), ["210 555 0000", "+49302281234"])
 
 
 # -- the readiness report, from fakes of what it reads ---------------------------------------

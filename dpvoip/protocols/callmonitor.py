@@ -7,9 +7,9 @@ over-long line means a broken peer: the connection is dropped, and the service r
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, cast
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.protocols.basic import LineReceiver
@@ -57,7 +57,7 @@ class CallMonitorProtocol(LineReceiver):
     def lineLengthExceeded(self, line: bytes) -> None:
         self._sink.line_too_long()
         if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            cast(ITCPTransport, self.transport).abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._keepalive is not None and self._keepalive.running:

@@ -13,12 +13,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from dpvoip.deferreds import EmptyableSet, race, shield
 from dpvoip.store.pool import (
     HealingPool,
     ensure_prepared,
@@ -91,51 +91,6 @@ class Batch:
                 await self._cursor.execute("ROLLBACK")
 
 
-def shield(inner: Deferred[T]) -> Deferred[T]:
-    """A Deferred with ``inner``'s result whose cancellation does not reach ``inner``."""
-    outer: Deferred[T] = Deferred()
-
-    def relay(result: Any) -> None:
-        if not outer.called:
-            outer.callback(result) if not _is_failure(result) else outer.errback(result)
-
-    inner.addBoth(relay)
-    return outer
-
-
-def _is_failure(result: Any) -> bool:
-    from twisted.python.failure import Failure
-
-    return isinstance(result, Failure)
-
-
-def within(clock: IReactorTime, work: Deferred[T], seconds: float) -> Deferred[T]:
-    """``work``'s result or failure, or TimeoutError after ``seconds``; ``work`` is left
-    to finish (a commit in flight cannot be called back; txpostgres logs a critical error
-    when a query is cancelled through Deferred.addTimeout)."""
-    result: Deferred[T] = Deferred()
-
-    def give_up() -> None:
-        if not result.called:
-            result.errback(defer.TimeoutError(f"nothing within {seconds:g} s"))
-
-    timer = clock.callLater(seconds, give_up)
-
-    def settle(outcome: Any) -> None:
-        if timer.active():
-            timer.cancel()
-        if not result.called:
-            result.errback(outcome) if _is_failure(outcome) else result.callback(outcome)
-
-    work.addBoth(settle)
-    return result
-
-
-def race(clock: IReactorTime, work: Deferred[T], seconds: float, fallback: T) -> Deferred[T]:
-    """``work``'s result, or ``fallback`` after ``seconds`` or on failure (probes only)."""
-    return within(clock, work, seconds).addErrback(lambda _: fallback)
-
-
 @dataclass(frozen=True)
 class DatabaseState:
     reachable: bool
@@ -148,7 +103,7 @@ class Store:
     def __init__(self, pool: HealingPool, clock: IReactorTime) -> None:
         self.pool = pool
         self._clock = clock
-        self._in_flight: set[Deferred[Any]] = set()
+        self._in_flight: EmptyableSet[Deferred[Any]] = EmptyableSet()
 
     def write(self, interaction: Callable[[Any], Awaitable[T]]) -> Deferred[T]:
         """Run ``interaction`` in a transaction that commits even if the caller gives up."""
@@ -156,13 +111,11 @@ class Store:
 
     def _track(self, inner: Deferred[T]) -> Deferred[T]:
         self._in_flight.add(inner)
-
-        def forget(result: Any) -> Any:
-            self._in_flight.discard(inner)
-            return result
-
-        inner.addBoth(forget)
-        return shield(inner)
+        outer = shield(inner)
+        # After the caller has its result: a write it starts at once (the spool replaying
+        # the next record) is in flight before this one leaves, so a drain waits for it.
+        inner.addBoth(lambda _: self._in_flight.discard(inner))
+        return outer
 
     def write_one(self, sql: Any, params: Any = None) -> Deferred[list[tuple[Any, ...]]]:
         """One statement, atomic on its own (no BEGIN/COMMIT round trips), shielded."""
@@ -221,10 +174,8 @@ class Store:
 
     def drain(self, timeout: float) -> Deferred[None]:
         """Wait (at most ``timeout`` seconds) for the writes under way to finish."""
-        if not self._in_flight:
-            return defer.succeed(None)
-        pending = defer.DeferredList(list(self._in_flight), consumeErrors=True)
-        waited = race(self._clock, pending.addCallback(lambda _: True), timeout, False)
+        empty = self._in_flight.when_empty()
+        waited = race(self._clock, empty.addCallback(lambda _: True), timeout, False)
 
         def report(finished: bool) -> None:
             if not finished:

@@ -15,15 +15,19 @@ import hashlib
 import random
 import re
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import psycopg2
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredSemaphore
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txpostgres import reconnection, txpostgres
+from txpostgres import reconnection, retrying, txpostgres
+
+from dpvoip.core.errors import summary
+from dpvoip.deferreds import within
+from dpvoip.internals import raw_connection
 
 T = TypeVar("T")
 log = Logger()
@@ -54,10 +58,8 @@ class _Detector(reconnection.DeadConnectionDetector):  # type: ignore[misc]
     def startReconnecting(self, f: Failure) -> None:
         if self.closed:
             return
-        log.warn("database connection lost ({error}); reconnecting", error=_short(f))
+        log.warn("database connection lost ({error}); reconnecting", error=summary(f.value or ""))
         self._on_state()
-        from txpostgres import retrying
-
         call = retrying.RetryingCall(self.reconnect)
         call.reactor = self.reactor
         self._retrying = call.start(self.reconnectionIterator())
@@ -83,32 +85,25 @@ class _Detector(reconnection.DeadConnectionDetector):  # type: ignore[misc]
             retrying.cancel()
 
 
-class _Connection(txpostgres.Connection):  # type: ignore[misc]
+class PooledConnection(txpostgres.Connection):  # type: ignore[misc]
     """A connection whose connect attempt gives up after ``connect_timeout``.
 
     libpq's ``connect_timeout`` is not applied to asynchronous connections, so an
     unanswered SYN would otherwise leave the reconnection loop waiting forever.
+    ``prepared`` records the statements PREPAREd on it (see ``ensure_prepared``).
     """
 
     connect_timeout = 5.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prepared: dict[str, Any] = {}
 
     def connect(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
         attempt: Deferred[Any] = super().connect(*args, **kwargs)
         if attempt.called:
             return attempt
-        result: Deferred[Any] = Deferred()
-        timer: IDelayedCall = self.reactor.callLater(self.connect_timeout, self._give_up, result)
-
-        def settle(outcome: Any) -> None:
-            if timer.active():
-                timer.cancel()
-            if not result.called:
-                result.callback(outcome) if not isinstance(outcome, Failure) else result.errback(
-                    outcome
-                )
-
-        attempt.addBoth(settle)
-        return result
+        return within(self.reactor, attempt, self.connect_timeout).addErrback(self._give_up)
 
     def doRead(self) -> None:
         try:
@@ -119,12 +114,13 @@ class _Connection(txpostgres.Connection):  # type: ignore[misc]
             self.reactor.removeReader(self)
             self.detector.checkForDeadConnection(Failure(error))
 
-    def _give_up(self, result: Deferred[Any]) -> None:
-        self._pollingD = None
+    def _give_up(self, failure: Failure) -> NoReturn:
+        failure.trap(defer.TimeoutError)
+        # The attempt still polls: closing ends it (its own failure goes nowhere: the
+        # deadline has answered already), and the next attempt starts afresh.
         with contextlib.suppress(Exception):  # the socket may already be gone
             self.close()
-        if not result.called:
-            result.errback(psycopg2.OperationalError("timeout while connecting to PostgreSQL"))
+        raise psycopg2.OperationalError("timeout while connecting to PostgreSQL")
 
 
 class HealingPool:
@@ -140,13 +136,13 @@ class HealingPool:
     ) -> None:
         self._reactor = reactor
         self._dsn = dsn
-        self._connections: list[_Connection] = []
-        self._idle: list[_Connection] = []
+        self._connections: list[PooledConnection] = []
+        self._idle: list[PooledConnection] = []
         self._semaphore = DeferredSemaphore(size)
         self._on_reconnect = on_reconnect or (lambda: None)
         self._closed = False
         for _ in range(size):
-            connection = _Connection(reactor=reactor)
+            connection = PooledConnection(reactor=reactor)
             connection.connect_timeout = connect_timeout
             connection.detector = _Detector(reactor, self._state_changed)
             self._connections.append(connection)
@@ -172,8 +168,8 @@ class HealingPool:
         return sum(1 for c in self._connections if self._usable(c))
 
     @staticmethod
-    def _usable(connection: _Connection) -> bool:
-        raw = connection._connection
+    def _usable(connection: PooledConnection) -> bool:
+        raw = raw_connection(connection)
         return (
             raw is not None
             and not raw.closed
@@ -185,19 +181,19 @@ class HealingPool:
         for connection in self._connections:
             connection.detector.stop()
             try:
-                if connection._connection is not None:
+                if raw_connection(connection) is not None:
                     connection.close()
             except Exception:  # noqa: S110 - closing a dead connection may fail; nothing to do
                 pass
 
-    def _checkout(self) -> _Connection:
+    def _checkout(self) -> PooledConnection:
         for connection in self._idle:
             if self._usable(connection):
                 self._idle.remove(connection)
                 return connection
         return self._idle.pop()
 
-    def with_connection(self, work: Callable[[_Connection], Deferred[T]]) -> Deferred[T]:
+    def with_connection(self, work: Callable[[PooledConnection], Deferred[T]]) -> Deferred[T]:
         """Run ``work`` with one connection of its own (a live one if there is one)."""
         def run() -> Deferred[T]:
             if self._closed:
@@ -224,7 +220,7 @@ class HealingPool:
         that connection runs it, and again after the connection is re-established.
         """
 
-        async def run(connection: _Connection) -> list[tuple[Any, ...]]:
+        async def run(connection: PooledConnection) -> list[tuple[Any, ...]]:
             return await run_prepared(connection, name, statement, params,
                                       connection.runOperation, connection.runQuery)
 
@@ -248,15 +244,14 @@ class HealingPool:
         return self.with_connection(lambda c: c.runInteraction(transact))
 
 
-async def ensure_prepared(connection: Any, name: str, statement: str,
+async def ensure_prepared(connection: PooledConnection, name: str, statement: str,
                           operation: Callable[[str], Awaitable[Any]]) -> None:
     """PREPARE ``statement`` as ``name`` unless this connection (this libpq session: a
     reconnected connection is a new one) has already."""
-    raw = connection._connection
-    prepared: dict[str, Any] = connection.__dict__.setdefault("_prepared", {})
-    if prepared.get(name) is not raw:
+    raw = raw_connection(connection)
+    if connection.prepared.get(name) is not raw:
         await operation(f"PREPARE {name} AS {statement}")
-        prepared[name] = raw
+        connection.prepared[name] = raw
 
 
 _NAMED = re.compile(r"%\((\w+)\)s|%%")
@@ -286,7 +281,7 @@ def statement_name(statement: str) -> str:
 
 
 async def run_prepared(
-    connection: Any, name: str, statement: str, params: tuple[Any, ...],
+    connection: PooledConnection, name: str, statement: str, params: tuple[Any, ...],
     operation: Callable[[str], Awaitable[Any]],
     query: Callable[[str, tuple[Any, ...]], Awaitable[list[tuple[Any, ...]]]],
 ) -> list[tuple[Any, ...]]:
@@ -300,6 +295,3 @@ async def run_prepared(
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
-
-def _short(f: Failure) -> str:
-    return str(f.value).strip().splitlines()[0] if str(f.value).strip() else type(f.value).__name__

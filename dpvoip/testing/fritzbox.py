@@ -36,20 +36,15 @@ from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import (
-    CancelledError,
-    Deferred,
-    DeferredList,
-    fail,
-    maybeDeferred,
-    succeed,
-)
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IAddress, IListeningPort, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.failure import Failure
 from zope.interface import provider
+
+from dpvoip.deferreds import EmptyableSet, OneShotObserver
 
 BOX_TIME = "%d.%m.%y %H:%M:%S"
 """The box's timestamp format (local wall clock, no zone)."""
@@ -263,24 +258,23 @@ class _BoxSide(Protocol):
 
     def __init__(self, simulator: FritzSimulator) -> None:
         self.simulator = simulator
-        self.lost: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
-        self.simulator._joined(self)
+        self.simulator.joined(self)
 
     def dataReceived(self, data: bytes) -> None:
         # A real box ignores whatever clients send (keepalive newlines included).
         self.simulator.bytes_received += len(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.simulator._left(self)
-        self.lost.callback(None)
+        self.simulator.left(self)
 
     def peer(self) -> str:
         assert self.transport is not None
         address: IAddress = self.transport.getPeer()
-        host, port = getattr(address, "host", "?"), getattr(address, "port", "?")
-        return f"{host}:{port}"
+        if isinstance(address, IPv4Address | IPv6Address):
+            return f"{address.host}:{address.port}"
+        return str(address)
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
@@ -332,8 +326,9 @@ class FritzSimulator:
         self._factory = _BoxFactory(self)
         self._listening: IListeningPort | None = None
         self._clients: list[_BoxSide] = []  # connected and not being hung up on
-        self._open: set[_BoxSide] = set()  # every connection not lost yet
-        self._waiters: list[Deferred[None]] = []
+        self._open: EmptyableSet[_BoxSide] = EmptyableSet()  # every connection not lost yet
+        # The next client to connect (a new observer after each: "!await" waits for one).
+        self._next_client: OneShotObserver[None] = OneShotObserver()
         self._waiting: Deferred[Any] | None = None
         self._playing = False
         self._stopping = False
@@ -438,16 +433,8 @@ class FritzSimulator:
                 log.info("listening again on port {port}", port=self.port)
 
     async def _until_connected(self) -> None:
-        if self._clients:
-            return
-
-        def forget(waiter: Deferred[None]) -> None:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-        waiter: Deferred[None] = Deferred(forget)
-        self._waiters.append(waiter)
-        await self._wait(waiter)
+        if not self._clients:
+            await self._wait(self._next_client.when_fired())
 
     async def _wait(self, waiting: Deferred[Any]) -> Any:
         """Await ``waiting``, which ``stop()`` cancels."""
@@ -474,21 +461,21 @@ class FritzSimulator:
     async def _shut(self) -> None:
         self._hang_up(abort=False)
         await self._stop_listening()
-        pending = [side.lost for side in self._open]
-        if not pending:
+        if not self._open:
             return
         timer = self.reactor.callLater(STOP_GRACE, self._abort_all)
         try:
-            await DeferredList(pending)
+            await self._open.when_empty()
         finally:
             if timer.active():
                 timer.cancel()
 
     def _abort_all(self) -> None:
-        for side in list(self._open):
+        for side in self._open:
             side.hang_up(abort=True)
 
-    def _joined(self, side: _BoxSide) -> None:
+    def joined(self, side: _BoxSide) -> None:
+        """A client connected (called by its connection)."""
         self._open.add(side)
         if self._listening is None:  # accepted while the port was being closed
             side.hang_up(abort=False)
@@ -497,16 +484,16 @@ class FritzSimulator:
         self._clients.append(side)
         log.info("client {peer} connected ({count} connected)", peer=side.peer(),
                  count=len(self._clients))
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        connected, self._next_client = self._next_client, OneShotObserver()
+        connected.fire(None)
 
-    def _left(self, side: _BoxSide) -> None:
-        self._open.discard(side)
+    def left(self, side: _BoxSide) -> None:
+        """A client's connection is gone (called by it)."""
         if side in self._clients:
             self._clients.remove(side)
         log.info("client {peer} disconnected ({count} connected)", peer=side.peer(),
                  count=len(self._clients))
+        self._open.discard(side)  # last: this may end stop()
 
 
 # --- the command -------------------------------------------------------------------------

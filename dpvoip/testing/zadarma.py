@@ -25,16 +25,17 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, quote
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorTime, ITCPTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from dpvoip.deferreds import EmptyableSet
 from dpvoip.zadarma.signing import api_authorization
 
 RATE_LIMIT = 100
@@ -297,7 +298,7 @@ class ZadarmaFake:
         self._limiter = _Limiter(rate_limit, rate_window)
         self._scripted: list[_Scripted] = []
         self._recordings: dict[str, list[str]] = {}  # pbx_call_id -> call_id_with_rec
-        self._held: dict[Request, Deferred[None]] = {}
+        self._held: EmptyableSet[Request] = EmptyableSet()
         self._ports: list[IListeningPort] = []
         self._routes: dict[str, Callable[[Mapping[str, str]], _Answer]] = {
             "/v1/request/callback/": self._callback,
@@ -363,9 +364,9 @@ class ZadarmaFake:
         once all are gone, so a test ends with a clean reactor."""
         ports, self._ports = self._ports, []
         waiting: list[Deferred[Any]] = [maybeDeferred(port.stopListening) for port in ports]
-        for request, finished in list(self._held.items()):
-            waiting.append(finished)
+        for request in self._held:
             _abort(request)
+        waiting.append(self._held.when_empty())
         done: Deferred[Any] = DeferredList(waiting, consumeErrors=True)
         return done.addCallback(lambda _: None)
 
@@ -456,14 +457,13 @@ class ZadarmaFake:
                 return NOT_DONE_YET
 
     def _hold(self, request: Request) -> None:
-        finished = request.notifyFinish()
-        self._held[request] = finished
+        self._held.add(request)
 
         def forget(result: Failure | None) -> None:
             # Finished, or (a Failure) the connection went: expected of a held request.
-            self._held.pop(request, None)
+            self._held.discard(request)
 
-        finished.addBoth(forget)
+        request.notifyFinish().addBoth(forget)
 
     def _route(self, received: ReceivedRequest) -> _Answer:
         endpoint = self._routes.get(received.path)
@@ -540,10 +540,9 @@ def _send(request: Request, answer: _Answer) -> bytes:
 
 def _abort(request: Request) -> None:
     """Drop a held request's connection at once (no FIN handshake to wait for)."""
-    channel = getattr(request, "channel", None)
-    transport = getattr(channel, "transport", None)
-    if transport is not None:
-        transport.abortConnection()
+    channel = request.channel  # None once the request has finished
+    if channel is not None and channel.transport is not None:
+        cast(ITCPTransport, channel.transport).abortConnection()  # TCP and TLS alike
 
 
 class _ApiResource(Resource):

@@ -8,11 +8,12 @@ send its request is cut off, and shutdown waits for requests in flight to finish
 
 from __future__ import annotations
 
+import os
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.internet.protocol import connectionDone
@@ -22,6 +23,13 @@ from twisted.web import http, server
 from twisted.web.resource import IResource
 
 from dpvoip.config import WebSettings
+from dpvoip.deferreds import EmptyableSet, race
+from dpvoip.internals import (
+    ChannelHooks,
+    has_unread_bytes,
+    leave_form_to_caller,
+    request_line,
+)
 from dpvoip.web.errors import media_type, raw_response
 
 log = Logger(namespace="dpvoip.web.access")
@@ -31,7 +39,8 @@ class BoundedRequest(server.Request):
     """A request that refuses bodies over the site's limit before buffering them."""
 
     site: DpvoipSite
-    _refused = False
+    refused = False
+    """Answered already (413 or 400) before the application saw it."""
     _received = 0
     _form_pending = False
 
@@ -52,7 +61,7 @@ class BoundedRequest(server.Request):
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
+        if self.refused:
             return
         self._received += len(data)
         if self._received > self._limit():
@@ -61,17 +70,18 @@ class BoundedRequest(server.Request):
         super().handleContentChunk(data)
 
     def _refuse(self) -> None:
-        self._refused = True
+        self.refused = True
         limit = self._limit()
         transport: Any = self.channel.transport
         transport.write(raw_response(413, f"request body larger than {limit} bytes"))
-        self.method = getattr(self.channel, "_command", b"-")
-        self.path = getattr(self.channel, "_path", b"-").split(b"?", 1)[0]
+        command, path = request_line(self.channel)
+        self.method = command
+        self.path = path.split(b"?", 1)[0]
         transport.loseConnection()
         self.owner.request_refused(self, 413)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._refused:
+        if self.refused:
             return
         try:
             path.split(b"?", 1)[0].decode("utf-8")
@@ -84,14 +94,14 @@ class BoundedRequest(server.Request):
                 and media_type(content_type[0]) == "application/x-www-form-urlencoded"):
             # Twisted reads every Content-Type with Python's email package, which costs
             # more than the rest of a webhook's parsing: the common form is read here.
-            self._parsePOSTFormSubmission = False
+            leave_form_to_caller(self)
             self._form_pending = True
         try:
             super().requestReceived(command, path, version)
         except (ValueError, IndexError, AttributeError, TypeError) as error:
             # Twisted parses the Content-Type and a multipart body with Python's email
             # package, which raises on some odd header values before any route runs.
-            if self.finished or self._refused:
+            if self.finished or self.refused:
                 raise
             log.info("unreadable request refused: {error}", error=type(error).__name__)
             self._answer_bad(command, path, "the Content-Type or the form cannot be read")
@@ -105,7 +115,7 @@ class BoundedRequest(server.Request):
         super().process()
 
     def _answer_bad(self, command: bytes, path: bytes, message: str) -> None:
-        self._refused = True
+        self.refused = True
         self.method = command
         self.path = path.split(b"?", 1)[0]
         transport: Any = self.channel.transport
@@ -122,7 +132,7 @@ class BoundedRequest(server.Request):
         self.owner.request_ended(self)
 
 
-class BoundedChannel(http.HTTPChannel):
+class BoundedChannel(ChannelHooks):
     """An HTTP channel that gives each request a deadline from its first byte."""
 
     _deadline: IDelayedCall | None = None
@@ -135,15 +145,13 @@ class BoundedChannel(http.HTTPChannel):
     def allContentReceived(self) -> None:
         self._disarm()
         super().allContentReceived()
-        if getattr(self, "_buffer", b"") or self._dataBuffer:
+        if has_unread_bytes(self):
             # Part of a pipelined next request arrived with this one: its clock runs now.
             self._arm()
 
-    def _send100Continue(self) -> None:
+    def may_send_continue(self) -> bool:
         # A refused request (413 already sent) must not get an interim response after it.
-        if self.requests and getattr(self.requests[-1], "_refused", False):
-            return
-        super()._send100Continue()
+        return not (self.requests and self.requests[-1].refused)
 
     def _arm(self) -> None:
         factory: DpvoipSite = self.factory
@@ -156,7 +164,7 @@ class BoundedChannel(http.HTTPChannel):
         transport.write(raw_response(408, "request not received in time"))
         transport.abortConnection()
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def answer_malformed(self) -> None:
         # Twisted answers a malformed request (bad request line, too many or too long
         # headers, broken chunking) with a bare 400; answer it in dpvoip's JSON shape.
         self._disarm()
@@ -186,8 +194,7 @@ class DpvoipSite(server.Site):
         self.settings = settings
         self.clock = clock
         self.displayTracebacks = False
-        self._in_flight: set[BoundedRequest] = set()
-        self._idle_waiters: list[Deferred[None]] = []
+        self._in_flight: EmptyableSet[BoundedRequest] = EmptyableSet()
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
@@ -201,10 +208,6 @@ class DpvoipSite(server.Site):
 
     def request_ended(self, request: BoundedRequest) -> None:
         self._in_flight.discard(request)
-        if not self._in_flight:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
 
     def request_refused(self, request: BoundedRequest, status: int) -> None:
         self._access(request, status, 0)
@@ -215,11 +218,8 @@ class DpvoipSite(server.Site):
         return len(self._in_flight)
 
     def idle(self) -> Deferred[None]:
-        if not self._in_flight:
-            return defer.succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._idle_waiters.append(waiter)
-        return waiter
+        """Fires once no request is in flight (at once if none is)."""
+        return self._in_flight.when_empty()
 
     # -- access log ----------------------------------------------------------------------
 
@@ -233,7 +233,7 @@ class DpvoipSite(server.Site):
         method = request.method.decode("ascii", "replace") if request.method else "-"
         try:
             peer = request.getClientAddress()
-            client = getattr(peer, "host", str(peer))
+            client = peer.host if isinstance(peer, IPv4Address | IPv6Address) else str(peer)
         except Exception:
             client = "-"
         elapsed_ms = (self.clock.seconds() - request.started_at) * 1000
@@ -284,8 +284,6 @@ class WebService(Service):
                 await stopped
         if self.site.in_flight:
             log.info("shutdown: waiting for {n} requests in flight", n=self.site.in_flight)
-            from dpvoip.deferreds import race
-
             waited = self.site.idle().addCallback(lambda _: True)
             await race(self._reactor, waited, self.site.settings.drain_timeout, False)
 
@@ -293,13 +291,14 @@ class WebService(Service):
 def _announce(port: IListeningPort) -> None:
     from dpvoip import __version__
 
-    address: Any = port.getHost()
-    host = getattr(address, "host", None)
-    if host is not None:
-        shown = f"[{host}]" if ":" in host else host
+    address = port.getHost()
+    if isinstance(address, IPv4Address | IPv6Address):
+        shown = f"[{address.host}]" if ":" in address.host else address.host
         url = f"http://{shown}:{address.port}"
+    elif isinstance(address, UNIXAddress):
+        url = f"unix:{os.fsdecode(address.name or b'')}"
     else:
-        url = f"unix:{getattr(address, 'name', address)}"
+        url = str(address)
     Logger(namespace="dpvoip").info(
         "dpvoip {version} listening on {url} — check it with: curl {url}/readyz "
         "(configuration: etc/dpvoip.toml.example explains every setting)",

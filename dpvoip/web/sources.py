@@ -1,5 +1,5 @@
 """Who really sent a request: the peer, or behind a trusted reverse proxy the hop that proxy
-saw, and whether that address may send webhooks. Pure.
+saw, and whether that address may send webhooks.
 
 ``X-Forwarded-For`` is only believed when the direct peer is a configured proxy, and then
 only from the right: each trusted proxy appends the address it saw, so the rightmost
@@ -13,7 +13,15 @@ import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
+from twisted.internet.address import IPv4Address, IPv6Address
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def peer_host(address: object) -> str:
+    """The IP address of a TCP peer; '' for anything else (a unix socket's peer has none,
+    and is then judged only by the proxy rules)."""
+    return address.host if isinstance(address, IPv4Address | IPv6Address) else ""
 
 
 def networks(texts: Iterable[str]) -> tuple[Network, ...]:

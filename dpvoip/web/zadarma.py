@@ -23,7 +23,7 @@ from dpvoip.calls.ingest import ZadarmaContext, ZadarmaOutcome
 from dpvoip.config import Secret
 from dpvoip.spool.durable import NotRecorded
 from dpvoip.web.errors import HttpError, error_answer, failure_answer, require_media_type
-from dpvoip.web.sources import Network, allowed, client_address
+from dpvoip.web.sources import Network, allowed, client_address, peer_host
 from dpvoip.zadarma.events import BadEvent, UnknownEvent, ZadarmaEvent, parse_event
 from dpvoip.zadarma.signing import verify_webhook
 
@@ -105,7 +105,7 @@ class ZadarmaWebhook:
         self.counters.received += 1
         peer = request.getClientAddress()
         forwarded = request.requestHeaders.getRawHeaders(b"X-Forwarded-For", [])
-        sender = client_address(getattr(peer, "host", ""),
+        sender = client_address(peer_host(peer),
                                 [h.decode("latin-1") for h in forwarded], self.proxies)
         if not allowed(sender, self.allowlist):
             log.warn("webhook from {sender} refused: not a Zadarma address",

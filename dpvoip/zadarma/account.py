@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
@@ -78,7 +79,9 @@ class ZadarmaAccountService(Service):
         self._office = office
         self._learn = learn_zone and api.configured
         self._on_zone = on_zone
-        self._call: Any = None
+        # One timer at a time, each set from the end of the previous ask (60 s after a
+        # failure, 6 h after an answer): not a fixed period, so not a TimerService.
+        self._call: IDelayedCall | None = None
         self.zone_stated: str | None = None
 
     def startService(self) -> None:

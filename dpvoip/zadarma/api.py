@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
@@ -26,7 +27,9 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
+from dpvoip.core.errors import summary
 from dpvoip.core.rate_limit import RateLimiter
+from dpvoip.deferreds import within
 from dpvoip.zadarma.signing import api_authorization, php_query
 
 log = Logger()
@@ -145,23 +148,16 @@ class ZadarmaApi:
             data = query.encode("ascii")
             headers["Content-Type"] = ["application/x-www-form-urlencoded"]
         exchange = Deferred.fromCoroutine(self._exchange(verb, url, headers, data))
-        expired: list[bool] = []
-
-        def expire() -> None:
-            expired.append(True)
-            exchange.cancel()
-
-        deadline = self._clock.callLater(self._timeout, expire)
         try:
-            response, body = await exchange
+            # At the deadline (or when our caller gives up) the exchange is cancelled: its
+            # connection is aborted rather than left to a server that stalls.
+            response, body = await within(self._clock, exchange, self._timeout,
+                                          cancel_work=True)
+        except (defer.TimeoutError, CancelledError):
+            raise ZadarmaTimeout(
+                f"Zadarma did not answer within {self._timeout:g} s") from None
         except Exception as error:
-            if expired or isinstance(error, CancelledError):
-                raise ZadarmaTimeout(
-                    f"Zadarma did not answer within {self._timeout:g} s") from None
             raise self._unreachable(error) from None
-        finally:
-            if deadline.active():
-                deadline.cancel()
         return self._decode(method, response, body)
 
     @staticmethod
@@ -170,13 +166,13 @@ class ZadarmaApi:
         if isinstance(error, DNSLookupError):
             return ZadarmaUnreachable("Zadarma's API host name does not resolve")
         if isinstance(error, ConnectError):
-            return ZadarmaUnreachable(f"cannot connect to Zadarma: {_first_line(error)}")
+            return ZadarmaUnreachable(f"cannot connect to Zadarma: {summary(error)}")
         if isinstance(error, ResponseFailed):
             return ZadarmaUnreachable(_response_failed(error))
         if isinstance(error, ZadarmaApiError):
             return error
         # RequestNotSent, RequestTransmissionFailed (a stale pooled connection) and the like
-        return ZadarmaUnreachable(f"the request to Zadarma failed: {_first_line(error)}")
+        return ZadarmaUnreachable(f"the request to Zadarma failed: {summary(error)}")
 
 
     async def _exchange(self, verb: str, url: str, headers: dict[str, list[str]],
@@ -269,12 +265,12 @@ class _Body(Protocol):
 
     def connectionMade(self) -> None:
         if self._limit <= 0:
-            self._abort()
+            self.abort()
 
     def dataReceived(self, data: bytes) -> None:
         self._size += len(data)
         if self._size > self._limit:
-            self._abort()
+            self.abort()
             if not self._done.called:
                 self._done.errback(ZadarmaBadAnswer("Zadarma's answer is too large"))
             return
@@ -288,7 +284,8 @@ class _Body(Protocol):
         else:
             self._done.errback(reason)
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
+        """Stop the answer: the connection it comes on is closed, not reused."""
         transport: Any = self.transport
         if transport is not None:
             transport.stopProducing()
@@ -298,7 +295,7 @@ def read_body(response: IResponse, limit: int) -> Deferred[bytes]:
     body: _Body
 
     def cancel(_: Deferred[bytes]) -> None:
-        body._abort()
+        body.abort()
 
     done: Deferred[bytes] = Deferred(cancel)
     body = _Body(done, limit)
@@ -315,16 +312,11 @@ def _header_number(response: IResponse, name: bytes) -> float | None:
     return number if number is not None and math.isfinite(number) else None
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _response_failed(error: ResponseFailed) -> str:
     """TLS verification failures arrive wrapped in ResponseFailed: say so plainly."""
-    reasons = [str(getattr(r, "value", r)) for r in error.reasons]
+    reasons = [str(reason.value) for reason in error.reasons]  # Failures, by contract
     joined = " ".join(reasons).lower()
     if "certificate" in joined or "ssl" in joined or "tls" in joined or "verif" in joined:
         return "Zadarma's TLS certificate could not be verified for its host name"
-    first = next((r.strip().splitlines()[0] for r in reasons if r.strip()), "no answer")
+    first = next((summary(reason) for reason in reasons if reason.strip()), "no answer")
     return "the connection to Zadarma broke: " + first

@@ -1,0 +1,116 @@
+"""Every private Twisted or txpostgres hook dpvoip relies on, and only here.
+
+Each is reached directly (never ``getattr(obj, "_name", default)``): when a new Twisted
+renames one, dpvoip must fail loudly, in ``test/test_internals.py`` (one contract test per
+hook, on the real objects) and not silently in production. ``setup.py`` caps Twisted,
+Klein and txpostgres at the versions these were checked with:
+
+- Twisted 26.10.0 (the floor, 24.7.0, has the same names but one: see
+  ``leave_form_to_caller``),
+- txpostgres 1.7.0,
+- klein 24.8.0 and treq 26.7.0: dpvoip uses no private attribute of theirs.
+
+Before raising a cap: run ``test/test_internals.py`` on the new version, then read the
+functions below against its source.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg2.extensions import connection as RawConnection  # noqa: N812
+from twisted.web import http
+
+
+def forget_exit_signal(reactor: Any) -> None:
+    """Make twistd exit 0 after SIGTERM (``systemctl stop`` is a normal stop).
+
+    The reactor stores the signal that stopped it in ``_exitSignal``
+    (``twisted.internet.interfaces._ISupportsExitSignalCapturing``); twistd's runner reads
+    it after the run and kills itself with it (exit status 143). No public way exists to
+    say "this signal was a clean stop". The attribute is read before it is cleared, so a
+    reactor without it raises ``AttributeError`` instead of being silently ignored.
+    """
+    if reactor._exitSignal is not None:
+        reactor._exitSignal = None
+
+
+def request_line(channel: http.HTTPChannel) -> tuple[bytes, bytes]:
+    """The method and the target of the request a channel is reading, before Twisted has
+    handed them to its Request (a request refused for its body size is logged with them).
+
+    ``HTTPChannel`` keeps them in ``_command`` and ``_path`` from the request line until
+    the whole body has arrived (``allContentReceived`` deletes them), and the Request gets
+    them only then (``requestReceived``): a request refused earlier has no public record
+    of what it asked for.
+    """
+    command: bytes = channel._command
+    path: bytes = channel._path
+    return command, path
+
+
+def has_unread_bytes(channel: http.HTTPChannel) -> bool:
+    """Whether bytes of a next (pipelined) request arrived with the current one.
+
+    ``HTTPChannel`` buffers them in ``_dataBuffer`` (while a request is handled) and in
+    ``LineReceiver._buffer`` (a partial line): the next request's deadline starts with
+    them, not with the next ``dataReceived``.
+    """
+    buffered: bytes = channel._buffer
+    pending: list[bytes] = channel._dataBuffer
+    return bool(buffered or pending)
+
+
+def leave_form_to_caller(request: http.Request) -> None:
+    """Stop ``Request.requestReceived`` from parsing a form body into ``request.args``.
+
+    Twisted's public switch is a constructor argument (``parsePOSTFormSubmission``), but
+    whether to parse is known only once the headers are in: dpvoip reads the common
+    ``application/x-www-form-urlencoded`` webhook form itself (Twisted reads every
+    Content-Type with Python's email package, which costs more than the rest of the
+    parsing) and leaves multipart forms to Twisted. The constructor stores the switch in
+    ``_parsePOSTFormSubmission``, which ``requestReceived`` reads. Twisted 24.x has no such
+    switch: there the form is parsed twice, into the same ``args``, only more slowly.
+    """
+    request._parsePOSTFormSubmission = False
+
+
+class ChannelHooks(http.HTTPChannel):
+    """``HTTPChannel`` with the two private methods dpvoip overrides given public names.
+
+    ``_send100Continue`` writes the interim ``100 Continue`` when a request's headers ask
+    for it: dpvoip must not send it after it has already refused the request.
+    ``_respondToBadRequestAndDisconnect`` answers every malformed request (bad request
+    line, too many or too long headers, broken chunking, an unreadable multipart body)
+    with a bare 400: dpvoip answers in its own JSON shape.
+    """
+
+    def may_send_continue(self) -> bool:
+        """Whether the ``100 Continue`` Twisted is about to send may go out."""
+        return True
+
+    def answer_malformed(self) -> None:
+        """Answer a request Twisted cannot parse, and disconnect (Twisted's own way by
+        default)."""
+        super()._respondToBadRequestAndDisconnect()
+
+    def _send100Continue(self) -> None:
+        if self.may_send_continue():
+            super()._send100Continue()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.answer_malformed()
+
+
+def raw_connection(connection: Any) -> RawConnection | None:
+    """The psycopg2 connection behind a txpostgres ``Connection``: None before the first
+    ``connect``, then the current one (a new object after each reconnection; ``closed``
+    once it is gone).
+
+    txpostgres keeps it in ``Connection._connection`` and has no documented accessor;
+    ``pollable()``, the method its polling mixin and the reactor call, returns it. The
+    pool uses it to tell a live connection from a dead one and a reconnected session
+    (whose prepared statements are gone) from the one it prepared them on.
+    """
+    raw: RawConnection | None = connection.pollable()
+    return raw
