@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from psycopg2.extensions import connection as RawConnection  # noqa: N812
 from twisted.web import http
 
 
@@ -102,7 +101,7 @@ class ChannelHooks(http.HTTPChannel):
         self.answer_malformed()
 
 
-def raw_connection(connection: Any) -> RawConnection | None:
+def raw_connection(connection: Any) -> Any:
     """The psycopg2 connection behind a txpostgres ``Connection``: None before the first
     ``connect``, then the current one (a new object after each reconnection; ``closed``
     once it is gone).
@@ -112,5 +111,5 @@ def raw_connection(connection: Any) -> RawConnection | None:
     pool uses it to tell a live connection from a dead one and a reconnected session
     (whose prepared statements are gone) from the one it prepared them on.
     """
-    raw: RawConnection | None = connection.pollable()
-    return raw
+    return connection.pollable()  # a psycopg2 connection (typed Any: only store/ imports
+    # the drivers)
