@@ -1,0 +1,2 @@
+"""Wire protocols only (the Fritz!Box CallMonitor's lines): bytes in, text lines out.
+"""
