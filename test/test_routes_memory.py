@@ -380,6 +380,27 @@ class OriginTests(RoutesCase):
     def test_a_bearer_token_needs_no_origin(self) -> None:
         self.assertEqual(self.post_json(self.call_json(), bearer=self.jwt()).code, 200)
 
+    def test_behind_a_proxy_the_forwarded_host_counts_and_a_cross_site_post_does_not(
+            self) -> None:
+        cookie, crm = self.sign_in(), "https://crm.example.com"
+        for forwarded, origin in (("crm.example.com:443", crm),
+                                  ("crm.example.com", crm + ":8443"),
+                                  ("CRM.example.com", crm)):
+            answer = self.post_form(self.call_form(), cookie, origin=origin,
+                                    extra={"X-Forwarded-Host": forwarded})
+            self.assertEqual(answer.code, 200, (forwarded, origin))
+        for extra in ({"Sec-Fetch-Site": "cross-site"},
+                      {"X-Forwarded-Host": "crm.example.com:8443"},
+                      {"Sec-Fetch-Site": "same-site"}):
+            answer = self.post_form(self.call_form(), cookie, origin=crm, extra=extra)
+            self.assertEqual(answer.code, 403, extra)
+        self.assertEqual(len(self.dialled()), 3)
+
+    def test_basic_auth_of_a_proxy_does_not_hide_the_session(self) -> None:
+        answer = self.post_form(self.call_form(), self.sign_in(),
+                                extra={"Authorization": "Basic YWRtaW46cHc="})
+        self.assertEqual(answer.code, 200)
+
 
 class AllowedOriginTests(RoutesCase):
     allowed_origins = ("https://crm.example",)
@@ -611,6 +632,14 @@ class WebhookTests(RoutesCase):
         [(event, form, context)] = self.recorder.events
         self.assertEqual((event.kind, event.caller_id, form), ("NOTIFY_START", CLIENT, EVENT))
         self.assertEqual(context.zone, ZoneInfo("Europe/Athens"))
+
+    def test_the_owners_extension_is_answered_as_the_redirect(self) -> None:
+        self.recorder.owners = {CLIENT: "101"}
+        answer = self.send_event()
+        self.assertEqual(answer.json(), {"caller_name": "Maria Ioannou", "redirect": "101"})
+        answer = self.send_event({**EVENT, "event": "NOTIFY_END", "duration": "5",
+                                  "disposition": "answered"})
+        self.assertEqual((answer.code, answer.body), (200, ""))  # only a start is answered
 
     def test_a_repeated_event_is_a_duplicate_answered_alike(self) -> None:
         self.send_event()
