@@ -45,6 +45,8 @@ from dpvoip.services import (
 )
 from dpvoip.spool.durable import DurableIngest, DurableService
 from dpvoip.spool.journal import AsyncSpool, Spool
+from dpvoip.store.accounts import Accounts
+from dpvoip.store.callbacks import CallbackRecords
 from dpvoip.store.database import Store
 from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.dsn import connection_dsn
@@ -203,10 +205,10 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     # -- click-to-call ---------------------------------------------------------------------
     clicks = config.click_to_call
     callback = CallbackPages(
-        Logins(store, config.database.crm_schema, config.crm.secret_key,
+        Logins(Accounts(store, config.database.crm_schema), config.crm.secret_key,
                config.crm.jwt_signing_key, clicks.session_cookie, reactor),
         ClickToCall(
-            store, config.database.crm_schema, api,
+            CallbackRecords(store, config.database.crm_schema), api,
             DiallingPolicy(frozenset(clicks.allowed_countries or (config.directory.region,)),
                            clicks.blocked_prefixes, clicks.block_premium),
             region, RateLimiter(clicks.per_user_per_minute, 60.0), reactor),

@@ -44,6 +44,8 @@ from dpvoip.core.numbers import Dialling
 from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.crm.logins import session_auth_hash
 from dpvoip.service import Daemon, build
+from dpvoip.store.accounts import Accounts
+from dpvoip.store.callbacks import CallbackRecords
 from dpvoip.store.tokens import create_token, revoke_token
 from dpvoip.testing.zadarma import Fault, ZadarmaFake
 from dpvoip.web.callback import CallbackPages
@@ -702,10 +704,11 @@ class DatabaseDownTests(SynchronousTestCase):
     def pages(self, error: Exception) -> CallbackPages:
         store: Any = DeadStore(error)
         clock = Clock()
-        logins = Logins(store, "public", Secret(SECRET_KEY), Secret(""), "sessionid", clock)
+        logins = Logins(Accounts(store, "public"), Secret(SECRET_KEY), Secret(""), "sessionid",
+                        clock)
         # The database fails before the policy or Zadarma would be asked.
-        calls = ClickToCall(store, "public", None, None, Dialling("GR"),  # type: ignore[arg-type]
-                            RateLimiter(5, 60.0), clock)
+        calls = ClickToCall(CallbackRecords(store, "public"), None, None,  # type: ignore[arg-type]
+                            Dialling("GR"), RateLimiter(5, 60.0), clock)
         return CallbackPages(logins, calls, (), "/login/", clock)
 
     def request(self, body: bytes | None = None, bearer: bool = True) -> Request:
@@ -751,8 +754,8 @@ class DatabaseDownTests(SynchronousTestCase):
     def test_the_services_say_database_unreachable_and_let_other_errors_through(
             self) -> None:
         store: Any = DeadStore(psycopg2.OperationalError("could not connect\nDETAIL: x"))
-        calls = ClickToCall(store, "public", None, None, Dialling("GR"),  # type: ignore[arg-type]
-                            RateLimiter(5, 60.0), Clock())
+        calls = ClickToCall(CallbackRecords(store, "public"), None, None,  # type: ignore[arg-type]
+                            Dialling("GR"), RateLimiter(5, 60.0), Clock())
         user = CrmUser(7, "anna", "Anna Papa", "jwt")
         failure = self.failureResultOf(
             defer.Deferred.fromCoroutine(calls.connections(user)), DatabaseUnreachable)

@@ -4,8 +4,9 @@ Every check that protects the company's money happens here, before Zadarma is as
 the connection must be the user's own and active, the number must pass the dialling
 policy, the user must be within their rate. Every request, refused or not, is recorded
 in ``dpvoip.callback_request``. The web routes only translate HTTP to and from this; the
-statements are in ``store.callbacks``. A database that does not answer comes out as
-``DatabaseUnreachable``.
+tables and Zadarma are reached through the ``CallbackStore`` and ``ZadarmaCalls`` it is
+given (``store.callbacks`` and ``zadarma.api`` in the daemon, ``testing.memory`` in the
+route tests). A database that does not answer comes out as ``DatabaseUnreachable``.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from twisted.logger import Logger
 
 from dpvoip.click_to_call.errors import from_database
 from dpvoip.click_to_call.logins import CrmUser
+from dpvoip.click_to_call.ports import CallbackStore, ZadarmaCalls
 from dpvoip.core.dialling_policy import DiallingPolicy
 from dpvoip.core.errors import summary
 from dpvoip.core.numbers import Dialling, without_formatting
 from dpvoip.core.rate_limit import RateLimiter
-from dpvoip.store.callbacks import CallbackRecords, CallbackRequest
-from dpvoip.store.database import Store
-from dpvoip.zadarma.api import ZadarmaApi, ZadarmaApiError, ZadarmaRefused
+from dpvoip.store.callbacks import CallbackRequest
+from dpvoip.zadarma.api import ZadarmaApiError, ZadarmaRefused
 
 log = Logger()
 
@@ -72,9 +73,9 @@ class NoRecording(Exception):
 
 
 class ClickToCall:
-    def __init__(self, store: Store, crm_schema: str, api: ZadarmaApi, policy: DiallingPolicy,
+    def __init__(self, records: CallbackStore, api: ZadarmaCalls, policy: DiallingPolicy,
                  where: Dialling, per_user: RateLimiter, clock: Any) -> None:
-        self._records = CallbackRecords(store, crm_schema)
+        self._records = records
         self._api = api
         self._policy = policy
         self._where = where

@@ -1,9 +1,10 @@
 """Who is asking: the CRM's session cookie, the CRM's JWT, or one of dpvoip's API tokens.
 
 The thin edge around ``crm.logins`` (which checks signatures): it reads the session row,
-the user and the token through ``store.accounts``. A request with no credential at all is
-``NotSignedIn`` with ``presented=False`` (the page shows a sign-in hint); one whose
-credential is refused says why, without repeating the credential.
+the user and the token through the ``AccountStore`` it is given (``store.accounts`` in the
+daemon, ``testing.memory.MemoryAccounts`` in the route tests). A request with no
+credential at all is ``NotSignedIn`` with ``presented=False`` (the page shows a sign-in
+hint); one whose credential is refused says why, without repeating the credential.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from twisted.web.iweb import IRequest
 
 from dpvoip.click_to_call.errors import from_database
+from dpvoip.click_to_call.ports import AccountStore
 from dpvoip.config import Secret
 from dpvoip.crm.logins import (
     LoginRefused,
@@ -24,8 +26,7 @@ from dpvoip.crm.logins import (
     read_session,
     session_hash_matches,
 )
-from dpvoip.store.accounts import Account, Accounts
-from dpvoip.store.database import Store
+from dpvoip.store.accounts import Account
 
 _SESSION_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 
@@ -46,9 +47,9 @@ class CrmUser:
 
 
 class Logins:
-    def __init__(self, store: Store, crm_schema: str, secret_key: Secret, jwt_key: Secret,
+    def __init__(self, accounts: AccountStore, secret_key: Secret, jwt_key: Secret,
                  cookie_name: str, clock: Any) -> None:
-        self._accounts = Accounts(store, crm_schema)
+        self._accounts = accounts
         self._secret_key = secret_key
         self._jwt_key = jwt_key
         self._cookie = cookie_name.encode()

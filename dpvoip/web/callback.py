@@ -1,10 +1,13 @@
 """Click-to-call over HTTP: the CRM's popup (HTML and plain text) and its JSON clients.
 
-Translation only: who is asking comes from ``Logins``, every decision about the call from
-``ClickToCall``. What is decided here is what HTTP alone can tell: a GET never dials, a
-POST that rides on the CRM's cookie must come from an allowed origin (another site could
-otherwise make a signed-in user's browser dial), and the answer's format follows the
-request's (form in, plain text out; JSON in or asked for, JSON out).
+Translation only: who is asking comes from a ``LoginService`` (``Logins``), every decision
+about the call from a ``CallbackService`` (``ClickToCall``); the two Protocols below say
+what the pages ask of them, so that the routes run as well on the real services over the
+in-memory fakes of ``dpvoip.testing.memory``. What is decided here is what HTTP alone can
+tell: a GET never dials, a POST that rides on the CRM's cookie must come from an allowed
+origin (another site could otherwise make a signed-in user's browser dial), and the
+answer's format follows the request's (form in, plain text out; JSON in or asked for,
+JSON out).
 """
 
 from __future__ import annotations
@@ -12,17 +15,17 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, urlsplit
 
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
-from dpvoip.click_to_call.callbacks import CallbackOutcome, ClickToCall, Connection, NoRecording
+from dpvoip.click_to_call.callbacks import CallbackOutcome, Connection, NoRecording
 from dpvoip.click_to_call.errors import DatabaseUnreachable
-from dpvoip.click_to_call.logins import CrmUser, Logins, NotSignedIn
+from dpvoip.click_to_call.logins import CrmUser, NotSignedIn
 from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.web.errors import HttpError, error_answer, json_body, media_type
 from dpvoip.web.sources import Network, client_address
@@ -43,10 +46,43 @@ _PAGE_HEADERS = {
 }
 
 
+class LoginService(Protocol):
+    """Who is asking (``click_to_call.logins.Logins``)."""
+
+    def identify(self, request: IRequest) -> Awaitable[CrmUser]:
+        """The signed-in CRM user; ``NotSignedIn`` (saying why) or
+        ``DatabaseUnreachable`` otherwise."""
+        ...
+
+
+class CallbackService(Protocol):
+    """Click-to-call's decisions (``click_to_call.callbacks.ClickToCall``). A database
+    that does not answer is ``DatabaseUnreachable``, from every method."""
+
+    def connections(self, user: CrmUser) -> Awaitable[list[Connection]]:
+        """The user's active connections."""
+        ...
+
+    def dial(self, user: CrmUser, connection_id: str, number: str, sip: str = "",
+             predicted: bool = False) -> Awaitable[CallbackOutcome]:
+        """Check, dial and record; Zadarma's failures come back as the outcome."""
+        ...
+
+    def refused(self, user: CrmUser | None, connection_id: str, number: str,
+                outcome: CallbackOutcome) -> Awaitable[CallbackOutcome]:
+        """Record a request refused before the checks (no login, a cross-site post)."""
+        ...
+
+    def recording_link(self, call: str) -> Awaitable[str]:
+        """A fresh link to the call's recording; ``NoRecording`` or a
+        ``ZadarmaApiError`` otherwise."""
+        ...
+
+
 @dataclass
 class CallbackPages:
-    logins: Logins
-    calls: ClickToCall
+    logins: LoginService
+    calls: CallbackService
     allowed_origins: Sequence[str]
     login_url: str
     clock: Any

@@ -1,0 +1,96 @@
+"""What click-to-call needs from the world, as ``typing.Protocol``s: the CRM's accounts (who
+is asking), the click-to-call tables, and Zadarma's API.
+
+Why here, beside their consumers: ``Logins`` and ``ClickToCall`` say what they use, and
+nothing more, so that anything with those methods will do. The composition root hands
+them the real ones (``store.accounts.Accounts``, ``store.callbacks.CallbackRecords``,
+``zadarma.api.ZadarmaApi``); the route tests hand them the in-memory fakes of
+``dpvoip.testing.memory``. mypy checks that both kinds fit.
+
+Every method returns an ``Awaitable``: the real classes are coroutines, a fake may answer
+at once (an ``async def``) or with a ``Deferred``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Protocol
+
+from dpvoip.store.accounts import Account
+from dpvoip.store.callbacks import CallbackRequest, ConnectionRow
+from dpvoip.zadarma.api import CallbackAccepted
+
+
+class AccountStore(Protocol):
+    """The CRM's logins as stored: Django's sessions, its users, dpvoip's API tokens."""
+
+    def session_data(self, session_key: str) -> Awaitable[str | None]:
+        """The encoded data of the unexpired session ``session_key``, else None."""
+        ...
+
+    def account(self, user_id: int) -> Awaitable[Account | None]:
+        """The user ``user_id`` with its password hash, else None (active or not)."""
+        ...
+
+    def use_token(self, token_sha256: str) -> Awaitable[Account | None]:
+        """The user of the live API token with this SHA-256 (its use noted), else None for
+        an unknown or revoked token. The user may be inactive: the caller decides."""
+        ...
+
+
+class CallbackStore(Protocol):
+    """The click-to-call tables: connections, the record of requests, recordings."""
+
+    def connections(self, owner_id: int) -> Awaitable[list[ConnectionRow]]:
+        """The active connections of user ``owner_id``, oldest (lowest id) first."""
+        ...
+
+    def own_connection(self, connection_id: int, owner_id: int,
+                       ) -> Awaitable[ConnectionRow | None]:
+        """Connection ``connection_id`` if it is active and ``owner_id``'s, else None."""
+        ...
+
+    def record(self, request: CallbackRequest) -> Awaitable[None]:
+        """Keep the record of one request, dialled or refused."""
+        ...
+
+    def recording_of_crm_call(self, crm_call_id: int) -> Awaitable[str | None]:
+        """Zadarma's recording id of the CRM's call ``crm_call_id``, else None."""
+        ...
+
+    def recording_of_call(self, call_id: str) -> Awaitable[str | None]:
+        """Zadarma's recording id of dpvoip's call ``call_id``, else None."""
+        ...
+
+
+class ZadarmaCalls(Protocol):
+    """Zadarma's API as click-to-call uses it. Failures are ``zadarma.api.ZadarmaApiError``
+    subclasses, whose ``status`` (and ``retry_after``) the user is answered with."""
+
+    def callback(self, from_number: str, to_number: str, sip: str = "",
+                 predicted: bool = False) -> Awaitable[CallbackAccepted]:
+        """Ring ``from_number`` first, then ``to_number``."""
+        ...
+
+    def recording_link(self, call_id: str = "", pbx_call_id: str = "",
+                       lifetime: int = 1800) -> Awaitable[str]:
+        """A temporary link to a recording; ``ZadarmaRefused`` (its message saying "not
+        found") when Zadarma no longer has it."""
+        ...
+
+
+class ZadarmaAccountApi(Protocol):
+    """Zadarma's API as the account service (``zadarma.account``) uses it."""
+
+    @property
+    def configured(self) -> bool:
+        """Whether the API keys are set (without them nothing is asked)."""
+        ...
+
+    def timezone(self) -> Awaitable[str]:
+        """The account's zone as Zadarma states it (``UTC+2``)."""
+        ...
+
+
+class ZadarmaClient(ZadarmaCalls, ZadarmaAccountApi, Protocol):
+    """Everything dpvoip asks Zadarma's API: what ``ZadarmaApi`` and its fake both are."""
