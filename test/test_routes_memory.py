@@ -29,7 +29,6 @@ from dpvoip.click_to_call.logins import Logins
 from dpvoip.click_to_call.ports import (
     AccountStore,
     CallbackStore,
-    ZadarmaAccountApi,
     ZadarmaCalls,
     ZadarmaClient,
 )
@@ -56,6 +55,7 @@ from dpvoip.web.app import Readiness, WebApp
 from dpvoip.web.callback import CallbackPages, CallbackService, LoginService
 from dpvoip.web.sources import networks
 from dpvoip.web.zadarma import Recorder, ZadarmaWebhook
+from dpvoip.zadarma.account import ZadarmaAccountApi
 from dpvoip.zadarma.api import ZadarmaApi
 from dpvoip.zadarma.signing import webhook_signature
 from test.test_crm_logins import access_claims, forge_jwt, session

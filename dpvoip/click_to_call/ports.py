@@ -18,6 +18,7 @@ from typing import Protocol
 
 from dpvoip.store.accounts import Account
 from dpvoip.store.callbacks import CallbackRequest, ConnectionRow
+from dpvoip.zadarma.account import ZadarmaAccountApi
 from dpvoip.zadarma.api import CallbackAccepted
 
 
@@ -76,19 +77,6 @@ class ZadarmaCalls(Protocol):
                        lifetime: int = 1800) -> Awaitable[str]:
         """A temporary link to a recording; ``ZadarmaRefused`` (its message saying "not
         found") when Zadarma no longer has it."""
-        ...
-
-
-class ZadarmaAccountApi(Protocol):
-    """Zadarma's API as the account service (``zadarma.account``) uses it."""
-
-    @property
-    def configured(self) -> bool:
-        """Whether the API keys are set (without them nothing is asked)."""
-        ...
-
-    def timezone(self) -> Awaitable[str]:
-        """The account's zone as Zadarma states it (``UTC+2``)."""
         ...
 
 

@@ -28,7 +28,7 @@ from dpvoip.click_to_call.errors import DatabaseUnreachable
 from dpvoip.click_to_call.logins import CrmUser, NotSignedIn
 from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.web.errors import HttpError, error_answer, json_body, media_type
-from dpvoip.web.sources import Network, client_address
+from dpvoip.web.sources import Network, client_address, peer_host
 from dpvoip.zadarma.api import ZadarmaApiError
 
 log = Logger()
@@ -208,7 +208,7 @@ class CallbackPages:
     def _sender(self, request: IRequest) -> str:
         peer = request.getClientAddress()
         forwarded = request.requestHeaders.getRawHeaders(b"X-Forwarded-For", [])
-        return client_address(getattr(peer, "host", ""),
+        return client_address(peer_host(peer),
                               [h.decode("latin-1") for h in forwarded], self.proxies) or "?"
 
     async def recording(self, request: IRequest, call: str) -> bytes:

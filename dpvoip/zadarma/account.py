@@ -10,10 +10,10 @@ used (so the summer change is followed), else the fixed offset.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from twisted.application.service import Service
@@ -23,13 +23,27 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
-from dpvoip.zadarma.api import ZadarmaApi, ZadarmaApiError
+from dpvoip.zadarma.api import ZadarmaApiError
 
 log = Logger()
 
 _OFFSET = re.compile(r"^(?:UTC|GMT)\s*(?:([+-])\s*([0-9]{1,2})(?::?([0-9]{2}))?)?$", re.I)
 RETRY_SECONDS = 60.0
 REFRESH_SECONDS = 6 * 3600.0
+
+
+class ZadarmaAccountApi(Protocol):
+    """Zadarma's API as the account service uses it (``ZadarmaApi`` or an in-memory
+    fake)."""
+
+    @property
+    def configured(self) -> bool:
+        """Whether the API keys are set (without them nothing is asked)."""
+        ...
+
+    def timezone(self) -> Awaitable[str]:
+        """The account's zone as Zadarma states it (``UTC+2``)."""
+        ...
 
 
 def account_zone(stated: str, office: tzinfo, now: datetime) -> tzinfo | None:
@@ -71,7 +85,7 @@ def http_pool_and_agent(reactor: Any, ca_file: str, connect_timeout: float) -> t
 class ZadarmaAccountService(Service):
     """Owns the API client's connections (closed at shutdown) and learns the account zone."""
 
-    def __init__(self, api: ZadarmaApi, pool: HTTPConnectionPool, reactor: Any,
+    def __init__(self, api: ZadarmaAccountApi, pool: HTTPConnectionPool, reactor: Any,
                  office: tzinfo, learn_zone: bool, on_zone: Callable[[tzinfo], None]) -> None:
         self._api = api
         self._pool = pool
