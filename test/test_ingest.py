@@ -58,7 +58,7 @@ class IngestTestCase(TestCase):
         self.index = DirectoryIndex(self.store, "public", where, own_numbers=OWN)
         self.schema: OneShotObserver[SchemaReport] = OneShotObserver()
         self.ingest = Ingest(self.store, self.index, Texts("en"), self.tickets,
-                             ZoneInfo("Europe/Athens"), self.schema)
+                             ZoneInfo("Europe/Athens"), self.schema, reactor)
         settings = replace(FritzBoxSettings(), own_numbers=OWN)
         self.rules = rules_for(settings, frozenset(self.index.own_numbers))
         self.origin = Origin("office", where, self.rules)
