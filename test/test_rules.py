@@ -145,9 +145,10 @@ class AssignmentTests(SynchronousTestCase):
                     assign_by_number={"210 765 4321": "bob", "+302109999999": "carl"})
     users = {"anna": 7, "bob": 8}
 
-    def ticket(self, **call: object) -> NewTicket:
-        ticket = plan(replace(CALL, **call), replace(NOTHING, active_users=self.users),
-                      self.rules)
+    def ticket(self, own_number: str = CALL.own_number,
+               extension: int | None = None) -> NewTicket:
+        ticket = plan(replace(CALL, own_number=own_number, extension=extension),
+                      replace(NOTHING, active_users=self.users), self.rules)
         assert isinstance(ticket, NewTicket)
         return ticket
 
