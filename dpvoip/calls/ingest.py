@@ -70,6 +70,8 @@ T = TypeVar("T")
 
 #: How far back a CONNECT/DISCONNECT of an unknown id may find the call it belongs to.
 RECOVERY_WINDOW = timedelta(hours=12)
+#: The CRM's optional columns until the schema has been checked: none.
+_NO_OPTIONAL_COLUMNS = CrmCapabilities()
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class Ingest:
         self._zone = office_zone
         self._clock = clock
         self._statements = CallStatements(store, directory, crm_schema, self._capabilities)
+        self._query = (tickets, TicketQuery(window(tickets), candidate_users(tickets)))
         self._chains: dict[str, Deferred[None]] = {}
         self.counters = IngestCounters()
 
@@ -184,13 +187,18 @@ class Ingest:
 
     def _capabilities(self) -> CrmCapabilities:
         prepared = self._schema.peek()
-        return prepared.crm if prepared is not None else CrmCapabilities()
+        return prepared.crm if prepared is not None else _NO_OPTIONAL_COLUMNS
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
 
     def _ticket_query(self) -> TicketQuery:
-        return TicketQuery(window(self._tickets), candidate_users(self._tickets))
+        """What the ticket facts are read for, under the current settings."""
+        settings, query = self._query
+        if settings is not self._tickets:
+            query = TicketQuery(window(self._tickets), candidate_users(self._tickets))
+            self._query = (self._tickets, query)
+        return query
 
     # -- happenings --------------------------------------------------------------------------
 
@@ -314,11 +322,12 @@ class Ingest:
         finished = call.outcome if previous is None else None
         ticket = (finished is not None and context.tickets
                   and gets_ticket(call.direction, finished, phone, self._tickets))
-        end_line = ended_line(call.notes, call.duration, self._texts)
+        end_line = (ended_line(call.notes, call.duration, self._texts)
+                    if finished is not None else None)
         # (line, only when the row is new): whether the row is new is known in SQL.
         lines = [(line, True) for line in started_lines(call.direction, phone, match,
                                                          self._texts)]
-        if finished is not None and not ticket:
+        if end_line is not None and not ticket:
             lines.append((end_line, False))
         owner_wanted = (context.redirect_to_owner and person is not None
                         and person.owner_id is not None)
@@ -339,7 +348,7 @@ class Ingest:
         owner_extension = ""
         if owner_wanted and person is not None and person.owner_id is not None:
             owner_extension = await self._statements.owner_extension(batch, person.owner_id)
-        if ticket and finished is not None and facts is not None:
+        if ticket and finished is not None and facts is not None and end_line is not None:
             self.counters.calls_ended += 1
             ended = Ended(identity, finished, call.duration, now, extension, call.notes)
             client = match.client if match else None

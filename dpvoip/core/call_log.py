@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from dpvoip.core.matching import Match
 from dpvoip.core.numbers import is_withheld
@@ -12,8 +12,7 @@ from dpvoip.core.outcomes import talk_time
 from dpvoip.core.texts import Texts
 
 
-@dataclass(frozen=True)
-class LogLine:
+class LogLine(NamedTuple):
     """One line of ``accounting_voipcalllog``: the CRM's action choice and its text."""
 
     action: str

@@ -68,7 +68,7 @@ def assignee(own_number: str, extension: int | None, rules: TicketRules,
     first, else by the own number that was called (both sides normalised), else nobody."""
     if extension is not None and str(extension) in rules.assign_by_extension:
         return rules.assign_by_extension[str(extension)]
-    if own_number:
+    if own_number and rules.assign_by_number:
         wanted = normalise(own_number, where) or own_number
         for configured, user in rules.assign_by_number.items():
             if (normalise(configured, where) or configured) == wanted:

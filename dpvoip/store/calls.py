@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from dpvoip.core.call_log import LogLine
 from dpvoip.core.happenings import Answered, Ended, Forwarded, Started
@@ -37,6 +36,13 @@ from dpvoip.zadarma.events import ZadarmaEvent
 
 #: The channel every change of a call is published on (behaviour.md section 8).
 NOTIFY_CHANNEL = "dpvoip_calls"
+#: The lock on an incoming call's number that serialises the tickets of its missed calls
+#: (parameter: call, the call_id).
+_TICKET_LOCK = (
+    "SELECT pg_advisory_xact_lock(hashtext('dpvoip-ticket:' || remote_number))"
+    " FROM dpvoip.call_detail WHERE call_id = %(call)s AND direction = 'incoming'"
+    " AND remote_number IS NOT NULL; "
+)
 
 
 def payload(event: str, call_id: str, **fields: Any) -> str:
@@ -49,8 +55,7 @@ def ended_payload(call_id: str, outcome: Outcome, duration: int) -> str:
                    duration=duration)
 
 
-@dataclass(frozen=True)
-class FinishingCall:
+class FinishingCall(NamedTuple):
     """A call about to be finalised as missed, with the facts its ticket depends on, read
     under its row lock and its number's ticket lock."""
 
@@ -61,8 +66,7 @@ class FinishingCall:
     facts: TicketFacts
 
 
-@dataclass(frozen=True)
-class JournalEntry:
+class JournalEntry(NamedTuple):
     """A Zadarma event after it was journalled (in the transaction's first round trip)."""
 
     fresh: bool  # False: the event was there already (a replay)
@@ -72,8 +76,7 @@ class JournalEntry:
     found: list[list[Any]] | None  # the guessed caller's directory rows (``match_of``)
 
 
-@dataclass(frozen=True)
-class ZadarmaRow:
+class ZadarmaRow(NamedTuple):
     """A Zadarma call as recomputed from its journal, ready to be written."""
 
     identity: str  # the call row's call_id
@@ -88,8 +91,7 @@ class ZadarmaRow:
     touch: SalesTouch | None
 
 
-@dataclass(frozen=True)
-class TicketQuery:
+class TicketQuery(NamedTuple):
     """What the ticket facts are read for: the window before the call's start, and the
     usernames whose active user ids are wanted."""
 
@@ -106,8 +108,22 @@ class CallStatements:
         self._directory = directory
         self._crm = quote_ident(crm_schema)
         self._capabilities = capabilities
+        self._built: dict[tuple[object, ...], str] = {}
+        self._built_for: CrmCapabilities | None = None
 
     # -- fragments ---------------------------------------------------------------------
+
+    def _statement(self, variant: tuple[object, ...], build: Callable[[], str]) -> str:
+        """The statement ``build`` writes, built once per ``variant`` and per set of the
+        CRM's optional columns: the same text object at every call saves formatting it,
+        and hashing it again for the plan cache's lookup."""
+        capabilities = self._capabilities()
+        if capabilities is not self._built_for:
+            self._built, self._built_for = {}, capabilities
+        text = self._built.get(variant)
+        if text is None:
+            text = self._built[variant] = build()
+        return text
 
     def _log_extras(self) -> tuple[str, str]:
         """The 2026-08 CRM's extra call-log columns, and their values from a call CTE ``c``
@@ -171,7 +187,7 @@ class CallStatements:
         statement; False when the call was there already."""
         client = match.client if match else None
         person = match.person if match else None
-        statement = (
+        statement = self._statement(("start", len(lines)), lambda: (
             f"WITH call AS (INSERT INTO {self._crm}.accounting_voipcall (call_id, direction,"
             " phone_number, status, started_at, ended_at, duration_seconds, notes,"
             " ticket_created, ticket_id, created_at, updated_at, client_id, client_email,"
@@ -186,7 +202,7 @@ class CallStatements:
             f" logs AS ({self._log_lines('call', len(lines))}),"
             " note AS (SELECT pg_notify(%s, %s) FROM call)"
             " SELECT c.id, (SELECT count(*) FROM note) FROM call c"
-        )
+        ))
         params = (
             started.call_id, started.direction, phone, started.at,
             "internal call to an own number" if started.hairpin else "",
@@ -219,11 +235,11 @@ class CallStatements:
     async def answer(self, answered: Answered, line: LogLine) -> bool:
         """The extension that took the call (the first answer's time kept); False when
         nothing changed."""
-        statement = self._detail_change(
+        statement = self._statement(("answer",), lambda: self._detail_change(
             "extension = %s, answered_at = coalesce(answered_at, %s)",
             "ended_at IS NULL AND extension IS DISTINCT FROM %s",
             self._log_lines("call", 1),
-        )
+        ))
         return bool(await self._store.write_one(statement, (
             answered.extension, answered.at, answered.call_id, answered.extension,
             line.action, line.text,
@@ -233,9 +249,9 @@ class CallStatements:
 
     async def forward(self, forwarded: Forwarded, line: LogLine) -> bool:
         """Where the box forwards the ringing call; False when nothing changed."""
-        statement = self._detail_change(
+        statement = self._statement(("forward",), lambda: self._detail_change(
             "forwarded_to = %s", "forwarded_to IS DISTINCT FROM %s", self._log_lines("call", 1)
-        )
+        ))
         return bool(await self._store.write_one(statement, (
             forwarded.to_number, forwarded.call_id, forwarded.to_number,
             line.action, line.text,
@@ -248,6 +264,9 @@ class CallStatements:
         return " OR d.outcome = 'interrupted'" if recovering else ""
 
     def _finish_statement(self, recovering: bool) -> str:
+        return self._statement(("finish", recovering), lambda: self._finish_sql(recovering))
+
+    def _finish_sql(self, recovering: bool) -> str:
         """One statement: finalise the call row and its detail, log and publish it."""
         return (
             f"WITH updated AS (UPDATE {self._crm}.accounting_voipcall c SET status = %s,"
@@ -294,19 +313,18 @@ class CallStatements:
         call of the number ending at the same moment) has just committed. Both ride in one
         message."""
         rows = await batch.run_planned(
-            "SELECT c.id, c.phone_number, c.client_id, d.direction, d.remote_number,"
-            " d.started_at, d.own_number, d.extension, "
-            + self._ticket_facts("d.remote_number", "d.started_at", "c.client_id",
-                                 "c.call_id")
-            + f" FROM {self._crm}.accounting_voipcall c JOIN dpvoip.call_detail d"
-            " ON d.call_id = c.call_id WHERE c.call_id = %(call)s AND (c.status = 'active'"
-            f"{self._reopen(recovering)}) AND d.outcome IS DISTINCT FROM %(outcome)s"
-            " FOR UPDATE OF c",
+            self._statement(("finishing", recovering), lambda: (
+                "SELECT c.id, c.phone_number, c.client_id, d.direction, d.remote_number,"
+                " d.started_at, d.own_number, d.extension, "
+                + self._ticket_facts("d.remote_number", "d.started_at", "c.client_id",
+                                     "c.call_id")
+                + f" FROM {self._crm}.accounting_voipcall c JOIN dpvoip.call_detail d"
+                " ON d.call_id = c.call_id WHERE c.call_id = %(call)s AND (c.status ="
+                f" 'active'{self._reopen(recovering)}) AND d.outcome IS DISTINCT FROM"
+                " %(outcome)s FOR UPDATE OF c")),
             {"call": ended.call_id, "outcome": ended.outcome.value,
              **self._facts_parameters(query)},
-            prefix="SELECT pg_advisory_xact_lock(hashtext('dpvoip-ticket:' || remote_number))"
-                   " FROM dpvoip.call_detail WHERE call_id = %(call)s"
-                   " AND direction = 'incoming' AND remote_number IS NOT NULL; ",
+            prefix=_TICKET_LOCK,
         )
         if not rows:
             return None
@@ -321,24 +339,43 @@ class CallStatements:
         """The missed call's end and its ticket (behaviour.md section 5) in one statement
         that also commits: the ticket created or updated as ``plan`` says, the call row
         finalised and linked to it, both logged and published."""
-        extra_columns, extra_values = self._log_extras()
+        params: dict[str, Any]
         if isinstance(plan, NewTicket):
             head, _, tail = plan.log.partition(TICKET_ID)
+            params = {"title": plan.title, "description": plan.description,
+                      "ticket_status": plan.status, "priority": plan.priority,
+                      "assignee": plan.assignee, "client": client, "head": head,
+                      "tail": tail, "action": "ticket_created"}
+        else:
+            params = {"title": plan.title, "urgent": plan.urgent, "note": plan.note,
+                      "ticket": plan.ticket, "log": plan.log, "action": "ticket_updated"}
+        new = isinstance(plan, NewTicket)
+        await batch.run_planned(
+            self._statement(("ticket", new), lambda: self._ticket_sql(new)),
+            {
+                **params, "row": row, "channel": NOTIFY_CHANNEL,
+                "status": ended.outcome.status, "at": ended.at, "duration": ended.duration,
+                "notes": ended.notes, "outcome": ended.outcome.value,
+                "ended_action": line.action, "ended_line": line.text,
+                "ended_payload": ended_payload(ended.call_id, ended.outcome, ended.duration),
+            },
+            last=True,
+        )
+
+    def _ticket_sql(self, new: bool) -> str:
+        """The ticket statement: a ``new`` ticket inserted (its log line gets the new id
+        between ``head`` and ``tail``), or the open one updated (its notes get one more
+        line, its priority turns urgent or stays)."""
+        if new:
             ticket = (
                 f"ticket AS (INSERT INTO {self._crm}.accounting_ticket (title, description,"
                 " status, priority, notes, created_at, assigned_at, resolved_at, closed_at,"
                 " email_sent, follow_up_scheduled, assigned_to_id, call_id, client_id)"
-                " VALUES (%(title)s, %(description)s, %(ticket_status)s, %(priority)s, '', now(),"
-                " CASE WHEN %(assignee)s::integer IS NULL THEN NULL ELSE now() END, NULL,"
-                " NULL, false, false, %(assignee)s, %(row)s, %(client)s)"
+                " VALUES (%(title)s, %(description)s, %(ticket_status)s, %(priority)s, '',"
+                " now(), CASE WHEN %(assignee)s::integer IS NULL THEN NULL ELSE now() END,"
+                " NULL, NULL, false, false, %(assignee)s, %(row)s, %(client)s)"
                 " RETURNING id, title, %(head)s || id::text || %(tail)s AS log)"
             )
-            params: dict[str, Any] = {
-                "title": plan.title, "description": plan.description,
-                "ticket_status": plan.status,
-                "priority": plan.priority, "assignee": plan.assignee, "client": client,
-                "head": head, "tail": tail, "action": "ticket_created",
-            }
         else:
             ticket = (
                 f"ticket AS (UPDATE {self._crm}.accounting_ticket t SET title = %(title)s,"
@@ -347,9 +384,8 @@ class CallStatements:
                 " ELSE t.notes || E'\\n' || %(note)s END"
                 " WHERE t.id = %(ticket)s RETURNING t.id, t.title, %(log)s::text AS log)"
             )
-            params = {"title": plan.title, "urgent": plan.urgent, "note": plan.note,
-                      "ticket": plan.ticket, "log": plan.log, "action": "ticket_updated"}
-        await batch.run_planned(
+        extra_columns, extra_values = self._log_extras()
+        return (
             f"WITH {ticket},"
             f" call AS (UPDATE {self._crm}.accounting_voipcall v SET status = %(status)s,"
             " ended_at = %(at)s, duration_seconds = %(duration)s, notes = %(notes)s,"
@@ -368,15 +404,7 @@ class CallStatements:
             " UNION ALL SELECT pg_notify(%(channel)s, json_build_object('event',"
             " %(action)s::text, 'call_id', c.call_id, 'ticket_id', c.ticket)::text)"
             " FROM call c)"
-            " SELECT (SELECT count(*) FROM note)",
-            {
-                **params, "row": row, "channel": NOTIFY_CHANNEL,
-                "status": ended.outcome.status, "at": ended.at, "duration": ended.duration,
-                "notes": ended.notes, "outcome": ended.outcome.value,
-                "ended_action": line.action, "ended_line": line.text,
-                "ended_payload": ended_payload(ended.call_id, ended.outcome, ended.duration),
-            },
-            last=True,
+            " SELECT (SELECT count(*) FROM note)"
         )
 
     # -- calls this process never saw start --------------------------------------------
@@ -414,18 +442,19 @@ class CallStatements:
         sees what the lock's previous holder committed) the journal entry, the journal
         and the guessed caller's directory entries."""
         [(fresh, forms, previous, existed, found)] = await batch.run_planned(
-            "WITH added AS (INSERT INTO dpvoip.zadarma_event (pbx_call_id, event,"
-            " calltype, internal, destination, form) VALUES (%(pbx)s, %(event)s,"
-            " %(calltype)s, %(internal)s, %(destination)s, %(form)s)"
-            " ON CONFLICT DO NOTHING RETURNING id, form)"
-            " SELECT (SELECT count(*) FROM added) > 0,"
-            " (SELECT json_agg(j.form ORDER BY j.id) FROM (SELECT id, form FROM"
-            " dpvoip.zadarma_event WHERE pbx_call_id = %(pbx)s UNION ALL SELECT id, form"
-            " FROM added) AS j),"
-            " (SELECT outcome FROM dpvoip.call_detail WHERE call_id = %(call)s),"
-            f" EXISTS (SELECT 1 FROM {self._crm}.accounting_voipcall"
-            " WHERE call_id = %(call)s),"
-            f" {self._directory.lookup_subquery('number')}",
+            self._statement(("journal",), lambda: (
+                "WITH added AS (INSERT INTO dpvoip.zadarma_event (pbx_call_id, event,"
+                " calltype, internal, destination, form) VALUES (%(pbx)s, %(event)s,"
+                " %(calltype)s, %(internal)s, %(destination)s, %(form)s)"
+                " ON CONFLICT DO NOTHING RETURNING id, form)"
+                " SELECT (SELECT count(*) FROM added) > 0,"
+                " (SELECT json_agg(j.form ORDER BY j.id) FROM (SELECT id, form FROM"
+                " dpvoip.zadarma_event WHERE pbx_call_id = %(pbx)s UNION ALL SELECT id, form"
+                " FROM added) AS j),"
+                " (SELECT outcome FROM dpvoip.call_detail WHERE call_id = %(call)s),"
+                f" EXISTS (SELECT 1 FROM {self._crm}.accounting_voipcall"
+                " WHERE call_id = %(call)s),"
+                f" {self._directory.lookup_subquery('number')}")),
             {"lock": f"dpvoip-zadarma:{event.pbx_call_id}", "pbx": event.pbx_call_id,
              "event": event.kind, "calltype": event.calltype, "internal": event.internal,
              "destination": event.destination, "form": json.dumps(dict(form)),
@@ -474,16 +503,34 @@ class CallStatements:
             "answered": touch is not None and touch.in_touch_on is not None,
             "line": touch.workflow_line if touch is not None else None,
         }
-        extra_columns, extra_values = self._log_extras()
+        rows = await batch.run_planned(
+            self._statement(("zadarma", ticket is not None),
+                            lambda: self._zadarma_sql(ticket is not None)),
+            {"values": json.dumps(values),
+             "lines": json.dumps([{"action": line.action, "description": line.text,
+                                   "only_new": only, "n": n}
+                                  for n, (line, only) in enumerate(row.lines)]),
+             **(self._facts_parameters(ticket) if ticket is not None else {})},
+            last=last,
+        )
+        if not rows:
+            return 0, None
         if ticket is None:
-            result = " SELECT id, (SELECT count(*) FROM note) FROM call"
-            facts: dict[str, Any] = {}
-        else:
+            return rows[0][0], None
+        (row_id, _, open_ticket, earlier, client_name, users) = rows[0]
+        return row_id, self._facts(open_ticket, earlier, client_name, users)
+
+    def _zadarma_sql(self, facts: bool) -> str:
+        """The Zadarma call statement; with ``facts``, it also returns the ticket facts
+        of the call (see ``_ticket_facts``)."""
+        extra_columns, extra_values = self._log_extras()
+        if facts:
             result = (" SELECT c.id, (SELECT count(*) FROM note), "
                       + self._ticket_facts("p.number", "p.started", "p.client", "p.id")
                       + " FROM call c, p")
-            facts = self._facts_parameters(ticket)
-        rows = await batch.run_planned(
+        else:
+            result = " SELECT id, (SELECT count(*) FROM note) FROM call"
+        return (
             "WITH p AS (SELECT * FROM json_to_record(%(values)s::json) AS p(id text,"
             " direction text, phone text, status text, started timestamptz, final boolean,"
             " duration integer, notes text, client bigint, email text, remote text,"
@@ -545,20 +592,8 @@ class CallStatements:
             " p.started_payload ELSE p.ended_payload END) FROM call c, p"
             " WHERE c.inserted OR p.ending)"
             # (The UPDATEs run unreferenced; the NOTIFY, a plain SELECT, only when read.)
-            + result,
-            {"values": json.dumps(values),
-             "lines": json.dumps([{"action": line.action, "description": line.text,
-                                   "only_new": only, "n": n}
-                                  for n, (line, only) in enumerate(row.lines)]),
-             **facts},
-            last=last,
+            + result
         )
-        if not rows:
-            return 0, None
-        if ticket is None:
-            return rows[0][0], None
-        (row_id, _, open_ticket, earlier, client_name, users) = rows[0]
-        return row_id, self._facts(open_ticket, earlier, client_name, users)
 
     async def owner_extension(self, batch: Batch, owner_id: int) -> str:
         """The extension (pbx_number) of the CRM user who owns a contact or lead, '' when
