@@ -309,7 +309,7 @@ class Ingest:
                             previous: str | None, existed: bool, context: ZadarmaContext,
                             number: str | None, match: Match | None) -> ZadarmaOutcome:
         """The call row, its detail, its log lines, the live event and the CRM's sales
-        side in one statement; the COMMIT rides along unless a ticket or the owner's
+        side in one statement; the commit rides along unless a ticket or the owner's
         extension still has to be written or read (the usual event: two round trips in
         all, the journal's and this one)."""
         now = self._now()

@@ -1,7 +1,7 @@
 """The CRM's sales side of a call (behaviour.md section 6): a finished call of a matched
 contact or lead leaves one line on the person's active deal, and an answered one marks the
 person as in touch today. Pure: "today" comes from the time passed in; the store writes
-the result with targeted UPDATEs, once per call.
+the result with targeted updates, once per call.
 """
 
 from __future__ import annotations
