@@ -128,7 +128,8 @@ def load(entries: int, rate: float, seconds: float, history: int) -> dict[str, A
             numbers = [n[3:] if n.startswith("+30") else n
                        for n in sample_numbers(dsn, 2000)]
             zone = ZoneInfo("Europe/Athens")
-            ingest = Ingest(store, index, Texts("en"), TicketSettings(), zone, schema)
+            ingest = Ingest(store, index, Texts("en"), TicketSettings(), zone, schema,
+                            reactor)
             box = FritzBox(replace(FritzBoxSettings(), name="bench"), ingest, reactor,
                            frozenset())
             ring_latency: list[float] = []

@@ -147,7 +147,7 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     directory.setServiceParent(top)
 
     ingest = Ingest(store, index, Texts(config.crm.language), config.tickets,
-                    ZoneInfo(config.crm.timezone), schema, config.database.crm_schema)
+                    ZoneInfo(config.crm.timezone), schema, reactor, config.database.crm_schema)
     spool = AsyncSpool(Spool(config.state_path(base) / "spool",
                              max_bytes=config.spool.max_mb * 1024 * 1024,
                              alarm_ratio=config.spool.alarm_percent / 100), reactor)

@@ -7,15 +7,17 @@ from __future__ import annotations
 import json
 import select
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg2
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
+from txpostgres.txpostgres import Cursor
 
-from dpvoip.calls.ingest import Ingest, Origin
+from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext
 from dpvoip.config import DatabaseSettings, FritzBoxSettings, TicketSettings
 from dpvoip.core.happenings import Ended
 from dpvoip.core.numbers import Dialling
@@ -30,6 +32,7 @@ from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.dsn import connection_dsn
 from dpvoip.store.migrations import SchemaReport, prepare
 from dpvoip.store.pool import HealingPool
+from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from test.support.crm import Crm
 from test.support.postgres import postgres
 
@@ -46,19 +49,21 @@ def today(hhmmss: str, days_ago: int = 0) -> str:
 class IngestTestCase(TestCase):
     crm_version = "2025-12"
     tickets = TicketSettings()
+    pool_size = 4
     timeout = 60
 
     def setUp(self) -> Any:
         self.dsn = postgres().new_database(crm=self.crm_version)
         self.crm = Crm(self.dsn)
-        pool = HealingPool(reactor, connection_dsn(self.dsn, DatabaseSettings()), 4)
+        pool = HealingPool(reactor, connection_dsn(self.dsn, DatabaseSettings()),
+                           self.pool_size)
         self.addCleanup(pool.close)
         self.store = Store(pool, reactor)
         where = Dialling("GR")
         self.index = DirectoryIndex(self.store, "public", where, own_numbers=OWN)
         self.schema: OneShotObserver[SchemaReport] = OneShotObserver()
         self.ingest = Ingest(self.store, self.index, Texts("en"), self.tickets,
-                             ZoneInfo("Europe/Athens"), self.schema)
+                             ZoneInfo("Europe/Athens"), self.schema, reactor)
         settings = replace(FritzBoxSettings(), own_numbers=OWN)
         self.rules = rules_for(settings, frozenset(self.index.own_numbers))
         self.origin = Origin("office", where, self.rules)
@@ -343,3 +348,130 @@ class NewestCrmTests(IngestTestCase):
         self.assertEqual({e["call_id"] for e in events}, {identity})
         self.assertEqual(events[0]["name"], "Client")
         self.assertEqual(events[1]["status"], "missed")
+
+
+class WindowTests(IngestTestCase):
+    tickets = replace(TicketSettings(), group_hours=1.0)
+
+    @defer.inlineCallbacks
+    def test_an_open_ticket_is_joined_only_within_the_configured_window(self) -> Any:
+        yield self.lines(*self.missed(0, "2101234567", "09:00:00", "09:00:30"))
+        created = datetime.strptime(today("09:00:00"), "%d.%m.%y %H:%M:%S").replace(
+            tzinfo=ZoneInfo("Europe/Athens"))
+        self.crm.query("UPDATE accounting_ticket SET created_at = %s", (created,))
+        yield self.lines(*self.missed(1, "2101234567", "09:50:00", "09:50:30"))  # 50 min on
+        yield self.lines(*self.missed(0, "2101234567", "10:30:00", "10:30:30"))  # 90 min on
+        self.assertEqual([t[1] for t in self.tickets_rows()],
+                         ["MISSED CALLS (2x) - +302101234567", "MISSED CALL - +302101234567"])
+
+
+def zadarma_call(caller: str, pbx: str, answered: bool) -> list[dict[str, str]]:
+    """A Zadarma incoming call's events (NOTIFY_START, NOTIFY_END) as their forms."""
+    common = {"pbx_call_id": pbx, "call_start": "2026-01-15 10:00:00", "caller_id": caller,
+              "called_did": "302107654321"}
+    return [{"event": "NOTIFY_START", **common},
+            {"event": "NOTIFY_END", **common, "duration": "95" if answered else "0",
+             "disposition": "answered" if answered else "no answer", "status_code": "16",
+             "is_recorded": "0", "calltype": "normal", "internal": "100"}]
+
+
+class ZadarmaTestCase(IngestTestCase):
+    context = ZadarmaContext(Dialling("GR"), ZoneInfo("Europe/Athens"))
+
+    async def _send(self, forms: list[dict[str, str]], context: ZadarmaContext) -> None:
+        for form in forms:
+            event = parse_event(form)
+            assert isinstance(event, ZadarmaEvent)
+            await self.ingest.submit_zadarma(event, form, context)
+
+    def send(self, forms: list[dict[str, str]],
+             context: ZadarmaContext | None = None) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._send(forms, context or self.context))
+
+
+class RoundTripTests(ZadarmaTestCase):
+    """The hot paths' round trips to PostgreSQL, once each statement is planned on the
+    connection (one pooled connection, warmed by a first call): each execute on a cursor
+    is one message to the server and its answer. One more is a regression."""
+
+    pool_size = 1
+
+    def sent(self) -> list[str]:
+        """From now on, the text of every execute on any connection."""
+        sent: list[str] = []
+        execute = Cursor.execute
+
+        def counted(cursor: Cursor, query: str, params: Any = None) -> Any:
+            sent.append(query)
+            return execute(cursor, query, params)
+
+        self.patch(Cursor, "execute", counted)
+        return sent
+
+    @defer.inlineCallbacks
+    def test_a_ring_and_a_missed_calls_disconnect_with_its_ticket(self) -> Any:
+        self.crm.client("A", kinito_tilefono="6912345678")
+        self.crm.client("B", kinito_tilefono="6912345679")
+        yield self.build_directory()
+        yield self.lines(*self.missed(0, "6912345678", "10:00:00", "10:00:20"))
+        sent = self.sent()
+        ring, disconnect = self.missed(1, "6912345679", "10:01:00", "10:01:20")
+        yield self.lines(ring)
+        self.assertEqual(len(sent), 2, f"the lookup, then the call row: {sent}")
+        del sent[:]
+        yield self.lines(disconnect)
+        self.assertEqual(len(sent), 2, f"the lock and the facts, then the rest: {sent}")
+        self.assertEqual(self.ingest.counters.ticket_writes, 2)
+
+    @defer.inlineCallbacks
+    def test_zadarmas_start_and_end(self) -> Any:
+        self.crm.client("A", kinito_tilefono="6912345678")
+        yield self.build_directory()
+        yield self.send(zadarma_call("+306912345678", "in_" + "1" * 40, answered=True))
+        sent = self.sent()
+        start, end = zadarma_call("+306912345678", "in_" + "2" * 40, answered=True)
+        yield self.send([start])
+        self.assertEqual(len(sent), 2, f"the journal, then the call: {sent}")
+        del sent[:]
+        yield self.send([end])
+        self.assertEqual(len(sent), 2, f"the journal, then the call: {sent}")
+        self.assertEqual(self.ingest.counters.calls_ended, 2)
+
+    @defer.inlineCallbacks
+    def test_a_zadarma_missed_call_with_its_ticket(self) -> Any:
+        context = replace(self.context, tickets=True)
+        yield self.send(zadarma_call("+306912345678", "in_" + "1" * 40, answered=False),
+                        context)
+        start, end = zadarma_call("+306912345679", "in_" + "2" * 40, answered=False)
+        yield self.send([start], context)
+        sent = self.sent()
+        yield self.send([end], context)
+        self.assertEqual(len(sent), 3,
+                         f"the journal, the call with the ticket's facts, the ticket: {sent}")
+        self.assertEqual(self.ingest.counters.ticket_writes, 2)
+
+
+class ClockTests(ZadarmaTestCase):
+    """The wall clock the ingest reads is the one it is given."""
+
+    @defer.inlineCallbacks
+    def test_the_sales_sides_today_and_a_ticketed_calls_end_come_from_the_clock(
+        self,
+    ) -> Any:
+        clock = Clock()
+        moment = datetime(2030, 3, 1, 22, 30, tzinfo=UTC)  # 2 March in Athens already
+        clock.advance(moment.timestamp())
+        self.ingest = Ingest(self.store, self.index, Texts("en"), self.tickets,
+                             ZoneInfo("Europe/Athens"), self.schema, clock)
+        contact = self.crm.contact("Maria", "Ioannou", mobile="6912345678")
+        self.crm.deal("Insurance", contact_id=contact, workflow="")
+        yield self.build_directory()
+        yield self.send(zadarma_call("+306912345678", "in_" + "1" * 40, answered=True))
+        self.assertEqual(self.crm.query("SELECT was_in_touch FROM crm_contact"),
+                         [(date(2030, 3, 2),)])
+        self.assertEqual(self.crm.query("SELECT workflow FROM crm_deal"), [
+            ("02.03.2030 - Incoming call from Maria Ioannou (answered, 1:35).",)])
+        yield self.send(zadarma_call("+302101234567", "in_" + "2" * 40, answered=False),
+                        replace(self.context, tickets=True))
+        self.assertEqual(self.crm.query(
+            "SELECT ended_at FROM accounting_voipcall WHERE ticket_created"), [(moment,)])

@@ -56,9 +56,12 @@ class Texts:
 
 
 def missed_title(number: str, client_name: str | None) -> str:
+    """A new ticket's title; with the client's name whenever the call has a client (the
+    CRM's column is at most 200 characters)."""
     title = f"MISSED CALL - {number}"
-    return f"{title} - {client_name}"[:200] if client_name else title
+    return (title if client_name is None else f"{title} - {client_name}")[:200]
 
 
-def grouped_title(count: int | str, number: str) -> str:
+def grouped_title(count: int, number: str) -> str:
+    """The title of a ticket that ``count`` missed calls of ``number`` have joined."""
     return f"MISSED CALLS ({count}x) - {number}"[:200]

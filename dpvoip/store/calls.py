@@ -1,0 +1,604 @@
+"""Every statement of the call ingest: a call's row, its detail, its log lines, its
+missed-call ticket and the CRM's sales side, each change published with NOTIFY.
+
+The decisions are taken elsewhere (``dpvoip.core``: the tickets, the sales side, the log
+lines) and arrive here as plain data; this module only turns them into statements. Each
+change is one statement (or one transaction of as few round trips as the hot paths
+allow), written so that replaying the same happening changes nothing: the call row is
+inserted once (its id is derived from the source) and finalised only while it is active.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+from dpvoip.core.call_log import LogLine
+from dpvoip.core.happenings import Answered, Ended, Forwarded, Started
+from dpvoip.core.matching import Match
+from dpvoip.core.outcomes import Outcome
+from dpvoip.core.sales import SalesTouch
+from dpvoip.core.tickets import (
+    OPEN_STATUSES,
+    TICKET_ID,
+    MissedCall,
+    NewTicket,
+    TicketFacts,
+    TicketPlan,
+)
+from dpvoip.crm.schema import CrmCapabilities, quote_ident
+from dpvoip.store.database import Batch, Store
+from dpvoip.store.directory import DirectoryIndex
+from dpvoip.zadarma.calls import ZadarmaCall
+from dpvoip.zadarma.events import ZadarmaEvent
+
+#: The channel every change of a call is published on (behaviour.md section 8).
+NOTIFY_CHANNEL = "dpvoip_calls"
+#: The lock on an incoming call's number that serialises the tickets of its missed calls
+#: (parameter: call, the call_id).
+_TICKET_LOCK = (
+    "SELECT pg_advisory_xact_lock(hashtext('dpvoip-ticket:' || remote_number))"
+    " FROM dpvoip.call_detail WHERE call_id = %(call)s AND direction = 'incoming'"
+    " AND remote_number IS NOT NULL; "
+)
+
+
+def payload(event: str, call_id: str, **fields: Any) -> str:
+    """A live event as published on ``NOTIFY_CHANNEL``."""
+    return json.dumps({"event": event, "call_id": call_id, **fields}, default=str)
+
+
+def ended_payload(call_id: str, outcome: Outcome, duration: int) -> str:
+    return payload("ended", call_id, status=outcome.status, outcome=outcome.value,
+                   duration=duration)
+
+
+class FinishingCall(NamedTuple):
+    """A call about to be finalised as missed, with the facts its ticket depends on, read
+    under its row lock and its number's ticket lock."""
+
+    row: int  # the call row's id
+    direction: str
+    client: int | None  # the call row's client
+    call: MissedCall
+    facts: TicketFacts
+
+
+class JournalEntry(NamedTuple):
+    """A Zadarma event after it was journalled (in the transaction's first round trip)."""
+
+    fresh: bool  # False: the event was there already (a replay)
+    forms: list[dict[str, str]]  # every event of the call so far, in arrival order
+    previous: str | None  # the call's outcome before this event
+    existed: bool  # the call row existed before this event
+    found: list[list[Any]] | None  # the guessed caller's directory rows (``match_of``)
+
+
+class ZadarmaRow(NamedTuple):
+    """A Zadarma call as recomputed from its journal, ready to be written."""
+
+    identity: str  # the call row's call_id
+    call: ZadarmaCall
+    phone: str
+    number: str | None
+    match: Match | None
+    started: datetime  # aware
+    extension: int | None
+    lines: Sequence[tuple[LogLine, bool]]  # each with: only when the row is new
+    ending: bool  # this event finishes the call and no ticket follows: publish the end
+    touch: SalesTouch | None
+
+
+class TicketQuery(NamedTuple):
+    """What the ticket facts are read for: the window before the call's start, and the
+    usernames whose active user ids are wanted."""
+
+    window: timedelta
+    users: Sequence[str]
+
+
+class CallStatements:
+    """The ingest's statements on the CRM's call tables and dpvoip's own."""
+
+    def __init__(self, store: Store, directory: DirectoryIndex, crm_schema: str,
+                 capabilities: Callable[[], CrmCapabilities]) -> None:
+        self._store = store
+        self._directory = directory
+        self._crm = quote_ident(crm_schema)
+        self._capabilities = capabilities
+        self._built: dict[tuple[object, ...], str] = {}
+        self._built_for: CrmCapabilities | None = None
+
+    # -- fragments ---------------------------------------------------------------------
+
+    def _statement(self, variant: tuple[object, ...], build: Callable[[], str]) -> str:
+        """The statement ``build`` writes, built once per ``variant`` and per set of the
+        CRM's optional columns: the same text object at every call saves formatting it,
+        and hashing it again for the plan cache's lookup."""
+        capabilities = self._capabilities()
+        if capabilities is not self._built_for:
+            self._built, self._built_for = {}, capabilities
+        text = self._built.get(variant)
+        if text is None:
+            text = self._built[variant] = build()
+        return text
+
+    def _log_extras(self) -> tuple[str, str]:
+        """The 2026-08 CRM's extra call-log columns, and their values from a call CTE ``c``
+        (id, call_id, phone_number, client_id): both as ", a, b" fragments."""
+        capabilities = self._capabilities()
+        pairs = [pair for pair, present in (
+            (("client_id", "c.client_id"), capabilities.call_log_client_id),
+            (("call_reference", "c.call_id"), capabilities.call_log_call_reference),
+            (("phone_number", "c.phone_number"), capabilities.call_log_phone_number),
+        ) if present]
+        return ("".join(", " + column for column, _ in pairs),
+                "".join(", " + value for _, value in pairs))
+
+    def _log_lines(self, call: str, count: int) -> str:
+        """INSERT of ``count`` call-log lines for the call row of CTE ``call`` (id, call_id,
+        phone_number, client_id); fills the 2026-08 CRM's extra columns when present.
+        Parameters: action, description per line."""
+        extra_columns, extra_values = self._log_extras()
+        lines = ", ".join(["(%s, %s, " + str(n) + ")" for n in range(count)])
+        return (
+            f"INSERT INTO {self._crm}.accounting_voipcalllog (action, description, created_at,"
+            f" call_id{extra_columns}) SELECT v.action, v.description, now(), c.id{extra_values}"
+            f" FROM {call} c CROSS JOIN (VALUES {lines}) AS v(action, description, n)"
+            " ORDER BY v.n"
+        )
+
+    def _ticket_facts(self, number: str, started: str, client: str, call_id: str) -> str:
+        """The facts a ticket decision needs (``TicketFacts``), as four columns, from SQL
+        expressions for the call's number, start, client and call_id. The open ticket is
+        locked as an UPDATE of it would lock it: it is updated in the next statement.
+        Parameters: open, window, users."""
+        since = f"{started} - %(window)s::interval"
+        return (
+            f"(SELECT t.id FROM dpvoip.call_detail o JOIN {self._crm}.accounting_ticket t"
+            f" ON t.id = o.ticket_id WHERE o.remote_number = {number}"
+            " AND o.ticket_id IS NOT NULL AND t.status = ANY(%(open)s::text[])"
+            f" AND t.created_at > {since} ORDER BY t.created_at DESC LIMIT 1"
+            " FOR NO KEY UPDATE OF t),"
+            " (SELECT count(*) FROM dpvoip.call_detail m WHERE m.remote_number ="
+            f" {number} AND m.direction = 'incoming' AND m.outcome IN ('missed', 'voicemail')"
+            f" AND m.started_at > {since} AND m.call_id <> {call_id}),"
+            f" (SELECT eponimia FROM {self._crm}.accounting_clientprofile WHERE id = {client}),"
+            f" (SELECT json_object_agg(u.username, u.id) FROM {self._crm}.auth_user u"
+            " WHERE u.username = ANY(%(users)s::text[]) AND u.is_active)"
+        )
+
+    @staticmethod
+    def _facts_parameters(query: TicketQuery) -> dict[str, Any]:
+        return {"open": list(OPEN_STATUSES), "window": query.window, "users": list(query.users)}
+
+    @staticmethod
+    def _facts(open_ticket: int | None, earlier: int, client_name: str | None,
+               users: Mapping[str, int] | None) -> TicketFacts:
+        return TicketFacts(open_ticket, int(earlier), client_name, dict(users or {}))
+
+    # -- a Fritz!Box call's steps ------------------------------------------------------
+
+    async def start(self, started: Started, source: str, number: str | None, phone: str,
+                    match: Match | None, lines: Sequence[LogLine]) -> bool:
+        """The call row, its detail, its first log lines and the live event, in one
+        statement; False when the call was there already."""
+        client = match.client if match else None
+        person = match.person if match else None
+        statement = self._statement(("start", len(lines)), lambda: (
+            f"WITH call AS (INSERT INTO {self._crm}.accounting_voipcall (call_id, direction,"
+            " phone_number, status, started_at, ended_at, duration_seconds, notes,"
+            " ticket_created, ticket_id, created_at, updated_at, client_id, client_email,"
+            " resolution) VALUES (%s, %s, %s, 'active', %s, NULL, 0, %s, false, NULL,"
+            " now(), now(), %s, %s, 'pending') ON CONFLICT (call_id) DO NOTHING"
+            " RETURNING id, call_id, phone_number, client_id),"
+            " detail AS (INSERT INTO dpvoip.call_detail (call_id, source, box, conn_id,"
+            " direction, remote_raw, remote_number, own_number, line, extension, started_at,"
+            " client_id, contact_id, lead_id, deal_id, hairpin) SELECT c.call_id, %s, %s, %s,"
+            " %s, %s, %s, %s, %s, %s, %s, c.client_id, %s, %s, %s, %s FROM call c"
+            " ON CONFLICT (call_id) DO NOTHING),"
+            f" logs AS ({self._log_lines('call', len(lines))}),"
+            " note AS (SELECT pg_notify(%s, %s) FROM call)"
+            " SELECT c.id, (SELECT count(*) FROM note) FROM call c"
+        ))
+        params = (
+            started.call_id, started.direction, phone, started.at,
+            "internal call to an own number" if started.hairpin else "",
+            client.id if client else None, client.email if client else None,
+            source, started.box, started.conn_id, started.direction, started.remote,
+            number, started.own_number, started.line, started.extension, started.at,
+            person.id if person and person.kind == "contact" else None,
+            person.id if person and person.kind == "lead" else None,
+            match.deal.id if match and match.deal else None, started.hairpin,
+            *(part for line in lines for part in (line.action, line.text)),
+            NOTIFY_CHANNEL, payload("started", started.call_id, direction=started.direction,
+                                    number=phone,
+                                    name=match.display_name if match else None,
+                                    box=started.box),
+        )
+        return bool(await self._store.write_one(statement, params))
+
+    def _detail_change(self, assignment: str, condition: str, log: str) -> str:
+        """One statement: change the detail row if it changes, log it, publish it."""
+        return (
+            f"WITH changed AS (UPDATE dpvoip.call_detail SET {assignment}, updated_at = now()"
+            f" WHERE call_id = %s AND {condition} RETURNING call_id),"
+            f" call AS (SELECT v.id, v.call_id, v.phone_number, v.client_id FROM"
+            f" {self._crm}.accounting_voipcall v JOIN changed USING (call_id)),"
+            f" logs AS ({log}),"
+            " note AS (SELECT pg_notify(%s, %s) FROM call)"
+            " SELECT c.id, (SELECT count(*) FROM note) FROM call c"
+        )
+
+    async def answer(self, answered: Answered, line: LogLine) -> bool:
+        """The extension that took the call (the first answer's time kept); False when
+        nothing changed."""
+        statement = self._statement(("answer",), lambda: self._detail_change(
+            "extension = %s, answered_at = coalesce(answered_at, %s)",
+            "ended_at IS NULL AND extension IS DISTINCT FROM %s",
+            self._log_lines("call", 1),
+        ))
+        return bool(await self._store.write_one(statement, (
+            answered.extension, answered.at, answered.call_id, answered.extension,
+            line.action, line.text,
+            NOTIFY_CHANNEL, payload("answered", answered.call_id,
+                                    extension=answered.extension),
+        )))
+
+    async def forward(self, forwarded: Forwarded, line: LogLine) -> bool:
+        """Where the box forwards the ringing call; False when nothing changed."""
+        statement = self._statement(("forward",), lambda: self._detail_change(
+            "forwarded_to = %s", "forwarded_to IS DISTINCT FROM %s", self._log_lines("call", 1)
+        ))
+        return bool(await self._store.write_one(statement, (
+            forwarded.to_number, forwarded.call_id, forwarded.to_number,
+            line.action, line.text,
+            NOTIFY_CHANNEL, payload("forwarded", forwarded.call_id),
+        )))
+
+    @staticmethod
+    def _reopen(recovering: bool) -> str:
+        """A call closed as interrupted may still be finalised by its own late end."""
+        return " OR d.outcome = 'interrupted'" if recovering else ""
+
+    def _finish_statement(self, recovering: bool) -> str:
+        return self._statement(("finish", recovering), lambda: self._finish_sql(recovering))
+
+    def _finish_sql(self, recovering: bool) -> str:
+        """One statement: finalise the call row and its detail, log and publish it."""
+        return (
+            f"WITH updated AS (UPDATE {self._crm}.accounting_voipcall c SET status = %s,"
+            " ended_at = %s, duration_seconds = %s, notes = %s, updated_at = now()"
+            " FROM dpvoip.call_detail d WHERE c.call_id = %s AND d.call_id = c.call_id"
+            f" AND (c.status = 'active'{self._reopen(recovering)})"
+            " AND d.outcome IS DISTINCT FROM %s RETURNING c.id, c.call_id, c.phone_number,"
+            " c.client_id),"
+            " detail AS (UPDATE dpvoip.call_detail d SET outcome = %s, ended_at = %s,"
+            " updated_at = now() FROM updated u WHERE d.call_id = u.call_id),"
+            f" logs AS ({self._log_lines('updated', 1)}),"
+            " note AS (SELECT pg_notify(%s, %s) FROM updated)"
+            " SELECT u.id, (SELECT count(*) FROM note) FROM updated u"
+        )
+
+    @staticmethod
+    def _finish_parameters(ended: Ended, line: LogLine) -> tuple[Any, ...]:
+        return (
+            ended.outcome.status, ended.at, ended.duration, ended.notes, ended.call_id,
+            ended.outcome.value, ended.outcome.value, ended.at,
+            line.action, line.text, NOTIFY_CHANNEL,
+            ended_payload(ended.call_id, ended.outcome, ended.duration),
+        )
+
+    async def finish(self, ended: Ended, line: LogLine, recovering: bool = False) -> bool:
+        """Finalise a call that gets no ticket, in one statement of its own; False when it
+        was finalised already."""
+        return bool(await self._store.write_one(self._finish_statement(recovering),
+                                                self._finish_parameters(ended, line)))
+
+    async def finish_within(self, batch: Batch, ended: Ended, line: LogLine,
+                            recovering: bool = False) -> None:
+        """The same as the last statement of ``batch`` (the COMMIT rides along)."""
+        await batch.run(self._finish_statement(recovering),
+                        self._finish_parameters(ended, line), last=True)
+
+    async def finishing_missed(self, batch: Batch, ended: Ended, query: TicketQuery,
+                               recovering: bool = False) -> FinishingCall | None:
+        """The first round trip of a missed call's end: the number's ticket lock, then the
+        call row (locked) and the ticket facts; None when the call was finalised already.
+
+        The lock comes first, in a statement of its own: the statement after it takes a
+        new snapshot, which sees a ticket that the lock's previous holder (another missed
+        call of the number ending at the same moment) has just committed. Both ride in one
+        message."""
+        rows = await batch.run_planned(
+            self._statement(("finishing", recovering), lambda: (
+                "SELECT c.id, c.phone_number, c.client_id, d.direction, d.remote_number,"
+                " d.started_at, d.own_number, d.extension, "
+                + self._ticket_facts("d.remote_number", "d.started_at", "c.client_id",
+                                     "c.call_id")
+                + f" FROM {self._crm}.accounting_voipcall c JOIN dpvoip.call_detail d"
+                " ON d.call_id = c.call_id WHERE c.call_id = %(call)s AND (c.status ="
+                f" 'active'{self._reopen(recovering)}) AND d.outcome IS DISTINCT FROM"
+                " %(outcome)s FOR UPDATE OF c")),
+            {"call": ended.call_id, "outcome": ended.outcome.value,
+             **self._facts_parameters(query)},
+            prefix=_TICKET_LOCK,
+        )
+        if not rows:
+            return None
+        (row, phone, client, direction, number, started_at, own, extension,
+         open_ticket, earlier, client_name, users) = rows[0]
+        return FinishingCall(row, direction, client,
+                             MissedCall(phone, number, started_at, own, extension),
+                             self._facts(open_ticket, earlier, client_name, users))
+
+    async def write_ticket(self, batch: Batch, plan: TicketPlan, row: int,
+                           client: int | None, ended: Ended, line: LogLine) -> None:
+        """The missed call's end and its ticket (behaviour.md section 5) in one statement
+        that also commits: the ticket created or updated as ``plan`` says, the call row
+        finalised and linked to it, both logged and published."""
+        params: dict[str, Any]
+        if isinstance(plan, NewTicket):
+            head, _, tail = plan.log.partition(TICKET_ID)
+            params = {"title": plan.title, "description": plan.description,
+                      "ticket_status": plan.status, "priority": plan.priority,
+                      "assignee": plan.assignee, "client": client, "head": head,
+                      "tail": tail, "action": "ticket_created"}
+        else:
+            params = {"title": plan.title, "urgent": plan.urgent, "note": plan.note,
+                      "ticket": plan.ticket, "log": plan.log, "action": "ticket_updated"}
+        new = isinstance(plan, NewTicket)
+        await batch.run_planned(
+            self._statement(("ticket", new), lambda: self._ticket_sql(new)),
+            {
+                **params, "row": row, "channel": NOTIFY_CHANNEL,
+                "status": ended.outcome.status, "at": ended.at, "duration": ended.duration,
+                "notes": ended.notes, "outcome": ended.outcome.value,
+                "ended_action": line.action, "ended_line": line.text,
+                "ended_payload": ended_payload(ended.call_id, ended.outcome, ended.duration),
+            },
+            last=True,
+        )
+
+    def _ticket_sql(self, new: bool) -> str:
+        """The ticket statement: a ``new`` ticket inserted (its log line gets the new id
+        between ``head`` and ``tail``), or the open one updated (its notes get one more
+        line, its priority turns urgent or stays)."""
+        if new:
+            ticket = (
+                f"ticket AS (INSERT INTO {self._crm}.accounting_ticket (title, description,"
+                " status, priority, notes, created_at, assigned_at, resolved_at, closed_at,"
+                " email_sent, follow_up_scheduled, assigned_to_id, call_id, client_id)"
+                " VALUES (%(title)s, %(description)s, %(ticket_status)s, %(priority)s, '',"
+                " now(), CASE WHEN %(assignee)s::integer IS NULL THEN NULL ELSE now() END,"
+                " NULL, NULL, false, false, %(assignee)s, %(row)s, %(client)s)"
+                " RETURNING id, title, %(head)s || id::text || %(tail)s AS log)"
+            )
+        else:
+            ticket = (
+                f"ticket AS (UPDATE {self._crm}.accounting_ticket t SET title = %(title)s,"
+                " priority = CASE WHEN %(urgent)s THEN 'urgent' ELSE t.priority END,"
+                " notes = CASE WHEN t.notes = '' THEN %(note)s"
+                " ELSE t.notes || E'\\n' || %(note)s END"
+                " WHERE t.id = %(ticket)s RETURNING t.id, t.title, %(log)s::text AS log)"
+            )
+        extra_columns, extra_values = self._log_extras()
+        return (
+            f"WITH {ticket},"
+            f" call AS (UPDATE {self._crm}.accounting_voipcall v SET status = %(status)s,"
+            " ended_at = %(at)s, duration_seconds = %(duration)s, notes = %(notes)s,"
+            " ticket_created = true, ticket_id = t.id::text, updated_at = now()"
+            " FROM ticket t WHERE v.id = %(row)s RETURNING v.id, v.call_id, v.phone_number,"
+            " v.client_id, t.id AS ticket, t.log),"
+            " detail AS (UPDATE dpvoip.call_detail d SET outcome = %(outcome)s, ended_at ="
+            " %(at)s, ticket_id = c.ticket, updated_at = now() FROM call c"
+            " WHERE d.call_id = c.call_id),"
+            f" logs AS (INSERT INTO {self._crm}.accounting_voipcalllog (action, description,"
+            f" created_at, call_id{extra_columns}) SELECT line.action, line.description,"
+            f" now(), c.id{extra_values} FROM call c CROSS JOIN LATERAL (VALUES"
+            " (0, %(ended_action)s::text, %(ended_line)s::text), (1, %(action)s::text, c.log))"
+            " AS line(n, action, description) ORDER BY line.n),"
+            " note AS (SELECT pg_notify(%(channel)s, %(ended_payload)s) FROM call"
+            " UNION ALL SELECT pg_notify(%(channel)s, json_build_object('event',"
+            " %(action)s::text, 'call_id', c.call_id, 'ticket_id', c.ticket)::text)"
+            " FROM call c)"
+            " SELECT (SELECT count(*) FROM note)"
+        )
+
+    # -- calls this process never saw start --------------------------------------------
+
+    async def latest_of_connection(self, box: str, conn_id: int, since: datetime,
+                                   until: datetime) -> tuple[Any, ...] | None:
+        """The newest call of ``box``'s connection ``conn_id`` started in (since, until]:
+        (call_id, direction, started_at, extension, outcome, answered)."""
+        rows = await self._store.read(
+            "SELECT d.call_id, d.direction, d.started_at, d.extension, d.outcome,"
+            " d.answered_at IS NOT NULL FROM dpvoip.call_detail d WHERE d.box = %s AND"
+            " d.conn_id = %s AND d.started_at > %s AND d.started_at <= %s"
+            " ORDER BY d.started_at DESC LIMIT 1",
+            (box, conn_id, since, until),
+        )
+        return rows[0] if rows else None
+
+    async def active_calls(self, box: str, started_before: datetime | None
+                           ) -> list[tuple[str, int | None]]:
+        """(call_id, extension) of every call of ``box`` still active (with
+        ``started_before``: only of those that started before it)."""
+        rows = await self._store.read(
+            f"SELECT d.call_id, d.extension FROM dpvoip.call_detail d JOIN {self._crm}"
+            ".accounting_voipcall c ON c.call_id = d.call_id WHERE d.box = %s"
+            " AND c.status = 'active' AND (%s::timestamptz IS NULL OR d.started_at < %s)",
+            (box, started_before, started_before),
+        )
+        return [(call_id, extension) for call_id, extension in rows]
+
+    # -- Zadarma -----------------------------------------------------------------------
+
+    async def journal(self, batch: Batch, event: ZadarmaEvent, form: Mapping[str, str],
+                      identity: str, guess: str | None) -> JournalEntry:
+        """One round trip: the call's lock, then (a new statement, so a new snapshot that
+        sees what the lock's previous holder committed) the journal entry, the journal
+        and the guessed caller's directory entries."""
+        [(fresh, forms, previous, existed, found)] = await batch.run_planned(
+            self._statement(("journal",), lambda: (
+                "WITH added AS (INSERT INTO dpvoip.zadarma_event (pbx_call_id, event,"
+                " calltype, internal, destination, form) VALUES (%(pbx)s, %(event)s,"
+                " %(calltype)s, %(internal)s, %(destination)s, %(form)s)"
+                " ON CONFLICT DO NOTHING RETURNING id, form)"
+                " SELECT (SELECT count(*) FROM added) > 0,"
+                " (SELECT json_agg(j.form ORDER BY j.id) FROM (SELECT id, form FROM"
+                " dpvoip.zadarma_event WHERE pbx_call_id = %(pbx)s UNION ALL SELECT id, form"
+                " FROM added) AS j),"
+                " (SELECT outcome FROM dpvoip.call_detail WHERE call_id = %(call)s),"
+                f" EXISTS (SELECT 1 FROM {self._crm}.accounting_voipcall"
+                " WHERE call_id = %(call)s),"
+                f" {self._directory.lookup_subquery('number')}")),
+            {"lock": f"dpvoip-zadarma:{event.pbx_call_id}", "pbx": event.pbx_call_id,
+             "event": event.kind, "calltype": event.calltype, "internal": event.internal,
+             "destination": event.destination, "form": json.dumps(dict(form)),
+             "call": identity, "number": guess},
+            prefix="SELECT pg_advisory_xact_lock(hashtext(%(lock)s)); ",
+        )
+        return JournalEntry(bool(fresh), forms, previous, bool(existed), found)
+
+    async def zadarma_call(self, batch: Batch, row: ZadarmaRow, last: bool,
+                           ticket: TicketQuery | None = None
+                           ) -> tuple[int, TicketFacts | None]:
+        """The call row, its detail, its log lines, the live event and the CRM's sales
+        side in one statement; ``last``: the COMMIT rides along. With ``ticket``, the
+        ticket facts ride along too (read in this statement's snapshot). Returns the call
+        row's id (0 with ``last``: no rows come back) and the facts."""
+        call, match, outcome = row.call, row.match, row.call.outcome
+        client = match.client if match else None
+        person = match.person if match else None
+        touch = row.touch
+        # The values travel as one JSON document (``p``) and the log lines as a JSON
+        # array: psycopg2 quotes each parameter on its own, which cost more CPU than the
+        # rest of the statement when they were forty.
+        values = {
+            "id": row.identity, "direction": call.direction, "phone": row.phone,
+            "status": outcome.status if outcome else "active",
+            "started": row.started.isoformat(),
+            "final": outcome is not None, "duration": call.duration, "notes": call.notes,
+            "client": client.id if client else None, "email": client.email if client else None,
+            "remote": call.remote, "number": row.number, "own": call.own_number,
+            "extension": row.extension, "outcome": outcome.value if outcome else None,
+            "contact": person.id if person and person.kind == "contact" else None,
+            "lead": person.id if person and person.kind == "lead" else None,
+            "deal": match.deal.id if match and match.deal else None,
+            "pbx": call.pbx_call_id, "disposition": call.disposition or None,
+            "calltype": "callback" if call.callback else "normal",
+            "recording": call.recording, "channel": NOTIFY_CHANNEL,
+            "started_payload": payload("started", row.identity, direction=call.direction,
+                                       number=row.phone,
+                                       name=match.display_name if match else None),
+            "ended_payload": (ended_payload(row.identity, outcome, call.duration)
+                              if outcome else ""),
+            "ending": row.ending,
+            "touch": touch is not None,
+            "today": (touch.in_touch_on.isoformat()
+                      if touch is not None and touch.in_touch_on is not None else None),
+            "answered": touch is not None and touch.in_touch_on is not None,
+            "line": touch.workflow_line if touch is not None else None,
+        }
+        rows = await batch.run_planned(
+            self._statement(("zadarma", ticket is not None),
+                            lambda: self._zadarma_sql(ticket is not None)),
+            {"values": json.dumps(values),
+             "lines": json.dumps([{"action": line.action, "description": line.text,
+                                   "only_new": only, "n": n}
+                                  for n, (line, only) in enumerate(row.lines)]),
+             **(self._facts_parameters(ticket) if ticket is not None else {})},
+            last=last,
+        )
+        if not rows:
+            return 0, None
+        if ticket is None:
+            return rows[0][0], None
+        (row_id, _, open_ticket, earlier, client_name, users) = rows[0]
+        return row_id, self._facts(open_ticket, earlier, client_name, users)
+
+    def _zadarma_sql(self, facts: bool) -> str:
+        """The Zadarma call statement; with ``facts``, it also returns the ticket facts
+        of the call (see ``_ticket_facts``)."""
+        extra_columns, extra_values = self._log_extras()
+        if facts:
+            result = (" SELECT c.id, (SELECT count(*) FROM note), "
+                      + self._ticket_facts("p.number", "p.started", "p.client", "p.id")
+                      + " FROM call c, p")
+        else:
+            result = " SELECT id, (SELECT count(*) FROM note) FROM call"
+        return (
+            "WITH p AS (SELECT * FROM json_to_record(%(values)s::json) AS p(id text,"
+            " direction text, phone text, status text, started timestamptz, final boolean,"
+            " duration integer, notes text, client bigint, email text, remote text,"
+            " number text, own text, extension integer, outcome text, contact bigint,"
+            " lead bigint, deal bigint, pbx text, disposition text, calltype text,"
+            " recording text, channel text, started_payload text, ended_payload text,"
+            " ending boolean, touch boolean, today date, answered boolean, line text)),"
+            f" call AS (INSERT INTO {self._crm}.accounting_voipcall AS v (call_id,"
+            " direction, phone_number, status, started_at, ended_at, duration_seconds, notes,"
+            " ticket_created, ticket_id, created_at, updated_at, client_id, client_email,"
+            " resolution) SELECT p.id, p.direction, p.phone, p.status, p.started,"
+            " CASE WHEN p.final THEN now() END, p.duration, p.notes, false, NULL, now(),"
+            " now(), p.client, p.email, 'pending' FROM p ON CONFLICT (call_id) DO UPDATE SET"
+            " direction = EXCLUDED.direction, phone_number = EXCLUDED.phone_number,"
+            " status = EXCLUDED.status, started_at = EXCLUDED.started_at,"
+            " ended_at = coalesce(v.ended_at, EXCLUDED.ended_at),"
+            " duration_seconds = EXCLUDED.duration_seconds, notes = EXCLUDED.notes,"
+            " client_id = coalesce(EXCLUDED.client_id, v.client_id),"
+            " client_email = coalesce(EXCLUDED.client_email, v.client_email),"
+            " updated_at = now() RETURNING v.id, v.call_id, v.phone_number, v.client_id,"
+            " (xmax = 0) AS inserted),"
+            # The CRM's sales side, once per call (read before this statement's own write
+            # to the detail row: every part of one statement sees the same snapshot).
+            " touch AS (SELECT p.touch AND NOT coalesce((SELECT d.crm_touched"
+            " FROM dpvoip.call_detail d WHERE d.call_id = p.id), false) AS go FROM p),"
+            " detail AS (INSERT INTO dpvoip.call_detail AS d (call_id, source, direction,"
+            " remote_raw, remote_number, own_number, extension, started_at, ended_at, outcome,"
+            " client_id, contact_id, lead_id, deal_id, pbx_call_id, disposition, calltype,"
+            " recording, crm_touched) SELECT p.id, 'zadarma', p.direction, p.remote,"
+            " p.number, p.own, p.extension, p.started, CASE WHEN p.final THEN now() END,"
+            " p.outcome, p.client, p.contact, p.lead, p.deal, p.pbx, p.disposition,"
+            " p.calltype, p.recording, p.touch FROM p"
+            " ON CONFLICT (call_id) DO UPDATE"
+            " SET direction = EXCLUDED.direction, remote_raw = EXCLUDED.remote_raw,"
+            " remote_number = EXCLUDED.remote_number, own_number = EXCLUDED.own_number,"
+            " extension = EXCLUDED.extension, started_at = EXCLUDED.started_at,"
+            " ended_at = coalesce(d.ended_at, EXCLUDED.ended_at), outcome = EXCLUDED.outcome,"
+            " client_id = coalesce(EXCLUDED.client_id, d.client_id),"
+            " contact_id = coalesce(EXCLUDED.contact_id, d.contact_id),"
+            " lead_id = coalesce(EXCLUDED.lead_id, d.lead_id),"
+            " deal_id = coalesce(EXCLUDED.deal_id, d.deal_id),"
+            " disposition = EXCLUDED.disposition, calltype = EXCLUDED.calltype,"
+            " recording = coalesce(nullif(EXCLUDED.recording, ''), d.recording),"
+            " crm_touched = d.crm_touched OR EXCLUDED.crm_touched,"
+            " updated_at = now()),"
+            f" contact AS (UPDATE {self._crm}.crm_contact x SET was_in_touch = p.today"
+            " FROM p, touch WHERE x.id = p.contact AND p.answered AND touch.go RETURNING x.id),"
+            f" lead AS (UPDATE {self._crm}.crm_lead x SET was_in_touch = p.today"
+            " FROM p, touch WHERE x.id = p.lead AND p.answered AND touch.go RETURNING x.id),"
+            f" deal AS (UPDATE {self._crm}.crm_deal x SET workflow = p.line || CASE WHEN"
+            " x.workflow = '' THEN '' ELSE E'\\n' END || x.workflow FROM p, touch"
+            " WHERE x.id = p.deal AND touch.go RETURNING x.id),"
+            f" logs AS (INSERT INTO {self._crm}.accounting_voipcalllog (action, description,"
+            f" created_at, call_id{extra_columns}) SELECT l.action, l.description, now(),"
+            f" c.id{extra_values} FROM call c CROSS JOIN json_to_recordset(%(lines)s::json)"
+            " AS l(action text, description text, only_new boolean, n integer)"
+            " WHERE c.inserted OR NOT l.only_new ORDER BY l.n),"
+            " note AS (SELECT pg_notify(p.channel, CASE WHEN c.inserted THEN"
+            " p.started_payload ELSE p.ended_payload END) FROM call c, p"
+            " WHERE c.inserted OR p.ending)"
+            # (The UPDATEs run unreferenced; the NOTIFY, a plain SELECT, only when read.)
+            + result
+        )
+
+    async def owner_extension(self, batch: Batch, owner_id: int) -> str:
+        """The extension (pbx_number) of the CRM user who owns a contact or lead, '' when
+        the user has none."""
+        found = await batch.run(
+            f"SELECT pbx_number FROM {self._crm}.common_userprofile WHERE user_id = %s"
+            " AND pbx_number <> ''", (owner_id,))
+        return str(found[0][0]) if found else ""
