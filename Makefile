@@ -1,5 +1,8 @@
 # The README's two commands: `make start` and `make test`. Both install what they need.
-.PHONY: start test lint bootstrap
+# `make test` runs everything; `make test-quick` leaves out the tests marked slow or daemon
+# (markers set in test/conftest.py) and `make test-slow` runs only those: the two together
+# are `make test`. PYTEST_ARGS passes more options to pytest (e.g. -x, -k name).
+.PHONY: start test test-quick test-slow lint bootstrap
 
 start:
 	@tools/bootstrap
@@ -11,6 +14,16 @@ test:
 	.venv/bin/ruff check dpvoip test bench twisted etc/dpvoip.tac
 	.venv/bin/mypy
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+test-quick:
+	@tools/bootstrap dev
+	.venv/bin/ruff check dpvoip test bench twisted etc/dpvoip.tac
+	.venv/bin/mypy
+	.venv/bin/python -m pytest -m "not slow and not daemon" $(PYTEST_ARGS)
+
+test-slow:
+	@tools/bootstrap dev
+	.venv/bin/python -m pytest -m "slow or daemon" $(PYTEST_ARGS)
 
 lint:
 	.venv/bin/ruff check dpvoip test bench twisted

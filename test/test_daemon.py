@@ -11,13 +11,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from dpvoip.store.embedded import EmbeddedPostgres
-from test.support.daemon import BIN, REPO, Daemon, clean_environment, twistd
+from test.support.daemon import BIN, PATIENCE, REPO, Daemon, clean_environment, twistd
 from test.support.postgres import postgres, query
 
 
@@ -58,7 +57,7 @@ class DaemonTestCase(SynchronousTestCase):
     def run_command(self, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             list(argv), cwd=self.home, env=clean_environment(**env), capture_output=True,
-            text=True, timeout=120, check=False,
+            text=True, timeout=PATIENCE, check=False,
         )
 
 
@@ -82,7 +81,8 @@ class TwistdTests(DaemonTestCase):
         before = cache.stat().st_mtime_ns, cache.read_bytes()
         self.assertIn(b"dpvoip", before[1])
         done = subprocess.run([*twistd("dpvoip", "--help")], cwd="/", capture_output=True,
-                              text=True, timeout=60, check=False, env=clean_environment())
+                              text=True, timeout=PATIENCE, check=False,
+                              env=clean_environment())
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual((cache.stat().st_mtime_ns, cache.read_bytes()), before)
         self.assertNotIn("cache", (done.stdout + done.stderr).lower())
@@ -109,9 +109,7 @@ class TwistdTests(DaemonTestCase):
                                       " WHERE table_schema = 'public'")
         self.assertEqual(tables, [(12,)])
 
-        code, seconds = daemon.terminate()
-        self.assertEqual(code, 0, daemon.output())
-        self.assertLess(seconds, 5)
+        self.assertEqual(daemon.terminate(), 0, daemon.output())
         self.assertFalse(cluster.running(), "the embedded PostgreSQL is stopped at shutdown")
         self.assertFalse(_alive(server_pid))
         self.assertIn("created the CRM tables", daemon.output())
@@ -121,7 +119,7 @@ class TwistdTests(DaemonTestCase):
         again.wait_listening()
         again.wait_ready()
         self.assertNotIn("created the CRM tables", again.output())
-        self.assertEqual(again.terminate()[0], 0)
+        self.assertEqual(again.terminate(), 0)
 
     def test_the_tac_file_starts_the_same_service_with_json_logs(self) -> None:
         config = self.write_config('[log]\nformat = "json"\n')
@@ -131,7 +129,7 @@ class TwistdTests(DaemonTestCase):
         )
         daemon.wait_listening()
         self.assertEqual(daemon.wait_ready()["ready"], True)
-        self.assertEqual(daemon.terminate()[0], 0)
+        self.assertEqual(daemon.terminate(), 0)
         events = [json.loads(line) for line in daemon.output().splitlines()
                   if line.startswith("{")]
         self.assertTrue(any("listening on http://127.0.0.1:" in e["message"] for e in events))
@@ -192,9 +190,7 @@ class AttachedTests(DaemonTestCase):
         assert isinstance(database, dict)
         self.assertEqual(database["reachable"], False)
         self.assertEqual(database["mode"], "attached")
-        code, seconds = daemon.terminate()
-        self.assertEqual(code, 0)
-        self.assertLess(seconds, 5)
+        self.assertEqual(daemon.terminate(), 0, daemon.output())
         self.assertNotIn("secret-pw", daemon.output())
         self.assertFalse((self.home / "state" / "pg").exists(), "no embedded server when attached")
 
@@ -207,7 +203,7 @@ class AttachedTests(DaemonTestCase):
         daemon.wait_listening()
         daemon.wait_ready()
         self.assertIn("CRM 2026-08 or newer", daemon.output())
-        self.assertEqual(daemon.terminate()[0], 0)
+        self.assertEqual(daemon.terminate(), 0)
 
 
 class CommandTests(DaemonTestCase):
@@ -242,13 +238,11 @@ class CommandTests(DaemonTestCase):
 
     def test_migrate_in_standalone_mode_uses_the_embedded_server(self) -> None:
         config = self.write_config()
-        started = time.monotonic()
         done = self.run_command(str(BIN / "dpvoip"), "migrate", "--config", str(config))
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertIn("mode: standalone", done.stdout)
         self.assertIn("created the CRM tables", done.stdout)
         self.assertFalse(EmbeddedPostgres(self.home / "state" / "pg").running())
-        self.assertLess(time.monotonic() - started, 60)
 
 
 class LookupCommandTests(DaemonTestCase):

@@ -20,7 +20,7 @@ from dpvoip.store.dsn import connection_dsn
 from dpvoip.store.migrations import prepare
 from dpvoip.store.pool import HealingPool
 from test.support.crm import Crm
-from test.support.daemon import scratch
+from test.support.daemon import PATIENCE, scratch
 from test.support.postgres import postgres
 
 GR = Dialling("GR")
@@ -398,7 +398,7 @@ class DirectoryServiceTests(SynchronousTestCase):
 class LiveDirectoryTests(TestCase):
     """The daemon as wired by the composition root keeps the directory fresh by itself."""
 
-    timeout = 60
+    timeout = 2 * PATIENCE
 
     @defer.inlineCallbacks
     def test_an_added_number_matches_and_a_deleted_record_is_swept_while_running(self) -> Any:
@@ -427,17 +427,17 @@ class LiveDirectoryTests(TestCase):
             match = await index.lookup(normalise(raw, GR))
             return match.client.id if match and match.client else None
 
-        yield defer.Deferred.fromCoroutine(eventually(lambda: index.state.built))
+        yield defer.Deferred.fromCoroutine(eventually(lambda: index.state.built, PATIENCE))
         self.assertEqual((yield defer.Deferred.fromCoroutine(owner("6944000001"))), old)
 
         added = crm.client("Added while running", kinito_tilefono="6944000002")
         yield defer.Deferred.fromCoroutine(eventually(
             lambda: defer.Deferred.fromCoroutine(owner("6944000002")).addCallback(
-                lambda found: found == added), seconds=10))
+                lambda found: found == added), seconds=PATIENCE))
 
         crm.query("DELETE FROM accounting_clientprofile WHERE id = %s", (old,))
         self.assertIsNone((yield defer.Deferred.fromCoroutine(owner("6944000001"))))
         yield defer.Deferred.fromCoroutine(eventually(
             lambda: crm.query("SELECT count(*) FROM dpvoip.directory_entry"
                               " WHERE record_id = %s AND source = 'client'", (old,)) == [(0,)],
-            seconds=15))
+            seconds=PATIENCE))

@@ -3,7 +3,11 @@
 The daemon as wired, its own PostgreSQL cluster (restarted by the test, so not the shared
 one), signed Zadarma webhooks over HTTP and CallMonitor lines from a fake box over TCP.
 Every acknowledged event (a webhook's 200; every line the box sent) must end up in the
-database exactly once. Bounded: about 15 s of load and recovery, 180 s at most.
+database exactly once. About 15 s of load and recovery on an idle machine; a busy one
+only sends fewer events per second, and the trial timeout is a hang detector.
+
+How soon an event is answered while the database does not commit (the spool deadline) is
+shown on a ``Clock`` (``SpoolDeadlineTests``), not measured here.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode
 
 import psycopg2
@@ -19,11 +23,12 @@ import treq
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
+from dpvoip.calls.ingest import Ingest, ZadarmaContext, ZadarmaOutcome
 from dpvoip.config import (
     Config,
     DaemonSettings,
@@ -34,8 +39,15 @@ from dpvoip.config import (
     WebSettings,
     ZadarmaSettings,
 )
+from dpvoip.core.numbers import Dialling
+from dpvoip.deferreds import OneShotObserver
 from dpvoip.service import build
+from dpvoip.spool.durable import DurableIngest
+from dpvoip.spool.journal import AsyncSpool
+from dpvoip.store.database import Store
+from dpvoip.store.migrations import SchemaReport
 from dpvoip.testing.fritzbox import box_time
+from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from dpvoip.zadarma.signing import webhook_signature
 from test.support.postgres import private_cluster
 from test.test_database import eventually
@@ -43,8 +55,10 @@ from test.test_database import eventually
 SECRET = "fault-secret"
 ZONE = "Europe/Athens"
 RATE = 200.0  # events per second, both sources together
-LOAD_SECONDS = 6.0
+LOAD_SECONDS = 6.0  # at least; and until the restart is over
 DOWN_AT, DOWN_FOR = 2.0, 1.5
+#: Waits for what must happen (recovery, a replay): generous, only a hang should fail.
+PATIENCE = 120.0
 
 
 class _Box(Protocol):
@@ -74,7 +88,7 @@ class FakeBox(ServerFactory):
 class FaultCase(TestCase):
     """The daemon as wired, on a PostgreSQL cluster of its own, and a fake box."""
 
-    timeout = 180
+    timeout = 600  # a hang detector; a busy machine may take many times the idle 15 s
 
     def setUp(self) -> Any:
         self.folder, self.cluster, self.dsn = private_cluster(self, "dpvoip-fault-db-")
@@ -103,8 +117,8 @@ class FaultCase(TestCase):
         self.daemon.service.startService()
         self.addCleanup(self.daemon.service.stopService)
         await self.daemon.service.started
-        await eventually(lambda: self.daemon.schema.fired, 30)
-        await eventually(lambda: bool(self.box.connections), 30)
+        await eventually(lambda: self.daemon.schema.fired, PATIENCE)
+        await eventually(lambda: bool(self.box.connections), PATIENCE)
         web = self.daemon.web.port.getHost().port  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{web}/voip/zd/"
 
@@ -155,7 +169,9 @@ class DatabaseRestartTest(FaultCase):
 
         zadarma_seq = itertools.count()
         conn = 0
-        while (elapsed := time.monotonic() - started) < LOAD_SECONDS:
+        # Events keep coming through the whole restart, however long a busy machine takes.
+        while ((elapsed := time.monotonic() - started) < LOAD_SECONDS
+               or restart is None or not restart.called):
             if restart is None and elapsed >= DOWN_AT:
                 restart = defer.Deferred.fromCoroutine(restart_database())
             n = next(numbers)
@@ -174,7 +190,7 @@ class DatabaseRestartTest(FaultCase):
         yield defer.DeferredList(pending)
         # recovery: the spool replayed, nothing left behind
         yield defer.Deferred.fromCoroutine(eventually(
-            lambda: not self.daemon.durable.spooling, 60))
+            lambda: not self.daemon.durable.spooling, PATIENCE))
         yield deferLater(reactor, 1.0, lambda: None)
 
         journal = _query(self.dsn, "SELECT pbx_call_id, event, count(*)"
@@ -270,32 +286,31 @@ class DatabaseDownTest(FaultCase):
         await connectProtocol(endpoint, _HangUp(request))
 
     @defer.inlineCallbacks
-    def test_notify_start_is_answered_at_once_without_a_name_while_the_database_is_down(
+    def test_notify_start_is_answered_from_the_spool_while_the_database_is_down(
             self) -> Any:
         yield threads.deferToThread(self.cluster.stop, "fast")
-        began = time.monotonic()
         code = yield defer.Deferred.fromCoroutine(self.webhook(self.event("in_down_1")))
-        answered = time.monotonic() - began
         self.assertEqual(code, 200)
-        self.assertLess(answered, 1.5, "within the spool deadline (1 s) and an fsync")
         self.assertTrue(self.daemon.durable.spooling)
+        self.assertEqual(self.daemon.durable.counters.spooled, 1)
         yield threads.deferToThread(self.cluster.start)
         yield defer.Deferred.fromCoroutine(eventually(
-            lambda: not self.daemon.durable.spooling, 30))
+            lambda: not self.daemon.durable.spooling, PATIENCE))
         self.assertEqual(self.journal(), [("in_down_1", "NOTIFY_START")])
 
     @defer.inlineCallbacks
     def test_a_client_hanging_up_mid_request_still_has_its_event_recorded(self) -> Any:
         yield defer.Deferred.fromCoroutine(self.hang_up_after(self.event("in_hang_1")))
-        yield defer.Deferred.fromCoroutine(eventually(lambda: len(self.journal()) == 1, 10))
+        yield defer.Deferred.fromCoroutine(eventually(lambda: len(self.journal()) == 1,
+                                                      PATIENCE))
         yield threads.deferToThread(self.cluster.stop, "fast")
         yield defer.Deferred.fromCoroutine(self.hang_up_after(
             self.event("in_hang_1", "NOTIFY_END")))
         yield defer.Deferred.fromCoroutine(eventually(
-            lambda: self.daemon.durable.counters.spooled == 1, 10))
+            lambda: self.daemon.durable.counters.spooled == 1, PATIENCE))
         yield threads.deferToThread(self.cluster.start)
         yield defer.Deferred.fromCoroutine(eventually(
-            lambda: not self.daemon.durable.spooling, 30))
+            lambda: not self.daemon.durable.spooling, PATIENCE))
         self.assertEqual(self.journal(), [("in_hang_1", "NOTIFY_START"),
                                           ("in_hang_1", "NOTIFY_END")])
 
@@ -332,7 +347,7 @@ class DuplicatesAndDisorderTest(FaultCase):
             self.assertEqual((yield defer.Deferred.fromCoroutine(self.webhook(form))), 200)
         yield threads.deferToThread(self.cluster.start)
         yield defer.Deferred.fromCoroutine(eventually(
-            lambda: not self.daemon.durable.spooling, 60))
+            lambda: not self.daemon.durable.spooling, PATIENCE))
         rows = _query(self.dsn, "SELECT call_id, status, duration_seconds FROM"
                                 " accounting_voipcall ORDER BY call_id")
         expected = [(f"zd-{pbx}", "completed" if n % 2 == 0 else "missed",
@@ -341,3 +356,76 @@ class DuplicatesAndDisorderTest(FaultCase):
         ended_lines = _query(self.dsn, "SELECT count(*) FROM accounting_voipcalllog"
                                        " WHERE action = 'ended'")
         self.assertEqual(ended_lines, [(20,)], "one 'ended' line per call, ever")
+
+
+class _StuckIngest:
+    """An ingest whose database never answers, or, ``down``, says at once it is gone."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+        self.down = False
+
+    def submit_zadarma(self, event: ZadarmaEvent, form: Any,
+                       context: ZadarmaContext) -> defer.Deferred[ZadarmaOutcome]:
+        from txpostgres.reconnection import ConnectionDead
+
+        self.asked += 1
+        return defer.fail(ConnectionDead()) if self.down else defer.Deferred()
+
+
+class _MemorySpool:
+    """Appends kept in memory, fsynced at once."""
+
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+
+    def append(self, record: bytes) -> defer.Deferred[None]:
+        self.records.append(record)
+        return defer.succeed(None)
+
+
+class SpoolDeadlineTests(SynchronousTestCase):
+    """How soon a webhook event is answered when the database does not commit it: the
+    spool deadline, on a Clock (the fault tests above run on the real clock, where a busy
+    machine makes any measured bound meaningless)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.ingest = _StuckIngest()
+        self.spool = _MemorySpool()
+        schema: OneShotObserver[SchemaReport] = OneShotObserver()
+        schema.fire(cast(SchemaReport, "prepared"))
+        self.context = ZadarmaContext(Dialling("GR"), _zone())
+        self.durable = DurableIngest(
+            cast(Ingest, self.ingest), cast(AsyncSpool, self.spool), cast(Store, None), schema,
+            self.clock, {}, lambda: self.context, "GR", deadline=1.0)
+
+    def submit(self, pbx: str) -> defer.Deferred[ZadarmaOutcome]:
+        form = {"event": "NOTIFY_START", "pbx_call_id": pbx, "call_start": "2024-01-01 10:00:00",
+                "caller_id": "6912345678", "called_did": "302107654321"}
+        event = parse_event(form)
+        assert isinstance(event, ZadarmaEvent)
+        return self.durable.submit_zadarma(event, form, self.context)
+
+    def test_an_event_not_committed_within_the_deadline_is_spooled_and_answered(self) -> None:
+        answered = self.submit("in_slow_1")
+        self.clock.advance(0.999)
+        self.assertNoResult(answered)
+        self.assertEqual(self.spool.records, [])
+        self.clock.advance(0.001)
+        self.assertEqual(self.successResultOf(answered), ZadarmaOutcome(duplicate=False))
+        self.assertEqual(len(self.spool.records), 1)
+        self.assertIn(b"in_slow_1", self.spool.records[0])
+        self.assertTrue(self.durable.spooling)
+        # From now on every event goes to the spool at once: the database is not asked.
+        self.assertEqual(self.successResultOf(self.submit("in_slow_2")),
+                         ZadarmaOutcome(duplicate=False))
+        self.assertEqual((self.ingest.asked, len(self.spool.records)), (1, 2))
+
+    def test_an_event_the_database_refuses_at_once_is_answered_at_once(self) -> None:
+        self.ingest.down = True
+        answered = self.submit("in_down_2")
+        self.assertEqual(self.successResultOf(answered), ZadarmaOutcome(duplicate=False))
+        self.assertEqual(len(self.spool.records), 1)
+        self.assertEqual(self.durable.counters.spooled, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [], "no deadline left running")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,17 @@ from dpvoip.store.dsn import connection_dsn
 from dpvoip.store.migrations import MIGRATIONS, SHIPPED_DDL, SchemaMismatch, SchemaReport, prepare
 from dpvoip.store.pool import HealingPool
 from test.support.postgres import postgres, query
+
+#: The SHA-256 of each DDL file as the CRM publishes it (``shared/crm/*.sql`` beside the
+#: project's checkout), so that a clean clone, which has no CRM beside it, still checks the
+#: shipped copies. A new CRM release: ship its file and record its published hash here.
+CRM_DDL_SHA256 = {
+    "dpeconomy-2025-12.sql": "1cb59c591be75b6d7cd86e2d9f88984e3b4fc98e2e4941a3846e609c9d2797e5",
+    "dpeconomy-2026-08.sql": "11a1876e01300ff79e8402a6b212a85c773ecd13dae00686c985992f3ddfbfc5",
+}
+PACKAGED_DDL = Path(__file__).resolve().parents[1] / "dpvoip" / "crm" / "sql"
+#: Where the CRM's own files are, in the project's shared folder (absent in a clone).
+PUBLISHED_DDL = Path(__file__).resolve().parents[2] / "shared" / "crm"
 
 _COLUMNS = (
     "SELECT table_name, column_name, data_type, is_nullable, character_maximum_length"
@@ -49,12 +61,16 @@ class RequirementTests(SynchronousTestCase):
         self.assertTrue(new.call_log_client_id and new.call_log_phone_number)
 
     def test_shipped_ddl_is_the_crms_own(self) -> None:
-        shared = Path(__file__).resolve().parents[2] / "shared" / "crm"
-        if not shared.is_dir():
-            self.skipTest("../shared/crm is not beside this checkout")
-        package = Path(__file__).resolve().parents[1] / "dpvoip" / "crm" / "sql"
+        self.assertEqual(sorted(SHIPPED_DDL), sorted(CRM_DDL_SHA256))
+        self.assertEqual(sorted(p.name for p in PACKAGED_DDL.glob("*.sql")), sorted(SHIPPED_DDL))
         for name in SHIPPED_DDL:
-            self.assertEqual((package / name).read_bytes(), (shared / name).read_bytes(), name)
+            self.assertEqual(_sha256(PACKAGED_DDL / name), CRM_DDL_SHA256[name],
+                             f"dpvoip/crm/sql/{name} is not the CRM's published file")
+        # Beside the CRM's own files (the project's shared folder), they are these too.
+        if PUBLISHED_DDL.is_dir():
+            for name in SHIPPED_DDL:
+                self.assertEqual(_sha256(PUBLISHED_DDL / name), CRM_DDL_SHA256[name],
+                                 f"the CRM published a new {name}: ship it, record its hash")
 
 
 class PrepareTests(TestCase):
@@ -161,3 +177,7 @@ class PrepareTests(TestCase):
         tables = query(dsn, "SELECT count(*) FROM information_schema.tables"
                             " WHERE table_schema IN ('public', 'dpvoip')")
         self.assertEqual(tables, [(0,)])
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
