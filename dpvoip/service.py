@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 from treq.client import HTTPClient
 
 from dpvoip import __version__, metrics
-from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext
+from dpvoip.calls.ingest import Ingest, ZadarmaContext
 from dpvoip.click_to_call.callbacks import ClickToCall
 from dpvoip.click_to_call.logins import Logins
 from dpvoip.config import Config
@@ -32,7 +32,7 @@ from dpvoip.core.numbers import Dialling, normalise
 from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.core.texts import Texts
 from dpvoip.deferreds import OneShotObserver
-from dpvoip.fritzbox.box import FritzBox
+from dpvoip.fritzbox.box import FritzBox, origin_of
 from dpvoip.fritzbox.service import BoxStatusReporter, FritzBoxService, retry_policy
 from dpvoip.readiness import ReadinessReport
 from dpvoip.services import (
@@ -160,7 +160,8 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
         tickets=config.zadarma.create_tickets,
         redirect_to_owner=config.zadarma.redirect_to_owner,
     ))
-    origins: dict[str, Origin] = {}  # each box's, added as the boxes are made (below)
+    own = frozenset(index.own_numbers)
+    origins = {box.name: origin_of(box, own) for box in config.fritzbox}
     durable = DurableIngest(ingest, spool, store, schema, reactor, origins,
                             zadarma_context.current, config.directory.region,
                             deadline=config.spool.deadline_seconds)
@@ -168,11 +169,9 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     spooler.setServiceParent(top)
 
     # -- the Fritz!Boxes -------------------------------------------------------------------
-    own = frozenset(index.own_numbers)
     boxes: list[FritzBox] = []
     for settings in config.fritzbox:
         box = FritzBox(settings, durable, reactor, own)
-        origins[settings.name] = box.origin
         boxes.append(box)
         FritzBoxService(
             box, reactor, spooler.when_replayed,

@@ -82,6 +82,13 @@ def rules_for(settings: FritzBoxSettings, own_numbers: frozenset[str]) -> BoxRul
     )
 
 
+def origin_of(settings: FritzBoxSettings, own_numbers: frozenset[str]) -> Origin:
+    """Where a box's happenings come from: its name, dialling context and rules (also what
+    the spool's replay needs to apply a box's spooled happenings)."""
+    rules = rules_for(settings, own_numbers)
+    return Origin(settings.name, Dialling(settings.country, settings.area_code), rules)
+
+
 class FritzBox:
     """A box's lines become happenings for the ingest; its status is kept here."""
 
@@ -90,9 +97,9 @@ class FritzBox:
         self.settings = settings
         self._ingest = ingest
         self._clock = clock
-        self.rules = rules_for(settings, own_numbers)
-        self.origin = Origin(settings.name, Dialling(settings.country, settings.area_code),
-                             self.rules)
+        self.origin = origin_of(settings, own_numbers)
+        assert self.origin.rules is not None
+        self.rules = self.origin.rules
         self.tracker = CallTracker(self.rules)
         self.status = BoxStatus(settings.name, settings.host, settings.port)
         #: The happenings handed to the ingest and not yet recorded (or failed).
