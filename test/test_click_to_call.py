@@ -64,7 +64,7 @@ CLIENT = "6912345678"
 
 
 class ClickToCallCase(TestCase):
-    timeout = 30
+    timeout = 120  # a hang detector (a database per test; seconds when idle)
     click = ClickToCallSettings()
     api_timeout = 10.0
     allowed_origins: tuple[str, ...] = ()
@@ -540,20 +540,27 @@ class ZadarmaFailureTests(ClickToCallCase):
         self.assertEqual(self.recorded()[-1][5:], ("refused", 502))
 
     @defer.inlineCallbacks
-    def test_a_silent_zadarma_is_a_504_within_the_deadline(self) -> Any:
+    def test_a_silent_zadarma_is_a_504_at_the_configured_deadline(self) -> Any:
+        # How long the wait takes is the clock's business (test_zadarma_api drives it
+        # with a Clock); here: the answer, and that the deadline used is the setting.
         self.fake.fail_next(Fault.hang())
-        started = time.monotonic()
-        code, _, _ = yield self.post_json({"connection": self.connection, "number": CLIENT},
-                                          bearer=self.jwt())
+        code, body, _ = yield self.post_json({"connection": self.connection,
+                                              "number": CLIENT}, bearer=self.jwt())
         self.assertEqual(code, 504)
-        self.assertLess(time.monotonic() - started, 3.0)
+        self.assertIn(f"within {self.api_timeout:g} s", body)
+        self.assertEqual(self.recorded()[-1][5:], ("refused", 504))
 
     @defer.inlineCallbacks
     def test_zadarmas_rate_limit_is_a_429(self) -> Any:
-        self.fake.fail_next(Fault.rate_limited(int(time.time()) + 30))
+        reset = int(time.time()) + 30
+        self.fake.fail_next(Fault.rate_limited(reset))
+        sent = time.time()
         code, _, headers = yield self.post_form(self.call_form(), self.sign_in())
+        answered = time.time()
         self.assertEqual(code, 429)
-        self.assertTrue(25 <= int(headers["retry-after"]) <= 31)
+        # the seconds left until Zadarma's reset, whenever the daemon read its clock
+        self.assertTrue(reset - answered - 1 <= int(headers["retry-after"]) <= reset - sent + 1,
+                        (reset - answered, headers["retry-after"], reset - sent))
 
     @defer.inlineCallbacks
     def test_an_answer_that_is_not_json_is_a_502(self) -> Any:
@@ -566,7 +573,7 @@ class ZadarmaFailureTests(ClickToCallCase):
 class TlsTests(TestCase):
     """The daemon's API client verifies the server's name with service-identity."""
 
-    timeout = 30
+    timeout = 120  # a hang detector
 
     def setUp(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="dpvoip-tls-"))

@@ -46,7 +46,7 @@ from dpvoip.testing.zadarma import (
 )
 from dpvoip.zadarma.signing import api_authorization, php_query
 from test.support.tls import Authority, make_authority
-from test.test_web import until
+from test.support.waiting import until
 
 KEY, SECRET = "testkey", "testsecret"
 # 17 June 2025 07:28:29 UTC: 10:28:29 in the account's zone, UTC+3.
@@ -156,7 +156,7 @@ class ValueTests(SynchronousTestCase):
 class LiveTestCase(TestCase):
     """A fake listening on loopback, and a client that signs like Zadarma's clients."""
 
-    timeout = 20
+    timeout = 120  # a hang detector: each test takes well under a second idle
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -449,9 +449,12 @@ class EndpointTests(LiveTestCase):
         reply = await self.get(RECORD, {"call_id": "1458313316.343312"})
         self.assertEqual(reply.json, {
             "status": "success", "link": f"{RECORD_BASE}1458313316.343312.mp3",
-            "lifetime_till": "2025-06-17 10:58:29",  # LIFETIME_DEFAULT later, local time
+            "lifetime_till": "2025-06-17 10:58:29",  # half an hour later, local time
         })
-        self.assertEqual(LIFETIME_DEFAULT, 1800)
+        # No lifetime given is the same as asking for the default one.
+        explicit = await self.get(RECORD, {"call_id": "1458313316.343312",
+                                           "lifetime": LIFETIME_DEFAULT})
+        self.assertEqual(explicit.json["lifetime_till"], "2025-06-17 10:58:29")
         reply = await self.get(RECORD, {"call_id": "1458313317.1", "lifetime": 5184000})
         self.assertEqual(reply.json["lifetime_till"], "2025-08-16 10:28:29")
 
