@@ -51,7 +51,7 @@ from dpvoip.testing.zadarma import Fault, ZadarmaFake
 from dpvoip.web.callback import CallbackPages
 from dpvoip.web.errors import HttpError
 from test.support.crm import Crm
-from test.support.daemon import scratch
+from test.support.daemon import PATIENCE, scratch
 from test.support.postgres import postgres
 from test.support.tls import make_authority
 from test.test_crm_logins import access_claims, forge_jwt, session
@@ -64,9 +64,11 @@ CLIENT = "6912345678"
 
 
 class ClickToCallCase(TestCase):
-    timeout = 120  # a hang detector (a database per test; seconds when idle)
+    timeout = 2 * PATIENCE  # a hang detector (a database per test; seconds when idle)
     click = ClickToCallSettings()
-    api_timeout = 10.0
+    #: The API deadline, on the real clock: only a hang reaches it, so a loaded machine
+    #: never turns Zadarma's answer into a 504.
+    api_timeout = 60.0
     allowed_origins: tuple[str, ...] = ()
 
     def setUp(self) -> Any:
@@ -90,7 +92,7 @@ class ClickToCallCase(TestCase):
         self.daemon.service.startService()
         self.addCleanup(self.daemon.service.stopService)
         await self.daemon.service.started
-        await eventually(lambda: self.daemon.schema.fired)
+        await eventually(lambda: self.daemon.schema.fired, PATIENCE)
 
     def start_daemon(self, api_url: str, ca_file: str = "") -> Daemon:
         config = Config(
@@ -530,25 +532,12 @@ class LimitTests(ClickToCallCase):
 
 
 class ZadarmaFailureTests(ClickToCallCase):
-    api_timeout = 1.0
-
     @defer.inlineCallbacks
     def test_zadarmas_error_is_a_502_with_its_message(self) -> Any:
         self.fake.fail_next(Fault.error("Wrong phone number", code=400))
         code, body, _ = yield self.post_form(self.call_form(), self.sign_in())
         self.assertEqual((code, body), (502, "Error! Wrong phone number"))
         self.assertEqual(self.recorded()[-1][5:], ("refused", 502))
-
-    @defer.inlineCallbacks
-    def test_a_silent_zadarma_is_a_504_at_the_configured_deadline(self) -> Any:
-        # How long the wait takes is the clock's business (test_zadarma_api drives it
-        # with a Clock); here: the answer, and that the deadline used is the setting.
-        self.fake.fail_next(Fault.hang())
-        code, body, _ = yield self.post_json({"connection": self.connection,
-                                              "number": CLIENT}, bearer=self.jwt())
-        self.assertEqual(code, 504)
-        self.assertIn(f"within {self.api_timeout:g} s", body)
-        self.assertEqual(self.recorded()[-1][5:], ("refused", 504))
 
     @defer.inlineCallbacks
     def test_zadarmas_rate_limit_is_a_429(self) -> Any:
@@ -570,10 +559,25 @@ class ZadarmaFailureTests(ClickToCallCase):
         self.assertIn("no JSON", body)
 
 
+class SilentZadarmaTests(ClickToCallCase):
+    api_timeout = 1.0  # reached by a hang only, however loaded the machine
+
+    @defer.inlineCallbacks
+    def test_a_silent_zadarma_is_a_504_at_the_configured_deadline(self) -> Any:
+        # How long the wait takes is the clock's business (test_zadarma_api drives it
+        # with a Clock); here: the answer, and that the deadline used is the setting.
+        self.fake.fail_next(Fault.hang())
+        code, body, _ = yield self.post_json({"connection": self.connection,
+                                              "number": CLIENT}, bearer=self.jwt())
+        self.assertEqual(code, 504)
+        self.assertIn(f"within {self.api_timeout:g} s", body)
+        self.assertEqual(self.recorded()[-1][5:], ("refused", 504))
+
+
 class TlsTests(TestCase):
     """The daemon's API client verifies the server's name with service-identity."""
 
-    timeout = 120  # a hang detector
+    timeout = 2 * PATIENCE  # a hang detector
 
     def setUp(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="dpvoip-tls-"))
@@ -601,13 +605,13 @@ class TlsTests(TestCase):
             crm=replace(CrmSettings(), secret_key=Secret(SECRET_KEY)),
             zadarma=replace(ZadarmaSettings(), key=Secret(KEY), secret=Secret(API_SECRET),
                             api_url=f"https://{host}:{port.getHost().port}",  # type: ignore[attr-defined]
-                            api_ca_file=str(files.ca), api_timeout=5.0),
+                            api_ca_file=str(files.ca), api_timeout=60.0),
             fritzbox=())
         daemon = build(config, reactor, scratch(self))
         daemon.service.startService()
         self.addCleanup(daemon.service.stopService)
         await daemon.service.started
-        await eventually(lambda: daemon.schema.fired)
+        await eventually(lambda: daemon.schema.fired, PATIENCE)
         web = daemon.web.port.getHost().port  # type: ignore[union-attr]
         response = await treq.post(
             f"http://127.0.0.1:{web}/voip/get-callback/",
@@ -680,7 +684,7 @@ class RecordingTests(ClickToCallCase):
 class AccountZoneTests(ClickToCallCase):
     @defer.inlineCallbacks
     def test_the_account_zone_is_asked_from_zadarma_at_start(self) -> Any:
-        yield eventually(lambda: self.daemon.account.zone_stated is not None)
+        yield eventually(lambda: self.daemon.account.zone_stated is not None, PATIENCE)
         self.assertEqual(self.daemon.account.zone_stated, "UTC+3")
         # the office zone when it is at +3 now (summer in Athens), else a fixed +3
         zone = self.daemon.zadarma.context.zone

@@ -34,6 +34,7 @@ from dpvoip.services import (
 from dpvoip.store.embedded import EmbeddedPostgres
 from dpvoip.store.migrations import MIGRATIONS, SchemaReport
 from dpvoip.web.errors import HttpError, media_type, require_media_type
+from test.support.daemon import PATIENCE
 from test.support.postgres import query
 from test.test_database import eventually
 
@@ -145,7 +146,7 @@ class MediaTypeTests(SynchronousTestCase):
 class InProcessDaemonTests(TestCase):
     """``build(config)`` wired for real: attached to a PostgreSQL that starts late."""
 
-    timeout = 120
+    timeout = 2 * PATIENCE  # a hang detector: an initdb and a start on a loaded machine
 
     def setUp(self) -> Any:
         self.folder = Path(tempfile.mkdtemp(prefix="dpvoip-svc-"))
@@ -193,7 +194,7 @@ class InProcessDaemonTests(TestCase):
             return code == 200
 
         yield defer.Deferred.fromCoroutine(
-            eventually(lambda: defer.Deferred.fromCoroutine(ready()), seconds=30)
+            eventually(lambda: defer.Deferred.fromCoroutine(ready()), seconds=PATIENCE)
         )
         code, body = yield defer.Deferred.fromCoroutine(self._get(url + "/readyz"))
         self.assertEqual(body["database"]["mode"], "attached")

@@ -31,14 +31,14 @@ from dpvoip.service import build
 from dpvoip.spool.journal import Spool
 from dpvoip.spool.records import zadarma_record
 from dpvoip.zadarma.signing import webhook_signature
-from test.support.daemon import scratch
+from test.support.daemon import PATIENCE, scratch
 
 SECRET = "bound-secret"
 MIB = 1024 * 1024
 
 
 class SpoolBoundTest(TestCase):
-    timeout = 60
+    timeout = 2 * PATIENCE  # a hang detector
 
     def fill(self, folder: Any, upto: int) -> None:
         """Spool records until about ``upto`` bytes are used (the last few bytes with
@@ -119,7 +119,7 @@ class SpoolBoundTest(TestCase):
 class UnreplayableRecordTest(TestCase):
     """A record the ingest refuses every time is logged and skipped, never a jam."""
 
-    timeout = 60
+    timeout = 2 * PATIENCE  # a hang detector
 
     async def _replay_past_a_bad_record(self) -> None:
         from test.support.postgres import postgres, query
@@ -148,7 +148,7 @@ class UnreplayableRecordTest(TestCase):
         self.addCleanup(daemon.service.stopService)
         await daemon.service.started
         await eventually(lambda: daemon.durable.counters.unreplayable == 2
-                         and daemon.durable.counters.replayed == 1, 30)
+                         and daemon.durable.counters.replayed == 1, PATIENCE)
         self.assertEqual(query(dsn, "SELECT pbx_call_id FROM dpvoip.zadarma_event"),
                          [("in_good",)])
         port = daemon.web.port.getHost().port  # type: ignore[union-attr]
