@@ -33,11 +33,8 @@ from dpvoip.click_to_call.errors import DatabaseUnreachable
 from dpvoip.click_to_call.logins import CrmUser, Logins
 from dpvoip.config import (
     ClickToCallSettings,
-    Config,
     CrmSettings,
-    DatabaseSettings,
     Secret,
-    WebSettings,
     ZadarmaSettings,
 )
 from dpvoip.core.numbers import Dialling
@@ -54,6 +51,7 @@ from test.support.crm import Crm
 from test.support.daemon import PATIENCE, scratch
 from test.support.postgres import postgres
 from test.support.tls import make_authority
+from test.support.wiring import in_process
 from test.test_crm_logins import access_claims, forge_jwt, session
 from test.test_database import eventually
 
@@ -95,17 +93,14 @@ class ClickToCallCase(TestCase):
         await eventually(lambda: self.daemon.schema.fired, PATIENCE)
 
     def start_daemon(self, api_url: str, ca_file: str = "") -> Daemon:
-        config = Config(
-            database=replace(DatabaseSettings(), url=Secret(self.dsn)),
-            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
+        config = in_process(
+            self.dsn,
             crm=replace(CrmSettings(), secret_key=Secret(SECRET_KEY),
                         allowed_origins=self.allowed_origins),
             zadarma=replace(ZadarmaSettings(), key=Secret(KEY), secret=Secret(API_SECRET),
                             api_url=api_url, api_timeout=self.api_timeout,
                             api_ca_file=ca_file),
-            click_to_call=self.click,
-            fritzbox=(),
-        )
+            click_to_call=self.click)
         return build(config, reactor, scratch(self))
 
     # -- the CRM's logins ------------------------------------------------------------------
@@ -599,14 +594,11 @@ class TlsTests(TestCase):
         fake = ZadarmaFake(KEY, API_SECRET, reactor)
         self.addCleanup(fake.close)
         port = await fake.listen(reactor, files.endpoint_description())
-        config = Config(
-            database=replace(DatabaseSettings(), url=Secret(self.dsn)),
-            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
-            crm=replace(CrmSettings(), secret_key=Secret(SECRET_KEY)),
+        config = in_process(
+            self.dsn, crm=replace(CrmSettings(), secret_key=Secret(SECRET_KEY)),
             zadarma=replace(ZadarmaSettings(), key=Secret(KEY), secret=Secret(API_SECRET),
                             api_url=f"https://{host}:{port.getHost().port}",  # type: ignore[attr-defined]
-                            api_ca_file=str(files.ca), api_timeout=60.0),
-            fritzbox=())
+                            api_ca_file=str(files.ca), api_timeout=60.0))
         daemon = build(config, reactor, scratch(self))
         daemon.service.startService()
         self.addCleanup(daemon.service.stopService)

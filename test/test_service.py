@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from dpvoip.config import Config, DatabaseSettings, DirectorySettings, Secret, WebSettings
+from dpvoip.config import Config, DirectorySettings
 from dpvoip.deferreds import OneShotObserver
 from dpvoip.metrics import DaemonMetrics, Sources
 from dpvoip.readiness import ReadinessReport
@@ -36,6 +36,7 @@ from dpvoip.store.migrations import MIGRATIONS, SchemaReport
 from dpvoip.web.errors import HttpError, media_type, require_media_type
 from test.support.daemon import PATIENCE
 from test.support.postgres import query
+from test.support.wiring import in_process
 from test.test_database import eventually
 
 
@@ -164,11 +165,7 @@ class InProcessDaemonTests(TestCase):
 
     @defer.inlineCallbacks
     def test_up_before_postgres_ready_after_it_and_stops_cleanly(self) -> Any:
-        config = Config(
-            database=replace(DatabaseSettings(), url=Secret(self.cluster.dsn("crm")), pool_size=2),
-            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
-            fritzbox=(),
-        )
+        config = in_process(self.cluster.dsn("crm"), pool_size=2)
         daemon = build(config, reactor, self.folder)
         self.assertIsNone(daemon.embedded)
         daemon.service.startService()
@@ -370,27 +367,26 @@ class ReadinessReportTests(SynchronousTestCase):
         self.assertEqual(second.checks["fritzbox"], [{"name": "office", "open_calls": 2}])
 
 
+@dataclass
+class KeepsCounters:
+    """The ingest or the webhook as the metrics read them: a dataclass of counters."""
+
+    counters: Any
+
+
 class MetricsSourcesTests(SynchronousTestCase):
     def test_each_scrape_reads_the_objects_as_they_are_then(self) -> None:
         @dataclass
-        class Counters:
+        class IngestCounters:
             calls: int = 0
-
-        @dataclass
-        class Counted:
-            counters: Counters = field(default_factory=Counters)
 
         @dataclass
         class WebhookCounters:
             received: int = 0
             refused: dict[int, int] = field(default_factory=dict)
 
-        @dataclass
-        class Webhook:
-            counters: WebhookCounters = field(default_factory=WebhookCounters)
-
         spool, durable, directory = FakeSpool(), FakeDurable(), FakeDirectory()
-        ingest, webhook = Counted(), Webhook()
+        ingest, webhook = KeepsCounters(IngestCounters()), KeepsCounters(WebhookCounters())
         boxes = [FakeBox(FakeBoxStatus("office"))]
         page = DaemonMetrics(Sources(spool=spool, durable=durable, ingest=ingest,
                                      webhook=webhook, boxes=boxes, directory=directory))

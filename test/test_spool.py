@@ -25,13 +25,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -614,7 +615,7 @@ class AsyncSpoolTests(TestCase):
         def held_fsync(fd: int) -> None:
             if not held:
                 held.append(fd)
-                reactor.callFromThread(in_fsync.callback, None)
+                cast(IReactorFromThreads, reactor).callFromThread(in_fsync.callback, None)
                 release.wait(HUNG_SECONDS)
             real_fsync(fd)
 

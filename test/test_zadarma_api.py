@@ -29,12 +29,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+from zope.interface import implementer
 
 from dpvoip.testing.zadarma import RECORD_BASE, Fault, ZadarmaFake
 from dpvoip.zadarma.account import (
@@ -60,25 +63,32 @@ from dpvoip.zadarma.api import (
 )
 from test.support.ports import HeldPort
 from test.support.tls import make_authority
-from test.support.waiting import until
+from test.support.waiting import settle, until
+from test.support.zadarma import (
+    BALANCE,
+    CALLBACK,
+    KEY,
+    LOOPBACK,
+    RECORD,
+    SECRET,
+    SMS,
+    STATISTICS,
+    T0,
+    TIMEZONE,
+    authorization,
+)
 
-KEY, SECRET = "testkey", "testsecret"
-# 17 June 2025 07:28:29 UTC: summer, when Athens is UTC+3.
-T0 = datetime(2025, 6, 17, 7, 28, 29, tzinfo=UTC).timestamp()
-# 15 January 2026 10:00 UTC: winter, when Athens is UTC+2.
+# 15 January 2026 10:00 UTC: winter, when Athens is UTC+2 (T0 is summer, UTC+3).
 WINTER = datetime(2026, 1, 15, 10, 0, tzinfo=UTC).timestamp()
 ATHENS = ZoneInfo("Europe/Athens")
 PLUS_3 = timedelta(hours=3)
-CALLBACK, BALANCE, TIMEZONE = "/v1/request/callback/", "/v1/info/balance/", "/v1/info/timezone/"
-RECORD, SMS, STATISTICS = "/v1/pbx/record/request/", "/v1/sms/send/", "/v1/statistics/pbx/"
-LOOPBACK = "tcp:0:interface=127.0.0.1"
 
-# zadarma.md 2.1 vectors (key testkey, secret testsecret).
-AUTH_CALLBACK = "testkey:ZmIwOGY1YzgwOGFjNTliYmI2OTNmMzJiZTdlZTk5ZTM3YzcyM2JjZQ=="
-AUTH_CALLBACK_SIP = "testkey:NDE2OGZhYTFjYzY5OWJmNmQyMTliNzE3YTJhNDBhODk4NzUwM2ZhMA=="
-AUTH_BALANCE = "testkey:YWMyNjcxZTQ5ZGI0OGJmOWNiZWExY2UxZDdjNzU0MTYzN2UzNGM1YQ=="
-AUTH_STATISTICS = "testkey:MDNhNGMzZmRhMzMzZjE5YTBjNjc2YWZhNDJiNDZiMmEyYzFjNjNlOA=="
-AUTH_SMS = "testkey:OTUyZmQ4MTA3M2Q1ZGY0NzE0ZTRmZGQzZTAwMGRhN2I1ZTcwOGI4MA=="
+AUTH_CALLBACK = authorization(CALLBACK, "from=100&to=%2B442012345678")
+AUTH_CALLBACK_SIP = authorization(CALLBACK, "from=100&predicted=1&sip=100&to=442012345678")
+AUTH_BALANCE = authorization(BALANCE, "")
+AUTH_STATISTICS = authorization(
+    STATISTICS, "end=2024-01-01+23%3A59%3A59&start=2024-01-01+00%3A00%3A00&version=2")
+AUTH_SMS = authorization(SMS, "message=Hi+%7E+there&number=442012345678")
 
 E = TypeVar("E", bound=ZadarmaApiError)
 
@@ -87,27 +97,25 @@ E = TypeVar("E", bound=ZadarmaApiError)
 PATIENT = 60.0
 
 
-async def settle(seconds: float = 0.1) -> None:
-    """Let the reactor run a little: long enough for something that should not happen."""
-    await deferLater(reactor, seconds, lambda: None)
-
-
 def real_clock() -> IReactorTime:
     return cast(IReactorTime, reactor)
 
 
+@implementer(IAgent)
 class _Counting:
     """An agent that counts, on its test, each answer's arrival (status line and headers):
     the event a test waits for before it lets a deadline pass during the body."""
 
-    def __init__(self, agent: Any, case: ApiTestCase) -> None:
+    def __init__(self, agent: IAgent, case: ApiTestCase) -> None:
         self._agent = agent
         self._case = case
 
-    def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        return self._agent.request(*args, **kwargs).addCallback(self._arrived)
+    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
+                bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
+        answer: Deferred[IResponse] = self._agent.request(method, uri, headers, bodyProducer)
+        return answer.addCallback(self._arrived)
 
-    def _arrived(self, response: Any) -> Any:
+    def _arrived(self, response: IResponse) -> IResponse:
         self._case.answers += 1
         return response
 

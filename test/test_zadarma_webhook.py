@@ -20,11 +20,8 @@ from twisted.web.client import HTTPConnectionPool
 
 from dpvoip.calls.ingest import ZadarmaContext
 from dpvoip.config import (
-    Config,
-    DatabaseSettings,
     Secret,
     SpoolSettings,
-    WebSettings,
     ZadarmaSettings,
 )
 from dpvoip.core.numbers import Dialling
@@ -36,6 +33,7 @@ from dpvoip.zadarma.signing import webhook_signature
 from test.support.crm import Crm
 from test.support.daemon import PATIENCE, scratch
 from test.support.postgres import postgres
+from test.support.wiring import in_process
 from test.test_database import eventually
 from test.test_web import SECRET as WEB_SECRET
 from test.test_web import ZADARMA_PEER, Probe, Recorder, Wire, settings, signed_event
@@ -80,13 +78,8 @@ class WebhookTestCase(TestCase):
         self.crm = Crm(self.dsn)
         self.http = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(self.http.closeCachedConnections)
-        config = Config(
-            database=replace(DatabaseSettings(), url=Secret(self.dsn),
-                             pool_size=self.pool_size),
-            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
-            zadarma=self.zadarma, fritzbox=(),
-            spool=replace(SpoolSettings(), deadline_seconds=60.0),
-        )
+        config = in_process(self.dsn, pool_size=self.pool_size, zadarma=self.zadarma,
+                            spool=replace(SpoolSettings(), deadline_seconds=60.0))
         self.daemon: Daemon = build(config, reactor, scratch(self))
 
         async def start() -> None:

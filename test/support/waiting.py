@@ -29,3 +29,12 @@ async def until(check: Callable[[], object], seconds: float = HUNG_SECONDS) -> N
         if reactor.seconds() > deadline:
             raise AssertionError(f"condition not reached within {seconds:g} s: hung")
         await deferLater(reactor, POLL_SECONDS, lambda: None)
+
+
+async def settle(seconds: float = 0.1) -> None:
+    """Let the reactor run a little, for a test that checks that something does *not*
+    happen (a reply that should not come, a timer that should not fire).
+
+    On a loaded machine the reactor may get less done in that while: the check may then
+    miss a fault, but never fails a correct program, so there is no bound to raise."""
+    await deferLater(reactor, seconds, lambda: None)
