@@ -33,11 +33,8 @@ from dpvoip.click_to_call.errors import DatabaseUnreachable
 from dpvoip.click_to_call.logins import CrmUser, Logins
 from dpvoip.config import (
     ClickToCallSettings,
-    Config,
     CrmSettings,
-    DatabaseSettings,
     Secret,
-    WebSettings,
     ZadarmaSettings,
 )
 from dpvoip.core.numbers import Dialling
@@ -51,9 +48,10 @@ from dpvoip.testing.zadarma import Fault, ZadarmaFake
 from dpvoip.web.callback import CallbackPages
 from dpvoip.web.errors import HttpError
 from test.support.crm import Crm
-from test.support.daemon import scratch
+from test.support.daemon import PATIENCE, scratch
 from test.support.postgres import postgres
 from test.support.tls import make_authority
+from test.support.wiring import in_process
 from test.test_crm_logins import access_claims, forge_jwt, session
 from test.test_database import eventually
 
@@ -64,9 +62,11 @@ CLIENT = "6912345678"
 
 
 class ClickToCallCase(TestCase):
-    timeout = 30
+    timeout = 2 * PATIENCE  # a hang detector (a database per test; seconds when idle)
     click = ClickToCallSettings()
-    api_timeout = 10.0
+    #: The API deadline, on the real clock: only a hang reaches it, so a loaded machine
+    #: never turns Zadarma's answer into a 504.
+    api_timeout = 60.0
     allowed_origins: tuple[str, ...] = ()
 
     def setUp(self) -> Any:
@@ -90,20 +90,17 @@ class ClickToCallCase(TestCase):
         self.daemon.service.startService()
         self.addCleanup(self.daemon.service.stopService)
         await self.daemon.service.started
-        await eventually(lambda: self.daemon.schema.fired)
+        await eventually(lambda: self.daemon.schema.fired, PATIENCE)
 
     def start_daemon(self, api_url: str, ca_file: str = "") -> Daemon:
-        config = Config(
-            database=replace(DatabaseSettings(), url=Secret(self.dsn)),
-            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
+        config = in_process(
+            self.dsn,
             crm=replace(CrmSettings(), secret_key=Secret(SECRET_KEY),
                         allowed_origins=self.allowed_origins),
             zadarma=replace(ZadarmaSettings(), key=Secret(KEY), secret=Secret(API_SECRET),
                             api_url=api_url, api_timeout=self.api_timeout,
                             api_ca_file=ca_file),
-            click_to_call=self.click,
-            fritzbox=(),
-        )
+            click_to_call=self.click)
         return build(config, reactor, scratch(self))
 
     # -- the CRM's logins ------------------------------------------------------------------
@@ -530,8 +527,6 @@ class LimitTests(ClickToCallCase):
 
 
 class ZadarmaFailureTests(ClickToCallCase):
-    api_timeout = 1.0
-
     @defer.inlineCallbacks
     def test_zadarmas_error_is_a_502_with_its_message(self) -> Any:
         self.fake.fail_next(Fault.error("Wrong phone number", code=400))
@@ -540,20 +535,16 @@ class ZadarmaFailureTests(ClickToCallCase):
         self.assertEqual(self.recorded()[-1][5:], ("refused", 502))
 
     @defer.inlineCallbacks
-    def test_a_silent_zadarma_is_a_504_within_the_deadline(self) -> Any:
-        self.fake.fail_next(Fault.hang())
-        started = time.monotonic()
-        code, _, _ = yield self.post_json({"connection": self.connection, "number": CLIENT},
-                                          bearer=self.jwt())
-        self.assertEqual(code, 504)
-        self.assertLess(time.monotonic() - started, 3.0)
-
-    @defer.inlineCallbacks
     def test_zadarmas_rate_limit_is_a_429(self) -> Any:
-        self.fake.fail_next(Fault.rate_limited(int(time.time()) + 30))
+        reset = int(time.time()) + 30
+        self.fake.fail_next(Fault.rate_limited(reset))
+        sent = time.time()
         code, _, headers = yield self.post_form(self.call_form(), self.sign_in())
+        answered = time.time()
         self.assertEqual(code, 429)
-        self.assertTrue(25 <= int(headers["retry-after"]) <= 31)
+        # the seconds left until Zadarma's reset, whenever the daemon read its clock
+        self.assertTrue(reset - answered - 1 <= int(headers["retry-after"]) <= reset - sent + 1,
+                        (reset - answered, headers["retry-after"], reset - sent))
 
     @defer.inlineCallbacks
     def test_an_answer_that_is_not_json_is_a_502(self) -> Any:
@@ -563,10 +554,25 @@ class ZadarmaFailureTests(ClickToCallCase):
         self.assertIn("no JSON", body)
 
 
+class SilentZadarmaTests(ClickToCallCase):
+    api_timeout = 1.0  # reached by a hang only, however loaded the machine
+
+    @defer.inlineCallbacks
+    def test_a_silent_zadarma_is_a_504_at_the_configured_deadline(self) -> Any:
+        # How long the wait takes is the clock's business (test_zadarma_api drives it
+        # with a Clock); here: the answer, and that the deadline used is the setting.
+        self.fake.fail_next(Fault.hang())
+        code, body, _ = yield self.post_json({"connection": self.connection,
+                                              "number": CLIENT}, bearer=self.jwt())
+        self.assertEqual(code, 504)
+        self.assertIn(f"within {self.api_timeout:g} s", body)
+        self.assertEqual(self.recorded()[-1][5:], ("refused", 504))
+
+
 class TlsTests(TestCase):
     """The daemon's API client verifies the server's name with service-identity."""
 
-    timeout = 30
+    timeout = 2 * PATIENCE  # a hang detector
 
     def setUp(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="dpvoip-tls-"))
@@ -588,19 +594,16 @@ class TlsTests(TestCase):
         fake = ZadarmaFake(KEY, API_SECRET, reactor)
         self.addCleanup(fake.close)
         port = await fake.listen(reactor, files.endpoint_description())
-        config = Config(
-            database=replace(DatabaseSettings(), url=Secret(self.dsn)),
-            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
-            crm=replace(CrmSettings(), secret_key=Secret(SECRET_KEY)),
+        config = in_process(
+            self.dsn, crm=replace(CrmSettings(), secret_key=Secret(SECRET_KEY)),
             zadarma=replace(ZadarmaSettings(), key=Secret(KEY), secret=Secret(API_SECRET),
                             api_url=f"https://{host}:{port.getHost().port}",  # type: ignore[attr-defined]
-                            api_ca_file=str(files.ca), api_timeout=5.0),
-            fritzbox=())
+                            api_ca_file=str(files.ca), api_timeout=60.0))
         daemon = build(config, reactor, scratch(self))
         daemon.service.startService()
         self.addCleanup(daemon.service.stopService)
         await daemon.service.started
-        await eventually(lambda: daemon.schema.fired)
+        await eventually(lambda: daemon.schema.fired, PATIENCE)
         web = daemon.web.port.getHost().port  # type: ignore[union-attr]
         response = await treq.post(
             f"http://127.0.0.1:{web}/voip/get-callback/",
@@ -673,7 +676,7 @@ class RecordingTests(ClickToCallCase):
 class AccountZoneTests(ClickToCallCase):
     @defer.inlineCallbacks
     def test_the_account_zone_is_asked_from_zadarma_at_start(self) -> Any:
-        yield eventually(lambda: self.daemon.account.zone_stated is not None)
+        yield eventually(lambda: self.daemon.account.zone_stated is not None, PATIENCE)
         self.assertEqual(self.daemon.account.zone_stated, "UTC+3")
         # the office zone when it is at +3 now (summer in Athens), else a fixed +3
         zone = self.daemon.zadarma.context.zone

@@ -402,21 +402,16 @@ class LiveDirectoryTests(TestCase):
 
     @defer.inlineCallbacks
     def test_an_added_number_matches_and_a_deleted_record_is_swept_while_running(self) -> Any:
-        from dataclasses import replace
-
-        from dpvoip.config import Config, DirectorySettings, Secret, WebSettings
+        from dpvoip.config import DirectorySettings
         from dpvoip.service import build
+        from test.support.wiring import in_process
         from test.test_database import eventually
 
         dsn = postgres().new_database(crm="2026-08")
         crm = Crm(dsn)
         old = crm.client("Known before start", kinito_tilefono="6944000001")
-        config = Config(
-            database=replace(DatabaseSettings(), url=Secret(dsn), pool_size=2),
-            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
-            fritzbox=(),
-            directory=DirectorySettings(refresh_seconds=0.5, sweep_seconds=5),
-        )
+        config = in_process(
+            dsn, pool_size=2, directory=DirectorySettings(refresh_seconds=0.5, sweep_seconds=5))
         daemon = build(config, reactor, scratch(self))
         daemon.service.startService()
         self.addCleanup(daemon.service.stopService)

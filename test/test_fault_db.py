@@ -12,13 +12,13 @@ shown on a ``Clock`` (``SpoolDeadlineTests``), not measured here.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import replace
 from typing import Any, cast
 from urllib.parse import urlencode
 
-import psycopg2
 import treq
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -30,13 +30,9 @@ from twisted.web.http_headers import Headers
 
 from dpvoip.calls.ingest import Ingest, ZadarmaContext, ZadarmaOutcome
 from dpvoip.config import (
-    Config,
     DaemonSettings,
-    DatabaseSettings,
-    FritzBoxSettings,
     Secret,
     SpoolSettings,
-    WebSettings,
     ZadarmaSettings,
 )
 from dpvoip.core.numbers import Dialling
@@ -49,7 +45,8 @@ from dpvoip.store.migrations import SchemaReport
 from dpvoip.testing.fritzbox import box_time
 from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from dpvoip.zadarma.signing import webhook_signature
-from test.support.postgres import private_cluster
+from test.support.postgres import private_cluster, query
+from test.support.wiring import in_process, loopback_box
 from test.test_database import eventually
 
 SECRET = "fault-secret"
@@ -101,18 +98,15 @@ class FaultCase(TestCase):
         self.box = FakeBox()
         port = reactor.listenTCP(0, self.box, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        config = Config(
+        config = in_process(
+            self.dsn, connect_timeout=2.0,
             daemon=DaemonSettings(state_dir=str(self.folder / "state")),
-            database=replace(DatabaseSettings(), url=Secret(self.dsn), connect_timeout=2.0),
-            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
             zadarma=replace(ZadarmaSettings(), secret=Secret(SECRET), timezone=ZONE,
                             allowed_networks=("127.0.0.1/32",)),
             spool=replace(SpoolSettings(), deadline_seconds=1.0),
-            fritzbox=(replace(FritzBoxSettings(), name="office", host="127.0.0.1",
-                              port=port.getHost().port,  # type: ignore[attr-defined]
-                              timezone=ZONE,
-                              reconnect_initial_seconds=0.1, reconnect_max_seconds=1.0),),
-        )
+            boxes=[loopback_box("office", port.getHost().port,  # type: ignore[attr-defined]
+                                timezone=ZONE, reconnect_initial_seconds=0.1,
+                                reconnect_max_seconds=1.0)])
         self.daemon = build(config, reactor, base=self.folder)
         self.daemon.service.startService()
         self.addCleanup(self.daemon.service.stopService)
@@ -191,23 +185,30 @@ class DatabaseRestartTest(FaultCase):
         # recovery: the spool replayed, nothing left behind
         yield defer.Deferred.fromCoroutine(eventually(
             lambda: not self.daemon.durable.spooling, PATIENCE))
-        yield deferLater(reactor, 1.0, lambda: None)
 
-        journal = _query(self.dsn, "SELECT pbx_call_id, event, count(*)"
+        def every_fritz_call_stored() -> bool:  # the last lines may be on their way in
+            rows = query(self.dsn, "SELECT phone_number FROM accounting_voipcall"
+                                    " WHERE call_id LIKE 'fb-%'")
+            return {f"+30{n}" for n in fritz_calls} <= {row[0] for row in rows}
+
+        with contextlib.suppress(AssertionError):  # the checks below say which are missing
+            yield defer.Deferred.fromCoroutine(eventually(every_fritz_call_stored, PATIENCE))
+
+        journal = query(self.dsn, "SELECT pbx_call_id, event, count(*)"
                                    " FROM dpvoip.zadarma_event GROUP BY 1, 2")
         stored = {(pbx, event): count for pbx, event, count in journal}
         lost = [e for e in acked_zd if e not in stored]
         doubled = [e for e, count in stored.items() if count > 1]
-        calls = _query(self.dsn, "SELECT call_id, count(*) FROM accounting_voipcall"
+        calls = query(self.dsn, "SELECT call_id, count(*) FROM accounting_voipcall"
                                  " GROUP BY 1 HAVING count(*) > 1")
-        fritz_rows = _query(self.dsn, "SELECT phone_number FROM accounting_voipcall"
-                                      " WHERE call_id LIKE 'fb-%%'")
+        fritz_rows = query(self.dsn, "SELECT phone_number FROM accounting_voipcall"
+                                      " WHERE call_id LIKE 'fb-%'")
         fritz_stored = [row[0] for row in fritz_rows]
         fritz_lost = [n for n in fritz_calls if f"+30{n}" not in fritz_stored]
         fritz_doubled = len(fritz_stored) - len(set(fritz_stored))
         ended = {pbx for pbx, event in acked_zd if event == "NOTIFY_END"}
-        zd_calls = dict(_query(self.dsn, "SELECT call_id, status FROM accounting_voipcall"
-                                         " WHERE call_id LIKE 'zd-%%'"))
+        zd_calls = dict(query(self.dsn, "SELECT call_id, status FROM accounting_voipcall"
+                                         " WHERE call_id LIKE 'zd-%'"))
         wrong = [pbx for pbx in ended if zd_calls.get(f"zd-{pbx}") != "missed"]
         counters = self.daemon.durable.counters
         print(f"\nDB restart under load: webhook events sent {len(sent_zd)}, acknowledged"
@@ -238,16 +239,6 @@ def _zone() -> Any:
     return ZoneInfo(ZONE)
 
 
-def _query(dsn: str, sql: str) -> list[tuple[Any, ...]]:
-    connection = psycopg2.connect(dsn)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql)
-            return cursor.fetchall()
-    finally:
-        connection.close()
-
-
 class _HangUp(Protocol):
     """Sends a whole request and hangs up at once, before any answer."""
 
@@ -272,7 +263,7 @@ class DatabaseDownTest(FaultCase):
         return form
 
     def journal(self) -> list[tuple[Any, ...]]:
-        return _query(self.dsn, "SELECT pbx_call_id, event FROM dpvoip.zadarma_event"
+        return query(self.dsn, "SELECT pbx_call_id, event FROM dpvoip.zadarma_event"
                                 " ORDER BY id")
 
     async def hang_up_after(self, form: dict[str, str]) -> None:
@@ -348,12 +339,12 @@ class DuplicatesAndDisorderTest(FaultCase):
         yield threads.deferToThread(self.cluster.start)
         yield defer.Deferred.fromCoroutine(eventually(
             lambda: not self.daemon.durable.spooling, PATIENCE))
-        rows = _query(self.dsn, "SELECT call_id, status, duration_seconds FROM"
+        rows = query(self.dsn, "SELECT call_id, status, duration_seconds FROM"
                                 " accounting_voipcall ORDER BY call_id")
         expected = [(f"zd-{pbx}", "completed" if n % 2 == 0 else "missed",
                      30 if n % 2 == 0 else 0) for n, pbx in enumerate(calls)]
         self.assertEqual(rows, sorted(expected))
-        ended_lines = _query(self.dsn, "SELECT count(*) FROM accounting_voipcalllog"
+        ended_lines = query(self.dsn, "SELECT count(*) FROM accounting_voipcalllog"
                                        " WHERE action = 'ended'")
         self.assertEqual(ended_lines, [(20,)], "one 'ended' line per call, ever")
 

@@ -37,7 +37,7 @@ import math
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
@@ -51,12 +51,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import provider
 
 from dpvoip.config import (
-    Config,
-    DatabaseSettings,
     DirectorySettings,
-    FritzBoxSettings,
-    Secret,
-    WebSettings,
 )
 from dpvoip.fritzbox.service import FritzBoxService
 from dpvoip.service import Daemon, build
@@ -64,6 +59,7 @@ from dpvoip.testing.fritzbox import box_time
 from test.support.daemon import scratch
 from test.support.ports import HeldPort
 from test.support.postgres import postgres, query
+from test.support.wiring import in_process, loopback_box
 from test.test_database import eventually
 
 BOXES = 1
@@ -297,16 +293,11 @@ class FritzBoxDropsTest(TestCase):
             self.fakes[fake.port] = fake
             self.retries[fake.port] = []
             self.addCleanup(self._stop_fake, fake)
-        config = Config(
-            database=replace(DatabaseSettings(), url=Secret(self.dsn), pool_size=4),
-            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
-            directory=DirectorySettings(own_numbers=(OWN,)),
-            fritzbox=tuple(
-                replace(FritzBoxSettings(), name=fake.name, host="127.0.0.1", port=fake.port,
-                        timezone=ZONE, reconnect_initial_seconds=INITIAL,
-                        reconnect_max_seconds=CAP)
-                for fake in self.fakes.values()),
-        )
+        config = in_process(
+            self.dsn, pool_size=4, directory=DirectorySettings(own_numbers=(OWN,)),
+            boxes=[loopback_box(fake.name, fake.port, timezone=ZONE,
+                                reconnect_initial_seconds=INITIAL, reconnect_max_seconds=CAP)
+                   for fake in self.fakes.values()])
         daemon = build(config, reactor, scratch(self))
         # The box's calls start after the daemon was born (by the box's clock, to the
         # second): an older call still open when the daemon has prepared the database

@@ -21,13 +21,12 @@ from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
-import psycopg2
 from twisted.trial.unittest import SynchronousTestCase
 
 from dpvoip.testing.fritzbox import box_time
 from dpvoip.zadarma.signing import webhook_signature
 from test.support.daemon import PATIENCE, Daemon, clean_environment, twistd
-from test.support.postgres import private_cluster
+from test.support.postgres import private_cluster, query
 
 SECRET = "kill-secret"
 ZONE = ZoneInfo("Europe/Athens")
@@ -162,13 +161,7 @@ class KillTest(SynchronousTestCase):
         return daemon
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
-        connection = psycopg2.connect(self.dsn)
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(sql)
-                return cursor.fetchall()
-        finally:
-            connection.close()
+        return query(self.dsn, sql)
 
     def test_acknowledged_events_survive_a_kill_and_the_open_call_is_recovered(self) -> None:
         daemon = self.start()

@@ -11,19 +11,13 @@ hang should fail a test, not a busy machine.
 from __future__ import annotations
 
 import socket
-from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from dpvoip.config import (
-    Config,
-    DatabaseSettings,
     DirectorySettings,
-    FritzBoxSettings,
-    Secret,
-    WebSettings,
 )
 from dpvoip.service import Daemon, build
 from dpvoip.testing.fritzbox import FritzSimulator, parse_script
@@ -31,6 +25,7 @@ from test.support.crm import Crm
 from test.support.daemon import PATIENCE, scratch
 from test.support.ports import HeldPort, HeldPortReactor
 from test.support.postgres import postgres
+from test.support.wiring import in_process, loopback_box
 from test.test_database import eventually
 
 
@@ -48,14 +43,10 @@ class EndToEndTestCase(TestCase):
         simulator = FritzSimulator(HeldPortReactor(reactor, held), parse_script(script))
         port = await simulator.listen(0)
         self.addCleanup(simulator.stop)
-        config = Config(
-            database=replace(DatabaseSettings(), url=Secret(self.dsn), pool_size=4),
-            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
-            directory=DirectorySettings(own_numbers=("2107654321",)),
-            fritzbox=(replace(FritzBoxSettings(), name="office", host="127.0.0.1", port=port,
-                              reconnect_initial_seconds=0.2, reconnect_max_seconds=1.0,
-                              **box),),
-        )
+        config = in_process(
+            self.dsn, pool_size=4, directory=DirectorySettings(own_numbers=("2107654321",)),
+            boxes=[loopback_box("office", port, reconnect_initial_seconds=0.2,
+                                reconnect_max_seconds=1.0, **box)])
         daemon = build(config, reactor, scratch(self))
         daemon.service.startService()
         self.addCleanup(daemon.service.stopService)

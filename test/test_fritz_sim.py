@@ -708,12 +708,15 @@ class CommandTests(SynchronousTestCase):
                       result.stderr)
 
     def test_port_taken(self) -> None:
+        # The port stays taken (listening) for the whole run; were it free, the simulator
+        # would wait for a client for ever, and the timeout (a hang detector: a cold start
+        # on a loaded machine can take many seconds) would fail the test.
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             result = subprocess.run(
                 [sys.executable, "-m", "dpvoip.cli", "fritz-sim", self.script("1 a;\n"),
                  "--port", str(taken.getsockname()[1])],
-                cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+                cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertIn("cannot listen on 127.0.0.1:", result.stderr)

@@ -229,28 +229,41 @@ class ConnectionFaultTests(SynchronousTestCase):
         self.assertEqual((state["lines"], state["open_calls"], state["reconnects"]), (1, 1, 0))
 
 
-class Accept(protocol.Protocol):
-    pass
+class Side(protocol.Protocol):
+    """One end of a connection: ``made`` and ``closed`` fire as it comes and goes (the
+    test ends when both ends are closed, not after a guess of how long a close takes)."""
+
+    def __init__(self) -> None:
+        self.made: Deferred[None] = Deferred()
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.made.callback(None)
+
+    def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
+        self.closed.callback(None)
+
+
+class OneConnection(protocol.ServerFactory, protocol.ClientFactory):
+    """Builds its one ``Side`` (listening or connecting)."""
+
+    def __init__(self) -> None:
+        self.side = Side()
+
+    def buildProtocol(self, addr: Any) -> Side:
+        return self.side
 
 
 class TcpKeepaliveTests(TestCase):
     @defer.inlineCallbacks
     def test_every_connection_gets_short_keepalive_timers(self) -> Any:
-        server = protocol.ServerFactory()
-        server.protocol = Accept
+        server, connecting = OneConnection(), OneConnection()
         port = reactor.listenTCP(0, server, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        connected: Deferred[protocol.Protocol] = Deferred()
-
-        class Client(protocol.Protocol):
-            def connectionMade(self) -> None:
-                connected.callback(self)
-
-        factory = protocol.ClientFactory()
-        factory.protocol = Client
         address: Any = port.getHost()
-        reactor.connectTCP("127.0.0.1", address.port, factory)
-        client = yield connected
+        reactor.connectTCP("127.0.0.1", address.port, connecting)
+        yield defer.gatherResults([server.side.made, connecting.side.made])
+        client: Any = connecting.side
         keepalive(client)
         handle = client.transport.getHandle()
         self.assertEqual(handle.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
@@ -263,13 +276,7 @@ class TcpKeepaliveTests(TestCase):
         # A dead peer is noticed within idle + interval x count.
         self.assertLessEqual(KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT, 90)
         client.transport.loseConnection()
-        yield defer.Deferred.fromCoroutine(_settle())
-
-
-async def _settle() -> None:
-    from twisted.internet.task import deferLater
-
-    await deferLater(reactor, 0.05, lambda: None)
+        yield defer.gatherResults([client.closed, server.side.closed])
 
 
 def test_the_retry_policy_starts_at_the_initial_delay_doubles_and_never_passes_the_cap() -> None:

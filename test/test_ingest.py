@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import select
+import time
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -34,6 +35,7 @@ from dpvoip.store.migrations import SchemaReport, prepare
 from dpvoip.store.pool import HealingPool
 from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from test.support.crm import Crm
+from test.support.daemon import PATIENCE
 from test.support.postgres import postgres
 
 OWN = ("2107654321",)
@@ -50,7 +52,7 @@ class IngestTestCase(TestCase):
     crm_version = "2025-12"
     tickets = TicketSettings()
     pool_size = 4
-    timeout = 60
+    timeout = 2 * PATIENCE  # a hang detector
 
     def setUp(self) -> Any:
         self.dsn = postgres().new_database(crm=self.crm_version)
@@ -341,13 +343,22 @@ class NewestCrmTests(IngestTestCase):
         self.assertEqual({r[1:] for r in rows}, {(identity, "+306912345678", client)})
         self.assertEqual([r[0] for r in rows],
                          ["started", "client_matched", "ended", "ticket_created"])
-        select.select([listener], [], [], 2)
-        listener.poll()
-        events = [json.loads(n.payload) for n in listener.notifies]
+        events = [json.loads(n.payload) for n in notifications(listener, 3)]
         self.assertEqual([e["event"] for e in events], ["started", "ended", "ticket_created"])
         self.assertEqual({e["call_id"] for e in events}, {identity})
         self.assertEqual(events[0]["name"], "Client")
         self.assertEqual(events[1]["status"], "missed")
+
+
+def notifications(listener: Any, count: int) -> list[Any]:
+    """The notifications ``listener`` has had once ``count`` have come (or all that came
+    within a hang detector's while): each commit sends its own, and they reach the
+    listener's socket when they do, not all by the time the first one has."""
+    deadline = time.monotonic() + PATIENCE
+    while len(listener.notifies) < count and (left := deadline - time.monotonic()) > 0:
+        select.select([listener], [], [], left)
+        listener.poll()
+    return list(listener.notifies)
 
 
 class WindowTests(IngestTestCase):

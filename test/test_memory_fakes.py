@@ -57,7 +57,7 @@ else:
 class _Postgres(_Case):
     """A fresh CRM database with dpvoip's schema, and a Store on it."""
 
-    timeout = 30
+    timeout = 120  # a hang detector: a fresh database and its schema on a loaded machine
 
     def start_database(self) -> Any:
         self.dsn = postgres().new_database(crm="2025-12")

@@ -752,19 +752,22 @@ def a_post(c: Chooser) -> Post:
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """An address as a proxy writes it: bare, ``v4:port`` or ``[v6]:port``."""
-    value = text.strip()
-    if value.startswith("[") and "]" in value:
-        value = value[1:value.index("]")]
-    elif value.count(":") == 1:
-        value = value.split(":")[0]
+    """An address as a proxy writes it: bare, ``v4:port`` or ``[v6]:port`` (what follows
+    the bracket is not looked at); an IPv4 address mapped into IPv6 is the IPv4 one.
+
+    The model's own reading, written apart from ``dpvoip.web.sources``: a host before a
+    port is what precedes the last colon, when no other colon precedes it."""
+    written = text.strip()
+    if written.startswith("[") and "]" in written:
+        host = written[1:].partition("]")[0]
+    else:
+        before, colon, _ = written.rpartition(":")
+        host = before if colon and ":" not in before else written
     try:
-        address = ipaddress.ip_address(value)
+        address = ipaddress.ip_address(host)
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+    return getattr(address, "ipv4_mapped", None) or address
 
 
 def from_zadarma(post: Post) -> bool:

@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from dpvoip.config import Config, DatabaseSettings, DirectorySettings, Secret, WebSettings
+from dpvoip.config import Config, DirectorySettings
 from dpvoip.deferreds import OneShotObserver
 from dpvoip.metrics import DaemonMetrics, Sources
 from dpvoip.readiness import ReadinessReport
@@ -34,7 +34,9 @@ from dpvoip.services import (
 from dpvoip.store.embedded import EmbeddedPostgres
 from dpvoip.store.migrations import MIGRATIONS, SchemaReport
 from dpvoip.web.errors import HttpError, media_type, require_media_type
+from test.support.daemon import PATIENCE
 from test.support.postgres import query
+from test.support.wiring import in_process
 from test.test_database import eventually
 
 
@@ -145,7 +147,7 @@ class MediaTypeTests(SynchronousTestCase):
 class InProcessDaemonTests(TestCase):
     """``build(config)`` wired for real: attached to a PostgreSQL that starts late."""
 
-    timeout = 120
+    timeout = 2 * PATIENCE  # a hang detector: an initdb and a start on a loaded machine
 
     def setUp(self) -> Any:
         self.folder = Path(tempfile.mkdtemp(prefix="dpvoip-svc-"))
@@ -163,11 +165,7 @@ class InProcessDaemonTests(TestCase):
 
     @defer.inlineCallbacks
     def test_up_before_postgres_ready_after_it_and_stops_cleanly(self) -> Any:
-        config = Config(
-            database=replace(DatabaseSettings(), url=Secret(self.cluster.dsn("crm")), pool_size=2),
-            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
-            fritzbox=(),
-        )
+        config = in_process(self.cluster.dsn("crm"), pool_size=2)
         daemon = build(config, reactor, self.folder)
         self.assertIsNone(daemon.embedded)
         daemon.service.startService()
@@ -193,7 +191,7 @@ class InProcessDaemonTests(TestCase):
             return code == 200
 
         yield defer.Deferred.fromCoroutine(
-            eventually(lambda: defer.Deferred.fromCoroutine(ready()), seconds=30)
+            eventually(lambda: defer.Deferred.fromCoroutine(ready()), seconds=PATIENCE)
         )
         code, body = yield defer.Deferred.fromCoroutine(self._get(url + "/readyz"))
         self.assertEqual(body["database"]["mode"], "attached")
@@ -369,27 +367,26 @@ class ReadinessReportTests(SynchronousTestCase):
         self.assertEqual(second.checks["fritzbox"], [{"name": "office", "open_calls": 2}])
 
 
+@dataclass
+class KeepsCounters:
+    """The ingest or the webhook as the metrics read them: a dataclass of counters."""
+
+    counters: Any
+
+
 class MetricsSourcesTests(SynchronousTestCase):
     def test_each_scrape_reads_the_objects_as_they_are_then(self) -> None:
         @dataclass
-        class Counters:
+        class IngestCounters:
             calls: int = 0
-
-        @dataclass
-        class Counted:
-            counters: Counters = field(default_factory=Counters)
 
         @dataclass
         class WebhookCounters:
             received: int = 0
             refused: dict[int, int] = field(default_factory=dict)
 
-        @dataclass
-        class Webhook:
-            counters: WebhookCounters = field(default_factory=WebhookCounters)
-
         spool, durable, directory = FakeSpool(), FakeDurable(), FakeDirectory()
-        ingest, webhook = Counted(), Webhook()
+        ingest, webhook = KeepsCounters(IngestCounters()), KeepsCounters(WebhookCounters())
         boxes = [FakeBox(FakeBoxStatus("office"))]
         page = DaemonMetrics(Sources(spool=spool, durable=durable, ingest=ingest,
                                      webhook=webhook, boxes=boxes, directory=directory))

@@ -19,26 +19,24 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from dpvoip.config import (
-    Config,
     DaemonSettings,
-    DatabaseSettings,
     Secret,
     SpoolSettings,
-    WebSettings,
     ZadarmaSettings,
 )
 from dpvoip.service import build
 from dpvoip.spool.journal import Spool
 from dpvoip.spool.records import zadarma_record
 from dpvoip.zadarma.signing import webhook_signature
-from test.support.daemon import scratch
+from test.support.daemon import PATIENCE, scratch
+from test.support.wiring import in_process
 
 SECRET = "bound-secret"
 MIB = 1024 * 1024
 
 
 class SpoolBoundTest(TestCase):
-    timeout = 60
+    timeout = 2 * PATIENCE  # a hang detector
 
     def fill(self, folder: Any, upto: int) -> None:
         """Spool records until about ``upto`` bytes are used (the last few bytes with
@@ -55,16 +53,12 @@ class SpoolBoundTest(TestCase):
     async def start(self, filled: int) -> None:
         base = scratch(self)
         self.fill(base / "state" / "spool", filled)
-        config = Config(
+        config = in_process(
+            "postgresql://nobody@127.0.0.1:1/crm", connect_timeout=1.0,
             daemon=DaemonSettings(state_dir="state"),
-            database=replace(DatabaseSettings(), url=Secret(
-                "postgresql://nobody@127.0.0.1:1/crm"), connect_timeout=1.0),
-            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
             zadarma=replace(ZadarmaSettings(), secret=Secret(SECRET),
                             timezone="Europe/Athens", allowed_networks=("127.0.0.1/32",)),
-            spool=SpoolSettings(max_mb=1, alarm_percent=80, deadline_seconds=0.5),
-            fritzbox=(),
-        )
+            spool=SpoolSettings(max_mb=1, alarm_percent=80, deadline_seconds=0.5))
         self.daemon = build(config, reactor, base)
         self.daemon.service.startService()
         self.addCleanup(self.daemon.service.stopService)
@@ -119,7 +113,7 @@ class SpoolBoundTest(TestCase):
 class UnreplayableRecordTest(TestCase):
     """A record the ingest refuses every time is logged and skipped, never a jam."""
 
-    timeout = 60
+    timeout = 2 * PATIENCE  # a hang detector
 
     async def _replay_past_a_bad_record(self) -> None:
         from test.support.postgres import postgres, query
@@ -135,20 +129,15 @@ class UnreplayableRecordTest(TestCase):
                                            "event": "NOTIFY_END", "duration": "9" * 30}),
                            b"not json at all", zadarma_record(good)])
         spool.close()
-        config = Config(
-            daemon=DaemonSettings(state_dir="state"),
-            database=replace(DatabaseSettings(), url=Secret(dsn)),
-            web=replace(WebSettings(), listen="tcp:0:interface=127.0.0.1"),
-            zadarma=replace(ZadarmaSettings(), secret=Secret(SECRET),
-                            timezone="Europe/Athens"),
-            fritzbox=(),
-        )
+        config = in_process(
+            dsn, daemon=DaemonSettings(state_dir="state"),
+            zadarma=replace(ZadarmaSettings(), secret=Secret(SECRET), timezone="Europe/Athens"))
         daemon = build(config, reactor, base)
         daemon.service.startService()
         self.addCleanup(daemon.service.stopService)
         await daemon.service.started
         await eventually(lambda: daemon.durable.counters.unreplayable == 2
-                         and daemon.durable.counters.replayed == 1, 30)
+                         and daemon.durable.counters.replayed == 1, PATIENCE)
         self.assertEqual(query(dsn, "SELECT pbx_call_id FROM dpvoip.zadarma_event"),
                          [("in_good",)])
         port = daemon.web.port.getHost().port  # type: ignore[union-attr]

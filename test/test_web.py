@@ -8,7 +8,6 @@ over a StringTransport with a Clock, so timeouts are exact and instant.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlencode
@@ -48,6 +47,8 @@ from dpvoip.web.sources import networks
 from dpvoip.web.zadarma import ZadarmaWebhook
 from dpvoip.zadarma.events import ZadarmaEvent
 from dpvoip.zadarma.signing import webhook_signature
+from test.support.ports import HeldPort, HeldPortReactor
+from test.support.waiting import until
 
 VERSION = "9.8.7-test"
 JSON = "application/json"
@@ -206,16 +207,23 @@ class LiveTests(TestCase):
                 held.callback(Readiness(True, {}))
 
         self.addCleanup(release)
-        service = WebService(reactor, self.site, "tcp:0:interface=127.0.0.1")
+        # The port stays ours after the service stops listening (a HeldPort), so that the
+        # refusal below is the service's and not whatever else took the number meanwhile.
+        kept = HeldPort()
+        self.addCleanup(kept.close)
+        service = WebService(HeldPortReactor(reactor, kept), self.site,
+                             "tcp:0:interface=127.0.0.1")
         port: Any = await service.listen()
         number = port.getHost().port
+        self.assertEqual(number, kept.port)
         answer = Deferred.fromCoroutine(self.call("GET", f"http://127.0.0.1:{number}/readyz"))
         await until(lambda: self.site.in_flight == 1)
 
         stopping = service.stopService()
         self.assertIsNone(service.port)
         await until(lambda: not port.connected)
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", number, timeout=5)
+        # refused at once: the connect timeout is there for a hang only
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", number, timeout=60)
         await self.assertFailure(
             endpoint.connect(Factory.forProtocol(Protocol)), ConnectionRefusedError
         )
@@ -227,15 +235,6 @@ class LiveTests(TestCase):
         self.assertEqual((code, json.loads(body)), (200, {"ready": True}))
         await stopping
         self.assertEqual(self.site.in_flight, 0)
-
-
-async def until(check: Callable[[], object], seconds: float = 5.0) -> None:
-    """Wait (real time, bounded) until ``check()`` is true."""
-    deadline = reactor.seconds() + seconds
-    while not check():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not reached in time")
-        await deferLater(reactor, 0.01, lambda: None)
 
 
 class DrainTimeoutTests(SynchronousTestCase):

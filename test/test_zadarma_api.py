@@ -8,7 +8,9 @@ TLS is verified against the configured CA file, and ``ZadarmaAccountService`` le
 account's zone, retries, refreshes and closes its connections when stopped.
 
 The fake's time (and, where a test needs exact times, the client's: the deadline, the
-rate limits) is a ``Clock``; the network always runs on the real reactor.
+rate limits) is a ``Clock``; the network always runs on the real reactor. Whatever runs on
+the real clock (the connect timeout, a deadline where the test is about something else) is
+given ``PATIENT`` seconds: a hang detector that a loaded machine never reaches.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+from zope.interface import implementer
 
 from dpvoip.testing.zadarma import RECORD_BASE, Fault, ZadarmaFake
 from dpvoip.zadarma.account import (
@@ -56,38 +61,63 @@ from dpvoip.zadarma.api import (
     ZadarmaUnreachable,
     base_url,
 )
+from test.support.ports import HeldPort
 from test.support.tls import make_authority
-from test.test_web import until
+from test.support.waiting import settle, until
+from test.support.zadarma import (
+    BALANCE,
+    CALLBACK,
+    KEY,
+    LOOPBACK,
+    RECORD,
+    SECRET,
+    SMS,
+    STATISTICS,
+    T0,
+    TIMEZONE,
+    authorization,
+)
 
-KEY, SECRET = "testkey", "testsecret"
-# 17 June 2025 07:28:29 UTC: summer, when Athens is UTC+3.
-T0 = datetime(2025, 6, 17, 7, 28, 29, tzinfo=UTC).timestamp()
-# 15 January 2026 10:00 UTC: winter, when Athens is UTC+2.
+# 15 January 2026 10:00 UTC: winter, when Athens is UTC+2 (T0 is summer, UTC+3).
 WINTER = datetime(2026, 1, 15, 10, 0, tzinfo=UTC).timestamp()
 ATHENS = ZoneInfo("Europe/Athens")
 PLUS_3 = timedelta(hours=3)
-CALLBACK, BALANCE, TIMEZONE = "/v1/request/callback/", "/v1/info/balance/", "/v1/info/timezone/"
-RECORD, SMS, STATISTICS = "/v1/pbx/record/request/", "/v1/sms/send/", "/v1/statistics/pbx/"
-LOOPBACK = "tcp:0:interface=127.0.0.1"
 
-# zadarma.md 2.1 vectors (key testkey, secret testsecret).
-AUTH_CALLBACK = "testkey:ZmIwOGY1YzgwOGFjNTliYmI2OTNmMzJiZTdlZTk5ZTM3YzcyM2JjZQ=="
-AUTH_CALLBACK_SIP = "testkey:NDE2OGZhYTFjYzY5OWJmNmQyMTliNzE3YTJhNDBhODk4NzUwM2ZhMA=="
-AUTH_BALANCE = "testkey:YWMyNjcxZTQ5ZGI0OGJmOWNiZWExY2UxZDdjNzU0MTYzN2UzNGM1YQ=="
-AUTH_STATISTICS = "testkey:MDNhNGMzZmRhMzMzZjE5YTBjNjc2YWZhNDJiNDZiMmEyYzFjNjNlOA=="
-AUTH_SMS = "testkey:OTUyZmQ4MTA3M2Q1ZGY0NzE0ZTRmZGQzZTAwMGRhN2I1ZTcwOGI4MA=="
+AUTH_CALLBACK = authorization(CALLBACK, "from=100&to=%2B442012345678")
+AUTH_CALLBACK_SIP = authorization(CALLBACK, "from=100&predicted=1&sip=100&to=442012345678")
+AUTH_BALANCE = authorization(BALANCE, "")
+AUTH_STATISTICS = authorization(
+    STATISTICS, "end=2024-01-01+23%3A59%3A59&start=2024-01-01+00%3A00%3A00&version=2")
+AUTH_SMS = authorization(SMS, "message=Hi+%7E+there&number=442012345678")
 
 E = TypeVar("E", bound=ZadarmaApiError)
 
-
-
-async def settle(seconds: float = 0.1) -> None:
-    """Let the reactor run a little: long enough for something that should not happen."""
-    await deferLater(reactor, seconds, lambda: None)
+#: A time limit on the real clock that only a hang reaches (loopback answers in
+#: milliseconds, a loaded machine in seconds).
+PATIENT = 60.0
 
 
 def real_clock() -> IReactorTime:
     return cast(IReactorTime, reactor)
+
+
+@implementer(IAgent)
+class _Counting:
+    """An agent that counts, on its test, each answer's arrival (status line and headers):
+    the event a test waits for before it lets a deadline pass during the body."""
+
+    def __init__(self, agent: IAgent, case: ApiTestCase) -> None:
+        self._agent = agent
+        self._case = case
+
+    def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
+                bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
+        answer: Deferred[IResponse] = self._agent.request(method, uri, headers, bodyProducer)
+        return answer.addCallback(self._arrived)
+
+    def _arrived(self, response: IResponse) -> IResponse:
+        self._case.answers += 1
+        return response
 
 
 class _HeaderRecorder(Resource):
@@ -118,9 +148,10 @@ class _BigAnswer(Resource):
 class ApiTestCase(TestCase):
     """A fake on loopback (its time a ``Clock`` at T0) and clients built as the daemon does."""
 
-    timeout = 20
+    timeout = 120  # a hang detector: each test takes well under a second idle
 
     def setUp(self) -> None:
+        self.answers = 0  # answers (status and headers) the clients built here received
         self.clock = Clock()
         self.clock.advance(T0)
         self.fake = self.make_fake()
@@ -142,16 +173,17 @@ class ApiTestCase(TestCase):
         self.addCleanup(port.stopListening)
         return f"http://127.0.0.1:{port.getHost().port}", port
 
-    def make_pool(self, ca_file: str = "", timeout: float = 5.0) -> tuple[
-            HTTPConnectionPool, HTTPClient]:
-        pool, agent = http_pool_and_agent(reactor, ca_file, timeout)
+    def make_pool(self, ca_file: str = "") -> tuple[HTTPConnectionPool, HTTPClient]:
+        """A pool and client as the daemon builds them, but for the connect timeout (on the
+        real reactor: ``PATIENT``), and counting the answers that arrive."""
+        pool, agent = http_pool_and_agent(reactor, ca_file, PATIENT)
         self.addCleanup(pool.closeCachedConnections)
-        return pool, HTTPClient(agent)
+        return pool, HTTPClient(_Counting(agent, self))
 
     def api(self, url: str, *, clock: IReactorTime | None = None, timeout: float = 5.0,
             per_minute: int = 100, ca_file: str = "", key: str = KEY,
             secret: str = SECRET) -> ZadarmaApi:
-        _, http = self.make_pool(ca_file, timeout)
+        _, http = self.make_pool(ca_file)
         return ZadarmaApi(http, clock or self.clock, key, secret, url, timeout, per_minute)
 
     def directory(self) -> Path:
@@ -368,13 +400,14 @@ class ErrorMappingTests(ApiTestCase):
         self.assertEqual(error.retry_after, 60.0)  # the fake's window opened at T0
         self.assertEqual(len(self.fake.requests), 3)
 
-    async def times_out(self, fault: Fault) -> None:
-        """``fault`` on a request with a 0.5 s deadline: a 504 at 0.5 s, not before."""
+    async def times_out(self, fault: Fault, answers: int = 0) -> None:
+        """``fault`` on a request with a 0.5 s deadline: a 504 at 0.5 s, not before; the
+        deadline passes once the client has received ``answers`` answers' headers."""
         api = self.api(await self.start(), timeout=0.5)
         self.fake.fail_next(fault)
         attempt = Deferred.fromCoroutine(api.request(BALANCE))
         await until(lambda: self.fake.held == 1)
-        await settle()  # what the fake has sent (headers, half a body) reaches the client
+        await until(lambda: self.answers == answers)
         self.clock.advance(0.499)
         self.assertNoResult(attempt)
         self.clock.advance(0.001)
@@ -389,11 +422,11 @@ class ErrorMappingTests(ApiTestCase):
         await until(lambda: self.fake.held == 0)
 
     async def test_a_stalled_body_times_out_too(self) -> None:
-        await self.times_out(Fault.slow_body())
+        await self.times_out(Fault.slow_body(), answers=1)
         # Headers had come: the deadline covered the body. And the stalled connection is
         # dropped by the client, not left open until the server goes away (treq's own
         # collector cannot be cancelled: it would leave the socket open).
-        await until(lambda: self.fake.held == 0, seconds=2.0)
+        await until(lambda: self.fake.held == 0)
 
     async def test_a_caller_who_gives_up_drops_the_connection(self) -> None:
         # Klein cancels the handler of a client that went away: the request it was waiting
@@ -408,18 +441,16 @@ class ErrorMappingTests(ApiTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])  # the deadline went with it
 
     async def test_a_closed_port_is_unreachable(self) -> None:
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            Factory.forProtocol(Protocol))
-        number = port.getHost().port
-        await port.stopListening()
-        api = self.api(f"http://127.0.0.1:{number}", clock=real_clock(), timeout=2.0)
+        closed = HeldPort()  # bound, never listening: refused, and nobody else's meanwhile
+        self.addCleanup(closed.close)
+        api = self.api(f"http://127.0.0.1:{closed.port}", clock=real_clock(), timeout=PATIENT)
         error = await self.fails(api.request(BALANCE), ZadarmaUnreachable)
         self.assertEqual(error.status, 502)
         self.assertTrue(error.message.startswith("cannot connect to Zadarma: "), error.message)
         self.assertIn("refused", error.message.lower())
 
     async def test_an_unknown_host_is_unreachable(self) -> None:
-        api = self.api("http://no-such-host.invalid", clock=real_clock(), timeout=5.0)
+        api = self.api("http://no-such-host.invalid", clock=real_clock(), timeout=PATIENT)
         error = await self.fails(api.request(BALANCE), ZadarmaUnreachable)
         self.assertEqual((error.message, error.status),
                          ("Zadarma's API host name does not resolve", 502))
@@ -542,7 +573,7 @@ class TlsTests(ApiTestCase):
     async def test_a_certificate_for_another_name_is_refused(self) -> None:
         description, ca_file = self.description("zadarma.test")
         api = self.api(await self.start(description, "https", "localhost"), ca_file=ca_file,
-                       clock=real_clock())
+                       clock=real_clock(), timeout=PATIENT)
         error = await self.fails(api.timezone(), ZadarmaUnreachable)
         self.assertEqual(error.status, 502)
         self.assertIn("certificate", error.message)
@@ -551,7 +582,7 @@ class TlsTests(ApiTestCase):
     async def test_the_test_ca_is_not_trusted_without_the_ca_file(self) -> None:
         description, _ = self.description("localhost")
         api = self.api(await self.start(description, "https", "localhost"),
-                       clock=real_clock())
+                       clock=real_clock(), timeout=PATIENT)
         error = await self.fails(api.timezone(), ZadarmaUnreachable)
         self.assertIn("certificate", error.message)
         self.assertEqual(self.fake.requests, [])
@@ -561,7 +592,7 @@ class TlsTests(ApiTestCase):
         other = self.directory() / "other.pem"
         other.write_bytes(make_authority("another CA").certificate_pem)
         api = self.api(await self.start(description, "https", "localhost"),
-                       ca_file=str(other), clock=real_clock())
+                       ca_file=str(other), clock=real_clock(), timeout=PATIENT)
         error = await self.fails(api.timezone(), ZadarmaUnreachable)
         self.assertIn("certificate", error.message)
         self.assertEqual(self.fake.requests, [])
@@ -582,7 +613,8 @@ class AccountServiceTests(ApiTestCase):
                       timer: Any = None, url: str = "") -> tuple[
             ZadarmaAccountService, HTTPConnectionPool]:
         pool, http = self.make_pool()
-        api = ZadarmaApi(http, real_clock(), key, SECRET, url or await self.start(), 5.0, 100)
+        api = ZadarmaApi(http, real_clock(), key, SECRET, url or await self.start(), PATIENT,
+                         100)
         service = ZadarmaAccountService(api, pool, self.clock if timer is None else timer,
                                         ATHENS, learn_zone, self.zones.append)
         self.addCleanup(lambda: service.stopService() if service.running else None)

@@ -15,7 +15,6 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,7 +23,7 @@ from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import (
     Agent,
@@ -46,32 +45,22 @@ from dpvoip.testing.zadarma import (
 )
 from dpvoip.zadarma.signing import api_authorization, php_query
 from test.support.tls import Authority, make_authority
-from test.test_web import until
+from test.support.waiting import settle, until
+from test.support.zadarma import (
+    BALANCE,
+    CALLBACK,
+    INTERNAL,
+    KEY,
+    LOOPBACK,
+    RECORD,
+    SECRET,
+    T0,
+    TIMEZONE,
+    VECTORS,
+)
 
-KEY, SECRET = "testkey", "testsecret"
-# 17 June 2025 07:28:29 UTC: 10:28:29 in the account's zone, UTC+3.
-T0 = datetime(2025, 6, 17, 7, 28, 29, tzinfo=UTC).timestamp()
+#: 10:28:29 in the account's zone (UTC+3) at ``T0``.
 T0_LOCAL = "2025-06-17 10:28:29"
-CALLBACK, BALANCE, TIMEZONE = "/v1/request/callback/", "/v1/info/balance/", "/v1/info/timezone/"
-RECORD, INTERNAL = "/v1/pbx/record/request/", "/v1/pbx/internal/"
-LOOPBACK = "tcp:0:interface=127.0.0.1"
-
-# zadarma.md 2.1: (method path, HTTP verb, P as signed and sent, Authorization).
-VECTORS = [
-    (CALLBACK, "GET", "format=json&from=100&to=%2B442012345678",
-     "testkey:ZGY5OTI5OTMwMWY2ODBhNDUxNWM3ZTlkNGVlZjE0MjhjNTA1MDBiNA=="),
-    (CALLBACK, "GET", "from=100&to=%2B442012345678",
-     "testkey:ZmIwOGY1YzgwOGFjNTliYmI2OTNmMzJiZTdlZTk5ZTM3YzcyM2JjZQ=="),
-    (CALLBACK, "GET", "from=100&predicted=1&sip=100&to=442012345678",
-     "testkey:NDE2OGZhYTFjYzY5OWJmNmQyMTliNzE3YTJhNDBhODk4NzUwM2ZhMA=="),
-    (BALANCE, "GET", "",
-     "testkey:YWMyNjcxZTQ5ZGI0OGJmOWNiZWExY2UxZDdjNzU0MTYzN2UzNGM1YQ=="),
-    ("/v1/statistics/pbx/", "GET",
-     "end=2024-01-01+23%3A59%3A59&start=2024-01-01+00%3A00%3A00&version=2",
-     "testkey:MDNhNGMzZmRhMzMzZjE5YTBjNjc2YWZhNDJiNDZiMmEyYzFjNjNlOA=="),
-    ("/v1/sms/send/", "POST", "message=Hi+%7E+there&number=442012345678",
-     "testkey:OTUyZmQ4MTA3M2Q1ZGY0NzE0ZTRmZGQzZTAwMGRhN2I1ZTcwOGI4MA=="),
-]
 
 
 @dataclass(frozen=True)
@@ -102,11 +91,6 @@ def watch(deferred: Deferred[Any]) -> list[object]:
 
     deferred.addBoth(keep)
     return results
-
-
-async def settle() -> None:
-    """Let the reactor run a little: long enough for a reply that should not come."""
-    await deferLater(reactor, 0.1, lambda: None)
 
 
 # --- pure pieces ---------------------------------------------------------------------------
@@ -156,7 +140,7 @@ class ValueTests(SynchronousTestCase):
 class LiveTestCase(TestCase):
     """A fake listening on loopback, and a client that signs like Zadarma's clients."""
 
-    timeout = 20
+    timeout = 120  # a hang detector: each test takes well under a second idle
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -449,9 +433,12 @@ class EndpointTests(LiveTestCase):
         reply = await self.get(RECORD, {"call_id": "1458313316.343312"})
         self.assertEqual(reply.json, {
             "status": "success", "link": f"{RECORD_BASE}1458313316.343312.mp3",
-            "lifetime_till": "2025-06-17 10:58:29",  # LIFETIME_DEFAULT later, local time
+            "lifetime_till": "2025-06-17 10:58:29",  # half an hour later, local time
         })
-        self.assertEqual(LIFETIME_DEFAULT, 1800)
+        # No lifetime given is the same as asking for the default one.
+        explicit = await self.get(RECORD, {"call_id": "1458313316.343312",
+                                           "lifetime": LIFETIME_DEFAULT})
+        self.assertEqual(explicit.json["lifetime_till"], "2025-06-17 10:58:29")
         reply = await self.get(RECORD, {"call_id": "1458313317.1", "lifetime": 5184000})
         self.assertEqual(reply.json["lifetime_till"], "2025-08-16 10:28:29")
 

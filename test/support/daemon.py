@@ -102,7 +102,7 @@ class Daemon:
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
-            self.process.wait(10)
+            self.process.wait(PATIENCE)
         self._output.close()
 
 

@@ -49,13 +49,7 @@ class TestPostgres:
         return self.cluster.dsn(name)
 
     def execute(self, database: str, sql: str) -> None:
-        connection = psycopg2.connect(self.cluster.dsn(database))
-        try:
-            connection.autocommit = True
-            with connection.cursor() as cursor:
-                cursor.execute(sql)
-        finally:
-            connection.close()
+        query(self.cluster.dsn(database), sql)
 
     def stop(self) -> None:
         self.cluster.stop(mode="immediate")
@@ -70,8 +64,9 @@ def postgres() -> TestPostgres:
     return _server
 
 
-def query(dsn: str, sql: Any, params: Any = ()) -> list[tuple[Any, ...]]:
-    """A blocking query for assertions (outside the code under test)."""
+def query(dsn: str, sql: Any, params: Any = None) -> list[tuple[Any, ...]]:
+    """A blocking query for assertions and set-up (outside the code under test); without
+    ``params`` the text is sent as it is (a ``%`` is a ``%``, as in the CRM's DDL)."""
     connection = psycopg2.connect(dsn)
     try:
         connection.autocommit = True
@@ -94,10 +89,5 @@ def private_cluster(case: Any, prefix: str) -> tuple[Path, EmbeddedPostgres, str
     case.addCleanup(lambda: cluster.stop(mode="immediate") if cluster.running() else None)
     cluster.create_database("crm")
     dsn = cluster.dsn("crm")
-    connection = psycopg2.connect(dsn)
-    try:
-        connection.autocommit = True
-        connection.cursor().execute(ddl_text("dpeconomy-2025-12.sql"))
-    finally:
-        connection.close()
+    query(dsn, ddl_text("dpeconomy-2025-12.sql"))
     return folder, cluster, dsn
