@@ -170,7 +170,7 @@ class CallbackPages:
 
     def _answer(self, request: IRequest, as_json: bool, outcome: CallbackOutcome) -> bytes:
         if outcome.retry_after is not None:
-            request.setHeader(b"Retry-After", str(max(1, round(outcome.retry_after))).encode())
+            request.setHeader(b"Retry-After", retry_after(outcome.retry_after).encode())
         if as_json:
             if not outcome.ok:
                 return error_answer(request, HttpError(outcome.status, outcome.message))
@@ -224,7 +224,7 @@ class CallbackPages:
         except NoRecording as missing:
             raise HttpError(404, str(missing)) from None
         except ZadarmaApiError as error:
-            headers = ({"Retry-After": str(max(1, math.ceil(error.retry_after)))}
+            headers = ({"Retry-After": retry_after(error.retry_after)}
                        if error.retry_after is not None else {})
             raise HttpError(error.status, error.message, headers) from None
         except DatabaseUnreachable:
@@ -355,3 +355,9 @@ def _page(number: str, user: CrmUser, connections: list[Connection]) -> bytes:
         "</body></html>"
     )
     return page.encode("utf-8")
+
+
+def retry_after(seconds: float) -> str:
+    """A ``Retry-After`` value: whole seconds, rounded up (a client told to come back a
+    moment early would only be refused again), at least one."""
+    return str(max(1, math.ceil(seconds)))
