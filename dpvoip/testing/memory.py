@@ -41,16 +41,7 @@ from dpvoip.crm.logins import api_token_hash, new_api_token
 from dpvoip.store.accounts import Account
 from dpvoip.store.callbacks import CallbackRequest, ConnectionRow
 from dpvoip.store.tokens import TokenError
-from dpvoip.zadarma.api import (
-    CallbackAccepted,
-    ZadarmaApiError,
-    ZadarmaBadAnswer,
-    ZadarmaNotConfigured,
-    ZadarmaRateLimited,
-    ZadarmaRefused,
-    ZadarmaTimeout,
-    ZadarmaUnreachable,
-)
+from dpvoip.zadarma import api
 from dpvoip.zadarma.events import ZadarmaEvent
 from dpvoip.zadarma.signing import php_query
 
@@ -273,30 +264,30 @@ class AskedCallback:
         return php_query(self.params)
 
 
-def refused(message: str) -> ZadarmaRefused:
+def refused(message: str) -> api.ZadarmaRefused:
     """Zadarma said no (``status: error``): its message is shown, answered 502."""
-    return ZadarmaRefused(message)
+    return api.ZadarmaRefused(message)
 
 
-def unreachable(reason: str = "Connection refused") -> ZadarmaUnreachable:
+def unreachable(reason: str = "Connection refused") -> api.ZadarmaUnreachable:
     """No connection to Zadarma: 502."""
-    return ZadarmaUnreachable(f"cannot connect to Zadarma: {reason}")
+    return api.ZadarmaUnreachable(f"cannot connect to Zadarma: {reason}")
 
 
-def rate_limited(seconds: float) -> ZadarmaRateLimited:
+def rate_limited(seconds: float) -> api.ZadarmaRateLimited:
     """Zadarma's rate limit, reset in ``seconds``: 429 with Retry-After."""
-    return ZadarmaRateLimited(
+    return api.ZadarmaRateLimited(
         f"Zadarma's rate limit is reached; try again in {math.ceil(seconds)} s", seconds)
 
 
-def timed_out(seconds: float) -> ZadarmaTimeout:
+def timed_out(seconds: float) -> api.ZadarmaTimeout:
     """Zadarma did not answer within the client's deadline: 504."""
-    return ZadarmaTimeout(f"Zadarma did not answer within {seconds:g} s")
+    return api.ZadarmaTimeout(f"Zadarma did not answer within {seconds:g} s")
 
 
-def bad_answer(method: str = "/v1/request/callback/", code: int = 502) -> ZadarmaBadAnswer:
+def bad_answer(method: str = "/v1/request/callback/", code: int = 502) -> api.ZadarmaBadAnswer:
     """Something that is not Zadarma's JSON (a proxy's error page): 502."""
-    return ZadarmaBadAnswer(f"Zadarma answered {method} with HTTP {code} and no JSON")
+    return api.ZadarmaBadAnswer(f"Zadarma answered {method} with HTTP {code} and no JSON")
 
 
 class MemoryZadarmaApi:
@@ -311,13 +302,13 @@ class MemoryZadarmaApi:
         self.callbacks: list[AskedCallback] = []
         self.recordings_asked: list[str] = []
         self._links: dict[str, str] = {}
-        self._script: deque[ZadarmaApiError] = deque()
+        self._script: deque[api.ZadarmaApiError] = deque()
 
     @property
     def configured(self) -> bool:
         return self._configured
 
-    def fail_next(self, error: ZadarmaApiError, times: int = 1) -> None:
+    def fail_next(self, error: api.ZadarmaApiError, times: int = 1) -> None:
         """The next ``times`` requests (of any method) fail with ``error``."""
         self._script.extend([error] * times)
 
@@ -328,16 +319,16 @@ class MemoryZadarmaApi:
 
     def _answer(self) -> None:
         if not self._configured:
-            raise ZadarmaNotConfigured("Zadarma API keys are not configured ([zadarma] key, "
+            raise api.ZadarmaNotConfigured("Zadarma API keys are not configured ([zadarma] key, "
                                        "secret)")
         if self._script:
             raise self._script.popleft()
 
     async def callback(self, from_number: str, to_number: str, sip: str = "",
-                       predicted: bool = False) -> CallbackAccepted:
+                       predicted: bool = False) -> api.CallbackAccepted:
         self._answer()
         self.callbacks.append(AskedCallback(from_number, to_number, sip, predicted))
-        return CallbackAccepted(from_number.removeprefix("+"), to_number.removeprefix("+"),
+        return api.CallbackAccepted(from_number.removeprefix("+"), to_number.removeprefix("+"),
                                 int(self._clock.seconds()))
 
     async def recording_link(self, call_id: str = "", pbx_call_id: str = "",
@@ -347,7 +338,7 @@ class MemoryZadarmaApi:
         self.recordings_asked.append(asked)
         link = self._links.get(asked)
         if link is None:
-            raise ZadarmaRefused("Record not found")
+            raise api.ZadarmaRefused("Record not found")
         return link
 
     async def timezone(self) -> str:
