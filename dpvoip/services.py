@@ -85,7 +85,7 @@ class OrderedServices(MultiService):
             try:
                 await defer.maybeDeferred(child.startService)
             except Exception as error:
-                self._exit.fatal(f"{getattr(child, 'name', child)} failed to start: {error}")
+                self._exit.fatal(f"{child.name or child} failed to start: {error}")
                 return
         # What start-up loaded (libraries, number metadata) lives as long as the process:
         # keep it out of the collector's full passes, which would stall calls for tens of ms.
@@ -104,7 +104,7 @@ class OrderedServices(MultiService):
             try:
                 await defer.maybeDeferred(child.stopService)
             except Exception:
-                log.failure("stopping {name} failed", name=getattr(child, "name", child))
+                log.failure("stopping {name} failed", name=child.name or child)
 
 
 class EmbeddedPostgresService(Service):

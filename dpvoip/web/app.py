@@ -116,7 +116,8 @@ class WebApp:
     @app.handle_errors(MethodNotAllowed)
     def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
-        allowed = set(getattr(error, "valid_methods", None) or ())
+        assert isinstance(error, MethodNotAllowed)
+        allowed = set(error.valid_methods or ())
         if _routed_path(request) == EVENTS_PATH.decode():
             allowed.add(EVENTS_METHOD.decode())
         headers = {"Allow": ", ".join(sorted(allowed))} if allowed else {}
