@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import psycopg2
-from psycopg2.extensions import parse_dsn
+from psycopg2.extensions import POLL_OK, parse_dsn
 from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dpvoip.config import DatabaseSettings
-from dpvoip.store.database import Store
+from dpvoip.store.database import Batch, Store, is_unavailable
 from dpvoip.store.dsn import connection_dsn, describe
 from dpvoip.store.embedded import EmbeddedPostgres
 from dpvoip.store.pool import ConnectionDead, HealingPool, PooledConnection, backoff_delays
@@ -313,3 +315,292 @@ class HealingTests(TestCase):
         for n in range(4):
             rows = yield pool.run_prepared("double", statement, (n,))
             self.assertEqual(rows, [(n * 2,)])
+
+
+# -- sessions that go away under the pool -------------------------------------------------
+
+
+class _HangUpAfterStartup(protocol.Protocol):
+    """A server that reads the startup packet and hangs up without a word: what a client
+    sees when PostgreSQL closes its listening socket with the connection still queued
+    (a restart), and what leaves libpq with its socket dropped mid-connect."""
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+
+class _ToPostgres(protocol.Protocol):
+    """The PostgreSQL end of a ``_Forwarder`` connection."""
+
+    def __init__(self, client: _FromClient) -> None:
+        self.client = client
+
+    def connectionMade(self) -> None:
+        self.client.peer = self
+        cast(Any, self.client.transport).resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.client.transport is not None
+        self.client.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.client.transport is not None:
+            self.client.transport.loseConnection()
+
+
+class _FromClient(protocol.Protocol):
+    """A client of a ``_Forwarder``: hung up on after its startup packet while the
+    forwarder still refuses, otherwise forwarded to PostgreSQL's unix socket."""
+
+    def __init__(self, forwarder: _Forwarder) -> None:
+        self.forwarder = forwarder
+        self.peer: _ToPostgres | None = None
+        self.refused = False
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        if self.forwarder.refusals > 0:
+            self.forwarder.refusals -= 1
+            self.refused = True
+            return
+        transport = cast(Any, self.transport)
+        transport.pauseProducing()  # nothing to forward to yet
+        endpoint = UNIXClientEndpoint(reactor, self.forwarder.socket_path)
+        connectProtocol(endpoint, _ToPostgres(self)).addErrback(
+            lambda _: transport.loseConnection())
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.refused:
+            self.transport.loseConnection()
+        elif self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.loseConnection()
+
+
+class _Forwarder(protocol.ServerFactory):
+    """A TCP port in front of the test PostgreSQL that hangs up on the first
+    ``refusals`` connections after their startup packet (``_HangUpAfterStartup``)."""
+
+    def __init__(self, dsn: str, refusals: int) -> None:
+        parts = parse_dsn(dsn)
+        self.socket_path = f"{parts['host']}/.s.PGSQL.{parts.get('port', '5432')}"
+        self.refusals = refusals
+
+    def buildProtocol(self, addr: Any) -> _FromClient:
+        return _FromClient(self)
+
+
+class _Recovery:
+    """The pool's ``on_reconnect``: fires the waiters whose condition has come true."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[Any, defer.Deferred[None]]] = []
+
+    def __call__(self) -> None:
+        for entry in list(self.waiting):
+            if entry[0]():
+                self.waiting.remove(entry)
+                entry[1].callback(None)
+
+    def until(self, condition: Any) -> defer.Deferred[None]:
+        if condition():
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self.waiting.append((condition, waiter))
+        return waiter
+
+
+def _tcp_dsn(port: Any, dsn: str = "dbname=x user=x") -> str:
+    """``dsn`` reached through 127.0.0.1:``port`` (no SSL or GSS negotiation: the
+    startup packet is the first thing sent)."""
+    parts = parse_dsn(dsn)
+    parts.update(host="127.0.0.1", port=str(port.getHost().port), sslmode="disable",
+                 gssencmode="disable")
+    return " ".join(f"{key}={value}" for key, value in parts.items())
+
+
+class SocketGoneWhileConnectingTests(TestCase):
+    """A connect attempt whose socket libpq drops (psycopg2 still calls the connection
+    open, its ``fileno()`` is -1): it fails like any other, and nothing asks the reactor
+    to watch descriptor -1 (``ValueError``, an "Unhandled Error" in the reactor)."""
+
+    timeout = 60
+
+    def listen(self, factory: protocol.ServerFactory) -> Any:
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port
+
+    async def test_a_server_hanging_up_mid_connect_is_a_failed_attempt(self) -> None:
+        factory = protocol.ServerFactory()
+        factory.protocol = _HangUpAfterStartup
+        connection = PooledConnection(reactor=reactor)
+        with self.assertRaises(psycopg2.OperationalError):
+            await connection.connect(_tcp_dsn(self.listen(factory)))
+        self.assertEqual(self.flushLoggedErrors(ValueError), [])
+        self.assertTrue(connection.gone)
+        self.assertNotIn(connection, reactor.getReaders())
+        self.assertNotIn(connection, reactor.getWriters())
+
+    async def test_the_pool_connects_once_the_server_answers(self) -> None:
+        dsn = postgres().new_database(crm=None)
+        forwarder = _Forwarder(dsn, refusals=2)  # the start, and the first retry at once
+        recovery = _Recovery()
+        pool = HealingPool(reactor, _tcp_dsn(self.listen(forwarder), dsn), 1,
+                           on_reconnect=recovery)
+        self.addCleanup(pool.close)
+        await pool.start()
+        self.assertEqual(pool.live, 0)
+        await recovery.until(lambda: pool.live == 1)
+        self.assertEqual(forwarder.refusals, 0)
+        self.assertEqual(await pool.run_query("SELECT 1"), [(1,)])
+        self.assertEqual(self.flushLoggedErrors(ValueError), [])
+
+
+class _DroppingDriver:
+    """A psycopg2 connection stand-in on one end of a socket pair, whose sending fails as
+    libpq's does when it finds the peer gone: socket closed, ``fileno()`` -1, and still
+    not ``closed`` (psycopg2 marks it closed on some failures only)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.socket, self.peer = socket.socketpair()
+        self.closed = 0
+        self.notifies: list[Any] = []
+
+    def fileno(self) -> int:
+        return self.socket.fileno()  # -1 once closed
+
+    def poll(self) -> int:
+        return POLL_OK
+
+    def cursor(self) -> _DroppingCursor:
+        return _DroppingCursor(self)
+
+    def close(self) -> None:
+        self.closed = 1
+        self.socket.close()
+        self.peer.close()
+
+
+class _DroppingCursor:
+    def __init__(self, driver: _DroppingDriver) -> None:
+        self.driver = driver
+
+    def execute(self, sql: str, params: Any = None) -> None:
+        self.driver.socket.close()
+        raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
+
+class SocketGoneWhileSendingTests(TestCase):
+    """libpq closing the socket inside the call that sends a statement: the reactor was
+    watching it (an idle connection waits for the server's word), and a closed descriptor
+    cannot be taken out of epoll any more (``EBADF``, the reactor's records then wrong for
+    whichever socket gets the number next): it is no longer watched by then."""
+
+    async def test_a_statement_that_finds_the_peer_gone(self) -> None:
+        connection = PooledConnection(reactor=reactor)
+        connection.connectionFactory = _DroppingDriver
+        await connection.connect("dbname=x")
+        self.assertIn(connection, reactor.getReaders())  # idle: watched
+        with self.assertRaises(psycopg2.OperationalError):
+            await connection.cursor().execute("SELECT 1")
+        self.assertTrue(connection.gone)
+        self.assertNotIn(connection, reactor.getReaders())
+        connection.close()  # what the detector does before reconnecting: no error
+
+
+class _Gate:
+    """Holds a transaction half-way until the test has killed its backend."""
+
+    def __init__(self) -> None:
+        self.reached: defer.Deferred[int] = defer.Deferred()
+        self.go: defer.Deferred[None] = defer.Deferred()
+
+    async def hold(self, pid: int) -> None:
+        """Tell the test which backend runs the transaction; wait for its word."""
+        self.reached.callback(pid)
+        await self.go
+
+
+class SessionLostTests(TestCase):
+    """The backend of a pooled connection killed (``pg_terminate_backend``, as a restart
+    or a failover does) under a transaction or while idle: the work fails as "database
+    unavailable" (the spool keeps it), nothing is logged as an error, the pool heals."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.dsn = postgres().new_database(crm=None)
+        query(self.dsn, "CREATE TABLE note (id serial PRIMARY KEY, text text NOT NULL)")
+        self.recovery = _Recovery()
+        self.pool = HealingPool(reactor, connection_dsn(self.dsn, DatabaseSettings()), 1,
+                                on_reconnect=self.recovery)
+        self.addCleanup(self.pool.close)
+        self.store = Store(self.pool, reactor)
+
+    def kill(self, pid: int) -> None:
+        """End backend ``pid`` and wait until it has exited (sent its goodbye and closed
+        its socket)."""
+        self.assertEqual(query(self.dsn, "SELECT pg_terminate_backend(%s, 60000)", (pid,)),
+                         [(True,)])
+
+    async def healed(self) -> None:
+        await self.recovery.until(lambda: self.pool.live == 1)
+        self.assertEqual(await self.pool.run_query("SELECT count(*) FROM note"), [(0,)])
+
+    async def test_a_transaction_whose_session_is_killed_fails_quietly(self) -> None:
+        await self.pool.start()
+        gate = _Gate()
+
+        async def write(cursor: Any) -> None:
+            await cursor.execute("INSERT INTO note (text) VALUES ('lost')")
+            await cursor.execute("SELECT pg_backend_pid()")
+            await gate.hold(cursor.fetchall()[0][0])
+            await cursor.execute("INSERT INTO note (text) VALUES ('never')")
+
+        written = self.store.write(write)
+        self.kill(await gate.reached)
+        gate.go.callback(None)  # the next statement meets the dead session
+        with self.assertRaises(Exception) as raised:
+            await written
+        self.assertTrue(is_unavailable(raised.exception), repr(raised.exception))
+        self.assertEqual(self.flushLoggedErrors(), [], "a lost session is not an error")
+        await self.healed()
+
+    async def test_a_batch_whose_session_is_killed_fails_quietly(self) -> None:
+        await self.pool.start()
+        gate = _Gate()
+
+        async def steps(batch: Batch) -> None:
+            await batch.run("INSERT INTO note (text) VALUES ('lost')")
+            [(pid,)] = await batch.run("SELECT pg_backend_pid()")
+            await gate.hold(pid)
+            await batch.run("INSERT INTO note (text) VALUES ('never')", last=True)
+
+        written = self.store.batch(steps)
+        self.kill(await gate.reached)
+        gate.go.callback(None)
+        with self.assertRaises(Exception) as raised:
+            await written
+        self.assertTrue(is_unavailable(raised.exception), repr(raised.exception))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        await self.healed()
+
+    async def test_an_idle_session_killed_just_before_its_next_batch(self) -> None:
+        await self.pool.start()
+        [(pid,)] = await self.pool.run_query("SELECT pg_backend_pid()")
+        self.kill(pid)  # and the batch starts before the reactor has seen the hang-up
+
+        async def steps(batch: Batch) -> None:
+            await batch.run("INSERT INTO note (text) VALUES ('x')", last=True)
+
+        with self.assertRaises(Exception) as raised:
+            await self.store.batch(steps)
+        self.assertTrue(is_unavailable(raised.exception), repr(raised.exception))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        await self.healed()

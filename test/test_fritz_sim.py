@@ -3,7 +3,8 @@ TCP client sees (CRLF lines in order and on time, lost events, clean closes, res
 refused connections, exact raw bytes, ignored keepalives).
 
 Parsing is pure. Timing tests drive the simulator with ``MemoryReactorClock`` and
-``StringTransport``s, so delays are exact and instant. Live tests use the real reactor on
+``StringTransport``s, so delays are exact and instant (the port the simulator holds is a
+real one, which the fake reactor never listens on). Live tests use the real reactor on
 127.0.0.1 port 0 with delays of a few hundredths of a second, and clean up every port and
 connection.
 """
@@ -27,7 +28,12 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import (
+    CannotListenError,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -223,7 +229,7 @@ class FakeClient:
     """A client connection made directly on the simulator's factory, over a StringTransport."""
 
     def __init__(self, fake: MemoryReactorClock, index: int = -1) -> None:
-        factory = fake.tcpServers[index][1]
+        factory = fake.adoptedPorts[index][2]
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         assert protocol is not None
         self.protocol = protocol
@@ -237,30 +243,60 @@ class FakeClient:
         self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
-def fake_simulator(text: str) -> tuple[MemoryReactorClock, FritzSimulator]:
+def fake_simulator(case: SynchronousTestCase, text: str
+                   ) -> tuple[MemoryReactorClock, FritzSimulator]:
+    """A simulator on a ``MemoryReactorClock``, listening (on a real port it holds: the
+    reactor is given the listening socket and does nothing with it) until the test
+    ends."""
     fake = MemoryReactorClock()
     fake.advance(T0)
     simulator = FritzSimulator(fake, parse_script(text))
-    simulator.listen(1012)
+    simulator.listen()
+    case.addCleanup(simulator.stop)
     return fake, simulator
+
+
+def taken(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether another program could not bind ``port`` now (as ``listenTCP`` would)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            other.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 class TimingTests(SynchronousTestCase):
     def test_listen(self) -> None:
-        fake, simulator = fake_simulator("")
-        port, _factory, _backlog, interface = fake.tcpServers[0]
-        self.assertEqual((port, interface), (1012, "127.0.0.1"))
+        fake, simulator = fake_simulator(self, "")
+        [(_, family, _)] = fake.adoptedPorts
+        self.assertEqual(family, socket.AF_INET)
         self.assertTrue(simulator.listening)
+        assert simulator.port is not None
+        self.assertTrue(taken(simulator.port))
         self.failureResultOf(simulator.listen(1013), RuntimeError)
 
     def test_listen_fires_with_the_port(self) -> None:
         fake = MemoryReactorClock()
         simulator = FritzSimulator(fake, Script(()), host="::1")
-        self.assertEqual(self.successResultOf(simulator.listen(10120)), 10120)
-        self.assertEqual(fake.tcpServers[0][3], "::1")
+        port = self.successResultOf(simulator.listen())
+        self.addCleanup(simulator.stop)
+        self.assertEqual(port, simulator.port)
+        self.assertTrue(taken(port, "::1"))
+        self.assertEqual(fake.adoptedPorts[0][1], socket.AF_INET6)
+
+    def test_a_port_taken_cannot_be_listened_on(self) -> None:
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            simulator = FritzSimulator(MemoryReactorClock(), Script(()))
+            self.failureResultOf(simulator.listen(other.getsockname()[1]), CannotListenError)
+        self.assertFalse(simulator.listening)
 
     def test_waits_for_a_client_then_keeps_the_delays(self) -> None:
-        fake, simulator = fake_simulator(
+        fake, simulator = fake_simulator(self,
             f"0.5 {RING}\n"
             "1 {now};DISCONNECT;0;0;\n"
         )
@@ -284,13 +320,13 @@ class TimingTests(SynchronousTestCase):
         self.assertEqual(fake.getDelayedCalls(), [])
 
     def test_zero_delays_send_at_once_in_order(self) -> None:
-        fake, simulator = fake_simulator("0 a;\n0 b;\n0 !raw c")
+        fake, simulator = fake_simulator(self, "0 a;\n0 b;\n0 !raw c")
         client = FakeClient(fake)
         self.successResultOf(simulator.run())
         self.assertEqual(client.received(), b"a;\r\nb;\r\nc")
 
     def test_every_client_gets_every_line(self) -> None:
-        fake, simulator = fake_simulator("1 a;\n")
+        fake, simulator = fake_simulator(self, "1 a;\n")
         first, second = FakeClient(fake), FakeClient(fake)
         done = simulator.run()
         fake.advance(1)
@@ -299,7 +335,7 @@ class TimingTests(SynchronousTestCase):
         self.assertEqual((simulator.lines_sent, simulator.connections), (1, 2))
 
     def test_lines_without_clients_are_dropped(self) -> None:
-        fake, simulator = fake_simulator("1 a;\n0 !close\n1 b;\n1 c;\n0 !await\n1 d;\n")
+        fake, simulator = fake_simulator(self, "1 a;\n0 !close\n1 b;\n1 c;\n0 !await\n1 d;\n")
         first = FakeClient(fake)
         done = simulator.run()
         fake.advance(1)
@@ -318,7 +354,7 @@ class TimingTests(SynchronousTestCase):
         self.assertEqual(simulator.connections, 2)
 
     def test_reset_aborts(self) -> None:
-        fake, simulator = fake_simulator("1 !reset\n")
+        fake, simulator = fake_simulator(self, "1 !reset\n")
         client = FakeClient(fake)
         done = simulator.run()
         fake.advance(1)
@@ -326,8 +362,21 @@ class TimingTests(SynchronousTestCase):
         self.assertTrue(client.transport.disconnected)  # StringTransport's abort mark
         self.assertEqual(simulator.connected, 0)
 
+    def test_reset_waits_for_the_lines_before_it_to_be_written(self) -> None:
+        fake, simulator = fake_simulator(self, "0 a;\n0 b;\n0 !reset\n")
+        client = FakeClient(fake)
+        done = simulator.run()
+        self.assertEqual(client.received(), b"a;\r\nb;\r\n")
+        self.assertFalse(client.transport.disconnected)  # not yet: not known written
+        self.assertNoResult(done)
+        assert client.transport.producer is not None
+        client.transport.producer.resumeProducing()  # the transport: all written
+        self.successResultOf(done)
+        self.assertTrue(client.transport.disconnected)
+        self.assertEqual(simulator.connected, 0)
+
     def test_refuse_stops_listening_then_listens_on_the_same_port(self) -> None:
-        fake, simulator = fake_simulator("1 !refuse 5\n0 !await\n0 a;\n")
+        fake, simulator = fake_simulator(self, "1 !refuse 5\n0 !await\n0 a;\n")
         client = FakeClient(fake)
         done = simulator.run()
         fake.advance(1)
@@ -335,17 +384,19 @@ class TimingTests(SynchronousTestCase):
         self.assertFalse(simulator.listening)
         client.lose()
         fake.advance(4.9)
-        self.assertEqual(len(fake.tcpServers), 1)
+        self.assertEqual(len(fake.adoptedPorts), 1)
+        assert simulator.port is not None
+        self.assertTrue(taken(simulator.port), "the port is held while refusing")
         fake.advance(0.1)
         self.assertTrue(simulator.listening)
-        self.assertEqual([server[0] for server in fake.tcpServers], [1012, 1012])
+        self.assertEqual(len(fake.adoptedPorts), 2)
         self.assertNoResult(done)
         again = FakeClient(fake)
         self.successResultOf(done)
         self.assertEqual(again.received(), b"a;\r\n")
 
     def test_keepalives_are_read_and_ignored(self) -> None:
-        fake, simulator = fake_simulator("1 a;\n")
+        fake, simulator = fake_simulator(self, "1 a;\n")
         client = FakeClient(fake)
         done = simulator.run()
         client.protocol.dataReceived(b"\n")
@@ -356,7 +407,7 @@ class TimingTests(SynchronousTestCase):
         self.assertEqual(simulator.bytes_received, 3)
 
     def test_stop_ends_the_play_and_closes(self) -> None:
-        fake, simulator = fake_simulator("10 a;\n")
+        fake, simulator = fake_simulator(self, "10 a;\n")
         client = FakeClient(fake)
         done = simulator.run()
         stopped = simulator.stop()
@@ -370,13 +421,13 @@ class TimingTests(SynchronousTestCase):
         self.assertEqual(simulator.lines_sent + simulator.lines_dropped, 0)
 
     def test_stop_while_awaiting_a_client(self) -> None:
-        _, simulator = fake_simulator("1 a;\n")
+        _, simulator = fake_simulator(self, "1 a;\n")
         done = simulator.run()
         self.successResultOf(simulator.stop())
         self.assertIsNone(self.successResultOf(done))
 
     def test_stop_aborts_clients_that_do_not_go(self) -> None:
-        fake, simulator = fake_simulator("")
+        fake, simulator = fake_simulator(self, "")
         client = FakeClient(fake)
         stopped = simulator.stop()
         fake.advance(1.9)
@@ -387,7 +438,7 @@ class TimingTests(SynchronousTestCase):
         self.successResultOf(stopped)
 
     def test_stop_during_a_refusal_does_not_listen_again(self) -> None:
-        fake, simulator = fake_simulator("0 !refuse 5\n1 a;\n")
+        fake, simulator = fake_simulator(self, "0 !refuse 5\n1 a;\n")
         client = FakeClient(fake)
         done = simulator.run()
         client.lose()
@@ -395,10 +446,12 @@ class TimingTests(SynchronousTestCase):
         self.successResultOf(done)
         fake.advance(10)
         self.assertFalse(simulator.listening)
-        self.assertEqual(len(fake.tcpServers), 1)
+        self.assertEqual(len(fake.adoptedPorts), 1)
+        assert simulator.port is not None
+        self.assertFalse(taken(simulator.port), "stopped: the port is given back")
 
     def test_cancelling_run_stops_the_play_only(self) -> None:
-        fake, simulator = fake_simulator("1 a;\n")
+        fake, simulator = fake_simulator(self, "1 a;\n")
         client = FakeClient(fake)
         done = simulator.run()
         done.cancel()
@@ -412,7 +465,7 @@ class TimingTests(SynchronousTestCase):
         self.assertEqual(client.received(), b"a;\r\n")
 
     def test_cancelling_run_during_a_refusal_listens_again(self) -> None:
-        fake, simulator = fake_simulator("0 !refuse 5\n")
+        fake, simulator = fake_simulator(self, "0 !refuse 5\n")
         client = FakeClient(fake)
         done = simulator.run()
         client.lose()
@@ -426,6 +479,7 @@ class TimingTests(SynchronousTestCase):
         simulator = FritzSimulator(MemoryReactorClock(), Script(()))
         self.assertRaises(RuntimeError, simulator.run)
         simulator.listen()
+        self.addCleanup(simulator.stop)
         simulator.run()
         self.assertRaises(RuntimeError, simulator.run)
 
@@ -588,6 +642,7 @@ class LiveTests(TestCase):
         await deferLater(reactor, 0.02)  # the listening socket closes one turn later
         with self.assertRaises(ConnectionRefusedError):
             await self.connect(port)
+        self.assertTrue(taken(port), "refusing, the box still holds its port")
         attempts = 1
         while True:
             attempts += 1
@@ -602,6 +657,16 @@ class LiveTests(TestCase):
         self.assertEqual(second.data, b"back;\r\n")
         self.assertEqual(simulator.connections, 2)
         self.assertTrue(simulator.listening)
+
+    async def test_reset_right_after_lines_delivers_them_first(self) -> None:
+        simulator, port = await self.start("0 a;\n0 b;\n0 !reset\n")
+        done = simulator.run()
+        client = await self.connect(port)
+        reason = await client.ended()
+        await done
+        self.assertTrue(reason.check(ConnectionLost), reason)
+        self.assertFalse(reason.check(ConnectionDone), reason)
+        self.assertEqual(client.data, b"a;\r\nb;\r\n")
 
     async def test_raw_delivers_exact_bytes(self) -> None:
         simulator, port = await self.start(

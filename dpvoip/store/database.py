@@ -23,6 +23,7 @@ from dpvoip.store.pool import (
     HealingPool,
     ensure_prepared,
     positional,
+    roll_back,
     run_prepared,
     statement_name,
 )
@@ -85,8 +86,13 @@ class Batch:
             await self._cursor.execute("COMMIT")
 
     async def abort(self) -> None:
+        """Roll back what was begun; quietly when the connection went away with the
+        transaction (see ``roll_back``)."""
         if self._begun and not self._done:
             self._done = True
+            if self._connection is not None:
+                await roll_back(self._connection, self._cursor)
+                return
             with contextlib.suppress(Exception):  # a lost connection took the transaction
                 await self._cursor.execute("ROLLBACK")
 

@@ -85,8 +85,56 @@ class _Detector(reconnection.DeadConnectionDetector):  # type: ignore[misc]
             retrying.cancel()
 
 
+def _close_if_dropped(raw: Any) -> None:
+    """Mark a psycopg2 connection closed when libpq has already dropped its socket.
+
+    libpq closes the socket of a session it finds broken (the server hung up during a
+    connect attempt, a send failed), but psycopg2 sets ``closed`` only on some of those
+    paths: on the others it reports an open connection whose ``fileno()`` is -1.
+    txpostgres decides with ``closed`` whether to watch the socket again, and asking the
+    reactor to watch descriptor -1 raises ``ValueError`` inside the reactor ("Unhandled
+    Error"). Closing the psycopg2 connection (a no-op for libpq, which has nothing left
+    to close) makes every such check see what is true: the session is gone.
+    """
+    if raw is not None and not raw.closed and raw.fileno() < 0:
+        raw.close()
+
+
+class PooledCursor(txpostgres.Cursor):  # type: ignore[misc]
+    """A cursor that keeps the reactor's view of its connection's socket true.
+
+    libpq closes the socket of a session it finds broken, sometimes inside the very call
+    that sends a statement. txpostgres stops watching the connection's socket only once
+    the statement is sent (``cursorRunning``); a socket closed while the reactor still
+    watches it cannot be taken out of epoll any more (``EBADF``, leaving the reactor's own
+    records wrong for whichever socket gets the number next). So the connection's socket
+    is unwatched before each statement, and watched again if the statement was refused
+    before anything was sent on a session that is still there. And a poll never leaves a
+    dropped socket looking open (see ``_close_if_dropped``): txpostgres watches the
+    connection's socket again after each statement unless the connection is closed.
+    """
+
+    def __init__(self, cursor: Any, connection: PooledConnection) -> None:
+        super().__init__(cursor, connection)
+        self.owner = connection
+
+    def execute(self, query: Any, params: Any = None) -> Deferred[Any]:
+        self.reactor.removeReader(self.owner)
+        started: Deferred[Any] = super().execute(query, params)
+        if started.called and not self.owner.gone:  # refused at once: nothing was sent
+            self.reactor.addReader(self.owner)
+        return started
+
+    def continuePolling(self, swallowErrors: bool = False) -> None:
+        try:
+            super().continuePolling(swallowErrors)
+        finally:
+            _close_if_dropped(self.pollable())
+
+
 class PooledConnection(txpostgres.Connection):  # type: ignore[misc]
-    """A connection whose connect attempt gives up after ``connect_timeout``.
+    """A connection that gives up connecting after ``connect_timeout``, heals when its
+    socket goes away, and rolls back quietly what a lost session took with it.
 
     libpq's ``connect_timeout`` is not applied to asynchronous connections, so an
     unanswered SYN would otherwise leave the reconnection loop waiting forever.
@@ -94,16 +142,33 @@ class PooledConnection(txpostgres.Connection):  # type: ignore[misc]
     """
 
     connect_timeout = 5.0
+    cursorFactory = PooledCursor
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.prepared: dict[str, Any] = {}
+
+    @property
+    def gone(self) -> bool:
+        """Whether there is no usable session: never connected, closed, or its socket
+        dropped by libpq (which psycopg2 may still call open)."""
+        raw = raw_connection(self)
+        return raw is None or bool(raw.closed) or raw.fileno() < 0
 
     def connect(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
         attempt: Deferred[Any] = super().connect(*args, **kwargs)
         if attempt.called:
             return attempt
         return within(self.reactor, attempt, self.connect_timeout).addErrback(self._give_up)
+
+    def continuePolling(self, swallowErrors: bool = False) -> None:
+        # A connect attempt the server hung up on (PostgreSQL shutting down or starting)
+        # fails here with its socket dropped; txpostgres' doRead then watches the socket
+        # again unless the connection is closed (see ``_close_if_dropped``).
+        try:
+            super().continuePolling(swallowErrors)
+        finally:
+            _close_if_dropped(raw_connection(self))
 
     def doRead(self) -> None:
         try:
@@ -112,7 +177,55 @@ class PooledConnection(txpostgres.Connection):  # type: ignore[misc]
             # The server closed an idle connection (restart, failover): heal it now rather
             # than on its next use, and without an "Unhandled Error" in the log.
             self.reactor.removeReader(self)
-            self.detector.checkForDeadConnection(Failure(error))
+            self.start_over(Failure(error))
+
+    def notice_loss(self, failure: Failure) -> None:
+        """After ``failure`` of work done on this connection: if the session is gone,
+        have the detector reconnect it (a no-op when it already does)."""
+        if self.gone:
+            self.start_over(failure)
+
+    def start_over(self, reason: Failure) -> None:
+        """Have the detector replace this session with a new one, for ``reason`` (a
+        no-op while it is already reconnecting)."""
+        if self.detector is None:
+            return
+        if not self.detector.deathChecker(reason):
+            reason = Failure(psycopg2.OperationalError(
+                f"the connection to PostgreSQL is gone ({summary(reason.value or '')})"))
+        self.detector.checkForDeadConnection(reason)
+
+    def run_transaction(self, interaction: Callable[[Any], Awaitable[T]]) -> Deferred[T]:
+        """Run ``interaction(cursor)`` between BEGIN and COMMIT (ROLLBACK if it fails).
+
+        txpostgres' ``runInteraction`` does the same but logs any failed ROLLBACK as an
+        error and answers ``RollbackFailed`` instead of the error that ended the
+        transaction, "cursor already closed" included: the ROLLBACK that must fail when
+        the connection died during the transaction (PostgreSQL ended the transaction with
+        the session). Here that is expected and quiet, and the caller gets the error that
+        says the database is unavailable (see ``roll_back``). Like ``runInteraction``, it
+        waits for this connection's lock and fails fast with ``ConnectionDead`` while the
+        connection is being re-established.
+        """
+
+        async def transaction() -> T:
+            cursor = self.cursor()
+            await cursor.execute("BEGIN")
+            try:
+                result = await interaction(cursor)
+                await cursor.execute("COMMIT")
+            except Exception:  # CancelledError included
+                await roll_back(self, cursor)
+                raise
+            return result
+
+        def checked() -> Deferred[T]:
+            if self.detector is None:
+                return Deferred.fromCoroutine(transaction())
+            return self.detector.callChecking(  # type: ignore[no-any-return]
+                lambda: Deferred.fromCoroutine(transaction()))
+
+        return self.lock.run(checked)  # type: ignore[no-any-return]
 
     def _give_up(self, failure: Failure) -> NoReturn:
         failure.trap(defer.TimeoutError)
@@ -121,6 +234,31 @@ class PooledConnection(txpostgres.Connection):  # type: ignore[misc]
         with contextlib.suppress(Exception):  # the socket may already be gone
             self.close()
         raise psycopg2.OperationalError("timeout while connecting to PostgreSQL")
+
+
+async def roll_back(connection: PooledConnection, cursor: Any) -> None:
+    """ROLLBACK the transaction open on ``cursor``; never raises, so the caller keeps the
+    error that ended the transaction.
+
+    When the connection is gone, so is its transaction: PostgreSQL rolls back whatever a
+    lost session left open. The ROLLBACK then cannot be sent (psycopg2: "cursor already
+    closed") or its answer cannot come: expected, and said at info level. A ROLLBACK that
+    fails on a live connection is a real error: logged as one, and the session, which may
+    still hold the transaction open, is replaced.
+    """
+    if connection.gone:
+        log.info("database transaction ended with its connection: nothing to roll back")
+        return
+    try:
+        await cursor.execute("ROLLBACK")
+    except Exception as error:
+        if connection.gone:
+            log.info("database transaction ended with its connection ({error})",
+                     error=summary(error))
+            return
+        failure = Failure(error)
+        log.failure("ROLLBACK failed on a live database connection; replacing it", failure)
+        connection.start_over(Failure(txpostgres.RollbackFailed(connection, failure)))
 
 
 class HealingPool:
@@ -169,12 +307,7 @@ class HealingPool:
 
     @staticmethod
     def _usable(connection: PooledConnection) -> bool:
-        raw = raw_connection(connection)
-        return (
-            raw is not None
-            and not raw.closed
-            and not connection.detector.connectionIsDead
-        )
+        return not connection.gone and not connection.detector.connectionIsDead
 
     def close(self) -> None:
         self._closed = True
@@ -204,7 +337,13 @@ class HealingPool:
                 self._idle.append(connection)
                 return result
 
-            return work(connection).addBoth(put_back)
+            def heal(failure: Failure) -> Failure:
+                # Work that runs its own cursors (batches) bypasses txpostgres' detector:
+                # a session lost under it is reported here, as runQuery reports its own.
+                connection.notice_loss(failure)
+                return failure
+
+            return work(connection).addErrback(heal).addBoth(put_back)
 
         return self._semaphore.run(run)
 
@@ -232,16 +371,9 @@ class HealingPool:
     def run_interaction(
         self, interaction: Callable[[Any], Awaitable[T]]
     ) -> Deferred[T]:
-        """Run ``async def interaction(cursor)`` in one transaction.
-
-        txpostgres would commit at once if handed a coroutine function: it does not await
-        it. Wrapping it in ``Deferred.fromCoroutine`` makes the commit wait for it.
-        """
-
-        def transact(cursor: Any) -> Deferred[T]:
-            return Deferred.fromCoroutine(_as_coroutine(interaction(cursor)))
-
-        return self.with_connection(lambda c: c.runInteraction(transact))
+        """Run ``async def interaction(cursor)`` in one transaction that commits when
+        it is done (see ``PooledConnection.run_transaction``)."""
+        return self.with_connection(lambda c: c.run_transaction(interaction))
 
 
 async def ensure_prepared(connection: PooledConnection, name: str, statement: str,
@@ -290,8 +422,4 @@ async def run_prepared(
     placeholders = ", ".join(["%s"] * len(params))
     return await query(f"EXECUTE {name} ({placeholders})" if params else f"EXECUTE {name}",
                        params)
-
-
-async def _as_coroutine(awaitable: Awaitable[T]) -> T:
-    return await awaitable
 

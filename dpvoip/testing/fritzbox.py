@@ -16,8 +16,9 @@ Script format, one step per line (blank lines and ``#`` comment lines are skippe
     <delay> <callmonitor line>   wait <delay> s after the previous step, send line + CRLF
     <delay> !raw <text>          send exact bytes; escapes \\r \\n \\t \\\\ \\xNN
     <delay> !close               close every client connection cleanly (FIN)
-    <delay> !reset               abort every client connection (RST)
-    <delay> !refuse <seconds>    close connections, stop listening, listen again later
+    <delay> !reset               abort every client connection (RST), once the lines
+                                 before it are out
+    <delay> !refuse <seconds>    close connections, refuse new ones (RST), listen again
     <delay> !await               wait until a client is connected
 
 ``{now}``, ``{now+N}``, ``{now-N}`` (N whole seconds) become the box's local time when the
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,13 +38,27 @@ from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import IAddress, IListeningPort, ITCPTransport
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    fail,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IListeningPort,
+    IPullProducer,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.failure import Failure
-from zope.interface import provider
+from zope.interface import implementer, provider
 
 from dpvoip.deferreds import EmptyableSet, OneShotObserver
 
@@ -253,13 +269,26 @@ def payload(action: Send | Raw, at: float, zone: ZoneInfo) -> bytes:
 # --- the I/O part ------------------------------------------------------------------------
 
 
+@implementer(IPullProducer)
 class _BoxSide(Protocol):
-    """One client's connection as the box sees it: written to, never meaningfully read."""
+    """One client's connection as the box sees it: written to, never meaningfully read.
+
+    It is also its transport's pull producer, for one thing only: the transport asks it
+    to produce whenever it has written everything it was given, which is how a reset
+    knows that the lines before it are out (Twisted writes on a later reactor turn, and
+    an abort drops what is still buffered).
+    """
 
     def __init__(self, simulator: FritzSimulator) -> None:
         self.simulator = simulator
+        self._unwritten = False
+        self._written: OneShotObserver[None] = OneShotObserver()
+        self._registered = False
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
+        cast(IConsumer, self.transport).registerProducer(self, False)
+        self._registered = True
         self.simulator.joined(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -267,6 +296,7 @@ class _BoxSide(Protocol):
         self.simulator.bytes_received += len(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._all_written()  # nothing more will be written: nobody waits for it
         self.simulator.left(self)
 
     def peer(self) -> str:
@@ -278,10 +308,31 @@ class _BoxSide(Protocol):
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
+        self._unwritten = True
         self.transport.write(data)
+
+    def written(self) -> Deferred[None]:
+        """Fires once everything sent so far has been written to the socket."""
+        return self._written.when_fired() if self._unwritten else succeed(None)
+
+    def resumeProducing(self) -> None:
+        """The transport has written all it was given (IPullProducer)."""
+        self._all_written()
+
+    def stopProducing(self) -> None:
+        """The connection is gone (IPullProducer)."""
+        self._all_written()
+
+    def _all_written(self) -> None:
+        self._unwritten = False
+        written, self._written = self._written, OneShotObserver()
+        written.fire(None)
 
     def hang_up(self, abort: bool) -> None:
         assert self.transport is not None
+        if self._registered:  # a transport with a producer would not close: it would
+            self._registered = False  # ask it for more
+            cast(IConsumer, self.transport).unregisterProducer()
         if abort:
             cast(ITCPTransport, self.transport).abortConnection()
         else:
@@ -298,13 +349,64 @@ class _BoxFactory(Factory):
         return _BoxSide(self.simulator)
 
 
+class HeldPort:
+    """A TCP port kept by the simulator from its first listen to its stop, listened on
+    or not.
+
+    A box that reboots refuses connections for a while and then listens on the same port
+    again. Closing the listening socket and binding the port number again later races
+    with every other program on the machine: one handed the port in between (by a
+    ``listen(0)`` of its own) takes it, and the box cannot listen again. So a
+    *reservation* socket stays bound to the port (never listening: connections are
+    refused with RST, as by a closed port), and each listen is a new socket bound to the
+    same port beside it. Both use ``SO_REUSEPORT`` and nothing else: no program binds the
+    port meanwhile unless it asks for ``SO_REUSEPORT`` too and runs as the same user
+    (Twisted's ``listenTCP`` never does), the kernel hands it to no ``listen(0)`` and
+    uses it as no outgoing connection's port.
+    """
+
+    def __init__(self, host: str, port: int = 0) -> None:
+        self.host = host
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._reservation = self._socket(port)
+        self.port: int = self._reservation.getsockname()[1]
+
+    def listen(self, reactor: Any, factory: Factory, backlog: int = 50) -> IListeningPort:
+        """Listen on the held port (until the returned port's ``stopListening``)."""
+        listening = self._socket(self.port)
+        try:
+            listening.listen(backlog)
+            listening.setblocking(False)
+            port: IListeningPort = reactor.adoptStreamPort(
+                listening.fileno(), self.family, factory)
+        finally:
+            listening.close()  # the reactor has its own duplicate of the descriptor
+        return port
+
+    def release(self) -> None:
+        """Give the port back."""
+        self._reservation.close()
+
+    def _socket(self, port: int) -> socket.socket:
+        made = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            made.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            made.bind((self.host, port))
+        except OSError as error:
+            made.close()
+            raise CannotListenError(self.host, port, error) from error
+        return made
+
+
 class FritzSimulator:
     """Serves a ``Script`` on a TCP port the way a Fritz!Box serves its CallMonitor.
 
-    ``reactor`` needs ``listenTCP``, ``callLater`` and ``seconds`` (the real reactor, or
-    ``MemoryReactorClock`` in tests); all timing, ``{now}`` included, comes from it.
-    Every line goes to every connected client; a line due while none is connected is lost
-    (counted in ``lines_dropped``), as on a real box, which never queues.
+    ``reactor`` needs ``adoptStreamPort``, ``callLater`` and ``seconds`` (the real
+    reactor, or ``MemoryReactorClock`` in tests); all timing, ``{now}`` included, comes
+    from it. Every line goes to every connected client; a line due while none is
+    connected is lost (counted in ``lines_dropped``), as on a real box, which never
+    queues. The port is held from ``listen()`` to ``stop()`` (see ``HeldPort``), also
+    while a ``!refuse`` refuses connections.
     """
 
     def __init__(self, reactor: Any, script: Script, timezone: str = "Europe/Athens",
@@ -324,6 +426,7 @@ class FritzSimulator:
         self.bytes_received = 0
         """Bytes clients sent (keepalives); read and ignored."""
         self._factory = _BoxFactory(self)
+        self._held: HeldPort | None = None
         self._listening: IListeningPort | None = None
         self._clients: list[_BoxSide] = []  # connected and not being hung up on
         self._open: EmptyableSet[_BoxSide] = EmptyableSet()  # every connection not lost yet
@@ -343,14 +446,19 @@ class FritzSimulator:
         return self._listening is not None
 
     def listen(self, port: int = 0) -> Deferred[int]:
-        """Listen on ``host``:``port`` (0: any free port); fires with the bound port."""
+        """Listen on ``host``:``port`` (0: any free port), and hold the port until
+        ``stop()``; fires with the port (``CannotListenError`` when it is taken)."""
         if self._listening is not None:
             return fail(RuntimeError(f"already listening on port {self.port}"))
         self._stopping = False
         try:
-            return succeed(self._bind(port))
+            self._held = HeldPort(self.host, port)
+            self.port = self._held.port
+            self._bind()
         except Exception:
+            self._release()
             return fail()
+        return succeed(self.port)
 
     def run(self) -> Deferred[None]:
         """Play the script once, after waiting for a first client; fires when it has ended
@@ -394,6 +502,9 @@ class FritzSimulator:
             case Close():
                 self._hang_up(abort=False)
             case Reset():
+                # The lines sent just before (on this very turn, say) go out first: an
+                # abort drops whatever the transport has not written yet.
+                await self._wait(gatherResults([side.written() for side in self._clients]))
                 self._hang_up(abort=True)
             case Refuse(seconds):
                 await self._refuse(seconds)
@@ -428,8 +539,7 @@ class FritzSimulator:
                 await self._wait(deferLater(self.reactor, seconds))
         finally:  # also when run() is cancelled: only stop() leaves the port closed
             if not self._stopping:
-                assert self.port is not None
-                self._bind(self.port)
+                self._bind()
                 log.info("listening again on port {port}", port=self.port)
 
     async def _until_connected(self) -> None:
@@ -446,12 +556,14 @@ class FritzSimulator:
 
     # -- listening and connections
 
-    def _bind(self, port: int) -> int:
-        self._listening = self.reactor.listenTCP(port, self._factory, interface=self.host)
-        address = self._listening.getHost()
-        assert isinstance(address, IPv4Address | IPv6Address)
-        self.port = address.port
-        return self.port
+    def _bind(self) -> None:
+        assert self._held is not None
+        self._listening = self._held.listen(self.reactor, self._factory)
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.release()
 
     async def _stop_listening(self) -> None:
         listening, self._listening = self._listening, None
@@ -461,6 +573,7 @@ class FritzSimulator:
     async def _shut(self) -> None:
         self._hang_up(abort=False)
         await self._stop_listening()
+        self._release()
         if not self._open:
             return
         timer = self.reactor.callLater(STOP_GRACE, self._abort_all)
@@ -524,7 +637,6 @@ def serve(path: str, port: int = 1012, host: str = "127.0.0.1",
         return 2
 
     from twisted.internet import task
-    from twisted.internet.error import CannotListenError
     from twisted.logger import globalLogBeginner
 
     globalLogBeginner.beginLoggingTo([_print_event], redirectStandardIO=False)
