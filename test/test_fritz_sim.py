@@ -618,15 +618,19 @@ class LiveTests(TestCase):
         self.assertEqual(client.data, b"a;\r\n")
         await until(lambda: simulator.connected == 0)
 
-    async def test_reset_aborts(self) -> None:
-        simulator, port = await self.start("0.02 a;\n0.1 !reset\n")
+    async def reset_by(self, script: str) -> bytes:
+        """What a client read before the script's ``!reset`` aborted its connection."""
+        simulator, port = await self.start(script)
         done = simulator.run()
         client = await self.connect(port)
         reason = await client.ended()
         await done
         self.assertTrue(reason.check(ConnectionLost), reason)
         self.assertFalse(reason.check(ConnectionDone), reason)
-        self.assertEqual(client.data, b"a;\r\n")
+        return client.data
+
+    async def test_reset_aborts(self) -> None:
+        self.assertEqual(await self.reset_by("0.02 a;\n0.1 !reset\n"), b"a;\r\n")
 
     async def test_refuse_then_listen_again(self) -> None:
         simulator, port = await self.start(
@@ -659,14 +663,7 @@ class LiveTests(TestCase):
         self.assertTrue(simulator.listening)
 
     async def test_reset_right_after_lines_delivers_them_first(self) -> None:
-        simulator, port = await self.start("0 a;\n0 b;\n0 !reset\n")
-        done = simulator.run()
-        client = await self.connect(port)
-        reason = await client.ended()
-        await done
-        self.assertTrue(reason.check(ConnectionLost), reason)
-        self.assertFalse(reason.check(ConnectionDone), reason)
-        self.assertEqual(client.data, b"a;\r\nb;\r\n")
+        self.assertEqual(await self.reset_by("0 a;\n0 b;\n0 !reset\n"), b"a;\r\nb;\r\n")
 
     async def test_raw_delivers_exact_bytes(self) -> None:
         simulator, port = await self.start(
