@@ -7,9 +7,8 @@ import itertools
 from datetime import datetime
 from typing import Any
 
+import psycopg2
 from psycopg2 import sql
-
-from test.support.postgres import query
 
 _serial = itertools.count(1)
 _FILL = {
@@ -36,7 +35,24 @@ class Crm:
         return self._columns[table]
 
     def query(self, text: Any, params: Any = ()) -> list[tuple[Any, ...]]:
-        return query(self.dsn, text, params)
+        """Run ``text``, then have PostgreSQL publish its statistics before answering.
+
+        The directory's refresh skips the tables whose statistics show no writes; a
+        backend publishes them at most once a second (or when it exits, which happens
+        after the client has closed), so on a busy machine a test's write could still be
+        unpublished when the refresh under test reads them. ``pg_stat_force_next_flush``
+        makes the next transaction's end publish everything pending, before its answer.
+        """
+        connection = psycopg2.connect(self.dsn)
+        try:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute(text, params)
+                rows: list[tuple[Any, ...]] = cursor.fetchall() if cursor.description else []
+                cursor.execute("SELECT pg_stat_force_next_flush()")
+            return rows
+        finally:
+            connection.close()
 
     def insert(self, table: str, **values: Any) -> int:
         row: dict[str, Any] = {}
