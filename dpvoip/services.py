@@ -225,7 +225,7 @@ class DatabaseService(Service):
 #: (statistics lag, and can be switched off).
 FULL_PASS_SECONDS = 300.0
 
-directory_log = Logger(namespace="dpvoip.core.matching")
+directory_log = Logger(namespace="dpvoip.directory")
 
 
 class DirectoryService(Service):

@@ -186,7 +186,7 @@ class LookupTests(DirectoryTestCase):
             match = yield self.lookup("6977000001")
             self.assertEqual(match.client.id, active)
             self.assertEqual(match.candidates, 3)
-        logged = [e for e in events if e.get("log_namespace") == "dpvoip.core.matching"
+        logged = [e for e in events if e.get("log_namespace") == "dpvoip.directory"
                   and e.get("n") == 3]
         self.assertEqual(len(logged), 3)
         self.assertEqual(logged[0]["log_level"], LogLevel.info)

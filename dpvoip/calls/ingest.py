@@ -65,7 +65,7 @@ from dpvoip.zadarma.calls import ZadarmaCall, summarise
 from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from dpvoip.zadarma.events import call_id as zadarma_call_id
 
-log = Logger(namespace="dpvoip.calls.ingest")
+log = Logger(namespace="dpvoip.ingest")
 T = TypeVar("T")
 
 #: How far back a CONNECT/DISCONNECT of an unknown id may find the call it belongs to.

@@ -25,7 +25,7 @@ from dpvoip.fritzbox.parser import BadLine, parse
 from dpvoip.fritzbox.tracker import BoxRules, CallTracker
 from dpvoip.protocols.callmonitor import CallMonitorProtocol
 
-log = Logger(namespace="dpvoip.fritzbox.box")
+log = Logger(namespace="dpvoip.fritzbox")
 
 #: A box clock this far from ours is worth a warning (wrong zone, or just rebooted).
 CLOCK_SKEW_WARNING = 300.0

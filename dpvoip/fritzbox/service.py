@@ -27,7 +27,7 @@ from dpvoip.protocols.callmonitor import CallMonitorProtocol
 from dpvoip.store.boxes import report_boxes
 from dpvoip.store.database import Store
 
-log = Logger(namespace="dpvoip.fritzbox.box")  # the box's lines, wherever written from
+log = Logger(namespace="dpvoip.fritzbox")  # the box's lines, wherever written from
 
 #: TCP keepalive: first probe after 60 s of silence, then every 10 s, dead after 3.
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 10, 3

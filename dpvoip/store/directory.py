@@ -33,7 +33,7 @@ from dpvoip.core.numbers import Dialling, normalise
 from dpvoip.crm.schema import quote_ident
 from dpvoip.store.database import Batch, Store
 
-log = Logger(namespace="dpvoip.core.matching")
+log = Logger(namespace="dpvoip.directory")
 
 
 @dataclass
