@@ -27,8 +27,9 @@ from dpvoip.store.pool import ConnectionDead, HealingPool, PooledConnection, bac
 from test.support.postgres import postgres, query
 
 
-async def eventually(check: Any, seconds: float = 20.0, step: float = 0.1) -> None:
-    """Poll ``check()`` (sync or returning a Deferred) until it is true, or fail."""
+async def eventually(check: Any, seconds: float = 120.0, step: float = 0.1) -> None:
+    """Poll ``check()`` (sync or returning a Deferred) until it is true, or fail after
+    ``seconds`` of polling: a hang detector, not a bound a busy machine must meet."""
     waited = 0.0
     while waited < seconds:
         result = check()
