@@ -172,9 +172,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"config: valid ({args.config or os.environ.get('DPVOIP_CONFIG') or 'defaults'})")
     from dpvoip.crm.schema import capabilities, missing
     from dpvoip.store.boxes import reported_boxes
+    from dpvoip.store.directory import directory_sizes
     from dpvoip.store.dsn import describe as describe_dsn
     from dpvoip.store.migrations import read_catalogue, schema_version
-    from dpvoip.store.status import directory_sizes
 
     async def work(store: Any, dsn: str) -> int:
         schema = config.database.crm_schema

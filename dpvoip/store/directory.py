@@ -262,10 +262,7 @@ class DirectoryIndex:
         return moment
 
     async def _count(self) -> None:
-        rows = await self._store.read(
-            "SELECT source, count(*) FROM dpvoip.directory_entry GROUP BY source"
-        )
-        self.state.sources = {source: int(n) for source, n in rows}
+        self.state.sources = await directory_sizes(self._store)
         self.state.entries = sum(self.state.sources.values())
 
     # -- lookup ----------------------------------------------------------------------------
@@ -372,3 +369,11 @@ def _lookup_sql(schema: str) -> str:
     ]
     return ("WITH hit AS (SELECT source, record_id, field FROM dpvoip.directory_entry"
             " WHERE number = $1) " + " UNION ALL ".join(parts))
+
+
+async def directory_sizes(store: Store) -> dict[str, int]:
+    """How many numbers the phone directory holds, per source (clients, contacts, ...):
+    the daemon's index keeps its count with it, ``dpvoip check`` (another process) asks."""
+    rows = await store.read(
+        "SELECT source, count(*) FROM dpvoip.directory_entry GROUP BY source")
+    return {str(source): int(count) for source, count in rows}
