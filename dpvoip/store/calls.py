@@ -41,7 +41,7 @@ NOTIFY_CHANNEL = "dpvoip_calls"
 _TICKET_LOCK = (
     "SELECT pg_advisory_xact_lock(hashtext('dpvoip-ticket:' || remote_number))"
     " FROM dpvoip.call_detail WHERE call_id = %(call)s AND direction = 'incoming'"
-    " AND remote_number IS NOT NULL; "
+    " AND remote_number IS NOT NULL"
 )
 
 
@@ -459,7 +459,7 @@ class CallStatements:
              "event": event.kind, "calltype": event.calltype, "internal": event.internal,
              "destination": event.destination, "form": json.dumps(dict(form)),
              "call": identity, "number": guess},
-            prefix="SELECT pg_advisory_xact_lock(hashtext(%(lock)s)); ",
+            prefix="SELECT pg_advisory_xact_lock(hashtext(%(lock)s))",
         )
         return JournalEntry(bool(fresh), forms, previous, bool(existed), found)
 

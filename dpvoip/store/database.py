@@ -56,16 +56,24 @@ class Batch:
                           last: bool = False) -> list[tuple[Any, ...]]:
         """A hot statement with ``%(name)s`` parameters, planned once per connection: the
         server parses and plans it once, and each run sends a short EXECUTE instead of the
-        whole text. ``prefix`` (statements with the same parameters) rides along in front;
-        ``last``: the COMMIT rides along behind (and no rows come back)."""
+        whole text. ``prefix`` (a statement with the same parameters, planned once too)
+        rides along in front, in a snapshot of its own (a lock taken before the statement
+        reads); ``last``: the COMMIT rides along behind (and no rows come back)."""
         if self._connection is None:
-            return await self.run(prefix + statement, params, last)
+            return await self.run(f"{prefix}; {statement}" if prefix else statement,
+                                  params, last)
+        text = await self._execute_text(statement)
+        if prefix:
+            text = f"{await self._execute_text(prefix)}; {text}"
+        return await self.run(text, params, last)
+
+    async def _execute_text(self, statement: str) -> str:
+        """The EXECUTE of ``statement`` (PREPAREd on this connection first if need be)."""
         text, names = positional(statement)
         name = statement_name(text)
         await ensure_prepared(self._connection, name, text, self.run)
         arguments = ", ".join(f"%({n})s" for n in names)
-        return await self.run(f"{prefix}EXECUTE {name} ({arguments})" if names
-                              else f"{prefix}EXECUTE {name}", params, last)
+        return f"EXECUTE {name} ({arguments})" if names else f"EXECUTE {name}"
 
     async def run(self, sql: str, params: Any = None, last: bool = False
                   ) -> list[tuple[Any, ...]]:
