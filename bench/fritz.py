@@ -134,12 +134,13 @@ def load(entries: int, rate: float, seconds: float, history: int) -> dict[str, A
                            frozenset())
             ring_latency: list[float] = []
             end_latency: list[float] = []
-            received: dict[str, float] = {}
+            line_at: dict[str, float] = {}
             original_submit = ingest.submit
 
-            def timed_submit(happening: Any, origin: Any) -> Deferred[None]:
-                began = received.pop("now")
-                done = original_submit(happening, origin)
+            def timed_submit(happening: Any, origin: Any,
+                             received: datetime | None = None) -> Deferred[None]:
+                began = line_at.pop("now")
+                done = original_submit(happening, origin, received)
 
                 def took(result: Any) -> Any:
                     elapsed = time.perf_counter() - began
@@ -155,9 +156,9 @@ def load(entries: int, rate: float, seconds: float, history: int) -> dict[str, A
             original_line = box.line_received
 
             def timed_line(text: str) -> None:
-                received["now"] = time.perf_counter()
+                line_at["now"] = time.perf_counter()
                 original_line(text)
-                received.pop("now", None)
+                line_at.pop("now", None)
 
             box.line_received = timed_line  # type: ignore[method-assign]
 

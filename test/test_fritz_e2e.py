@@ -101,13 +101,13 @@ class SampleTests(EndToEndTestCase):
             country="DE", timezone="Europe/Berlin", area_code="7191",
         )
         yield self.wait_for(self.calls_sql, [
-            ("incoming", "", "completed", 60, "answered on extension 4", False),
-            ("incoming", "+491755290123", "missed", 0, "missed", True),
-            ("incoming", "+497191952123", "completed", 109, "answered on extension 11", False),
-            ("outgoing", "+497191952123", "failed", 0, "not reached", False),
-            ("outgoing", "+497191952123", "completed", 312, "answered on extension 11",
+            ("incoming", "", "completed", 210, "answered on extension 4", False),
+            ("incoming", "+491755290123", "missed", 4, "missed", True),
+            ("incoming", "+497191952123", "completed", 122, "answered on extension 11", False),
+            ("outgoing", "+497191952123", "failed", 3, "not reached", False),
+            ("outgoing", "+497191952123", "completed", 318, "answered on extension 11",
              False),
-            ("incoming", "+491781234567", "missed", 30, "voicemail (answering machine 1)",
+            ("incoming", "+491781234567", "missed", 53, "voicemail (answering machine 1)",
              True),
         ])
         tickets = self.crm.query("SELECT title FROM accounting_ticket ORDER BY title")
@@ -196,10 +196,10 @@ class FaultTests(EndToEndTestCase):
             "0 {now+4};DISCONNECT;1;0;\n"
         )
         yield self.wait_for(self.calls_sql, [
-            ("incoming", "+302101111111", "failed", 0, "interrupted: monitor connection lost",
+            ("incoming", "+302101111111", "failed", 1, "interrupted: monitor connection lost",
              False),
-            ("incoming", "+302102222222", "missed", 0, "missed", True),
-            ("outgoing", "+302103333333", "failed", 0, "not reached", False),
+            ("incoming", "+302102222222", "missed", 5, "missed", True),
+            ("outgoing", "+302103333333", "failed", 4, "not reached", False),
         ])
         yield self.played
         [box] = daemon.boxes

@@ -122,8 +122,10 @@ class CallRecordTests(IngestTestCase):
                                     "active", 0, ""))
         yield self.lines("17.06.20 10:30:31;DISCONNECT;0;109;")
         [call] = self.calls()
+        # The CRM's own duration (ended - started, as its save() computes it); the talk
+        # time (109 s) is kept in dpvoip's detail row.
         self.assertEqual(call, ("fb-office-20200617102829-0", "incoming", "+306912345678",
-                                "completed", 109, "answered on extension 11", False, None,
+                                "completed", 122, "answered on extension 11", False, None,
                                 client, "info@papadopoulos.gr", "pending", True))
         started = self.crm.query("SELECT started_at, ended_at FROM accounting_voipcall")[0]
         self.assertEqual(started, (datetime(2020, 6, 17, 7, 28, 29, tzinfo=UTC),
@@ -136,16 +138,17 @@ class CallRecordTests(IngestTestCase):
         ])
         self.assertEqual(self.tickets_rows(), [])
         detail = self.crm.query("SELECT source, box, conn_id, remote_raw, remote_number,"
-                                " own_number, line, extension, outcome FROM dpvoip.call_detail")
+                                " own_number, line, extension, outcome, talk_seconds"
+                                " FROM dpvoip.call_detail")
         self.assertEqual(detail, [("fritzbox", "office", 0, "06912345678", "+306912345678",
-                                   "7654321", "SIP0", 11, "answered")])
+                                   "7654321", "SIP0", 11, "answered", 109)])
 
     @defer.inlineCallbacks
     def test_an_outgoing_call_records_the_dialled_number_never_the_own(self) -> Any:
         yield self.lines(f"{today('10:30:57')};CALL;1;11;7654321;2101234567#;SIP0;",
                          f"{today('10:31:00')};DISCONNECT;1;0;")
         [call] = self.calls()
-        self.assertEqual(call[1:6], ("outgoing", "+302101234567", "failed", 0, "not reached"))
+        self.assertEqual(call[1:6], ("outgoing", "+302101234567", "failed", 3, "not reached"))
         self.assertEqual(self.logs()[0], ("started", "Outgoing call to +302101234567 - unknown"))
         self.assertEqual(self.tickets_rows(), [])
 
@@ -466,7 +469,7 @@ class ClockTests(ZadarmaTestCase):
     """The wall clock the ingest reads is the one it is given."""
 
     @defer.inlineCallbacks
-    def test_the_sales_sides_today_and_a_ticketed_calls_end_come_from_the_clock(
+    def test_the_sales_sides_today_and_the_rows_times_come_from_the_clock(
         self,
     ) -> Any:
         clock = Clock()
@@ -484,5 +487,10 @@ class ClockTests(ZadarmaTestCase):
             ("02.03.2030 - Incoming call from Maria Ioannou (answered, 1:35).",)])
         yield self.send(zadarma_call("+302101234567", "in_" + "2" * 40, answered=False),
                         replace(self.context, tickets=True))
+        # Written as at the event's arrival (the clock); a missed Zadarma call ends when
+        # it started plus its talk time: Zadarma's own times, never the delivery's.
         self.assertEqual(self.crm.query(
-            "SELECT ended_at FROM accounting_voipcall WHERE ticket_created"), [(moment,)])
+            "SELECT created_at, updated_at, ended_at - started_at FROM accounting_voipcall"
+            " WHERE ticket_created"), [(moment, moment, timedelta(0))])
+        self.assertEqual(self.crm.query("SELECT created_at FROM accounting_ticket"),
+                         [(moment,)])

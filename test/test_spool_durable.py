@@ -73,10 +73,12 @@ class FakeIngest:
 
     def __init__(self) -> None:
         self.committed: list[Happening] = []
+        self.received: list[datetime | None] = []  # when each committed event arrived
         self.answer: Any = None
         self.held: list[Deferred[None]] = []
 
-    def submit(self, happening: Happening, origin: Origin) -> Deferred[None]:
+    def submit(self, happening: Happening, origin: Origin,
+               received: datetime | None = None) -> Deferred[None]:
         if self.answer is self.HOLD:
             held: Deferred[None] = Deferred()
             self.held.append(held)
@@ -84,6 +86,7 @@ class FakeIngest:
         if isinstance(self.answer, BaseException):
             return defer.fail(self.answer)
         self.committed.append(happening)
+        self.received.append(received)
         return defer.succeed(None)
 
 
@@ -175,6 +178,20 @@ class DurableIngestTests(SynchronousTestCase):
         self.assertTrue(self.successResultOf(self.durable.replay()))
         self.assertEqual(self.durable.counters.unreplayable, 2)
         self.assertEqual(self.spool.records, [])
+
+    def test_a_replayed_event_is_written_as_at_its_arrival_not_at_its_replay(self) -> None:
+        self.clock.advance(1_800_000_000)
+        self.successResultOf(self.durable.submit(answered(1), ORIGIN))
+        self.ingest.answer = ConnectionDead()
+        self.clock.advance(10)
+        self.successResultOf(self.durable.submit(answered(2), ORIGIN))  # spooled
+        self.clock.advance(3600)  # an hour's outage
+        self.ingest.answer = None
+        self.assertTrue(self.successResultOf(self.durable.replay()))
+        self.assertEqual(self.ingest.received, [
+            datetime.fromtimestamp(1_800_000_000, UTC),
+            datetime.fromtimestamp(1_800_000_010, UTC),
+        ])
 
     def test_one_replay_at_a_time_and_idle_waits_for_it(self) -> None:
         self.ingest.answer = ConnectionDead()

@@ -18,7 +18,7 @@ sales side's "today".
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TypeVar
@@ -57,7 +57,7 @@ from dpvoip.core.tickets import (
 from dpvoip.crm.schema import CrmCapabilities
 from dpvoip.deferreds import OneShotObserver
 from dpvoip.fritzbox.tracker import BoxRules, decide
-from dpvoip.store.calls import CallStatements, TicketQuery, ZadarmaRow
+from dpvoip.store.calls import CallStatements, JournalEntry, TicketQuery, ZadarmaRow
 from dpvoip.store.database import Batch, Store
 from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.migrations import SchemaReport
@@ -137,16 +137,23 @@ class Ingest:
 
     # -- the entry point -------------------------------------------------------------------
 
-    def submit(self, happening: Happening, origin: Origin) -> Deferred[None]:
-        """Apply ``happening``; fires when it is committed (or fails, after logging it)."""
-        return self._in_order(_chain_key(happening), lambda: self._apply(happening, origin))
+    def submit(self, happening: Happening, origin: Origin,
+               received: datetime | None = None) -> Deferred[None]:
+        """Apply ``happening``, which arrived at ``received`` (UTC; default: now, from the
+        clock); fires when it is committed (or fails, after logging it). The rows are
+        written as at ``received``: a replay from the spool writes the same rows."""
+        at = received or self._now()
+        return self._in_order(_chain_key(happening),
+                              lambda: self._apply(happening, origin, at))
 
     def submit_zadarma(self, event: ZadarmaEvent, form: Mapping[str, str],
-                       context: ZadarmaContext) -> Deferred[ZadarmaOutcome]:
-        """Record a Zadarma webhook event (journal, call row, logs, CRM, ticket); fires with
-        what the answer needs once it is committed."""
+                       context: ZadarmaContext,
+                       received: datetime | None = None) -> Deferred[ZadarmaOutcome]:
+        """Record a Zadarma webhook event that arrived at ``received`` (journal, call row,
+        logs, CRM, ticket); fires with what the answer needs once it is committed."""
+        at = received or self._now()
         return self._in_order(f"zd:{event.pbx_call_id}",
-                              lambda: self._zadarma(event, form, context))
+                              lambda: self._zadarma(event, form, context, at))
 
     def _in_order(self, key: str, work: Callable[[], Awaitable[T]]) -> Deferred[T]:
         """Run ``work`` after everything submitted before under ``key`` (one call's events
@@ -167,18 +174,18 @@ class Ingest:
 
         return Deferred.fromCoroutine(run())
 
-    async def _apply(self, happening: Happening, origin: Origin) -> None:
+    async def _apply(self, happening: Happening, origin: Origin, received: datetime) -> None:
         try:
             if isinstance(happening, Started):
-                await self._started(happening, origin)
+                await self._started(happening, origin, received)
             elif isinstance(happening, Answered):
-                await self._answered(happening)
+                await self._answered(happening, received)
             elif isinstance(happening, Forwarded):
-                await self._forwarded(happening)
+                await self._forwarded(happening, received)
             elif isinstance(happening, Ended):
-                await self._ended(happening, origin)
+                await self._ended(happening, origin, received)
             else:
-                await self._unmatched(happening, origin)
+                await self._unmatched(happening, origin, received)
         except Exception:
             self.counters.failures += 1
             raise
@@ -202,12 +209,14 @@ class Ingest:
 
     # -- happenings --------------------------------------------------------------------------
 
-    async def _started(self, started: Started, origin: Origin) -> None:
+    async def _started(self, started: Started, origin: Origin, received: datetime) -> None:
         number = None if started.hairpin else normalise(started.remote, origin.where)
         match = await self._directory.lookup(number) if number else None
         phone = "" if started.hairpin else remote_column(started.remote, number)
         lines = started_lines(started.direction, phone, match, self._texts)
-        if await self._statements.start(started, origin.source, number, phone, match, lines):
+        notes = "internal call to an own number" if started.hairpin else ""
+        if await self._statements.start(started, origin.source, number, phone, match, lines,
+                                        received, notes):
             self.counters.calls_started += 1
             log.info("call {call_id}: {direction} {number} ({name})", call_id=started.call_id,
                      direction=started.direction, number=shown_number(phone, self._texts),
@@ -215,19 +224,22 @@ class Ingest:
         else:
             self.counters.replays_ignored += 1  # the call is there already
 
-    async def _answered(self, answered: Answered) -> None:
+    async def _answered(self, answered: Answered, received: datetime) -> None:
         line = answered_line(answered.extension, answered.transfer, self._texts)
-        if not await self._statements.answer(answered, line):
+        if not await self._statements.answer(answered, line, received):
             self.counters.replays_ignored += 1
 
-    async def _forwarded(self, forwarded: Forwarded) -> None:
+    async def _forwarded(self, forwarded: Forwarded, received: datetime) -> None:
         await self._statements.forward(forwarded,
-                                       forwarded_line(forwarded.to_number, self._texts))
+                                       forwarded_line(forwarded.to_number, self._texts),
+                                       received)
 
-    async def _ended(self, ended: Ended, origin: Origin, recovering: bool = False) -> None:
+    async def _ended(self, ended: Ended, origin: Origin, received: datetime,
+                     recovering: bool = False) -> None:
         line = ended_line(ended.notes, ended.duration, self._texts)
+        notes = ended.notes
         if not may_get_ticket(ended.outcome):
-            done = await self._statements.finish(ended, line, recovering)
+            done = await self._statements.finish(ended, line, notes, received, recovering)
         else:
             async def steps(batch: Batch) -> bool:
                 # Two round trips: the number's lock and the facts, then the writes and
@@ -238,10 +250,12 @@ class Ingest:
                     return False
                 if not gets_ticket(finishing.direction, ended.outcome, finishing.call.phone,
                                    self._tickets):
-                    await self._statements.finish_within(batch, ended, line, recovering)
+                    await self._statements.finish_within(batch, ended, line, notes, received,
+                                                         recovering)
                     return True
                 await self._ticket(batch, ended, origin.where, finishing.row,
-                                   finishing.client, finishing.call, finishing.facts, line)
+                                   finishing.client, finishing.call, finishing.facts, line,
+                                   notes, received)
                 return True
 
             done = await self._store.batch(steps)
@@ -255,13 +269,14 @@ class Ingest:
 
     async def _ticket(self, batch: Batch, ended: Ended, where: Dialling, row: int,
                       client: int | None, call: MissedCall, facts: TicketFacts,
-                      line: LogLine) -> None:
+                      line: LogLine, notes: str, received: datetime) -> None:
         """The missed call's end and its ticket, as the rules plan it, in the statement
         that also commits."""
         if call.extension is None:
             call = replace(call, extension=ended.extension)
         plan = plan_ticket(call, facts, self._tickets, self._texts, self._zone, where)
-        await self._statements.write_ticket(batch, plan, row, client, ended, line)
+        await self._statements.write_ticket(batch, plan, row, client, ended, line, notes,
+                                            received)
         self.counters.ticket_writes += 1
         log.info("call {call_id}: missed-call ticket written for {number}",
                  call_id=ended.call_id, number=shown_number(call.phone, self._texts))
@@ -269,7 +284,7 @@ class Ingest:
     # -- Zadarma -----------------------------------------------------------------------------
 
     async def _zadarma(self, event: ZadarmaEvent, form: Mapping[str, str],
-                       context: ZadarmaContext) -> ZadarmaOutcome:
+                       context: ZadarmaContext, received: datetime) -> ZadarmaOutcome:
         """Journal the event, then compute the call again from all of its events and write
         what changed: one transaction, serialised per call across instances by an advisory
         lock. A repeated event stops at the journal and changes nothing."""
@@ -283,40 +298,58 @@ class Ingest:
         guess = None if self._directory.never_matches(guessed) else guessed
 
         async def steps(batch: Batch) -> ZadarmaOutcome:
-            entry = await self._statements.journal(batch, event, form, identity, guess)
+            entry = await self._statements.journal(batch, event, form, identity, guess,
+                                                   received)
             if not entry.fresh:
                 self.counters.replays_ignored += 1
                 return ZadarmaOutcome(duplicate=True)
             if len(entry.forms) == 1:  # the journal is this event alone: read it already
+                events = [event]
                 call = alone
             else:
-                call = summarise(e for e in map(parse_event, entry.forms)
-                                 if isinstance(e, ZadarmaEvent))
+                events = [e for e in map(parse_event, entry.forms)
+                          if isinstance(e, ZadarmaEvent)]
+                call = summarise(events)
             if call is None:
                 return ZadarmaOutcome(duplicate=False)  # a recording notice, kept for later
+            if call.callback and not call.remote:
+                # Only the user's leg so far: the customer is the number click-to-call
+                # dialled for the phone this leg rings.
+                dialled = await self._statements.dialled_for(
+                    batch, user_phones(events), entry.first_received)
+                call = replace(call, remote=dialled or "")
             number = (guessed if alone is not None and call.remote == alone.remote
                       else normalise(call.remote, context.where))
             if number == guess:
                 match = self._directory.match_of(number, entry.found)
             else:
                 match = await self._directory.lookup(number, within=batch) if number else None
-            return await self._zadarma_call(batch, identity, call, entry.previous,
-                                            entry.existed, context, number, match)
+            return await self._zadarma_call(batch, identity, call, entry, context, number,
+                                            match, received)
 
         return await self._store.batch(steps)
 
     async def _zadarma_call(self, batch: Batch, identity: str, call: ZadarmaCall,
-                            previous: str | None, existed: bool, context: ZadarmaContext,
-                            number: str | None, match: Match | None) -> ZadarmaOutcome:
+                            entry: JournalEntry, context: ZadarmaContext,
+                            number: str | None, match: Match | None,
+                            received: datetime) -> ZadarmaOutcome:
         """The call row, its detail, its log lines, the live event and the CRM's sales
         side in one statement; the commit rides along unless a ticket or the owner's
         extension still has to be written or read (the usual event: two round trips in
-        all, the journal's and this one)."""
-        now = self._now()
+        all, the journal's and this one).
+
+        Times are Zadarma's own, never when an event was delivered or replayed: the start
+        is ``call_start`` (else when the call's first event arrived), the end the start
+        plus the talk time (Zadarma's events do not tell the ringing time: a delivery's
+        arrival would, but Zadarma retries late deliveries); every write is dated by
+        this event's arrival."""
+        previous, existed = entry.previous, entry.existed
         phone = remote_column(call.remote, number)
         person = match.person if match else None
         started = (call.started.replace(tzinfo=context.zone).astimezone(UTC)
-                   if call.started else now)
+                   if call.started else entry.first_received)
+        ended_at = (started + timedelta(seconds=call.duration)
+                    if call.outcome is not None else None)
         extension = int(call.extension) if call.extension.isdigit() else None
         # The outcome, when this event is the one that finishes the call.
         finished = call.outcome if previous is None else None
@@ -333,10 +366,11 @@ class Ingest:
                         and person.owner_id is not None)
         row = ZadarmaRow(
             identity=identity, call=call, phone=phone, number=number, match=match,
-            started=started, extension=extension, lines=lines,
+            started=started, ended=ended_at, received=received, extension=extension,
+            notes=call.notes, lines=lines,
             ending=finished is not None and not ticket,
             touch=sales_touch(call.direction, finished, call.duration,
-                              person.name if person else None, now, self._zone),
+                              person.name if person else None, received, self._zone),
         )
         row_id, facts = await self._statements.zadarma_call(
             batch, row, last=not ticket and not owner_wanted,
@@ -350,17 +384,18 @@ class Ingest:
             owner_extension = await self._statements.owner_extension(batch, person.owner_id)
         if ticket and finished is not None and facts is not None and end_line is not None:
             self.counters.calls_ended += 1
-            ended = Ended(identity, finished, call.duration, now, extension, call.notes)
+            ended = Ended(identity, finished, call.duration, ended_at or received, extension,
+                          call.notes)
             client = match.client if match else None
             await self._ticket(batch, ended, context.where, row_id,
                                client.id if client else None,
                                MissedCall(phone, number, started, call.own_number, extension),
-                               facts, end_line)
+                               facts, end_line, call.notes, received)
         return ZadarmaOutcome(duplicate=False, match=match, owner_extension=owner_extension)
 
     # -- events of calls this process never saw start ----------------------------------------
 
-    async def _unmatched(self, event: Unmatched, origin: Origin) -> None:
+    async def _unmatched(self, event: Unmatched, origin: Origin, received: datetime) -> None:
         candidate = await self._statements.latest_of_connection(
             event.box, event.conn_id, event.at - RECOVERY_WINDOW,
             event.at + timedelta(minutes=1))
@@ -372,7 +407,7 @@ class Ingest:
         call_id, direction, started_at, extension, _, answered = candidate
         if event.kind == "CONNECT":
             assert event.extension is not None
-            await self._answered(Answered(call_id, event.extension, event.at))
+            await self._answered(Answered(call_id, event.extension, event.at), received)
             return
         rules = origin.rules or BoxRules(origin.name, self._zone)
         zone = rules.zone
@@ -381,7 +416,7 @@ class Ingest:
                          extension if answered else None, rules)
         ended = Ended(call_id, outcome, event.duration, event.at, extension,
                       notes(outcome, extension, "recovered after a reconnect"))
-        await self._ended(ended, origin, recovering=True)
+        await self._ended(ended, origin, received, recovering=True)
 
     async def close_open_calls(self, box: str, reason: str, at: datetime,
                                started_before: datetime | None = None) -> int:
@@ -389,13 +424,21 @@ class Ingest:
         with ``started_before``, only those that started before it (the last run's)."""
         calls = await self._statements.active_calls(box, started_before)
         origin = Origin(box, Dialling())
+        received = self._now()
         for call_id, extension in calls:
             await self._ended(
                 Ended(call_id, Outcome.INTERRUPTED, 0, at, extension,
                       notes(Outcome.INTERRUPTED, detail=reason)),
-                origin,
+                origin, received,
             )
         return len(calls)
+
+
+def user_phones(events: Iterable[ZadarmaEvent]) -> list[str]:
+    """What a callback's user leg rings (its destination, or the extension): one of them
+    is the ``from`` click-to-call asked Zadarma to ring first."""
+    return sorted({value for e in events if e.calltype == "callback_leg1"
+                   for value in (e.destination, e.internal) if value})
 
 
 def _chain_key(happening: Happening) -> str:

@@ -15,7 +15,7 @@ import functools
 import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from twisted.application.internet import TimerService
@@ -30,7 +30,7 @@ from dpvoip.core.happenings import Happening
 from dpvoip.core.numbers import Dialling
 from dpvoip.deferreds import OneShotObserver, shield, within
 from dpvoip.spool.journal import AsyncSpool, SpoolFull
-from dpvoip.spool.records import fritz_record, read_record, zadarma_record
+from dpvoip.spool.records import fritz_record, read_received, read_record, zadarma_record
 from dpvoip.store.database import Store, is_unavailable
 from dpvoip.store.migrations import SchemaReport
 from dpvoip.zadarma.events import ZadarmaEvent, parse_event
@@ -85,18 +85,23 @@ class DurableIngest:
     # -- the entry points ------------------------------------------------------------------
 
     def submit(self, happening: Happening, origin: Origin) -> Deferred[None]:
+        received = self._now()  # kept with the event: a replay writes the same rows
         return shield(Deferred.fromCoroutine(self._durably(
-            lambda: self._ingest.submit(happening, origin),
-            lambda: fritz_record(happening, origin.name), None)))
+            lambda: self._ingest.submit(happening, origin, received),
+            lambda: fritz_record(happening, origin.name, received), None)))
 
     def submit_zadarma(self, event: ZadarmaEvent, form: Mapping[str, str],
                        context: ZadarmaContext) -> Deferred[ZadarmaOutcome]:
         # Spooled, the answer has no caller name: the directory is in the database.
         # Shielded: a client hanging up (Klein cancels its handler) must not stop the
         # event half-way between a failed commit and the spool.
+        received = self._now()
         return shield(Deferred.fromCoroutine(self._durably(
-            lambda: self._ingest.submit_zadarma(event, form, context),
-            lambda: zadarma_record(dict(form)), ZadarmaOutcome(duplicate=False))))
+            lambda: self._ingest.submit_zadarma(event, form, context, received),
+            lambda: zadarma_record(dict(form), received), ZadarmaOutcome(duplicate=False))))
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock.seconds(), UTC)
 
     async def close_open_calls(self, box: str, reason: str, at: datetime,
                                started_before: datetime | None = None) -> int:
@@ -201,14 +206,17 @@ class DurableIngest:
 
     async def _apply(self, payload: bytes) -> None:
         source, what, box = read_record(payload)  # BadRecord: skipped by the caller
+        # As at its arrival (a record from before dpvoip kept it: as now, as it did then).
+        received = read_received(payload)
         if source == "zadarma":
             event = parse_event(what)
             if isinstance(event, ZadarmaEvent):
                 await within(self._clock, self._ingest.submit_zadarma(
-                    event, what, self._zadarma()), self._deadline * 5)
+                    event, what, self._zadarma(), received), self._deadline * 5)
             return
         origin = self._origins.get(box) or Origin(box, Dialling(self._region))
-        await within(self._clock, self._ingest.submit(what, origin), self._deadline * 5)
+        await within(self._clock, self._ingest.submit(what, origin, received),
+                     self._deadline * 5)
 
 
 class DurableService(Service):

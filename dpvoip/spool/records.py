@@ -26,7 +26,7 @@ class BadRecord(ValueError):
     """A record this version cannot read (written by another version, or damaged)."""
 
 
-def fritz_record(happening: Happening, box: str) -> bytes:
+def fritz_record(happening: Happening, box: str, received: datetime | None = None) -> bytes:
     values: dict[str, Any] = {}
     for spec in fields(happening):
         value = getattr(happening, spec.name)
@@ -36,11 +36,27 @@ def fritz_record(happening: Happening, box: str) -> bytes:
             value = value.value
         values[spec.name] = value
     return _dump({"source": "fritzbox", "box": box, "kind": type(happening).__name__,
-                  "fields": values})
+                  "fields": values, **_arrival(received)})
 
 
-def zadarma_record(form: dict[str, str]) -> bytes:
-    return _dump({"source": "zadarma", "form": form})
+def zadarma_record(form: dict[str, str], received: datetime | None = None) -> bytes:
+    return _dump({"source": "zadarma", "form": form, **_arrival(received)})
+
+
+def _arrival(received: datetime | None) -> dict[str, str]:
+    """When the event arrived (UTC): the ingest writes its rows as at that time, so a
+    replay writes what a commit at once would have."""
+    return {} if received is None else {"received": received.isoformat()}
+
+
+def read_received(payload: bytes) -> datetime | None:
+    """When the event of a record arrived; None for a record written before dpvoip kept
+    it (or a damaged one: ``read_record`` says what is wrong with it)."""
+    try:
+        value = json.loads(payload).get("received")
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
+    except (ValueError, AttributeError):
+        return None
 
 
 def read_record(payload: bytes) -> tuple[str, Any, Any]:

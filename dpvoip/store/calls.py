@@ -45,6 +45,29 @@ _TICKET_LOCK = (
 )
 
 
+#: ``update_date`` of a CRM row dpvoip changes, as the CRM's ``auto_now`` would set it
+#: (as at the event's arrival; never backwards).
+_BUMPED = "update_date = greatest(x.update_date, p.received)"
+#: A Zadarma call's end once this event is written: the first end recorded stays.
+_END_SO_FAR = "coalesce(v.ended_at, EXCLUDED.ended_at)"
+
+
+def ended_at(at: str, start: str, over: bool = False) -> str:
+    """A call's end as the CRM keeps it, from SQL expressions for the time it ended (NULL:
+    not over; ``over``: never NULL) and its start: never before its start, so that the
+    CRM's duration is never negative."""
+    end = f"greatest({at}::timestamptz, {start})"
+    return end if over else f"CASE WHEN {at} IS NULL THEN NULL ELSE {end} END"
+
+
+def crm_duration(at: str, start: str, over: bool = False) -> str:
+    """The CRM's duration (NULL while the call is not over), exactly as its own
+    ``VoIPCall.save()`` computes it: ``int((ended_at - started_at).total_seconds())``,
+    truncated toward zero; so a Save in the CRM's admin changes nothing. The talk time is
+    kept in dpvoip's detail row and in the call's notes."""
+    return f"trunc(extract(epoch from {ended_at(at, start, over)} - {start}))::integer"
+
+
 def payload(event: str, call_id: str, **fields: Any) -> str:
     """A live event as published on ``NOTIFY_CHANNEL``."""
     return json.dumps({"event": event, "call_id": call_id, **fields}, default=str)
@@ -71,6 +94,7 @@ class JournalEntry(NamedTuple):
 
     fresh: bool  # False: the event was there already (a replay)
     forms: list[dict[str, str]]  # every event of the call so far, in arrival order
+    first_received: datetime  # when the call's first event arrived
     previous: str | None  # the call's outcome before this event
     existed: bool  # the call row existed before this event
     found: list[list[Any]] | None  # the guessed caller's directory rows (``match_of``)
@@ -85,7 +109,10 @@ class ZadarmaRow(NamedTuple):
     number: str | None
     match: Match | None
     started: datetime  # aware
+    ended: datetime | None  # aware; when the call is over
+    received: datetime  # when this event arrived: the time its writes are made at
     extension: int | None
+    notes: str  # the call's notes line, in the office's language
     lines: Sequence[tuple[LogLine, bool]]  # each with: only when the row is new
     ending: bool  # this event finishes the call and no ticket follows: publish the end
     touch: SalesTouch | None
@@ -140,12 +167,14 @@ class CallStatements:
     def _log_lines(self, call: str, count: int) -> str:
         """INSERT of ``count`` call-log lines for the call row of CTE ``call`` (id, call_id,
         phone_number, client_id); fills the 2026-08 CRM's extra columns when present.
-        Parameters: action, description per line."""
+        Parameters: the time the lines were written (when the event arrived), then
+        action, description per line."""
         extra_columns, extra_values = self._log_extras()
         lines = ", ".join(["(%s, %s, " + str(n) + ")" for n in range(count)])
         return (
             f"INSERT INTO {self._crm}.accounting_voipcalllog (action, description, created_at,"
-            f" call_id{extra_columns}) SELECT v.action, v.description, now(), c.id{extra_values}"
+            f" call_id{extra_columns}) SELECT v.action, v.description, %s::timestamptz, c.id"
+            f"{extra_values}"
             f" FROM {call} c CROSS JOIN (VALUES {lines}) AS v(action, description, n)"
             " ORDER BY v.n"
         )
@@ -182,9 +211,11 @@ class CallStatements:
     # -- a Fritz!Box call's steps ------------------------------------------------------
 
     async def start(self, started: Started, source: str, number: str | None, phone: str,
-                    match: Match | None, lines: Sequence[LogLine]) -> bool:
+                    match: Match | None, lines: Sequence[LogLine], received: datetime,
+                    notes: str = "") -> bool:
         """The call row, its detail, its first log lines and the live event, in one
-        statement; False when the call was there already."""
+        statement, written as at ``received`` (when the event arrived: a replay writes
+        the same row); False when the call was there already."""
         client = match.client if match else None
         person = match.person if match else None
         statement = self._statement(("start", len(lines)), lambda: (
@@ -192,7 +223,7 @@ class CallStatements:
             " phone_number, status, started_at, ended_at, duration_seconds, notes,"
             " ticket_created, ticket_id, created_at, updated_at, client_id, client_email,"
             " resolution) VALUES (%s, %s, %s, 'active', %s, NULL, 0, %s, false, NULL,"
-            " now(), now(), %s, %s, 'pending') ON CONFLICT (call_id) DO NOTHING"
+            " %s, %s, %s, %s, 'pending') ON CONFLICT (call_id) DO NOTHING"
             " RETURNING id, call_id, phone_number, client_id),"
             " detail AS (INSERT INTO dpvoip.call_detail (call_id, source, box, conn_id,"
             " direction, remote_raw, remote_number, own_number, line, extension, started_at,"
@@ -204,14 +235,13 @@ class CallStatements:
             " SELECT c.id, (SELECT count(*) FROM note) FROM call c"
         ))
         params = (
-            started.call_id, started.direction, phone, started.at,
-            "internal call to an own number" if started.hairpin else "",
+            started.call_id, started.direction, phone, started.at, notes, received, received,
             client.id if client else None, client.email if client else None,
             source, started.box, started.conn_id, started.direction, started.remote,
             number, started.own_number, started.line, started.extension, started.at,
             person.id if person and person.kind == "contact" else None,
             person.id if person and person.kind == "lead" else None,
-            match.deal.id if match and match.deal else None, started.hairpin,
+            match.deal.id if match and match.deal else None, started.hairpin, received,
             *(part for line in lines for part in (line.action, line.text)),
             NOTIFY_CHANNEL, payload("started", started.call_id, direction=started.direction,
                                     number=phone,
@@ -232,7 +262,7 @@ class CallStatements:
             " SELECT c.id, (SELECT count(*) FROM note) FROM call c"
         )
 
-    async def answer(self, answered: Answered, line: LogLine) -> bool:
+    async def answer(self, answered: Answered, line: LogLine, received: datetime) -> bool:
         """The extension that took the call (the first answer's time kept); False when
         nothing changed."""
         statement = self._statement(("answer",), lambda: self._detail_change(
@@ -242,19 +272,19 @@ class CallStatements:
         ))
         return bool(await self._store.write_one(statement, (
             answered.extension, answered.at, answered.call_id, answered.extension,
-            line.action, line.text,
+            received, line.action, line.text,
             NOTIFY_CHANNEL, payload("answered", answered.call_id,
                                     extension=answered.extension),
         )))
 
-    async def forward(self, forwarded: Forwarded, line: LogLine) -> bool:
+    async def forward(self, forwarded: Forwarded, line: LogLine, received: datetime) -> bool:
         """Where the box forwards the ringing call; False when nothing changed."""
         statement = self._statement(("forward",), lambda: self._detail_change(
             "forwarded_to = %s", "forwarded_to IS DISTINCT FROM %s", self._log_lines("call", 1)
         ))
         return bool(await self._store.write_one(statement, (
             forwarded.to_number, forwarded.call_id, forwarded.to_number,
-            line.action, line.text,
+            received, line.action, line.text,
             NOTIFY_CHANNEL, payload("forwarded", forwarded.call_id),
         )))
 
@@ -270,38 +300,44 @@ class CallStatements:
         """One statement: finalise the call row and its detail, log and publish it."""
         return (
             f"WITH updated AS (UPDATE {self._crm}.accounting_voipcall c SET status = %s,"
-            " ended_at = %s, duration_seconds = %s, notes = %s, updated_at = now()"
+            f" ended_at = {ended_at('%s', 'c.started_at', over=True)}, duration_seconds ="
+            f" {crm_duration('%s', 'c.started_at', over=True)}, notes = %s, updated_at = %s"
             " FROM dpvoip.call_detail d WHERE c.call_id = %s AND d.call_id = c.call_id"
             f" AND (c.status = 'active'{self._reopen(recovering)})"
             " AND d.outcome IS DISTINCT FROM %s RETURNING c.id, c.call_id, c.phone_number,"
-            " c.client_id),"
-            " detail AS (UPDATE dpvoip.call_detail d SET outcome = %s, ended_at = %s,"
-            " updated_at = now() FROM updated u WHERE d.call_id = u.call_id),"
+            " c.client_id, c.ended_at),"
+            " detail AS (UPDATE dpvoip.call_detail d SET outcome = %s, ended_at = u.ended_at,"
+            " talk_seconds = %s, updated_at = now() FROM updated u"
+            " WHERE d.call_id = u.call_id),"
             f" logs AS ({self._log_lines('updated', 1)}),"
             " note AS (SELECT pg_notify(%s, %s) FROM updated)"
             " SELECT u.id, (SELECT count(*) FROM note) FROM updated u"
         )
 
     @staticmethod
-    def _finish_parameters(ended: Ended, line: LogLine) -> tuple[Any, ...]:
+    def _finish_parameters(ended: Ended, line: LogLine, notes: str,
+                           received: datetime) -> tuple[Any, ...]:
         return (
-            ended.outcome.status, ended.at, ended.duration, ended.notes, ended.call_id,
-            ended.outcome.value, ended.outcome.value, ended.at,
-            line.action, line.text, NOTIFY_CHANNEL,
+            ended.outcome.status, ended.at, ended.at, notes, received, ended.call_id,
+            ended.outcome.value, ended.outcome.value, ended.duration,
+            received, line.action, line.text, NOTIFY_CHANNEL,
             ended_payload(ended.call_id, ended.outcome, ended.duration),
         )
 
-    async def finish(self, ended: Ended, line: LogLine, recovering: bool = False) -> bool:
+    async def finish(self, ended: Ended, line: LogLine, notes: str, received: datetime,
+                     recovering: bool = False) -> bool:
         """Finalise a call that gets no ticket, in one statement of its own; False when it
-        was finalised already."""
-        return bool(await self._store.write_one(self._finish_statement(recovering),
-                                                self._finish_parameters(ended, line)))
+        was finalised already. The CRM's duration is its own ``VoIPCall.save()``'s,
+        ``int(ended_at - started_at)``; the talk time is kept in the detail row."""
+        return bool(await self._store.write_one(
+            self._finish_statement(recovering),
+            self._finish_parameters(ended, line, notes, received)))
 
-    async def finish_within(self, batch: Batch, ended: Ended, line: LogLine,
-                            recovering: bool = False) -> None:
+    async def finish_within(self, batch: Batch, ended: Ended, line: LogLine, notes: str,
+                            received: datetime, recovering: bool = False) -> None:
         """The same as the last statement of ``batch`` (the COMMIT rides along)."""
         await batch.run(self._finish_statement(recovering),
-                        self._finish_parameters(ended, line), last=True)
+                        self._finish_parameters(ended, line, notes, received), last=True)
 
     async def finishing_missed(self, batch: Batch, ended: Ended, query: TicketQuery,
                                recovering: bool = False) -> FinishingCall | None:
@@ -335,10 +371,16 @@ class CallStatements:
                              self._facts(open_ticket, earlier, client_name, users))
 
     async def write_ticket(self, batch: Batch, plan: TicketPlan, row: int,
-                           client: int | None, ended: Ended, line: LogLine) -> None:
+                           client: int | None, ended: Ended, line: LogLine, notes: str,
+                           received: datetime) -> None:
         """The missed call's end and its ticket (behaviour.md section 5) in one statement
         that also commits: the ticket created or updated as ``plan`` says, the call row
-        finalised and linked to it, both logged and published."""
+        finalised and linked to it, both logged and published, as at ``received``.
+
+        An open ticket that had no client gets the call's (a client added to the CRM
+        since the number's first missed call), and so does the call it was opened for,
+        with that call's log rows: the CRM's own ``change_call_client`` keeps the call,
+        its ticket and its log rows on one client."""
         params: dict[str, Any]
         if isinstance(plan, NewTicket):
             head, _, tail = plan.log.partition(TICKET_ID)
@@ -348,14 +390,15 @@ class CallStatements:
                       "tail": tail, "action": "ticket_created"}
         else:
             params = {"title": plan.title, "urgent": plan.urgent, "note": plan.note,
-                      "ticket": plan.ticket, "log": plan.log, "action": "ticket_updated"}
+                      "ticket": plan.ticket, "log": plan.log, "action": "ticket_updated",
+                      "client": client}
         new = isinstance(plan, NewTicket)
         await batch.run_planned(
             self._statement(("ticket", new), lambda: self._ticket_sql(new)),
             {
                 **params, "row": row, "channel": NOTIFY_CHANNEL,
-                "status": ended.outcome.status, "at": ended.at, "duration": ended.duration,
-                "notes": ended.notes, "outcome": ended.outcome.value,
+                "status": ended.outcome.status, "at": ended.at, "talk": ended.duration,
+                "notes": notes, "outcome": ended.outcome.value, "received": received,
                 "ended_action": line.action, "ended_line": line.text,
                 "ended_payload": ended_payload(ended.call_id, ended.outcome, ended.duration),
             },
@@ -372,32 +415,38 @@ class CallStatements:
                 " status, priority, notes, created_at, assigned_at, resolved_at, closed_at,"
                 " email_sent, follow_up_scheduled, assigned_to_id, call_id, client_id)"
                 " VALUES (%(title)s, %(description)s, %(ticket_status)s, %(priority)s, '',"
-                " now(), CASE WHEN %(assignee)s::integer IS NULL THEN NULL ELSE now() END,"
+                " %(received)s, CASE WHEN %(assignee)s::integer IS NULL THEN NULL"
+                " ELSE %(received)s::timestamptz END,"
                 " NULL, NULL, false, false, %(assignee)s, %(row)s, %(client)s)"
                 " RETURNING id, title, %(head)s || id::text || %(tail)s AS log)"
             )
+            follow = ""
         else:
             ticket = (
                 f"ticket AS (UPDATE {self._crm}.accounting_ticket t SET title = %(title)s,"
                 " priority = CASE WHEN %(urgent)s THEN 'urgent' ELSE t.priority END,"
                 " notes = CASE WHEN t.notes = '' THEN %(note)s"
-                " ELSE t.notes || E'\\n' || %(note)s END"
-                " WHERE t.id = %(ticket)s RETURNING t.id, t.title, %(log)s::text AS log)"
+                " ELSE t.notes || E'\\n' || %(note)s END,"
+                " client_id = coalesce(t.client_id, %(client)s::bigint)"
+                " WHERE t.id = %(ticket)s RETURNING t.id, t.title, %(log)s::text AS log,"
+                " t.client_id, t.call_id AS first_call)"
             )
+            follow = self._first_call_follows()
         extra_columns, extra_values = self._log_extras()
         return (
             f"WITH {ticket},"
             f" call AS (UPDATE {self._crm}.accounting_voipcall v SET status = %(status)s,"
-            " ended_at = %(at)s, duration_seconds = %(duration)s, notes = %(notes)s,"
-            " ticket_created = true, ticket_id = t.id::text, updated_at = now()"
+            f" ended_at = {ended_at('%(at)s', 'v.started_at', over=True)}, duration_seconds ="
+            f" {crm_duration('%(at)s', 'v.started_at', over=True)}, notes = %(notes)s,"
+            " ticket_created = true, ticket_id = t.id::text, updated_at = %(received)s"
             " FROM ticket t WHERE v.id = %(row)s RETURNING v.id, v.call_id, v.phone_number,"
-            " v.client_id, t.id AS ticket, t.log),"
+            " v.client_id, v.ended_at, t.id AS ticket, t.log),"
             " detail AS (UPDATE dpvoip.call_detail d SET outcome = %(outcome)s, ended_at ="
-            " %(at)s, ticket_id = c.ticket, updated_at = now() FROM call c"
-            " WHERE d.call_id = c.call_id),"
+            " c.ended_at, talk_seconds = %(talk)s, ticket_id = c.ticket, updated_at = now()"
+            f" FROM call c WHERE d.call_id = c.call_id),{follow}"
             f" logs AS (INSERT INTO {self._crm}.accounting_voipcalllog (action, description,"
             f" created_at, call_id{extra_columns}) SELECT line.action, line.description,"
-            f" now(), c.id{extra_values} FROM call c CROSS JOIN LATERAL (VALUES"
+            f" %(received)s, c.id{extra_values} FROM call c CROSS JOIN LATERAL (VALUES"
             " (0, %(ended_action)s::text, %(ended_line)s::text), (1, %(action)s::text, c.log))"
             " AS line(n, action, description) ORDER BY line.n),"
             " note AS (SELECT pg_notify(%(channel)s, %(ended_payload)s) FROM call"
@@ -405,6 +454,28 @@ class CallStatements:
             " %(action)s::text, 'call_id', c.call_id, 'ticket_id', c.ticket)::text)"
             " FROM call c)"
             " SELECT (SELECT count(*) FROM note)"
+        )
+
+    def _first_call_follows(self) -> str:
+        """CTEs after an open ticket's update (CTE ``ticket``: client_id, first_call): the
+        call the ticket was opened for takes the ticket's client when it had none, with
+        its email, its detail row and its log rows' client snapshot (2026-08 CRM)."""
+        logs = (
+            f" first_logs AS (UPDATE {self._crm}.accounting_voipcalllog l SET client_id ="
+            " f.client_id FROM first f WHERE l.call_id = f.id"
+            " AND l.client_id IS DISTINCT FROM f.client_id),"
+            if self._capabilities().call_log_client_id else ""
+        )
+        return (
+            f" first AS (UPDATE {self._crm}.accounting_voipcall f SET client_id = t.client_id,"
+            f" client_email = (SELECT coalesce(p.email, '') FROM {self._crm}"
+            ".accounting_clientprofile p WHERE p.id = t.client_id),"
+            " updated_at = %(received)s FROM ticket t WHERE f.id = t.first_call"
+            " AND f.id <> %(row)s AND f.client_id IS NULL AND t.client_id IS NOT NULL"
+            " RETURNING f.id, f.call_id, f.client_id),"
+            " first_detail AS (UPDATE dpvoip.call_detail d SET client_id = f.client_id,"
+            " updated_at = now() FROM first f WHERE d.call_id = f.call_id),"
+            + logs
         )
 
     # -- calls this process never saw start --------------------------------------------
@@ -437,20 +508,22 @@ class CallStatements:
     # -- Zadarma -----------------------------------------------------------------------
 
     async def journal(self, batch: Batch, event: ZadarmaEvent, form: Mapping[str, str],
-                      identity: str, guess: str | None) -> JournalEntry:
+                      identity: str, guess: str | None, received: datetime) -> JournalEntry:
         """One round trip: the call's lock, then (a new statement, so a new snapshot that
         sees what the lock's previous holder committed) the journal entry, the journal
         and the guessed caller's directory entries."""
-        [(fresh, forms, previous, existed, found)] = await batch.run_planned(
+        [(fresh, forms, first, previous, existed, found)] = await batch.run_planned(
             self._statement(("journal",), lambda: (
                 "WITH added AS (INSERT INTO dpvoip.zadarma_event (pbx_call_id, event,"
-                " calltype, internal, destination, form) VALUES (%(pbx)s, %(event)s,"
-                " %(calltype)s, %(internal)s, %(destination)s, %(form)s)"
-                " ON CONFLICT DO NOTHING RETURNING id, form)"
+                " calltype, internal, destination, form, received_at) VALUES (%(pbx)s,"
+                " %(event)s, %(calltype)s, %(internal)s, %(destination)s, %(form)s,"
+                " %(received)s) ON CONFLICT DO NOTHING RETURNING id, form, received_at),"
+                " j AS (SELECT id, form, received_at FROM dpvoip.zadarma_event"
+                " WHERE pbx_call_id = %(pbx)s UNION ALL SELECT id, form, received_at"
+                " FROM added)"
                 " SELECT (SELECT count(*) FROM added) > 0,"
-                " (SELECT json_agg(j.form ORDER BY j.id) FROM (SELECT id, form FROM"
-                " dpvoip.zadarma_event WHERE pbx_call_id = %(pbx)s UNION ALL SELECT id, form"
-                " FROM added) AS j),"
+                " (SELECT json_agg(j.form ORDER BY j.id) FROM j),"
+                " (SELECT min(j.received_at) FROM j),"
                 " (SELECT outcome FROM dpvoip.call_detail WHERE call_id = %(call)s),"
                 f" EXISTS (SELECT 1 FROM {self._crm}.accounting_voipcall"
                 " WHERE call_id = %(call)s),"
@@ -458,10 +531,10 @@ class CallStatements:
             {"lock": f"dpvoip-zadarma:{event.pbx_call_id}", "pbx": event.pbx_call_id,
              "event": event.kind, "calltype": event.calltype, "internal": event.internal,
              "destination": event.destination, "form": json.dumps(dict(form)),
-             "call": identity, "number": guess},
+             "call": identity, "number": guess, "received": received},
             prefix="SELECT pg_advisory_xact_lock(hashtext(%(lock)s))",
         )
-        return JournalEntry(bool(fresh), forms, previous, bool(existed), found)
+        return JournalEntry(bool(fresh), forms, first, previous, bool(existed), found)
 
     async def zadarma_call(self, batch: Batch, row: ZadarmaRow, last: bool,
                            ticket: TicketQuery | None = None
@@ -481,7 +554,10 @@ class CallStatements:
             "id": row.identity, "direction": call.direction, "phone": row.phone,
             "status": outcome.status if outcome else "active",
             "started": row.started.isoformat(),
-            "final": outcome is not None, "duration": call.duration, "notes": call.notes,
+            "ended": row.ended.isoformat() if row.ended is not None else None,
+            "received": row.received.isoformat(),
+            "final": outcome is not None, "talk": call.duration if outcome else None,
+            "notes": row.notes,
             "client": client.id if client else None, "email": client.email if client else None,
             "remote": call.remote, "number": row.number, "own": call.own_number,
             "extension": row.extension, "outcome": outcome.value if outcome else None,
@@ -532,8 +608,9 @@ class CallStatements:
             result = " SELECT id, (SELECT count(*) FROM note) FROM call"
         return (
             "WITH p AS (SELECT * FROM json_to_record(%(values)s::json) AS p(id text,"
-            " direction text, phone text, status text, started timestamptz, final boolean,"
-            " duration integer, notes text, client bigint, email text, remote text,"
+            " direction text, phone text, status text, started timestamptz,"
+            " ended timestamptz, received timestamptz, final boolean,"
+            " talk integer, notes text, client bigint, email text, remote text,"
             " number text, own text, extension integer, outcome text, contact bigint,"
             " lead bigint, deal bigint, pbx text, disposition text, calltype text,"
             " recording text, channel text, started_payload text, ended_payload text,"
@@ -542,16 +619,20 @@ class CallStatements:
             " direction, phone_number, status, started_at, ended_at, duration_seconds, notes,"
             " ticket_created, ticket_id, created_at, updated_at, client_id, client_email,"
             " resolution) SELECT p.id, p.direction, p.phone, p.status, p.started,"
-            " CASE WHEN p.final THEN now() END, p.duration, p.notes, false, NULL, now(),"
-            " now(), p.client, p.email, 'pending' FROM p ON CONFLICT (call_id) DO UPDATE SET"
+            f" {ended_at('p.ended', 'p.started')},"
+            f" coalesce({crm_duration('p.ended', 'p.started')}, 0),"
+            " p.notes, false, NULL, p.received, p.received, p.client, p.email, 'pending'"
+            " FROM p ON CONFLICT (call_id) DO UPDATE SET"
             " direction = EXCLUDED.direction, phone_number = EXCLUDED.phone_number,"
             " status = EXCLUDED.status, started_at = EXCLUDED.started_at,"
-            " ended_at = coalesce(v.ended_at, EXCLUDED.ended_at),"
-            " duration_seconds = EXCLUDED.duration_seconds, notes = EXCLUDED.notes,"
+            f" ended_at = {ended_at(_END_SO_FAR, 'EXCLUDED.started_at')},"
+            f" duration_seconds = coalesce({crm_duration(_END_SO_FAR, 'EXCLUDED.started_at')},"
+            " 0),"
+            " notes = EXCLUDED.notes,"
             " client_id = coalesce(EXCLUDED.client_id, v.client_id),"
             " client_email = coalesce(EXCLUDED.client_email, v.client_email),"
-            " updated_at = now() RETURNING v.id, v.call_id, v.phone_number, v.client_id,"
-            " (xmax = 0) AS inserted),"
+            " updated_at = EXCLUDED.updated_at RETURNING v.id, v.call_id, v.phone_number,"
+            " v.client_id, (xmax = 0) AS inserted),"
             # The CRM's sales side, once per call (read before this statement's own write
             # to the detail row: every part of one statement sees the same snapshot).
             " touch AS (SELECT p.touch AND NOT coalesce((SELECT d.crm_touched"
@@ -559,10 +640,11 @@ class CallStatements:
             " detail AS (INSERT INTO dpvoip.call_detail AS d (call_id, source, direction,"
             " remote_raw, remote_number, own_number, extension, started_at, ended_at, outcome,"
             " client_id, contact_id, lead_id, deal_id, pbx_call_id, disposition, calltype,"
-            " recording, crm_touched) SELECT p.id, 'zadarma', p.direction, p.remote,"
-            " p.number, p.own, p.extension, p.started, CASE WHEN p.final THEN now() END,"
+            " recording, crm_touched, talk_seconds) SELECT p.id, 'zadarma', p.direction,"
+            " p.remote, p.number, p.own, p.extension, p.started,"
+            f" {ended_at('p.ended', 'p.started')},"
             " p.outcome, p.client, p.contact, p.lead, p.deal, p.pbx, p.disposition,"
-            " p.calltype, p.recording, p.touch FROM p"
+            " p.calltype, p.recording, p.touch, p.talk FROM p"
             " ON CONFLICT (call_id) DO UPDATE"
             " SET direction = EXCLUDED.direction, remote_raw = EXCLUDED.remote_raw,"
             " remote_number = EXCLUDED.remote_number, own_number = EXCLUDED.own_number,"
@@ -575,17 +657,21 @@ class CallStatements:
             " disposition = EXCLUDED.disposition, calltype = EXCLUDED.calltype,"
             " recording = coalesce(nullif(EXCLUDED.recording, ''), d.recording),"
             " crm_touched = d.crm_touched OR EXCLUDED.crm_touched,"
+            " talk_seconds = coalesce(EXCLUDED.talk_seconds, d.talk_seconds),"
             " updated_at = now()),"
-            f" contact AS (UPDATE {self._crm}.crm_contact x SET was_in_touch = p.today"
-            " FROM p, touch WHERE x.id = p.contact AND p.answered AND touch.go RETURNING x.id),"
-            f" lead AS (UPDATE {self._crm}.crm_lead x SET was_in_touch = p.today"
+            # The CRM's save() bumps update_date (auto_now) on every change of these rows.
+            f" contact AS (UPDATE {self._crm}.crm_contact x SET was_in_touch = p.today,"
+            f" {_BUMPED} FROM p, touch WHERE x.id = p.contact AND p.answered AND touch.go"
+            " RETURNING x.id),"
+            f" lead AS (UPDATE {self._crm}.crm_lead x SET was_in_touch = p.today, {_BUMPED}"
             " FROM p, touch WHERE x.id = p.lead AND p.answered AND touch.go RETURNING x.id),"
             f" deal AS (UPDATE {self._crm}.crm_deal x SET workflow = p.line || CASE WHEN"
-            " x.workflow = '' THEN '' ELSE E'\\n' END || x.workflow FROM p, touch"
+            f" x.workflow = '' THEN '' ELSE E'\\n' END || x.workflow, {_BUMPED} FROM p, touch"
             " WHERE x.id = p.deal AND touch.go RETURNING x.id),"
+            f"{self._logs_follow()}"
             f" logs AS (INSERT INTO {self._crm}.accounting_voipcalllog (action, description,"
-            f" created_at, call_id{extra_columns}) SELECT l.action, l.description, now(),"
-            f" c.id{extra_values} FROM call c CROSS JOIN json_to_recordset(%(lines)s::json)"
+            f" created_at, call_id{extra_columns}) SELECT l.action, l.description, p.received,"
+            f" c.id{extra_values} FROM p, call c CROSS JOIN json_to_recordset(%(lines)s::json)"
             " AS l(action text, description text, only_new boolean, n integer)"
             " WHERE c.inserted OR NOT l.only_new ORDER BY l.n),"
             " note AS (SELECT pg_notify(p.channel, CASE WHEN c.inserted THEN"
@@ -594,6 +680,48 @@ class CallStatements:
             # (The UPDATEs run unreferenced; the NOTIFY, a plain SELECT, only when read.)
             + result
         )
+
+    def _logs_follow(self) -> str:
+        """CTEs after the Zadarma call's upsert (CTE ``call``): when this event changed the
+        call's number or client (a callback's customer leg, a client added to the CRM),
+        its earlier log rows' snapshot columns (2026-08 CRM) and its ticket, when that
+        had no client, follow it, as the CRM's own ``change_call_client`` does."""
+        capabilities = self._capabilities()
+        pairs = [assignment for assignment, present in (
+            ("client_id = c.client_id", capabilities.call_log_client_id),
+            ("phone_number = c.phone_number", capabilities.call_log_phone_number),
+        ) if present]
+        logs = (
+            f" log_follow AS (UPDATE {self._crm}.accounting_voipcalllog l SET"
+            f" {', '.join(pairs)} FROM call c WHERE l.call_id = c.id AND NOT c.inserted"
+            " AND (" + " OR ".join(
+                f"l.{a.split(' = ')[0]} IS DISTINCT FROM {a.split(' = ')[1]}" for a in pairs)
+            + ")),"
+            if pairs else ""
+        )
+        return (
+            logs
+            + f" ticket_follow AS (UPDATE {self._crm}.accounting_ticket t SET client_id ="
+            " c.client_id FROM call c WHERE t.call_id = c.id AND NOT c.inserted"
+            " AND t.client_id IS NULL AND c.client_id IS NOT NULL),"
+        )
+
+    async def dialled_for(self, batch: Batch, phones: Sequence[str], around: datetime
+                          ) -> str | None:
+        """The number click-to-call last dialled for a callback that rings one of
+        ``phones`` (the user's leg) in the minutes before ``around``: Zadarma's callback
+        answer carries no call id, so its legs are found by the phone rung and the time
+        (zadarma.md 2.2)."""
+        if not phones:
+            return None
+        found = await batch.run(
+            "SELECT number_dialled FROM dpvoip.callback_request"
+            " WHERE from_number = ANY(%s::text[])"
+            " AND result = 'dialled' AND number_dialled IS NOT NULL"
+            " AND requested_at BETWEEN %s::timestamptz - interval '10 minutes'"
+            " AND %s::timestamptz + interval '1 minute' ORDER BY requested_at DESC LIMIT 1",
+            (list(phones), around, around))
+        return str(found[0][0]) if found else None
 
     async def owner_extension(self, batch: Batch, owner_id: int) -> str:
         """The extension (pbx_number) of the CRM user who owns a contact or lead, '' when

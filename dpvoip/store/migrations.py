@@ -179,6 +179,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             ON dpvoip.callback_request (user_id, requested_at DESC);
         """,
     ),
+    Migration(
+        8,
+        "talk time kept apart from the CRM's duration; callbacks found by the phone rung",
+        """
+        ALTER TABLE dpvoip.call_detail ADD COLUMN talk_seconds integer;
+        CREATE INDEX callback_request_by_from_number
+            ON dpvoip.callback_request (from_number, requested_at DESC);
+        """,
+    ),
 )
 
 

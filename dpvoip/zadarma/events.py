@@ -16,16 +16,17 @@ from datetime import datetime
 KNOWN = ("NOTIFY_START", "NOTIFY_INTERNAL", "NOTIFY_ANSWER", "NOTIFY_END",
          "NOTIFY_OUT_START", "NOTIFY_OUT_END", "NOTIFY_RECORD", "NOTIFY_IVR")
 
-#: Fields an event cannot do without (besides ``event``).
+#: Fields an event cannot do without (besides ``event``). Not ``caller_id``: Zadarma sends
+#: it empty (or ``0``) for a hidden number, and such a call is recorded as withheld.
 REQUIRED: Mapping[str, tuple[str, ...]] = {
-    "NOTIFY_START": ("pbx_call_id", "call_start", "caller_id"),
-    "NOTIFY_INTERNAL": ("pbx_call_id", "call_start", "caller_id"),
+    "NOTIFY_START": ("pbx_call_id", "call_start"),
+    "NOTIFY_INTERNAL": ("pbx_call_id", "call_start"),
     "NOTIFY_ANSWER": ("pbx_call_id", "call_start"),
-    "NOTIFY_END": ("pbx_call_id", "call_start", "caller_id"),
+    "NOTIFY_END": ("pbx_call_id", "call_start"),
     "NOTIFY_OUT_START": ("pbx_call_id", "call_start", "destination"),
     "NOTIFY_OUT_END": ("pbx_call_id", "call_start", "destination"),
     "NOTIFY_RECORD": ("pbx_call_id", "call_id_with_rec"),
-    "NOTIFY_IVR": ("pbx_call_id", "call_start", "caller_id"),
+    "NOTIFY_IVR": ("pbx_call_id", "call_start"),
 }
 
 _CALL_START = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
