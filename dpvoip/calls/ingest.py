@@ -34,15 +34,16 @@ from dpvoip.core.call_log import (
     answered_line,
     caller_name,
     ended_line,
+    ended_notes,
     forwarded_line,
-    remote_column,
-    shown_number,
+    remote,
     started_lines,
+    started_notes,
 )
 from dpvoip.core.happenings import Answered, Ended, Forwarded, Happening, Started, Unmatched
 from dpvoip.core.matching import Match
 from dpvoip.core.numbers import Dialling, normalise
-from dpvoip.core.outcomes import Outcome, notes, talk_time
+from dpvoip.core.outcomes import Detail, Outcome, Reason
 from dpvoip.core.sales import sales_touch
 from dpvoip.core.texts import Texts
 from dpvoip.core.tickets import (
@@ -61,7 +62,7 @@ from dpvoip.store.calls import CallStatements, TicketQuery, ZadarmaRow
 from dpvoip.store.database import Batch, Store
 from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.migrations import SchemaReport
-from dpvoip.zadarma.calls import ZadarmaCall, summarise
+from dpvoip.zadarma.calls import ZadarmaCall, describe, summarise
 from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from dpvoip.zadarma.events import call_id as zadarma_call_id
 
@@ -205,12 +206,13 @@ class Ingest:
     async def _started(self, started: Started, origin: Origin) -> None:
         number = None if started.hairpin else normalise(started.remote, origin.where)
         match = await self._directory.lookup(number) if number else None
-        phone = "" if started.hairpin else remote_column(started.remote, number)
-        lines = started_lines(started.direction, phone, match, self._texts)
-        if await self._statements.start(started, origin.source, number, phone, match, lines):
+        party = remote(started.remote, number, self._texts, started.hairpin)
+        lines = started_lines(started.direction, party.shown, match, self._texts)
+        if await self._statements.start(started, origin.source, number, party.column, match,
+                                        lines, started_notes(started.hairpin, self._texts)):
             self.counters.calls_started += 1
             log.info("call {call_id}: {direction} {number} ({name})", call_id=started.call_id,
-                     direction=started.direction, number=shown_number(phone, self._texts),
+                     direction=started.direction, number=party.shown,
                      name=caller_name(match, self._texts))
         else:
             self.counters.replays_ignored += 1  # the call is there already
@@ -225,9 +227,10 @@ class Ingest:
                                        forwarded_line(forwarded.to_number, self._texts))
 
     async def _ended(self, ended: Ended, origin: Origin, recovering: bool = False) -> None:
-        line = ended_line(ended.notes, ended.duration, self._texts)
+        notes = ended_notes(ended, self._texts)
+        line = ended_line(notes, self._texts)
         if not may_get_ticket(ended.outcome):
-            done = await self._statements.finish(ended, line, recovering)
+            done = await self._statements.finish(ended, line, notes, recovering)
         else:
             async def steps(batch: Batch) -> bool:
                 # Two round trips: the number's lock and the facts, then the writes and
@@ -236,35 +239,35 @@ class Ingest:
                     batch, ended, self._ticket_query(), recovering)
                 if finishing is None:
                     return False
-                if not gets_ticket(finishing.direction, ended.outcome, finishing.call.phone,
-                                   self._tickets):
-                    await self._statements.finish_within(batch, ended, line, recovering)
+                if not gets_ticket(finishing.direction, ended.outcome,
+                                   finishing.call.withheld, self._tickets):
+                    await self._statements.finish_within(batch, ended, line, notes, recovering)
                     return True
                 await self._ticket(batch, ended, origin.where, finishing.row,
-                                   finishing.client, finishing.call, finishing.facts, line)
+                                   finishing.client, finishing.call, finishing.facts, line,
+                                   notes)
                 return True
 
             done = await self._store.batch(steps)
         if done:
             self.counters.calls_ended += 1
-            log.info("call {call_id}: {status}, {notes}, talk time {talk}",
-                     call_id=ended.call_id, status=ended.outcome.status, notes=ended.notes,
-                     talk=talk_time(ended.duration))
+            log.info("call {call_id}: {status}, {notes}", call_id=ended.call_id,
+                     status=ended.outcome.status, notes=notes)
         else:
             self.counters.replays_ignored += 1
 
     async def _ticket(self, batch: Batch, ended: Ended, where: Dialling, row: int,
                       client: int | None, call: MissedCall, facts: TicketFacts,
-                      line: LogLine) -> None:
+                      line: LogLine, notes: str) -> None:
         """The missed call's end and its ticket, as the rules plan it, in the statement
         that also commits."""
         if call.extension is None:
             call = replace(call, extension=ended.extension)
         plan = plan_ticket(call, facts, self._tickets, self._texts, self._zone, where)
-        await self._statements.write_ticket(batch, plan, row, client, ended, line)
+        await self._statements.write_ticket(batch, plan, row, client, ended, line, notes)
         self.counters.ticket_writes += 1
         log.info("call {call_id}: missed-call ticket written for {number}",
-                 call_id=ended.call_id, number=shown_number(call.phone, self._texts))
+                 call_id=ended.call_id, number=call.phone)
 
     # -- Zadarma -----------------------------------------------------------------------------
 
@@ -313,7 +316,8 @@ class Ingest:
         extension still has to be written or read (the usual event: two round trips in
         all, the journal's and this one)."""
         now = self._now()
-        phone = remote_column(call.remote, number)
+        party = remote(call.remote, number, self._texts)
+        phone, withheld = party.column, party.withheld
         person = match.person if match else None
         started = (call.started.replace(tzinfo=context.zone).astimezone(UTC)
                    if call.started else now)
@@ -321,11 +325,11 @@ class Ingest:
         # The outcome, when this event is the one that finishes the call.
         finished = call.outcome if previous is None else None
         ticket = (finished is not None and context.tickets
-                  and gets_ticket(call.direction, finished, phone, self._tickets))
-        end_line = (ended_line(call.notes, call.duration, self._texts)
-                    if finished is not None else None)
+                  and gets_ticket(call.direction, finished, withheld, self._tickets))
+        notes = describe(call, self._texts)
+        end_line = ended_line(notes, self._texts) if finished is not None else None
         # (line, only when the row is new): whether the row is new is known in SQL.
-        lines = [(line, True) for line in started_lines(call.direction, phone, match,
+        lines = [(line, True) for line in started_lines(call.direction, party.shown, match,
                                                          self._texts)]
         if end_line is not None and not ticket:
             lines.append((end_line, False))
@@ -336,7 +340,8 @@ class Ingest:
             started=started, extension=extension, lines=lines,
             ending=finished is not None and not ticket,
             touch=sales_touch(call.direction, finished, call.duration,
-                              person.name if person else None, now, self._zone),
+                              person.name if person else None, now, self._zone, self._texts),
+            notes=notes,
         )
         row_id, facts = await self._statements.zadarma_call(
             batch, row, last=not ticket and not owner_wanted,
@@ -350,12 +355,13 @@ class Ingest:
             owner_extension = await self._statements.owner_extension(batch, person.owner_id)
         if ticket and finished is not None and facts is not None and end_line is not None:
             self.counters.calls_ended += 1
-            ended = Ended(identity, finished, call.duration, now, extension, call.notes)
+            ended = Ended(identity, finished, call.duration, now, extension)
             client = match.client if match else None
             await self._ticket(batch, ended, context.where, row_id,
                                client.id if client else None,
-                               MissedCall(phone, number, started, call.own_number, extension),
-                               facts, end_line)
+                               MissedCall(phone, number, started, call.own_number, extension,
+                                          withheld),
+                               facts, end_line, notes)
         return ZadarmaOutcome(duplicate=False, match=match, owner_extension=owner_extension)
 
     # -- events of calls this process never saw start ----------------------------------------
@@ -380,10 +386,10 @@ class Ingest:
         outcome = decide(direction, started_local, event.local_at, event.duration,
                          extension if answered else None, rules)
         ended = Ended(call_id, outcome, event.duration, event.at, extension,
-                      notes(outcome, extension, "recovered after a reconnect"))
+                      Detail(Reason.RECOVERED))
         await self._ended(ended, origin, recovering=True)
 
-    async def close_open_calls(self, box: str, reason: str, at: datetime,
+    async def close_open_calls(self, box: str, reason: Reason, at: datetime,
                                started_before: datetime | None = None) -> int:
         """Close every call of ``box`` still active (left by a lost connection or a crash);
         with ``started_before``, only those that started before it (the last run's)."""
@@ -391,8 +397,7 @@ class Ingest:
         origin = Origin(box, Dialling())
         for call_id, extension in calls:
             await self._ended(
-                Ended(call_id, Outcome.INTERRUPTED, 0, at, extension,
-                      notes(Outcome.INTERRUPTED, detail=reason)),
+                Ended(call_id, Outcome.INTERRUPTED, 0, at, extension, Detail(reason)),
                 origin,
             )
         return len(calls)

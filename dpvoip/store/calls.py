@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from dpvoip.core.call_log import LogLine
 from dpvoip.core.happenings import Answered, Ended, Forwarded, Started
 from dpvoip.core.matching import Match
+from dpvoip.core.numbers import is_withheld
 from dpvoip.core.outcomes import Outcome
 from dpvoip.core.sales import SalesTouch
 from dpvoip.core.tickets import (
@@ -89,6 +90,7 @@ class ZadarmaRow(NamedTuple):
     lines: Sequence[tuple[LogLine, bool]]  # each with: only when the row is new
     ending: bool  # this event finishes the call and no ticket follows: publish the end
     touch: SalesTouch | None
+    notes: str  # the call row's notes, in the configured language
 
 
 class TicketQuery(NamedTuple):
@@ -182,7 +184,7 @@ class CallStatements:
     # -- a Fritz!Box call's steps ------------------------------------------------------
 
     async def start(self, started: Started, source: str, number: str | None, phone: str,
-                    match: Match | None, lines: Sequence[LogLine]) -> bool:
+                    match: Match | None, lines: Sequence[LogLine], notes: str) -> bool:
         """The call row, its detail, its first log lines and the live event, in one
         statement; False when the call was there already."""
         client = match.client if match else None
@@ -204,8 +206,7 @@ class CallStatements:
             " SELECT c.id, (SELECT count(*) FROM note) FROM call c"
         ))
         params = (
-            started.call_id, started.direction, phone, started.at,
-            "internal call to an own number" if started.hairpin else "",
+            started.call_id, started.direction, phone, started.at, notes,
             client.id if client else None, client.email if client else None,
             source, started.box, started.conn_id, started.direction, started.remote,
             number, started.own_number, started.line, started.extension, started.at,
@@ -283,25 +284,26 @@ class CallStatements:
         )
 
     @staticmethod
-    def _finish_parameters(ended: Ended, line: LogLine) -> tuple[Any, ...]:
+    def _finish_parameters(ended: Ended, line: LogLine, notes: str) -> tuple[Any, ...]:
         return (
-            ended.outcome.status, ended.at, ended.duration, ended.notes, ended.call_id,
+            ended.outcome.status, ended.at, ended.duration, notes, ended.call_id,
             ended.outcome.value, ended.outcome.value, ended.at,
             line.action, line.text, NOTIFY_CHANNEL,
             ended_payload(ended.call_id, ended.outcome, ended.duration),
         )
 
-    async def finish(self, ended: Ended, line: LogLine, recovering: bool = False) -> bool:
+    async def finish(self, ended: Ended, line: LogLine, notes: str,
+                     recovering: bool = False) -> bool:
         """Finalise a call that gets no ticket, in one statement of its own; False when it
         was finalised already."""
         return bool(await self._store.write_one(self._finish_statement(recovering),
-                                                self._finish_parameters(ended, line)))
+                                                self._finish_parameters(ended, line, notes)))
 
-    async def finish_within(self, batch: Batch, ended: Ended, line: LogLine,
+    async def finish_within(self, batch: Batch, ended: Ended, line: LogLine, notes: str,
                             recovering: bool = False) -> None:
         """The same as the last statement of ``batch`` (the COMMIT rides along)."""
         await batch.run(self._finish_statement(recovering),
-                        self._finish_parameters(ended, line), last=True)
+                        self._finish_parameters(ended, line, notes), last=True)
 
     async def finishing_missed(self, batch: Batch, ended: Ended, query: TicketQuery,
                                recovering: bool = False) -> FinishingCall | None:
@@ -315,7 +317,7 @@ class CallStatements:
         rows = await batch.run_planned(
             self._statement(("finishing", recovering), lambda: (
                 "SELECT c.id, c.phone_number, c.client_id, d.direction, d.remote_number,"
-                " d.started_at, d.own_number, d.extension, "
+                " d.started_at, d.own_number, d.extension, d.remote_raw, "
                 + self._ticket_facts("d.remote_number", "d.started_at", "c.client_id",
                                      "c.call_id")
                 + f" FROM {self._crm}.accounting_voipcall c JOIN dpvoip.call_detail d"
@@ -328,14 +330,16 @@ class CallStatements:
         )
         if not rows:
             return None
-        (row, phone, client, direction, number, started_at, own, extension,
+        (row, phone, client, direction, number, started_at, own, extension, raw,
          open_ticket, earlier, client_name, users) = rows[0]
         return FinishingCall(row, direction, client,
-                             MissedCall(phone, number, started_at, own, extension),
+                             MissedCall(phone, number, started_at, own, extension,
+                                        is_withheld(raw)),
                              self._facts(open_ticket, earlier, client_name, users))
 
     async def write_ticket(self, batch: Batch, plan: TicketPlan, row: int,
-                           client: int | None, ended: Ended, line: LogLine) -> None:
+                           client: int | None, ended: Ended, line: LogLine,
+                           notes: str) -> None:
         """The missed call's end and its ticket (behaviour.md section 5) in one statement
         that also commits: the ticket created or updated as ``plan`` says, the call row
         finalised and linked to it, both logged and published."""
@@ -345,17 +349,17 @@ class CallStatements:
             params = {"title": plan.title, "description": plan.description,
                       "ticket_status": plan.status, "priority": plan.priority,
                       "assignee": plan.assignee, "client": client, "head": head,
-                      "tail": tail, "action": "ticket_created"}
+                      "tail": tail, "action": plan.log_action}
         else:
             params = {"title": plan.title, "urgent": plan.urgent, "note": plan.note,
-                      "ticket": plan.ticket, "log": plan.log, "action": "ticket_updated"}
+                      "ticket": plan.ticket, "log": plan.log, "action": plan.log_action}
         new = isinstance(plan, NewTicket)
         await batch.run_planned(
             self._statement(("ticket", new), lambda: self._ticket_sql(new)),
             {
                 **params, "row": row, "channel": NOTIFY_CHANNEL,
                 "status": ended.outcome.status, "at": ended.at, "duration": ended.duration,
-                "notes": ended.notes, "outcome": ended.outcome.value,
+                "notes": notes, "outcome": ended.outcome.value,
                 "ended_action": line.action, "ended_line": line.text,
                 "ended_payload": ended_payload(ended.call_id, ended.outcome, ended.duration),
             },
@@ -481,7 +485,7 @@ class CallStatements:
             "id": row.identity, "direction": call.direction, "phone": row.phone,
             "status": outcome.status if outcome else "active",
             "started": row.started.isoformat(),
-            "final": outcome is not None, "duration": call.duration, "notes": call.notes,
+            "final": outcome is not None, "duration": call.duration, "notes": row.notes,
             "client": client.id if client else None, "email": client.email if client else None,
             "remote": call.remote, "number": row.number, "own": call.own_number,
             "extension": row.extension, "outcome": outcome.value if outcome else None,
