@@ -91,6 +91,16 @@ def _one_of(*choices: str) -> Check:
     return check
 
 
+def _marker(value: Any) -> str | None:
+    if len(value) > 20:
+        return "must be at most 20 characters (the CRM's phone_number column)"
+    if value and not value.strip():
+        return "must not be blank (leave it empty for the language's own word)"
+    if any(ch.isdigit() for ch in value):
+        return "must contain no digits (it must never look like a phone number)"
+    return None
+
+
 def _time_zone(value: Any) -> str | None:
     if value == "":
         return None
@@ -329,6 +339,13 @@ class CrmSettings:
     )
     language: str = setting(
         "en", "Language of call log lines and ticket texts.", _one_of("en", "el")
+    )
+    withheld_label: str = setting(
+        "",
+        "What a withheld caller's call row shows as its phone number (the CRM refuses a "
+        "blank one); at most 20 characters, no digits. Empty: by language, 'withheld' or "
+        "'Απόκρυψη'.",
+        _marker,
     )
     timezone: str = setting(
         "Europe/Athens", "The office's time zone, for times written in tickets and logs.",

@@ -146,7 +146,8 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     directory = DirectoryService(index, config.directory, reactor, database.when_prepared)
     directory.setServiceParent(top)
 
-    ingest = Ingest(store, index, Texts(config.crm.language), config.tickets,
+    texts = Texts(config.crm.language, config.crm.withheld_label)
+    ingest = Ingest(store, index, texts, config.tickets,
                     ZoneInfo(config.crm.timezone), schema, reactor, config.database.crm_schema)
     spool = AsyncSpool(Spool(config.state_path(base) / "spool",
                              max_bytes=config.spool.max_mb * 1024 * 1024,

@@ -80,7 +80,7 @@ RESET_AFTER = 0.1  # s between sending lines and resetting
 ZONE = "Europe/Athens"
 OWN = "2107654321"
 INTERRUPTED = "interrupted: monitor connection lost"
-ANSWERED = "answered on extension 11"
+ANSWERED = "answered on extension 11, talk {}"
 
 #: One order of events for the whole test (log events and the fakes' accepts).
 _sequence = itertools.count()
@@ -241,14 +241,14 @@ class FakeBox(ServerFactory):
             lines = [f"{t(0)};CALL;{conn};11;{OWN};{number};SIP0;",
                      f"{t(3)};CONNECT;{conn};11;{number};",
                      f"{t(45)};DISCONNECT;{conn};42;"]
-            expected = Expected("outgoing", "completed", 42, ANSWERED)
+            expected = Expected("outgoing", "completed", 42, ANSWERED.format("0:42"))
         else:
             lines = [f"{t(0)};RING;{conn};{number};{OWN};SIP0;"]
             expected = Expected("incoming", "failed", 0, INTERRUPTED)
             if kind == "incoming":
                 lines += [f"{t(1)};CONNECT;{conn};11;{number};",
                           f"{t(30)};DISCONNECT;{conn};29;"]
-                expected = Expected("incoming", "completed", 29, ANSWERED)
+                expected = Expected("incoming", "completed", 29, ANSWERED.format("0:29"))
             else:
                 self.orphans += 1
         self.calls[f"+30{number}"] = expected

@@ -101,14 +101,16 @@ class SampleTests(EndToEndTestCase):
             country="DE", timezone="Europe/Berlin", area_code="7191",
         )
         yield self.wait_for(self.calls_sql, [
-            ("incoming", "", "completed", 210, "answered on extension 4", False),
-            ("incoming", "+491755290123", "missed", 4, "missed", True),
-            ("incoming", "+497191952123", "completed", 122, "answered on extension 11", False),
-            ("outgoing", "+497191952123", "failed", 3, "not reached", False),
-            ("outgoing", "+497191952123", "completed", 318, "answered on extension 11",
+            ("incoming", "withheld", "completed", 210, "answered on extension 4, talk 1:00",
              False),
-            ("incoming", "+491781234567", "missed", 53, "voicemail (answering machine 1)",
-             True),
+            ("incoming", "+491755290123", "missed", 4, "missed", True),
+            ("incoming", "+497191952123", "completed", 122,
+             "answered on extension 11, talk 1:49", False),
+            ("outgoing", "+497191952123", "failed", 3, "not reached", False),
+            ("outgoing", "+497191952123", "completed", 318,
+             "answered on extension 11, talk 5:12", False),
+            ("incoming", "+491781234567", "missed", 53,
+             "voicemail (answering machine 1), message 0:30", True),
         ])
         tickets = self.crm.query("SELECT title FROM accounting_ticket ORDER BY title")
         self.assertEqual(tickets, [("MISSED CALL - +491755290123",),
@@ -137,7 +139,8 @@ class TicketTests(EndToEndTestCase):
              ("+306912345678", "missed", "missed", client, True),
              ("+302109998887", "failed", "blocked by call barring", None, False)])
         tickets = self.crm.query("SELECT title, priority, client_id FROM accounting_ticket")
-        self.assertEqual(tickets, [("MISSED CALLS (2x) - +306912345678", "high", client)])
+        self.assertEqual(tickets, [("MISSED CALLS (2x) - +306912345678 - Papadopoulos AE",
+                                    "high", client)])
 
     @defer.inlineCallbacks
     def test_two_missed_calls_of_one_number_ending_in_one_segment_make_one_ticket(

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from dpvoip.calls.ingest import Origin
 from dpvoip.config import FritzBoxSettings
 from dpvoip.core.happenings import Ended, Happening, Started
-from dpvoip.core.outcomes import Outcome
+from dpvoip.core.outcomes import Detail, Outcome, Reason
 from dpvoip.fritzbox.box import FritzBox
 from dpvoip.fritzbox.service import (
     KEEPALIVE_COUNT,
@@ -44,16 +44,16 @@ class FakeIngest:
 
     def __init__(self) -> None:
         self.happenings: list[Happening] = []
-        self.closed_at_start: list[str] = []
+        self.closed_at_start: list[tuple[str, Reason]] = []
         self.started_before: list[datetime | None] = []
 
     def submit(self, happening: Happening, origin: Origin) -> Deferred[None]:
         self.happenings.append(happening)
         return defer.succeed(None)
 
-    async def close_open_calls(self, box: str, reason: str, at: datetime,
+    async def close_open_calls(self, box: str, reason: Reason, at: datetime,
                                started_before: datetime | None = None) -> int:
-        self.closed_at_start.append(f"{box}: {reason}")
+        self.closed_at_start.append((box, reason))
         self.started_before.append(started_before)
         return 0
 
@@ -166,7 +166,7 @@ class ConnectionFaultTests(SynchronousTestCase):
         self.service.stopService()
 
     def test_calls_left_by_the_last_run_are_closed_those_of_this_run_are_not(self) -> None:
-        self.assertEqual(self.ingest.closed_at_start, ["office: dpvoip restarted"])
+        self.assertEqual(self.ingest.closed_at_start, [("office", Reason.RESTARTED)])
         self.assertEqual(self.ingest.started_before, [self.box.born])
         self.assertEqual(len(self.endpoint.attempts), 1)
 
@@ -182,7 +182,7 @@ class ConnectionFaultTests(SynchronousTestCase):
         self.assertEqual(len(endpoint.attempts), 1)
         self.assertEqual(ingest.closed_at_start, [], "closing waits for the database")
         prepared.callback(None)
-        self.assertEqual(ingest.closed_at_start, ["annex: dpvoip restarted"])
+        self.assertEqual(ingest.closed_at_start, [("annex", Reason.RESTARTED)])
 
     def test_refused_a_thousand_times_backs_off_to_the_cap_and_never_gives_up(self) -> None:
         delays = []
@@ -212,8 +212,8 @@ class ConnectionFaultTests(SynchronousTestCase):
             wire, _ = self.endpoint.accept()
             self.assertTrue(self.box.status.connected)
         orphans = [h for h in self.ingest.happenings if isinstance(h, Ended)]
-        self.assertEqual([(o.outcome, o.notes) for o in orphans],
-                         [(Outcome.INTERRUPTED, "interrupted: monitor connection lost")])
+        self.assertEqual([(o.outcome, o.detail) for o in orphans],
+                         [(Outcome.INTERRUPTED, Detail(Reason.LINK_LOST))])
         self.assertEqual(self.box.status.reconnects, 2)
         self.assertEqual(self.box.tracker.open_calls, 0)
 

@@ -5,6 +5,7 @@ recovery after a restart."""
 from __future__ import annotations
 
 import json
+import re
 import select
 import time
 from dataclasses import replace
@@ -22,7 +23,7 @@ from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext
 from dpvoip.config import DatabaseSettings, FritzBoxSettings, TicketSettings
 from dpvoip.core.happenings import Ended
 from dpvoip.core.numbers import Dialling
-from dpvoip.core.outcomes import Outcome
+from dpvoip.core.outcomes import Outcome, Reason
 from dpvoip.core.texts import Texts
 from dpvoip.deferreds import OneShotObserver
 from dpvoip.fritzbox.box import rules_for
@@ -51,6 +52,7 @@ def today(hhmmss: str, days_ago: int = 0) -> str:
 class IngestTestCase(TestCase):
     crm_version = "2025-12"
     tickets = TicketSettings()
+    texts = Texts("en")
     pool_size = 4
     timeout = 2 * PATIENCE  # a hang detector
 
@@ -64,7 +66,7 @@ class IngestTestCase(TestCase):
         where = Dialling("GR")
         self.index = DirectoryIndex(self.store, "public", where, own_numbers=OWN)
         self.schema: OneShotObserver[SchemaReport] = OneShotObserver()
-        self.ingest = Ingest(self.store, self.index, Texts("en"), self.tickets,
+        self.ingest = Ingest(self.store, self.index, self.texts, self.tickets,
                              ZoneInfo("Europe/Athens"), self.schema, reactor)
         settings = replace(FritzBoxSettings(), own_numbers=OWN)
         self.rules = rules_for(settings, frozenset(self.index.own_numbers))
@@ -125,7 +127,8 @@ class CallRecordTests(IngestTestCase):
         # The CRM's own duration (ended - started, as its save() computes it); the talk
         # time (109 s) is kept in dpvoip's detail row.
         self.assertEqual(call, ("fb-office-20200617102829-0", "incoming", "+306912345678",
-                                "completed", 122, "answered on extension 11", False, None,
+                                "completed", 122, "answered on extension 11, talk 1:49",
+                                False, None,
                                 client, "info@papadopoulos.gr", "pending", True))
         started = self.crm.query("SELECT started_at, ended_at FROM accounting_voipcall")[0]
         self.assertEqual(started, (datetime(2020, 6, 17, 7, 28, 29, tzinfo=UTC),
@@ -134,7 +137,7 @@ class CallRecordTests(IngestTestCase):
             ("started", "Incoming call from +306912345678 - Papadopoulos AE"),
             ("client_matched", f"Matched to client Papadopoulos AE (#{client})"),
             ("status_changed", "Answered on extension 11"),
-            ("ended", "Call ended: answered on extension 11, talk time 1:49"),
+            ("ended", "Call ended: answered on extension 11, talk 1:49"),
         ])
         self.assertEqual(self.tickets_rows(), [])
         detail = self.crm.query("SELECT source, box, conn_id, remote_raw, remote_number,"
@@ -155,10 +158,14 @@ class CallRecordTests(IngestTestCase):
     @defer.inlineCallbacks
     def test_a_withheld_caller_is_recorded_without_number_or_match(self) -> Any:
         self.crm.client("Trap", kinito_tilefono="0")
+        self.crm.client("Trap too", kinito_tilefono="withheld")
         yield self.build_directory()
         yield self.lines(*self.missed(0, "", "10:00:00", "10:00:30"))
         [call] = self.calls()
-        self.assertEqual((call[2], call[3], call[8]), ("", "missed", None))
+        self.assertEqual((call[2], call[3], call[8]), ("withheld", "missed", None),
+                         "a marker, never a blank (the CRM's model refuses one)")
+        self.assertEqual(self.crm.query("SELECT remote_number FROM dpvoip.call_detail"),
+                         [(None,)])
         self.assertEqual(self.logs()[0],
                          ("started", "Incoming call from withheld number - unknown"))
         self.assertEqual(self.tickets_rows(), [], "no ticket for a withheld number by default")
@@ -195,6 +202,19 @@ class TicketTests(IngestTestCase):
         self.assertIn("Missed call from +306912345678 (Papadopoulos AE) at", description)
 
     @defer.inlineCallbacks
+    def test_a_grouped_ticket_learns_its_client_in_the_title(self) -> Any:
+        yield self.lines(*self.missed(0, "6912345678", "09:00:00", "09:00:30"))
+        self.assertEqual([t[1] for t in self.tickets_rows()], ["MISSED CALL - +306912345678"])
+        self.crm.client("Papadopoulos AE", kinito_tilefono="6912345678")
+        yield self.build_directory()
+        yield self.lines(*self.missed(1, "6912345678", "09:10:00", "09:10:30"))
+        [ticket] = self.tickets_rows()
+        self.assertEqual(ticket[1], "MISSED CALLS (2x) - +306912345678 - Papadopoulos AE")
+        self.assertEqual(self.logs()[-1], ("ticket_created", f"Call joined ticket #{ticket[0]}:"
+                                           " MISSED CALLS (2x) - +306912345678"
+                                           " - Papadopoulos AE"))
+
+    @defer.inlineCallbacks
     def test_missed_calls_of_one_number_are_grouped_and_escalated(self) -> Any:
         for n, (ring, end) in enumerate([("09:00:00", "09:00:30"), ("09:10:00", "09:10:30"),
                                          ("09:20:00", "09:20:30")]):
@@ -207,8 +227,14 @@ class TicketTests(IngestTestCase):
         ])
         linked = self.crm.query("SELECT ticket_created, ticket_id FROM accounting_voipcall")
         self.assertEqual(linked, [(True, str(ticket[0]))] * 3)
-        actions = [a for a, _ in self.logs() if a.startswith("ticket")]
-        self.assertEqual(actions, ["ticket_created", "ticket_updated", "ticket_updated"])
+        actions = [(a, d) for a, d in self.logs() if a.startswith("ticket")]
+        self.assertEqual(actions, [
+            ("ticket_created", f"Ticket #{ticket[0]} created: MISSED CALL - +302101234567"),
+            ("ticket_created", f"Call joined ticket #{ticket[0]}:"
+                               " MISSED CALLS (2x) - +302101234567"),
+            ("ticket_created", f"Call joined ticket #{ticket[0]}:"
+                               " MISSED CALLS (3x) - +302101234567"),
+        ], "the CRM's own action choices only (it has no 'ticket_updated')")
 
     @defer.inlineCallbacks
     def test_an_old_or_closed_ticket_is_not_reused(self) -> Any:
@@ -244,7 +270,8 @@ class TicketTests(IngestTestCase):
                          f"{today('12:00:20')};CONNECT;0;40;2101234567;",
                          f"{today('12:00:50')};DISCONNECT;0;30;")
         [call] = self.calls()
-        self.assertEqual((call[3], call[5]), ("missed", "voicemail (answering machine 1)"))
+        self.assertEqual((call[3], call[5]),
+                         ("missed", "voicemail (answering machine 1), message 0:30"))
         [ticket] = self.tickets_rows()
         self.assertEqual((ticket[2], ticket[7]), ("assigned", anna))
 
@@ -280,6 +307,98 @@ class WithheldTicketTests(IngestTestCase):
                          ["MISSED CALL - withheld number"] * 2)
 
 
+#: Latin words a Greek row may hold: none of dpvoip's own (only the values: numbers,
+#: names, times; "x" of a grouped title's "(3x)").
+GREEK_ALLOWED = {"x"}
+
+
+def latin_words(text: str, *values: str) -> set[str]:
+    """The words of Latin letters in ``text`` once the ``values`` are taken out."""
+    for value in values:
+        text = text.replace(value, " ")
+    return {word for word in re.findall(r"[A-Za-z]+", text)} - GREEK_ALLOWED
+
+
+class GreekTests(IngestTestCase):
+    """With ``[crm] language = "el"`` every text dpvoip writes into the CRM is Greek."""
+
+    texts = Texts("el")
+    tickets = replace(TicketSettings(), withheld=True)
+
+    def written(self) -> list[str]:
+        """Every text column dpvoip wrote into the CRM's tables."""
+        return [text for query in (
+            "SELECT phone_number FROM accounting_voipcall",
+            "SELECT notes FROM accounting_voipcall",
+            "SELECT description FROM accounting_voipcalllog",
+            "SELECT title FROM accounting_ticket",
+            "SELECT description FROM accounting_ticket",
+            "SELECT notes FROM accounting_ticket",
+        ) for (text,) in self.crm.query(query)]
+
+    @defer.inlineCallbacks
+    def test_every_row_of_a_day_of_calls_is_greek(self) -> Any:
+        client = self.crm.client("Papadopoulos AE", kinito_tilefono="6912345678")
+        yield self.build_directory()
+        yield self.lines(
+            f"{today('10:00:00')};RING;0;06912345678;7654321;SIP0;",
+            f"{today('10:00:05')};CONNECT;0;11;06912345678;",
+            f"{today('10:01:10')};DISCONNECT;0;65;",
+            *self.missed(0, "2101234567", "10:10:00", "10:10:30"),
+            *self.missed(1, "2101234567", "10:20:00", "10:20:30"),
+            *self.missed(0, "2101234567", "10:30:00", "10:30:30"),
+            *self.missed(0, "", "10:40:00", "10:40:30"),
+            f"{today('10:50:00')};RING;0;2102222222;7654321;SIP0;",  # blocked
+            f"{today('10:50:01')};DISCONNECT;0;0;",
+            f"{today('11:00:00')};CALL;1;11;7654321;2107654321;SIP0;",  # an own number
+            f"{today('11:00:03')};CONNECT;1;11;2107654321;",
+            f"{today('11:01:03')};DISCONNECT;1;60;",
+            f"{today('11:10:00')};RING;2;2103333333;7654321;SIP0;",
+        )
+        for end in self.tracker.close_all(Reason.LINK_LOST, datetime.now(UTC)):
+            yield self.ingest.submit(end, self.origin)
+        calls = {c[2]: c for c in self.calls()}
+        self.assertEqual(calls["+306912345678"][5], "απαντήθηκε στο εσωτερικό 11, ομιλία 1:05")
+        self.assertEqual(calls["Απόκρυψη"][3], "missed")
+        self.assertEqual(calls["+302102222222"][5], "απορρίφθηκε από φραγή κλήσεων")
+        self.assertEqual(calls["Εσωτερική"][5],
+                         "απαντήθηκε στο εσωτερικό 11: εσωτερική κλήση σε δικό μας αριθμό,"
+                         " ομιλία 1:00")
+        self.assertEqual(calls["+302103333333"][5],
+                         "διακόπηκε: χάθηκε η σύνδεση με το τηλεφωνικό κέντρο")
+        logs = self.logs()
+        self.assertIn(("client_matched", f"Αντιστοίχιση με πελάτη Papadopoulos AE (#{client})"),
+                      logs)
+        self.assertIn(("ended", "Τέλος κλήσης: απαντήθηκε στο εσωτερικό 11, ομιλία 1:05"), logs)
+        self.assertIn(("started", "Εισερχόμενη κλήση από απόκρυψη αριθμού - άγνωστος"), logs)
+        grouped, withheld = self.tickets_rows()
+        self.assertEqual((grouped[1], grouped[3]),
+                         ("ΑΝΑΠΑΝΤΗΤΕΣ ΚΛΗΣΕΙΣ (3x) - +302101234567", "urgent"))
+        self.assertIn(("ticket_created", f"Η κλήση προστέθηκε στο τίκετ #{grouped[0]}:"
+                                         " ΑΝΑΠΑΝΤΗΤΕΣ ΚΛΗΣΕΙΣ (3x) - +302101234567"), logs)
+        self.assertEqual(withheld[1], "ΑΝΑΠΑΝΤΗΤΗ ΚΛΗΣΗ - απόκρυψη αριθμού")
+        self.assertEqual({a for a, _ in logs},
+                         {"started", "client_matched", "status_changed", "ended",
+                          "ticket_created"})
+        values = ("+306912345678", "+302101234567", "+302102222222", "+302103333333",
+                  "2107654321", "Papadopoulos AE")
+        for text in self.written():
+            self.assertEqual(latin_words(text, *values), set(), text)
+
+
+class WithheldLabelTests(IngestTestCase):
+    texts = Texts("el", "Ανώνυμος")
+    tickets = replace(TicketSettings(), withheld=True)
+
+    @defer.inlineCallbacks
+    def test_the_configured_marker_never_groups_tickets(self) -> Any:
+        yield self.lines(*self.missed(0, "", "14:00:00", "14:00:30"))
+        yield self.lines(*self.missed(1, "anonymous", "14:01:00", "14:01:30"))
+        self.assertEqual([c[2] for c in self.calls()], ["Ανώνυμος"] * 2)
+        self.assertEqual([t[1] for t in self.tickets_rows()],
+                         ["ΑΝΑΠΑΝΤΗΤΗ ΚΛΗΣΗ - απόκρυψη αριθμού"] * 2)
+
+
 class RecoveryTests(IngestTestCase):
     @defer.inlineCallbacks
     def test_calls_left_open_are_closed_at_start_and_recovered_by_a_late_disconnect(
@@ -287,7 +406,7 @@ class RecoveryTests(IngestTestCase):
     ) -> Any:
         yield self.lines(f"{today('15:00:00')};RING;2;2101234567;7654321;SIP0;")
         closed = yield defer.Deferred.fromCoroutine(self.ingest.close_open_calls(
-            "office", "dpvoip restarted", datetime.now(UTC)))
+            "office", Reason.RESTARTED, datetime.now(UTC)))
         self.assertEqual(closed, 1)
         [call] = self.calls()
         self.assertEqual((call[3], call[5]), ("failed", "interrupted: dpvoip restarted"))
@@ -305,7 +424,7 @@ class RecoveryTests(IngestTestCase):
         this_run_began = datetime.strptime(today("15:02:00"), "%d.%m.%y %H:%M:%S").replace(
             tzinfo=self.rules.zone)
         closed = yield defer.Deferred.fromCoroutine(self.ingest.close_open_calls(
-            "office", "dpvoip restarted", datetime.now(UTC), this_run_began))
+            "office", Reason.RESTARTED, datetime.now(UTC), this_run_began))
         self.assertEqual(closed, 1)
         self.assertEqual(sorted((c[3], c[5]) for c in self.calls()), [
             ("active", ""), ("failed", "interrupted: dpvoip restarted")])
@@ -319,7 +438,7 @@ class RecoveryTests(IngestTestCase):
     @defer.inlineCallbacks
     def test_an_interrupted_call_is_never_ticketed(self) -> Any:
         yield self.lines(f"{today('16:00:00')};RING;0;2101234567;7654321;SIP0;")
-        for end in self.tracker.close_all("monitor connection lost", datetime.now(UTC)):
+        for end in self.tracker.close_all(Reason.LINK_LOST, datetime.now(UTC)):
             assert isinstance(end, Ended) and end.outcome is Outcome.INTERRUPTED
             yield self.ingest.submit(end, self.origin)
         self.assertEqual(self.calls()[0][3:6],
@@ -494,3 +613,23 @@ class ClockTests(ZadarmaTestCase):
             " WHERE ticket_created"), [(moment, moment, timedelta(0))])
         self.assertEqual(self.crm.query("SELECT created_at FROM accounting_ticket"),
                          [(moment,)])
+
+
+class GreekZadarmaTests(ZadarmaTestCase):
+    texts = Texts("el")
+
+    @defer.inlineCallbacks
+    def test_a_zadarma_call_and_the_deals_line_in_greek(self) -> Any:
+        contact = self.crm.contact("Maria", "Ioannou", mobile="6912345678")
+        self.crm.deal("Insurance", contact_id=contact, workflow="")
+        yield self.build_directory()
+        yield self.send(zadarma_call("+306912345678", "in_" + "1" * 40, answered=True))
+        yield self.send(zadarma_call("0", "in_" + "2" * 40, answered=False))
+        [workflow] = self.crm.query("SELECT workflow FROM crm_deal")[0]
+        self.assertRegex(workflow, r"^[0-9.]{10} - Εισερχόμενη κλήση από Maria Ioannou"
+                                   r" \(απαντήθηκε, 1:35\)\.$")
+        self.assertEqual([(c[2], c[5]) for c in self.calls()], [
+            ("+306912345678", "απαντήθηκε, ομιλία 1:35"),
+            ("Απόκρυψη", "αναπάντητη (χωρίς απάντηση)"),
+        ])
+        self.assertIn(("ended", "Τέλος κλήσης: αναπάντητη (χωρίς απάντηση)"), self.logs())

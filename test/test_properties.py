@@ -56,7 +56,7 @@ from dpvoip.config import Secret, WebSettings
 from dpvoip.core.happenings import Answered, Ended, Forwarded, Happening, Started, Unmatched
 from dpvoip.core.matching import Match
 from dpvoip.core.numbers import Dialling
-from dpvoip.core.outcomes import Outcome
+from dpvoip.core.outcomes import Outcome, Reason
 from dpvoip.fritzbox.parser import BadLine, Call, Connect, Disconnect, Event, Ring, parse
 from dpvoip.fritzbox.tracker import BoxRules, CallTracker
 from dpvoip.web.app import Readiness, WebApp
@@ -440,14 +440,14 @@ def test_tracker_reports_each_call_started_once_and_ended_at_most_once(
         monotonic = monotonic and step.seconds >= 0
         clock += timedelta(seconds=step.seconds)
         if step.kind == "LOST":
-            happened = tracker.close_all("monitor connection lost", tracker.utc(clock))
+            happened = tracker.close_all(Reason.LINK_LOST, tracker.utc(clock))
             assert all(isinstance(h, Ended) and h.outcome is Outcome.INTERRUPTED
                        for h in happened)
             check(happened, None)
             assert not open_calls
         else:
             check(tracker.feed(event_of(step, clock)), step)
-    check(tracker.close_all("dpvoip stopped", tracker.utc(clock)), None)
+    check(tracker.close_all(Reason.RESTARTED, tracker.utc(clock)), None)
     assert tracker.open_calls == 0 and not open_calls and started == ended
 
 

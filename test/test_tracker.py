@@ -8,12 +8,20 @@ from zoneinfo import ZoneInfo
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from dpvoip.core.call_log import ended_notes
 from dpvoip.core.happenings import Answered, Ended, Forwarded, Happening, Started, Unmatched
-from dpvoip.core.outcomes import Outcome
+from dpvoip.core.outcomes import Detail, Outcome, Reason
+from dpvoip.core.texts import Texts
 from dpvoip.fritzbox.parser import BadLine, Call, Connect, Disconnect, Ring, parse
 from dpvoip.fritzbox.tracker import BoxRules, CallTracker, call_id
 
 ATHENS = ZoneInfo("Europe/Athens")
+EN, EL = Texts("en"), Texts("el")
+
+
+def notes(end: Ended, texts: Texts = EN) -> str:
+    """The call's notes as the ingest writes them."""
+    return ended_notes(end, texts)
 
 
 class ParserTests(SynchronousTestCase):
@@ -102,13 +110,18 @@ class SampleTests(SynchronousTestCase):
                     datetime(2020, 6, 17, 7, 28, 29, tzinfo=UTC)),
             Answered(identity, 11, datetime(2020, 6, 17, 7, 28, 43, tzinfo=UTC)),
             Ended(identity, Outcome.ANSWERED, 109, datetime(2020, 6, 17, 7, 30, 31, tzinfo=UTC),
-                  11, "answered on extension 11"),
+                  11),
         ])
+        end = happened[-1]
+        assert isinstance(end, Ended)
+        self.assertEqual(notes(end), "answered on extension 11, talk 1:49")
+        self.assertEqual(notes(end, EL), "απαντήθηκε στο εσωτερικό 11, ομιλία 1:49")
 
     def test_incoming_missed(self) -> None:
         [end] = ended(Box().feed("16.06.20 12:25:42;RING;0;01755290123;732123;SIP1;",
                                  "16.06.20 12:25:46;DISCONNECT;0;0;"))
-        self.assertEqual((end.outcome, end.duration, end.notes), (Outcome.MISSED, 0, "missed"))
+        self.assertEqual((end.outcome, end.duration, end.detail), (Outcome.MISSED, 0, None))
+        self.assertEqual((notes(end), notes(end, EL)), ("missed", "αναπάντητη"))
         self.assertTrue(end.outcome.wants_ticket("incoming"))
 
     def test_outgoing_attempts_reusing_an_id_then_answered(self) -> None:
@@ -139,8 +152,9 @@ class SampleTests(SynchronousTestCase):
         [end] = ended(Box().feed("13.09.25 18:08:20;RING;0;01781234567;123;SIP0;",
                                  "13.09.25 18:08:43;CONNECT;0;40;01781234567;",
                                  "13.09.25 18:09:13;DISCONNECT;0;30;"))
-        self.assertEqual((end.outcome, end.notes),
-                         (Outcome.VOICEMAIL, "voicemail (answering machine 1)"))
+        self.assertEqual((end.outcome, end.extension), (Outcome.VOICEMAIL, 40))
+        self.assertEqual(notes(end), "voicemail (answering machine 1), message 0:30")
+        self.assertEqual(notes(end, EL), "απάντησε ο τηλεφωνητής 1, μήνυμα 0:30")
         self.assertEqual(end.outcome.status, "missed")
         self.assertTrue(end.outcome.wants_ticket("incoming"))
 
@@ -224,7 +238,8 @@ class ConnectionIdTests(SynchronousTestCase):
         assert isinstance(first_end, Ended) and isinstance(second_start, Started)
         self.assertEqual(first_end.call_id, "fb-office-20240201100000-0")
         self.assertEqual(first_end.outcome, Outcome.INTERRUPTED)
-        self.assertIn("DISCONNECT lost", first_end.notes)
+        self.assertEqual(first_end.detail, Detail(Reason.ID_REUSED))
+        self.assertEqual(notes(first_end), "interrupted: DISCONNECT lost, id reused")
         self.assertEqual(second_start.remote, "2102222222")
         self.assertEqual(Outcome.INTERRUPTED.status, "failed")
 
@@ -241,7 +256,10 @@ class ConnectionIdTests(SynchronousTestCase):
                                 datetime(2024, 2, 1, 8, 0, 4, tzinfo=UTC)), happened)
         [end] = ended(happened)
         self.assertEqual(end.outcome, Outcome.ANSWERED)
-        self.assertIn("forwarded to 6971234567", end.notes)
+        self.assertEqual(end.detail, Detail(Reason.FORWARDED, "6971234567"))
+        self.assertEqual(notes(end), "answered on extension 0: forwarded to 6971234567, talk 2:00")
+        self.assertEqual(notes(end, EL),
+                         "απαντήθηκε στο εσωτερικό 0: προωθήθηκε στο 6971234567, ομιλία 2:00")
 
     def test_a_second_connect_is_a_transfer(self) -> None:
         happened = Box().feed(
@@ -252,7 +270,7 @@ class ConnectionIdTests(SynchronousTestCase):
         )
         answers = [h for h in happened if isinstance(h, Answered)]
         self.assertEqual([(a.extension, a.transfer) for a in answers], [(11, False), (12, True)])
-        self.assertEqual(ended(happened)[0].notes, "answered on extension 12")
+        self.assertEqual(notes(ended(happened)[0]), "answered on extension 12, talk 0:57")
 
     def test_a_hairpin_call_is_one_call(self) -> None:
         happened = Box().feed(
@@ -268,7 +286,9 @@ class ConnectionIdTests(SynchronousTestCase):
         self.assertTrue(starts[0].hairpin)
         [end] = ended(happened)
         self.assertEqual((end.outcome, end.duration), (Outcome.ANSWERED, 60))
-        self.assertIn("internal call to an own number", end.notes)
+        self.assertEqual(end.detail, Detail(Reason.HAIRPIN))
+        self.assertEqual(notes(end),
+                         "answered on extension 11: internal call to an own number, talk 1:00")
 
     def test_events_of_ids_never_seen_are_handed_on(self) -> None:
         happened = Box().feed("01.02.24 10:00:03;CONNECT;3;11;2101111111;",
@@ -282,15 +302,17 @@ class ConnectionIdTests(SynchronousTestCase):
         box.feed("01.02.24 10:00:00;RING;0;2101111111;7654321;SIP0;",
                  "01.02.24 10:00:10;CALL;1;11;7654321;2102222222;SIP0;")
         at = datetime(2024, 2, 1, 8, 5, tzinfo=UTC)
-        closed = box.tracker.close_all("monitor connection lost", at)
-        self.assertEqual([(e.call_id, e.outcome, e.notes) for e in ended(closed)], [
+        closed = box.tracker.close_all(Reason.LINK_LOST, at)
+        self.assertEqual([(e.call_id, e.outcome, notes(e)) for e in ended(closed)], [
             ("fb-office-20240201100000-0", Outcome.INTERRUPTED,
              "interrupted: monitor connection lost"),
             ("fb-office-20240201100010-1", Outcome.INTERRUPTED,
              "interrupted: monitor connection lost"),
         ])
+        self.assertEqual([notes(e, EL) for e in ended(closed)],
+                         ["διακόπηκε: χάθηκε η σύνδεση με το τηλεφωνικό κέντρο"] * 2)
         self.assertEqual(box.tracker.open_calls, 0)
-        self.assertEqual(box.tracker.close_all("again", at), [])
+        self.assertEqual(box.tracker.close_all(Reason.LINK_LOST, at), [])
 
 
 class TimeTests(SynchronousTestCase):

@@ -8,11 +8,13 @@ from datetime import datetime
 from twisted.trial.unittest import SynchronousTestCase
 
 from dpvoip.core.outcomes import Outcome
-from dpvoip.zadarma.calls import ZadarmaCall, summarise
+from dpvoip.core.texts import Texts
+from dpvoip.zadarma.calls import ZadarmaCall, describe, summarise
 from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 
 START = "2024-01-01 10:00:00"
 PBX = "in_" + "a" * 40
+EN, EL = Texts("en"), Texts("el")
 
 
 def event(kind: str, **fields: str) -> ZadarmaEvent:
@@ -72,15 +74,17 @@ class SummaryTests(SynchronousTestCase):
         assert call is not None
         self.assertEqual((call.direction, call.remote, call.own_number, call.extension),
                          ("incoming", "+302101234567", "302107654321", "100"))
-        self.assertEqual((call.outcome, call.duration, call.notes, call.recording),
-                         (Outcome.ANSWERED, 95, "answered", "1704103200.123456"))
+        self.assertEqual((call.outcome, call.duration, describe(call, EN), call.recording),
+                         (Outcome.ANSWERED, 95, "answered, talk 1:35", "1704103200.123456"))
+        self.assertEqual(describe(call, EL), "απαντήθηκε, ομιλία 1:35")
         self.assertEqual(call.started, datetime(2024, 1, 1, 10, 0, 0))
 
     def test_an_incoming_missed_call(self) -> None:
         [call] = every_order(INCOMING_MISSED)
         assert call is not None
-        self.assertEqual((call.outcome, call.duration, call.notes),
+        self.assertEqual((call.outcome, call.duration, describe(call, EN)),
                          (Outcome.MISSED, 0, "missed (no answer)"))
+        self.assertEqual(describe(call, EL), "αναπάντητη (χωρίς απάντηση)")
         self.assertTrue(call.outcome and call.outcome.wants_ticket(call.direction))
 
     def test_an_outgoing_call(self) -> None:
@@ -94,8 +98,9 @@ class SummaryTests(SynchronousTestCase):
         [call] = every_order(CALLBACK)
         assert call is not None
         self.assertEqual((call.direction, call.remote, call.callback, call.duration,
-                          call.notes), ("outgoing", "302101234567", True, 61,
-                                        "answered, callback"))
+                          describe(call, EN)), ("outgoing", "302101234567", True, 61,
+                                                "answered, callback, talk 1:01"))
+        self.assertEqual(describe(call, EL), "απαντήθηκε, επιστροφή κλήσης, ομιλία 1:01")
 
     def test_a_callback_whose_user_never_answers(self) -> None:
         leg1 = [
@@ -106,8 +111,10 @@ class SummaryTests(SynchronousTestCase):
         ]
         [call] = every_order(leg1)
         assert call is not None
-        self.assertEqual((call.remote, call.outcome, call.notes),
+        self.assertEqual((call.remote, call.outcome, describe(call, EN)),
                          ("", Outcome.NOT_REACHED, "not reached (no answer), callback"))
+        self.assertEqual(describe(call, EL),
+                         "δεν απάντησε (χωρίς απάντηση), επιστροφή κλήσης")
 
     def test_a_call_in_progress_has_no_outcome(self) -> None:
         call = summarise(INCOMING_ANSWERED[:3])
@@ -115,6 +122,7 @@ class SummaryTests(SynchronousTestCase):
         self.assertIsNone(call.outcome)
         self.assertTrue(call.answered)
         self.assertFalse(call.final)
+        self.assertEqual(describe(call, EN), "", "no notes while the call runs")
 
     def test_a_recording_notice_alone_is_no_call_yet_and_joins_later(self) -> None:
         record = event("NOTIFY_RECORD", call_id_with_rec="1704103200.999")
@@ -137,4 +145,23 @@ class SummaryTests(SynchronousTestCase):
                                   disposition="no money", duration="0")])
         assert failed is not None
         self.assertEqual((failed.outcome, failed.outcome.status if failed.outcome else None,
-                          failed.notes), (Outcome.FAILED, "failed", "failed (no money)"))
+                          describe(failed, EN)), (Outcome.FAILED, "failed", "failed (no money)"))
+        self.assertEqual(describe(failed, EL), "απέτυχε (ανεπαρκές υπόλοιπο)")
+
+    def test_every_disposition_zadarma_documents_has_its_words(self) -> None:
+        # zadarma.md: the dispositions of NOTIFY_END and NOTIFY_OUT_END.
+        for disposition in ("busy", "cancel", "no answer", "failed", "call failed",
+                            "no money", "unallocated number", "no limit", "no day limit",
+                            "line limit", "no money, no limit"):
+            busy = summarise([event("NOTIFY_OUT_END", internal="101", destination="4420",
+                                    disposition=disposition, duration="0")])
+            assert busy is not None and busy.outcome is not None
+            english, greek = describe(busy, EN), describe(busy, EL)
+            self.assertTrue(english.endswith(f"({disposition})")
+                            or disposition == busy.outcome.value, english)
+            self.assertFalse(any("a" <= ch.lower() <= "z" for ch in greek), greek)
+        later = summarise([event("NOTIFY_OUT_END", internal="101", destination="4420",
+                                 disposition="some new reason", duration="0")])
+        assert later is not None
+        self.assertEqual(describe(later, EL), "απέτυχε (some new reason)",
+                         "a disposition Zadarma adds later is written as it comes")

@@ -151,7 +151,8 @@ class CallTests(WebhookTestCase):
         self.assertEqual((code, json.loads(body)), (200, {"caller_name": "Papadopoulos AE"}))
         self.assertEqual((yield self.send_all(events[1:])), [200, 200, 200])
         self.assertEqual(self.calls(), [(
-            f"zd-{PBX}", "incoming", "+306912345678", "completed", 95, "answered", client,
+            f"zd-{PBX}", "incoming", "+306912345678", "completed", 95, "answered, talk 1:35",
+            client,
             False, "2026-01-15 08:00:00+00",
         )])
         self.assertEqual(self.logs(), ["started", "client_matched", "ended"])
@@ -201,8 +202,9 @@ class CallTests(WebhookTestCase):
         yield defer.Deferred.fromCoroutine(self.daemon.directory.build())
         yield self.send_all(outgoing + callback)
         self.assertEqual([c[1:7] for c in self.calls()], [
-            ("outgoing", "+302310555123", "completed", 42, "answered", None),
-            ("outgoing", "+302101234567", "completed", 61, "answered, callback", customer),
+            ("outgoing", "+302310555123", "completed", 42, "answered, talk 0:42", None),
+            ("outgoing", "+302101234567", "completed", 61, "answered, callback, talk 1:01",
+             customer),
         ])
 
     @defer.inlineCallbacks

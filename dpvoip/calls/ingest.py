@@ -34,15 +34,16 @@ from dpvoip.core.call_log import (
     answered_line,
     caller_name,
     ended_line,
+    ended_notes,
     forwarded_line,
-    remote_column,
-    shown_number,
+    remote,
     started_lines,
+    started_notes,
 )
 from dpvoip.core.happenings import Answered, Ended, Forwarded, Happening, Started, Unmatched
 from dpvoip.core.matching import Match
 from dpvoip.core.numbers import Dialling, normalise
-from dpvoip.core.outcomes import Outcome, notes, talk_time
+from dpvoip.core.outcomes import Detail, Outcome, Reason
 from dpvoip.core.sales import sales_touch
 from dpvoip.core.texts import Texts
 from dpvoip.core.tickets import (
@@ -61,7 +62,7 @@ from dpvoip.store.calls import CallStatements, JournalEntry, TicketQuery, Zadarm
 from dpvoip.store.database import Batch, Store
 from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.migrations import SchemaReport
-from dpvoip.zadarma.calls import ZadarmaCall, summarise
+from dpvoip.zadarma.calls import ZadarmaCall, describe, summarise
 from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from dpvoip.zadarma.events import call_id as zadarma_call_id
 
@@ -212,14 +213,14 @@ class Ingest:
     async def _started(self, started: Started, origin: Origin, received: datetime) -> None:
         number = None if started.hairpin else normalise(started.remote, origin.where)
         match = await self._directory.lookup(number) if number else None
-        phone = "" if started.hairpin else remote_column(started.remote, number)
-        lines = started_lines(started.direction, phone, match, self._texts)
-        notes = "internal call to an own number" if started.hairpin else ""
-        if await self._statements.start(started, origin.source, number, phone, match, lines,
-                                        received, notes):
+        party = remote(started.remote, number, self._texts, started.hairpin)
+        lines = started_lines(started.direction, party.shown, match, self._texts)
+        if await self._statements.start(started, origin.source, number, party.column, match,
+                                        lines, received,
+                                        started_notes(started.hairpin, self._texts)):
             self.counters.calls_started += 1
             log.info("call {call_id}: {direction} {number} ({name})", call_id=started.call_id,
-                     direction=started.direction, number=shown_number(phone, self._texts),
+                     direction=started.direction, number=party.shown,
                      name=caller_name(match, self._texts))
         else:
             self.counters.replays_ignored += 1  # the call is there already
@@ -236,8 +237,8 @@ class Ingest:
 
     async def _ended(self, ended: Ended, origin: Origin, received: datetime,
                      recovering: bool = False) -> None:
-        line = ended_line(ended.notes, ended.duration, self._texts)
-        notes = ended.notes
+        notes = ended_notes(ended, self._texts)
+        line = ended_line(notes, self._texts)
         if not may_get_ticket(ended.outcome):
             done = await self._statements.finish(ended, line, notes, received, recovering)
         else:
@@ -248,8 +249,8 @@ class Ingest:
                     batch, ended, self._ticket_query(), recovering)
                 if finishing is None:
                     return False
-                if not gets_ticket(finishing.direction, ended.outcome, finishing.call.phone,
-                                   self._tickets):
+                if not gets_ticket(finishing.direction, ended.outcome,
+                                   finishing.call.withheld, self._tickets):
                     await self._statements.finish_within(batch, ended, line, notes, received,
                                                          recovering)
                     return True
@@ -261,9 +262,8 @@ class Ingest:
             done = await self._store.batch(steps)
         if done:
             self.counters.calls_ended += 1
-            log.info("call {call_id}: {status}, {notes}, talk time {talk}",
-                     call_id=ended.call_id, status=ended.outcome.status, notes=ended.notes,
-                     talk=talk_time(ended.duration))
+            log.info("call {call_id}: {status}, {notes}", call_id=ended.call_id,
+                     status=ended.outcome.status, notes=notes)
         else:
             self.counters.replays_ignored += 1
 
@@ -279,7 +279,7 @@ class Ingest:
                                             received)
         self.counters.ticket_writes += 1
         log.info("call {call_id}: missed-call ticket written for {number}",
-                 call_id=ended.call_id, number=shown_number(call.phone, self._texts))
+                 call_id=ended.call_id, number=call.phone)
 
     # -- Zadarma -----------------------------------------------------------------------------
 
@@ -344,7 +344,8 @@ class Ingest:
         arrival would, but Zadarma retries late deliveries); every write is dated by
         this event's arrival."""
         previous, existed = entry.previous, entry.existed
-        phone = remote_column(call.remote, number)
+        party = remote(call.remote, number, self._texts)
+        phone, withheld = party.column, party.withheld
         person = match.person if match else None
         started = (call.started.replace(tzinfo=context.zone).astimezone(UTC)
                    if call.started else entry.first_received)
@@ -354,11 +355,11 @@ class Ingest:
         # The outcome, when this event is the one that finishes the call.
         finished = call.outcome if previous is None else None
         ticket = (finished is not None and context.tickets
-                  and gets_ticket(call.direction, finished, phone, self._tickets))
-        end_line = (ended_line(call.notes, call.duration, self._texts)
-                    if finished is not None else None)
+                  and gets_ticket(call.direction, finished, withheld, self._tickets))
+        notes = describe(call, self._texts)
+        end_line = ended_line(notes, self._texts) if finished is not None else None
         # (line, only when the row is new): whether the row is new is known in SQL.
-        lines = [(line, True) for line in started_lines(call.direction, phone, match,
+        lines = [(line, True) for line in started_lines(call.direction, party.shown, match,
                                                          self._texts)]
         if end_line is not None and not ticket:
             lines.append((end_line, False))
@@ -367,10 +368,11 @@ class Ingest:
         row = ZadarmaRow(
             identity=identity, call=call, phone=phone, number=number, match=match,
             started=started, ended=ended_at, received=received, extension=extension,
-            notes=call.notes, lines=lines,
+            notes=notes, lines=lines,
             ending=finished is not None and not ticket,
             touch=sales_touch(call.direction, finished, call.duration,
-                              person.name if person else None, received, self._zone),
+                              person.name if person else None, received, self._zone,
+                              self._texts),
         )
         row_id, facts = await self._statements.zadarma_call(
             batch, row, last=not ticket and not owner_wanted,
@@ -384,13 +386,13 @@ class Ingest:
             owner_extension = await self._statements.owner_extension(batch, person.owner_id)
         if ticket and finished is not None and facts is not None and end_line is not None:
             self.counters.calls_ended += 1
-            ended = Ended(identity, finished, call.duration, ended_at or received, extension,
-                          call.notes)
+            ended = Ended(identity, finished, call.duration, ended_at or received, extension)
             client = match.client if match else None
             await self._ticket(batch, ended, context.where, row_id,
                                client.id if client else None,
-                               MissedCall(phone, number, started, call.own_number, extension),
-                               facts, end_line, call.notes, received)
+                               MissedCall(phone, number, started, call.own_number, extension,
+                                          withheld),
+                               facts, end_line, notes, received)
         return ZadarmaOutcome(duplicate=False, match=match, owner_extension=owner_extension)
 
     # -- events of calls this process never saw start ----------------------------------------
@@ -415,10 +417,10 @@ class Ingest:
         outcome = decide(direction, started_local, event.local_at, event.duration,
                          extension if answered else None, rules)
         ended = Ended(call_id, outcome, event.duration, event.at, extension,
-                      notes(outcome, extension, "recovered after a reconnect"))
+                      Detail(Reason.RECOVERED))
         await self._ended(ended, origin, received, recovering=True)
 
-    async def close_open_calls(self, box: str, reason: str, at: datetime,
+    async def close_open_calls(self, box: str, reason: Reason, at: datetime,
                                started_before: datetime | None = None) -> int:
         """Close every call of ``box`` still active (left by a lost connection or a crash);
         with ``started_before``, only those that started before it (the last run's)."""
@@ -427,8 +429,7 @@ class Ingest:
         received = self._now()
         for call_id, extension in calls:
             await self._ended(
-                Ended(call_id, Outcome.INTERRUPTED, 0, at, extension,
-                      notes(Outcome.INTERRUPTED, detail=reason)),
+                Ended(call_id, Outcome.INTERRUPTED, 0, at, extension, Detail(reason)),
                 origin, received,
             )
         return len(calls)

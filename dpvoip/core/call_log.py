@@ -1,4 +1,4 @@
-"""What a call's row shows of the remote party, and the lines its call log gets
+"""What a call's row shows of the remote party, its notes, and the lines its call log gets
 (behaviour.md sections 2 and 3), in the configured language. Pure.
 """
 
@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from dpvoip.core.happenings import Ended
 from dpvoip.core.matching import Match
 from dpvoip.core.numbers import is_withheld
-from dpvoip.core.outcomes import talk_time
+from dpvoip.core.outcomes import Detail, Reason, detail_text, notes
 from dpvoip.core.texts import Texts
 
 
@@ -19,16 +20,26 @@ class LogLine(NamedTuple):
     text: str
 
 
-def remote_column(raw: str, number: str | None) -> str:
-    """The CRM's phone_number: E.164, else the raw value cut to 20, '' when withheld."""
+class Remote(NamedTuple):
+    """The remote party of a call: what its row's phone_number holds, how the texts name
+    it, and whether the caller withheld the number (decided on the number, never on the
+    column's text)."""
+
+    column: str  # never blank: the CRM's model refuses a blank phone_number
+    shown: str
+    withheld: bool
+
+
+def remote(raw: str, number: str | None, texts: Texts, hairpin: bool = False) -> Remote:
+    """The CRM's phone_number: E.164, else the raw value cut to 20; for a withheld caller
+    the configured marker, for an internal call to an own number the word for it (the
+    office's own number is never the remote party)."""
+    if hairpin:
+        return Remote(texts.internal_marker, texts("own_number", number=raw.strip()), False)
     if is_withheld(raw):
-        return ""
-    return number if number is not None else raw.strip()[:20]
-
-
-def shown_number(phone: str, texts: Texts) -> str:
-    """The remote party as the texts name it ('withheld number' for a blank column)."""
-    return phone or texts("withheld")
+        return Remote(texts.withheld_marker, texts("withheld"), True)
+    column = number if number is not None else raw.strip()[:20]
+    return Remote(column, column, False)
 
 
 def caller_name(match: Match | None, texts: Texts) -> str:
@@ -39,23 +50,28 @@ def matched_text(match: Match, texts: Texts) -> str:
     """Whom the number was matched to: the client, else the contact or lead, else the
     company (which has no id of its own here)."""
     if match.client is not None:
-        return texts("client_matched", kind="client", name=match.client.name,
+        return texts("client_matched", kind=texts("kind_client"), name=match.client.name,
                      id=match.client.id)
     if match.person is not None:
-        return texts("client_matched", kind=match.person.kind, name=match.person.name,
-                     id=match.person.id)
-    return texts("client_matched", kind="company", name=match.company_name or "", id="-")
+        return texts("client_matched", kind=texts("kind_" + match.person.kind),
+                     name=match.person.name, id=match.person.id)
+    return texts("company_matched", name=match.company_name or "")
 
 
-def started_lines(direction: str, phone: str, match: Match | None,
+def started_lines(direction: str, shown: str, match: Match | None,
                   texts: Texts) -> list[LogLine]:
-    """The lines a new call's log starts with: who calls (or is called), and the match."""
-    lines = [LogLine("started", texts(f"started_{direction}",
-                                      number=shown_number(phone, texts),
+    """The lines a new call's log starts with: who calls (or is called, ``shown`` as
+    ``Remote.shown`` names it), and the match."""
+    lines = [LogLine("started", texts(f"started_{direction}", number=shown,
                                       name=caller_name(match, texts)))]
     if match is not None:
         lines.append(LogLine("client_matched", matched_text(match, texts)))
     return lines
+
+
+def started_notes(hairpin: bool, texts: Texts) -> str:
+    """A new call row's notes: empty, but for an internal call to an own number."""
+    return detail_text(Detail(Reason.HAIRPIN), texts) if hairpin else ""
 
 
 def answered_line(extension: int, transfer: bool, texts: Texts) -> LogLine:
@@ -67,5 +83,11 @@ def forwarded_line(number: str, texts: Texts) -> LogLine:
     return LogLine("status_changed", texts("forwarded", number=number))
 
 
-def ended_line(notes: str, duration: int, texts: Texts) -> LogLine:
-    return LogLine("ended", texts("ended", notes=notes, talk=talk_time(duration)))
+def ended_notes(ended: Ended, texts: Texts) -> str:
+    """The finished call's notes: outcome, detail and talk time, in one line."""
+    return notes(ended.outcome, texts, ended.extension, ended.duration, ended.detail)
+
+
+def ended_line(notes_text: str, texts: Texts) -> LogLine:
+    """The 'ended' line: the call's notes, which carry the talk time."""
+    return LogLine("ended", texts("ended", notes=notes_text))

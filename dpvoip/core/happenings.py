@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from dpvoip.core.outcomes import Outcome
+from dpvoip.core.outcomes import Detail, Outcome
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,15 @@ class Forwarded:
 
 @dataclass(frozen=True)
 class Ended:
+    """The call is over. Its notes are rendered from these fields where the row is
+    written (``outcomes.notes``), in the configured language."""
+
     call_id: str
     outcome: Outcome
-    duration: int
+    duration: int  # the talk time, in seconds (the DISCONNECT's, Zadarma's duration)
     at: datetime
-    extension: int | None
-    notes: str
+    extension: int | None  # the extension that took it (or dialled it)
+    detail: Detail | None = None  # why, beyond the outcome
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime, tzinfo
 
-from dpvoip.core.outcomes import Outcome, talk_time
+from dpvoip.core.outcomes import Outcome, outcome_word, talk_time
+from dpvoip.core.texts import Texts
 
 
 @dataclass(frozen=True)
@@ -21,17 +22,17 @@ class SalesTouch:
 
 
 def sales_touch(direction: str, finished: Outcome | None, duration: int,
-                person: str | None, now: datetime, zone: tzinfo) -> SalesTouch | None:
+                person: str | None, now: datetime, zone: tzinfo,
+                texts: Texts) -> SalesTouch | None:
     """The touch of a call that has just ``finished`` so (None while it runs, and for
     the later events of a finished call), by a contact or lead named ``person`` (None
     when the caller is neither): nothing unless both are there. The date is today in
-    the office's ``zone``."""
+    the office's ``zone``; the line in the configured language."""
     if finished is None or person is None:
         return None
     today = now.astimezone(zone).date()
-    what = "Incoming call from" if direction == "incoming" else "Outgoing call to"
     return SalesTouch(
         in_touch_on=today if finished is Outcome.ANSWERED else None,
-        workflow_line=(f"{today:%d.%m.%Y} - {what} {person} ({finished.value},"
-                       f" {talk_time(duration)})."),
+        workflow_line=texts(f"workflow_{direction}", date=f"{today:%d.%m.%Y}", name=person,
+                            outcome=outcome_word(finished, texts), talk=talk_time(duration)),
     )

@@ -1,7 +1,13 @@
-"""The words dpvoip writes into the CRM: call log lines and ticket texts, per language.
+"""Every word dpvoip writes into the CRM, per language: call notes, call-log lines, ticket
+titles, descriptions and notes, the deal's workflow line, and the markers of the call
+row's phone_number for a withheld caller and an internal call.
 
-Ticket titles keep the form the CRM's users know (``MISSED CALL - {number}``) in every
-language: people search for them.
+One catalog per language, with the same keys; ``Texts`` is one language of it, chosen by
+``[crm] language``, so that a row never mixes two languages. The Greek is as an office in
+Greece writes it, with the CRM's own words where it has them ('Αναπάντητη', 'τίκετ',
+'Εσωτερική'). Only values (numbers, names, times, Zadarma's own words for a disposition
+it adds later) are written as they come. ``test/test_texts.py`` renders every template
+of both languages.
 """
 
 from __future__ import annotations
@@ -9,59 +15,159 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 _EN: Mapping[str, str] = {
-    "started_incoming": "Incoming call from {number} - {name}",
-    "started_outgoing": "Outgoing call to {number} - {name}",
+    # -- the remote party, in texts and in the call row's phone_number ----------------------
     "unknown": "unknown",
     "withheld": "withheld number",
+    "withheld_marker": "withheld",
+    "internal_marker": "internal",
+    "own_number": "own number {number}",
+    # -- the call log ----------------------------------------------------------------------
+    "started_incoming": "Incoming call from {number} - {name}",
+    "started_outgoing": "Outgoing call to {number} - {name}",
     "client_matched": "Matched to {kind} {name} (#{id})",
+    "company_matched": "Matched to company {name}",
+    "kind_client": "client",
+    "kind_contact": "contact",
+    "kind_lead": "lead",
     "answered": "Answered on extension {extension}",
     "transferred": "Taken over by extension {extension}",
     "forwarded": "Forwarded to {number}",
-    "status_changed": "Status {old} -> {new}",
-    "ended": "Call ended: {notes}, talk time {talk}",
-    "missed": "Missed call from {number}",
+    "ended": "Call ended: {notes}",
     "ticket_created": "Ticket #{id} created: {title}",
-    "ticket_updated": "Ticket #{id} updated: {title}",
-    "ticket_description": "Missed call from {number}{client} at {time}.",
+    "ticket_joined": "Call joined ticket #{id}: {title}",
+    # -- the call's notes: the outcome, its detail, the talk time ----------------------------
+    "outcome_answered": "answered",
+    "outcome_missed": "missed",
+    "outcome_voicemail": "voicemail",
+    "outcome_blocked": "blocked",
+    "outcome_not_reached": "not reached",
+    "outcome_fax": "fax",
+    "outcome_interrupted": "interrupted",
+    "outcome_busy": "busy",
+    "outcome_failed": "failed",
+    "answered_on": "answered on extension {extension}",
+    "voicemail_on": "voicemail ({machine})",
+    "machine": "answering machine",
+    "machine_numbered": "answering machine {number}",
+    "blocked_by_barring": "blocked by call barring",
+    "with_talk": "{notes}, talk {talk}",
+    "with_message": "{notes}, message {talk}",
+    "detail_link_lost": "monitor connection lost",
+    "detail_restarted": "dpvoip restarted",
+    "detail_id_reused": "DISCONNECT lost, id reused",
+    "detail_recovered": "recovered after a reconnect",
+    "detail_forwarded": "forwarded to {number}",
+    "detail_hairpin": "internal call to an own number",
+    # Zadarma: its disposition when it says more than the outcome, and a callback.
+    "with_callback": "{notes}, callback",
+    "disposition_busy": "busy",
+    "disposition_cancel": "cancel",
+    "disposition_no_answer": "no answer",
+    "disposition_failed": "failed",
+    "disposition_call_failed": "call failed",
+    "disposition_no_money": "no money",
+    "disposition_unallocated_number": "unallocated number",
+    "disposition_no_limit": "no limit",
+    "disposition_no_day_limit": "no day limit",
+    "disposition_line_limit": "line limit",
+    "disposition_no_money_no_limit": "no money, no limit",
+    # -- missed-call tickets -----------------------------------------------------------------
+    "ticket_title": "MISSED CALL - {number}",
+    "ticket_title_grouped": "MISSED CALLS ({count}x) - {number}",
+    "ticket_description": "Missed call from {number} at {time}.",
+    "ticket_description_client": "Missed call from {number} ({name}) at {time}.",
     "ticket_note": "[{time}] missed call (total {count})",
+    # -- the deal's workflow (the CRM's sales side) ------------------------------------------
+    "workflow_incoming": "{date} - Incoming call from {name} ({outcome}, {talk}).",
+    "workflow_outgoing": "{date} - Outgoing call to {name} ({outcome}, {talk}).",
 }
 
 _EL: Mapping[str, str] = {
-    "started_incoming": "Εισερχόμενη κλήση από {number} - {name}",
-    "started_outgoing": "Εξερχόμενη κλήση προς {number} - {name}",
     "unknown": "άγνωστος",
     "withheld": "απόκρυψη αριθμού",
+    "withheld_marker": "Απόκρυψη",
+    "internal_marker": "Εσωτερική",
+    "own_number": "δικό μας αριθμό {number}",
+    "started_incoming": "Εισερχόμενη κλήση από {number} - {name}",
+    "started_outgoing": "Εξερχόμενη κλήση προς {number} - {name}",
     "client_matched": "Αντιστοίχιση με {kind} {name} (#{id})",
-    "answered": "Απάντηση στο εσωτερικό {extension}",
-    "transferred": "Μεταφορά στο εσωτερικό {extension}",
-    "forwarded": "Προώθηση στο {number}",
-    "status_changed": "Κατάσταση {old} -> {new}",
-    "ended": "Τέλος κλήσης: {notes}, διάρκεια ομιλίας {talk}",
-    "missed": "Αναπάντητη κλήση από {number}",
-    "ticket_created": "Δημιουργία αιτήματος #{id}: {title}",
-    "ticket_updated": "Ενημέρωση αιτήματος #{id}: {title}",
-    "ticket_description": "Αναπάντητη κλήση από {number}{client} στις {time}.",
+    "company_matched": "Αντιστοίχιση με εταιρεία {name}",
+    "kind_client": "πελάτη",
+    "kind_contact": "επαφή",
+    "kind_lead": "δυνητικό πελάτη",
+    "answered": "Απαντήθηκε στο εσωτερικό {extension}",
+    "transferred": "Μεταφέρθηκε στο εσωτερικό {extension}",
+    "forwarded": "Προωθήθηκε στο {number}",
+    "ended": "Τέλος κλήσης: {notes}",
+    "ticket_created": "Δημιουργήθηκε το τίκετ #{id}: {title}",
+    "ticket_joined": "Η κλήση προστέθηκε στο τίκετ #{id}: {title}",
+    "outcome_answered": "απαντήθηκε",
+    "outcome_missed": "αναπάντητη",
+    "outcome_voicemail": "τηλεφωνητής",
+    "outcome_blocked": "φραγή",
+    "outcome_not_reached": "δεν απάντησε",
+    "outcome_fax": "φαξ",
+    "outcome_interrupted": "διακόπηκε",
+    "outcome_busy": "κατειλημμένο",
+    "outcome_failed": "απέτυχε",
+    "answered_on": "απαντήθηκε στο εσωτερικό {extension}",
+    "voicemail_on": "απάντησε ο {machine}",
+    "machine": "τηλεφωνητής",
+    "machine_numbered": "τηλεφωνητής {number}",
+    "blocked_by_barring": "απορρίφθηκε από φραγή κλήσεων",
+    "with_talk": "{notes}, ομιλία {talk}",
+    "with_message": "{notes}, μήνυμα {talk}",
+    "detail_link_lost": "χάθηκε η σύνδεση με το τηλεφωνικό κέντρο",
+    "detail_restarted": "επανεκκίνηση της υπηρεσίας κλήσεων",
+    "detail_id_reused": "χάθηκε το τέλος της κλήσης, νέα κλήση στην ίδια σύνδεση",
+    "detail_recovered": "ολοκληρώθηκε μετά από επανασύνδεση",
+    "detail_forwarded": "προωθήθηκε στο {number}",
+    "detail_hairpin": "εσωτερική κλήση σε δικό μας αριθμό",
+    "with_callback": "{notes}, επιστροφή κλήσης",
+    "disposition_busy": "κατειλημμένο",
+    "disposition_cancel": "ακυρώθηκε",
+    "disposition_no_answer": "χωρίς απάντηση",
+    "disposition_failed": "αποτυχία",
+    "disposition_call_failed": "αποτυχία κλήσης",
+    "disposition_no_money": "ανεπαρκές υπόλοιπο",
+    "disposition_unallocated_number": "ανύπαρκτος αριθμός",
+    "disposition_no_limit": "εξαντλήθηκε το όριο",
+    "disposition_no_day_limit": "εξαντλήθηκε το ημερήσιο όριο",
+    "disposition_line_limit": "όλες οι γραμμές κατειλημμένες",
+    "disposition_no_money_no_limit": "ανεπαρκές υπόλοιπο, εξαντλήθηκε το όριο",
+    "ticket_title": "ΑΝΑΠΑΝΤΗΤΗ ΚΛΗΣΗ - {number}",
+    "ticket_title_grouped": "ΑΝΑΠΑΝΤΗΤΕΣ ΚΛΗΣΕΙΣ ({count}x) - {number}",
+    "ticket_description": "Αναπάντητη κλήση από {number} στις {time}.",
+    "ticket_description_client": "Αναπάντητη κλήση από {number} ({name}) στις {time}.",
     "ticket_note": "[{time}] αναπάντητη κλήση (σύνολο {count})",
+    "workflow_incoming": "{date} - Εισερχόμενη κλήση από {name} ({outcome}, {talk}).",
+    "workflow_outgoing": "{date} - Εξερχόμενη κλήση προς {name} ({outcome}, {talk}).",
 }
 
 LANGUAGES: Mapping[str, Mapping[str, str]] = {"en": _EN, "el": _EL}
+#: The longest withheld marker: the CRM's phone_number is varchar(20).
+MARKER_CHARS = 20
 
 
 class Texts:
-    def __init__(self, language: str = "en") -> None:
+    """One language of the catalog, and the markers the call row's phone_number gets.
+
+    ``withheld_label`` is ``[crm] withheld_label``: the marker written for a withheld
+    caller ('' for the language's own word, ``withheld`` / ``Απόκρυψη``). The marker is
+    only ever written; whether a caller is withheld is decided on the number itself.
+    """
+
+    def __init__(self, language: str = "en", withheld_label: str = "") -> None:
+        self.language = language
         self._words = LANGUAGES[language]
+        label = withheld_label.strip()
+        self.withheld_marker = label[:MARKER_CHARS] if label else self._words[
+            "withheld_marker"]
+        self.internal_marker = self._words["internal_marker"]
 
     def __call__(self, key: str, **values: object) -> str:
         return self._words[key].format(**values)
 
+    def has(self, key: str) -> bool:
+        return key in self._words
 
-def missed_title(number: str, client_name: str | None) -> str:
-    """A new ticket's title; with the client's name whenever the call has a client (the
-    CRM's column is at most 200 characters)."""
-    title = f"MISSED CALL - {number}"
-    return (title if client_name is None else f"{title} - {client_name}")[:200]
-
-
-def grouped_title(count: int, number: str) -> str:
-    """The title of a ticket that ``count`` missed calls of ``number`` have joined."""
-    return f"MISSED CALLS ({count}x) - {number}"[:200]

@@ -13,12 +13,17 @@ from typing import Protocol
 
 from dpvoip.core.numbers import Dialling, normalise
 from dpvoip.core.outcomes import Outcome
-from dpvoip.core.texts import Texts, grouped_title, missed_title
+from dpvoip.core.texts import Texts
 
 #: The ticket statuses that still count as open: a missed call may join such a ticket.
 OPEN_STATUSES = ("open", "assigned", "in_progress")
 #: Where a new ticket's id goes in its log line (the id is known once the row exists).
 TICKET_ID = "{id}"
+#: The call-log action of a ticket's line, also when the call joins an open ticket: the
+#: CRM's model has no other choice for it (the text says which).
+TICKET_ACTION = "ticket_created"
+#: The CRM's ticket title is at most 200 characters.
+TITLE_CHARS = 200
 
 
 class TicketRules(Protocol):
@@ -42,11 +47,11 @@ def may_get_ticket(outcome: Outcome) -> bool:
     return outcome.wants_ticket("incoming")
 
 
-def gets_ticket(direction: str, outcome: Outcome, phone: str, rules: TicketRules) -> bool:
-    """An incoming call ending missed or in the voicemail, from a known number (a
-    withheld caller only when the settings say so). Never a blocked, answered, fax or
-    outgoing call."""
-    return outcome.wants_ticket(direction) and bool(phone or rules.withheld)
+def gets_ticket(direction: str, outcome: Outcome, withheld: bool, rules: TicketRules) -> bool:
+    """An incoming call ending missed or in the voicemail, from a caller who did not
+    withhold the number (a withheld caller only when the settings say so). Never a
+    blocked, answered, fax or outgoing call."""
+    return outcome.wants_ticket(direction) and (not withheld or rules.withheld)
 
 
 def window(rules: TicketRules) -> timedelta:
@@ -80,11 +85,12 @@ def assignee(own_number: str, extension: int | None, rules: TicketRules,
 class MissedCall:
     """The call a ticket is about, as recorded."""
 
-    phone: str  # the call row's phone_number ('' when withheld)
+    phone: str  # the call row's phone_number (the marker when withheld)
     number: str | None  # E.164, None when withheld or not a number
     started_at: datetime  # aware
     own_number: str  # the office's number that was called
     extension: int | None  # the extension that rang or took it (the answering machine)
+    withheld: bool  # the caller withheld the number (``numbers.is_withheld`` of the raw)
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,7 @@ class TicketFacts:
 
     open_ticket: int | None  # the newest open ticket of the number created in the window
     earlier_missed: int  # the number's other missed incoming calls started in the window
-    client_name: str | None  # the call's accounting client, when it has one
+    client_name: str | None  # the call's accounting client's name, when it has one
     active_users: Mapping[str, int] = field(default_factory=dict)  # username -> id
 
 
@@ -108,47 +114,76 @@ class NewTicket:
     assignee: int | None  # the CRM user's id
     log: str  # the 'ticket_created' line, ``TICKET_ID`` standing for the new id
 
+    @property
+    def log_action(self) -> str:
+        return TICKET_ACTION
+
     def log_line(self, ticket_id: int) -> str:
         return self.log.replace(TICKET_ID, str(ticket_id), 1)
 
 
 @dataclass(frozen=True)
 class TicketUpdate:
-    """Join the open ticket of the number: new title, a note line, urgent or unchanged."""
+    """Join the open ticket of the number: new title (with the client's name when the
+    call has a client), a note line, urgent or unchanged."""
 
     ticket: int
     title: str
     urgent: bool  # escalate the priority to 'urgent' (else leave it as it is)
     note: str  # one line appended to the ticket's notes
-    log: str  # the 'ticket_updated' line
+    log: str  # the call-log line: the call joined the ticket
+
+    @property
+    def log_action(self) -> str:
+        """The CRM's action choice (it has no 'ticket_updated')."""
+        return TICKET_ACTION
 
 
 TicketPlan = NewTicket | TicketUpdate
+
+
+def titled(title: str, client_name: str | None) -> str:
+    """``title``, with the client's name whenever the call has a client, cut to fit."""
+    return (title if client_name is None else f"{title} - {client_name}")[:TITLE_CHARS]
+
+
+def missed_title(number: str, client_name: str | None, texts: Texts) -> str:
+    """A new ticket's title: ``MISSED CALL - {number}`` (``ΑΝΑΠΑΝΤΗΤΗ ΚΛΗΣΗ``)."""
+    return titled(texts("ticket_title", number=number), client_name)
+
+
+def grouped_title(count: int, number: str, client_name: str | None, texts: Texts) -> str:
+    """The title of a ticket that ``count`` missed calls of ``number`` have joined."""
+    return titled(texts("ticket_title_grouped", count=count, number=number), client_name)
 
 
 def plan_ticket(call: MissedCall, facts: TicketFacts, rules: TicketRules, texts: Texts,
                 zone: tzinfo, where: Dialling) -> TicketPlan:
     """What the missed ``call`` does to the tickets: join its number's open ticket, or
     open a new one. A withheld caller always gets a ticket of its own. Times in the texts
-    are the call's start in the office's ``zone``."""
-    shown = call.phone or texts("withheld")
+    are the call's start in the office's ``zone``. Which ticket is joined never depends
+    on titles (the store finds it by the calls' numbers), so their language may change."""
+    shown = texts("withheld") if call.withheld else call.phone
     local = call.started_at.astimezone(zone)
-    if call.number is not None and facts.open_ticket is not None:
+    if call.number is not None and not call.withheld and facts.open_ticket is not None:
         count = 1 + facts.earlier_missed
-        title = grouped_title(count, shown)
+        title = grouped_title(count, shown, facts.client_name, texts)
         return TicketUpdate(
             ticket=facts.open_ticket, title=title, urgent=count >= rules.urgent_at,
             note=texts("ticket_note", time=f"{local:%d/%m %H:%M}", count=count),
-            log=texts("ticket_updated", id=facts.open_ticket, title=title),
+            log=texts("ticket_joined", id=facts.open_ticket, title=title),
         )
-    title = missed_title(shown, facts.client_name)
+    title = missed_title(shown, facts.client_name, texts)
     user = assignee(call.own_number, call.extension, rules, where)
     user_id = facts.active_users.get(user) if user is not None else None
-    client = f" ({facts.client_name})" if facts.client_name is not None else ""
+    time = f"{local:%d/%m/%Y %H:%M}"
+    description = (texts("ticket_description", number=shown, time=time)
+                   if facts.client_name is None else
+                   texts("ticket_description_client", number=shown, name=facts.client_name,
+                         time=time))
     return NewTicket(
         title=title,
-        description=texts("ticket_description", number=shown, client=client,
-                          time=f"{local:%d/%m/%Y %H:%M}"),
+        description=description,
         status="open" if user_id is None else "assigned",
         priority="high",
         assignee=user_id,

@@ -20,6 +20,7 @@ from dpvoip.calls.ingest import Origin
 from dpvoip.config import FritzBoxSettings
 from dpvoip.core.happenings import Happening
 from dpvoip.core.numbers import Dialling, normalise
+from dpvoip.core.outcomes import Reason
 from dpvoip.deferreds import EmptyableSet
 from dpvoip.fritzbox.parser import BadLine, parse
 from dpvoip.fritzbox.tracker import BoxRules, CallTracker
@@ -36,7 +37,7 @@ class Recorder(Protocol):
 
     def submit(self, happening: Happening, origin: Origin) -> Deferred[None]: ...
 
-    async def close_open_calls(self, box: str, reason: str, at: datetime,
+    async def close_open_calls(self, box: str, reason: Reason, at: datetime,
                                started_before: datetime | None = None) -> int: ...
 
 
@@ -133,7 +134,7 @@ class FritzBox:
     async def close_left_open(self) -> int:
         """Close the calls of this box the last run left active: those that started before
         this run did (the box is already connected, its new calls are this run's)."""
-        return await self._ingest.close_open_calls(self.settings.name, "dpvoip restarted",
+        return await self._ingest.close_open_calls(self.settings.name, Reason.RESTARTED,
                                                    self._now(), self.born)
 
     # -- from the protocol -----------------------------------------------------------------
@@ -149,7 +150,7 @@ class FritzBox:
         log.info("box {box}: connected to {host}:{port}", box=self.settings.name,
                  host=self.settings.host, port=self.settings.port)
         # Calls open when the connection went down can no longer be followed.
-        orphans = self.tracker.close_all("monitor connection lost", self._now())
+        orphans = self.tracker.close_all(Reason.LINK_LOST, self._now())
         status.orphans_closed += len(orphans)
         self._submit(orphans)
 

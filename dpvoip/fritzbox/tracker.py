@@ -25,7 +25,7 @@ from dpvoip.core.happenings import (
     Started,
     Unmatched,
 )
-from dpvoip.core.outcomes import FAX_EXTENSION, Outcome, notes
+from dpvoip.core.outcomes import FAX_EXTENSION, Detail, Outcome, Reason
 from dpvoip.fritzbox.parser import Call, Connect, Disconnect, Event, Ring
 
 
@@ -89,14 +89,14 @@ class CallTracker:
             return self._connect(event)
         return self._disconnect(event)
 
-    def close_all(self, reason: str, at: datetime) -> list[Happening]:
+    def close_all(self, reason: Reason, at: datetime) -> list[Happening]:
         """Close every open call as interrupted (the connection to the box was lost)."""
         ended: list[Happening] = []
         for conn_id in sorted(self._open):
             call = self._open.pop(conn_id)
             if call.hairpin_of is None:
                 ended.append(Ended(call.call_id, Outcome.INTERRUPTED, 0, at, call.extension,
-                                   notes(Outcome.INTERRUPTED, detail=reason)))
+                                   Detail(reason)))
         return ended
 
     # -- events ------------------------------------------------------------------------
@@ -106,7 +106,7 @@ class CallTracker:
         if previous is None or previous.hairpin_of is not None:
             return []
         return [Ended(previous.call_id, Outcome.INTERRUPTED, 0, at, previous.extension,
-                      notes(Outcome.INTERRUPTED, detail="DISCONNECT lost, id reused"))]
+                      Detail(Reason.ID_REUSED))]
 
     def _ring(self, ring: Ring) -> list[Happening]:
         at = self.utc(ring.at)
@@ -174,11 +174,10 @@ class CallTracker:
             return []
         outcome = decide(call.direction, call.started_local, disconnect.at, disconnect.duration,
                          call.extension if call.connected else None, self.rules)
-        detail = f"forwarded to {call.forwarded_to}" if call.forwarded_to else ""
+        detail = Detail(Reason.FORWARDED, call.forwarded_to) if call.forwarded_to else None
         if call.direction == "outgoing" and self.rules.is_own_number(call.remote):
-            detail = "internal call to an own number"
-        return [Ended(call.call_id, outcome, disconnect.duration, at, call.extension,
-                      notes(outcome, call.extension, detail))]
+            detail = Detail(Reason.HAIRPIN)
+        return [Ended(call.call_id, outcome, disconnect.duration, at, call.extension, detail)]
 
 
 def decide(

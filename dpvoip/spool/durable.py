@@ -28,6 +28,7 @@ from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext, ZadarmaOutcome
 from dpvoip.core.errors import summary
 from dpvoip.core.happenings import Happening
 from dpvoip.core.numbers import Dialling
+from dpvoip.core.outcomes import Reason
 from dpvoip.deferreds import OneShotObserver, shield, within
 from dpvoip.spool.journal import AsyncSpool, SpoolFull
 from dpvoip.spool.records import fritz_record, read_received, read_record, zadarma_record
@@ -103,7 +104,7 @@ class DurableIngest:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
 
-    async def close_open_calls(self, box: str, reason: str, at: datetime,
+    async def close_open_calls(self, box: str, reason: Reason, at: datetime,
                                started_before: datetime | None = None) -> int:
         """At a box's start, after the replay: straight to the database."""
         return await self._ingest.close_open_calls(box, reason, at, started_before)

@@ -4,6 +4,12 @@ Pure. A Fritz!Box happening is kept with its fields and the name of its box (the
 rules come from the configuration when it is replayed); a Zadarma event is kept as the
 raw form it arrived as (parsed again at replay, by the same code). JSON, so that an
 administrator can read a spool that will not replay.
+
+An ``Ended`` keeps its detail as a code (``{"reason": "forwarded", "value": "0697..."}``),
+never words: the notes are written in the configured language at replay. A record of the
+versions before that holds English notes instead (``"notes": "interrupted: monitor
+connection lost"``); its detail is read back from the phrases those versions wrote, and
+an unknown one is kept as a free text.
 """
 
 from __future__ import annotations
@@ -14,12 +20,22 @@ from datetime import datetime
 from typing import Any
 
 from dpvoip.core.happenings import Answered, Ended, Forwarded, Happening, Started, Unmatched
-from dpvoip.core.outcomes import Outcome
+from dpvoip.core.outcomes import Detail, Outcome, Reason
 
 _KINDS: dict[str, type[Any]] = {
     cls.__name__: cls for cls in (Started, Answered, Forwarded, Ended, Unmatched)
 }
 _TIMES = frozenset({"at", "local_at"})
+#: The details the versions before the structured ``Ended`` wrote into its notes, after
+#: the outcome and ": " (``interrupted: monitor connection lost``).
+_LEGACY_DETAILS = {
+    "monitor connection lost": Reason.LINK_LOST,
+    "dpvoip restarted": Reason.RESTARTED,
+    "DISCONNECT lost, id reused": Reason.ID_REUSED,
+    "recovered after a reconnect": Reason.RECOVERED,
+    "internal call to an own number": Reason.HAIRPIN,
+}
+_LEGACY_FORWARDED = "forwarded to "
 
 
 class BadRecord(ValueError):
@@ -34,6 +50,8 @@ def fritz_record(happening: Happening, box: str, received: datetime | None = Non
             value = value.isoformat()
         elif isinstance(value, Outcome):
             value = value.value
+        elif isinstance(value, Detail):
+            value = {"reason": value.reason.value, "value": value.value}
         values[spec.name] = value
     return _dump({"source": "fritzbox", "box": box, "kind": type(happening).__name__,
                   "fields": values, **_arrival(received)})
@@ -76,12 +94,38 @@ def read_record(payload: bytes) -> tuple[str, Any, Any]:
                 values[name] = datetime.fromisoformat(values[name])
             if kind is Ended:
                 values["outcome"] = Outcome(values["outcome"])
+                values["detail"] = (legacy_detail(values.pop("notes")) if "notes" in values
+                                    else _detail(values.get("detail")))
             return "fritzbox", kind(**values), str(data["box"])
     except BadRecord:
         raise
     except (ValueError, KeyError, TypeError) as error:
         raise BadRecord(f"unreadable spool record: {error}") from None
     raise BadRecord(f"a spool record of unknown source {data.get('source')!r}")
+
+
+def _detail(data: Any) -> Detail | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("value", ""), str):
+        raise BadRecord(f"a detail that is no detail: {data!r}")
+    return Detail(Reason(data["reason"]), data.get("value", ""))
+
+
+def legacy_detail(notes: Any) -> Detail | None:
+    """The detail in the English notes of an older version's record: a known phrase
+    becomes its code, any other text stays a free detail. The part before ": " (the
+    outcome, the extension) is rendered again from the record's other fields."""
+    if not isinstance(notes, str):
+        raise BadRecord(f"notes that are no text: {notes!r}")
+    _, colon, detail = notes.partition(": ")
+    if not colon or not detail:
+        return None
+    if detail in _LEGACY_DETAILS:
+        return Detail(_LEGACY_DETAILS[detail])
+    if detail.startswith(_LEGACY_FORWARDED):
+        return Detail(Reason.FORWARDED, detail.removeprefix(_LEGACY_FORWARDED))
+    return Detail(Reason.TEXT, detail)
 
 
 def _dump(data: dict[str, Any]) -> bytes:

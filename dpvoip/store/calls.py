@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from dpvoip.core.call_log import LogLine
 from dpvoip.core.happenings import Answered, Ended, Forwarded, Started
 from dpvoip.core.matching import Match
+from dpvoip.core.numbers import is_withheld
 from dpvoip.core.outcomes import Outcome
 from dpvoip.core.sales import SalesTouch
 from dpvoip.core.tickets import (
@@ -116,6 +117,7 @@ class ZadarmaRow(NamedTuple):
     lines: Sequence[tuple[LogLine, bool]]  # each with: only when the row is new
     ending: bool  # this event finishes the call and no ticket follows: publish the end
     touch: SalesTouch | None
+    notes: str  # the call row's notes, in the configured language
 
 
 class TicketQuery(NamedTuple):
@@ -351,7 +353,7 @@ class CallStatements:
         rows = await batch.run_planned(
             self._statement(("finishing", recovering), lambda: (
                 "SELECT c.id, c.phone_number, c.client_id, d.direction, d.remote_number,"
-                " d.started_at, d.own_number, d.extension, "
+                " d.started_at, d.own_number, d.extension, d.remote_raw, "
                 + self._ticket_facts("d.remote_number", "d.started_at", "c.client_id",
                                      "c.call_id")
                 + f" FROM {self._crm}.accounting_voipcall c JOIN dpvoip.call_detail d"
@@ -364,10 +366,11 @@ class CallStatements:
         )
         if not rows:
             return None
-        (row, phone, client, direction, number, started_at, own, extension,
+        (row, phone, client, direction, number, started_at, own, extension, raw,
          open_ticket, earlier, client_name, users) = rows[0]
         return FinishingCall(row, direction, client,
-                             MissedCall(phone, number, started_at, own, extension),
+                             MissedCall(phone, number, started_at, own, extension,
+                                        is_withheld(raw)),
                              self._facts(open_ticket, earlier, client_name, users))
 
     async def write_ticket(self, batch: Batch, plan: TicketPlan, row: int,
@@ -387,10 +390,10 @@ class CallStatements:
             params = {"title": plan.title, "description": plan.description,
                       "ticket_status": plan.status, "priority": plan.priority,
                       "assignee": plan.assignee, "client": client, "head": head,
-                      "tail": tail, "action": "ticket_created"}
+                      "tail": tail, "action": plan.log_action}
         else:
             params = {"title": plan.title, "urgent": plan.urgent, "note": plan.note,
-                      "ticket": plan.ticket, "log": plan.log, "action": "ticket_updated",
+                      "ticket": plan.ticket, "log": plan.log, "action": plan.log_action,
                       "client": client}
         new = isinstance(plan, NewTicket)
         await batch.run_planned(

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from dpvoip.core.outcomes import Outcome
+from dpvoip.core.outcomes import Outcome, outcome_word, with_talk
+from dpvoip.core.texts import Texts
 from dpvoip.zadarma.events import ZadarmaEvent
 
 #: Dispositions that mean the other side never picked up (as opposed to a failure).
@@ -34,7 +35,6 @@ class ZadarmaCall:
     outcome: Outcome | None  # None while the call is not over
     duration: int
     disposition: str
-    notes: str
     recording: str  # call_id_with_rec, for the recording link later
     callback: bool
 
@@ -107,7 +107,6 @@ def summarise(events: Iterable[ZadarmaEvent]) -> ZadarmaCall | None:
         outcome=outcome,
         duration=end.duration if end is not None and answered else 0,
         disposition=disposition,
-        notes=describe(outcome, disposition, callback) if outcome is not None else "",
         recording=recording,
         callback=callback,
     )
@@ -121,11 +120,25 @@ def decide(direction: str, disposition: str, answered: bool) -> Outcome:
     return Outcome.FAILED
 
 
-def describe(outcome: Outcome, disposition: str, callback: bool) -> str:
-    text = outcome.value
-    if disposition and disposition != "answered" and disposition != outcome.value:
-        text = f"{text} ({disposition})"
-    return f"{text}, callback" if callback else text
+def describe(call: ZadarmaCall, texts: Texts) -> str:
+    """The finished call's notes in the configured language: the outcome, Zadarma's
+    disposition when it says more (``missed (busy)``), whether it was a callback, the talk
+    time of an answered call; '' while the call is not over."""
+    if call.outcome is None:
+        return ""
+    text = outcome_word(call.outcome, texts)
+    disposition = call.disposition
+    if disposition and disposition != "answered" and disposition != call.outcome.value:
+        text = f"{text} ({disposition_word(disposition, texts)})"
+    if call.callback:
+        text = texts("with_callback", notes=text)
+    return with_talk(text, call.duration, texts)
+
+
+def disposition_word(disposition: str, texts: Texts) -> str:
+    """Zadarma's disposition in the configured language; one it adds later as it is."""
+    key = "disposition_" + "_".join(disposition.replace(",", " ").split())
+    return texts(key) if texts.has(key) else disposition
 
 
 def _order(event: ZadarmaEvent) -> tuple[int, str]:
