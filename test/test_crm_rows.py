@@ -70,8 +70,8 @@ class FritzRowTests(IngestTestCase):
                                  kinito_tilefono="691 234 5678")
         yield self.build_directory()
         yield self.lines(*self.missed(1, "06912345678", "09:10:00", "09:10:20"))
-        self.assertEqual(self.crm.query("SELECT id, client_id FROM accounting_ticket"),
-                         [(ticket, client)])
+        self.assertEqual(self.crm.query("SELECT id, client_id, title FROM accounting_ticket"),
+                         [(ticket, client, "MISSED CALLS (2x) - +306912345678 - Papadopoulos AE")])
         # The CRM keeps a ticket and the call it was opened for on one client (its
         # change_call_client), and the log rows of that call with them.
         self.assertEqual(self.crm.query(
@@ -142,7 +142,9 @@ class ZadarmaRowTests(WebhookTestCase):
         self.assertEqual((code, json.loads(body)), (200, {}))
         self.assertEqual((yield self.send_all(events[1:])), [200, 200])
         [call] = self.calls()
-        self.assertEqual((call[0], call[3], call[6]), (f"zd-{PBX}", "missed", None))
+        # The CRM refuses a blank number: the withheld marker, matched to nobody.
+        self.assertEqual(call[:4], (f"zd-{PBX}", "incoming", "withheld", "missed"))
+        self.assertIsNone(call[6])
         self.assertEqual(self.crm.query("SELECT remote_number FROM dpvoip.call_detail"),
                          [(None,)])
 

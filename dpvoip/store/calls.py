@@ -117,7 +117,6 @@ class ZadarmaRow(NamedTuple):
     lines: Sequence[tuple[LogLine, bool]]  # each with: only when the row is new
     ending: bool  # this event finishes the call and no ticket follows: publish the end
     touch: SalesTouch | None
-    notes: str  # the call row's notes, in the configured language
 
 
 class TicketQuery(NamedTuple):
