@@ -40,7 +40,6 @@ from dpvoip.service import Daemon, build
 from dpvoip.testing.fritzbox import BOX_TIME, FritzSimulator, box_time, parse_script
 from dpvoip.zadarma.signing import webhook_signature
 from test.support.crm import Crm
-from test.support.crm_cluster import private_crm_cluster
 from test.support.crm_rules import (
     SalesSnapshot,
     crm_findings,
@@ -49,7 +48,7 @@ from test.support.crm_rules import (
 )
 from test.support.daemon import PATIENCE, scratch
 from test.support.ports import HeldPort, HeldPortReactor
-from test.support.postgres import postgres, query
+from test.support.postgres import postgres, private_cluster, query
 from test.support.wiring import in_process, loopback_box
 from test.test_database import eventually
 from test.test_fault_db import FakeBox
@@ -580,7 +579,7 @@ class ReplayedRowsTests(TestCase):
     OUTAGE = 5.0
 
     def setUp(self) -> Any:
-        self.folder, self.cluster, self.dsn = private_crm_cluster(
+        self.folder, self.cluster, self.dsn = private_cluster(
             self, "dpvoip-crm-rules-", self.crm_version)
         self.http = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(self.http.closeCachedConnections)

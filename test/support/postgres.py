@@ -77,10 +77,11 @@ def query(dsn: str, sql: Any, params: Any = None) -> list[tuple[Any, ...]]:
         connection.close()
 
 
-def private_cluster(case: Any, prefix: str) -> tuple[Path, EmbeddedPostgres, str]:
+def private_cluster(case: Any, prefix: str,
+                    crm: str = "2025-12") -> tuple[Path, EmbeddedPostgres, str]:
     """A PostgreSQL cluster of the test's own (one it may stop and start), holding the
-    2025-12 CRM tables in database ``crm``: (its folder, the cluster, the DSN). Stopped
-    and removed afterwards."""
+    tables of CRM version ``crm`` in database ``crm``: (its folder, the cluster, the DSN).
+    Stopped and removed afterwards."""
     folder = Path(tempfile.mkdtemp(prefix=prefix))
     folder.chmod(0o755)
     case.addCleanup(shutil.rmtree, folder, True)
@@ -89,5 +90,5 @@ def private_cluster(case: Any, prefix: str) -> tuple[Path, EmbeddedPostgres, str
     case.addCleanup(lambda: cluster.stop(mode="immediate") if cluster.running() else None)
     cluster.create_database("crm")
     dsn = cluster.dsn("crm")
-    query(dsn, ddl_text("dpeconomy-2025-12.sql"))
+    query(dsn, ddl_text(f"dpeconomy-{crm}.sql"))
     return folder, cluster, dsn
