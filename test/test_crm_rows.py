@@ -196,3 +196,17 @@ class ZadarmaRowTests(WebhookTestCase):
             [(bumped,)] = self.crm.query(f"SELECT update_date FROM {table}")
             self.assertGreaterEqual(bumped, before - timedelta(seconds=1), table)
 
+
+
+class ZadarmaRowTests2025(ZadarmaRowTests):
+    crm_version = "2025-12"
+
+    @defer.inlineCallbacks
+    def test_log_rows_follow_their_call_when_a_later_event_finds_its_client(self) -> Any:
+        # The older CRM's log rows have no snapshot columns: the call itself follows.
+        events = incoming()
+        yield self.send_all(events[:2])
+        client = self.crm.client("Papadopoulos AE", kinito_tilefono="691 234 5678")
+        yield defer.Deferred.fromCoroutine(self.daemon.directory.build())
+        yield self.send_all(events[2:])
+        self.assertEqual([c[6] for c in self.calls()], [client])

@@ -71,10 +71,11 @@ class WebhookTestCase(TestCase):
 
     timeout = 2 * PATIENCE  # a hang detector
     pool_size = 4
+    crm_version = "2026-08"
     zadarma = replace(ZadarmaSettings(), secret=Secret(SECRET), timezone="Europe/Athens")
 
     def setUp(self) -> Any:
-        self.dsn = postgres().new_database(crm="2026-08")
+        self.dsn = postgres().new_database(crm=self.crm_version)
         self.crm = Crm(self.dsn)
         self.http = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(self.http.closeCachedConnections)
