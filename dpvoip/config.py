@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 
 from dpvoip.core.dialling_policy import DEFAULT_BLOCKED_PREFIXES
+from dpvoip.crm.redis_sessions import parse_redis_url
 
 
 class ConfigError(Exception):
@@ -197,6 +198,24 @@ def _cookie_name(value: Any) -> str | None:
     return None
 
 
+def _redis_url(value: Any) -> str | None:
+    """A Redis URL as the CRM's REDIS_CACHE_URL (the message never holds it: it is a
+    secret, and ``_checked`` replaces it anyway)."""
+    if not value:
+        return None
+    try:
+        parse_redis_url(value.reveal())
+    except ValueError as problem:
+        return str(problem)
+    return None
+
+
+def _key_prefix(value: Any) -> str | None:
+    if not value.isprintable() or any(c.isspace() for c in value) or len(value) > 200:
+        return "must be the CRM's KEY_PREFIX: printable, no spaces, at most 200 characters"
+    return None
+
+
 def _host(value: Any) -> str | None:
     if not value or any(c.isspace() for c in value):
         return "must be a host name or address"
@@ -357,6 +376,29 @@ class CrmSettings:
         "cookie. Empty: the CRM's pages as the browser marks them (Sec-Fetch-Site), or the "
         "host the request was addressed to (Host, or X-Forwarded-Host from the proxy).",
         _origins,
+    )
+    redis_url: Secret = setting(
+        Secret(""),
+        "Where the CRM keeps its sessions when it sets REDIS_CACHE_URL (Django's cache "
+        "session backend on django-redis): redis://[:password@]host[:port]/db, rediss:// "
+        "(TLS), unix:///path/to/socket?db=N. Session cookies are then looked up there first, "
+        "then in django_session. Empty: django_session only. May hold a password.",
+        _redis_url,
+        env="REDIS_CACHE_URL",
+    )
+    redis_key_prefix: str = setting(
+        "logistikocrm",
+        "The CRM's cache KEY_PREFIX (CACHES['default']; LogistikoCRM sets 'logistikocrm').",
+        _key_prefix,
+    )
+    redis_key_version: int = setting(
+        1, "The CRM's cache VERSION (Django's default 1).", _between(0, 2**31 - 1)
+    )
+    redis_timeout: float = setting(
+        3.0,
+        "Seconds a session lookup may wait for Redis (connecting included); then the login "
+        "is refused with 503, as when the database does not answer.",
+        _between(0.1, 60),
     )
 
 

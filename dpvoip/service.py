@@ -8,9 +8,10 @@ news (``Reconnections``, ``CurrentZadarmaContext``). The prepared schema is one 
 signal (a ``OneShotObserver``) given to everything that waits for it.
 
 Nothing else in dpvoip reaches for the reactor or a global: it is handed in from here.
-Services start in order (database, Fritz!Boxes, web) and stop in the reverse order, each
-waiting for the one before: stop accepting HTTP and let requests in flight finish their
-writes, drop the Fritz!Box connections, drain and close the pool, stop the embedded
+Services start in order (database, Fritz!Boxes, the CRM's Redis when its sessions are
+there, web) and stop in the reverse order, each waiting for the one before: stop
+accepting HTTP and let requests in flight finish their writes, close the Redis
+connection, drop the Fritz!Box connections, drain and close the pool, stop the embedded
 PostgreSQL. The services themselves live in ``dpvoip.services``.
 """
 
@@ -31,6 +32,7 @@ from dpvoip.core.dialling_policy import DiallingPolicy
 from dpvoip.core.numbers import Dialling, normalise
 from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.core.texts import Texts
+from dpvoip.crm.redis_sessions import parse_redis_url
 from dpvoip.deferreds import OneShotObserver
 from dpvoip.fritzbox.box import FritzBox, origin_of
 from dpvoip.fritzbox.service import BoxStatusReporter, FritzBoxService, retry_policy
@@ -53,6 +55,7 @@ from dpvoip.store.dsn import connection_dsn
 from dpvoip.store.embedded import EmbeddedPostgres
 from dpvoip.store.migrations import SchemaReport
 from dpvoip.store.pool import HealingPool
+from dpvoip.store.session_cache import RedisSessionCache, RedisSessionService
 from dpvoip.web.app import WebApp
 from dpvoip.web.callback import CallbackPages
 from dpvoip.web.server import DpvoipSite, WebService
@@ -80,6 +83,7 @@ class Daemon:
         durable: DurableIngest,
         spooler: DurableService,
         schema: OneShotObserver[SchemaReport],
+        sessions: RedisSessionCache | None = None,
     ) -> None:
         self.service = service
         self.store = store
@@ -94,6 +98,7 @@ class Daemon:
         self.durable = durable
         self.spooler = spooler
         self.schema = schema
+        self.sessions = sessions  # the CRM's sessions in Redis, when configured
 
 
 def own_numbers(config: Config) -> list[str]:
@@ -202,11 +207,17 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
         caller_name=config.zadarma.caller_name,
     )
 
-    # -- click-to-call ---------------------------------------------------------------------
+    # -- click-to-call: the CRM's sessions in its Redis (when it keeps them there) ----------
+    sessions: RedisSessionCache | None = None
+    if config.crm.redis_url:
+        sessions = RedisSessionCache(
+            parse_redis_url(config.crm.redis_url.reveal()), config.crm.redis_key_prefix,
+            config.crm.redis_key_version, config.crm.redis_timeout, reactor)
+        RedisSessionService(sessions).setServiceParent(top)
     clicks = config.click_to_call
     callback = CallbackPages(
         Logins(Accounts(store, config.database.crm_schema), config.crm.secret_key,
-               config.crm.jwt_signing_key, clicks.session_cookie, reactor),
+               config.crm.jwt_signing_key, clicks.session_cookie, reactor, sessions),
         ClickToCall(
             CallbackRecords(store, config.database.crm_schema), api,
             DiallingPolicy(frozenset(clicks.allowed_countries or (config.directory.region,)),
@@ -228,7 +239,7 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     web = WebService(reactor, site, config.web.listen)
     web.setServiceParent(top)
     return Daemon(top, store, web, exit_status, embedded, index, ingest, boxes, zadarma, account,
-                  durable, spooler, schema)
+                  durable, spooler, schema, sessions)
 
 
 def makeService(config: Config, reactor: Any = None) -> OrderedServices:

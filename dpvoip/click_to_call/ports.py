@@ -1,11 +1,11 @@
 """What click-to-call needs from the world, as ``typing.Protocol``s: the CRM's accounts (who
-is asking), the click-to-call tables, and Zadarma's API.
+is asking) and its cached sessions, the click-to-call tables, and Zadarma's API.
 
 Why here, beside their consumers: ``Logins`` and ``ClickToCall`` say what they use, and
 nothing more, so that anything with those methods will do. The composition root hands
-them the real ones (``store.accounts.Accounts``, ``store.callbacks.CallbackRecords``,
-``zadarma.api.ZadarmaApi``); the route tests hand them the in-memory fakes of
-``dpvoip.testing.memory``. mypy checks that both kinds fit.
+them the real ones (``store.accounts.Accounts``, ``store.session_cache.RedisSessionCache``,
+``store.callbacks.CallbackRecords``, ``zadarma.api.ZadarmaApi``); the route tests hand
+them the in-memory fakes of ``dpvoip.testing.memory``. mypy checks that both kinds fit.
 
 Every method returns an ``Awaitable``: the real classes are coroutines, a fake may answer
 at once (an ``async def``) or with a ``Deferred``.
@@ -36,6 +36,17 @@ class AccountStore(Protocol):
     def use_token(self, token_sha256: str) -> Awaitable[Account | None]:
         """The user of the live API token with this SHA-256 (its use noted), else None for
         an unknown or revoked token. The user may be inactive: the caller decides."""
+        ...
+
+
+class SessionCache(Protocol):
+    """The CRM's sessions as Django's cache backend keeps them (in Redis, when the CRM has
+    ``REDIS_CACHE_URL``): ``store.session_cache.RedisSessionCache``."""
+
+    def cached_session(self, session_key: str) -> Awaitable[bytes | None]:
+        """The raw value stored for session ``session_key``, else None (Redis drops an
+        expired session). ``store.session_cache.SessionCacheUnreachable`` when the cache
+        does not answer."""
         ...
 
 

@@ -5,7 +5,9 @@ Pure: no I/O, no database, no clock (the caller passes ``now``). Three credentia
 * a Django session: ``django_session.session_data`` for the ``sessionid`` cookie, signed
   by ``django.core.signing`` with the CRM's SECRET_KEY. The caller looks the row up (and
   checks ``expire_date``); this module checks the signature and reads the user id and the
-  ``_auth_user_hash`` that Django uses to drop sessions after a password change;
+  ``_auth_user_hash`` that Django uses to drop sessions after a password change (a
+  session the CRM keeps in Redis instead is decoded by ``crm.redis_sessions``, and read
+  by the same ``session_login``);
 * a djangorestframework-simplejwt access token (the React frontend's ``Bearer`` JWT);
 * dpvoip's own API tokens (``dpvoip token create``), of which only a hash is stored.
 
@@ -155,6 +157,13 @@ def read_session(session_data: str, secret_key: str) -> SessionLogin:
         raise LoginRefused("session data is not JSON") from e
     if not isinstance(session, dict):
         raise LoginRefused("session data is not a JSON object")
+    return session_login(session)
+
+
+def session_login(session: dict[Any, Any]) -> SessionLogin:
+    """The login held by a decoded Django session (whichever backend kept it): the user id
+    of ``_auth_user_id`` (a string of digits in Django; an int is accepted too) and the
+    ``_auth_user_hash`` ("" when absent or not a string, which no password matches)."""
     if "_auth_user_id" not in session:
         raise LoginRefused("session has no logged-in user")
     user_id = _user_id(session["_auth_user_id"], "session")
