@@ -156,6 +156,8 @@ import lzma
 import os
 import pickle
 import secrets
+import shutil
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, cast
@@ -902,7 +904,9 @@ class LoginsTests(RedisCase):
         self.assertIn("no logged-in user", message)
 
     async def test_a_planted_pickle_is_refused_logged_and_never_run(self) -> None:
-        marker = Path(self.mktemp())
+        folder = Path(tempfile.mkdtemp(prefix="dpvoip-test-planted-"))
+        self.addCleanup(shutil.rmtree, folder, True)
+        marker = folder / "ran"
         planted = pickle.dumps(_login_with(x=_RunsACommand(f"touch {marker}")), 4)
         key = self.in_redis(planted)
         message = await self.refusal(self.logins(), key)
