@@ -145,7 +145,7 @@ redis-server listening on a unix socket; ``python gen.py /path/to/redis.sock``):
 
     caches["default"].set("django.contrib.sessions.cache" + "dpvoipinteger000000000000000010", 42)
     dump("INTEGER", 1, "dpvoipinteger000000000000000010")
-"""  # noqa: RUF002 - the generator's Greek company name, as it ran
+"""
 
 from __future__ import annotations
 
@@ -366,7 +366,7 @@ LONG = {
     "department_id": 3,
     "rate_field_name": "rate_to_state_currency",
     "sort_by_default_Client": True,
-    "recent_searches": ["Müller GmbH", "Παπαδόπουλος ΑΕ", "+49 30 1234567"] * 5,  # noqa: RUF001
+    "recent_searches": ["Müller GmbH", "Παπαδόπουλος ΑΕ", "+49 30 1234567"] * 5,
     "ratio": 0.25,
     "pair": (1, "two"),
     "nothing": None,
