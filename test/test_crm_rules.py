@@ -30,7 +30,6 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from dpvoip.config import (
-    DaemonSettings,
     DirectorySettings,
     Secret,
     SpoolSettings,
@@ -48,10 +47,10 @@ from test.support.crm_rules import (
 )
 from test.support.daemon import PATIENCE, scratch
 from test.support.ports import HeldPort, HeldPortReactor
-from test.support.postgres import postgres, private_cluster, query
+from test.support.postgres import postgres, query
 from test.support.wiring import in_process, loopback_box
 from test.test_database import eventually
-from test.test_fault_db import FakeBox
+from test.test_fault_db import FaultCase
 
 ZONE = "Europe/Athens"
 ATHENS = ZoneInfo(ZONE)
@@ -566,47 +565,16 @@ def _box_seconds(line_time: str) -> float:
     return datetime.strptime(line_time, BOX_TIME).replace(tzinfo=ATHENS).timestamp()
 
 
-class ReplayedRowsTests(TestCase):
+class ReplayedRowsTests(FaultCase):
     """A call whose end is spooled while PostgreSQL is down keeps its real length when
     the spool replays it: its end is when the end happened, not when it was replayed.
     The daemon and its own cluster, stopped and started by the test (2025-12; the
     subclass: 2026-08)."""
 
-    timeout = 600  # a hang detector: initdb and a restart on a busy machine
     crm_version = "2025-12"
     #: How long PostgreSQL stays down after the end was spooled: a replay-time end would
     #: make the call at least this much longer.
     OUTAGE = 5.0
-
-    def setUp(self) -> Any:
-        self.folder, self.cluster, self.dsn = private_cluster(
-            self, "dpvoip-crm-rules-", self.crm_version)
-        self.http = HTTPConnectionPool(reactor, persistent=False)
-        self.addCleanup(self.http.closeCachedConnections)
-        return defer.Deferred.fromCoroutine(self._start())
-
-    async def _start(self) -> None:
-        self.box = FakeBox()
-        port = reactor.listenTCP(0, self.box, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        config = in_process(
-            self.dsn, connect_timeout=2.0,
-            daemon=DaemonSettings(state_dir=str(self.folder / "state")),
-            zadarma=replace(ZadarmaSettings(), secret=Secret(SECRET), timezone=ZONE,
-                            allowed_networks=("127.0.0.1/32",)),
-            spool=replace(SpoolSettings(), deadline_seconds=1.0),
-            boxes=[loopback_box("office", port.getHost().port,  # type: ignore[attr-defined]
-                                timezone=ZONE, reconnect_initial_seconds=0.1,
-                                reconnect_max_seconds=1.0)])
-        self.daemon = build(config, reactor, base=self.folder)
-        self.daemon.service.startService()
-        self.addCleanup(self.daemon.service.stopService)
-        await self.daemon.service.started
-        await eventually(lambda: self.daemon.schema.fired, PATIENCE)
-        await eventually(lambda: bool(self.box.connections), PATIENCE)
-
-    async def post(self, form: dict[str, str]) -> int:
-        return await post_webhook(self.daemon, self.http, form)
 
     def row(self, prefix: str) -> tuple[Any, ...]:
         [found] = query(self.dsn, "SELECT status, started_at, ended_at FROM"
@@ -622,7 +590,7 @@ class ReplayedRowsTests(TestCase):
         self.box.send(f"{ring};RING;7;6945556667;{OWN};SIP0;")
         self.box.send(f"{ring};CONNECT;7;11;6945556667;")
         for form in zd[:-1]:  # start, internal, answer: committed at once
-            self.assertEqual((yield defer.Deferred.fromCoroutine(self.post(form))), 200)
+            self.assertEqual((yield defer.Deferred.fromCoroutine(self.webhook(form))), 200)
         yield defer.Deferred.fromCoroutine(eventually(
             lambda: len(query(self.dsn, "SELECT 1 FROM accounting_voipcall")) == 2, PATIENCE))
         yield deferLater(reactor, 2.0, lambda: None)  # the calls go on
@@ -633,7 +601,7 @@ class ReplayedRowsTests(TestCase):
         talk = int(ended_sent - begun)
         self.box.send(f"{hang_up};DISCONNECT;7;{talk};")
         zd_end = {**zd[-1], "duration": str(talk)}
-        self.assertEqual((yield defer.Deferred.fromCoroutine(self.post(zd_end))), 200)
+        self.assertEqual((yield defer.Deferred.fromCoroutine(self.webhook(zd_end))), 200)
         yield defer.Deferred.fromCoroutine(eventually(
             lambda: self.daemon.durable.counters.spooled >= 2, PATIENCE))
         ended_answered = time.time()

@@ -86,9 +86,11 @@ class FaultCase(TestCase):
     """The daemon as wired, on a PostgreSQL cluster of its own, and a fake box."""
 
     timeout = 600  # a hang detector; a busy machine may take many times the idle 15 s
+    crm_version = "2025-12"
 
     def setUp(self) -> Any:
-        self.folder, self.cluster, self.dsn = private_cluster(self, "dpvoip-fault-db-")
+        self.folder, self.cluster, self.dsn = private_cluster(self, "dpvoip-fault-db-",
+                                                              self.crm_version)
         self.http = HTTPConnectionPool(reactor, persistent=True)
         self.http.maxPersistentPerHost = 16
         self.addCleanup(self.http.closeCachedConnections)
@@ -356,8 +358,8 @@ class _StuckIngest:
         self.asked = 0
         self.down = False
 
-    def submit_zadarma(self, event: ZadarmaEvent, form: Any,
-                       context: ZadarmaContext) -> defer.Deferred[ZadarmaOutcome]:
+    def submit_zadarma(self, event: ZadarmaEvent, form: Any, context: ZadarmaContext,
+                       received: Any = None) -> defer.Deferred[ZadarmaOutcome]:
         from txpostgres.reconnection import ConnectionDead
 
         self.asked += 1
