@@ -22,6 +22,7 @@ from dpvoip.config import (
 from dpvoip.service import Daemon, build
 from dpvoip.testing.fritzbox import FritzSimulator, parse_script
 from test.support.crm import Crm
+from test.support.crm_rules import crm_findings
 from test.support.daemon import PATIENCE, scratch
 from test.support.ports import HeldPort, HeldPortReactor
 from test.support.postgres import postgres
@@ -36,6 +37,10 @@ class EndToEndTestCase(TestCase):
     def setUp(self) -> None:
         self.dsn = postgres().new_database(crm=self.crm_version)
         self.crm = Crm(self.dsn)
+
+    def tearDown(self) -> None:
+        # Every row the scenario wrote is what the CRM's own code would keep there.
+        self.assertEqual(crm_findings(self.dsn), [])
 
     async def _start(self, script: str, **box: Any) -> tuple[Daemon, FritzSimulator]:
         held = HeldPort()

@@ -31,6 +31,7 @@ from dpvoip.web.zadarma import CurrentZadarmaContext, ZadarmaWebhook
 from dpvoip.zadarma.account import ZadarmaAccountService
 from dpvoip.zadarma.signing import webhook_signature
 from test.support.crm import Crm
+from test.support.crm_rules import crm_findings
 from test.support.daemon import PATIENCE, scratch
 from test.support.postgres import postgres
 from test.support.wiring import in_process
@@ -90,6 +91,10 @@ class WebhookTestCase(TestCase):
             await eventually(lambda: self.daemon.directory.state.built, PATIENCE)
 
         return defer.Deferred.fromCoroutine(start())
+
+    def tearDown(self) -> None:
+        # Every row the test wrote is what the CRM's own code would keep there.
+        self.assertEqual(crm_findings(self.dsn), [])
 
     @property
     def url(self) -> str:
