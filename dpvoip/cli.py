@@ -19,7 +19,18 @@ if TYPE_CHECKING:  # the commands import what they use when they run: a quick --
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load_or_exit(args.config, os.environ)
+    """The config, or exit 2 naming the bad setting: also a database URL libpq cannot
+    read, said without its password (libpq's own message quotes the URL)."""
+    config = load_or_exit(args.config, os.environ)
+    if config.database.url:
+        from dpvoip.store.dsn import problem
+
+        found = problem(config.database.url.reveal())
+        if found is not None:
+            print(f"dpvoip: configuration error: [database] url (DATABASE_URL) cannot be "
+                  f"read: {found}", file=sys.stderr)
+            raise SystemExit(2)
+    return config
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -342,6 +342,19 @@ class WebSettings:
     access_log: bool = setting(
         True, "Log one line per request (method, path without query, status, time)."
     )
+    max_connections: int = setting(
+        1024,
+        "Most open connections at once, trusted proxies' and the Zadarma webhook senders' "
+        "not counted; more are closed at once (keep the unit's LimitNOFILE well above).",
+        _between(1, 1_000_000),
+    )
+    max_connections_per_peer: int = setting(
+        256,
+        "Most open connections from one address at once; more are closed at once. Trusted "
+        "proxies are exempt (the reverse proxy is one peer carrying every client: bound it "
+        "in the proxy).",
+        _between(1, 1_000_000),
+    )
 
 
 @dataclass(frozen=True)
@@ -528,6 +541,12 @@ class ClickToCallSettings:
     login_url: str = setting(
         "/admin/login/", "Where the CRM's sign-in page is, for the hint shown when nobody is "
         "signed in.",
+    )
+    recordings: str = setting(
+        "staff-or-own",
+        "Who gets a link to a call's recording: 'staff-or-own' (CRM staff, and a user one of "
+        "whose VoIP connections was a leg of the call) or 'any-user' (every signed-in user).",
+        _one_of("staff-or-own", "any-user"),
     )
 
 

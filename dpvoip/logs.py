@@ -1,7 +1,17 @@
-"""Log observers: readable text or JSON lines, filtered by level.
+r"""Log observers: readable text or JSON lines, filtered by level.
 
 Secrets never reach a log line because they are ``Secret`` objects (masked in repr) and
 the access log leaves query strings out; these observers only format.
+
+Every value a log line shows may come from outside (a caller id, a user agent, a path), so
+the text form escapes, in one place (``text_line``), every control character of the
+rendered message and its system: a newline is written ``\n``, an ESC ``\x1b``, any other
+C0 or C1 control, DEL, a line or paragraph separator and a lone surrogate likewise; so no
+value can start a forged line or drive the terminal that shows the log. A traceback keeps
+its own lines, each indented with a tab as Twisted's classic format does, its controls
+escaped too. The JSON form is valid JSON whatever the values: the encoder escapes C0
+controls, and C1 controls, DEL, the separators and lone surrogates are escaped as
+``\uXXXX`` too.
 
 The JSON form is one flat object per line, for log shippers: ``time`` (ISO 8601, UTC),
 ``level``, ``namespace``, ``message`` (the rendered text) and the event's own fields.
@@ -10,6 +20,7 @@ The JSON form is one flat object per line, for log shippers: ``time`` (ISO 8601,
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -20,9 +31,60 @@ from twisted.logger import (
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    eventAsText,
     formatEvent,
-    textFileLogObserver,
+    formatTime,
 )
+
+#: What a log line must not carry raw: C0 controls, DEL, C1 controls, the Unicode line and
+#: paragraph separators, lone surrogates.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_UNSAFE_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+#: After JSON encoding (C0 is escaped already): what is still raw, as \uXXXX.
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """``text`` on one line, without terminal controls: see the module's doc."""
+    return _UNSAFE.sub(_escape_one, text)
+
+
+def _system(event: dict[str, Any]) -> str:
+    system = event.get("log_system")
+    if system is not None:
+        return str(system)
+    level = event.get("log_level")
+    return f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
+
+
+def text_line(event: dict[str, Any]) -> str | None:
+    """Twisted's classic line (``time [system] message``), every value escaped; a
+    traceback follows on its own lines, each indented with a tab."""
+    message = eventAsText(event, includeTraceback=False, includeTimestamp=False,
+                          includeSystem=False)
+    failure = event.get("log_failure")
+    if not message and failure is None:
+        return None
+    line = (f"{formatTime(event.get('log_time'))} [{escape(_system(event))}] "
+            f"{escape(message)}")
+    if failure is not None:
+        try:
+            traceback = failure.getTraceback()
+        except Exception:
+            traceback = "(the traceback could not be formatted)"
+        traceback = _UNSAFE_BUT_NEWLINE.sub(_escape_one, traceback.rstrip("\n"))
+        line += "\n\t" + traceback.replace("\n", "\n\t")
+    return line + "\n"
 
 
 def json_line(event: dict[str, Any]) -> str:
@@ -40,13 +102,15 @@ def json_line(event: dict[str, Any]) -> str:
         if key.startswith("log_") or key in ("message", "format", "time", "system", "isError"):
             continue
         record.setdefault(key, value)
-    return json.dumps(record, default=str, ensure_ascii=False) + "\n"
+    text = json.dumps(record, default=str, ensure_ascii=False)
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
 
 
 def observer(format: str, level: str = "info", stream: IO[str] | None = None) -> ILogObserver:
     stream = stream or sys.stdout
     base: ILogObserver = (
-        FileLogObserver(stream, json_line) if format == "json" else textFileLogObserver(stream)
+        FileLogObserver(stream, json_line) if format == "json"
+        else FileLogObserver(stream, text_line)
     )
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
     return FilteringLogObserver(base, [predicate])

@@ -222,7 +222,8 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
             CallbackRecords(store, config.database.crm_schema), api,
             DiallingPolicy(frozenset(clicks.allowed_countries or (config.directory.region,)),
                            clicks.blocked_prefixes, clicks.block_premium),
-            region, RateLimiter(clicks.per_user_per_minute, 60.0), reactor),
+            region, RateLimiter(clicks.per_user_per_minute, 60.0), reactor,
+            recordings=clicks.recordings),
         config.crm.allowed_origins, clicks.login_url, reactor,
         proxies=networks(config.web.trusted_proxies),
     )
@@ -234,8 +235,16 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
         spool=spool, durable=durable, ingest=ingest, webhook=zadarma, boxes=boxes,
         directory=index,
     ))
-    app = WebApp(readiness, __version__, zadarma, callback, own_metrics.exposition)
-    site = DpvoipSite(app.resource(), config.web, reactor)
+    limits: list[DpvoipSite] = []  # the site, once built: its connection figures
+
+    def exposition() -> bytes:
+        return own_metrics.exposition() + b"".join(s.limits.metrics() for s in limits)
+
+    app = WebApp(readiness, __version__, zadarma, callback, exposition)
+    site = DpvoipSite(app.resource(), config.web, reactor,
+                      proxies=networks(config.web.trusted_proxies),
+                      reserved=networks(config.zadarma.allowed_networks))
+    limits.append(site)
     web = WebService(reactor, site, config.web.listen)
     web.setServiceParent(top)
     return Daemon(top, store, web, exit_status, embedded, index, ingest, boxes, zadarma, account,

@@ -635,7 +635,8 @@ class RecordingTests(ClickToCallCase):
     def call_with_recording(self, recording: str) -> int:
         self.crm.query(
             "INSERT INTO dpvoip.call_detail (call_id, source, direction, started_at,"
-            " recording) VALUES ('zd-in_1', 'zadarma', 'incoming', now(), %s) RETURNING 1",
+            " recording, extension) VALUES ('zd-in_1', 'zadarma', 'incoming', now(), %s,"
+            " 100) RETURNING 1",  # taken by extension 100, Anna's connection
             (recording,))
         return self.crm.insert("accounting_voipcall", call_id="zd-in_1",
                                direction="incoming", phone_number=CLIENT, status="completed",
@@ -659,7 +660,7 @@ class RecordingTests(ClickToCallCase):
         self.assertEqual(code, 404)
         self.assertIn("no longer has", body)
         code, _, _ = yield self.get(url=self.recording_url("%C2%B2"), bearer=self.jwt())
-        self.assertEqual(code, 404)
+        self.assertEqual(code, 400)
 
     @defer.inlineCallbacks
     def test_a_call_without_recording_is_404_and_nobody_signed_in_401(self) -> Any:
@@ -765,5 +766,5 @@ class DatabaseDownTests(SynchronousTestCase):
         self.assertEqual(str(failure.value), "could not connect")
         self.assertIn("voip_connection", store.statements[0])
         store.error = ValueError("not the database's")
-        self.failureResultOf(defer.Deferred.fromCoroutine(calls.recording_link("12")),
+        self.failureResultOf(defer.Deferred.fromCoroutine(calls.recording_link(user, "12")),
                              ValueError)

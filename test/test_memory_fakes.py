@@ -202,8 +202,13 @@ class CallbacksContract(_Case):
     def connection(self, owner_id: int, number: str, active: bool = True) -> int:
         raise NotImplementedError
 
-    def call(self, call_id: str, recording: str) -> int:
-        """A call dpvoip recorded, known to the CRM: the CRM's id."""
+    def call(self, call_id: str, recording: str, extension: int | None = None,
+             own_number: str = "") -> int:
+        """A call dpvoip recorded, known to the CRM, taken by ``extension`` on the office's
+        line ``own_number``: the CRM's id."""
+        raise NotImplementedError
+
+    def make_staff(self, user: int) -> None:
         raise NotImplementedError
 
     def records(self) -> list[CallbackRequest]:
@@ -240,14 +245,39 @@ class CallbacksContract(_Case):
     def test_a_calls_recording_by_either_id_and_none_when_empty(self) -> Any:
         with_one = self.call("zd-in_1", "1700000000.123")
         without = self.call("zd-in_2", "")
-        for asked, expected in ((self.callbacks.recording_of_crm_call(with_one),
+        for asked, expected in ((self.callbacks.recording_of_crm_call(with_one, None),
                                  "1700000000.123"),
-                                (self.callbacks.recording_of_call("zd-in_1"), "1700000000.123"),
-                                (self.callbacks.recording_of_crm_call(without), None),
-                                (self.callbacks.recording_of_call("zd-in_2"), None),
-                                (self.callbacks.recording_of_crm_call(without + 100), None),
-                                (self.callbacks.recording_of_call("zd-in_9"), None)):
+                                (self.callbacks.recording_of_call("zd-in_1", None),
+                                 "1700000000.123"),
+                                (self.callbacks.recording_of_crm_call(without, None), None),
+                                (self.callbacks.recording_of_call("zd-in_2", None), None),
+                                (self.callbacks.recording_of_crm_call(without + 100, None),
+                                 None),
+                                (self.callbacks.recording_of_call("zd-in_9", None), None)):
             self.assertEqual((yield wait(asked)), expected)
+
+    @defer.inlineCallbacks
+    def test_a_recording_only_for_staff_and_the_users_whose_connection_was_a_leg(
+            self) -> Any:
+        """Issue 14 point 7: the office side of the call (its extension, its line) must be
+        one of the viewer's connection numbers (digits compared, the last nine when both
+        are that long), or the viewer CRM staff."""
+        anna, bob, boss = self.user("anna"), self.user("bob"), self.user("boss")
+        self.connection(anna, "100")
+        self.connection(bob, "+30 210 765 4321")
+        self.make_staff(boss)
+        by_extension = self.call("zd-in_1", "rec-1", extension=100)
+        on_line = self.call("zd-in_2", "rec-2", own_number="302107654321")
+        seen = {}
+        for name, viewer in (("anna", anna), ("bob", bob), ("boss", boss)):
+            seen[name] = (
+                (yield wait(self.callbacks.recording_of_crm_call(by_extension, viewer))),
+                (yield wait(self.callbacks.recording_of_call("zd-in_2", viewer))),
+                (yield wait(self.callbacks.recording_of_crm_call(on_line, viewer))),
+            )
+        self.assertEqual(seen, {"anna": ("rec-1", None, None),
+                                "bob": (None, "rec-2", "rec-2"),
+                                "boss": ("rec-1", "rec-2", "rec-2")})
 
 
 class MemoryCallbacksTests(CallbacksContract, TestCase):
@@ -264,10 +294,15 @@ class MemoryCallbacksTests(CallbacksContract, TestCase):
         return self.memory.add_connection(owner_id, number, callerid=f"desk {number}",
                                           active=active)
 
-    def call(self, call_id: str, recording: str) -> int:
+    def call(self, call_id: str, recording: str, extension: int | None = None,
+             own_number: str = "") -> int:
         crm_id = next(self.crm_calls)
-        self.memory.add_call(call_id, recording, crm_call_id=crm_id)
+        legs = tuple(str(leg) for leg in (extension, own_number) if leg)
+        self.memory.add_call(call_id, recording, crm_call_id=crm_id, legs=legs)
         return crm_id
+
+    def make_staff(self, user: int) -> None:
+        self.memory.staff.add(user)
 
     def records(self) -> list[CallbackRequest]:
         return self.memory.records
@@ -282,16 +317,21 @@ class PostgresCallbacksTests(CallbacksContract, _Postgres, TestCase):
     def user(self, username: str) -> int:
         return self.crm.user(username)
 
+    def make_staff(self, user: int) -> None:
+        self.crm.update("auth_user", user, is_staff=True)
+
     def connection(self, owner_id: int, number: str, active: bool = True) -> int:
         return self.crm.insert("voip_connection", type="pbx", active=active, number=number,
                                callerid=f"desk {number}", provider="Zadarma",
                                owner_id=owner_id)
 
-    def call(self, call_id: str, recording: str) -> int:
+    def call(self, call_id: str, recording: str, extension: int | None = None,
+             own_number: str = "") -> int:
         self.crm.query(
             "INSERT INTO dpvoip.call_detail (call_id, source, direction, started_at,"
-            " recording) VALUES (%s, 'zadarma', 'incoming', now(), %s) RETURNING 1",
-            (call_id, recording))
+            " recording, extension, own_number) VALUES (%s, 'zadarma', 'incoming', now(),"
+            " %s, %s, %s) RETURNING 1",
+            (call_id, recording, extension, own_number))
         return self.crm.insert("accounting_voipcall", call_id=call_id, direction="incoming",
                                phone_number="6912345678", status="completed")
 

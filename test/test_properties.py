@@ -565,7 +565,8 @@ def test_parse_event_returns_an_event_or_raises_bad_event(form: dict[str, str]) 
         event = parse_event(form)
     except BadEvent as error:
         hypothesis.event("parse_event: BadEvent")
-        assert kind in KNOWN
+        # an unknown event only for a NUL, which nothing can store (issue 14)
+        assert kind in KNOWN or any("\x00" in text for item in form.items() for text in item)
         assert str(error).strip() and len(str(error)) <= LONGEST_REASON
         return
     hypothesis.event(f"parse_event: {type(event).__name__}")

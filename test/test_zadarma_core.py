@@ -813,7 +813,9 @@ def test_parse_event_returns_or_raises_bad_event(form: dict[str, str]) -> None:
     try:
         event = parse_event(form)
     except BadEvent as error:
-        assert form.get("event", "").strip() in KINDS
+        # an unknown event only for a NUL, which nothing can store (issue 14)
+        assert form.get("event", "").strip() in KINDS or any(
+            "\x00" in text for item in form.items() for text in item)
         assert str(error)
         return
     if isinstance(event, UnknownEvent):

@@ -72,9 +72,35 @@ class NoRecording(Exception):
     pass
 
 
+#: Who may have a call's recording: staff and the users whose connection was a leg of it
+#: (the default), or every signed-in user (``[click_to_call] recordings``).
+STAFF_OR_OWN, ANY_USER = "staff-or-own", "any-user"
+RECORDINGS = (STAFF_OR_OWN, ANY_USER)
+
+#: A call named in a path: the CRM's id (digits, a bigint), or dpvoip's own
+#: (``zd-…``, ``fb-…``): printable ASCII, no longer than a call id can be.
+_CALL = re.compile(r"[0-9]{1,18}|[!-~]{1,64}")
+
+
+def valid_call(call: str) -> bool:
+    return _CALL.fullmatch(call) is not None
+
+
+class BadCallId(ValueError):
+    """A call id no call can have (a NUL, a control character, non-ASCII, too long)."""
+
+    def __init__(self, call: str) -> None:
+        super().__init__(f"call {call[:40]!a} is not a call id (the CRM's number of "
+                         "the call, or dpvoip's id)")
+
+
 class ClickToCall:
     def __init__(self, records: CallbackStore, api: ZadarmaCalls, policy: DiallingPolicy,
-                 where: Dialling, per_user: RateLimiter, clock: Any) -> None:
+                 where: Dialling, per_user: RateLimiter, clock: Any,
+                 recordings: str = STAFF_OR_OWN) -> None:
+        if recordings not in RECORDINGS:
+            raise ValueError(f"recordings must be one of {RECORDINGS}")
+        self._recordings = recordings
         self._records = records
         self._api = api
         self._policy = policy
@@ -163,12 +189,20 @@ class ClickToCall:
                       user=user.username if user else "an unknown user",
                       error=summary(error))
 
-    async def recording_link(self, call: str) -> str:
-        """A fresh link to the recording of the call (the CRM's call id, or dpvoip's)."""
+    async def recording_link(self, user: CrmUser, call: str) -> str:
+        """A fresh link to the recording of the call (the CRM's call id, or dpvoip's), for
+        a user who may hear it: with ``recordings = "staff-or-own"`` (the default) CRM
+        staff, or a user one of whose connections was a leg of the call; with
+        ``"any-user"`` any signed-in user. A call the user may not hear is answered as one
+        without a recording: whether it exists is not told."""
+        if not valid_call(call):
+            raise BadCallId(call)
+        viewer = user.id if self._recordings == STAFF_OR_OWN else None
         if re.fullmatch(r"[0-9]{1,18}", call):
-            recording = await from_database(self._records.recording_of_crm_call(int(call)))
+            recording = await from_database(
+                self._records.recording_of_crm_call(int(call), viewer))
         else:
-            recording = await from_database(self._records.recording_of_call(call[:64]))
+            recording = await from_database(self._records.recording_of_call(call, viewer))
         if not recording:
             raise NoRecording("this call has no recording")
         try:

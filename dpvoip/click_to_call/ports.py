@@ -66,12 +66,16 @@ class CallbackStore(Protocol):
         """Keep the record of one request, dialled or refused."""
         ...
 
-    def recording_of_crm_call(self, crm_call_id: int) -> Awaitable[str | None]:
-        """Zadarma's recording id of the CRM's call ``crm_call_id``, else None."""
+    def recording_of_crm_call(self, crm_call_id: int,
+                              viewer: int | None) -> Awaitable[str | None]:
+        """Zadarma's recording id of the CRM's call ``crm_call_id``, else None; with
+        ``viewer`` (a CRM user's id), None also when that user may not hear it (staff, or
+        one of their connections was a leg of the call)."""
         ...
 
-    def recording_of_call(self, call_id: str) -> Awaitable[str | None]:
-        """Zadarma's recording id of dpvoip's call ``call_id``, else None."""
+    def recording_of_call(self, call_id: str, viewer: int | None) -> Awaitable[str | None]:
+        """Zadarma's recording id of dpvoip's call ``call_id``, else None (and with
+        ``viewer``, as ``recording_of_crm_call``)."""
         ...
 
 

@@ -32,7 +32,15 @@ class CallbackRequest:
 
 
 class CallbackRecords:
-    """The click-to-call tables in the CRM's ``crm_schema`` and dpvoip's own."""
+    """The click-to-call tables in the CRM's ``crm_schema`` and dpvoip's own.
+
+    Who may hear a call's recording (``recording_of_*`` with a ``viewer``): CRM staff
+    (``auth_user.is_staff``, active), and a user one of whose ``voip_connection`` numbers
+    was the office's side of the call: its line (``own_number``, ``line``), the extension
+    that took it, an extension Zadarma reported for a leg, or the phone a click-to-call
+    rang first. Numbers are compared by their digits, the last nine when both are that
+    long (``+30 210 765 4321`` is ``2107654321``).
+    """
 
     def __init__(self, store: Store, crm_schema: str) -> None:
         self._store = store
@@ -67,21 +75,43 @@ class CallbackRecords:
              request.http_status, request.message),
         )
 
-    async def recording_of_crm_call(self, crm_call_id: int) -> str | None:
+    async def recording_of_crm_call(self, crm_call_id: int,
+                                    viewer: int | None) -> str | None:
         """Zadarma's recording id of the call the CRM knows as ``accounting_voipcall``
-        ``crm_call_id``, else None."""
-        rows = await self._store.read(
-            "SELECT d.recording, d.pbx_call_id FROM dpvoip.call_detail d"
+        ``crm_call_id``, else None; with ``viewer``, only if that user may hear it
+        (``_VISIBLE``)."""
+        return await self._recording(
+            "SELECT d.* FROM dpvoip.call_detail d"
             f" JOIN {self._crm}.accounting_voipcall v ON v.call_id = d.call_id"
-            " WHERE v.id = %s",
-            (crm_call_id,),
-        )
-        return rows[0][0] if rows and rows[0][0] else None
+            " WHERE v.id = %(call)s", crm_call_id, viewer)
 
-    async def recording_of_call(self, call_id: str) -> str | None:
-        """Zadarma's recording id of dpvoip's call ``call_id``, else None."""
+    async def recording_of_call(self, call_id: str, viewer: int | None) -> str | None:
+        """Zadarma's recording id of dpvoip's call ``call_id``, else None; with ``viewer``,
+        only if that user may hear it (``_VISIBLE``)."""
+        return await self._recording(
+            "SELECT d.* FROM dpvoip.call_detail d WHERE d.call_id = %(call)s", call_id, viewer)
+
+    async def _recording(self, call: str, key: int | str, viewer: int | None) -> str | None:
+        crm = self._crm
         rows = await self._store.read(
-            "SELECT recording, pbx_call_id FROM dpvoip.call_detail WHERE call_id = %s",
-            (call_id,),
+            f"WITH d AS ({call}),"
+            # the office's side of the call: its line, the extension that took it, and
+            # Zadarma's legs (an extension; the phone a callback rang first)
+            " legs AS (SELECT regexp_replace(x, '[^0-9]', '', 'g') AS digits"
+            "  FROM d, unnest(ARRAY[d.own_number, d.line, d.extension::text]) AS x"
+            "  UNION SELECT regexp_replace(x, '[^0-9]', '', 'g')"
+            "  FROM d JOIN dpvoip.zadarma_event e ON e.pbx_call_id = d.pbx_call_id,"
+            "  unnest(ARRAY[e.internal, CASE WHEN e.calltype = 'callback_leg1'"
+            "   THEN e.destination END]) AS x),"
+            " mine AS (SELECT regexp_replace(c.number, '[^0-9]', '', 'g') AS digits"
+            f"  FROM {crm}.voip_connection c WHERE c.owner_id = %(viewer)s)"
+            " SELECT d.recording FROM d WHERE %(viewer)s IS NULL"
+            f" OR EXISTS (SELECT 1 FROM {crm}.auth_user u WHERE u.id = %(viewer)s"
+            "  AND u.is_staff AND u.is_active)"
+            " OR EXISTS (SELECT 1 FROM legs, mine WHERE legs.digits <> ''"
+            "  AND mine.digits <> '' AND (legs.digits = mine.digits"
+            "   OR (length(legs.digits) >= 9 AND length(mine.digits) >= 9"
+            "       AND right(legs.digits, 9) = right(mine.digits, 9))))",
+            {"call": key, "viewer": viewer},
         )
         return rows[0][0] if rows and rows[0][0] else None

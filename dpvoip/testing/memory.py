@@ -177,6 +177,9 @@ class MemoryCallbacks:
         self.records: list[CallbackRequest] = []
         self._recordings: dict[str, str] = {}  # dpvoip's call id -> Zadarma's recording
         self._crm_calls: dict[int, str] = {}  # the CRM's call id -> dpvoip's call id
+        self._legs: dict[str, tuple[str, ...]] = {}  # dpvoip's call id -> its office side
+        #: The CRM's staff (``auth_user.is_staff``): they may hear every recording.
+        self.staff: set[int] = set()
         self.unreachable = False
         #: Raised by ``record`` (and nothing kept) when set: a write that fails.
         self.record_error: Exception | None = None
@@ -195,10 +198,12 @@ class MemoryCallbacks:
         self._connections[connection_id].active = active
 
     def add_call(self, call_id: str, recording: str = "", crm_call_id: int | None = None,
-                 ) -> None:
+                 legs: tuple[str, ...] = ()) -> None:
         """A call dpvoip recorded (``recording``: Zadarma's id of its recording, or none),
-        and the CRM's id of it when the CRM has it."""
+        the CRM's id of it when the CRM has it, and the numbers of its office side
+        (``legs``: a user with a connection of one of them may hear it)."""
         self._recordings[call_id] = recording
+        self._legs[call_id] = legs
         if crm_call_id is not None:
             self._crm_calls[crm_call_id] = call_id
 
@@ -226,14 +231,24 @@ class MemoryCallbacks:
             raise self.record_error
         self.records.append(request)
 
-    async def recording_of_crm_call(self, crm_call_id: int) -> str | None:
+    async def recording_of_crm_call(self, crm_call_id: int,
+                                    viewer: int | None) -> str | None:
         self._reachable()
         call_id = self._crm_calls.get(crm_call_id)
-        return (self._recordings.get(call_id) or None) if call_id is not None else None
+        return self._visible(call_id, viewer) if call_id is not None else None
 
-    async def recording_of_call(self, call_id: str) -> str | None:
+    async def recording_of_call(self, call_id: str, viewer: int | None) -> str | None:
         self._reachable()
-        return self._recordings.get(call_id) or None
+        return self._visible(call_id, viewer)
+
+    def _visible(self, call_id: str, viewer: int | None) -> str | None:
+        recording = self._recordings.get(call_id) or None
+        if recording is None or viewer is None or viewer in self.staff:
+            return recording
+        mine = {"".join(filter(str.isdigit, c.row[2])) for c in self._connections.values()
+                if c.owner_id == viewer}
+        legs = {"".join(filter(str.isdigit, leg)) for leg in self._legs.get(call_id, ())}
+        return recording if mine & legs - {""} else None
 
 
 # --- Zadarma's API ------------------------------------------------------------------------

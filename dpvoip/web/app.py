@@ -29,8 +29,12 @@ from dpvoip.web.callback import CallbackPages
 from dpvoip.web.errors import HttpError, error_answer, failure_answer, json_answer, json_body
 from dpvoip.web.zadarma import NOT_CONFIGURED, WebhookResource, ZadarmaWebhook
 
-#: Zadarma's events: the one request answered in front of Klein (``_Front``).
+#: Zadarma's events: the one request answered in front of Klein (``_Front``). The path
+#: without its slash is the same route (a webhook URL configured without it must neither
+#: get a 404 nor a redirect a POST client might not follow): the same handler, signature
+#: and all.
 EVENTS_METHOD, EVENTS_PATH = b"POST", b"/voip/zd/"
+EVENTS_PATHS = (EVENTS_PATH, EVENTS_PATH.rstrip(b"/"))
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ class WebApp:
         error = failure.value
         assert isinstance(error, MethodNotAllowed)
         allowed = set(error.valid_methods or ())
-        if _routed_path(request) == EVENTS_PATH.decode():
+        if _routed_path(request) in (p.decode() for p in EVENTS_PATHS):
             allowed.add(EVENTS_METHOD.decode())
         headers = {"Allow": ", ".join(sorted(allowed))} if allowed else {}
         method = request.method.decode("ascii", "replace")
@@ -162,6 +166,6 @@ class _Front:
         raise NotImplementedError("dpvoip's routes are Klein's")
 
     def render(self, request: IRequest) -> Any:
-        if request.method == EVENTS_METHOD and request.path == EVENTS_PATH:
+        if request.method == EVENTS_METHOD and request.path in EVENTS_PATHS:
             return self._events.render(request)
         return self._app.render(request)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,12 +24,18 @@ from urllib.parse import parse_qs, quote, urlsplit
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
-from dpvoip.click_to_call.callbacks import CallbackOutcome, Connection, NoRecording
+from dpvoip.click_to_call.callbacks import (
+    BadCallId,
+    CallbackOutcome,
+    Connection,
+    NoRecording,
+    valid_call,
+)
 from dpvoip.click_to_call.errors import DatabaseUnreachable
 from dpvoip.click_to_call.logins import CrmUser, NotSignedIn
 from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.web.errors import HttpError, error_answer, json_body, media_type
-from dpvoip.web.sources import Network, client_address, peer_host
+from dpvoip.web.sources import Network, client_address, peer_host, trusted
 from dpvoip.zadarma.api import ZadarmaApiError
 
 log = Logger()
@@ -73,9 +80,9 @@ class CallbackService(Protocol):
         """Record a request refused before the checks (no login, a cross-site post)."""
         ...
 
-    def recording_link(self, call: str) -> Awaitable[str]:
-        """A fresh link to the call's recording; ``NoRecording`` or a
-        ``ZadarmaApiError`` otherwise."""
+    def recording_link(self, user: CrmUser, call: str) -> Awaitable[str]:
+        """A fresh link to the call's recording, for a user who may hear it; ``BadCallId``,
+        ``NoRecording`` or a ``ZadarmaApiError`` otherwise."""
         ...
 
 
@@ -97,6 +104,7 @@ class CallbackPages:
     # -- GET: show, never dial -----------------------------------------------------------
 
     async def page(self, request: IRequest) -> bytes:
+        check_query(request)
         number = _arg(request, b"number")[:64]
         wants_json = _wants_json(request)
         try:
@@ -139,6 +147,7 @@ class CallbackPages:
         if not as_json and kind not in FORM_TYPES:
             raise HttpError(415, f"Content-Type {kind or 'none'} not supported; send a form "
                             "or application/json")
+        check_query(request)
         connection_id, number, sip, predicted = (_json_fields(request) if as_json
                                                  else _form_fields(request, kind))
         try:
@@ -185,8 +194,9 @@ class CallbackPages:
         ``Sec-Fetch-Site: same-origin`` is set by the browser itself (a page cannot forge
         it) and survives any proxy. Otherwise the Origin (else the Referer) must be one of
         ``allowed_origins``, or, when none is configured, the host the browser addressed
-        (``Host``, or ``X-Forwarded-Host`` set by a proxy that rewrites it); a browser
-        cannot set either header on a cross-site form post."""
+        (``Host``, or ``X-Forwarded-Host`` set by a proxy that rewrites it, believed only
+        when the request comes from one of the trusted proxies: anyone else may write any
+        header); a browser cannot set either header on a cross-site form post."""
         if _header(request, b"Sec-Fetch-Site") == "same-origin":
             return True
         source = _header(request, b"Origin") or _header(request, b"Referer")
@@ -196,12 +206,18 @@ class CallbackPages:
         if self.allowed_origins:
             return seen in {origin_of(o) for o in self.allowed_origins}
         _, name, port = seen  # the scheme is the proxy's business: only the host counts
-        for header in (b"X-Forwarded-Host", b"Host"):
+        headers = ((b"X-Forwarded-Host", b"Host") if self._from_proxy(request)
+                   else (b"Host",))
+        for header in headers:
             for host in _header(request, header).split(","):
                 addressed = _host_and_port(host.strip().lower())
                 if addressed and addressed[0] == name and addressed[1] in (None, port):
                     return True
         return False
+
+    def _from_proxy(self, request: IRequest) -> bool:
+        """Whether the direct peer is one of the trusted proxies."""
+        return trusted(peer_host(request.getClientAddress()), self.proxies)
 
     # -- GET recording: a fresh link -----------------------------------------------------
 
@@ -212,13 +228,18 @@ class CallbackPages:
                               [h.decode("latin-1") for h in forwarded], self.proxies) or "?"
 
     async def recording(self, request: IRequest, call: str) -> bytes:
+        check_query(request)
+        if not valid_call(call):
+            raise HttpError(400, str(BadCallId(call)))
         try:
             user = await self.logins.identify(request)
             wait = self.recordings.take(user.id, self.clock.seconds())
             if wait is not None:
                 raise HttpError(429, f"too many recordings asked; try again in "
                                 f"{math.ceil(wait)} s", {"Retry-After": str(math.ceil(wait))})
-            link = await self.calls.recording_link(call)
+            link = await self.calls.recording_link(user, call)
+        except BadCallId as bad:
+            raise HttpError(400, str(bad)) from None
         except NotSignedIn as refused:
             raise HttpError(401, refused.message) from None
         except NoRecording as missing:
@@ -275,6 +296,27 @@ def _send(request: IRequest, status: int, content_type: str, body: bytes,
     for name, value in (headers or {}).items():
         request.setHeader(name, value)
     return body
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def check_text(name: str, value: str) -> None:
+    """A 400 naming the parameter when its value holds a NUL or another control
+    character: nothing a number, an id or an extension is written with, and a NUL is
+    what PostgreSQL cannot store."""
+    if _CONTROL.search(value):
+        raise HttpError(400, f"{name[:40]!a} holds a control character")
+
+
+def check_query(request: IRequest) -> None:
+    """``check_text`` for every name and value of the query string."""
+    query = bytes(request.uri).partition(b"?")[2]
+    for key, values in parse_qs(query.decode("latin-1"), keep_blank_values=True,
+                                encoding="utf-8", errors="replace").items():
+        check_text(key, key)
+        for value in values:
+            check_text(key, value)
 
 
 def _arg(request: IRequest, name: bytes) -> str:

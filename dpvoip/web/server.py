@@ -1,14 +1,26 @@
-"""The HTTP server around the Klein app: body limit, slow-client cut-off, access log, drain.
+"""The HTTP server around the Klein app: body limit, slow-client cut-off, connection
+limits, access log, drain.
 
 Twisted's ``Site`` would buffer any body a client announces and wait twelve hours for an
 idle one. Here a request announcing (or sending) more than the limit is answered 413 at
 once and the connection closed, a client that takes longer than ``request_timeout`` to
 send its request is cut off, and shutdown waits for requests in flight to finish.
+
+Connections are bounded (``ConnectionLimits``): at most ``max_connections_per_peer`` from
+one address and ``max_connections`` in all; one beyond is closed as soon as it is
+accepted (the listening socket's ``buildProtocol`` answers None), before it costs a
+channel or a timer, and counted (``dpvoip_web_connections_refused``). Trusted proxies are
+exempt from both (the reverse proxy carries every client over its connections: its own
+limits bound them), the Zadarma webhook senders from the total (a flood of idle sockets
+from elsewhere must not shut out the webhooks). Every answer carries
+``X-Content-Type-Options: nosniff`` and no ``Server`` header (Twisted's names its
+version).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -31,6 +43,7 @@ from dpvoip.internals import (
     request_line,
 )
 from dpvoip.web.errors import media_type, raw_response
+from dpvoip.web.sources import Network, peer_host, trusted
 
 log = Logger(namespace="dpvoip.web.access")
 
@@ -106,7 +119,15 @@ class BoundedRequest(server.Request):
             log.info("unreadable request refused: {error}", error=type(error).__name__)
             self._answer_bad(command, path, "the Content-Type or the form cannot be read")
 
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:
+        # Twisted's Site names itself and its version in every answer: not dpvoip's.
+        raw = name.encode("latin-1") if isinstance(name, str) else name
+        if raw.lower() == b"server":
+            return
+        super().setHeader(name, value)
+
     def process(self) -> None:
+        self.responseHeaders.setRawHeaders(b"X-Content-Type-Options", [b"nosniff"])
         if self._form_pending:
             self._form_pending = False
             assert self.content is not None and self.args is not None
@@ -133,9 +154,17 @@ class BoundedRequest(server.Request):
 
 
 class BoundedChannel(ChannelHooks):
-    """An HTTP channel that gives each request a deadline from its first byte."""
+    """An HTTP channel that gives each request a deadline from its first byte, and counts
+    itself among its peer's connections while it is open."""
 
     _deadline: IDelayedCall | None = None
+    _counted: str | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        factory: DpvoipSite = self.factory
+        self._counted = peer_host(self.transport.getPeer()) if self.transport else ""
+        factory.limits.opened(self._counted)
 
     def dataReceived(self, data: bytes) -> None:
         if self._deadline is None and data:
@@ -179,7 +208,92 @@ class BoundedChannel(ChannelHooks):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
+        if self._counted is not None:
+            factory: DpvoipSite = self.factory
+            factory.limits.closed(self._counted)
+            self._counted = None
         super().connectionLost(reason)
+
+
+class ConnectionLimits:
+    """Open connections per peer address and in all; whether one more may be accepted.
+
+    ``proxies`` (the trusted reverse proxies) are exempt from both limits and not counted
+    in the total; ``reserved`` (the addresses Zadarma sends webhooks from) are exempt from
+    the total but not from the per-peer limit. A peer that is not an IP address (a unix
+    socket) has the per-peer limit on the address ''."""
+
+    def __init__(self, total: int, per_peer: int, proxies: Sequence[Network] = (),
+                 reserved: Sequence[Network] = ()) -> None:
+        self.total = total
+        self.per_peer = per_peer
+        self._proxies = tuple(proxies)
+        self._reserved = tuple(reserved)
+        self._open: dict[str, int] = {}
+        self.counted = 0  # open connections subject to the total
+        self.open = 0  # all open connections
+        #: Connections closed at once, by the limit they hit: "per_peer", "total".
+        self.refused: dict[str, int] = {"per_peer": 0, "total": 0}
+        self._kinds: dict[str, str] = {}
+
+    def _kind(self, peer: str) -> str:
+        kind = self._kinds.get(peer)
+        if kind is None:
+            kind = ("proxy" if trusted(peer, self._proxies)
+                    else "reserved" if trusted(peer, self._reserved) else "peer")
+            if len(self._kinds) < 4096:
+                self._kinds[peer] = kind
+        return kind
+
+    def admit(self, peer: str) -> str | None:
+        """None when a connection from ``peer`` may be accepted, else the limit it hits
+        (counted)."""
+        kind = self._kind(peer)
+        if kind == "proxy":
+            return None
+        if self._open.get(peer, 0) >= self.per_peer:
+            self.refused["per_peer"] += 1
+            return "per_peer"
+        if kind == "peer" and self.counted >= self.total:
+            self.refused["total"] += 1
+            return "total"
+        return None
+
+    def opened(self, peer: str) -> None:
+        self.open += 1
+        kind = self._kind(peer)
+        if kind == "proxy":
+            return
+        self._open[peer] = self._open.get(peer, 0) + 1
+        if kind == "peer":
+            self.counted += 1
+
+    def closed(self, peer: str) -> None:
+        self.open -= 1
+        kind = self._kind(peer)
+        if kind == "proxy":
+            return
+        left = self._open.get(peer, 0) - 1
+        if left > 0:
+            self._open[peer] = left
+        else:
+            self._open.pop(peer, None)
+        if kind == "peer":
+            self.counted -= 1
+
+    def metrics(self) -> bytes:
+        """The limits' figures in Prometheus' text format."""
+        lines = [
+            "# HELP dpvoip_web_connections_open Open connections to the web listener.",
+            "# TYPE dpvoip_web_connections_open gauge",
+            f"dpvoip_web_connections_open {self.open}",
+            "# HELP dpvoip_web_connections_refused_total Connections closed at once: a "
+            "connection limit was reached.",
+            "# TYPE dpvoip_web_connections_refused_total counter",
+            *(f'dpvoip_web_connections_refused_total{{limit="{limit}"}} {count}'
+              for limit, count in self.refused.items()),
+        ]
+        return ("\n".join(lines) + "\n").encode("ascii")
 
 
 class DpvoipSite(server.Site):
@@ -189,17 +303,37 @@ class DpvoipSite(server.Site):
     requestFactory = BoundedRequest
     noisy = False
 
-    def __init__(self, resource: IResource, settings: WebSettings, clock: IReactorTime) -> None:
+    def __init__(self, resource: IResource, settings: WebSettings, clock: IReactorTime,
+                 proxies: Sequence[Network] = (), reserved: Sequence[Network] = ()) -> None:
         super().__init__(resource, timeout=settings.idle_timeout, reactor=clock)
         self.settings = settings
         self.clock = clock
         self.displayTracebacks = False
         self._in_flight: EmptyableSet[BoundedRequest] = EmptyableSet()
+        self.limits = ConnectionLimits(settings.max_connections,
+                                       settings.max_connections_per_peer, proxies, reserved)
+        self._refusals_logged = 0.0
 
     def buildProtocol(self, addr: Any) -> Any:
+        peer = peer_host(addr)
+        limit = self.limits.admit(peer)
+        if limit is not None:
+            self._log_refusal(peer, limit)
+            return None  # the port closes the socket at once
         channel = super().buildProtocol(addr)
         channel.maxHeaders = self.settings.max_headers
         return channel
+
+    def _log_refusal(self, peer: str, limit: str) -> None:
+        """One warning a minute at most: a flood must not become a flood of log lines."""
+        now = self.clock.seconds()
+        if now - self._refusals_logged >= 60.0:
+            self._refusals_logged = now
+            refused = self.limits.refused
+            log.warn("connection from {peer} closed: {limit} connection limit reached "
+                     "({per_peer} per-peer and {total} total refusals so far)",
+                     peer=peer or "-", limit=limit.replace("_", "-"),
+                     per_peer=refused["per_peer"], total=refused["total"])
 
     # -- in-flight tracking --------------------------------------------------------------
 

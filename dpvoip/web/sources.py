@@ -69,3 +69,9 @@ def client_address(peer: str, forwarded_for: Sequence[str], proxies: Sequence[Ne
 def allowed(address: str, allowlist: Sequence[Network]) -> bool:
     parsed = _address(address) if address else None
     return parsed is not None and _within(parsed, allowlist)
+
+
+def trusted(peer: str, proxies: Sequence[Network]) -> bool:
+    """Whether the direct peer ``peer`` is one of the trusted ``proxies``."""
+    direct = _address(peer) if peer else None
+    return direct is not None and _within(direct, proxies)

@@ -36,9 +36,76 @@ _LIMIT = 200  # no field Zadarma sends is longer; a longer one is not Zadarma
 #: Seconds: a week. Longer is no call, and would not fit the CRM's integer column anyway.
 MAX_DURATION = 7 * 24 * 3600
 
+#: The fields dpvoip reads. Their values must be free of control characters (a C0 or C1
+#: control, DEL) and of any digit that is not ASCII: ``'²'.isdigit()`` is True and
+#: ``int('²')`` raises, and no phone number, extension or count of Zadarma's is written so.
+READ_FIELDS = ("event", "pbx_call_id", "call_start", "caller_id", "called_did", "internal",
+               "destination", "last_internal", "duration", "disposition", "status_code",
+               "is_recorded", "call_id_with_rec", "calltype", "transfer_from")
+
+#: The fields whose digits become an extension (``int()``, the integer column
+#: ``call_detail.extension``): a value of ASCII digits must fit PostgreSQL's ``integer``.
+#: ``internal`` is the extension of a leg (and the own side of an outgoing call),
+#: ``last_internal`` the one that ended it. ``destination`` is a phone number, kept as text
+#: (a number of 10 or more digits is usual there); ``duration`` is bounded by
+#: ``MAX_DURATION``; ``status_code`` is kept as text.
+EXTENSION_FIELDS = ("internal", "last_internal")
+MAX_INTEGER = 2_147_483_647  # PostgreSQL's integer
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
 
 class BadEvent(ValueError):
-    """A form that claims to be a known event but lacks or garbles a field."""
+    """A form that claims to be a known event but lacks or garbles a field, or a form with
+    a field that no database could store (a NUL in its name or value). The message names
+    the field (``field``), escaped: it is answered to the sender and logged."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """``text`` quoted for a message: control characters and non-ASCII escaped, cut."""
+    return ascii(text[:limit])
+
+
+def check_storable(form: Mapping[str, str]) -> None:
+    """``BadEvent`` naming the first field whose name or value holds a NUL, which neither
+    PostgreSQL's text nor its ``jsonb`` can store. Checked first, whatever the event."""
+    for name, value in form.items():
+        if "\x00" in name:
+            raise BadEvent(f"field name {shown(name)} holds a NUL character", name)
+        if "\x00" in value:
+            raise BadEvent(f"field {shown(name)} holds a NUL character", name)
+
+
+def check_form(form: Mapping[str, str]) -> None:
+    """``BadEvent`` naming the first field of a known event whose name or value is longer
+    than any of Zadarma's, whose value dpvoip reads and holds a control character or a
+    digit that is not ASCII, or whose extension does not fit PostgreSQL's integer.
+
+    With ``check_storable``, this is what makes a form one that can be recorded: such a
+    form is refused with 400 and never acknowledged, so that it can never wait in the
+    spool for a replay that cannot apply it."""
+    for name, value in form.items():
+        if len(name) > _LIMIT:
+            raise BadEvent(f"field name {shown(name)} is longer than {_LIMIT} characters",
+                           name)
+        if len(value) > _LIMIT:
+            raise BadEvent(f"field {shown(name)} is longer than {_LIMIT} characters", name)
+        if name in READ_FIELDS:
+            if _CONTROL.search(value):
+                raise BadEvent(f"field {shown(name)} holds a control character", name)
+            if not value.isascii() and any(ch.isnumeric() for ch in value):
+                raise BadEvent(f"field {shown(name)} holds a digit that is not ASCII "
+                               f"({shown(value, 20)})", name)
+    for name in EXTENSION_FIELDS:
+        value = form.get(name, "").strip()
+        if value.isascii() and value.isdigit() and (len(value) > 10
+                                                    or int(value) > MAX_INTEGER):
+            raise BadEvent(f"field {name!r} ({shown(value, 20)}) is beyond any extension "
+                           f"(at most {MAX_INTEGER})", name)
 
 
 @dataclass(frozen=True)
@@ -75,15 +142,16 @@ class UnknownEvent:
 
 
 def parse_event(form: Mapping[str, str]) -> ZadarmaEvent | UnknownEvent:
+    """The event of ``form``; ``BadEvent`` naming the field when one cannot be read or
+    stored (``check_storable``, also for an event dpvoip does not know; ``check_form``)."""
+    check_storable(form)
     kind = form.get("event", "").strip()
     if kind not in KNOWN:
         return UnknownEvent(kind[:40])
-    for name, value in form.items():
-        if len(value) > _LIMIT:
-            raise BadEvent(f"field {name[:40]!r} is longer than {_LIMIT} characters")
+    check_form(form)
     missing = [name for name in REQUIRED[kind] if not form.get(name, "").strip()]
     if missing:
-        raise BadEvent(f"{kind} lacks {', '.join(missing)}")
+        raise BadEvent(f"{kind} lacks {', '.join(missing)}", missing[0])
     start = form.get("call_start", "").strip()
     try:
         if start and not _CALL_START.fullmatch(start):
@@ -92,17 +160,21 @@ def parse_event(form: Mapping[str, str]) -> ZadarmaEvent | UnknownEvent:
         # would, ten times faster.
         call_start = datetime.fromisoformat(start) if start else None
     except ValueError:
-        raise BadEvent(f"call_start {start[:30]!r} is not YYYY-MM-DD HH:MM:SS") from None
+        raise BadEvent(f"call_start {shown(start, 30)} is not YYYY-MM-DD HH:MM:SS",
+                       "call_start") from None
     if call_start is not None and not 2000 <= call_start.year <= 2100:
-        raise BadEvent(f"call_start {start[:30]!r} is not a plausible time of a call")
+        raise BadEvent(f"call_start {shown(start, 30)} is not a plausible time of a call",
+                       "call_start")
     duration_text = form.get("duration", "").strip() or "0"
     if not (duration_text.isascii() and duration_text.isdigit()):
-        raise BadEvent(f"duration {duration_text[:20]!r} is not a number of seconds")
-    if int(duration_text[:12]) > MAX_DURATION or len(duration_text) > 12:
-        raise BadEvent(f"duration {duration_text[:20]!r} is longer than any call")
+        raise BadEvent(f"duration {shown(duration_text, 20)} is not a number of seconds",
+                       "duration")
+    if len(duration_text) > 12 or int(duration_text) > MAX_DURATION:
+        raise BadEvent(f"duration {shown(duration_text, 20)} is longer than any call",
+                       "duration")
     recorded = form.get("is_recorded", "").strip() or "0"
     if recorded not in ("0", "1"):
-        raise BadEvent(f"is_recorded {recorded[:10]!r} is not 0 or 1")
+        raise BadEvent(f"is_recorded {shown(recorded, 10)} is not 0 or 1", "is_recorded")
     return ZadarmaEvent(
         kind=kind,
         pbx_call_id=form["pbx_call_id"].strip(),
