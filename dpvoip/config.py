@@ -577,8 +577,9 @@ class FritzBoxSettings:
     clock_tolerance_seconds: float = setting(
         600.0,
         "A line dated further than this from dpvoip's clock (a box just rebooted, a wrong "
-        "time zone) is dated by its arrival instead, with a warning.",
-        _between(1, 86400),
+        "time zone) is dated by its arrival instead, with a warning. 0: the box's dates "
+        "are always believed (replaying old captures).",
+        _between(0, 86400),
     )
 
 

@@ -5,11 +5,11 @@ a DISCONNECT dated before its RING is dated by its arrival (point 6). On a ``Clo
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from dpvoip.core.happenings import Answered, Ended, Started
@@ -35,8 +35,9 @@ class Captured:
 
     def __init__(self, case: SynchronousTestCase) -> None:
         self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        case.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        case.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def warnings(self, namespace: str = "dpvoip.fritzbox") -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("log_namespace") == namespace

@@ -215,7 +215,8 @@ class FritzBox:
         arrived = self._clock.seconds()
         local = datetime.fromtimestamp(arrived, self.rules.zone).replace(tzinfo=None)
         skew = self.tracker.utc(event.at).timestamp() - arrived
-        if abs(skew) > self.settings.clock_tolerance_seconds:
+        tolerance = self.settings.clock_tolerance_seconds
+        if tolerance and abs(skew) > tolerance:
             self.status.dates_replaced += 1
             self._warn("clock", "box {box}: its clock is {minutes:.0f} min away from ours "
                        "(time zone {zone}?): the line is dated by its arrival",
