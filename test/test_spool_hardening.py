@@ -26,6 +26,7 @@ from dpvoip.spool.durable import DurableIngest, DurableService, NotRecorded
 from dpvoip.spool.journal import FileOps, Spool, SpoolState
 from dpvoip.spool.records import fritz_record
 from dpvoip.store.migrations import SchemaReport
+from test.support.daemon import scratch
 
 ORIGIN = Origin("office", Dialling("GR"))
 
@@ -59,7 +60,7 @@ def segment_files(folder: Path) -> list[Path]:
 
 class FullDiskJournalTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.folder = Path(self.mktemp())
+        self.folder = scratch(self) / "spool"
         self.disk = FullDisk()
         self.spool = Spool(self.folder, max_bytes=1024 * 1024, files=self.disk)
         self.spool.open()
@@ -227,7 +228,7 @@ class FullDiskDurableTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.disk = FullDisk()
-        self.spool = Spool(Path(self.mktemp()), files=self.disk)
+        self.spool = Spool(scratch(self) / "spool", files=self.disk)
         self.spool.open()
         self.addCleanup(self.spool.close)
         self.ingest = Ingest()
@@ -285,7 +286,7 @@ class FullDiskDurableTests(SynchronousTestCase):
 class ReplayTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.spool = Spool(Path(self.mktemp()))
+        self.spool = Spool(scratch(self) / "spool")
         self.spool.open()
         self.addCleanup(self.spool.close)
         self.disk = DiskSpool(self.spool)
