@@ -587,6 +587,19 @@ class FritzBoxSettings:
         0.0, "Send a bare newline this often to keep NAT mappings alive (0: never).",
         _between(0, 3600),
     )
+    max_open_calls: int = setting(
+        64,
+        "Most calls followed at once on this box; beyond it the oldest is closed as "
+        "interrupted (a box sending RINGs without end cannot grow memory without end).",
+        _between(1, 100000),
+    )
+    clock_tolerance_seconds: float = setting(
+        600.0,
+        "A line dated further than this from dpvoip's clock (a box just rebooted, a wrong "
+        "time zone) is dated by its arrival instead, with a warning. 0: the box's dates "
+        "are always believed (replaying old captures).",
+        _between(0, 86400),
+    )
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,18 @@ class DaemonCollector(Collector):
         yield _gauge("dpvoip_spool_bytes", "Bytes the spool holds on disk.", spool.bytes)
         yield _gauge("dpvoip_spool_limit_bytes", "The spool's bound ([spool] max_mb).",
                      spool.limit)
-        yield _gauge("dpvoip_spool_alarm", "1 when the spool is nearly full.", int(spool.alarm))
+        yield _gauge("dpvoip_spool_alarm",
+                     "1 when the spool is nearly full or its disk refuses writes.",
+                     int(spool.alarm))
+        yield _gauge("dpvoip_spool_disk_failing",
+                     "1 while the spool's disk refuses writes (full, quota, I/O error).",
+                     int(bool(spool.disk_error)))
+        yield CounterMetricFamily("dpvoip_spool_disk_errors",
+                                  "Spool writes the disk refused (since start).",
+                                  value=spool.disk_errors)
+        yield _gauge("dpvoip_spool_mark_behind",
+                     "1 while the replay mark on disk is behind the replay (disk full).",
+                     int(spool.mark_behind))
         yield _gauge("dpvoip_spooling", "1 while new events go to the spool.",
                      int(s.durable.spooling))
         yield _counters("dpvoip_events", "Events by the path they took to the database.",
@@ -86,14 +97,24 @@ class DaemonCollector(Collector):
                                     labels=["box", "kind"])
         reconnects = CounterMetricFamily("dpvoip_fritzbox_reconnects",
                                          "Connections lost and made again.", labels=["box"])
+        troubles = CounterMetricFamily(
+            "dpvoip_fritzbox_troubles",
+            "What a box did wrong and how it was handled: calls closed beyond the bound of "
+            "open calls, box dates replaced by the arrival time, happenings not recorded.",
+            labels=["box", "what"])
         for box in (b.status for b in s.boxes):
             connected.add_metric([box.name], int(box.connected))
             lines.add_metric([box.name, "good"], box.lines - box.bad_lines)
             lines.add_metric([box.name, "bad"], box.bad_lines)
             reconnects.add_metric([box.name], box.reconnects)
+            for what, count in (("calls_evicted", box.calls_evicted),
+                                ("dates_replaced", box.dates_replaced),
+                                ("not_recorded", box.not_recorded)):
+                troubles.add_metric([box.name, what], count)
         yield connected
         yield lines
         yield reconnects
+        yield troubles
         yield _gauge("dpvoip_directory_entries", "Numbers in the phone directory.",
                      s.directory.state.entries)
 

@@ -1,6 +1,7 @@
 """What ``/readyz`` reports: whether dpvoip can record calls now, and why not.
 
-Ready means: PostgreSQL answers, the schema is prepared, and the spool is not nearly full.
+Ready means: PostgreSQL answers, the schema is prepared, and the spool is not nearly full
+and its disk takes writes (a full disk is an alarm: ``disk_error`` says what it refused).
 The rest (the directory, the spool's figures, each Fritz!Box) is there for the
 administrator. Everything is read at the moment of the request from the objects that own
 it, handed in by the composition root: no figure is copied or kept here.
@@ -51,7 +52,13 @@ class SpoolState(Protocol):
     @property
     def limit(self) -> int: ...
     @property
-    def alarm(self) -> bool: ...
+    def alarm(self) -> bool: ...  # nearly full, or its disk refuses writes
+    @property
+    def disk_error(self) -> str: ...
+    @property
+    def disk_errors(self) -> int: ...
+    @property
+    def mark_behind(self) -> bool: ...
 
 
 class Spool(Protocol):
@@ -110,7 +117,9 @@ class ReadinessReport:
         }
         spooled = self._spool.state()
         spool = {"pending": spooled.pending, "bytes": spooled.bytes, "limit": spooled.limit,
-                 "alarm": spooled.alarm, "spooling": self._durable.spooling,
+                 "alarm": spooled.alarm, "disk_error": spooled.disk_error or None,
+                 "disk_errors": spooled.disk_errors, "mark_behind": spooled.mark_behind,
+                 "spooling": self._durable.spooling,
                  **asdict(self._durable.counters)}
         return Readiness(
             state.reachable and prepared is not None and not spooled.alarm,

@@ -295,8 +295,11 @@ class FritzBoxDropsTest(TestCase):
             self.addCleanup(self._stop_fake, fake)
         config = in_process(
             self.dsn, pool_size=4, directory=DirectorySettings(own_numbers=(OWN,)),
+            # The fakes' clocks run one second per call, ahead of the real one by up to
+            # many minutes: their dates believed (no arrival-time rule).
             boxes=[loopback_box(fake.name, fake.port, timezone=ZONE,
-                                reconnect_initial_seconds=INITIAL, reconnect_max_seconds=CAP)
+                                reconnect_initial_seconds=INITIAL, reconnect_max_seconds=CAP,
+                                clock_tolerance_seconds=0)
                    for fake in self.fakes.values()])
         daemon = build(config, reactor, scratch(self))
         # The box's calls start after the daemon was born (by the box's clock, to the

@@ -75,7 +75,7 @@ def connect(box: FritzBox, clock: Clock, newline_every: float = 0.0
 class FramingTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.clock.advance(1_592_382_509)  # 2020-06-17 08:28:29 UTC, the box's 10:28:29
+        self.clock.advance(1_592_378_909)  # 2020-06-17 07:28:29 UTC, the box's 10:28:29
         self.box, self.ingest = make_box(self.clock)
         self.wire, self.transport = connect(self.box, self.clock)
 

@@ -259,6 +259,9 @@ class FakeSpoolState:
     bytes: int = 0
     limit: int = 1000
     alarm: bool = False
+    disk_error: str = ""
+    disk_errors: int = 0
+    mark_behind: bool = False
 
 
 @dataclass
@@ -288,6 +291,9 @@ class FakeBoxStatus:
     bad_lines: int = 0
     connected: bool = True
     reconnects: int = 0
+    calls_evicted: int = 0
+    dates_replaced: int = 0
+    not_recorded: int = 0
 
     def as_json(self, open_calls: int) -> dict[str, Any]:
         return {"name": self.name, "open_calls": open_calls}
@@ -362,7 +368,8 @@ class ReadinessReportTests(SynchronousTestCase):
             "built": True, "entries": 1234, "last_refresh": "2026-01-15T08:00:00+00:00",
             "errors": 0})
         self.assertEqual(second.checks["spool"], {
-            "pending": 0, "bytes": 0, "limit": 1000, "alarm": False, "spooling": True,
+            "pending": 0, "bytes": 0, "limit": 1000, "alarm": False, "disk_error": None,
+            "disk_errors": 0, "mark_behind": False, "spooling": True,
             "direct": 0, "spooled": 3})
         self.assertEqual(second.checks["fritzbox"], [{"name": "office", "open_calls": 2}])
 

@@ -50,8 +50,11 @@ class MemorySpool:
         self.records.append((seq, payload))
         return defer.succeed(seq)
 
-    def pending(self) -> Deferred[list[tuple[int, bytes]]]:
-        return defer.succeed(list(self.records))
+    def pending(self, limit: int | None = None) -> Deferred[list[tuple[int, bytes]]]:
+        return defer.succeed(list(self.records)[:limit])
+
+    def sync_mark(self) -> Deferred[None]:
+        return defer.succeed(None)
 
     def replayed(self, up_to: int) -> Deferred[None]:
         self.records = [(s, p) for s, p in self.records if s > up_to]
@@ -256,7 +259,8 @@ class DurableServiceTests(SynchronousTestCase):
 
     def test_a_failed_replay_is_tried_again_at_the_next_tick(self) -> None:
         self.spool_one(1)
-        self.spool.pending = lambda: defer.fail(OSError("disk"))  # type: ignore[method-assign]
+        self.spool.pending = lambda limit=None: defer.fail(  # type: ignore[method-assign]
+            OSError("disk"))
         self.service.startService()
         self.prepared.callback(None)
         replayed = self.service.when_replayed()

@@ -2,11 +2,23 @@
 
 ``FritzBox`` joins the pure parts (parser, tracker) to the ingest entry point and keeps
 the box's status. Keeping it connected is ``fritzbox.service``'s work.
+
+The box's dates are believed within ``clock_tolerance_seconds`` of dpvoip's clock. The
+rule when they are not (written in docs/decisions.md, issue 14):
+
+* a line dated further than the tolerance from its arrival (a box just rebooted, a wrong
+  time zone, a forged line) is dated by its arrival, in the box's zone;
+* a CONNECT or DISCONNECT dated before the start of its call (the box's clock stepped
+  back) is dated by its arrival, and never before the call's start;
+
+each such line counts in ``dates_replaced`` and warns (a few warnings a minute at most).
+Bad lines, calls closed beyond the bound of open calls and happenings not recorded warn
+the same way (``core.log_budget``); the counters count every one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
@@ -18,18 +30,18 @@ from twisted.python.failure import Failure
 
 from dpvoip.calls.ingest import Origin
 from dpvoip.config import FritzBoxSettings
+from dpvoip.core.errors import summary
 from dpvoip.core.happenings import Happening
+from dpvoip.core.log_budget import LogBudget, more_like_this
 from dpvoip.core.numbers import Dialling, normalise
 from dpvoip.core.outcomes import Reason
 from dpvoip.deferreds import EmptyableSet
-from dpvoip.fritzbox.parser import BadLine, parse
+from dpvoip.fritzbox.parser import BadLine, Connect, Disconnect, Event, parse
 from dpvoip.fritzbox.tracker import BoxRules, CallTracker
 from dpvoip.protocols.callmonitor import CallMonitorProtocol
+from dpvoip.spool.durable import NotRecorded
 
 log = Logger(namespace="dpvoip.fritzbox")
-
-#: A box clock this far from ours is worth a warning (wrong zone, or just rebooted).
-CLOCK_SKEW_WARNING = 300.0
 
 
 class Recorder(Protocol):
@@ -55,6 +67,9 @@ class BoxStatus:
     bad_lines: int = 0
     long_lines: int = 0
     orphans_closed: int = 0
+    calls_evicted: int = 0  # closed as interrupted: more than max_open_calls were open
+    dates_replaced: int = 0  # lines dated by their arrival instead of the box's clock
+    not_recorded: int = 0  # happenings neither committed nor spooled (spool or disk full)
 
     def as_json(self, open_calls: int) -> dict[str, Any]:
         return {
@@ -63,7 +78,8 @@ class BoxStatus:
             "since": self.since.isoformat() if self.since else None,
             "last_line": self.last_line_at.isoformat() if self.last_line_at else None,
             "reconnects": self.reconnects, "lines": self.lines, "bad_lines": self.bad_lines,
-            "open_calls": open_calls,
+            "open_calls": open_calls, "calls_evicted": self.calls_evicted,
+            "dates_replaced": self.dates_replaced, "not_recorded": self.not_recorded,
         }
 
 
@@ -80,6 +96,7 @@ def rules_for(settings: FritzBoxSettings, own_numbers: frozenset[str]) -> BoxRul
         machine_extensions=frozenset(settings.answering_machine_extensions),
         blocked_within=settings.blocked_threshold_seconds,
         is_own_number=is_own,
+        max_open=settings.max_open_calls,
     )
 
 
@@ -107,6 +124,7 @@ class FritzBox:
         self.pending: EmptyableSet[Deferred[None]] = EmptyableSet()
         self.born = self._now()  # calls older than this are the last run's
         self.connection: CallMonitorProtocol | None = None
+        self.budget = LogBudget()  # warnings of one kind: a few a minute
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
@@ -124,8 +142,25 @@ class FritzBox:
             done.addBoth(settle)
 
     def _failed(self, failure: Failure, happening: Any) -> None:
-        log.failure("box {box}: could not record {what}", failure, box=self.settings.name,
-                    what=type(happening).__name__)
+        what = type(happening).__name__
+        if failure.check(NotRecorded):
+            self.status.not_recorded += 1
+            self._warn("not recorded", "box {box}: a {what} was not recorded ({error})",
+                       level="critical", what=what, error=summary(failure.getErrorMessage()))
+            return
+        write, held = self.budget.allow("record failed", self._clock.seconds())
+        if write:
+            log.failure("box {box}: could not record {what}{more}", failure,
+                        box=self.settings.name, what=what,
+                        more=more_like_this(held, self.budget.window))
+
+    def _warn(self, topic: str, text: str, level: str = "warn", **fields: Any) -> None:
+        """A line about ``topic``, a few a minute at most (with how many were held back)."""
+        write, held = self.budget.allow(topic, self._clock.seconds())
+        if write:
+            emit = log.critical if level == "critical" else log.warn
+            emit(text + "{more}", box=self.settings.name,
+                 more=more_like_this(held, self.budget.window), **fields)
 
     def settled(self) -> Deferred[None]:
         """Fires once no happening handed to the ingest is still being recorded."""
@@ -163,15 +198,38 @@ class FritzBox:
             event = parse(text)
         except BadLine as error:
             self.status.bad_lines += 1
-            log.warn("box {box}: skipped a bad line ({error}): {line!r}",
-                     box=self.settings.name, error=str(error), line=text[:120])
+            self._warn("bad line", "box {box}: skipped a bad line ({error}): {line!r}",
+                       error=str(error), line=text[:120])
             return
-        skew = abs(self.tracker.utc(event.at).timestamp() - self._clock.seconds())
-        if skew > CLOCK_SKEW_WARNING:
-            log.warn("box {box}: its clock is {minutes:.0f} min away from ours (time zone "
-                     "{zone}?)", box=self.settings.name, minutes=skew / 60,
-                     zone=self.settings.timezone)
-        self._submit(self.tracker.feed(event))
+        event = self._dated(event)
+        evicted = self.tracker.evicted
+        happenings = self.tracker.feed(event)
+        if self.tracker.evicted != evicted:
+            self.status.calls_evicted += self.tracker.evicted - evicted
+            self._warn("evicted", "box {box}: more than {limit} calls open at once; the "
+                       "oldest closed as interrupted", limit=self.rules.max_open)
+        self._submit(happenings)
+
+    def _dated(self, event: Event) -> Event:
+        """The event with the date the rule gives it (the module's docstring)."""
+        arrived = self._clock.seconds()
+        local = datetime.fromtimestamp(arrived, self.rules.zone).replace(tzinfo=None)
+        skew = self.tracker.utc(event.at).timestamp() - arrived
+        tolerance = self.settings.clock_tolerance_seconds
+        if tolerance and abs(skew) > tolerance:
+            self.status.dates_replaced += 1
+            self._warn("clock", "box {box}: its clock is {minutes:.0f} min away from ours "
+                       "(time zone {zone}?): the line is dated by its arrival",
+                       minutes=skew / 60, zone=self.settings.timezone)
+            event = replace(event, at=local)
+        if isinstance(event, Connect | Disconnect):
+            started = self.tracker.started_local(event.conn_id)
+            if started is not None and event.at < started:
+                self.status.dates_replaced += 1
+                self._warn("before start", "box {box}: a {kind} dated before its call "
+                           "started: dated by its arrival", kind=type(event).__name__.upper())
+                event = replace(event, at=max(local, started))
+        return event
 
     def line_too_long(self) -> None:
         self.status.long_lines += 1

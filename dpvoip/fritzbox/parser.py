@@ -8,6 +8,7 @@ the protocol can log, count and skip it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -60,6 +61,8 @@ class Disconnect:
 
 Event = Ring | Call | Connect | Disconnect
 
+#: C0 controls (NUL among them), DEL and C1 controls: never in a CallMonitor line.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _MINIMUM_FIELDS = {"RING": 5, "CALL": 6, "CONNECT": 5, "DISCONNECT": 4}
 
 
@@ -68,6 +71,13 @@ def parse(line: str) -> Event:
     text = line.strip()
     if not text:
         raise BadLine("empty line")
+    control = _CONTROL.search(text)
+    if control is not None:
+        # A NUL (or another control character) is no part of a CallMonitor line, and
+        # PostgreSQL cannot store a NUL: the line is refused here, whole, and the box's
+        # other lines go on (before, a RING holding one failed in the database).
+        raise BadLine(f"a control character {control.group()!r} at position "
+                      f"{control.start()}")
     fields = text.split(";")
     if text.endswith(";"):
         fields.pop()  # every line ends with ';': that is no empty last field

@@ -8,6 +8,11 @@ blocked, not reached, fax, interrupted; connection-id reuse, call waiting and pa
 calls (independent ids), a CALL on a ringing id (the box forwarding the call), a hairpin
 call to one of the office's own numbers, a RING or CALL on an id still open (a lost
 DISCONNECT), and CONNECT or DISCONNECT for an id it never saw start.
+
+Bounded: at most ``max_open`` calls are followed at once. A RING or CALL beyond that
+closes the oldest open call as interrupted (its DISCONNECT is taken as lost, as when its
+id is reused), counted in ``evicted``; so a box that sends RINGs with fresh ids without
+end cannot grow the tracker without end. Real boxes have a handful of lines.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class BoxRules:
     machine_extensions: frozenset[int] = frozenset({6, *range(40, 50)})
     blocked_within: float = 2.0
     is_own_number: Callable[[str], bool] = field(default=lambda number: False)
+    max_open: int = 64
 
 
 @dataclass
@@ -60,17 +66,43 @@ class _Open:
 class CallTracker:
     def __init__(self, rules: BoxRules) -> None:
         self.rules = rules
-        self._open: dict[int, _Open] = {}
+        self._open: dict[int, _Open] = {}  # in the order the calls started
         self._last_identity: dict[int, tuple[str, int]] = {}
+        self.evicted = 0  # calls closed because more than max_open were open
 
     def _identity(self, started: datetime, conn_id: int) -> str:
         """The call id; a second call on one id within one second (a blocked caller
         redialling) gets a suffix, the same one when the same lines are replayed."""
         identity = call_id(self.rules.name, started, conn_id)
-        last, repeats = self._last_identity.get(conn_id, ("", 0))
+        last, repeats = self._last_identity.pop(conn_id, ("", 0))
         repeats = repeats + 1 if last == identity else 0
-        self._last_identity[conn_id] = (identity, repeats)
+        self._last_identity[conn_id] = (identity, repeats)  # the newest last
+        if len(self._last_identity) > 2 * self.rules.max_open:
+            del self._last_identity[next(iter(self._last_identity))]  # bounded as well
         return f"{identity}-{repeats + 1}" if repeats else identity
+
+    @property
+    def remembered_ids(self) -> int:
+        """Connection ids whose last call id is kept (bounded like the open calls)."""
+        return len(self._last_identity)
+
+    def started_local(self, conn_id: int) -> datetime | None:
+        """When the call open on ``conn_id`` started, by the box's clock (None: none)."""
+        call = self._open.get(conn_id)
+        return call.started_local if call is not None else None
+
+    def _opening(self, conn_id: int, call: _Open, at: datetime) -> list[Happening]:
+        """Follow ``call`` on ``conn_id``; beyond ``max_open``, close the oldest first."""
+        closed: list[Happening] = []
+        while len(self._open) >= self.rules.max_open:
+            oldest = next(iter(self._open))
+            gone = self._open.pop(oldest)
+            self.evicted += 1
+            if gone.hairpin_of is None:
+                closed.append(Ended(gone.call_id, Outcome.INTERRUPTED, 0, at, gone.extension,
+                                    Detail(Reason.ID_REUSED)))
+        self._open[conn_id] = call
+        return closed
 
     @property
     def open_calls(self) -> int:
@@ -114,11 +146,12 @@ class CallTracker:
         if ring.caller and self.rules.is_own_number(ring.caller):
             leg = self._outgoing_to_own_number(ring.called)
             if leg is not None:
-                self._open[ring.conn_id] = _Open(leg.call_id, "incoming", ring.at,
-                                                 ring.caller, hairpin_of=leg.call_id)
+                happened += self._opening(ring.conn_id, _Open(
+                    leg.call_id, "incoming", ring.at, ring.caller, hairpin_of=leg.call_id), at)
                 return happened
         identity = self._identity(ring.at, ring.conn_id)
-        self._open[ring.conn_id] = _Open(identity, "incoming", ring.at, ring.caller)
+        happened += self._opening(ring.conn_id,
+                                  _Open(identity, "incoming", ring.at, ring.caller), at)
         happened.append(Started(identity, self.rules.name, ring.conn_id, "incoming",
                                 ring.caller, ring.called, ring.line, None, at))
         return happened
@@ -144,8 +177,8 @@ class CallTracker:
         happened = self._lost_disconnect(dialled.conn_id, at)
         identity = self._identity(dialled.at, dialled.conn_id)
         hairpin = bool(dialled.called) and self.rules.is_own_number(dialled.called)
-        self._open[dialled.conn_id] = _Open(identity, "outgoing", dialled.at, dialled.called,
-                                            extension=dialled.extension)
+        happened += self._opening(dialled.conn_id, _Open(
+            identity, "outgoing", dialled.at, dialled.called, extension=dialled.extension), at)
         happened.append(Started(identity, self.rules.name, dialled.conn_id, "outgoing",
                                 dialled.called, dialled.caller, dialled.line,
                                 dialled.extension, at, hairpin=hairpin))

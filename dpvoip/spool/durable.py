@@ -7,6 +7,21 @@ is spooled too, until the replay has emptied the spool: the events of a call the
 reach the database in the order they happened. Replay goes through the same ingest, which
 is replay-safe (the Zadarma journal and the call ids make a second delivery a no-op).
 An event that timed out may still commit later: its replay then changes nothing.
+
+The replay reads the spool in chunks and keeps up to ``window`` records in flight: the
+ingest runs the events of one call in the order they were handed to it, and they are
+handed over in the spool's order, so each call's events still reach the database in
+order while different calls commit side by side. A record of an event whose call this
+process never saw start (``Unmatched``: it looks for the call in the database) waits
+until everything before it is committed. The mark is written after each chunk, up to the
+last record before which everything is through. ``stop_replay`` (at SIGTERM) lets the
+records in flight finish, writes the mark and ends the replay, so that stopping does not
+wait for the whole spool and the next start does not apply again what was applied.
+
+A disk that refuses (full, over quota, failing) refuses the event like a full spool:
+``NotRecorded`` (a webhook's 503), never an error per request; the spool's state raises
+the alarm until a write succeeds again. Warnings of a flood are rate-limited
+(``core.log_budget``); the counters count every one.
 """
 
 from __future__ import annotations
@@ -26,11 +41,12 @@ from twisted.python.failure import Failure
 
 from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext, ZadarmaOutcome
 from dpvoip.core.errors import summary
-from dpvoip.core.happenings import Happening
+from dpvoip.core.happenings import Happening, Unmatched
+from dpvoip.core.log_budget import LogBudget, more_like_this
 from dpvoip.core.numbers import Dialling
 from dpvoip.core.outcomes import Reason
 from dpvoip.deferreds import OneShotObserver, shield, within
-from dpvoip.spool.journal import AsyncSpool, SpoolFull
+from dpvoip.spool.journal import AsyncSpool, SpoolFull, disk_error
 from dpvoip.spool.records import fritz_record, read_received, read_record, zadarma_record
 from dpvoip.store.database import Store, is_unavailable
 from dpvoip.store.migrations import SchemaReport
@@ -38,6 +54,11 @@ from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 
 log = Logger()
 T = TypeVar("T")
+
+#: Records read from the spool at a time (one mark written per chunk), and records of
+#: different calls being committed at once during a replay.
+REPLAY_CHUNK = 512
+REPLAY_WINDOW = 32
 
 
 def unavailable(error: BaseException) -> bool:
@@ -57,13 +78,16 @@ class DurableCounters:
     replayed: int = 0
     unreplayable: int = 0
     refused: int = 0  # spool full: not acknowledged (webhooks get 503; Zadarma retries)
+    disk_refused: int = 0  # of those, refused because the disk failed (full, EIO)
+    mark_failures: int = 0  # replay marks the disk refused (the replay went on)
 
 
 class DurableIngest:
     def __init__(self, ingest: Ingest, spool: AsyncSpool, store: Store,
                  schema: OneShotObserver[SchemaReport], clock: Any,
                  origins: Mapping[str, Origin], zadarma: Callable[[], ZadarmaContext],
-                 region: str, deadline: float = 2.0) -> None:
+                 region: str, deadline: float = 2.0, window: int = REPLAY_WINDOW,
+                 chunk: int = REPLAY_CHUNK, budget: LogBudget | None = None) -> None:
         self._ingest = ingest
         self._spool = spool
         self._store = store
@@ -77,11 +101,19 @@ class DurableIngest:
         self._appends = itertools.count()
         self._appended = 0
         self._replaying: OneShotObserver[bool] | None = None
+        self._window = max(1, window)
+        self._chunk = max(1, chunk)
+        self._stopping = False
+        self._budget = budget or LogBudget()
         self.counters = DurableCounters()
 
     @property
     def spooling(self) -> bool:
         return self._spooling
+
+    @property
+    def spool(self) -> AsyncSpool:
+        return self._spool
 
     # -- the entry points ------------------------------------------------------------------
 
@@ -133,11 +165,28 @@ class DurableIngest:
             await self._spool.append(record())
         except SpoolFull:
             self.counters.refused += 1
-            log.critical("the spool is full: an event could not be recorded (not "
-                         "acknowledged); free space or raise [spool] max_mb")
+            self._warn("spool full", "the spool is full: an event could not be recorded "
+                       "(not acknowledged); free space or raise [spool] max_mb")
             raise NotRecorded("the database is unavailable and the spool is full") from None
+        except OSError as error:
+            if not disk_error(error):
+                raise
+            self.counters.refused += 1
+            self.counters.disk_refused += 1
+            self._warn("spool disk", "the spool's disk refused an event ({error}): not "
+                       "recorded, not acknowledged; free space on the spool's filesystem",
+                       error=summary(error))
+            raise NotRecorded("the database is unavailable and the spool's disk refuses "
+                              "writes") from None
         self.counters.spooled += 1
         return result
+
+    def _warn(self, kind: str, text: str, **fields: Any) -> None:
+        """A critical line, at most a few of a kind per minute (the counters count all)."""
+        write, held = self._budget.allow(kind, self._clock.seconds())
+        if write:
+            log.critical(text + "{more}", more=more_like_this(held, self._budget.window),
+                         **fields)
 
     # -- replay ----------------------------------------------------------------------------
 
@@ -164,12 +213,18 @@ class DurableIngest:
             self._replaying = None
         run.fire(result)
 
+    def stop_replay(self) -> None:
+        """Let the records in flight finish, mark them, and replay nothing more (at stop)."""
+        self._stopping = True
+
     async def _replay(self) -> bool:
         if not self._schema.fired:
             return False
         while True:
+            if self._stopping:
+                return False
             seen = self._appended
-            pending = await self._spool.pending()
+            pending = await self._spool.pending(self._chunk)
             if not pending:
                 if seen == self._appended:
                     if self._spooling:
@@ -178,46 +233,117 @@ class DurableIngest:
                     return True
                 continue  # an event was spooled while we looked: read again
             self._spooling = True
-            done = 0
-            try:
-                for seq, payload in pending:
-                    try:
-                        await self._apply(payload)
-                    except Exception as error:
-                        if unavailable(error):
-                            raise
-                        # this record, every time: skipped, never a jam
-                        self.counters.unreplayable += 1
-                        log.error("spool record {seq} could not be applied and is skipped"
-                                  " ({error}): {payload}", seq=seq,
-                                  error=f"{type(error).__name__}: {error}"[:300],
-                                  payload=payload[:500].decode("utf-8", "replace"))
-                    else:
-                        self.counters.replayed += 1
-                    done = seq
-            except Exception as error:
-                if not unavailable(error):
-                    raise
+            done, paused = await self._replay_chunk(pending)
+            if done:
+                await self._mark(done)
+            if paused is not None:
                 log.info("replay paused: the database is unavailable ({error})",
-                         error=type(error).__name__)
+                         error=type(paused).__name__)
                 return False
-            finally:
-                if done:
-                    await self._spool.replayed(done)
 
-    async def _apply(self, payload: bytes) -> None:
-        source, what, box = read_record(payload)  # BadRecord: skipped by the caller
+    async def _replay_chunk(self, records: list[tuple[int, bytes]]
+                            ) -> tuple[int, BaseException | None]:
+        """Apply ``records`` with up to ``window`` in flight; (the last seq before which
+        every record is through, the outage that paused it or None)."""
+        settled: dict[int, bool] = {}  # seq -> through (applied or skipped as unreplayable)
+        in_flight: set[Deferred[None]] = set()
+        room: Deferred[None] | None = None
+        paused: list[BaseException] = []
+
+        def finished(_: object, running: Deferred[None]) -> None:
+            nonlocal room
+            in_flight.discard(running)
+            if room is not None and len(in_flight) < self._window:
+                waiting, room = room, None
+                waiting.callback(None)
+
+        async def wait_until(enough: Callable[[], bool]) -> None:
+            nonlocal room
+            while not enough():
+                room = Deferred()
+                await room
+
+        for seq, payload in records:
+            if self._stopping or paused:
+                break
+            try:
+                barrier, work = self._prepared(payload)
+            except Exception as error:
+                self._skip(seq, payload, error)
+                settled[seq] = True
+                continue
+            if barrier:  # it looks in the database for what came before it
+                await wait_until(lambda: not in_flight)
+                if paused or self._stopping:
+                    break
+            await wait_until(lambda: len(in_flight) < self._window)
+            if paused or self._stopping:
+                break
+            running = Deferred.fromCoroutine(self._one(seq, payload, work, settled, paused))
+            in_flight.add(running)
+            running.addBoth(finished, running)
+        await wait_until(lambda: not in_flight)
+        done = 0
+        for seq, _ in records:
+            if not settled.get(seq):
+                break
+            done = seq
+        return done, (paused[0] if paused else None)
+
+    async def _one(self, seq: int, payload: bytes, work: Callable[[], Deferred[Any]],
+                   settled: dict[int, bool], paused: list[BaseException]) -> None:
+        try:
+            await within(self._clock, work(), self._deadline * 5)
+        except Exception as error:
+            if unavailable(error):
+                paused.append(error)
+                settled[seq] = False
+                return
+            self._skip(seq, payload, error)  # this record, every time: never a jam
+        else:
+            self.counters.replayed += 1
+        settled[seq] = True
+
+    def _skip(self, seq: int, payload: bytes, error: BaseException) -> None:
+        self.counters.unreplayable += 1
+        log.error("spool record {seq} could not be applied and is skipped"
+                  " ({error}): {payload}", seq=seq,
+                  error=f"{type(error).__name__}: {error}"[:300],
+                  payload=payload[:500].decode("utf-8", "replace"))
+
+    async def _mark(self, done: int) -> None:
+        try:
+            await self._spool.replayed(done)
+        except OSError as error:
+            if not disk_error(error):
+                raise
+            # The spool keeps the mark in memory and writes it again later: the replay
+            # goes on without applying these records again.
+            self.counters.mark_failures += 1
+            self._warn("spool mark", "the spool's disk refused the replay mark ({error}); "
+                       "the replay goes on and the mark is written once there is space",
+                       error=summary(error))
+
+    def _prepared(self, payload: bytes) -> tuple[bool, Callable[[], Deferred[Any]]]:
+        """(whether it must wait for everything before it, what applies it). Raises for
+        a record this version cannot read (skipped by the caller)."""
+        source, what, box = read_record(payload)
         # As at its arrival (a record from before dpvoip kept it: as now, as it did then).
         received = read_received(payload)
         if source == "zadarma":
             event = parse_event(what)
-            if isinstance(event, ZadarmaEvent):
-                await within(self._clock, self._ingest.submit_zadarma(
-                    event, what, self._zadarma(), received), self._deadline * 5)
-            return
+            if not isinstance(event, ZadarmaEvent):
+                return False, lambda: succeed(None)
+            return False, lambda: self._ingest.submit_zadarma(event, what, self._zadarma(),
+                                                              received)
         origin = self._origins.get(box) or Origin(box, Dialling(self._region))
-        await within(self._clock, self._ingest.submit(what, origin, received),
-                     self._deadline * 5)
+        return isinstance(what, Unmatched), lambda: self._ingest.submit(what, origin,
+                                                                        received)
+
+    async def _apply(self, payload: bytes) -> None:
+        """Apply one record now (what the replay does for each, one at a time)."""
+        _, work = self._prepared(payload)
+        await within(self._clock, work(), self._deadline * 5)
 
 
 class DurableService(Service):
@@ -267,6 +393,8 @@ class DurableService(Service):
         """One tick of the replay loop: never waits (a replay under way is joined, not
         started twice), so the loop keeps its beat and stops at once."""
         self._watch_alarm()
+        if self._spool.state().mark_behind and self._durable.idle().called:
+            self._spool.sync_mark().addErrback(lambda _: None)  # next tick tries again
         if self._replayed.fired and not self._durable.spooling:
             return
         self._durable.replay().addBoth(self._replay_settled)
@@ -281,10 +409,15 @@ class DurableService(Service):
     def _watch_alarm(self) -> None:
         state = self._spool.state()
         if state.alarm and not self._alarmed:
-            log.critical("spool nearly full: {used} of {limit} bytes; the database has been "
-                         "unavailable for long", used=state.bytes, limit=state.limit)
+            if state.disk_error:
+                log.critical("the spool's disk refuses writes ({error}): events are refused "
+                             "while the database is unavailable; free space on the spool's "
+                             "filesystem", error=state.disk_error)
+            else:
+                log.critical("spool nearly full: {used} of {limit} bytes; the database has "
+                             "been unavailable for long", used=state.bytes, limit=state.limit)
         elif self._alarmed and not state.alarm:
-            log.info("spool below its alarm level again")
+            log.info("spool alarm over: below its alarm level, and its disk takes writes")
         self._alarmed = state.alarm
 
     def stopService(self) -> Deferred[None]:
@@ -294,5 +427,8 @@ class DurableService(Service):
     async def _stop(self) -> None:
         if self._replayer.running:
             await self._replayer.stopService()
-        await self._durable.idle()  # a replay in flight finishes first
+        # A replay under way lets its records in flight finish and marks them; the rest
+        # waits for the next start (stopping never waits for the whole spool).
+        self._durable.stop_replay()
+        await self._durable.idle()
         await self._spool.stop()

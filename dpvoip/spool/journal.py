@@ -57,9 +57,20 @@ Why these rules:
 * Compaction: ``replayed`` writes the mark first and only then removes the segment files
   that hold nothing pending (all of them once everything is replayed), so a crash between
   the two leaves old records that the mark already hides, removed at the next open.
+* A full disk (issue 14): a failed append is cut back as above, and a segment file left
+  empty by it is removed, so a full disk refusing event after event leaves no pile of
+  empty files. When the mark cannot be written, the replay goes on from the mark kept
+  in memory (nothing is applied twice in this run; after a restart at most the records
+  replayed since the last mark on disk are applied once more, which the ingest
+  tolerates), the fully replayed segment files are still removed (that frees the space
+  the mark needs; removing a replayed segment never loses an event), and the mark is
+  written again at the next ``replayed``, ``sync_mark`` or ``close``. ``state()`` tells
+  the last disk error until an operation succeeds again (the alarm is then on).
 
 ``Spool`` does blocking file I/O and is pure standard library; ``AsyncSpool`` is the
-reactor's face of it and runs every file operation in one dedicated thread.
+reactor's face of it and runs every file operation in one dedicated thread. Every call
+that writes goes through ``Spool.files`` (``FileOps``: the ``os`` functions by default), a
+seam where a test puts a disk that fails (``ENOSPC``, ``EIO``) without any privilege.
 """
 
 from __future__ import annotations
@@ -116,6 +127,39 @@ class SpoolClosed(SpoolError):
     """The spool is not open (not yet, no longer, or in use by another process)."""
 
 
+#: The errors of a disk that cannot take more now (full, over quota, failing): the event
+#: is refused (a webhook's 503), the spool tries again with the next one.
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+
+
+class FileOps:
+    """The file operations through which the spool writes: ``os``'s own. A test hands the
+    spool a subclass that fails like a full or broken disk."""
+
+    def open(self, path: str | Path, flags: int, mode: int = 0o777) -> int:
+        return os.open(path, flags, mode)
+
+    def write(self, fd: int, data: bytes) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def replace(self, source: str | Path, target: str | Path) -> None:
+        os.replace(source, target)
+
+    def unlink(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+
+def disk_error(error: BaseException) -> bool:
+    """Whether ``error`` is the disk refusing (full, quota, I/O error), not a bug."""
+    return isinstance(error, OSError) and error.errno in DISK_ERRORS
+
+
 @dataclass(frozen=True)
 class SpoolState:
     """What the alarm, the readiness probe and the metrics need, in one immutable value."""
@@ -127,6 +171,9 @@ class SpoolState:
     recovered_torn_bytes: int  # bytes of a torn tail cut off when the spool was opened
     appended_total: int  # since open
     replayed_total: int  # since open
+    disk_error: str = ""  # the last write's error while the disk refuses, else ""
+    disk_errors: int = 0  # failed disk operations since open
+    mark_behind: bool = False  # the mark on disk is older than the replay's progress
 
 
 @dataclass
@@ -154,15 +201,16 @@ def encode_record(seq: int, payload: bytes) -> bytes:
     return HEADER.pack(MAGIC, seq, len(payload), crc) + payload
 
 
-def decode_records(data: bytes, first_seq: int) -> tuple[list[tuple[int, bytes]], int]:
+def decode_records(data: bytes, first_seq: int,
+                   limit: int | None = None) -> tuple[list[tuple[int, bytes]], int]:
     """The intact records at the start of ``data`` (a segment whose first record is
-    ``first_seq``), and the number of bytes they take: everything from there on is torn or
-    corrupt."""
+    ``first_seq``; at most ``limit`` of them), and the number of bytes they take: without
+    a limit, everything from there on is torn or corrupt."""
     records: list[tuple[int, bytes]] = []
     view = memoryview(data)
     position = 0
     expected = first_seq
-    while len(data) - position >= HEADER.size:
+    while len(data) - position >= HEADER.size and (limit is None or len(records) < limit):
         magic, seq, length, crc = HEADER.unpack_from(data, position)
         end = position + HEADER.size + length
         if magic != MAGIC or seq != expected or length > MAX_PAYLOAD or end > len(data):
@@ -199,7 +247,8 @@ class Spool:
     """
 
     def __init__(self, folder: Path, max_bytes: int = 64 * 1024 * 1024,
-                 alarm_ratio: float = 0.8, segment_bytes: int = SEGMENT_BYTES) -> None:
+                 alarm_ratio: float = 0.8, segment_bytes: int = SEGMENT_BYTES,
+                 files: FileOps | None = None) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
         if not 0.0 < alarm_ratio <= 1.0:
@@ -210,7 +259,12 @@ class Spool:
         self.max_bytes = max_bytes
         self.alarm_ratio = alarm_ratio
         self.segment_bytes = segment_bytes
+        self.files = files or FileOps()  # the seam for a failing disk
         self.fsyncs = 0
+        self._disk_error = ""
+        self._disk_errors = 0
+        self._mark_behind = False
+        self._cursor: tuple[int, int, int] | None = None  # (next seq, segment first, offset)
         self._open = False
         self._lock_fd: int | None = None
         self._fd: int | None = None  # the segment being appended to, O_APPEND
@@ -248,6 +302,7 @@ class Spool:
         self._open = True
         self._appended_total = 0
         self._replayed_total = 0
+        self._disk_errors = 0
 
     def _recover(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -292,9 +347,9 @@ class Spool:
 
     def _cut(self, path: Path, size: int) -> None:
         """Cut a torn tail off for good, so that later appends do not land behind it."""
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = self.files.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            os.ftruncate(fd, size)
+            self.files.ftruncate(fd, size)
             self._fsync(fd)
         finally:
             os.close(fd)
@@ -302,6 +357,9 @@ class Spool:
     def close(self) -> None:
         if not self._open:
             return
+        if self._mark_behind:
+            with contextlib.suppress(OSError):
+                self.sync_mark()
         self._close_segment()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
@@ -331,17 +389,19 @@ class Spool:
         if self._bytes() + len(data) > self.max_bytes:
             raise SpoolFull(f"{len(data)} more bytes would exceed the spool's limit of "
                             f"{self.max_bytes} ({self._bytes()} in use)")
-        segment: _Segment | None = None
         try:
             segment, fd = self._writable_segment()
             written = 0
             while written < len(data):  # one write, unless the kernel writes it short
-                written += os.write(fd, data[written:])
+                written += self.files.write(fd, data[written:])
             self._fsync(fd)
-        except BaseException:
+        except BaseException as error:
             self._next_seq = first + len(blobs)  # possibly on disk: never reuse them
-            self._abandon_segment(segment)
+            self._abandon_segment()
+            if isinstance(error, OSError):
+                self._disk_failed(error)
             raise
+        self._disk_error = ""
         segment.size += len(data)
         segment.last = first + len(blobs) - 1
         self._next_seq = first + len(blobs)
@@ -355,26 +415,40 @@ class Spool:
         if (last is not None and last.size < self.segment_bytes
                 and last.last + 1 == self._next_seq):
             if self._fd is None:
-                self._fd = os.open(last.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                self._fd = self.files.open(last.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
             return last, self._fd
         self._close_segment()
         path = self.folder / segment_name(self._next_seq)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
-                           | os.O_CLOEXEC, 0o600)
+        self._fd = self.files.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
+                                   | os.O_CLOEXEC, 0o600)
         segment = _Segment(self._next_seq, path, 0, self._next_seq - 1)
         self._segments.append(segment)
         self._fsync_folder()  # the new file's name must survive a crash too
         return segment, self._fd
 
-    def _abandon_segment(self, segment: _Segment | None) -> None:
-        """After a failed write or fsync: cut the segment back to what is known to be good
-        (if the disk lets us) and never write to it again."""
-        if segment is not None and self._fd is not None:
+    def _abandon_segment(self) -> None:
+        """After a failed write or fsync: cut the segment being appended to back to what
+        is known to be good (if the disk lets us), close it and never write to it again
+        (the caller skips the batch's numbers). A segment left empty is removed, so that
+        a full disk refusing event after event does not leave an empty file per attempt
+        (nothing in it was acknowledged)."""
+        last = self._segments[-1] if self._segments else None
+        if last is not None and self._fd is not None:
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, segment.size)
+                self.files.ftruncate(self._fd, last.size)
                 self._fsync(self._fd)
         with contextlib.suppress(OSError):
             self._close_segment()
+        if last is not None and last.size == 0:
+            with contextlib.suppress(OSError):
+                self.files.unlink(last.path)
+                self._segments.remove(last)
+                self._fsync_folder()
+
+    def _disk_failed(self, error: OSError) -> None:
+        self._disk_errors += 1
+        name = errno.errorcode.get(error.errno or 0, "error")
+        self._disk_error = f"{name}: {error.strerror or error}"
 
     def _close_segment(self) -> None:
         if self._fd is not None:
@@ -383,21 +457,38 @@ class Spool:
 
     # -- reading and replay ------------------------------------------------------------
 
-    def pending(self) -> list[tuple[int, bytes]]:
-        """``(seq, payload)`` of every record not yet replayed, in order, read from disk
-        and checked again."""
+    def pending(self, limit: int | None = None) -> list[tuple[int, bytes]]:
+        """``(seq, payload)`` of the records not yet replayed (the first ``limit`` of them),
+        in order, read from disk and checked again. A read that goes on where the last
+        one stopped (the replay's next chunk) starts at that place in its segment instead
+        of at the segment's start."""
         self._check_open()
         found: list[tuple[int, bytes]] = []
         for segment in self._segments:
             if segment.last <= self._replayed_up_to:
                 continue
+            wanted = None if limit is None else limit - len(found)
+            if wanted is not None and wanted <= 0:
+                break
+            seq, offset = segment.first, 0
+            cursor = self._cursor
+            if (cursor is not None and cursor[1] == segment.first
+                    and segment.first <= cursor[0] <= self._replayed_up_to + 1):
+                seq, offset = cursor[0], cursor[2]
             with segment.path.open("rb") as file:
-                data = file.read(segment.size)
-            records, good = decode_records(data, segment.first)
-            if good != segment.size:
+                file.seek(offset)
+                data = file.read(segment.size - offset)
+            cap = None if wanted is None else wanted + max(0, self._replayed_up_to + 1 - seq)
+            records, good = decode_records(data, seq, limit=cap)
+            read_up_to = records[-1][0] if records else seq - 1
+            cut_short = cap is not None and len(records) == cap
+            if ((read_up_to != segment.last and not cut_short)
+                    or (read_up_to == segment.last and offset + good != segment.size)):
                 raise SpoolCorrupt(f"{segment.path.name} changed after it was checked")
+            if records:
+                self._cursor = (records[-1][0] + 1, segment.first, offset + good)
             found.extend(r for r in records if r[0] > self._replayed_up_to)
-        return found
+        return found if limit is None else found[:limit]
 
     def replayed(self, up_to: int) -> None:
         """Durably mark every record up to ``up_to`` as done, then compact."""
@@ -406,27 +497,59 @@ class Spool:
             raise ValueError(f"cannot mark {up_to} replayed: nothing past "
                              f"{self._next_seq - 1} was appended")
         if up_to <= self._replayed_up_to:
+            if self._mark_behind:
+                self.sync_mark()
             return
         before = self._pending_count()
-        self._write_mark(up_to, self._next_seq)
+        try:
+            self._write_mark(up_to, self._next_seq)
+        except OSError as error:
+            # The disk refuses the mark: the replay goes on from the mark kept here (never
+            # the same records twice in this run), and what is replayed is still removed,
+            # which frees the space the mark needs. The caller hears of it (a warning);
+            # the mark is written again at the next call.
+            self._disk_failed(error)
+            self._replayed_up_to = up_to
+            self._mark_behind = True
+            self._replayed_total += before - self._pending_count()
+            self._compact()
+            raise
         self._replayed_total += before - self._pending_count()
         self._compact()
 
+    def sync_mark(self) -> None:
+        """Write the mark when it is behind the replay's progress (after a full disk)."""
+        self._check_open()
+        if self._mark_behind:
+            try:
+                self._write_mark(self._replayed_up_to, self._next_seq)
+            except OSError as error:
+                self._disk_failed(error)
+                raise
+
     def _write_mark(self, replayed_up_to: int, next_seq: int) -> None:
         temp = self.folder / MARK_TEMP
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            data = encode_mark(replayed_up_to, next_seq)
-            written = 0
-            while written < len(data):
-                written += os.write(fd, data[written:])
-            self._fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, self.folder / MARK_NAME)
-        self._fsync_folder()  # the new mark must be durable before any segment goes
+            fd = self.files.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                 0o600)
+            try:
+                data = encode_mark(replayed_up_to, next_seq)
+                written = 0
+                while written < len(data):
+                    written += self.files.write(fd, data[written:])
+                self._fsync(fd)
+            finally:
+                os.close(fd)
+            self.files.replace(temp, self.folder / MARK_NAME)
+            self._fsync_folder()  # the new mark must be durable before any segment goes
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.files.unlink(temp)  # a half-written temporary mark takes space too
+            raise
         self._mark = (replayed_up_to, next_seq)
         self._replayed_up_to = replayed_up_to
+        self._mark_behind = False
+        self._disk_error = ""
 
     def _compact(self) -> None:
         """Remove the segment files that hold nothing pending: all of them once everything
@@ -440,15 +563,24 @@ class Spool:
             if self._mark != (self._next_seq - 1, self._next_seq):
                 # The mark on disk must carry the next seq before the segments that show it
                 # go (it is stale after skipped seqs or an empty segment left by a crash).
-                self._write_mark(self._next_seq - 1, self._next_seq)
+                try:
+                    self._write_mark(self._next_seq - 1, self._next_seq)
+                except OSError as error:
+                    # A full disk: the segments go all the same (everything in them is
+                    # replayed; their space is what the mark needs). A restart then
+                    # numbers from the old mark's next seq, which no file holds any more.
+                    self._disk_failed(error)
+                    self._replayed_up_to = self._next_seq - 1
+                    self._mark_behind = True
         else:
             doomed = [s for s in self._segments[:-1] if s.last <= self._replayed_up_to]
         if not doomed:
             return
         for segment in doomed:
-            segment.path.unlink(missing_ok=True)
+            self.files.unlink(segment.path)
             self._segments.remove(segment)
-        self._fsync_folder()
+        with contextlib.suppress(OSError):
+            self._fsync_folder()
 
     # -- state -------------------------------------------------------------------------
 
@@ -458,10 +590,13 @@ class Spool:
             pending=self._pending_count(),
             bytes=used,
             limit=self.max_bytes,
-            alarm=used >= self.alarm_ratio * self.max_bytes,
+            alarm=used >= self.alarm_ratio * self.max_bytes or bool(self._disk_error),
             recovered_torn_bytes=self._recovered_torn_bytes,
             appended_total=self._appended_total,
             replayed_total=self._replayed_total,
+            disk_error=self._disk_error,
+            disk_errors=self._disk_errors,
+            mark_behind=self._mark_behind,
         )
 
     def _pending_count(self) -> int:
@@ -477,10 +612,10 @@ class Spool:
 
     def _fsync(self, fd: int) -> None:
         self.fsyncs += 1
-        os.fsync(fd)
+        self.files.fsync(fd)
 
     def _fsync_folder(self) -> None:
-        fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = self.files.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             self._fsync(fd)
         finally:
@@ -569,11 +704,19 @@ class AsyncSpool:
         self._schedule()
         return done
 
+    @property
+    def spool(self) -> Spool:
+        """The spool this drives (its ``files`` is the seam for a failing disk)."""
+        return self._spool
+
     def replayed(self, up_to: int) -> Deferred[None]:
         return self._submit(lambda: self._spool.replayed(up_to))
 
-    def pending(self) -> Deferred[list[tuple[int, bytes]]]:
-        return self._submit(self._spool.pending)
+    def sync_mark(self) -> Deferred[None]:
+        return self._submit(self._spool.sync_mark)
+
+    def pending(self, limit: int | None = None) -> Deferred[list[tuple[int, bytes]]]:
+        return self._submit(lambda: self._spool.pending(limit))
 
     def state(self) -> SpoolState:
         """The state after the last finished operation: cheap, no I/O."""

@@ -1,0 +1,193 @@
+"""bench/replay: how fast the spool drains into PostgreSQL, beside the direct path.
+
+    .venv/bin/python -m bench.replay                  # 6,000 events, 10,000-entry directory
+    .venv/bin/python -m bench.replay --events 20000 --arrival 0.5
+
+Against a private PostgreSQL with the 2025-12 CRM's tables, through the daemon's own
+ingest and spool (a real spool folder, fsynced), with Fritz!Box happenings (each call a
+Started and an Ended, a missed call of a directory number, so a ticket too):
+
+- direct: the events submitted straight to the ingest, 32 at a time (what the direct
+  path sustains: the arrival rate the replay must beat), events/s;
+- drain: the same number of events spooled first, then replayed, with one record in
+  flight (the replay before issue 14) and with the replay's window (32), events/s;
+- drain under arrival: a spool of ``--events`` replayed while new events arrive through
+  the durable entry point at ``--arrival`` times the direct rate; how long until new
+  events go straight to the database again, and the drain's net rate.
+
+Each figure is the median of ``--runs`` runs, with the ratio to the direct rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bench.directory import crm_database, rss_kib, sample_numbers, settle
+
+
+def happenings(count: int, numbers: list[str], offset: int) -> list[Any]:
+    """``count`` events: Started, then Ended, of count/2 missed calls, interleaved by
+    two (a call's end comes after the next call's start)."""
+    from dpvoip.core.happenings import Ended, Started
+    from dpvoip.core.outcomes import Outcome
+
+    base = datetime(2026, 1, 15, 8, 0, tzinfo=UTC)
+    events: list[Any] = []
+    pending_end: Any = None
+    for n in range(offset, offset + count // 2):
+        at = base + timedelta(seconds=n)
+        call = f"fb-bench-{n}"
+        events.append(Started(call, "bench", n % 40, "incoming", random.choice(numbers),
+                              "2107654321", "SIP0", None, at))
+        if pending_end is not None:
+            events.append(pending_end)
+        pending_end = Ended(call, Outcome.MISSED, 0, at + timedelta(seconds=20), None)
+    events.append(pending_end)
+    return events
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=6000)
+    parser.add_argument("--entries", type=int, default=10_000)
+    parser.add_argument("--arrival", type=float, default=0.5,
+                        help="arrival rate during the drain, as a share of the direct rate")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--window", type=int, default=32)
+    options = parser.parse_args()
+
+    from twisted.internet import defer, task, threads
+
+    from dpvoip.calls.ingest import Ingest, Origin
+    from dpvoip.config import DatabaseSettings, TicketSettings
+    from dpvoip.core.numbers import Dialling
+    from dpvoip.core.texts import Texts
+    from dpvoip.deferreds import OneShotObserver
+    from dpvoip.spool.durable import DurableIngest
+    from dpvoip.spool.journal import AsyncSpool, Spool
+    from dpvoip.spool.records import fritz_record
+    from dpvoip.store.database import Store
+    from dpvoip.store.directory import DirectoryIndex
+    from dpvoip.store.dsn import connection_dsn
+    from dpvoip.store.migrations import SchemaReport, prepare
+    from dpvoip.store.pool import HealingPool
+
+    figures: dict[str, list[float]] = {}
+
+    def note(name: str, value: float) -> None:
+        figures.setdefault(name, []).append(value)
+
+    with crm_database(options.entries) as (dsn, _):
+        async def run(reactor: Any) -> None:
+            from zoneinfo import ZoneInfo
+
+            pool = HealingPool(reactor, connection_dsn(dsn, DatabaseSettings()), 4)
+            await pool.start()
+            store = Store(pool, reactor)
+            schema: OneShotObserver[SchemaReport] = OneShotObserver()
+            schema.fire(await store.write(
+                lambda c: prepare(c, standalone=False, crm_schema="public")))
+            index = DirectoryIndex(store, "public", Dialling("GR"))
+            await index.build()
+            await threads.deferToThread(settle, dsn)
+            numbers = [n[3:] if n.startswith("+30") else n
+                       for n in sample_numbers(dsn, 2000)]
+            ingest = Ingest(store, index, Texts("en"), TicketSettings(),
+                            ZoneInfo("Europe/Athens"), schema, reactor)
+            origin = Origin("bench", Dialling("GR"))
+            offset = 0
+
+            def fresh(count: int) -> list[Any]:
+                nonlocal offset
+                events = happenings(count, numbers, offset)
+                offset += count
+                return events
+
+            async def direct(events: list[Any], window: int = 32) -> float:
+                began = time.perf_counter()
+                flying: set[defer.Deferred[None]] = set()
+
+                def landed(_: object, done: defer.Deferred[None]) -> None:
+                    flying.discard(done)
+
+                for event in events:
+                    while len(flying) >= window:
+                        await defer.DeferredList(list(flying), fireOnOneCallback=True)
+                    done = ingest.submit(event, origin)
+                    flying.add(done)
+                    done.addBoth(landed, done)
+                await defer.DeferredList(list(flying))
+                return len(events) / (time.perf_counter() - began)
+
+            async def spooled(events: list[Any], window: int) -> tuple[Any, Any, Path]:
+                folder = Path(tempfile.mkdtemp(prefix="dpvoip-bench-spool-"))
+                spool = AsyncSpool(Spool(folder, max_bytes=256 * 1024 * 1024), reactor)
+                await spool.start()
+                for start in range(0, len(events), 500):
+                    await defer.gatherResults([
+                        spool.append(fritz_record(e, "bench", e.at))
+                        for e in events[start:start + 500]])
+                durable = DurableIngest(ingest, spool, store, schema, reactor,
+                                        {"bench": origin}, lambda: None, "GR",  # type: ignore[arg-type, return-value]
+                                        deadline=5.0, window=window)
+                return durable, spool, folder
+
+            await direct(fresh(400))  # warm up: each connection plans its statements
+            for _ in range(options.runs):
+                rate = await direct(fresh(options.events))
+                note("direct events/s", rate)
+                for window in (1, options.window):
+                    durable, spool, folder = await spooled(fresh(options.events), window)
+                    began = time.perf_counter()
+                    assert await durable.replay()
+                    note(f"drain window {window} events/s",
+                         options.events / (time.perf_counter() - began))
+                    await spool.stop()
+                    shutil.rmtree(folder, ignore_errors=True)
+
+                # Draining while events keep arriving at a share of the direct rate.
+                durable, spool, folder = await spooled(fresh(options.events), options.window)
+                arrival = rate * options.arrival
+                arriving = fresh(int(arrival * 120))
+                sent = 0
+                began = time.perf_counter()
+                rss = rss_kib()
+                replay = durable.replay()
+                while not replay.called and sent < len(arriving):
+                    due = int((time.perf_counter() - began) * arrival)
+                    while sent < min(due, len(arriving)):
+                        durable.submit(arriving[sent], origin)
+                        sent += 1
+                    await task.deferLater(reactor, 0.01, lambda: None)
+                assert await replay
+                took = time.perf_counter() - began
+                note("drain under arrival: seconds until direct again", took)
+                note("drain under arrival: net events/s", (options.events + sent) / took)
+                note("drain under arrival: RSS growth KiB", rss_kib() - rss)
+                await durable.idle()
+                await spool.stop()
+                shutil.rmtree(folder, ignore_errors=True)
+            direct_rate = statistics.median(figures["direct events/s"])
+            print(f"bench.replay: {options.events} events a run, {options.runs} runs, "
+                  f"window {options.window}, directory {index.state.entries} entries "
+                  f"(medians; ratio to the direct rate)")
+            for name, values in figures.items():
+                value = statistics.median(values)
+                ratio = (f"  ({value / direct_rate:.2f} x direct)"
+                         if name.endswith("events/s") else "")
+                print(f"  {name:<50} {value:>10.1f}{ratio}")
+            pool.close()
+
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
