@@ -90,7 +90,7 @@ class LegacyMonitorResource:
     def render(self, request: IRequest) -> Any:
         gone: list[bool] = []
         finished: Deferred[None] = request.notifyFinish()  # type: ignore[attr-defined]
-        finished.addBoth(gone.append)  # finished, or the client hung up
+        finished.addBoth(lambda _: gone.append(True))  # finished, or the client hung up
         d = Deferred.fromCoroutine(self._handle(request))
         d.addCallbacks(lambda answer: self._write(request, gone, *answer),
                        lambda failure: self._failed(request, gone, failure))
