@@ -330,6 +330,10 @@ class LegacyMonitorService(Service):
         self._timer = TimerService(interval, self._tick)
         self._timer.clock = clock
 
+    @property
+    def monitor(self) -> LegacyMonitor:
+        return self._monitor
+
     def startService(self) -> Deferred[None]:
         super().startService()
         if self._monitor.problem:

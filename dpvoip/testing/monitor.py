@@ -109,13 +109,13 @@ class FakeMonitor:
             return when.astimezone(UTC).isoformat()
         return when.replace(tzinfo=None).isoformat()
 
-    def headers(self) -> dict[str, list[str]]:
+    def headers(self) -> dict[Any, Any]:
         auth = ({"X-API-Key": [self.token]} if self.contract == "rest"
                 else {"Authorization": [f"Bearer {self.token}"]})
         return {"Content-Type": ["application/json"], **auth}
 
     async def send(self, method: str, path: str, body: Any,
-                   headers: dict[str, list[str]] | None = None,
+                   headers: dict[Any, Any] | None = None,
                    raw: bytes | None = None) -> Exchange:
         url = self.base + self.prefix + path
         data = raw if raw is not None else json.dumps(body).encode()
