@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -35,6 +36,7 @@ from dpvoip.legacy_monitor.contracts import (
     update_request,
     webhook_request,
 )
+from dpvoip.legacy_monitor.service import LegacyMonitor, check_lines, write_state
 from dpvoip.service import Daemon, build
 from dpvoip.spool.records import fritz_record, read_record
 from dpvoip.testing.monitor import FakeMonitor
@@ -155,6 +157,14 @@ class ContractTests(SynchronousTestCase):
         self.assertNotIn(b"row_id", record)  # a box's record exactly as before
         old = json.loads(record)
         self.assertEqual(read_record(json.dumps(old).encode())[1], boxes)
+
+
+def monitor_of(daemon: Daemon) -> LegacyMonitor:
+    for service in daemon.service:
+        if service.name == "legacy-monitor":
+            found: LegacyMonitor = service.monitor
+            return found
+    raise AssertionError("no legacy-monitor service")
 
 
 class MonitorCase(TestCase):
@@ -379,6 +389,15 @@ class Refusals(MonitorCase):
             self.assertIn('dpvoip_legacy_monitor_refused_total{reason="invalid"}', text)
             self.assertIn('dpvoip_legacy_monitor_refused_total{reason="not_found"} 3.0', text)
             self.assertIn("dpvoip_legacy_monitor_token_usable 1.0", text)
+            # and in `dpvoip check`: what the daemon writes to its state folder
+            state = self.mktemp() + ".json"
+            write_state(Path(state), {"counters": asdict(monitor_of(self.daemon).counters),
+                                      "reserved_ids": 3})
+            lines = await check_lines(TOKEN, Path(state), self.daemon.store)
+            (line,) = lines
+            self.assertTrue(line.startswith("old monitor endpoints: token set; "), line)
+            self.assertIn("refused: invalid ", line)
+            self.assertIn("not_found 3, unauthorized 6; 0 calls recorded", line)
 
         return defer.Deferred.fromCoroutine(run())
 

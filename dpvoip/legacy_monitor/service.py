@@ -51,7 +51,7 @@ from dpvoip.legacy_monitor.contracts import (
 )
 from dpvoip.spool.durable import NotRecorded, unavailable
 from dpvoip.spool.records import BadRecord, read_record
-from dpvoip.store.legacy_monitor import SOURCE, LegacyMonitorRows
+from dpvoip.store.legacy_monitor import SOURCE, LegacyMonitorRows, recorded_calls
 
 log = Logger(namespace="dpvoip.legacy_monitor")
 T = TypeVar("T")
@@ -389,3 +389,23 @@ def read_state(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+async def check_lines(token: str, state_file: Path, store: Any) -> list[str]:
+    """What ``dpvoip check`` says of the old monitor's endpoints, in one line: the token,
+    the daemon's last counters (requests, refusals by reason), the calls recorded."""
+    problem = token_problem(token)
+    parts = [f"REFUSE every request ({problem})" if problem else "token set"]
+    state = read_state(state_file)
+    if state is None:
+        parts.append("no counters written yet")
+    else:
+        counters = state.get("counters", {})
+        refused = counters.get("refused", {})
+        shown = ", ".join(f"{k} {v}" for k, v in sorted(refused.items())) or "none"
+        parts.append(f"{counters.get('requests', 0)} requests, {counters.get('created', 0)}"
+                     f" created, {counters.get('updated', 0)} updated, refused: {shown}")
+    count, last = await recorded_calls(store)
+    parts.append(f"{count} calls recorded"
+                 + (f", the last started {last:%Y-%m-%d %H:%M:%S %Z}" if last else ""))
+    return ["old monitor endpoints: " + "; ".join(parts)]
