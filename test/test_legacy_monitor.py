@@ -390,7 +390,7 @@ class Refusals(MonitorCase):
             self.assertIn('dpvoip_legacy_monitor_refused_total{reason="not_found"} 3.0', text)
             self.assertIn("dpvoip_legacy_monitor_token_usable 1.0", text)
             # and in `dpvoip check`: what the daemon writes to its state folder
-            state = self.mktemp() + ".json"
+            state = str(scratch(self) / "legacy_monitor.json")
             write_state(Path(state), {"counters": asdict(monitor_of(self.daemon).counters),
                                       "reserved_ids": 3})
             lines = await check_lines(TOKEN, Path(state), self.daemon.store)
