@@ -221,6 +221,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         for box in config.fritzbox:
             print(f"Fritz!Box {box.name} ({box.host}:{box.port}): "
                   + _box_line(reports.get(box.name)))
+        if version >= 3:  # the old monitor's endpoints (issue 15)
+            from dpvoip.legacy_monitor.service import LEGACY_STATE, check_lines
+            for line in await check_lines(config.legacy_monitor.token.reveal(),
+                                          config.state_path(Path.cwd()) / LEGACY_STATE, store):
+                print(line)
         blocking = problems and not (config.standalone and not present)
         return 1 if blocking else 0
 

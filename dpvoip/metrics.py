@@ -144,8 +144,10 @@ def exposition(own: CollectorRegistry) -> bytes:
 class DaemonMetrics:
     """The ``/metrics`` page: the daemon's own registry, rendered at each scrape."""
 
-    def __init__(self, sources: Sources) -> None:
+    def __init__(self, sources: Sources, *more: Collector) -> None:
         self._registry = registry(sources)
+        for collector in more:  # a part's own figures (the old monitor's endpoints)
+            self._registry.register(collector)
 
     def exposition(self) -> bytes:
         return exposition(self._registry)

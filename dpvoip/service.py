@@ -36,6 +36,13 @@ from dpvoip.crm.redis_sessions import parse_redis_url
 from dpvoip.deferreds import OneShotObserver
 from dpvoip.fritzbox.box import FritzBox, origin_of
 from dpvoip.fritzbox.service import BoxStatusReporter, FritzBoxService, retry_policy
+from dpvoip.legacy_monitor.service import (
+    LEGACY_STATE,
+    LegacyMonitor,
+    LegacyMonitorCollector,
+    LegacyMonitorService,
+    monitor_origin,
+)
 from dpvoip.readiness import ReadinessReport
 from dpvoip.services import (
     DatabaseService,
@@ -53,11 +60,14 @@ from dpvoip.store.database import Store
 from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.dsn import connection_dsn
 from dpvoip.store.embedded import EmbeddedPostgres
+from dpvoip.store.legacy_monitor import SOURCE as LEGACY_SOURCE
+from dpvoip.store.legacy_monitor import LegacyMonitorRows
 from dpvoip.store.migrations import SchemaReport
 from dpvoip.store.pool import HealingPool
 from dpvoip.store.session_cache import RedisSessionCache, RedisSessionService
 from dpvoip.web.app import WebApp
 from dpvoip.web.callback import CallbackPages
+from dpvoip.web.legacy_monitor import LegacyMonitorResource
 from dpvoip.web.server import DpvoipSite, WebService
 from dpvoip.web.sources import networks
 from dpvoip.web.zadarma import CurrentZadarmaContext, ZadarmaWebhook
@@ -168,11 +178,17 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     ))
     own = frozenset(index.own_numbers)
     origins = {box.name: origin_of(box, own) for box in config.fritzbox}
+    origins[LEGACY_SOURCE] = monitor_origin(region)  # the old monitor's calls (issue 15)
     durable = DurableIngest(ingest, spool, store, schema, reactor, origins,
                             zadarma_context.current, config.directory.region,
                             deadline=config.spool.deadline_seconds)
     spooler = DurableService(durable, spool, reactor, database.when_prepared)
     spooler.setServiceParent(top)
+    legacy = LegacyMonitor(config.legacy_monitor.token.reveal(), office_zone, region, own,
+                           durable, LegacyMonitorRows(store, config.database.crm_schema),
+                           reactor, lambda: schema.fired, deadline=config.spool.deadline_seconds)
+    LegacyMonitorService(legacy, spool, database.when_prepared, reactor,
+                         config.state_path(base) / LEGACY_STATE).setServiceParent(top)
 
     # -- the Fritz!Boxes -------------------------------------------------------------------
     boxes: list[FritzBox] = []
@@ -234,13 +250,14 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     own_metrics = metrics.DaemonMetrics(metrics.Sources(
         spool=spool, durable=durable, ingest=ingest, webhook=zadarma, boxes=boxes,
         directory=index,
-    ))
+    ), LegacyMonitorCollector(legacy))
     limits: list[DpvoipSite] = []  # the site, once built: its connection figures
 
     def exposition() -> bytes:
         return own_metrics.exposition() + b"".join(s.limits.metrics() for s in limits)
 
-    app = WebApp(readiness, __version__, zadarma, callback, exposition)
+    app = WebApp(readiness, __version__, zadarma, callback, exposition,
+                 legacy_monitor=LegacyMonitorResource(legacy))
     site = DpvoipSite(app.resource(), config.web, reactor,
                       proxies=networks(config.web.trusted_proxies),
                       reserved=networks(config.zadarma.allowed_networks))

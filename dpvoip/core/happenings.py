@@ -25,6 +25,7 @@ class Started:
     extension: int | None  # the extension that dialled (outgoing)
     at: datetime  # UTC
     hairpin: bool = False
+    row_id: int | None = None  # the CRM row's id when reserved before (the old monitor's)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,9 @@ _KINDS: dict[str, type[Any]] = {
     cls.__name__: cls for cls in (Started, Answered, Forwarded, Ended, Unmatched)
 }
 _TIMES = frozenset({"at", "local_at"})
+#: Fields written only when set (a ``Started``'s reserved ``row_id``, the old monitor's);
+#: a record without one reads as None.
+_OPTIONAL = frozenset({"row_id"})
 #: The details the versions before the structured ``Ended`` wrote into its notes, after
 #: the outcome and ": " (``interrupted: monitor connection lost``).
 _LEGACY_DETAILS = {
@@ -46,6 +49,8 @@ def fritz_record(happening: Happening, box: str, received: datetime | None = Non
     values: dict[str, Any] = {}
     for spec in fields(happening):
         value = getattr(happening, spec.name)
+        if spec.name in _OPTIONAL and value is None:
+            continue  # a box's record as before: an older version still reads it
         if isinstance(value, datetime):
             value = value.isoformat()
         elif isinstance(value, Outcome):

@@ -219,11 +219,15 @@ class CallStatements:
         the same row); False when the call was there already."""
         client = match.client if match else None
         person = match.person if match else None
-        statement = self._statement(("start", len(lines)), lambda: (
-            f"WITH call AS (INSERT INTO {self._crm}.accounting_voipcall (call_id, direction,"
+        # A row id reserved before (the old monitor's answer named it): inserted as given.
+        given = started.row_id is not None
+        statement = self._statement(("start", len(lines), given), lambda: (
+            f"WITH call AS (INSERT INTO {self._crm}.accounting_voipcall ({'id, ' * given}"
+            "call_id, direction,"
             " phone_number, status, started_at, ended_at, duration_seconds, notes,"
             " ticket_created, ticket_id, created_at, updated_at, client_id, client_email,"
-            " resolution) VALUES (%s, %s, %s, 'active', %s, NULL, 0, %s, false, NULL,"
+            f" resolution) VALUES ({'%s, ' * given}%s, %s, %s, 'active', %s, NULL, 0, %s,"
+            " false, NULL,"
             " %s, %s, %s, %s, 'pending') ON CONFLICT (call_id) DO NOTHING"
             " RETURNING id, call_id, phone_number, client_id),"
             " detail AS (INSERT INTO dpvoip.call_detail (call_id, source, box, conn_id,"
@@ -236,6 +240,7 @@ class CallStatements:
             " SELECT c.id, (SELECT count(*) FROM note) FROM call c"
         ))
         params = (
+            *((started.row_id,) if given else ()),
             started.call_id, started.direction, phone, started.at, notes, received, received,
             client.id if client else None, client.email if client else None,
             source, started.box, started.conn_id, started.direction, started.remote,

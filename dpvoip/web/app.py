@@ -56,7 +56,9 @@ class WebApp:
     def __init__(self, readiness: ReadinessProbe, version: str,
                  zadarma: ZadarmaWebhook | None = None,
                  callback: CallbackPages | None = None,
-                 metrics: Callable[[], bytes] | None = None) -> None:
+                 metrics: Callable[[], bytes] | None = None,
+                 legacy_monitor: IResource | None = None) -> None:
+        self._legacy_monitor = legacy_monitor  # the old monitor's endpoints (issue 15)
         self._readiness = readiness
         self._version = version
         self._zadarma = zadarma
@@ -112,6 +114,13 @@ class WebApp:
     @app.route("/voip/calls/<string:call>/recording", methods=["GET", "HEAD"])
     async def call_recording(self, request: IRequest, call: str) -> bytes:
         return await self._click_to_call().recording(request, call)
+
+    @app.route("/accounting/api/", branch=True)
+    def legacy_monitor(self, request: IRequest) -> IResource:
+        """The old monitor's endpoints, whole (``web/legacy_monitor.py``)."""
+        if self._legacy_monitor is None:
+            raise HttpError(404, "no such resource")
+        return self._legacy_monitor
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
