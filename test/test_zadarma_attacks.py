@@ -1,7 +1,9 @@
 """One captured Zadarma request, turned into other calls: signed webhooks over HTTP (on
 loopback) into the daemon as wired and a real PostgreSQL, with the guard at its default
 bounds (docs/threat-model.md). Each attack prints what was sent, acknowledged (HTTP 200:
-Zadarma's idea of delivered, given to refused events too), stored and refused."""
+Zadarma's idea of delivered, given to refused events too), stored and refused.
+
+And tickets exactly once on Zadarma's path: concurrent missed calls of one number."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from zoneinfo import ZoneInfo
 from twisted.internet import defer
 
 from dpvoip.config import Secret, ZadarmaSettings
+from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from test.test_zadarma_webhook import SECRET, WebhookTestCase
 
 ATHENS = ZoneInfo("Europe/Athens")
@@ -262,4 +265,74 @@ class CapturedSignatureTests(AttackTestCase):
 
 
 class CapturedSignatureTests2025(CapturedSignatureTests):
+    crm_version = "2025-12"
+
+
+# -- tickets exactly once ---------------------------------------------------------------------
+
+
+def event(form: dict[str, str]) -> ZadarmaEvent:
+    parsed = parse_event(form)
+    assert isinstance(parsed, ZadarmaEvent)
+    return parsed
+
+
+class ConcurrentTicketTests(AttackTestCase):
+    """Five missed Zadarma calls of one number ending at the same moment, for several
+    numbers at once, five rounds (new numbers each round): one ticket per number, always.
+    The events go straight into the ingest (all at once: the web would serialise nothing
+    either) on a pool of eight connections."""
+
+    pool_size = 8
+    ROUNDS, NUMBERS, CALLS = 5, 4, 5
+
+    async def _round(self, round_: int) -> list[tuple[str, int]]:
+        numbers = [f"69{round_:02d}{n:06d}" for n in range(self.NUMBERS)]
+        calls = []
+        for number in numbers:
+            for k in range(self.CALLS):
+                # one caller, five calls a second apart: five signed strings
+                start = {"event": "NOTIFY_START", "pbx_call_id": f"in_{number}{k:030d}",
+                         "call_start": now_local(30 - k), "caller_id": number,
+                         "called_did": OWN}
+                calls.append((start, end(start)))
+        # every start first, then every end at once
+        await defer.gatherResults([defer.Deferred.fromCoroutine(self._submit(s))
+                                   for s, _ in calls])
+        await defer.gatherResults([defer.Deferred.fromCoroutine(self._submit(e))
+                                   for _, e in calls])
+        found = self.crm.query(
+            "SELECT d.remote_number, count(DISTINCT t.id) FROM dpvoip.call_detail d"
+            " JOIN accounting_ticket t ON t.id = d.ticket_id WHERE d.remote_number ="
+            " ANY(%s) GROUP BY d.remote_number ORDER BY 1",
+            (["+30" + n for n in numbers],))
+        return [(str(number), int(count)) for number, count in found]
+
+    async def _submit(self, form: dict[str, str]) -> None:
+        await self.daemon.ingest.submit_zadarma(event(form), form,
+                                                self.daemon.zadarma.context)
+
+    @defer.inlineCallbacks
+    def test_concurrent_missed_calls_of_one_number_make_one_ticket(self) -> Any:
+        problems = []
+        sent = tickets = 0
+        for round_ in range(self.ROUNDS):
+            per_number = yield defer.Deferred.fromCoroutine(self._round(round_))
+            sent += self.NUMBERS * self.CALLS
+            tickets += sum(count for _, count in per_number)
+            if len(per_number) != self.NUMBERS or any(c != 1 for _, c in per_number):
+                problems.append(f"round {round_}: tickets per number {per_number}")
+        [(linked,)] = self.crm.query(
+            "SELECT count(*) FROM accounting_voipcall WHERE ticket_created")
+        duplicated = tickets - self.ROUNDS * self.NUMBERS
+        print(f"\n{self.id()}: calls sent {sent}, numbers {self.ROUNDS * self.NUMBERS},"
+              f" tickets {tickets}, duplicated {duplicated}, calls linked {linked}")
+        self.assertEqual(problems, [])
+        self.assertEqual(linked, sent, "every missed call is linked to its number's ticket")
+        [(titles,)] = self.crm.query(
+            "SELECT count(*) FROM accounting_ticket WHERE title LIKE 'MISSED CALLS (5x)%%'")
+        self.assertEqual(titles, self.ROUNDS * self.NUMBERS)
+
+
+class ConcurrentTicketTests2025(ConcurrentTicketTests):
     crm_version = "2025-12"

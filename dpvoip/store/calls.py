@@ -46,6 +46,14 @@ _TICKET_LOCK = (
 )
 
 
+#: The same lock for a Zadarma call's missed end, from the number in the call statement's
+#: values (parameter: values, the JSON document of ``zadarma_call``).
+_ZADARMA_TICKET_LOCK = (
+    "SELECT pg_advisory_xact_lock(hashtext('dpvoip-ticket:' || x.n))"
+    " FROM (SELECT %(values)s::json->>'number' AS n) AS x WHERE x.n IS NOT NULL"
+)
+
+
 #: ``update_date`` of a CRM row dpvoip changes, as the CRM's ``auto_now`` would set it
 #: (as at the event's arrival; never backwards).
 _BUMPED = "update_date = greatest(x.update_date, p.received)"
@@ -596,6 +604,10 @@ class CallStatements:
             "answered": touch is not None and touch.in_touch_on is not None,
             "line": touch.workflow_line if touch is not None else None,
         }
+        # With a ticket, the number's ticket lock first, in a statement of its own (as
+        # ``finishing_missed`` does): the call statement after it reads the ticket facts in
+        # a new snapshot, which sees what the lock's previous holder (another missed call
+        # of the number, from either source) committed.
         rows = await batch.run_planned(
             self._statement(("zadarma", ticket is not None),
                             lambda: self._zadarma_sql(ticket is not None)),
@@ -604,6 +616,7 @@ class CallStatements:
                                    "only_new": only, "n": n}
                                   for n, (line, only) in enumerate(row.lines)]),
              **(self._facts_parameters(ticket) if ticket is not None else {})},
+            prefix=_ZADARMA_TICKET_LOCK if ticket is not None else "",
             last=last,
         )
         if not rows:
