@@ -64,7 +64,9 @@ def client(port: int, numbers: list[str], mode: str, seconds: float, rate: float
         caller = numbers[n % len(numbers)]
         base = {"event": kind, "pbx_call_id": f"in_{os.getpid():08d}{n:032d}",
                 "call_start": time.strftime("%Y-%m-%d %H:%M:%S"), "caller_id": caller,
-                "called_did": "302107654321"}
+                # one number called per event: a signed string belongs to one call, and
+                # the callers repeat within a second
+                "called_did": f"30210{n % 10**7:07d}"}
         if kind == "NOTIFY_END":
             base.update(duration="65", disposition="answered", status_code="16",
                         is_recorded="0", internal="100", calltype="normal")

@@ -496,6 +496,25 @@ class ZadarmaSettings:
         False, "Answer NOTIFY_START with a redirect to the extension of the caller's owner."
     )
     create_tickets: bool = setting(False, "Create missed-call tickets for Zadarma calls.")
+    max_event_age_hours: float = setting(
+        24.0,
+        "Webhook events whose call_start (in the account's zone) is more than this many hours "
+        "before their arrival are refused as stale (answered 200, logged, counted): a "
+        "captured signature stops working after it.", _between(1, 24 * 365 * 100),
+    )
+    max_event_ahead_minutes: float = setting(
+        10.0,
+        "Webhook events whose call_start is more than this many minutes after their arrival "
+        "are refused (clock skew allowance).", _between(0, 24 * 60),
+    )
+    journal_max_events: int = setting(
+        64, "Events kept per Zadarma call; further variants are refused and counted.",
+        _between(8, 10_000),
+    )
+    journal_max_kib: int = setting(
+        64, "KiB of event forms kept per Zadarma call; further variants are refused.",
+        _between(4, 64 * 1024),
+    )
     api_url: str = setting(
         "",
         "Base URL of Zadarma's REST API. Empty: https://api.zadarma.com (or the sandbox when "

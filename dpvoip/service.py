@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 from treq.client import HTTPClient
 
 from dpvoip import __version__, metrics
-from dpvoip.calls.ingest import Ingest, ZadarmaContext
+from dpvoip.calls.ingest import Ingest, ZadarmaContext, guard_rules
 from dpvoip.click_to_call.callbacks import ClickToCall
 from dpvoip.click_to_call.logins import Logins
 from dpvoip.config import Config
@@ -175,6 +175,7 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
         ZoneInfo(config.zadarma.timezone) if config.zadarma.timezone else office_zone,
         tickets=config.zadarma.create_tickets,
         redirect_to_owner=config.zadarma.redirect_to_owner,
+        guard=guard_rules(config.zadarma),
     ))
     own = frozenset(index.own_numbers)
     origins = {box.name: origin_of(box, own) for box in config.fritzbox}

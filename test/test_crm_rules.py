@@ -521,6 +521,13 @@ class EndToEndRowsTests(TestCase):
         self.crm.client("Customer AE", tilefono_oikias_1="210 123 4567",
                         email="office@customer.gr")
         yield defer.Deferred.fromCoroutine(self.start())
+        # the click-to-call request the callback below answers (dpvoip only takes callback
+        # legs it asked for as a callback)
+        self.crm.query(
+            "INSERT INTO dpvoip.callback_request (requested_at, user_id, login,"
+            " connection_id, from_number, number_given, number_dialled, result,"
+            " http_status) VALUES (now() - interval '90 seconds', 1, 'anna', 1,"
+            " '306971234567', '210 123 4567', '+302101234567', 'dialled', 200)")
         before = sales_snapshot(self.dsn)
         now = time.time()
         scenario = [
@@ -542,6 +549,10 @@ class EndToEndRowsTests(TestCase):
         [(rows,)] = self.crm.query("SELECT count(*) FROM accounting_voipcall")
         if rows != 4:
             problems.append(f"accounting_voipcall: {rows} rows, expected 4 calls")
+        callbacks = self.crm.query(
+            "SELECT phone_number FROM accounting_voipcall WHERE notes LIKE '%%callback%%'")
+        if callbacks != [("+302101234567",)]:
+            problems.append(f"the callback: {callbacks}, expected one to +302101234567")
         [(in_touch,)] = self.crm.query("SELECT was_in_touch FROM crm_contact WHERE id = %s",
                                        (contact,))
         if in_touch is None:

@@ -81,6 +81,7 @@ class Load:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._workers: list[threading.Thread] = []
+        self._starts: dict[int, str] = {}  # a call's events share call_start, as Zadarma's
 
     def start(self) -> None:
         for n in range(self.threads):
@@ -107,9 +108,11 @@ class Load:
         n = offset
         while not self._stop.is_set():
             call, kind = divmod(n, 2)
+            with self._lock:
+                start = self._starts.setdefault(call, time.strftime("%Y-%m-%d %H:%M:%S"))
             form = {"event": "NOTIFY_START" if kind == 0 else "NOTIFY_END",
                     "pbx_call_id": f"in_kill{call:035d}",
-                    "call_start": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "call_start": start,
                     "caller_id": f"69{call:08d}", "called_did": "302107654321"}
             if kind:
                 form.update(duration="0", disposition="no answer", status_code="19",

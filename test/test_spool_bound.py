@@ -131,7 +131,8 @@ class UnreplayableRecordTest(TestCase):
         spool.close()
         config = in_process(
             dsn, daemon=DaemonSettings(state_dir="state"),
-            zadarma=replace(ZadarmaSettings(), secret=Secret(SECRET), timezone="Europe/Athens"))
+            zadarma=replace(ZadarmaSettings(), secret=Secret(SECRET), timezone="Europe/Athens",
+                            max_event_age_hours=24 * 365 * 100))  # the record's fixed date
         daemon = build(config, reactor, base)
         daemon.service.startService()
         self.addCleanup(daemon.service.stopService)

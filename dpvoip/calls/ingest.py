@@ -18,7 +18,7 @@ sales side's "today".
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TypeVar
@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from dpvoip.config import TicketSettings
+from dpvoip.config import TicketSettings, ZadarmaSettings
 from dpvoip.core.call_log import (
     LogLine,
     answered_line,
@@ -65,6 +65,20 @@ from dpvoip.store.migrations import SchemaReport
 from dpvoip.zadarma.calls import ZadarmaCall, describe, summarise
 from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from dpvoip.zadarma.events import call_id as zadarma_call_id
+from dpvoip.zadarma.guard import (
+    CallbackRequest,
+    GuardRules,
+    Verdict,
+    admit,
+    as_plain,
+    bound,
+    customer_numbers,
+    form_size,
+    freshness,
+    signed_key,
+    user_phones,
+    verify_callback,
+)
 
 log = Logger(namespace="dpvoip.ingest")
 T = TypeVar("T")
@@ -73,6 +87,9 @@ T = TypeVar("T")
 RECOVERY_WINDOW = timedelta(hours=12)
 #: The CRM's optional columns until the schema has been checked: none.
 _NO_OPTIONAL_COLUMNS = CrmCapabilities()
+#: Seconds between two warnings about suspicious Zadarma events of one kind (the ones in
+#: between are counted, and their number said in the next warning).
+SUSPICIOUS_LOG_INTERVAL = 10.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,17 @@ class ZadarmaContext:
     zone: tzinfo
     tickets: bool = False
     redirect_to_owner: bool = False
+    guard: GuardRules = GuardRules()  # what a captured signature may still do
+
+
+def guard_rules(settings: ZadarmaSettings) -> GuardRules:
+    """The guard's bounds from ``[zadarma]``."""
+    return GuardRules(
+        max_age=timedelta(hours=settings.max_event_age_hours),
+        max_ahead=timedelta(minutes=settings.max_event_ahead_minutes),
+        journal_events=settings.journal_max_events,
+        journal_bytes=settings.journal_max_kib * 1024,
+    )
 
 
 @dataclass(frozen=True)
@@ -100,6 +128,19 @@ class ZadarmaOutcome:
     duplicate: bool
     match: Match | None = None
     owner_extension: str = ""  # the pbx_number of the CRM user who owns the caller
+    #: Why the event was refused (``dpvoip.zadarma.guard.Reason``), '' when it was not. A
+    #: refused event is answered 200 like any other: Zadarma retries what is not
+    #: answered 200, and a retry of a refused event is refused again.
+    refused: str = ""
+
+
+class _Refused(Exception):
+    """Raised inside a Zadarma event's transaction to roll it back (journal entry and
+    binding with it)."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.detail)
+        self.verdict = verdict
 
 
 @dataclass
@@ -110,6 +151,15 @@ class IngestCounters:
     replays_ignored: int = 0
     orphans: int = 0
     failures: int = 0
+    # Zadarma events refused by the guard (dpvoip.zadarma.guard.Reason), and the callbacks
+    # no click-to-call request of dpvoip's explains (recorded without the rewrite).
+    zadarma_stale: int = 0
+    zadarma_ahead: int = 0
+    zadarma_bound_elsewhere: int = 0
+    zadarma_inconsistent: int = 0
+    zadarma_second_end: int = 0
+    zadarma_journal_full: int = 0
+    zadarma_callback_unverified: int = 0
 
 
 class Ingest:
@@ -134,6 +184,7 @@ class Ingest:
         self._statements = CallStatements(store, directory, crm_schema, self._capabilities)
         self._query = (tickets, TicketQuery(window(tickets), candidate_users(tickets)))
         self._chains: dict[str, Deferred[None]] = {}
+        self._warned: dict[str, tuple[float, int]] = {}  # reason: (last warning, since)
         self.counters = IngestCounters()
 
     # -- the entry point -------------------------------------------------------------------
@@ -285,10 +336,19 @@ class Ingest:
 
     async def _zadarma(self, event: ZadarmaEvent, form: Mapping[str, str],
                        context: ZadarmaContext, received: datetime) -> ZadarmaOutcome:
-        """Journal the event, then compute the call again from all of its events and write
-        what changed: one transaction, serialised per call across instances by an advisory
-        lock. A repeated event stops at the journal and changes nothing."""
+        """Judge the event (``dpvoip.zadarma.guard``), journal it, then compute the call
+        again from all of its events and write what changed: one transaction, serialised
+        per call across instances by an advisory lock. A repeated event stops at the
+        journal and changes nothing; a refused one rolls the transaction back."""
         identity = zadarma_call_id(event.pbx_call_id)
+        rules = context.guard
+        # Stale or future: refused before the database is asked anything.
+        verdict = freshness(event.call_start, context.zone, received, rules)
+        if not verdict.accepted:
+            return self._refuse(event, verdict)
+        signed = signed_key(form)
+        if signed is None:  # not a kind parse_event returns; never silently unbound
+            raise ValueError(f"no signed string for {event.kind}")
 
         # The caller as this event alone shows it: looked up in the same round trip as the
         # journal. Nearly always the call's own number; when the whole journal says
@@ -299,25 +359,29 @@ class Ingest:
 
         async def steps(batch: Batch) -> ZadarmaOutcome:
             entry = await self._statements.journal(batch, event, form, identity, guess,
-                                                   received)
+                                                   received, signed)
             if not entry.fresh:
                 self.counters.replays_ignored += 1
                 return ZadarmaOutcome(duplicate=True)
-            if len(entry.forms) == 1:  # the journal is this event alone: read it already
-                events = [event]
-                call = alone
-            else:
-                events = [e for e in map(parse_event, entry.forms)
-                          if isinstance(e, ZadarmaEvent)]
-                call = summarise(events)
+            # The journal in arrival order: this event is the last (the call's lock
+            # serialises its writers, so every earlier entry was committed before it).
+            events = [event] if len(entry.forms) == 1 else [
+                e for e in map(parse_event, entry.forms) if isinstance(e, ZadarmaEvent)]
+            before = events[:-1]
+            verdict = bound(event, entry.bound_elsewhere)
+            if verdict.accepted:
+                verdict = admit(event, form_size(form), before,
+                                sum(form_size(f) for f in entry.forms[:-1]), rules)
+            if not verdict.accepted:
+                raise _Refused(verdict)
+            call = alone if len(events) == 1 else summarise(events)
             if call is None:
                 return ZadarmaOutcome(duplicate=False)  # a recording notice, kept for later
-            if call.callback and not call.remote:
-                # Only the user's leg so far: the customer is the number click-to-call
-                # dialled for the phone this leg rings.
-                dialled = await self._statements.dialled_for(
-                    batch, user_phones(events), entry.first_received)
-                call = replace(call, remote=dialled or "")
+            trusted = True
+            if call.callback:
+                call, trusted = await self._callback(batch, events, call, context, entry)
+                if call is None:
+                    return ZadarmaOutcome(duplicate=False)
             number = (guessed if alone is not None and call.remote == alone.remote
                       else normalise(call.remote, context.where))
             if number == guess:
@@ -325,14 +389,65 @@ class Ingest:
             else:
                 match = await self._directory.lookup(number, within=batch) if number else None
             return await self._zadarma_call(batch, identity, call, entry, context, number,
-                                            match, received)
+                                            match, received, trusted)
 
-        return await self._store.batch(steps)
+        try:
+            return await self._store.batch(steps)
+        except _Refused as refusal:
+            return self._refuse(event, refusal.verdict)
+
+    async def _callback(self, batch: Batch, events: list[ZadarmaEvent], call: ZadarmaCall,
+                        context: ZadarmaContext, entry: JournalEntry
+                        ) -> tuple[ZadarmaCall | None, bool]:
+        """A callback's legs, checked against the click-to-call requests dpvoip made
+        (the phone rung, the number dialled, within the minutes before the call's first
+        event arrived): the call as a callback, the customer taken from the request when
+        only the user's leg has come (True); or, without such a request, the call as its
+        events say without the rewrite, which gets no CRM writes (False)."""
+        found = await self._statements.callback_requests(
+            batch, user_phones(events), customer_numbers(events, context.where),
+            entry.first_received)
+        request = verify_callback(events, [CallbackRequest(*row) for row in found],
+                                  context.where)
+        if request is not None:
+            if not call.remote:
+                call = replace(call, remote=request.number_dialled)
+            return call, True
+        self.counters.zadarma_callback_unverified += 1
+        self._warn("callback_unverified", events[-1].pbx_call_id,
+                   "callback legs that no click-to-call request of dpvoip explains:"
+                   " recorded as their events say, without the callback's rewrite and"
+                   " without CRM writes")
+        return summarise(as_plain(events)), False
+
+    def _refuse(self, event: ZadarmaEvent, verdict: Verdict) -> ZadarmaOutcome:
+        """Count (and, not too often, log) an event the guard refused."""
+        if verdict.repeat or verdict.reason is None:
+            self.counters.replays_ignored += 1
+            return ZadarmaOutcome(duplicate=True)
+        name = f"zadarma_{verdict.reason.value}"
+        setattr(self.counters, name, getattr(self.counters, name) + 1)
+        self._warn(verdict.reason.value, event.pbx_call_id,
+                   f"{event.kind} refused: {verdict.detail}")
+        return ZadarmaOutcome(duplicate=False, refused=verdict.reason.value)
+
+    def _warn(self, reason: str, pbx_call_id: str, text: str) -> None:
+        """A suspicious Zadarma event, logged at most once per ``SUSPICIOUS_LOG_INTERVAL``
+        per reason; the ones in between are counted and said in the next line."""
+        now = self._clock.seconds()
+        last, since = self._warned.get(reason, (float("-inf"), 0))
+        if now - last < SUSPICIOUS_LOG_INTERVAL:
+            self._warned[reason] = (last, since + 1)
+            return
+        self._warned[reason] = (now, 0)
+        log.warn("suspicious Zadarma event of call {pbx!r} ({reason}): {text}{more}",
+                 pbx=pbx_call_id[:60], reason=reason, text=text,
+                 more=f" ({since} more of this kind since the last warning)" if since else "")
 
     async def _zadarma_call(self, batch: Batch, identity: str, call: ZadarmaCall,
                             entry: JournalEntry, context: ZadarmaContext,
                             number: str | None, match: Match | None,
-                            received: datetime) -> ZadarmaOutcome:
+                            received: datetime, trusted: bool = True) -> ZadarmaOutcome:
         """The call row, its detail, its log lines, the live event and the CRM's sales
         side in one statement; the commit rides along unless a ticket or the owner's
         extension still has to be written or read (the usual event: two round trips in
@@ -342,7 +457,10 @@ class Ingest:
         is ``call_start`` (else when the call's first event arrived), the end the start
         plus the talk time (Zadarma's events do not tell the ringing time: a delivery's
         arrival would, but Zadarma retries late deliveries); every write is dated by
-        this event's arrival."""
+        this event's arrival.
+
+        ``trusted``: the call passed every check of the guard (a callback, a request dpvoip
+        made); only such a call writes the CRM's sales side and a ticket."""
         previous, existed = entry.previous, entry.existed
         party = remote(call.remote, number, self._texts)
         phone, withheld = party.column, party.withheld
@@ -354,7 +472,7 @@ class Ingest:
         extension = int(call.extension) if call.extension.isdigit() else None
         # The outcome, when this event is the one that finishes the call.
         finished = call.outcome if previous is None else None
-        ticket = (finished is not None and context.tickets
+        ticket = (finished is not None and context.tickets and trusted
                   and gets_ticket(call.direction, finished, withheld, self._tickets))
         notes = describe(call, self._texts)
         end_line = ended_line(notes, self._texts) if finished is not None else None
@@ -372,7 +490,7 @@ class Ingest:
             ending=finished is not None and not ticket,
             touch=sales_touch(call.direction, finished, call.duration,
                               person.name if person else None, received, self._zone,
-                              self._texts),
+                              self._texts) if trusted else None,
         )
         row_id, facts = await self._statements.zadarma_call(
             batch, row, last=not ticket and not owner_wanted,
@@ -433,13 +551,6 @@ class Ingest:
                 origin, received,
             )
         return len(calls)
-
-
-def user_phones(events: Iterable[ZadarmaEvent]) -> list[str]:
-    """What a callback's user leg rings (its destination, or the extension): one of them
-    is the ``from`` click-to-call asked Zadarma to ring first."""
-    return sorted({value for e in events if e.calltype == "callback_leg1"
-                   for value in (e.destination, e.internal) if value})
 
 
 def _chain_key(happening: Happening) -> str:

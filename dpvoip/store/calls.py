@@ -46,6 +46,14 @@ _TICKET_LOCK = (
 )
 
 
+#: The same lock for a Zadarma call's missed end, from the number in the call statement's
+#: values (parameter: values, the JSON document of ``zadarma_call``).
+_ZADARMA_TICKET_LOCK = (
+    "SELECT pg_advisory_xact_lock(hashtext('dpvoip-ticket:' || x.n))"
+    " FROM (SELECT %(values)s::json->>'number' AS n) AS x WHERE x.n IS NOT NULL"
+)
+
+
 #: ``update_date`` of a CRM row dpvoip changes, as the CRM's ``auto_now`` would set it
 #: (as at the event's arrival; never backwards).
 _BUMPED = "update_date = greatest(x.update_date, p.received)"
@@ -99,6 +107,7 @@ class JournalEntry(NamedTuple):
     previous: str | None  # the call's outcome before this event
     existed: bool  # the call row existed before this event
     found: list[list[Any]] | None  # the guessed caller's directory rows (``match_of``)
+    bound_elsewhere: int  # other calls the event's signed string is bound to already
 
 
 class ZadarmaRow(NamedTuple):
@@ -515,16 +524,25 @@ class CallStatements:
     # -- Zadarma -----------------------------------------------------------------------
 
     async def journal(self, batch: Batch, event: ZadarmaEvent, form: Mapping[str, str],
-                      identity: str, guess: str | None, received: datetime) -> JournalEntry:
-        """One round trip: the call's lock, then (a new statement, so a new snapshot that
-        sees what the lock's previous holder committed) the journal entry, the journal
-        and the guessed caller's directory entries."""
-        [(fresh, forms, first, previous, existed, found)] = await batch.run_planned(
+                      identity: str, guess: str | None, received: datetime,
+                      signed: bytes) -> JournalEntry:
+        """One round trip: the call's lock and its signed string's lock, then (a new
+        statement, so a new snapshot that sees what the locks' previous holders committed)
+        the journal entry, the signed string's binding to this call (when it has none
+        yet), the journal, the other calls the string is bound to, and the guessed
+        caller's directory entries.
+
+        The entry and the binding are written before the caller has judged the event
+        (``dpvoip.zadarma.guard``): a refused event rolls the transaction back, which
+        costs one round trip on the refused path only."""
+        [(fresh, forms, first, previous, existed, found, others)] = await batch.run_planned(
             self._statement(("journal",), lambda: (
                 "WITH added AS (INSERT INTO dpvoip.zadarma_event (pbx_call_id, event,"
                 " calltype, internal, destination, form, received_at) VALUES (%(pbx)s,"
                 " %(event)s, %(calltype)s, %(internal)s, %(destination)s, %(form)s,"
                 " %(received)s) ON CONFLICT DO NOTHING RETURNING id, form, received_at),"
+                " bind AS (INSERT INTO dpvoip.zadarma_binding (signed_sha256, pbx_call_id)"
+                " VALUES (%(signed)s, %(pbx)s) ON CONFLICT DO NOTHING),"
                 " j AS (SELECT id, form, received_at FROM dpvoip.zadarma_event"
                 " WHERE pbx_call_id = %(pbx)s UNION ALL SELECT id, form, received_at"
                 " FROM added)"
@@ -534,14 +552,19 @@ class CallStatements:
                 " (SELECT outcome FROM dpvoip.call_detail WHERE call_id = %(call)s),"
                 f" EXISTS (SELECT 1 FROM {self._crm}.accounting_voipcall"
                 " WHERE call_id = %(call)s),"
-                f" {self._directory.lookup_subquery('number')}")),
+                f" {self._directory.lookup_subquery('number')},"
+                " (SELECT count(*) FROM dpvoip.zadarma_binding WHERE signed_sha256 ="
+                " %(signed)s AND pbx_call_id <> %(pbx)s)")),
             {"lock": f"dpvoip-zadarma:{event.pbx_call_id}", "pbx": event.pbx_call_id,
              "event": event.kind, "calltype": event.calltype, "internal": event.internal,
              "destination": event.destination, "form": json.dumps(dict(form)),
-             "call": identity, "number": guess, "received": received},
-            prefix="SELECT pg_advisory_xact_lock(hashtext(%(lock)s))",
+             "call": identity, "number": guess, "received": received,
+             "signed": signed, "signed_lock": f"dpvoip-signed:{signed.hex()}"},
+            prefix=("SELECT pg_advisory_xact_lock(hashtext(%(lock)s)),"
+                    " pg_advisory_xact_lock(hashtext(%(signed_lock)s))"),
         )
-        return JournalEntry(bool(fresh), forms, first, previous, bool(existed), found)
+        return JournalEntry(bool(fresh), forms, first, previous, bool(existed), found,
+                            int(others))
 
     async def zadarma_call(self, batch: Batch, row: ZadarmaRow, last: bool,
                            ticket: TicketQuery | None = None
@@ -586,6 +609,10 @@ class CallStatements:
             "answered": touch is not None and touch.in_touch_on is not None,
             "line": touch.workflow_line if touch is not None else None,
         }
+        # With a ticket, the number's ticket lock first, in a statement of its own (as
+        # ``finishing_missed`` does): the call statement after it reads the ticket facts in
+        # a new snapshot, which sees what the lock's previous holder (another missed call
+        # of the number, from either source) committed.
         rows = await batch.run_planned(
             self._statement(("zadarma", ticket is not None),
                             lambda: self._zadarma_sql(ticket is not None)),
@@ -594,6 +621,7 @@ class CallStatements:
                                    "only_new": only, "n": n}
                                   for n, (line, only) in enumerate(row.lines)]),
              **(self._facts_parameters(ticket) if ticket is not None else {})},
+            prefix=_ZADARMA_TICKET_LOCK if ticket is not None else "",
             last=last,
         )
         if not rows:
@@ -713,22 +741,24 @@ class CallStatements:
             " AND t.client_id IS NULL AND c.client_id IS NOT NULL),"
         )
 
-    async def dialled_for(self, batch: Batch, phones: Sequence[str], around: datetime
-                          ) -> str | None:
-        """The number click-to-call last dialled for a callback that rings one of
-        ``phones`` (the user's leg) in the minutes before ``around``: Zadarma's callback
-        answer carries no call id, so its legs are found by the phone rung and the time
-        (zadarma.md 2.2)."""
-        if not phones:
-            return None
+    async def callback_requests(self, batch: Batch, phones: Sequence[str],
+                                numbers: Sequence[str], around: datetime
+                                ) -> list[tuple[str, str]]:
+        """(from_number, number_dialled) of the click-to-call requests dpvoip made, newest
+        first, in the minutes before ``around`` (when the call's first event arrived), that
+        ring one of ``phones`` (the user's leg) or dial one of ``numbers`` (the customer's):
+        Zadarma's callback answer carries no call id, so its legs are found by the phones
+        rung and the time (zadarma.md 2.2)."""
+        if not phones and not numbers:
+            return []
         found = await batch.run(
-            "SELECT number_dialled FROM dpvoip.callback_request"
-            " WHERE from_number = ANY(%s::text[])"
+            "SELECT from_number, number_dialled FROM dpvoip.callback_request"
+            " WHERE (from_number = ANY(%s::text[]) OR number_dialled = ANY(%s::text[]))"
             " AND result = 'dialled' AND number_dialled IS NOT NULL"
             " AND requested_at BETWEEN %s::timestamptz - interval '10 minutes'"
-            " AND %s::timestamptz + interval '1 minute' ORDER BY requested_at DESC LIMIT 1",
-            (list(phones), around, around))
-        return str(found[0][0]) if found else None
+            " AND %s::timestamptz + interval '1 minute' ORDER BY requested_at DESC LIMIT 20",
+            (list(phones), list(numbers), around, around))
+        return [(str(phone or ""), str(number)) for phone, number in found]
 
     async def owner_extension(self, batch: Batch, owner_id: int) -> str:
         """The extension (pbx_number) of the CRM user who owns a contact or lead, '' when

@@ -188,6 +188,20 @@ MIGRATIONS: tuple[Migration, ...] = (
             ON dpvoip.callback_request (from_number, requested_at DESC);
         """,
     ),
+    Migration(
+        9,
+        "Zadarma: a signed string belongs to the call first seen with it",
+        """
+        CREATE TABLE dpvoip.zadarma_binding (
+            signed_sha256 bytea NOT NULL,
+            pbx_call_id text NOT NULL,
+            bound_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (signed_sha256, pbx_call_id)
+        );
+        CREATE INDEX callback_request_by_number_dialled
+            ON dpvoip.callback_request (number_dialled, requested_at DESC);
+        """,
+    ),
 )
 
 
