@@ -654,3 +654,12 @@ class GreekZadarmaTests(ZadarmaTestCase):
             ("Απόκρυψη", "αναπάντητη (χωρίς απάντηση)"),
         ])
         self.assertIn(("ended", "Τέλος κλήσης: αναπάντητη (χωρίς απάντηση)"), self.logs())
+
+
+def test_a_form_an_older_version_journalled_and_this_one_refuses_is_left_out() -> None:
+    from dpvoip.calls.ingest import journalled
+
+    start, end = zadarma_call("6912345678", "in_" + "7" * 40, answered=True)
+    older = {**start, "event": "NOTIFY_INTERNAL", "internal": "10\x000"}  # a NUL: now a 400
+    events = journalled([start, older, end])
+    assert [e.kind for e in events] == ["NOTIFY_START", "NOTIFY_END"]

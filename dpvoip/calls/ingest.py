@@ -18,7 +18,7 @@ sales side's "today".
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TypeVar
@@ -63,7 +63,7 @@ from dpvoip.store.database import Batch, Store
 from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.migrations import SchemaReport
 from dpvoip.zadarma.calls import ZadarmaCall, describe, summarise
-from dpvoip.zadarma.events import ZadarmaEvent, parse_event
+from dpvoip.zadarma.events import BadEvent, ZadarmaEvent, parse_event
 from dpvoip.zadarma.events import call_id as zadarma_call_id
 from dpvoip.zadarma.guard import (
     CallbackRequest,
@@ -365,8 +365,7 @@ class Ingest:
                 return ZadarmaOutcome(duplicate=True)
             # The journal in arrival order: this event is the last (the call's lock
             # serialises its writers, so every earlier entry was committed before it).
-            events = [event] if len(entry.forms) == 1 else [
-                e for e in map(parse_event, entry.forms) if isinstance(e, ZadarmaEvent)]
+            events = [event] if len(entry.forms) == 1 else journalled(entry.forms)
             before = events[:-1]
             verdict = bound(event, entry.bound_elsewhere)
             if verdict.accepted:
@@ -551,6 +550,21 @@ class Ingest:
                 origin, received,
             )
         return len(calls)
+
+
+def journalled(forms: Iterable[Mapping[str, str]]) -> list[ZadarmaEvent]:
+    """The events of a call's journal. A form an older version journalled and this one
+    refuses (its checks grew: issue 14) is left out rather than failing every later event
+    of the call."""
+    events = []
+    for form in forms:
+        try:
+            parsed = parse_event(form)
+        except BadEvent:
+            continue
+        if isinstance(parsed, ZadarmaEvent):
+            events.append(parsed)
+    return events
 
 
 def _chain_key(happening: Happening) -> str:
