@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from typing import Any, cast
 
 import treq
@@ -29,8 +30,10 @@ from test.test_spool_hardening import FullDisk, segment_files
 
 class FullDiskTest(FaultCase):
     def event(self, pbx: str) -> dict[str, str]:
+        # A caller of its own per call: one signed string belongs to one call (issue 14).
+        caller = f"69{zlib.crc32(pbx.encode()) % 10**8:08d}"
         return {"event": "NOTIFY_START", "pbx_call_id": pbx, "call_start": _local(time.time()),
-                "caller_id": "6912345678", "called_did": "302107654321"}
+                "caller_id": caller, "called_did": "302107654321"}
 
     async def get(self, path: str) -> tuple[int, bytes]:
         port = self.daemon.web.port.getHost().port  # type: ignore[union-attr]

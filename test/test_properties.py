@@ -31,6 +31,7 @@ import hmac
 import ipaddress
 import json
 import random
+import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -178,7 +179,9 @@ def valid_line(c: Chooser) -> tuple[str, Event]:
     fields = [at.strftime("%d.%m.%y %H:%M:%S"), kind, str(conn_id).zfill(c.below(10))]
 
     def value() -> str:  # as the parser gives it back: without surrounding white space
-        return (c.pick(FIELD_SAMPLES) if c.chance(160) else c.text(10, CHARS)).strip()
+        # No control characters: a line holding one is a bad line (issue 14).
+        text = c.pick(FIELD_SAMPLES) if c.chance(160) else c.text(10, CHARS)
+        return CONTROLS.sub("", text).strip()
 
     event: Event
     line_field: str | None = None
@@ -206,6 +209,9 @@ def valid_line(c: Chooser) -> tuple[str, Event]:
         text += ";"
     return c.pick(PADDING) + text + c.pick(PADDING), event
 
+
+#: What a CallMonitor line never holds: C0 controls (NUL among them), DEL, C1 controls.
+CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 BAD_DATES = ["32.13.20 10:30:31", "29.02.21 10:30:31", "00.01.20 10:30:31",
              "17.06.20 24:00:00", "17.06.20 10:60:31", "17.06.20 10:30:60", "2020-06-17 10:30",
