@@ -9,11 +9,12 @@ import time
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import treq
 from twisted.internet import defer, reactor
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
@@ -404,6 +405,21 @@ class Refusals(MonitorCase):
 
 class DefaultToken(MonitorCase):
     token = "change-this-token-in-production"
+    #: The level of the one line at start that says why every request is refused.
+    start_level = LogLevel.warn
+
+    def setUp(self) -> Any:
+        self.said: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, self.said.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        return super().setUp()
+
+    def test_one_line_at_start_says_why(self) -> None:
+        lines = [e for e in self.said if "refuse every request" in e.get("log_format", "")]
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(lines[0]["log_level"], self.start_level)
+        self.assertIn("FRITZ_API_TOKEN", formatEvent(lines[0]))
 
     def test_the_default_token_refuses_everything(self) -> Any:
         async def run() -> None:
@@ -421,3 +437,4 @@ class DefaultToken(MonitorCase):
 
 class UnsetToken(DefaultToken):
     token = ""
+    start_level = LogLevel.info  # how most offices run: no old monitor left

@@ -112,6 +112,7 @@ class LegacyMonitor:
         self.label = label
         self.origin = monitor_origin(where)
         self.problem = token_problem(token)
+        self.token_set = bool(token)
         self.counters = LegacyMonitorCounters()
         self._ids: list[int] = []
         self._refilling = False
@@ -337,9 +338,12 @@ class LegacyMonitorService(Service):
     def startService(self) -> Deferred[None]:
         super().startService()
         if self._monitor.problem:
-            log.error("the old monitor's endpoints (/accounting/api/fritz-webhook/, "
-                      "/accounting/api/voip-calls/) refuse every request: {problem}",
-                      problem=self._monitor.problem)
+            # Unset is how most offices run (no old monitor left): said, not alarmed. The
+            # CRM's default token is a mistake to fix: a warning.
+            say = log.info if not self._monitor.token_set else log.warn
+            say("the old monitor's endpoints (/accounting/api/fritz-webhook/, "
+                "/accounting/api/voip-calls/) refuse every request: {problem}",
+                problem=self._monitor.problem)
         else:
             log.info("the old monitor's endpoints accept its token")
 
