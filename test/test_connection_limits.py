@@ -29,7 +29,7 @@ from dpvoip.web.sources import networks
 from dpvoip.zadarma.signing import webhook_signature
 from test.support.daemon import PATIENCE, scratch
 from test.support.postgres import postgres
-from test.support.wiring import in_process
+from test.support.wiring import in_process, running
 from test.test_database import eventually
 
 SECRET = "limit-secret"
@@ -65,11 +65,7 @@ class IdleSocketsTests(TestCase):
         return defer.Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
-        self.daemon.service.startService()
-        self.addCleanup(self.daemon.service.stopService)
-        await self.daemon.service.started
-        await eventually(lambda: self.daemon.schema.fired, PATIENCE)
-        self.port = self.daemon.web.port.getHost().port  # type: ignore[union-attr]
+        self.port = await running(self, self.daemon)
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(self._close_all()))
 
     async def _close_all(self) -> None:

@@ -46,7 +46,7 @@ from dpvoip.testing.fritzbox import box_time
 from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from dpvoip.zadarma.signing import webhook_signature
 from test.support.postgres import private_cluster, query
-from test.support.wiring import in_process, loopback_box
+from test.support.wiring import in_process, loopback_box, running
 from test.test_database import eventually
 
 SECRET = "fault-secret"
@@ -110,12 +110,8 @@ class FaultCase(TestCase):
                                 timezone=ZONE, reconnect_initial_seconds=0.1,
                                 reconnect_max_seconds=1.0)])
         self.daemon = build(config, reactor, base=self.folder)
-        self.daemon.service.startService()
-        self.addCleanup(self.daemon.service.stopService)
-        await self.daemon.service.started
-        await eventually(lambda: self.daemon.schema.fired, PATIENCE)
+        web = await running(self, self.daemon)
         await eventually(lambda: bool(self.box.connections), PATIENCE)
-        web = self.daemon.web.port.getHost().port  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{web}/voip/zd/"
 
     async def webhook(self, form: dict[str, str]) -> int:

@@ -33,7 +33,7 @@ from dpvoip.service import Daemon, build
 from dpvoip.zadarma.events import KNOWN
 from dpvoip.zadarma.signing import webhook_signature
 from test.support.postgres import private_cluster, query
-from test.support.wiring import in_process
+from test.support.wiring import in_process, running
 from test.test_database import eventually
 from test.test_zadarma_webhook import WIDE_HOURS
 
@@ -141,11 +141,7 @@ class FuzzCase(TestCase):
         return defer.Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
-        self.daemon.service.startService()
-        self.addCleanup(self.daemon.service.stopService)
-        await self.daemon.service.started
-        await eventually(lambda: self.daemon.schema.fired, PATIENCE)
-        port = self.daemon.web.port.getHost().port  # type: ignore[union-attr]
+        port = await running(self, self.daemon)
         self.url = f"http://127.0.0.1:{port}/voip/zd/"
 
     async def post(self, form: dict[str, str]) -> tuple[int, bytes]:

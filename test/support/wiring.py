@@ -37,3 +37,16 @@ def in_process(database_url: str, *, boxes: Iterable[FritzBoxSettings] = (),
 def loopback_box(name: str, port: int, **settings: Any) -> FritzBoxSettings:
     """A Fritz!Box that the test serves on loopback ``port``."""
     return replace(FritzBoxSettings(), name=name, host=LOOPBACK, port=port, **settings)
+
+
+async def running(case: Any, daemon: Any) -> int:
+    """Start ``daemon`` (a ``dpvoip.service.Daemon``; stopped when the test ends), wait
+    until its schema is prepared, and give its web port."""
+    from test.support.daemon import PATIENCE
+    from test.test_database import eventually
+
+    daemon.service.startService()
+    case.addCleanup(daemon.service.stopService)
+    await daemon.service.started
+    await eventually(lambda: daemon.schema.fired, PATIENCE)
+    return int(daemon.web.port.getHost().port)
