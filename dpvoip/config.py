@@ -216,6 +216,13 @@ def _key_prefix(value: Any) -> str | None:
     return None
 
 
+def _fingerprint(value: Any) -> str | None:
+    text = str(value).replace(":", "").lower()
+    if text and (len(text) != 64 or any(c not in "0123456789abcdef" for c in text)):
+        return "a SHA-256 fingerprint: 64 hex digits (colons allowed)"
+    return None
+
+
 def _host(value: Any) -> str | None:
     if not value or any(c.isspace() for c in value):
         return "must be a host name or address"
@@ -619,6 +626,40 @@ class FritzBoxSettings:
         "are always believed (replaying old captures).",
         _between(0, 86400),
     )
+    tr064_user: str = setting(
+        "", "TR-064 user of the box (its call list). Empty: TR-064 off, the CallMonitor "
+        "port alone.",
+    )
+    tr064_password: Secret = setting(Secret(""), "TR-064 password of that user.")
+    tr064_tls: bool = setting(
+        True, "Speak TR-064 over TLS (the box's self-signed certificate is pinned on first "
+        "use). Off: plain HTTP, on a trusted network only.",
+    )
+    tr064_port: int = setting(
+        0, "TR-064 port; 0: 49443 with TLS, 49000 without.", _between(0, 65535),
+    )
+    tr064_certificate: str = setting(
+        "", "SHA-256 fingerprint (hex) the box's TLS certificate must have. Empty: the one "
+        "seen first is pinned (in the database) and reported by `dpvoip check`.",
+        _fingerprint,
+    )
+    reconcile_every_seconds: float = setting(
+        600.0, "Read the box's call list this often while connected (and after every "
+        "(re)connect and at start).", _between(30, 86400),
+    )
+    call_list_days: int = setting(
+        7, "Days of the call list read again when the box's list was reset.",
+        _between(1, 999),
+    )
+
+    @property
+    def tr064(self) -> bool:
+        """Whether the box's call list is read (TR-064 credentials are configured)."""
+        return bool(self.tr064_user)
+
+    @property
+    def tr064_port_used(self) -> int:
+        return self.tr064_port or (49443 if self.tr064_tls else 49000)
 
 
 @dataclass(frozen=True)
@@ -823,6 +864,10 @@ def _check_whole(config: Config, source: str) -> None:
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"{source}: [[fritzbox]] name {name!r} is used twice")
+    for box in config.fritzbox:
+        if box.tr064_user and not box.tr064_password:
+            raise ConfigError(f"{source}: [[fritzbox]] {box.name!r}: tr064_user needs "
+                              "tr064_password (the box's TR-064 user has one)")
     if config.database.mode == "attached" and not config.database.url:
         raise ConfigError(
             f"{source}: [database] mode 'attached' needs url (or DATABASE_URL)"
