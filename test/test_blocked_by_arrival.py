@@ -158,7 +158,7 @@ class ByArrivalTests(SynchronousTestCase):
             (1.9, 0.0, 2.0, Outcome.BLOCKED),
             (2.0, 0.0, 2.0, Outcome.BLOCKED),  # exactly the threshold: blocked
             (2.0, 0.5, 2.0, Outcome.BLOCKED),
-            (2.1, 0.0, 2.0, Outcome.MISSED),   # the box says 2 s: alone, blocked
+            (2.01, 0.0, 2.0, Outcome.MISSED),  # the box says 2 s: alone, blocked
             (2.1, 0.95, 2.0, Outcome.MISSED),
             (1.2, 0.9, 2.0, Outcome.BLOCKED),  # the box says 2 s
             (3.4, 0.0, 3.5, Outcome.BLOCKED),
