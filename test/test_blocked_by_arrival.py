@@ -198,6 +198,18 @@ class ByArrivalTests(SynchronousTestCase):
         office.send(office.event(HANG_UP, at=ring_at + 1.5))
         self.assertEqual(office.outcome(), Outcome.BLOCKED)
 
+    def test_a_box_clock_far_off_dates_by_arrival_and_still_decides(self) -> None:
+        # The box's clock an hour late (just rebooted): its lines are dated by their
+        # arrival (issue 14), which the ring time then is.
+        for seconds, expected in [(0.5, Outcome.BLOCKED), (1.9, Outcome.BLOCKED),
+                                  (2.5, Outcome.MISSED)]:
+            office = Office(0.7)
+            office.send(office.event(RING, at=office.clock.seconds() - 3600))
+            office.clock.advance(seconds)
+            office.send(office.event(HANG_UP, at=office.clock.seconds() - 3600))
+            self.assertEqual(office.outcome(), expected, seconds)
+            self.assertEqual(office.box.status.dates_replaced, 2)
+
 
 def events(*steps: tuple[str, float | None]) -> list[Event]:
     """Parsed lines, each with its arrival (None: unknown)."""

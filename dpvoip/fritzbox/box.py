@@ -12,14 +12,14 @@ rule when they are not (written in docs/decisions.md, issue 14):
   back) is dated by its arrival, and never before the call's start;
 
 each such line counts in ``dates_replaced`` and warns (a few warnings a minute at most).
+Bad lines, calls closed beyond the bound of open calls and happenings not recorded warn
+the same way (``core.log_budget``); the counters count every one.
 
 Every event also carries the time its line arrived, read here from the injected clock
 (the reactor's; a ``Clock`` in tests): the tracker decides blocked or missed by it together
 with the box's whole-second times (docs/decisions.md, issue 16). Lines of one TCP segment
 are handled in one pass, so their arrivals are microseconds apart: a burst after a stall
 shows a gap of about 0, which the tracker does not believe against the box's times.
-Bad lines, calls closed beyond the bound of open calls and happenings not recorded warn
-the same way (``core.log_budget``); the counters count every one.
 """
 
 from __future__ import annotations
