@@ -369,6 +369,8 @@ class FakeTr064Box:
                 if transport is not None:
                     transport.abortConnection()
             waiting.append(self._connections.open.when_empty())
+        # a connection is forgotten before its request hears of the loss
+        waiting.append(self._held.when_empty())
         done: Deferred[Any] = DeferredList(waiting, consumeErrors=True)
         return done.addCallback(lambda _: None)
 
