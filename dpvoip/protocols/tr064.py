@@ -470,6 +470,9 @@ class Tr064Client:
         except Tr064Error:
             raise
         except Exception as error:
+            if any(isinstance(reason, CancelledError) for reason in _reasons(error)):
+                # the cancelled request failed first, wrapped by the Agent
+                raise CancelledError() from None
             raise self._transport_error(error, what) from None
 
     async def _request(self, method: str, url: str, headers: dict[str, list[str]],

@@ -34,14 +34,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IReactorTime
-from twisted.internet.ssl import PrivateCertificate
+from twisted.internet.interfaces import IListeningPort, IOpenSSLContextFactory, IReactorTime
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
 from dpvoip.deferreds import EmptyableSet
 from dpvoip.fritzbox.calllist import MACHINE_PORTS, OUTGOING_TYPES, ListedCall
@@ -340,9 +341,8 @@ class FakeTr064Box:
         site.noisy = False
         self._connections = _Connections(site)
         if self.tls:
-            options = PrivateCertificate.loadPEM(
-                self.certificate.key_pem + self.certificate.certificate_pem).options()
-            endpoint: Any = SSL4ServerEndpoint(self._reactor, port, options,
+            endpoint: Any = SSL4ServerEndpoint(self._reactor, port,
+                                               _ServerContext(self.certificate),
                                                interface=interface)
         else:
             endpoint = TCP4ServerEndpoint(self._reactor, port, interface=interface)
@@ -537,6 +537,24 @@ class _BoxResource(Resource):
 
     def render(self, request: Request) -> bytes | int:
         return self.box.handle(request)
+
+
+@implementer(IOpenSSLContextFactory)
+class _ServerContext:
+    """The box's TLS context (TLS 1.2 or later), built from cryptography's objects (the
+    pyOpenSSL ones Twisted's ``CertificateOptions`` takes are deprecated)."""
+
+    def __init__(self, certificate: BoxCertificate) -> None:
+        context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.use_certificate(x509.load_pem_x509_certificate(certificate.certificate_pem))
+        key = serialization.load_pem_private_key(certificate.key_pem, password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        context.use_privatekey(key)
+        self._context = context
+
+    def getContext(self) -> SSL.Context:
+        return self._context
 
 
 class _Connections(WrappingFactory):
