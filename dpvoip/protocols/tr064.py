@@ -384,11 +384,15 @@ class Tr064Client:
                                           MAX_SOAP_BYTES, "the SOAP action")
             if answer.code == 503:
                 raise Tr064Error("locked", "the box answered HTTP 503 (TR-064 locked)")
-            if answer.code == 401 and not self._in_soap:
+            if answer.code == 401:
                 challenge_ = self._challenge(answer)
                 if challenge_ is None:
+                    if self._in_soap:
+                        raise Tr064Error("auth", "the box refused TR-064's in-SOAP login "
+                                                 "(HTTP 401)")
                     self._in_soap, self._digest = True, None
                     continue
+                self._in_soap = False  # it offers Digest (again)
                 if challenge_.stale and not took_stale:
                     took_stale = True
                 elif answered_fresh:
@@ -397,8 +401,6 @@ class Tr064Client:
                 answered_fresh = True
                 self._digest = DigestState(challenge_, self._cnonce)
                 continue
-            if answer.code == 401:
-                raise Tr064Error("auth", "the box refused TR-064's in-SOAP login (HTTP 401)")
             soap = self._read(answer)
             if self._in_soap and soap.challenge is not None:
                 sent_answer = self._soap_challenge is not None
