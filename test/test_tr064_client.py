@@ -8,13 +8,14 @@ with no secret in any message. The timeout is driven by a ``Clock``, never waite
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -276,6 +277,28 @@ class FailureTests(Fixture):
         pending.cancel()
         self.failureResultOf(pending, CancelledError)
         await until(lambda: box.held == 0)
+
+
+class NoSecretLoggedTests(Fixture):
+    async def test_no_log_line_holds_the_password_a_digest_or_the_session(self) -> None:
+        events: list[LogEvent] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        box = await self.box()
+        self.office_calls(box)
+        await self.client(box).call_list()
+        await self.fails(self.client(box, password="wrong-" + PASSWORD), "auth")
+        box.fail_with("garbage_list")
+        await self.fails(self.client(box), "bad_answer")
+        box.fail_with("slow")
+        pending = Deferred.fromCoroutine(self.client(box).call_list())
+        await until(lambda: box.held == 1)
+        pending.cancel()
+        self.failureResultOf(pending, CancelledError)
+        text = "\n".join(formatEvent(event) + repr(event) for event in events)
+        for secret in (PASSWORD, "sid=", "response=", "Digest "):
+            self.assertNotIn(secret, text)
 
 
 class PureTests(SynchronousTestCase):

@@ -40,6 +40,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IOpenSSLContextFactory, IReactorTime
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
@@ -337,7 +338,7 @@ class FakeTr064Box:
 
     def listen(self, port: int = 0, interface: str = LOOPBACK) -> Deferred[int]:
         """Listen (TLS or not) and fire with the port number."""
-        site = Site(_BoxResource(self))
+        site = _QuietSite(_BoxResource(self))
         site.noisy = False
         self._connections = _Connections(site)
         if self.tls:
@@ -537,6 +538,14 @@ class _BoxResource(Resource):
 
     def render(self, request: Request) -> bytes | int:
         return self.box.handle(request)
+
+
+class _QuietSite(Site):
+    """No access log: a box logs nothing into dpvoip's log (and the list URL's query
+    holds the session id)."""
+
+    def log(self, request: http.Request) -> None:
+        pass
 
 
 @implementer(IOpenSSLContextFactory)
