@@ -30,7 +30,7 @@ settings.load_profile("dpvoip")
 #: Modules whose every test is slow.
 SLOW_PREFIXES = ("test_fault_", "test_properties")
 #: Modules whose tests run the installed daemon in a subprocess.
-DAEMON_MODULES = frozenset({"test_daemon", "test_fault_kill"})
+DAEMON_MODULES = frozenset({"test_daemon", "test_fault_kill", "test_fault_sigterm_replay"})
 #: A property test with at least this many cases is slow wherever it lives.
 MANY_EXAMPLES = 500
 

@@ -663,9 +663,11 @@ class AsyncSpool:
         self._pool.start()
         self._accepting = True
         # Should the reactor stop without stop() being called, still write what is queued
-        # and let the thread go, or the process would hang on it.
+        # and let the thread go, or the process would hang on it. "during", not "before":
+        # the application's services stop "before" shutdown, and the replay's last mark
+        # (written as the spool's service stops) must still find the spool open.
         self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-            "before", "shutdown", self.stop)
+            "during", "shutdown", self.stop)
         opened: Deferred[None] = self._submit(self._spool.open)
 
         def failed(failure: Failure) -> Failure:
