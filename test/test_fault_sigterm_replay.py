@@ -75,7 +75,9 @@ class SigtermDuringReplayTest(SynchronousTestCase):
         _, body = daemon.get("/readyz")
         spooled = body.get("spool", {})
         assert isinstance(spooled, dict)
-        self.assertGreaterEqual(spooled.get("pending"), len(acknowledged), spooled)
+        pending = spooled.get("pending")
+        assert isinstance(pending, int), spooled
+        self.assertGreaterEqual(pending, len(acknowledged), spooled)
         self.cluster.start()
 
         deadline = time.monotonic() + PATIENCE
