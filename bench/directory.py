@@ -189,6 +189,10 @@ def sample_numbers(dsn: str, count: int) -> list[str]:
         cursor.execute("SELECT number FROM dpvoip.directory_entry TABLESAMPLE SYSTEM (5)"
                        " LIMIT %s", (count,))
         numbers = [r[0] for r in cursor.fetchall()]
+        if len(numbers) < count:  # a small table: 5 % of its pages may be none at all
+            cursor.execute("SELECT number FROM dpvoip.directory_entry ORDER BY random()"
+                           " LIMIT %s", (count,))
+            numbers = [r[0] for r in cursor.fetchall()]
     connection.close()
     random.shuffle(numbers)
     return numbers

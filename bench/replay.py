@@ -2,10 +2,12 @@
 
     .venv/bin/python -m bench.replay                  # 6,000 events, 10,000-entry directory
     .venv/bin/python -m bench.replay --events 20000 --arrival 0.8
+    .venv/bin/python -m bench.replay --source zadarma  # signed webhook forms instead
 
 Against a private PostgreSQL with the 2025-12 CRM's tables, through the daemon's own
 ingest and spool (a real spool folder, fsynced), with Fritz!Box happenings (each call a
-Started and an Ended, a missed call of a directory number, so a ticket too):
+Started and an Ended, a missed call of a directory number, so a ticket too), or with
+Zadarma's NOTIFY_START and NOTIFY_END of missed calls (journal, call, ticket):
 
 - direct: the events submitted straight to the ingest, 32 at a time (what the direct
   path sustains: the arrival rate the replay must beat), events/s;
@@ -56,6 +58,31 @@ def happenings(count: int, numbers: list[str], offset: int) -> list[Any]:
     return events
 
 
+def zadarma_forms(count: int, numbers: list[str], offset: int) -> list[dict[str, str]]:
+    """``count`` Zadarma webhook forms: NOTIFY_START, then NOTIFY_END, of count/2 missed
+    calls, interleaved by two like ``happenings``; each call its own signed string (its
+    caller and second of start), all started within the guard's freshness window."""
+    from zoneinfo import ZoneInfo
+
+    base = datetime.now(ZoneInfo("Europe/Athens")).replace(tzinfo=None) - timedelta(hours=3)
+    forms: list[dict[str, str]] = []
+    pending_end: dict[str, str] | None = None
+    for n in range(offset, offset + count // 2):
+        common = {"pbx_call_id": f"in_bench{n:032d}",
+                  "call_start": f"{base + timedelta(seconds=n % 10000):%Y-%m-%d %H:%M:%S}",
+                  "caller_id": "+30" + random.choice(numbers).lstrip("0"),
+                  "called_did": "302107654321"}
+        forms.append({"event": "NOTIFY_START", **common})
+        if pending_end is not None:
+            forms.append(pending_end)
+        pending_end = {"event": "NOTIFY_END", **common, "duration": "0",
+                       "disposition": "no answer", "status_code": "19", "is_recorded": "0",
+                       "calltype": "normal"}
+    assert pending_end is not None
+    forms.append(pending_end)
+    return forms
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=6000)
@@ -65,6 +92,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--lanes", type=int, default=3)
     parser.add_argument("--group", type=int, default=32)
+    parser.add_argument("--source", choices=["fritzbox", "zadarma"], default="fritzbox",
+                        help="Fritz!Box happenings, or signed Zadarma webhook forms")
     options = parser.parse_args()
 
     from twisted.internet import defer, task, threads
@@ -108,11 +137,32 @@ def main() -> int:
             origin = Origin("bench", Dialling("GR"))
             offset = 0
 
+            from dpvoip.calls.ingest import ZadarmaContext
+            from dpvoip.spool.records import zadarma_record
+            from dpvoip.zadarma.events import parse_event
+
+            context = ZadarmaContext(Dialling("GR"), ZoneInfo("Europe/Athens"),
+                                     tickets=True)
+            zadarma = options.source == "zadarma"
+
             def fresh(count: int) -> list[Any]:
                 nonlocal offset
-                events = happenings(count, numbers, offset)
+                events: list[Any] = (
+                    [(parse_event(f), f) for f in zadarma_forms(count, numbers, offset)]
+                    if zadarma else happenings(count, numbers, offset))
                 offset += count
                 return events
+
+            def submit(to: Any, event: Any) -> Any:
+                """One event to the ingest or to the durable entry point."""
+                if zadarma:
+                    return to.submit_zadarma(event[0], event[1], context)
+                return to.submit(event, origin)
+
+            def record(event: Any) -> bytes:
+                if zadarma:
+                    return zadarma_record(event[1], datetime.now(UTC))
+                return fritz_record(event, "bench", event.at)
 
             async def direct(events: list[Any], window: int = 32) -> float:
                 began = time.perf_counter()
@@ -124,7 +174,7 @@ def main() -> int:
                 for event in events:
                     while len(flying) >= window:
                         await defer.DeferredList(list(flying), fireOnOneCallback=True)
-                    done = ingest.submit(event, origin)
+                    done = submit(ingest, event)
                     flying.add(done)
                     done.addBoth(landed, done)
                 await defer.DeferredList(list(flying))
@@ -137,10 +187,10 @@ def main() -> int:
                 await spool.start()
                 for start in range(0, len(events), 500):
                     await defer.gatherResults([
-                        spool.append(fritz_record(e, "bench", e.at))
+                        spool.append(record(e))
                         for e in events[start:start + 500]])
                 durable = DurableIngest(ingest, spool, store, schema, reactor,
-                                        {"bench": origin}, lambda: None, "GR",  # type: ignore[arg-type, return-value]
+                                        {"bench": origin}, lambda: context, "GR",
                                         deadline=5.0, lanes=lanes, group=group)
                 return durable, spool, folder
 
@@ -171,7 +221,7 @@ def main() -> int:
                 while not replay.called and sent < len(arriving):
                     due = int((time.perf_counter() - began) * arrival)
                     while sent < min(due, len(arriving)):
-                        durable.submit(arriving[sent], origin)
+                        submit(durable, arriving[sent])
                         sent += 1
                     await task.deferLater(reactor, 0.01, lambda: None)
                 assert await replay
@@ -183,7 +233,8 @@ def main() -> int:
                 await spool.stop()
                 shutil.rmtree(folder, ignore_errors=True)
             direct_rate = statistics.median(figures["direct events/s"])
-            print(f"bench.replay: {options.events} events a run, {options.runs} runs, "
+            print(f"bench.replay: {options.source}, {options.events} events a run, "
+                  f"{options.runs} runs, "
                   f"{options.group} events per transaction, {options.lanes} at once, "
                   f"directory {index.state.entries} entries "
                   f"(medians; ratio to the direct rate)")

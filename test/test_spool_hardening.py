@@ -437,3 +437,60 @@ class ReplayTests(SynchronousTestCase):
         rest = again.pending()
         self.assertEqual(len(rest), 500 - applied, "the next start replays only the rest")
         self.assertEqual(rest[0][0], applied + 1)
+
+
+class ReplayTailTests(SynchronousTestCase):
+    """Under steady load a replay must not chase its own tail: on its last records, new
+    events wait for it (a transaction or two) and then go straight to the database."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.spool = Spool(scratch(self) / "spool")
+        self.spool.open()
+        self.addCleanup(self.spool.close)
+        self.ingest = Ingest()
+        self.durable = make(self.clock, DiskSpool(self.spool), self.ingest, lanes=3, group=8)
+        self.ingest.down = True
+        for n in range(10):  # spooled while the database was away
+            self.successResultOf(self.durable.submit(answered(n), ORIGIN))
+        self.ingest.down, self.ingest.hold = False, True
+
+    def test_a_new_event_waits_for_the_last_records_then_goes_direct(self) -> None:
+        replay = self.durable.replay()
+        self.assertTrue(self.ingest.held, "the last records are being applied")
+        arriving = self.durable.submit(answered(100), ORIGIN)
+        self.assertNoResult(arriving)
+        self.assertEqual(len(self.spool.pending()), 10, "not behind them in the spool")
+        self.ingest.hold = False
+        self.ingest.release()
+        self.assertTrue(self.successResultOf(replay))
+        self.successResultOf(arriving)
+        self.assertEqual(self.ingest.applied[-1], answered(100), "after the spooled ones")
+        self.assertEqual((self.durable.counters.spooled, self.durable.counters.direct),
+                         (10, 1))
+        self.assertFalse(self.durable.spooling)
+
+    def test_it_waits_no_longer_than_the_deadline_then_is_spooled(self) -> None:
+        replay = self.durable.replay()
+        arriving = self.durable.submit(answered(100), ORIGIN)
+        self.clock.advance(2.0)  # the spool deadline: the replay is slow today
+        self.successResultOf(arriving)
+        self.assertEqual(len(self.spool.pending()), 11, "spooled, behind the others")
+        self.ingest.hold = False
+        self.ingest.release()
+        self.assertTrue(self.successResultOf(replay))
+        self.assertEqual(self.ingest.applied[-1], answered(100))
+        self.assertEqual(self.durable.counters.spooled, 11)
+
+    def test_a_replay_paused_by_an_outage_spools_the_waiting_event(self) -> None:
+        from txpostgres.reconnection import ConnectionDead
+
+        replay = self.durable.replay()
+        arriving = self.durable.submit(answered(100), ORIGIN)
+        for _, held in self.ingest.held:
+            held.errback(ConnectionDead())
+        self.ingest.held = []
+        self.assertFalse(self.successResultOf(replay))
+        self.successResultOf(arriving)
+        self.assertEqual(len(self.spool.pending()), 11)
+        self.assertTrue(self.durable.spooling)

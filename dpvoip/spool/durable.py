@@ -58,7 +58,7 @@ from dpvoip.core.happenings import Happening, Started, Unmatched
 from dpvoip.core.log_budget import LogBudget, more_like_this
 from dpvoip.core.numbers import Dialling
 from dpvoip.core.outcomes import Reason
-from dpvoip.deferreds import OneShotObserver, shield, within
+from dpvoip.deferreds import OneShotObserver, race, shield, within
 from dpvoip.spool.journal import AsyncSpool, SpoolFull, disk_error
 from dpvoip.spool.records import fritz_record, read_received, read_record, zadarma_record
 from dpvoip.store.database import Store, is_conflict, is_unavailable
@@ -132,6 +132,7 @@ class DurableIngest:
         self._group_size = max(1, group)
         self._call_lanes: dict[str, int] = {}
         self._begun_up_to = 0  # the highest seq of a group begun in this chunk
+        self._tail: OneShotObserver[None] | None = None  # the replay's last records
         self._chunk = max(1, chunk)
         self._stopping = False
         self._budget = budget or LogBudget()
@@ -173,6 +174,12 @@ class DurableIngest:
 
     async def _durably(self, work: Callable[[], Deferred[T]], record: Callable[[], bytes],
                        spooled_result: T) -> T:
+        tail = self._tail
+        if self._spooling and tail is not None:
+            # The replay is on its last records: wait for it (a transaction or two) and go
+            # straight to the database after them, rather than behind them into the spool,
+            # which a replay chasing its own tail would never empty under steady load.
+            await race(self._clock, tail.when_fired(), self._deadline, None)
         if self._spooling or not self._schema.fired:
             return await self._to_spool(record, spooled_result, "spool not empty")
         attempt = work()
@@ -241,6 +248,9 @@ class DurableIngest:
     def _replay_ended(self, run: OneShotObserver[bool], result: bool | Failure) -> None:
         if self._replaying is run:
             self._replaying = None
+        tail, self._tail = self._tail, None
+        if tail is not None:
+            tail.fire(None)
         run.fire(result)
 
     def stop_replay(self) -> None:
@@ -263,6 +273,8 @@ class DurableIngest:
                     return True
                 continue  # an event was spooled while we looked: read again
             self._spooling = True
+            if len(pending) <= self._group_size * self._lanes and self._tail is None:
+                self._tail = OneShotObserver()  # new events wait for these few
             done, paused = await self._replay_chunk(pending)
             if done:
                 await self._mark(done)
