@@ -18,7 +18,7 @@ sales side's "today".
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TypeVar
@@ -134,6 +134,27 @@ class ZadarmaOutcome:
     refused: str = ""
 
 
+@dataclass(frozen=True)
+class Submission:
+    """A happening for ``Ingest.apply_together``; ``recovering``: an end that may finish
+    again a call closed as interrupted (its own late end, or the box's call list)."""
+
+    happening: Happening
+    origin: Origin
+    received: datetime
+    recovering: bool = False
+
+
+@dataclass(frozen=True)
+class ZadarmaSubmission:
+    """A Zadarma event for ``Ingest.apply_together``."""
+
+    event: ZadarmaEvent
+    form: Mapping[str, str]
+    context: ZadarmaContext
+    received: datetime
+
+
 class _Refused(Exception):
     """Raised inside a Zadarma event's transaction to roll it back (journal entry and
     binding with it)."""
@@ -207,37 +228,73 @@ class Ingest:
         return self._in_order(f"zd:{event.pbx_call_id}",
                               lambda: self._zadarma(event, form, context, at))
 
-    def _in_order(self, key: str, work: Callable[[], Awaitable[T]]) -> Deferred[T]:
-        """Run ``work`` after everything submitted before under ``key`` (one call's events
-        in order); different keys run concurrently."""
-        previous = self._chains.get(key)
+    def apply_together(self, submissions: Sequence[Submission | ZadarmaSubmission],
+                       then: Callable[[Batch], Awaitable[None]] | None = None
+                       ) -> Deferred[None]:
+        """Apply ``submissions`` in order in ONE transaction, under the same rules as one
+        by one, then ``then(batch)`` in it (a reconciliation's state), then commit: one
+        commit (one WAL flush) for many events, which is what lets the spool's replay
+        outrun new arrivals. Any error writes nothing and is raised (the caller may apply
+        them one by one to find the bad one). A Zadarma event the guard refuses is undone
+        alone (a savepoint), as its own transaction would be rolled back.
+
+        The in-memory counters and log lines of a group that fails are not taken back."""
+        keys = sorted({_submission_key(s) for s in submissions})
+        return self._in_order(keys, lambda: self._together(submissions, then))
+
+    async def _together(self, submissions: Sequence[Submission | ZadarmaSubmission],
+                        then: Callable[[Batch], Awaitable[None]] | None) -> None:
+        async def steps(batch: Batch) -> None:
+            batch.hold()
+            for n, item in enumerate(submissions):
+                if isinstance(item, ZadarmaSubmission):
+                    await self._zadarma(item.event, item.form, item.context, item.received,
+                                        batch, f"event_{n}")
+                else:
+                    await self._apply(item.happening, item.origin, item.received, batch,
+                                      item.recovering)
+            if then is not None:
+                await then(batch)
+
+        await self._store.batch(steps)
+
+    def _in_order(self, keys: str | Sequence[str], work: Callable[[], Awaitable[T]]
+                  ) -> Deferred[T]:
+        """Run ``work`` after everything submitted before under any of ``keys`` (one
+        call's events in order); different keys run concurrently."""
+        keys = [keys] if isinstance(keys, str) else keys
+        previous = [p for p in (self._chains.get(key) for key in keys) if p is not None]
         done: Deferred[None] = Deferred()  # fires, never fails, when this one is through
-        self._chains[key] = done
+        for key in keys:
+            self._chains[key] = done
 
         async def run() -> T:
-            if previous is not None:
-                await previous
+            for earlier in previous:
+                await earlier
             try:
                 return await work()
             finally:
-                if self._chains.get(key) is done:
-                    del self._chains[key]
+                for key in keys:
+                    if self._chains.get(key) is done:
+                        del self._chains[key]
                 done.callback(None)
 
         return Deferred.fromCoroutine(run())
 
-    async def _apply(self, happening: Happening, origin: Origin, received: datetime) -> None:
+    async def _apply(self, happening: Happening, origin: Origin, received: datetime,
+                     batch: Batch | None = None, recovering: bool = False) -> None:
+        """One happening: a transaction of its own, or a step of ``batch``."""
         try:
             if isinstance(happening, Started):
-                await self._started(happening, origin, received)
+                await self._started(happening, origin, received, batch)
             elif isinstance(happening, Answered):
-                await self._answered(happening, received)
+                await self._answered(happening, received, batch)
             elif isinstance(happening, Forwarded):
-                await self._forwarded(happening, received)
+                await self._forwarded(happening, received, batch)
             elif isinstance(happening, Ended):
-                await self._ended(happening, origin, received)
+                await self._ended(happening, origin, received, recovering, batch)
             else:
-                await self._unmatched(happening, origin, received)
+                await self._unmatched(happening, origin, received, batch)
         except Exception:
             self.counters.failures += 1
             raise
@@ -261,14 +318,16 @@ class Ingest:
 
     # -- happenings --------------------------------------------------------------------------
 
-    async def _started(self, started: Started, origin: Origin, received: datetime) -> None:
+    async def _started(self, started: Started, origin: Origin, received: datetime,
+                       batch: Batch | None = None) -> None:
         number = None if started.hairpin else normalise(started.remote, origin.where)
         match = await self._directory.lookup(number) if number else None
         party = remote(started.remote, number, self._texts, started.hairpin)
         lines = started_lines(started.direction, party.shown, match, self._texts)
         if await self._statements.start(started, origin.source, number, party.column, match,
                                         lines, received,
-                                        started_notes(started.hairpin, self._texts)):
+                                        started_notes(started.hairpin, self._texts),
+                                        batch):
             self.counters.calls_started += 1
             log.info("call {call_id}: {direction} {number} ({name})", call_id=started.call_id,
                      direction=started.direction, number=party.shown,
@@ -276,22 +335,25 @@ class Ingest:
         else:
             self.counters.replays_ignored += 1  # the call is there already
 
-    async def _answered(self, answered: Answered, received: datetime) -> None:
+    async def _answered(self, answered: Answered, received: datetime,
+                        batch: Batch | None = None) -> None:
         line = answered_line(answered.extension, answered.transfer, self._texts)
-        if not await self._statements.answer(answered, line, received):
+        if not await self._statements.answer(answered, line, received, batch):
             self.counters.replays_ignored += 1
 
-    async def _forwarded(self, forwarded: Forwarded, received: datetime) -> None:
+    async def _forwarded(self, forwarded: Forwarded, received: datetime,
+                         batch: Batch | None = None) -> None:
         await self._statements.forward(forwarded,
                                        forwarded_line(forwarded.to_number, self._texts),
-                                       received)
+                                       received, batch)
 
     async def _ended(self, ended: Ended, origin: Origin, received: datetime,
-                     recovering: bool = False) -> None:
+                     recovering: bool = False, batch: Batch | None = None) -> None:
         notes = ended_notes(ended, self._texts)
         line = ended_line(notes, self._texts)
         if not may_get_ticket(ended.outcome):
-            done = await self._statements.finish(ended, line, notes, received, recovering)
+            done = await self._statements.finish(ended, line, notes, received, recovering,
+                                                 batch)
         else:
             async def steps(batch: Batch) -> bool:
                 # Two round trips: the number's lock and the facts, then the writes and
@@ -310,7 +372,7 @@ class Ingest:
                                    notes, received)
                 return True
 
-            done = await self._store.batch(steps)
+            done = await (self._store.batch(steps) if batch is None else steps(batch))
         if done:
             self.counters.calls_ended += 1
             log.info("call {call_id}: {status}, {notes}", call_id=ended.call_id,
@@ -335,7 +397,9 @@ class Ingest:
     # -- Zadarma -----------------------------------------------------------------------------
 
     async def _zadarma(self, event: ZadarmaEvent, form: Mapping[str, str],
-                       context: ZadarmaContext, received: datetime) -> ZadarmaOutcome:
+                       context: ZadarmaContext, received: datetime,
+                       batch: Batch | None = None, savepoint: str = "event"
+                       ) -> ZadarmaOutcome:
         """Judge the event (``dpvoip.zadarma.guard``), journal it, then compute the call
         again from all of its events and write what changed: one transaction, serialised
         per call across instances by an advisory lock. A repeated event stops at the
@@ -390,6 +454,13 @@ class Ingest:
             return await self._zadarma_call(batch, identity, call, entry, context, number,
                                             match, received, trusted)
 
+        if batch is not None:  # a step of a shared transaction: undone alone if refused
+            batch.savepoint(savepoint)
+            try:
+                return await steps(batch)
+            except _Refused as refusal:
+                await batch.rollback_to(savepoint)
+                return self._refuse(event, refusal.verdict)
         try:
             return await self._store.batch(steps)
         except _Refused as refusal:
@@ -514,10 +585,11 @@ class Ingest:
 
     # -- events of calls this process never saw start ----------------------------------------
 
-    async def _unmatched(self, event: Unmatched, origin: Origin, received: datetime) -> None:
+    async def _unmatched(self, event: Unmatched, origin: Origin, received: datetime,
+                         batch: Batch | None = None) -> None:
         candidate = await self._statements.latest_of_connection(
             event.box, event.conn_id, event.at - RECOVERY_WINDOW,
-            event.at + timedelta(minutes=1))
+            event.at + timedelta(minutes=1), batch)
         if candidate is None or candidate[4] not in (None, Outcome.INTERRUPTED.value):
             self.counters.orphans += 1
             log.warn("{kind} for connection {conn} of box {box} matches no open call: ignored",
@@ -526,7 +598,7 @@ class Ingest:
         call_id, direction, started_at, extension, _, answered = candidate
         if event.kind == "CONNECT":
             assert event.extension is not None
-            await self._answered(Answered(call_id, event.extension, event.at), received)
+            await self._answered(Answered(call_id, event.extension, event.at), received, batch)
             return
         rules = origin.rules or BoxRules(origin.name, self._zone)
         zone = rules.zone
@@ -535,7 +607,7 @@ class Ingest:
                          extension if answered else None, rules)
         ended = Ended(call_id, outcome, event.duration, event.at, extension,
                       Detail(Reason.RECOVERED))
-        await self._ended(ended, origin, received, recovering=True)
+        await self._ended(ended, origin, received, recovering=True, batch=batch)
 
     async def close_open_calls(self, box: str, reason: Reason, at: datetime,
                                started_before: datetime | None = None) -> int:
@@ -565,6 +637,12 @@ def journalled(forms: Iterable[Mapping[str, str]]) -> list[ZadarmaEvent]:
         if isinstance(parsed, ZadarmaEvent):
             events.append(parsed)
     return events
+
+
+def _submission_key(item: Submission | ZadarmaSubmission) -> str:
+    if isinstance(item, ZadarmaSubmission):
+        return f"zd:{item.event.pbx_call_id}"
+    return _chain_key(item.happening)
 
 
 def _chain_key(happening: Happening) -> str:

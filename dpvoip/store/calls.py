@@ -220,9 +220,16 @@ class CallStatements:
 
     # -- a Fritz!Box call's steps ------------------------------------------------------
 
+    async def _write(self, batch: Batch | None, statement: str, params: tuple[Any, ...]
+                     ) -> list[tuple[Any, ...]]:
+        """One statement: atomic on its own, or a step of ``batch``'s transaction."""
+        if batch is None:
+            return await self._store.write_one(statement, params)
+        return await batch.run(statement, params)
+
     async def start(self, started: Started, source: str, number: str | None, phone: str,
                     match: Match | None, lines: Sequence[LogLine], received: datetime,
-                    notes: str = "") -> bool:
+                    notes: str = "", batch: Batch | None = None) -> bool:
         """The call row, its detail, its first log lines and the live event, in one
         statement, written as at ``received`` (when the event arrived: a replay writes
         the same row); False when the call was there already."""
@@ -263,7 +270,7 @@ class CallStatements:
                                     name=match.display_name if match else None,
                                     box=started.box),
         )
-        return bool(await self._store.write_one(statement, params))
+        return bool(await self._write(batch, statement, params))
 
     def _detail_change(self, assignment: str, condition: str, log: str) -> str:
         """One statement: change the detail row if it changes, log it, publish it."""
@@ -277,7 +284,8 @@ class CallStatements:
             " SELECT c.id, (SELECT count(*) FROM note) FROM call c"
         )
 
-    async def answer(self, answered: Answered, line: LogLine, received: datetime) -> bool:
+    async def answer(self, answered: Answered, line: LogLine, received: datetime,
+                     batch: Batch | None = None) -> bool:
         """The extension that took the call (the first answer's time kept); False when
         nothing changed."""
         statement = self._statement(("answer",), lambda: self._detail_change(
@@ -285,19 +293,20 @@ class CallStatements:
             "ended_at IS NULL AND extension IS DISTINCT FROM %s",
             self._log_lines("call", 1),
         ))
-        return bool(await self._store.write_one(statement, (
+        return bool(await self._write(batch, statement, (
             answered.extension, answered.at, answered.call_id, answered.extension,
             received, line.action, line.text,
             NOTIFY_CHANNEL, payload("answered", answered.call_id,
                                     extension=answered.extension),
         )))
 
-    async def forward(self, forwarded: Forwarded, line: LogLine, received: datetime) -> bool:
+    async def forward(self, forwarded: Forwarded, line: LogLine, received: datetime,
+                      batch: Batch | None = None) -> bool:
         """Where the box forwards the ringing call; False when nothing changed."""
         statement = self._statement(("forward",), lambda: self._detail_change(
             "forwarded_to = %s", "forwarded_to IS DISTINCT FROM %s", self._log_lines("call", 1)
         ))
-        return bool(await self._store.write_one(statement, (
+        return bool(await self._write(batch, statement, (
             forwarded.to_number, forwarded.call_id, forwarded.to_number,
             received, line.action, line.text,
             NOTIFY_CHANNEL, payload("forwarded", forwarded.call_id),
@@ -340,12 +349,12 @@ class CallStatements:
         )
 
     async def finish(self, ended: Ended, line: LogLine, notes: str, received: datetime,
-                     recovering: bool = False) -> bool:
+                     recovering: bool = False, batch: Batch | None = None) -> bool:
         """Finalise a call that gets no ticket, in one statement of its own; False when it
         was finalised already. The CRM's duration is its own ``VoIPCall.save()``'s,
         ``int(ended_at - started_at)``; the talk time is kept in the detail row."""
-        return bool(await self._store.write_one(
-            self._finish_statement(recovering),
+        return bool(await self._write(
+            batch, self._finish_statement(recovering),
             self._finish_parameters(ended, line, notes, received)))
 
     async def finish_within(self, batch: Batch, ended: Ended, line: LogLine, notes: str,
@@ -497,10 +506,13 @@ class CallStatements:
     # -- calls this process never saw start --------------------------------------------
 
     async def latest_of_connection(self, box: str, conn_id: int, since: datetime,
-                                   until: datetime) -> tuple[Any, ...] | None:
+                                   until: datetime, batch: Batch | None = None
+                                   ) -> tuple[Any, ...] | None:
         """The newest call of ``box``'s connection ``conn_id`` started in (since, until]:
-        (call_id, direction, started_at, extension, outcome, answered)."""
-        rows = await self._store.read(
+        (call_id, direction, started_at, extension, outcome, answered). Within ``batch``:
+        as that transaction sees it (the calls it started itself included)."""
+        read = self._store.read if batch is None else batch.run
+        rows = await read(
             "SELECT d.call_id, d.direction, d.started_at, d.extension, d.outcome,"
             " d.answered_at IS NOT NULL FROM dpvoip.call_detail d WHERE d.box = %s AND"
             " d.conn_id = %s AND d.started_at > %s AND d.started_at <= %s"

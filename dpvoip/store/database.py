@@ -42,6 +42,24 @@ class Batch:
         self._connection = connection
         self._begun = False
         self._done = False
+        self._held = False
+        self._prefix = ""
+
+    def hold(self) -> None:
+        """From now on a step's last statement does not commit: several steps (the replay's
+        events, a call list's calls) share this one transaction, committed by its owner."""
+        self._held = True
+
+    def savepoint(self, name: str) -> None:
+        """A savepoint before the next statement (riding along with it, no round trip of
+        its own): ``rollback_to`` undoes one step without the rest of the transaction."""
+        self._prefix += f"SAVEPOINT {name}; "
+
+    async def rollback_to(self, name: str) -> None:
+        if self._prefix:  # the step wrote nothing: its savepoint was never sent
+            self._prefix = ""
+            return
+        await self._cursor.execute(f"ROLLBACK TO SAVEPOINT {name}")
 
     async def run_prepared(self, name: str, statement: str, params: tuple[Any, ...]
                            ) -> list[tuple[Any, ...]]:
@@ -77,7 +95,12 @@ class Batch:
 
     async def run(self, sql: str, params: Any = None, last: bool = False
                   ) -> list[tuple[Any, ...]]:
-        text = sql if self._begun else "BEGIN; " + sql
+        if self._held:
+            last = False
+        text = self._prefix + sql
+        self._prefix = ""
+        if not self._begun:
+            text = "BEGIN; " + text
         if last:
             text += "; COMMIT"
         self._begun = True

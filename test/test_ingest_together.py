@@ -1,0 +1,196 @@
+"""``Ingest.apply_together``: many events in one transaction (the spool's replay, a box's
+call list) write exactly what the same events write one by one, or nothing at all."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from twisted.internet import defer, reactor
+
+from dpvoip.calls.ingest import Ingest, Submission, ZadarmaSubmission
+from dpvoip.config import DatabaseSettings
+from dpvoip.core.happenings import Happening
+from dpvoip.core.numbers import Dialling
+from dpvoip.deferreds import OneShotObserver
+from dpvoip.fritzbox.parser import parse
+from dpvoip.fritzbox.tracker import CallTracker
+from dpvoip.store.database import Batch, Store
+from dpvoip.store.directory import DirectoryIndex
+from dpvoip.store.dsn import connection_dsn
+from dpvoip.store.migrations import SchemaReport, prepare
+from dpvoip.store.pool import HealingPool
+from dpvoip.zadarma.events import ZadarmaEvent, parse_event
+from test.support.crm import Crm
+from test.support.crm_rules import crm_findings
+from test.support.postgres import postgres
+from test.test_ingest import OWN, ZadarmaTestCase, today, zadarma_call
+
+#: When the events arrived: today, so that the tickets' 24-hour window is real.
+ARRIVED = datetime.strptime(today("09:10:00"), "%d.%m.%y %H:%M:%S").replace(
+    tzinfo=ZoneInfo("Europe/Athens")).astimezone(UTC)
+
+
+class TogetherTests(ZadarmaTestCase):
+    crm_version = "2025-12"
+
+    def day_of_calls(self) -> list[Submission | ZadarmaSubmission]:
+        """A day's events: an answered client call, two missed calls of one client (a
+        ticket, then grouped), the answering machine, an unreached outgoing call, a
+        blocked caller, a call whose DISCONNECT comes after a restart (found again in the
+        database: in the same transaction, before it is committed), and a missed Zadarma
+        call with its ticket."""
+        lines = [
+            f"{today('09:00:00')};RING;0;06912345678;7654321;SIP0;",
+            f"{today('09:00:05')};CONNECT;0;11;06912345678;",
+            f"{today('09:01:10')};DISCONNECT;0;60;",
+            f"{today('09:02:00')};RING;1;06912345679;7654321;SIP0;",
+            f"{today('09:02:30')};DISCONNECT;1;0;",
+            f"{today('09:03:00')};RING;1;06912345679;7654321;SIP0;",
+            f"{today('09:03:25')};DISCONNECT;1;0;",
+            f"{today('09:04:00')};RING;2;2101234567;7654321;SIP0;",
+            f"{today('09:04:20')};CONNECT;2;40;2101234567;",
+            f"{today('09:05:00')};DISCONNECT;2;40;",
+            f"{today('09:06:00')};CALL;3;11;7654321;2109999999;SIP0;",
+            f"{today('09:06:30')};DISCONNECT;3;0;",
+            f"{today('09:07:00')};RING;4;2105555555;7654321;SIP0;",
+            f"{today('09:07:00')};DISCONNECT;4;0;",
+            f"{today('09:08:00')};RING;5;2106666666;7654321;SIP0;",
+        ]
+        happenings: list[Happening] = []
+        for line in lines:
+            happenings += self.tracker.feed(parse(line))
+        after_restart = CallTracker(self.rules)
+        happenings += after_restart.feed(parse(f"{today('09:08:40')};DISCONNECT;5;0;"))
+        items: list[Submission | ZadarmaSubmission] = [
+            Submission(h, self.origin, ARRIVED) for h in happenings]
+        context = replace(self.context, tickets=True)
+        for form in zadarma_call("+306912345678", "in_" + "7" * 40, answered=False):
+            event = parse_event(form)
+            assert isinstance(event, ZadarmaEvent)
+            items.append(ZadarmaSubmission(event, form, context, ARRIVED))
+        return items
+
+    def clients(self, crm: Crm) -> None:
+        crm.client("Papadopoulos AE", kinito_tilefono="691 234 5678")
+        crm.client("Ioannou OE", kinito_tilefono="691 234 5679")
+
+    async def _twin(self) -> tuple[Ingest, Crm, str]:
+        """A second database and ingest, the same as this test's."""
+        dsn = postgres().new_database(crm=self.crm_version)
+        pool = HealingPool(reactor, connection_dsn(dsn, DatabaseSettings()), 2)
+        self.addCleanup(pool.close)
+        await pool.start()
+        store = Store(pool, reactor)
+        schema: OneShotObserver[SchemaReport] = OneShotObserver()
+        schema.fire(await store.write(
+            lambda c: prepare(c, standalone=False, crm_schema="public")))
+        index = DirectoryIndex(store, "public", Dialling("GR"), own_numbers=OWN)
+        crm = Crm(dsn)
+        self.clients(crm)
+        await index.build()
+        ingest = Ingest(store, index, self.texts, self.tickets, ZoneInfo("Europe/Athens"),
+                        schema, reactor)
+        return ingest, crm, dsn
+
+    def rows(self, crm: Crm) -> dict[str, list[tuple[Any, ...]]]:
+        return {
+            "calls": crm.query(
+                "SELECT call_id, direction, phone_number, status, started_at, ended_at,"
+                " duration_seconds, notes, ticket_created, ticket_id, client_id,"
+                " created_at, updated_at FROM accounting_voipcall ORDER BY call_id"),
+            "logs": crm.query(
+                "SELECT c.call_id, l.action, l.description, l.created_at FROM"
+                " accounting_voipcalllog l JOIN accounting_voipcall c ON c.id = l.call_id"
+                " ORDER BY c.call_id, l.id"),
+            "tickets": crm.query(
+                "SELECT t.title, t.status, t.priority, t.notes, c.call_id, t.client_id"
+                " FROM accounting_ticket t JOIN accounting_voipcall c ON c.id = t.call_id"
+                " ORDER BY t.id"),
+            "details": crm.query(
+                "SELECT call_id, box, direction, remote_number, extension, outcome,"
+                " talk_seconds, started_at, ended_at FROM dpvoip.call_detail"
+                " ORDER BY call_id"),
+        }
+
+    @defer.inlineCallbacks
+    def test_one_transaction_writes_what_one_by_one_writes(self) -> Any:
+        self.clients(self.crm)
+        yield self.build_directory()
+        items = self.day_of_calls()
+        yield self.ingest.apply_together(items)
+
+        twin, twin_crm, twin_dsn = yield defer.Deferred.fromCoroutine(self._twin())
+        for item in items:
+            if isinstance(item, ZadarmaSubmission):
+                yield twin.submit_zadarma(item.event, item.form, item.context, item.received)
+            else:
+                yield twin.submit(item.happening, item.origin, item.received)
+        together, one_by_one = self.rows(self.crm), self.rows(twin_crm)
+        self.assertEqual(together, one_by_one)
+        self.assertEqual([c[3] for c in together["calls"]], [
+            "completed", "missed", "missed", "missed", "failed", "failed", "missed",
+            "missed"])
+        self.assertEqual(len(together["tickets"]), 4, together["tickets"])
+        self.assertIn("recovered after a reconnect", together["calls"][6][7])
+        self.assertEqual(crm_findings(twin_dsn), [])
+
+    @defer.inlineCallbacks
+    def test_a_failing_step_writes_nothing_and_a_second_try_writes_once(self) -> Any:
+        self.clients(self.crm)
+        yield self.build_directory()
+        items = self.day_of_calls()
+
+        async def broken(batch: Batch) -> None:
+            raise RuntimeError("the disk of the list's state failed")
+
+        with self.assertRaises(RuntimeError):
+            yield self.ingest.apply_together(items, broken)
+        self.assertEqual(self.rows(self.crm), {"calls": [], "logs": [], "tickets": [],
+                                               "details": []})
+        yield self.ingest.apply_together(items)
+        yield self.ingest.apply_together(items)  # applied again: nothing changes
+        rows = self.rows(self.crm)
+        self.assertEqual(len(rows["calls"]), 8)
+        self.assertEqual(len(rows["tickets"]), 4, rows["tickets"])
+
+    @defer.inlineCallbacks
+    def test_the_last_step_shares_the_events_transaction(self) -> Any:
+        seen: list[str] = []
+
+        async def state(batch: Batch) -> None:
+            [(xid,)] = await batch.run("SELECT txid_current()::text")
+            seen.append(xid)
+
+        items = self.day_of_calls()[:2]
+        yield self.ingest.apply_together(items, state)
+        written = {xmin for (xmin,) in self.crm.query(
+            "SELECT xmin::text FROM accounting_voipcall")}
+        self.assertEqual(written, set(seen))
+
+    @defer.inlineCallbacks
+    def test_a_refused_zadarma_event_is_undone_alone(self) -> Any:
+        """A second call claiming the first one's signed string is refused inside the
+        transaction (its journal row is undone); the events around it stay."""
+        first, _ = zadarma_call("+306912345678", "in_" + "1" * 40, answered=True)
+        thief = dict(first, pbx_call_id="in_" + "2" * 40)
+        other, _ = zadarma_call("+306912345670", "in_" + "3" * 40, answered=True,
+                                start="2026-01-15 10:07:00")
+        items = []
+        for form in (first, thief, other):
+            event = parse_event(form)
+            assert isinstance(event, ZadarmaEvent)
+            items.append(ZadarmaSubmission(event, form, self.context, ARRIVED))
+        yield self.ingest.apply_together(items)
+        self.assertEqual([c[0] for c in self.rows(self.crm)["calls"]],
+                         ["zd-in_" + "1" * 40, "zd-in_" + "3" * 40])
+        journalled = self.crm.query(
+            "SELECT DISTINCT pbx_call_id FROM dpvoip.zadarma_event ORDER BY 1")
+        self.assertEqual(journalled, [("in_" + "1" * 40,), ("in_" + "3" * 40,)])
+        self.assertEqual(self.ingest.counters.zadarma_bound_elsewhere, 1)
+
+
+class NewestCrmTogetherTests(TogetherTests):
+    crm_version = "2026-08"
