@@ -104,15 +104,14 @@ class CallListStatements:
 
     # -- corrections -----------------------------------------------------------------------
 
-    @staticmethod
-    async def reopen_blocked(call_ids: Sequence[str], store: Store) -> None:
+    async def reopen_blocked(self, call_ids: Sequence[str]) -> None:
         """Calls recorded as blocked that the box's list says were missed, made ready for
         the ingest's recovering end (which finishes a call closed as interrupted, with the
         normal ticket rule). Its own transaction, before the run's: should the run fail,
         the next one finds these calls interrupted and finishes them from the list."""
         if not call_ids:
             return
-        await store.write_one(
+        await self._store.write_one(
             "UPDATE dpvoip.call_detail SET outcome = 'interrupted', updated_at = now()"
             " WHERE call_id = ANY(%s::text[]) AND outcome = 'blocked'", (list(call_ids),))
 
