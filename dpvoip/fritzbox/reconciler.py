@@ -277,10 +277,19 @@ def _kind(error: BaseException) -> tuple[str, str]:
     return "internal", f"unexpected error ({type(error).__name__}): please report it"
 
 
+class Passes(Protocol):
+    """What the service runs (a ``Reconciler``)."""
+
+    @property
+    def settings(self) -> FritzBoxSettings: ...
+
+    def run(self) -> Awaitable[ReconcileReport]: ...
+
+
 class ReconcileService(Service):
     """Runs a box's reconciliation passes (see the module's text)."""
 
-    def __init__(self, reconciler: Reconciler, clock: IReactorTime,
+    def __init__(self, reconciler: Passes, clock: IReactorTime,
                  prepared: Callable[[], Deferred[None]], every: float | None = None,
                  retry: Callable[[int], float] | None = None,
                  after_connect: float = AFTER_CONNECT) -> None:

@@ -59,8 +59,7 @@ class CallListStatements:
             " AND last_id IS NOT NULL", (box,))
         return ListState(int(rows[0][0]), int(rows[0][1])) if rows else None
 
-    @staticmethod
-    async def write_state(batch: Batch, box: str, state: ListState) -> None:
+    async def write_state(self, batch: Batch, box: str, state: ListState) -> None:
         await batch.run(
             "INSERT INTO dpvoip.call_list_state (box, last_id, list_timestamp) VALUES"
             " (%s, %s, %s) ON CONFLICT (box) DO UPDATE SET last_id = EXCLUDED.last_id,"
@@ -84,14 +83,12 @@ class CallListStatements:
 
     # -- links -----------------------------------------------------------------------------
 
-    @staticmethod
-    async def forget_links(batch: Batch, box: str) -> None:
+    async def forget_links(self, batch: Batch, box: str) -> None:
         """The box's list was reset: its old entry ids mean nothing any more."""
         await batch.run("UPDATE dpvoip.call_detail SET list_id = NULL WHERE box = %s"
                         " AND list_id IS NOT NULL", (box,))
 
-    @staticmethod
-    async def link(batch: Batch, box: str, links: Sequence[tuple[str, int]]) -> None:
+    async def link(self, batch: Batch, box: str, links: Sequence[tuple[str, int]]) -> None:
         """Each call to its list entry (one entry, one call: a unique index says so)."""
         if not links:
             return
