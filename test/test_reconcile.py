@@ -273,6 +273,17 @@ class StateTests(SynchronousTestCase):
         self.assertEqual(result.state, ListState(3, 1000))
 
 
+    def test_after_a_reset_an_unmatched_entry_the_old_list_had_is_not_recovered(self) -> None:
+        calls = [recorded("fb-a", "09:00:20", "missed", list_id=100)]
+        listed = listing(entry(1, MISSED, "08:00"), entry(2, MISSED, "09:00"),
+                         entry(3, MISSED, "11:00"))
+        result = plan(ListState(101, 900), listed, calls, RULES, reset=True,
+                      reset_since=utc("10:00:00"))
+        self.assertEqual(result.links, (("fb-a", 2),))
+        self.assertEqual([r.entry_id for r in result.recoveries], [3])
+        self.assertEqual((result.too_old, result.state), (1, ListState(3, 1000)))
+
+
 class BaselineTests(SynchronousTestCase):
     def test_a_first_run_recovers_nothing_older_than_itself(self) -> None:
         listed = listing(entry(1, MISSED, "08:00", day=1), entry(2, MISSED, "09:00"),
@@ -280,7 +291,7 @@ class BaselineTests(SynchronousTestCase):
         calls = [recorded("fb-seen", "10:05:10", None)]
         result = plan(None, listed, calls, RULES, baseline_since=utc("09:30:00"))
         self.assertTrue(result.baseline)
-        self.assertEqual(result.before_baseline, 2)
+        self.assertEqual(result.too_old, 2)
         self.assertEqual([r.entry_id for r in result.recoveries], [3])
         self.assertEqual(result.links, (("fb-seen", 4),))
         self.assertEqual([f.ended.call_id for f in result.finishes], ["fb-seen"])

@@ -102,11 +102,12 @@ class FailingOnce(CallListStatements):
 
     failed = False
 
-    async def write_state(self, batch: Batch, box: str, state: ListState) -> None:
+    async def write_state(self, batch: Batch, box: str, state: ListState,
+                          at: datetime) -> None:
         if not self.failed:
             self.failed = True
             raise RuntimeError("crash before COMMIT")
-        await super().write_state(batch, box, state)
+        await super().write_state(batch, box, state, at)
 
 
 class ReconcilerTestCase(TestCase):
@@ -373,17 +374,20 @@ class ListStateTests(ReconcilerTestCase):
         self.box.calls = [entry(101, MISSED, "09:00", A), entry(102, MISSED, "09:05", B)]
         yield self.run_once()
         self.assertEqual(len(self.calls()), 2)
-        # The list starts again: the 09:05 call is in it again under id 1, then new ones.
-        self.box.reset(entry(1, MISSED, "09:05", B), entry(2, MISSED, "10:00", C))
+        # Two hours later the list starts again, with the 09:05 call in it under id 2, an
+        # older call the old list had (never recorded: before TR-064 was on), a new one.
+        self.clock.advance(7200)
+        self.box.reset(entry(1, MISSED, "08:30", D), entry(2, MISSED, "09:05", B),
+                       entry(3, MISSED, "13:00", C))
         report = yield self.run_once()
         self.assertTrue(report.reset)
-        self.assertEqual((report.linked, report.inserted), (1, 1))
+        self.assertEqual((report.linked, report.inserted, report.too_old), (1, 1, 1))
         self.assertEqual(self.box.asked[-1], (self.settings.call_list_days, None))
         calls = self.calls()
         self.assertEqual([c[2] for c in calls],
                          ["+306912345678", "+306923456789", "+306934567890"])
-        self.assertEqual([c[6] for c in calls], [None, 1, 2])
-        self.assertEqual(self.state(), (2, 2000))
+        self.assertEqual([c[6] for c in calls], [None, 2, 3])
+        self.assertEqual(self.state(), (3, 2000))
         before = self.everything()
         yield self.run_once()
         self.assertEqual(self.everything(), before)
@@ -408,7 +412,7 @@ class ListStateTests(ReconcilerTestCase):
                           entry(3, INCOMING, "11:00", C, duration=60)]
         report = yield self.run_once()
         self.assertTrue(report.baseline)
-        self.assertEqual((report.inserted, report.before_baseline), (0, 3))
+        self.assertEqual((report.inserted, report.too_old), (0, 3))
         self.assertEqual(self.calls(), [])
         self.assertEqual(self.state(), (3, 1000))
         # Calls of this run: the monitor's is linked, the one it missed recovered.

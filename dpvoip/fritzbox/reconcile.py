@@ -24,7 +24,9 @@ The rules:
 - active entries (Type 9, 11) are never passed: neither they nor any later entry is
   processed, and the stored id stays below them;
 - a list whose newest id is lower than the stored one was reset: it is read again by
-  days and matched by time alone (the old links are dropped with it);
+  days and matched by time alone (the old links are dropped with it); an entry dated
+  before the last read of the old list that matches nothing is not recovered (the old
+  list had it: it is recorded, or it was before the first run);
 - a first run (no state stored) is a baseline: nothing dated before it is recovered (an
   office turning TR-064 on must not get a week of old tickets), later entries are
   linked or recovered as usual.
@@ -124,7 +126,7 @@ class Plan:
     already: int = 0  # entries linked before (a second run)
     skipped: int = 0  # entries of a type the rules do not know
     held_back: int = 0  # active entries, and the entries after the first of them
-    before_baseline: int = 0  # entries left alone at the first run
+    too_old: int = 0  # entries before the first run, or before a reset and unmatched
     reset: bool = False
     baseline: bool = False
     types: dict[int, int] = field(default_factory=dict)  # entries processed, by type
@@ -210,21 +212,27 @@ def time_range(entries: Iterable[ListedCall], zone: tzinfo) -> tuple[datetime, d
 
 
 def plan(state: ListState | None, listed: CallList, recorded: Sequence[Recorded],
-         rules: ListRules, *, reset: bool = False, baseline_since: datetime | None = None
-         ) -> Plan:
+         rules: ListRules, *, reset: bool = False, baseline_since: datetime | None = None,
+         reset_since: datetime | None = None) -> Plan:
     """What one read of the list changes. ``recorded``: the box's calls in the entries'
     time range (``time_range``). ``reset``: the list was reset (``was_reset``) and read
     again by days; the calls' old links are dropped with it. ``baseline_since``: at the
-    first run (no ``state``), entries dated before it are left alone."""
+    first run (no ``state``), entries dated before it are left alone. ``reset_since``:
+    after a reset, entries dated before it (the last read of the old list, less a margin)
+    are only linked, never recovered: the old list had them, so they are recorded or were
+    before the first run."""
     entries, held, last = processing(state, listed, reset)
     new_state = ListState(last, listed.timestamp)
     baseline = state is None and not reset
-    before = 0
+    too_old = 0
+    old: set[int] = set()
     if baseline and baseline_since is not None:
         kept = [e for e in entries if local_to_utc(e.date, rules.zone) >= baseline_since]
-        before, entries = len(entries) - len(kept), kept
+        too_old, entries = len(entries) - len(kept), kept
     elif baseline:
-        before, entries = len(entries), []
+        too_old, entries = len(entries), []
+    elif reset and reset_since is not None:
+        old = {e.id for e in entries if local_to_utc(e.date, rules.zone) < reset_since}
 
     free = {call.call_id: call for call in recorded}
     links: list[tuple[str, int]] = []
@@ -240,6 +248,9 @@ def plan(state: ListState | None, listed: CallList, recorded: Sequence[Recorded]
             continue
         types[entry.type] = types.get(entry.type, 0) + 1
         call = _link(entry, free, rules, reset)
+        if call is None and entry.id in old:
+            too_old += 1
+            continue
         if call is None:
             recoveries.append(_recovery(entry, outcome, rules))
             continue
@@ -255,7 +266,7 @@ def plan(state: ListState | None, listed: CallList, recorded: Sequence[Recorded]
         if correction is not None:
             corrections.append(correction)
     return Plan(new_state, tuple(links), tuple(finishes), tuple(corrections),
-                tuple(recoveries), already, skipped, held, before, reset, baseline, types)
+                tuple(recoveries), already, skipped, held, too_old, reset, baseline, types)
 
 
 def _link(entry: ListedCall, free: dict[str, Recorded], rules: ListRules, reset: bool

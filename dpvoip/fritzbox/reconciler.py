@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from twisted.application.service import Service
@@ -59,6 +59,9 @@ log = Logger(namespace="dpvoip.fritzbox.reconcile")
 #: Seconds after a (re)connect before the list is read: a call shows in it ~5 s after
 #: its DISCONNECT.
 AFTER_CONNECT = 10.0
+#: After a reset, unmatched entries dated before the old list's last read, less this
+#: (the list's minute resolution, the ~5 s before a call shows), are not recovered.
+RESET_MARGIN = timedelta(minutes=5)
 
 
 class CallListError(Exception):
@@ -100,7 +103,7 @@ class ReconcileReport:
     skipped: int = 0  # entries of an unknown type
     held_back: int = 0  # active entries and those after them (the next pass)
     already: int = 0  # entries linked by an earlier pass
-    before_baseline: int = 0  # entries older than the first pass, left alone
+    too_old: int = 0  # entries older than the first pass, left alone
     reset: bool = False
     baseline: bool = False
     tickets_removed: int = 0  # untouched tickets of calls the box had blocked
@@ -148,7 +151,10 @@ class Reconciler:
         else:
             listed = await self._client.call_list(since=(state.last_id, state.timestamp))
         reset = was_reset(state, listed)
+        reset_since = None
         if reset:
+            last_read = await self._store.last_read(box)
+            reset_since = last_read - RESET_MARGIN if last_read is not None else None
             log.warn("box {box}: its call list was reset (newest id below {last}): read "
                      "again by days and matched by time", box=box,
                      last=state.last_id if state else 0)
@@ -157,7 +163,7 @@ class Reconciler:
         found = time_range(entries, self._rules.zone)
         recorded = await self._store.recorded(box, *found) if found else []
         decided = plan(state, listed, recorded, self._rules, reset=reset,
-                       baseline_since=self.since)
+                       baseline_since=self.since, reset_since=reset_since)
         if decided.writes or decided.state != state or reset:
             removed = await self._apply(decided)
         else:
@@ -166,7 +172,7 @@ class Reconciler:
             box, linked=len(decided.links), finished=len(decided.finishes),
             corrected=len(decided.corrections), inserted=len(decided.recoveries),
             skipped=decided.skipped, held_back=decided.held_back, already=decided.already,
-            before_baseline=decided.before_baseline, reset=reset,
+            too_old=decided.too_old, reset=reset,
             baseline=decided.baseline, tickets_removed=removed, state=decided.state)
         if decided.writes:
             log.info("box {box}: call list: {inserted} recovered, {linked} linked, "
@@ -209,7 +215,7 @@ class Reconciler:
                 done = await self._store.correct_to_blocked(
                     batch, self._blocked(correction, received), received)
                 removed += done == "deleted"
-            await self._store.write_state(batch, box, decided.state)
+            await self._store.write_state(batch, box, decided.state, received)
 
         await self._ingest.apply_together(submissions, then)
         return removed

@@ -59,12 +59,22 @@ class CallListStatements:
             " AND last_id IS NOT NULL", (box,))
         return ListState(int(rows[0][0]), int(rows[0][1])) if rows else None
 
-    async def write_state(self, batch: Batch, box: str, state: ListState) -> None:
+    async def last_read(self, box: str) -> datetime | None:
+        """When ``box``'s list state was last written: the last pass that changed it."""
+        rows = await self._store.read(
+            "SELECT updated_at FROM dpvoip.call_list_state WHERE box = %s"
+            " AND last_id IS NOT NULL", (box,))
+        return rows[0][0] if rows else None
+
+    async def write_state(self, batch: Batch, box: str, state: ListState,
+                          at: datetime) -> None:
+        """The new state, as of the pass at ``at`` (inside the pass's transaction)."""
         await batch.run(
-            "INSERT INTO dpvoip.call_list_state (box, last_id, list_timestamp) VALUES"
-            " (%s, %s, %s) ON CONFLICT (box) DO UPDATE SET last_id = EXCLUDED.last_id,"
-            " list_timestamp = EXCLUDED.list_timestamp, updated_at = now()",
-            (box, state.last_id, state.timestamp))
+            "INSERT INTO dpvoip.call_list_state (box, last_id, list_timestamp, updated_at)"
+            " VALUES (%s, %s, %s, %s) ON CONFLICT (box) DO UPDATE SET"
+            " last_id = EXCLUDED.last_id, list_timestamp = EXCLUDED.list_timestamp,"
+            " updated_at = EXCLUDED.updated_at",
+            (box, state.last_id, state.timestamp, at))
 
     # -- the box's recorded calls ----------------------------------------------------------
 
