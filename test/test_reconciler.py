@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 from zoneinfo import ZoneInfo
 
+import psycopg2
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
@@ -565,6 +566,16 @@ class ServiceTests(SynchronousTestCase):
         self.assertIn("check the TR-064 user and password", warnings[0])
         self.assertFalse(any(secret in text for text in self.said()))
         self.assertIsNotNone(status.last_success)
+
+    def test_the_database_away_is_a_kind_of_its_own(self) -> None:
+        self.passes.errors = [psycopg2.OperationalError("server closed the connection")]
+        self.prepared.callback(None)
+        self.clock.advance(0)
+        self.assertEqual((self.service.status.state, self.service.status.kind),
+                         ("failing", "database"))
+        self.assertTrue(any("server closed the connection" in text for text in self.said()))
+        self.clock.advance(30)
+        self.assertEqual(self.service.status.state, "ok")
 
     def test_stopping_cancels_the_next_pass(self) -> None:
         self.prepared.callback(None)

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
+from zoneinfo import ZoneInfo
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -52,7 +53,7 @@ from dpvoip.fritzbox.reconcile import (
     was_reset,
 )
 from dpvoip.store.call_list import BlockedCorrection, CallListStatements
-from dpvoip.store.database import Batch
+from dpvoip.store.database import Batch, is_database_error
 
 log = Logger(namespace="dpvoip.fritzbox.reconcile")
 
@@ -111,14 +112,9 @@ class ReconcileReport:
 
 
 def rules_of(settings: FritzBoxSettings, origin: Origin) -> ListRules:
-    """The list's rules from the box's settings (the same zone, numbers and machines as
-    its CallMonitor path)."""
-    zone = origin.rules.zone if origin.rules is not None else None
-    if zone is None:
-        from zoneinfo import ZoneInfo
-
-        zone = ZoneInfo(settings.timezone)
-    return ListRules(settings.name, zone, origin.where,
+    """The list's rules from the box's settings (the same zone, numbers and answering
+    machines as its CallMonitor path)."""
+    return ListRules(settings.name, ZoneInfo(settings.timezone), origin.where,
                      frozenset(settings.answering_machine_extensions),
                      settings.blocked_threshold_seconds)
 
@@ -276,8 +272,6 @@ def _kind(error: BaseException) -> tuple[str, str]:
     kind, advice = getattr(error, "kind", None), getattr(error, "advice", None)
     if isinstance(kind, str) and isinstance(advice, str):
         return kind, advice
-    from dpvoip.store.database import is_database_error
-
     if is_database_error(error):
         return "database", "PostgreSQL refused or is away: the list is read again when it is back"
     return "internal", f"unexpected error ({type(error).__name__}): please report it"
