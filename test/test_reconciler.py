@@ -443,7 +443,7 @@ class ListStateTests(ReconcilerTestCase):
         self.assertIsNone((yield defer.Deferred.fromCoroutine(
             self.statements.certificate("office"))))
         first = yield defer.Deferred.fromCoroutine(
-            self.statements.pin_certificate("office", "AB" * 32))
+            self.statements.pin_certificate("office", ":".join(["AB"] * 32)))
         second = yield defer.Deferred.fromCoroutine(
             self.statements.pin_certificate("office", "CD" * 32))
         self.assertEqual((first, second), ("ab" * 32, "ab" * 32))

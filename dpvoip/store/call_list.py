@@ -204,13 +204,13 @@ class CallListStatements:
         return str(rows[0][0]) if rows and rows[0][0] is not None else None
 
     async def pin_certificate(self, box: str, fingerprint: str) -> str:
-        """Pin ``fingerprint`` unless one is pinned already; the one pinned (the first one
-        seen wins, also when two instances race)."""
+        """Pin ``fingerprint`` (hex, colons allowed) unless one is pinned already; the one
+        pinned (the first one seen wins, also when two instances race)."""
         rows: list[tuple[Any, ...]] = await self._store.write_one(
             "INSERT INTO dpvoip.call_list_state AS s (box, certificate_sha256) VALUES (%s, %s)"
             " ON CONFLICT (box) DO UPDATE SET certificate_sha256 ="
             " coalesce(s.certificate_sha256, EXCLUDED.certificate_sha256),"
             " updated_at = CASE WHEN s.certificate_sha256 IS NULL THEN now()"
             " ELSE s.updated_at END RETURNING certificate_sha256",
-            (box, fingerprint.lower()))
+            (box, fingerprint.replace(":", "").strip().lower()))
         return str(rows[0][0])
