@@ -259,6 +259,13 @@ class StateTests(SynchronousTestCase):
         self.assertFalse(was_reset(STATE, listing()))
         self.assertFalse(was_reset(None, listing(entry(3, MISSED, "09:00"))))
 
+    def test_a_reset_list_that_grew_past_the_stored_id_is_a_reset_too(self) -> None:
+        grown = [entry(n, MISSED, "09:00") for n in range(1, 103)]
+        self.assertTrue(was_reset(STATE, listing(*grown, timestamp=2000)))
+        # The same list under the stored timestamp: the box sent what was asked for.
+        self.assertFalse(was_reset(STATE, listing(*grown[100:], timestamp=900)))
+        self.assertFalse(was_reset(STATE, listing(*grown[100:], timestamp=2000)))
+
     def test_a_reset_list_is_matched_by_time_alone(self) -> None:
         # The old list's entries 100 and 101 were linked; the new list starts at 1.
         calls = [recorded("fb-a", "09:00:20", "missed", list_id=100),

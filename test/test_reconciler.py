@@ -165,8 +165,11 @@ class ReconcilerTestCase(TestCase):
         return defer.Deferred.fromCoroutine((reconciler or self.reconciler).run())
 
     def stored_state(self, last_id: int = 100, timestamp: int = 1000) -> None:
-        self.crm.query("INSERT INTO dpvoip.call_list_state (box, last_id, list_timestamp)"
-                       " VALUES ('office', %s, %s)", (last_id, timestamp))
+        """The state of a pass of the night before (so every call of the morning is
+        after it)."""
+        self.crm.query("INSERT INTO dpvoip.call_list_state (box, last_id, list_timestamp,"
+                       " updated_at) VALUES ('office', %s, %s, %s)",
+                       (last_id, timestamp, datetime(2026, 3, 1, 23, 0, tzinfo=ATHENS)))
 
     def state(self) -> tuple[Any, ...] | None:
         rows = self.crm.query("SELECT last_id, list_timestamp FROM dpvoip.call_list_state"
@@ -392,6 +395,17 @@ class ListStateTests(ReconcilerTestCase):
         before = self.everything()
         yield self.run_once()
         self.assertEqual(self.everything(), before)
+
+    @defer.inlineCallbacks
+    def test_a_reset_list_grown_past_the_stored_id_is_noticed(self) -> Any:
+        self.stored_state(2, 1000)
+        self.box.calls = [entry(1, MISSED, "09:00", A), entry(2, MISSED, "09:05", B)]
+        self.box.reset(entry(1, MISSED, "10:00", C), entry(2, MISSED, "10:05", D),
+                       entry(3, MISSED, "10:10", A))
+        report = yield self.run_once()
+        self.assertTrue(report.reset)
+        self.assertEqual(report.inserted, 3)
+        self.assertEqual(self.state(), (3, 2000))
 
     @defer.inlineCallbacks
     def test_active_entries_are_not_passed(self) -> Any:

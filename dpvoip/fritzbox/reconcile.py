@@ -23,7 +23,8 @@ The rules:
   also after a crash, inserts nothing twice);
 - active entries (Type 9, 11) are never passed: neither they nor any later entry is
   processed, and the stored id stays below them;
-- a list whose newest id is lower than the stored one was reset: it is read again by
+- a list whose newest id is lower than the stored one was reset (so was one of another
+  timestamp that holds ids at or below the stored one): it is read again by
   days and matched by time alone (the old links are dropped with it); an entry dated
   before the last read of the old list that matches nothing is not recovered (the old
   list had it: it is recorded, or it was before the first run);
@@ -139,10 +140,16 @@ class Plan:
 
 def was_reset(state: ListState | None, listed: CallList) -> bool:
     """The box's list starts again (cleared, or the box reset): its newest id is lower
-    than the highest one processed."""
+    than the highest one processed; or, asked for the entries after that id, the box
+    answered with a list of another timestamp holding entries at or below it (it sends
+    the whole list when the timestamp asked for is no longer its own: a list that was
+    reset and has grown past the old id since)."""
     if state is None or not listed.calls:
         return False
-    return max(call.id for call in listed.calls) < state.last_id
+    ids = [call.id for call in listed.calls]
+    if max(ids) < state.last_id:
+        return True
+    return listed.timestamp != state.timestamp and min(ids) <= state.last_id
 
 
 def local_to_utc(local: datetime, zone: tzinfo) -> datetime:
