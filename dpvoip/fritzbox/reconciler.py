@@ -151,8 +151,8 @@ class Reconciler:
         if reset:
             last_read = await self._store.last_read(box)
             reset_since = last_read - RESET_MARGIN if last_read is not None else None
-            log.warn("box {box}: its call list was reset (newest id below {last}): read "
-                     "again by days and matched by time", box=box,
+            log.warn("box {box}: its call list was reset (its ids start again below "
+                     "{last}): read again by days and matched by time", box=box,
                      last=state.last_id if state else 0)
             listed = await self._client.call_list(days=self.settings.call_list_days)
         entries, _, _ = processing(state, listed, reset)
