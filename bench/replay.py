@@ -1,7 +1,7 @@
 """bench/replay: how fast the spool drains into PostgreSQL, beside the direct path.
 
     .venv/bin/python -m bench.replay                  # 6,000 events, 10,000-entry directory
-    .venv/bin/python -m bench.replay --events 20000 --arrival 0.5
+    .venv/bin/python -m bench.replay --events 20000 --arrival 0.8
 
 Against a private PostgreSQL with the 2025-12 CRM's tables, through the daemon's own
 ingest and spool (a real spool folder, fsynced), with Fritz!Box happenings (each call a
@@ -9,8 +9,10 @@ Started and an Ended, a missed call of a directory number, so a ticket too):
 
 - direct: the events submitted straight to the ingest, 32 at a time (what the direct
   path sustains: the arrival rate the replay must beat), events/s;
-- drain: the same number of events spooled first, then replayed, with one record in
-  flight (the replay before issue 14) and with the replay's window (32), events/s;
+- drain: the same number of events spooled first, then replayed: one event per
+  transaction with 32 in flight (the replay before issue 14's groups), and in groups
+  (``--group`` events per transaction, ``--lanes`` transactions at once: the daemon's),
+  events/s;
 - drain under arrival: a spool of ``--events`` replayed while new events arrive through
   the durable entry point at ``--arrival`` times the direct rate; how long until new
   events go straight to the database again, and the drain's net rate.
@@ -58,10 +60,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=6000)
     parser.add_argument("--entries", type=int, default=10_000)
-    parser.add_argument("--arrival", type=float, default=0.5,
+    parser.add_argument("--arrival", type=float, default=1.0,
                         help="arrival rate during the drain, as a share of the direct rate")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--lanes", type=int, default=3)
+    parser.add_argument("--group", type=int, default=32)
     options = parser.parse_args()
 
     from twisted.internet import defer, task, threads
@@ -127,7 +130,8 @@ def main() -> int:
                 await defer.DeferredList(list(flying))
                 return len(events) / (time.perf_counter() - began)
 
-            async def spooled(events: list[Any], window: int) -> tuple[Any, Any, Path]:
+            async def spooled(events: list[Any], lanes: int, group: int
+                              ) -> tuple[Any, Any, Path]:
                 folder = Path(tempfile.mkdtemp(prefix="dpvoip-bench-spool-"))
                 spool = AsyncSpool(Spool(folder, max_bytes=256 * 1024 * 1024), reactor)
                 await spool.start()
@@ -137,24 +141,27 @@ def main() -> int:
                         for e in events[start:start + 500]])
                 durable = DurableIngest(ingest, spool, store, schema, reactor,
                                         {"bench": origin}, lambda: None, "GR",  # type: ignore[arg-type, return-value]
-                                        deadline=5.0, window=window)
+                                        deadline=5.0, lanes=lanes, group=group)
                 return durable, spool, folder
 
             await direct(fresh(400))  # warm up: each connection plans its statements
             for _ in range(options.runs):
                 rate = await direct(fresh(options.events))
                 note("direct events/s", rate)
-                for window in (1, options.window):
-                    durable, spool, folder = await spooled(fresh(options.events), window)
+                for name, lanes, group in (
+                        ("drain, one event per transaction, 32 at once", 32, 1),
+                        (f"drain, {options.group} per transaction, {options.lanes} at once",
+                         options.lanes, options.group)):
+                    durable, spool, folder = await spooled(fresh(options.events), lanes, group)
                     began = time.perf_counter()
                     assert await durable.replay()
-                    note(f"drain window {window} events/s",
-                         options.events / (time.perf_counter() - began))
+                    note(f"{name}: events/s", options.events / (time.perf_counter() - began))
                     await spool.stop()
                     shutil.rmtree(folder, ignore_errors=True)
 
                 # Draining while events keep arriving at a share of the direct rate.
-                durable, spool, folder = await spooled(fresh(options.events), options.window)
+                durable, spool, folder = await spooled(fresh(options.events), options.lanes,
+                                                       options.group)
                 arrival = rate * options.arrival
                 arriving = fresh(int(arrival * 120))
                 sent = 0
@@ -177,7 +184,8 @@ def main() -> int:
                 shutil.rmtree(folder, ignore_errors=True)
             direct_rate = statistics.median(figures["direct events/s"])
             print(f"bench.replay: {options.events} events a run, {options.runs} runs, "
-                  f"window {options.window}, directory {index.state.entries} entries "
+                  f"{options.group} events per transaction, {options.lanes} at once, "
+                  f"directory {index.state.entries} entries "
                   f"(medians; ratio to the direct rate)")
             for name, values in figures.items():
                 value = statistics.median(values)

@@ -598,7 +598,10 @@ class FritzBoxSettings:
     )
     blocked_threshold_seconds: float = setting(
         2.0,
-        "A RING ended without answer within this many seconds was blocked by the box.",
+        "An incoming call that rang this many seconds or less without an answer was "
+        "blocked by the box (measured by the lines' arrival where the box's whole-second "
+        "times allow it; a RING and DISCONNECT in the same second of the box are always "
+        "blocked).",
         _between(0, 30),
     )
     reconnect_initial_seconds: float = setting(

@@ -8,6 +8,8 @@ in the database for what came before it, and stops at SIGTERM with its progress 
 from __future__ import annotations
 
 import errno
+import random
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -18,7 +20,7 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from dpvoip.calls.ingest import Origin
+from dpvoip.calls.ingest import Origin, Submission
 from dpvoip.core.happenings import Answered, Happening, Unmatched
 from dpvoip.core.numbers import Dialling
 from dpvoip.deferreds import OneShotObserver
@@ -183,28 +185,40 @@ class DiskSpool:
 
 
 class Ingest:
-    """Commits, fails as an absent database, or holds every submission."""
+    """Commits, fails as an absent database, or holds every submission (a replay's group
+    is one submission: all of it commits, or none)."""
 
     def __init__(self) -> None:
         self.down = False
         self.hold = False
         self.applied: list[Happening] = []
-        self.held: list[tuple[Happening, Deferred[None]]] = []
+        self.held: list[tuple[list[Happening], Deferred[None]]] = []
 
     def submit(self, happening: Happening, origin: Origin,
                received: datetime | None = None) -> Deferred[None]:
+        return self._commit([happening])
+
+    def apply_together(self, submissions: Sequence[Submission],
+                       then: Any = None) -> Deferred[None]:
+        return self._commit([item.happening for item in submissions])
+
+    def _commit(self, happenings: list[Happening]) -> Deferred[None]:
         if self.down:
             from txpostgres.reconnection import ConnectionDead
             return defer.fail(ConnectionDead())
         if self.hold:
             held: Deferred[None] = Deferred()
-            self.held.append((happening, held))
-            held.addCallback(lambda _: self.applied.append(happening))
+            self.held.append((happenings, held))
+            held.addCallback(lambda _: self.applied.extend(happenings))
             return held
-        self.applied.append(happening)
+        self.applied.extend(happenings)
         return defer.succeed(None)
 
+    def in_flight(self) -> list[Happening]:
+        return [h for group, _ in self.held for h in group]
+
     def release(self, count: int | None = None) -> None:
+        """Let the first ``count`` transactions held (all: None) commit."""
         batch, self.held = self.held[:count], self.held[count:] if count else []
         for _, held in batch:
             held.callback(None)
@@ -215,13 +229,13 @@ def answered(n: int, call: int | None = None) -> Answered:
                     datetime(2026, 1, 5, 10, 0, n % 60, tzinfo=UTC))
 
 
-def make(clock: Clock, spool: Any, ingest: Ingest, window: int = 8,
+def make(clock: Clock, spool: Any, ingest: Ingest, lanes: int = 3, group: int = 8,
          chunk: int = 64) -> DurableIngest:
     schema: OneShotObserver[SchemaReport] = OneShotObserver()
     schema.fire(SchemaReport("attached", 9, (), (), False))
     return DurableIngest(cast(Any, ingest), spool, cast(Any, None), schema, clock,
                          {"office": ORIGIN}, lambda: cast(Any, None), "GR", deadline=2.0,
-                         window=window, chunk=chunk)
+                         lanes=lanes, group=group, chunk=chunk)
 
 
 class FullDiskDurableTests(SynchronousTestCase):
@@ -292,23 +306,46 @@ class ReplayTests(SynchronousTestCase):
         self.disk = DiskSpool(self.spool)
         self.ingest = Ingest()
 
-    def spool_records(self, happenings: list[Happening]) -> None:
+    def spool_records(self, happenings: Sequence[Happening]) -> None:
         self.spool.append_many([fritz_record(h, "office") for h in happenings])
 
-    def test_several_records_in_flight_within_the_window(self) -> None:
+    def test_groups_of_records_commit_on_several_lanes_at_once(self) -> None:
+        """Not one record per transaction: groups of ``group`` records, one transaction
+        each, ``lanes`` of them in flight at once."""
         self.spool_records([answered(n) for n in range(100)])
-        durable = make(self.clock, self.disk, self.ingest, window=8, chunk=64)
+        durable = make(self.clock, self.disk, self.ingest, lanes=3, group=8, chunk=64)
         self.ingest.hold = True
         replay = durable.replay()
-        self.assertEqual(len(self.ingest.held), 8, "eight at once, not one")
-        most = 8
+        self.assertEqual(len(self.ingest.held), 3, "three transactions at once, not one")
+        self.assertEqual([len(group) for group, _ in self.ingest.held], [8, 8, 8])
+        most = 3
         while self.ingest.held:
-            self.ingest.release(3)
+            self.ingest.release(1)
             most = max(most, len(self.ingest.held))
-        self.assertEqual(most, 8)
+        self.assertEqual(most, 3)
         self.assertTrue(self.successResultOf(replay))
-        self.assertEqual([h for h in self.ingest.applied], [answered(n) for n in range(100)])
+        self.assertCountEqual(self.ingest.applied, [answered(n) for n in range(100)])
+        self.assertLessEqual(durable.counters.replay_transactions, 100 // 8 + 2 * 3)
+        self.assertEqual(durable.counters.replayed, 100)
         self.assertEqual(self.spool.pending(), [])
+
+    def test_one_calls_events_commit_in_order_whatever_the_lanes_do(self) -> None:
+        """150 events of 30 calls; the transactions held are let through in a random order:
+        every call's events still reach the database in the order they happened."""
+        events = [answered(n, call=n % 30) for n in range(150)]
+        self.spool_records(events)
+        durable = make(self.clock, self.disk, self.ingest, lanes=3, group=4, chunk=64)
+        self.ingest.hold = True
+        replay = durable.replay()
+        chance = random.Random(14)
+        while self.ingest.held:
+            _, held = self.ingest.held.pop(chance.randrange(len(self.ingest.held)))
+            held.callback(None)
+        self.assertTrue(self.successResultOf(replay))
+        for call in range(30):
+            mine = [e for e in self.ingest.applied
+                    if isinstance(e, Answered) and e.call_id == f"call-{call}"]
+            self.assertEqual(mine, [e for e in events if e.call_id == f"call-{call}"])
 
     def test_a_record_that_looks_for_its_call_waits_for_those_before_it(self) -> None:
         orphan = Unmatched("office", 3, datetime(2026, 1, 5, 10, 5, tzinfo=UTC),
@@ -317,19 +354,64 @@ class ReplayTests(SynchronousTestCase):
         durable = make(self.clock, self.disk, self.ingest)
         self.ingest.hold = True
         replay = durable.replay()
-        self.assertEqual([h for h, _ in self.ingest.held], [answered(1), answered(2)])
+        self.assertCountEqual(self.ingest.in_flight(), [answered(1), answered(2)])
         self.ingest.release(1)
-        self.assertEqual(len(self.ingest.held), 1, "the orphan still waits")
-        self.ingest.release(1)
-        self.assertEqual([h for h, _ in self.ingest.held], [orphan, answered(4)])
+        self.assertNotIn(orphan, self.ingest.in_flight(), "the orphan waits for both")
+        self.ingest.release()
+        self.assertEqual(self.ingest.in_flight(), [orphan], "then goes alone")
+        self.ingest.release()
+        self.assertEqual(self.ingest.in_flight(), [answered(4)])
         self.ingest.release()
         self.assertTrue(self.successResultOf(replay))
+        self.assertEqual(self.ingest.applied[2:], [orphan, answered(4)])
+
+    def test_a_group_with_a_bad_record_is_applied_again_one_by_one(self) -> None:
+        """A record this version cannot apply fails its whole group's transaction: the
+        group is applied again a record at a time, and only that record is skipped."""
+        self.spool_records([answered(n) for n in range(10)])
+        durable = make(self.clock, self.disk, self.ingest, lanes=1, group=10)
+        ingest = self.ingest
+
+        def apply_together(submissions: Sequence[Submission], then: Any = None
+                           ) -> Deferred[None]:
+            if any(item.happening == answered(4) for item in submissions):
+                return defer.fail(ValueError("this record, every time"))
+            return ingest._commit([item.happening for item in submissions])
+
+        self.patch(ingest, "apply_together", apply_together)
+        self.assertTrue(self.successResultOf(durable.replay()))
+        self.assertEqual(ingest.applied, [answered(n) for n in range(10) if n != 4])
+        self.assertEqual((durable.counters.replayed, durable.counters.unreplayable), (9, 1))
+        self.assertEqual(self.spool.pending(), [])
+
+    def test_a_deadlock_between_groups_is_not_an_outage(self) -> None:
+        """PostgreSQL undoing one of two crossing transactions (psycopg2 calls it an
+        OperationalError, as it calls a lost server) does not pause the replay: the
+        group's records are applied again one by one at once."""
+        from psycopg2.extensions import TransactionRollbackError
+
+        self.spool_records([answered(n) for n in range(6)])
+        durable = make(self.clock, self.disk, self.ingest, lanes=1, group=6)
+        ingest = self.ingest
+
+        def apply_together(submissions: Sequence[Submission], then: Any = None
+                           ) -> Deferred[None]:
+            if len(submissions) > 1:
+                return defer.fail(TransactionRollbackError("deadlock detected"))
+            return ingest._commit([item.happening for item in submissions])
+
+        self.patch(ingest, "apply_together", apply_together)
+        self.assertTrue(self.successResultOf(durable.replay()))
+        self.assertEqual(ingest.applied, [answered(n) for n in range(6)])
+        self.assertEqual(durable.counters.unreplayable, 0)
 
     def test_stopping_during_a_replay_marks_what_was_applied_and_no_more(self) -> None:
-        """SIGTERM: the service's stop lets the records in flight finish, marks them, and
-        leaves the rest for the next start, which does not apply the first ones again."""
-        self.spool_records([answered(n) for n in range(500)])
-        durable = make(self.clock, self.disk, self.ingest, window=8, chunk=64)
+        """SIGTERM: the service's stop lets the lanes finish up to the last record any of
+        them began (every record before it through), marks that, and leaves the rest for
+        the next start, which applies nothing a second time."""
+        events = [answered(n) for n in range(500)]
+        self.spool_records(events)
+        durable = make(self.clock, self.disk, self.ingest, lanes=3, group=8, chunk=64)
         prepared: Deferred[None] = Deferred()
         service = DurableService(durable, cast(Any, self.disk), self.clock,
                                  lambda: prepared)
@@ -337,16 +419,21 @@ class ReplayTests(SynchronousTestCase):
         self.ingest.hold = True
         prepared.callback(None)
         for _ in range(10):
-            self.ingest.release(4)
-        self.assertEqual(len(self.ingest.held), 8)
+            self.ingest.release(2)
+        self.assertEqual(len(self.ingest.held), 3)
         stopped = service.stopService()
         self.assertNoResult(stopped)
-        self.ingest.release()  # the ones in flight finish; no new ones start
+        while self.ingest.held:  # the lanes finish up to the line; nothing beyond it
+            self.ingest.release()
         self.successResultOf(stopped)
-        self.assertEqual(self.ingest.applied, [answered(n) for n in range(48)])
+        applied = len(self.ingest.applied)
+        self.assertGreater(applied, 0)
+        self.assertLess(applied, 500)
+        self.assertCountEqual(self.ingest.applied, events[:applied],
+                              "exactly the first records, no gap, none beyond")
         again = Spool(self.spool.folder)
         again.open()
         self.addCleanup(again.close)
         rest = again.pending()
-        self.assertEqual(len(rest), 500 - 48, "the next start replays only the rest")
-        self.assertEqual(rest[0][0], 49)
+        self.assertEqual(len(rest), 500 - applied, "the next start replays only the rest")
+        self.assertEqual(rest[0][0], applied + 1)

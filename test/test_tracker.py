@@ -167,6 +167,8 @@ class OutcomeTests(SynchronousTestCase):
         return end
 
     def test_blocked_is_a_ring_ended_within_the_threshold(self) -> None:
+        # Events without arrival times (a replayed capture): the box's span decides alone.
+        # With arrivals: test_blocked_by_arrival.
         for seconds, expected in [(0, Outcome.BLOCKED), (1, Outcome.BLOCKED),
                                   (2, Outcome.BLOCKED), (3, Outcome.MISSED)]:
             end = self.outcome_of("01.02.24 10:00:00;RING;0;2101234567;7654321;SIP0;",

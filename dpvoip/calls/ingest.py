@@ -321,7 +321,7 @@ class Ingest:
     async def _started(self, started: Started, origin: Origin, received: datetime,
                        batch: Batch | None = None) -> None:
         number = None if started.hairpin else normalise(started.remote, origin.where)
-        match = await self._directory.lookup(number) if number else None
+        match = await self._directory.lookup(number, within=batch) if number else None
         party = remote(started.remote, number, self._texts, started.hairpin)
         lines = started_lines(started.direction, party.shown, match, self._texts)
         if await self._statements.start(started, origin.source, number, party.column, match,

@@ -14,6 +14,12 @@ rule when they are not (written in docs/decisions.md, issue 14):
 each such line counts in ``dates_replaced`` and warns (a few warnings a minute at most).
 Bad lines, calls closed beyond the bound of open calls and happenings not recorded warn
 the same way (``core.log_budget``); the counters count every one.
+
+Every event also carries the time its line arrived, read here from the injected clock
+(the reactor's; a ``Clock`` in tests): the tracker decides blocked or missed by it together
+with the box's whole-second times (docs/decisions.md, issue 16). Lines of one TCP segment
+are handled in one pass, so their arrivals are microseconds apart: a burst after a stall
+shows a gap of about 0, which the tracker does not believe against the box's times.
 """
 
 from __future__ import annotations
@@ -190,8 +196,9 @@ class FritzBox:
         self._submit(orphans)
 
     def line_received(self, text: str) -> None:
+        arrived = self._clock.seconds()
         self.status.lines += 1
-        self.status.last_line_at = self._now()
+        self.status.last_line_at = datetime.fromtimestamp(arrived, UTC)
         if not text.strip():
             return
         try:
@@ -201,7 +208,7 @@ class FritzBox:
             self._warn("bad line", "box {box}: skipped a bad line ({error}): {line!r}",
                        error=str(error), line=text[:120])
             return
-        event = self._dated(event)
+        event = self._dated(replace(event, arrived=arrived))
         evicted = self.tracker.evicted
         happenings = self.tracker.feed(event)
         if self.tracker.evicted != evicted:
@@ -212,7 +219,7 @@ class FritzBox:
 
     def _dated(self, event: Event) -> Event:
         """The event with the date the rule gives it (the module's docstring)."""
-        arrived = self._clock.seconds()
+        arrived = event.arrived if event.arrived is not None else self._clock.seconds()
         local = datetime.fromtimestamp(arrived, self.rules.zone).replace(tzinfo=None)
         skew = self.tracker.utc(event.at).timestamp() - arrived
         tolerance = self.settings.clock_tolerance_seconds

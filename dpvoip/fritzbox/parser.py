@@ -4,6 +4,13 @@ Pure: a line (already decoded) goes in, a typed event or a ``BadLine`` with the 
 comes out. Tolerates what real boxes send (a missing line field on old firmware, extra
 trailing fields, an empty caller for a withheld number) and rejects the rest, so that
 the protocol can log, count and skip it.
+
+Every event has an ``arrived`` field the parser leaves None: the I/O edge that received the
+line (``FritzBox.line_received``) sets it to the time the line arrived by dpvoip's clock
+(sub-second), because the box's own times have one-second resolution and the tracker
+needs both to tell a blocked call from a missed one (docs/decisions.md, issue 16). An
+event replayed from a capture or built by a test has none, and is decided by the box's
+times alone.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ class Ring:
     caller: str
     called: str
     line: str
+    arrived: float | None = None  # by dpvoip's clock, seconds; None: unknown
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,7 @@ class Call:
     caller: str
     called: str
     line: str
+    arrived: float | None = None  # by dpvoip's clock, seconds; None: unknown
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class Connect:
     conn_id: int
     extension: int
     number: str
+    arrived: float | None = None  # by dpvoip's clock, seconds; None: unknown
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,7 @@ class Disconnect:
     at: datetime
     conn_id: int
     duration: int
+    arrived: float | None = None  # by dpvoip's clock, seconds; None: unknown
 
 
 Event = Ring | Call | Connect | Disconnect

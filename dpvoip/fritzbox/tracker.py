@@ -9,6 +9,10 @@ calls (independent ids), a CALL on a ringing id (the box forwarding the call), a
 call to one of the office's own numbers, a RING or CALL on an id still open (a lost
 DISCONNECT), and CONNECT or DISCONNECT for an id it never saw start.
 
+Blocked or missed (an incoming call ended unanswered) is decided by how long it rang:
+from the box's whole-second times, refined by the lines' arrival times when the events
+carry them (``rang_for``; the rule is in docs/decisions.md, issue 16).
+
 Bounded: at most ``max_open`` calls are followed at once. A RING or CALL beyond that
 closes the oldest open call as interrupted (its DISCONNECT is taken as lost, as when its
 id is reused), counted in ``evicted``; so a box that sends RINGs with fresh ids without
@@ -61,6 +65,7 @@ class _Open:
     connected: bool = False
     forwarded_to: str = ""
     hairpin_of: str | None = None  # the call this id is the other leg of
+    arrived: float | None = None  # when its RING or CALL line arrived (dpvoip's clock)
 
 
 class CallTracker:
@@ -150,8 +155,8 @@ class CallTracker:
                     leg.call_id, "incoming", ring.at, ring.caller, hairpin_of=leg.call_id), at)
                 return happened
         identity = self._identity(ring.at, ring.conn_id)
-        happened += self._opening(ring.conn_id,
-                                  _Open(identity, "incoming", ring.at, ring.caller), at)
+        happened += self._opening(ring.conn_id, _Open(identity, "incoming", ring.at,
+                                                      ring.caller, arrived=ring.arrived), at)
         happened.append(Started(identity, self.rules.name, ring.conn_id, "incoming",
                                 ring.caller, ring.called, ring.line, None, at))
         return happened
@@ -178,7 +183,8 @@ class CallTracker:
         identity = self._identity(dialled.at, dialled.conn_id)
         hairpin = bool(dialled.called) and self.rules.is_own_number(dialled.called)
         happened += self._opening(dialled.conn_id, _Open(
-            identity, "outgoing", dialled.at, dialled.called, extension=dialled.extension), at)
+            identity, "outgoing", dialled.at, dialled.called, extension=dialled.extension,
+            arrived=dialled.arrived), at)
         happened.append(Started(identity, self.rules.name, dialled.conn_id, "outgoing",
                                 dialled.called, dialled.caller, dialled.line,
                                 dialled.extension, at, hairpin=hairpin))
@@ -205,8 +211,11 @@ class CallTracker:
                               "DISCONNECT", duration=disconnect.duration)]
         if call.hairpin_of is not None:
             return []
+        gap = (disconnect.arrived - call.arrived
+               if disconnect.arrived is not None and call.arrived is not None else None)
         outcome = decide(call.direction, call.started_local, disconnect.at, disconnect.duration,
-                         call.extension if call.connected else None, self.rules)
+                         call.extension if call.connected else None, self.rules,
+                         arrival_gap=gap)
         detail = Detail(Reason.FORWARDED, call.forwarded_to) if call.forwarded_to else None
         if call.direction == "outgoing" and self.rules.is_own_number(call.remote):
             detail = Detail(Reason.HAIRPIN)
@@ -220,8 +229,12 @@ def decide(
     duration: int,
     answered_on: int | None,
     rules: BoxRules,
+    *,
+    arrival_gap: float | None = None,
 ) -> Outcome:
-    """The outcome of a finished call (fritzbox.md section 5)."""
+    """The outcome of a finished call (fritzbox.md section 5). ``arrival_gap`` is the time
+    between the arrivals of the call's first line and its DISCONNECT, by dpvoip's clock;
+    None when unknown (a replayed capture, a call recovered from the database)."""
     if answered_on is not None:
         if direction == "incoming" and answered_on in rules.machine_extensions:
             return Outcome.VOICEMAIL
@@ -232,8 +245,26 @@ def decide(
         return Outcome.ANSWERED  # talk time without a CONNECT we saw: it was answered
     if direction == "outgoing":
         return Outcome.NOT_REACHED
-    rang_for = (ended_local - started_local).total_seconds()
-    return Outcome.BLOCKED if rang_for <= rules.blocked_within else Outcome.MISSED
+    box_span = (ended_local - started_local).total_seconds()
+    if box_span <= 0:
+        return Outcome.BLOCKED  # ended within the second it began, by the box: barred
+    rang = rang_for(box_span, arrival_gap)
+    return Outcome.BLOCKED if rang <= rules.blocked_within else Outcome.MISSED
+
+
+def rang_for(box_span: float, arrival_gap: float | None) -> float:
+    """How long an unanswered call rang, in seconds.
+
+    The box's times are whole seconds, cut down: a span of ``box_span`` seconds between
+    its RING and DISCONNECT means the call rang for more than ``box_span - 1`` and less
+    than ``box_span + 1`` seconds, and where in that range depends on where the box's
+    second boundary fell. The gap between the two lines' arrivals measures the same time
+    to a fraction of a second, unless the network held a line back (a stall that delivers
+    both at once: a gap of 0) or dpvoip's clock stepped. So the gap is believed only where
+    the box's span allows it (less than a second away from it); else the span is."""
+    if arrival_gap is not None and abs(arrival_gap - box_span) < 1:
+        return arrival_gap
+    return box_span
 
 
 def _same_tail(a: str, b: str, digits: int = 6) -> bool:
@@ -256,4 +287,5 @@ __all__ = [
     "Unmatched",
     "call_id",
     "decide",
+    "rang_for",
 ]

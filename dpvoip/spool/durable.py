@@ -8,15 +8,20 @@ reach the database in the order they happened. Replay goes through the same inge
 is replay-safe (the Zadarma journal and the call ids make a second delivery a no-op).
 An event that timed out may still commit later: its replay then changes nothing.
 
-The replay reads the spool in chunks and keeps up to ``window`` records in flight: the
-ingest runs the events of one call in the order they were handed to it, and they are
-handed over in the spool's order, so each call's events still reach the database in
-order while different calls commit side by side. A record of an event whose call this
-process never saw start (``Unmatched``: it looks for the call in the database) waits
-until everything before it is committed. The mark is written after each chunk, up to the
-last record before which everything is through. ``stop_replay`` (at SIGTERM) lets the
-records in flight finish, writes the mark and ends the replay, so that stopping does not
-wait for the whole spool and the next start does not apply again what was applied.
+The replay reads the spool in chunks and applies them in groups: up to ``group`` records
+in one transaction (``Ingest.apply_together``: one commit, one WAL flush, for many
+events), on up to ``lanes`` connections at once. Every event of one call goes to the lane
+its first event took, and a lane applies its records in the spool's order, so each call's
+events reach the database in order while lanes commit side by side; a new call's lane is
+chosen by its number, so that one number's ticket lock is only ever taken in one lane. A
+group that fails for a reason of its own (a record this version cannot apply, two
+transactions crossing) is applied again one record per transaction, and only a bad record
+is skipped. A record of an event whose call this process never saw start (``Unmatched``:
+it looks for the call in the database) waits until everything before it is committed.
+The mark is written after each chunk, up to the last record before which everything is
+through. ``stop_replay`` (at SIGTERM) lets the groups in flight finish, writes the mark
+and ends the replay, so that stopping does not wait for the whole spool and the next
+start does not apply again what was applied.
 
 A disk that refuses (full, over quota, failing) refuses the event like a full spool:
 ``NotRecorded`` (a webhook's 503), never an error per request; the spool's state raises
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,26 +45,45 @@ from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext, ZadarmaOutcome
+from dpvoip.calls.ingest import (
+    Ingest,
+    Origin,
+    Submission,
+    ZadarmaContext,
+    ZadarmaOutcome,
+    ZadarmaSubmission,
+)
 from dpvoip.core.errors import summary
-from dpvoip.core.happenings import Happening, Unmatched
+from dpvoip.core.happenings import Happening, Started, Unmatched
 from dpvoip.core.log_budget import LogBudget, more_like_this
 from dpvoip.core.numbers import Dialling
 from dpvoip.core.outcomes import Reason
 from dpvoip.deferreds import OneShotObserver, shield, within
 from dpvoip.spool.journal import AsyncSpool, SpoolFull, disk_error
 from dpvoip.spool.records import fritz_record, read_received, read_record, zadarma_record
-from dpvoip.store.database import Store, is_unavailable
+from dpvoip.store.database import Store, is_conflict, is_unavailable
 from dpvoip.store.migrations import SchemaReport
 from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 
 log = Logger()
 T = TypeVar("T")
 
-#: Records read from the spool at a time (one mark written per chunk), and records of
-#: different calls being committed at once during a replay.
+#: Records read from the spool at a time (one mark written per chunk); transactions in
+#: flight at once during a replay (each on its own connection); records per transaction
+#: (a Zadarma event takes a savepoint: PostgreSQL keeps 64 subtransactions per
+#: transaction cheaply).
 REPLAY_CHUNK = 512
-REPLAY_WINDOW = 32
+REPLAY_LANES = 3
+REPLAY_GROUP = 32
+#: Calls whose lane the replay remembers (then it forgets them all and starts again).
+MAX_REMEMBERED_CALLS = 100_000
+
+
+@dataclass(frozen=True)
+class Replayed:
+    seq: int
+    payload: bytes
+    item: Submission | ZadarmaSubmission
 
 
 def unavailable(error: BaseException) -> bool:
@@ -76,6 +101,7 @@ class DurableCounters:
     direct: int = 0
     spooled: int = 0
     replayed: int = 0
+    replay_transactions: int = 0  # the replay's transactions (records in groups)
     unreplayable: int = 0
     refused: int = 0  # spool full: not acknowledged (webhooks get 503; Zadarma retries)
     disk_refused: int = 0  # of those, refused because the disk failed (full, EIO)
@@ -86,8 +112,9 @@ class DurableIngest:
     def __init__(self, ingest: Ingest, spool: AsyncSpool, store: Store,
                  schema: OneShotObserver[SchemaReport], clock: Any,
                  origins: Mapping[str, Origin], zadarma: Callable[[], ZadarmaContext],
-                 region: str, deadline: float = 2.0, window: int = REPLAY_WINDOW,
-                 chunk: int = REPLAY_CHUNK, budget: LogBudget | None = None) -> None:
+                 region: str, deadline: float = 2.0, lanes: int = REPLAY_LANES,
+                 group: int = REPLAY_GROUP, chunk: int = REPLAY_CHUNK,
+                 budget: LogBudget | None = None) -> None:
         self._ingest = ingest
         self._spool = spool
         self._store = store
@@ -101,7 +128,10 @@ class DurableIngest:
         self._appends = itertools.count()
         self._appended = 0
         self._replaying: OneShotObserver[bool] | None = None
-        self._window = max(1, window)
+        self._lanes = max(1, lanes)
+        self._group_size = max(1, group)
+        self._call_lanes: dict[str, int] = {}
+        self._begun_up_to = 0  # the highest seq of a group begun in this chunk
         self._chunk = max(1, chunk)
         self._stopping = False
         self._budget = budget or LogBudget()
@@ -243,46 +273,46 @@ class DurableIngest:
 
     async def _replay_chunk(self, records: list[tuple[int, bytes]]
                             ) -> tuple[int, BaseException | None]:
-        """Apply ``records`` with up to ``window`` in flight; (the last seq before which
-        every record is through, the outage that paused it or None)."""
+        """Apply ``records`` in groups of up to ``group``, one transaction each, on up to
+        ``lanes`` connections at once; (the last seq before which every record is through,
+        the outage that paused it or None)."""
         settled: dict[int, bool] = {}  # seq -> through (applied or skipped as unreplayable)
-        in_flight: set[Deferred[None]] = set()
-        room: Deferred[None] | None = None
         paused: list[BaseException] = []
+        self._begun_up_to = 0
+        if len(self._call_lanes) >= MAX_REMEMBERED_CALLS:
+            # Between chunks everything before is committed: any lane will do for the rest.
+            self._call_lanes.clear()
+        lanes: list[list[Replayed]] = [[] for _ in range(self._lanes)]
 
-        def finished(_: object, running: Deferred[None]) -> None:
-            nonlocal room
-            in_flight.discard(running)
-            if room is not None and len(in_flight) < self._window:
-                waiting, room = room, None
-                waiting.callback(None)
-
-        async def wait_until(enough: Callable[[], bool]) -> None:
-            nonlocal room
-            while not enough():
-                room = Deferred()
-                await room
+        async def run_lanes() -> None:
+            running = [Deferred.fromCoroutine(self._lane(lane, settled, paused))
+                       for lane in lanes if lane]
+            for lane_done in running:
+                await lane_done
+            for lane in lanes:
+                lane.clear()
 
         for seq, payload in records:
             if self._stopping or paused:
                 break
             try:
-                barrier, work = self._prepared(payload)
+                barrier, item = self._prepared(payload)
             except Exception as error:
                 self._skip(seq, payload, error)
                 settled[seq] = True
                 continue
-            if barrier:  # it looks in the database for what came before it
-                await wait_until(lambda: not in_flight)
+            if item is None:  # nothing to apply (a Zadarma notice without a call)
+                self.counters.replayed += 1
+                settled[seq] = True
+                continue
+            if barrier:  # it looks in the database for what came before it: alone, after
+                await run_lanes()
                 if paused or self._stopping:
                     break
-            await wait_until(lambda: len(in_flight) < self._window)
-            if paused or self._stopping:
-                break
-            running = Deferred.fromCoroutine(self._one(seq, payload, work, settled, paused))
-            in_flight.add(running)
-            running.addBoth(finished, running)
-        await wait_until(lambda: not in_flight)
+                await self._group([Replayed(seq, payload, item)], settled, paused)
+                continue
+            lanes[self._lane_of(item)].append(Replayed(seq, payload, item))
+        await run_lanes()
         done = 0
         for seq, _ in records:
             if not settled.get(seq):
@@ -290,19 +320,66 @@ class DurableIngest:
             done = seq
         return done, (paused[0] if paused else None)
 
-    async def _one(self, seq: int, payload: bytes, work: Callable[[], Deferred[Any]],
-                   settled: dict[int, bool], paused: list[BaseException]) -> None:
-        try:
-            await within(self._clock, work(), self._deadline * 5)
-        except Exception as error:
-            if unavailable(error):
-                paused.append(error)
-                settled[seq] = False
-                return
-            self._skip(seq, payload, error)  # this record, every time: never a jam
+    def _lane_of(self, item: Submission | ZadarmaSubmission) -> int:
+        """The lane of ``item``: every event of one call in the lane its first event took,
+        so that one call's events commit in order; a new call's lane chosen by its number,
+        so that the missed-call ticket locks of one number are taken in one lane only
+        (two lanes crossing over two numbers' locks would deadlock)."""
+        if isinstance(item, ZadarmaSubmission):
+            call, number = f"zd:{item.event.pbx_call_id}", item.form.get("caller_id", "")
         else:
-            self.counters.replayed += 1
-        settled[seq] = True
+            happening = item.happening
+            call = (f"{happening.box}:{happening.conn_id}" if isinstance(happening, Unmatched)
+                    else happening.call_id)
+            number = happening.remote if isinstance(happening, Started) else call
+        lane = self._call_lanes.get(call)
+        if lane is None:
+            digits = "".join(c for c in number if c.isdigit())[-9:] or number
+            lane = zlib.crc32(digits.encode()) % self._lanes
+            self._call_lanes[call] = lane
+        return lane
+
+    async def _lane(self, items: list[Replayed], settled: dict[int, bool],
+                    paused: list[BaseException]) -> None:
+        """A lane's records in groups, in order. Once stopping, only the records before
+        the last one any lane has begun: so that every record up to it is through and
+        marked, and none after it applied (the next start replays exactly the rest)."""
+        position = 0
+        while position < len(items) and not paused:
+            group = items[position:position + self._group_size]
+            if self._stopping:
+                group = [one for one in group if one.seq < self._begun_up_to]
+                if not group:
+                    return
+            position += len(group)
+            await self._group(group, settled, paused)
+
+    async def _group(self, items: list[Replayed], settled: dict[int, bool],
+                     paused: list[BaseException]) -> None:
+        """One transaction for ``items``; if it fails for a reason of its own (a record
+        this version cannot apply, two groups' locks crossing), each record again in a
+        transaction of its own, so that only a bad record is skipped."""
+        self._begun_up_to = max(self._begun_up_to, items[-1].seq)
+        try:
+            await within(self._clock, self._ingest.apply_together([i.item for i in items]),
+                         self._deadline * 5)
+        except Exception as error:
+            if unavailable(error) and not is_conflict(error):
+                paused.append(error)
+                return
+            if len(items) == 1:
+                self._skip(items[0].seq, items[0].payload, error)
+                settled[items[0].seq] = True
+                return
+            for one in items:
+                if paused:
+                    return
+                await self._group([one], settled, paused)
+            return
+        self.counters.replayed += len(items)
+        self.counters.replay_transactions += 1
+        for one in items:
+            settled[one.seq] = True
 
     def _skip(self, seq: int, payload: bytes, error: BaseException) -> None:
         self.counters.unreplayable += 1
@@ -324,26 +401,21 @@ class DurableIngest:
                        "the replay goes on and the mark is written once there is space",
                        error=summary(error))
 
-    def _prepared(self, payload: bytes) -> tuple[bool, Callable[[], Deferred[Any]]]:
-        """(whether it must wait for everything before it, what applies it). Raises for
-        a record this version cannot read (skipped by the caller)."""
+    def _prepared(self, payload: bytes
+                  ) -> tuple[bool, Submission | ZadarmaSubmission | None]:
+        """(whether it must wait for everything before it, what to apply: None for a
+        record that applies nothing). Raises for a record this version cannot read
+        (skipped by the caller)."""
         source, what, box = read_record(payload)
         # As at its arrival (a record from before dpvoip kept it: as now, as it did then).
-        received = read_received(payload)
+        received = read_received(payload) or self._now()
         if source == "zadarma":
             event = parse_event(what)
             if not isinstance(event, ZadarmaEvent):
-                return False, lambda: succeed(None)
-            return False, lambda: self._ingest.submit_zadarma(event, what, self._zadarma(),
-                                                              received)
+                return False, None
+            return False, ZadarmaSubmission(event, what, self._zadarma(), received)
         origin = self._origins.get(box) or Origin(box, Dialling(self._region))
-        return isinstance(what, Unmatched), lambda: self._ingest.submit(what, origin,
-                                                                        received)
-
-    async def _apply(self, payload: bytes) -> None:
-        """Apply one record now (what the replay does for each, one at a time)."""
-        _, work = self._prepared(payload)
-        await within(self._clock, work(), self._deadline * 5)
+        return isinstance(what, Unmatched), Submission(what, origin, received)
 
 
 class DurableService(Service):

@@ -10,7 +10,10 @@ inserted once (its id is derived from the source) and finalised only while it is
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -32,6 +35,7 @@ from dpvoip.core.tickets import (
 from dpvoip.crm.schema import CrmCapabilities, quote_ident
 from dpvoip.store.database import Batch, Store
 from dpvoip.store.directory import DirectoryIndex
+from dpvoip.store.pool import statement_name
 from dpvoip.zadarma.calls import ZadarmaCall
 from dpvoip.zadarma.events import ZadarmaEvent
 
@@ -75,6 +79,14 @@ def crm_duration(at: str, start: str, over: bool = False) -> str:
     truncated toward zero; so a Save in the CRM's admin changes nothing. The talk time is
     kept in dpvoip's detail row and in the call's notes."""
     return f"trunc(extract(epoch from {ended_at(at, start, over)} - {start}))::integer"
+
+
+@functools.lru_cache(maxsize=64)
+def numbered(statement: str) -> str:
+    """``statement`` with its ``%s`` parameters numbered ``$1, $2 ...`` (for PREPARE)."""
+    count = itertools.count(1)
+    return re.sub(r"%s|%%", lambda m: "%" if m.group(0) == "%%" else f"${next(count)}",
+                  statement)
 
 
 def payload(event: str, call_id: str, **fields: Any) -> str:
@@ -225,7 +237,10 @@ class CallStatements:
         """One statement: atomic on its own, or a step of ``batch``'s transaction."""
         if batch is None:
             return await self._store.write_one(statement, params)
-        return await batch.run(statement, params)
+        # In a shared transaction (the replay's groups), planned once per connection: the
+        # server parses and plans these long statements once, not once per event.
+        text = numbered(statement)
+        return await batch.run_prepared(statement_name(text), text, params)
 
     async def start(self, started: Started, source: str, number: str | None, phone: str,
                     match: Match | None, lines: Sequence[LogLine], received: datetime,

@@ -235,6 +235,15 @@ def is_unavailable(error: BaseException) -> bool:
     return isinstance(error, ConnectionDead | OperationalError | InterfaceError)
 
 
+def is_conflict(error: BaseException) -> bool:
+    """Whether ``error`` is PostgreSQL undoing a transaction that crossed another (a
+    deadlock, a serialisation failure): the work is right and may be tried again at once,
+    on its own. (psycopg2 files these under OperationalError, as it files a lost server.)"""
+    from psycopg2.extensions import TransactionRollbackError
+
+    return isinstance(error, TransactionRollbackError)
+
+
 def is_database_error(error: BaseException) -> bool:
     """Whether ``error`` came from the database at all: unavailable, or any error the
     driver reports (a refused statement, a broken constraint)."""
