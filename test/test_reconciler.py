@@ -43,16 +43,19 @@ from dpvoip.fritzbox.reconciler import (
     ReconcileService,
 )
 from dpvoip.fritzbox.tracker import CallTracker
+from dpvoip.protocols.tr064 import Tr064Client
 from dpvoip.store.call_list import CallListStatements
 from dpvoip.store.database import Batch, Store
 from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.dsn import connection_dsn
 from dpvoip.store.migrations import SchemaReport, prepare
 from dpvoip.store.pool import HealingPool
+from dpvoip.testing.tr064 import FakeTr064Box
 from test.support.crm import Crm
 from test.support.crm_rules import crm_findings
 from test.support.daemon import PATIENCE
 from test.support.postgres import postgres
+from test.support.waiting import until
 
 ATHENS = ZoneInfo("Europe/Athens")
 OWN = ("2107654321",)
@@ -467,6 +470,69 @@ class ListStateTests(ReconcilerTestCase):
         self.assertEqual((yield defer.Deferred.fromCoroutine(
             self.statements.certificate("office"))), "ab" * 32)
         self.assertEqual(self.state(), (1, 1000))
+
+
+class FakeBoxTests(ReconcilerTestCase):
+    """The real TR-064 client against the fake box on 127.0.0.1 (plain HTTP, Digest)."""
+
+    password = "Gurken-Salat-77"
+
+    async def fake_box(self) -> tuple[FakeTr064Box, Tr064Client]:
+        box = FakeTr064Box(reactor, "dpvoip", self.password, tls=False,
+                           now=lambda: datetime(2026, 3, 2, 12, 0))
+        await box.listen()
+        self.addCleanup(box.stop)
+        assert box.port is not None
+        client = Tr064Client(reactor, "127.0.0.1", box.port, "dpvoip", Secret(self.password),
+                             tls=False)
+        return box, client
+
+    async def test_calls_taken_while_stopped_from_the_fake_box(self) -> None:
+        box, client = await self.fake_box()
+        self.stored_state(0, box.timestamp)
+        # The monitor saw the blocked caller (a 1 s ring); the rest it missed.
+        await self.missed(0, "02101112223", "11:55:10", "11:55:11")
+        morning = datetime(2026, 3, 2, 9, 0)
+        box.call(MISSED, A, morning, own_number="2107654321")
+        box.call(INCOMING, B, morning.replace(hour=9, minute=30), 95, port="40",
+                 own_number="2107654321", device="Anrufbeantworter 1")
+        box.call(OUTGOING, "2310555666", morning.replace(hour=10), 300,
+                 own_number="2107654321", device="DECT 1", port="11")
+        box.call(BLOCKED, "02101112223", morning.replace(hour=11, minute=55))
+        reconciler = Reconciler(self.settings, self.origin, client, self.statements,
+                                self.ingest, self.clock, self.texts)
+        report = await reconciler.run()
+        self.assertEqual((report.inserted, report.linked), (3, 1))
+        self.assertEqual([(c[2], c[3], c[4]) for c in self.calls()], [
+            ("+306912345678", "missed", "missed"),
+            ("+306923456789", "missed", "voicemail"),
+            ("+302310555666", "completed", "answered"),
+            ("+302101112223", "failed", "blocked"),
+        ])
+        self.assertEqual(len(self.tickets()), 2)
+        before = self.everything()
+        again = await reconciler.run()
+        self.assertEqual((again.inserted, again.linked, again.already), (0, 0, 0))
+        self.assertEqual(self.everything(), before)
+
+    async def test_a_refused_login_writes_nothing_and_says_what_to_do(self) -> None:
+        box, _ = await self.fake_box()
+        self.stored_state(0, box.timestamp)
+        box.call(MISSED, A, datetime(2026, 3, 2, 9, 0))
+        assert box.port is not None
+        client = Tr064Client(reactor, "127.0.0.1", box.port, "dpvoip", Secret("wrong"),
+                             tls=False)
+        service = ReconcileService(
+            Reconciler(self.settings, self.origin, client, self.statements, self.ingest,
+                       self.clock, self.texts), self.clock, lambda: defer.succeed(None))
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.clock.advance(0)
+        await until(lambda: service.status.state == "failing")
+        self.assertEqual(service.status.kind, "auth")
+        self.assertTrue(service.status.advice)
+        self.assertEqual(self.calls(), [])
+        self.assertEqual(self.state(), (0, box.timestamp))
 
 
 # -- the service, with a Clock -----------------------------------------------------------------
