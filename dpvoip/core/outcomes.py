@@ -49,6 +49,7 @@ class Reason(StrEnum):
     FORWARDED = "forwarded"  # the box forwarded the call; value: the number
     HAIRPIN = "hairpin"  # an internal call to one of the office's own numbers
     TEXT = "text"  # value: a free text (from a spool record of an older version)
+    CALL_LIST = "call_list"  # the box's own call list (TR-064) said how the call ended
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,11 @@ _EN: Mapping[str, str] = {
     "detail_recovered": "recovered after a reconnect",
     "detail_forwarded": "forwarded to {number}",
     "detail_hairpin": "internal call to an own number",
+    "detail_call_list": "from the box's call list",
+    # A finished call's outcome corrected by the box's call list, and its ticket's note.
+    "corrected": "Corrected from the box's call list: {notes}",
+    "ticket_note_blocked": "[{time}] the call of {date} was blocked by the box (its call"
+                           " list): not a missed call",
     # Zadarma: its disposition when it says more than the outcome, and a callback.
     "with_callback": "{notes}, callback",
     "disposition_busy": "busy",
@@ -123,6 +128,10 @@ _EL: Mapping[str, str] = {
     "detail_recovered": "ολοκληρώθηκε μετά από επανασύνδεση",
     "detail_forwarded": "προωθήθηκε στο {number}",
     "detail_hairpin": "εσωτερική κλήση σε δικό μας αριθμό",
+    "detail_call_list": "από τη λίστα κλήσεων του τηλεφωνικού κέντρου",
+    "corrected": "Διόρθωση από τη λίστα κλήσεων του τηλεφωνικού κέντρου: {notes}",
+    "ticket_note_blocked": "[{time}] η κλήση της {date} ήταν φραγή από το τηλεφωνικό"
+                           " κέντρο (λίστα κλήσεων), όχι αναπάντητη",
     "with_callback": "{notes}, επιστροφή κλήσης",
     "disposition_busy": "κατειλημμένο",
     "disposition_cancel": "ακυρώθηκε",

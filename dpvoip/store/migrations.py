@@ -202,6 +202,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             ON dpvoip.callback_request (number_dialled, requested_at DESC);
         """,
     ),
+    Migration(
+        10,
+        "TR-064: how far each box's call list was processed; a call linked to its entry",
+        """
+        CREATE TABLE dpvoip.call_list_state (
+            box text PRIMARY KEY,
+            last_id bigint,
+            list_timestamp bigint,
+            certificate_sha256 text,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        ALTER TABLE dpvoip.call_detail ADD COLUMN list_id bigint;
+        CREATE UNIQUE INDEX call_detail_by_list_entry
+            ON dpvoip.call_detail (box, list_id) WHERE list_id IS NOT NULL;
+        CREATE INDEX call_detail_by_box_start
+            ON dpvoip.call_detail (box, started_at);
+        """,
+    ),
 )
 
 
