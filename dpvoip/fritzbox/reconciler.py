@@ -182,8 +182,6 @@ class Reconciler:
         received = self._now()
         to_missed = [c for c in decided.corrections if c.becomes is Outcome.MISSED]
         to_blocked = [c for c in decided.corrections if c.becomes is Outcome.BLOCKED]
-        if to_missed:
-            await self._store.reopen_blocked([c.call_id for c in to_missed])
         timed: list[tuple[datetime, int, Submission]] = []
         for recovery in decided.recoveries:
             at = recovery.started.at

@@ -111,17 +111,6 @@ class CallListStatements:
 
     # -- corrections -----------------------------------------------------------------------
 
-    async def reopen_blocked(self, call_ids: Sequence[str]) -> None:
-        """Calls recorded as blocked that the box's list says were missed, made ready for
-        the ingest's recovering end (which finishes a call closed as interrupted, with the
-        normal ticket rule). Its own transaction, before the run's: should the run fail,
-        the next one finds these calls interrupted and finishes them from the list."""
-        if not call_ids:
-            return
-        await self._store.write_one(
-            "UPDATE dpvoip.call_detail SET outcome = 'interrupted', updated_at = now()"
-            " WHERE call_id = ANY(%s::text[]) AND outcome = 'blocked'", (list(call_ids),))
-
     async def correct_to_blocked(self, batch: Batch, correction: BlockedCorrection,
                                  received: datetime) -> str:
         """A call recorded as missed that the box blocked: its row, detail and log say so,

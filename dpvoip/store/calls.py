@@ -329,8 +329,10 @@ class CallStatements:
 
     @staticmethod
     def _reopen(recovering: bool) -> str:
-        """A call closed as interrupted may still be finalised by its own late end."""
-        return " OR d.outcome = 'interrupted'" if recovering else ""
+        """A call closed as interrupted may still be finalised by its own late end; one
+        recorded as blocked, by the box's call list saying it was missed (the reconciler
+        decides which; a late DISCONNECT never reaches a blocked call)."""
+        return " OR d.outcome IN ('interrupted', 'blocked')" if recovering else ""
 
     def _finish_statement(self, recovering: bool) -> str:
         return self._statement(("finish", recovering), lambda: self._finish_sql(recovering))
