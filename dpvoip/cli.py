@@ -215,12 +215,16 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"directory: {sum(counts.values())} numbers indexed ({shown})")
         reports: dict[str, BoxReport] = {}
         if version >= 5:
-            reports = await reported_boxes(store)
+            reports = await reported_boxes(store, version)
         if not config.fritzbox:
             print("Fritz!Boxes: none configured")
         for box in config.fritzbox:
-            print(f"Fritz!Box {box.name} ({box.host}:{box.port}): "
-                  + _box_line(reports.get(box.name)))
+            report = reports.get(box.name)
+            print(f"Fritz!Box {box.name} ({box.host}:{box.port}): " + _box_line(report))
+            if box.tr064:
+                print(f"  call list (TR-064 {box.tr064_user}@{box.host}:"
+                      f"{box.tr064_port_used}, {'TLS' if box.tr064_tls else 'plain HTTP'}):"
+                      f" {_call_list_line(box, report)}")
         if version >= 3:  # the old monitor's endpoints (issue 15)
             from dpvoip.legacy_monitor.service import LEGACY_STATE, check_lines
             for line in await check_lines(config.legacy_monitor.token.reveal(),
@@ -242,6 +246,31 @@ def _box_line(report: BoxReport | None) -> str:
     stale = f"; last report {age:.0f}s ago: daemon not running?" if age > 30 else ""
     return (f"{state}, last line {last}, {report.reconnects} reconnects, "
             f"{report.bad_lines} bad lines{stale}")
+
+
+def _call_list_line(box: Any, report: BoxReport | None) -> str:
+    """The box's call list as the daemon last reported it, and its pinned certificate."""
+    listing = report.call_list if report else None
+    if not listing:
+        state = "not read yet (is the daemon running?)"
+    elif listing.get("state") == "failing":
+        state = f"FAILING ({listing.get('kind')}): {listing.get('advice')}"
+    elif listing.get("state") == "ok":
+        state = (f"read, last at {listing.get('last_success')}; recovered"
+                 f" {listing.get('inserted')}, corrected {listing.get('corrected')}")
+    else:
+        state = "not read yet"
+    if not box.tr064_tls:
+        return state
+    configured = box.tr064_certificate.replace(":", "").lower()
+    pinned = configured or (report.pinned if report else None)
+    seen = listing.get("certificate") if listing else None
+    where = "configured" if configured else "pinned on first use"
+    certificate = (f"certificate {where}: sha256 {pinned}" if pinned
+                   else "no certificate pinned yet")
+    if seen and pinned and seen != pinned:
+        certificate += f"; the box now shows {seen}: NOT the pinned one"
+    return f"{state}; {certificate}"
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:

@@ -115,8 +115,43 @@ class DaemonCollector(Collector):
         yield lines
         yield reconnects
         yield troubles
+        yield from _call_lists(s.boxes)
         yield _gauge("dpvoip_directory_entries", "Numbers in the phone directory.",
                      s.directory.state.entries)
+
+
+def _call_lists(boxes: Sequence[Box]) -> Iterator[Metric]:
+    """Each box's TR-064 call list (boxes without TR-064 have no series)."""
+    failing = GaugeMetricFamily(
+        "dpvoip_call_list_failing",
+        "1 while the box's call list cannot be read (a warning: the CallMonitor goes on), "
+        "by the kind of failure.", labels=["box", "kind"])
+    passes = CounterMetricFamily("dpvoip_call_list_passes", "Reads of a box's call list.",
+                                 labels=["box", "result"])
+    failures = CounterMetricFamily("dpvoip_call_list_failures",
+                                   "Failed reads of a box's call list, by kind.",
+                                   labels=["box", "kind"])
+    calls = CounterMetricFamily(
+        "dpvoip_call_list_calls",
+        "What the call list did to calls: recovered (inserted), linked to a call the "
+        "monitor recorded, finished, corrected (blocked <-> missed), skipped.",
+        labels=["box", "what"])
+    for box in (b.status for b in boxes):
+        if box.call_list is None:
+            continue
+        report = box.call_list.as_json()
+        failing.add_metric([box.name, report["kind"] or ""],
+                           int(report["state"] == "failing"))
+        passes.add_metric([box.name, "ok"], report["runs"])
+        passes.add_metric([box.name, "failed"], report["failures"])
+        for kind, count in report["failures_by_kind"].items():
+            failures.add_metric([box.name, kind], count)
+        for what in ("inserted", "linked", "finished", "corrected", "skipped"):
+            calls.add_metric([box.name, what], report[what])
+    yield failing
+    yield passes
+    yield failures
+    yield calls
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -121,8 +121,15 @@ class ReadinessReport:
                  "disk_errors": spooled.disk_errors, "mark_behind": spooled.mark_behind,
                  "spooling": self._durable.spooling,
                  **asdict(self._durable.counters)}
+        boxes = [b.status.as_json(b.tracker.open_calls) for b in self._boxes]
+        # Said, not failed: a box's call list that cannot be read costs recovery, while
+        # the box's CallMonitor and everything else go on.
+        warnings = [f"box {box['name']}: its call list cannot be read ({listing['kind']}):"
+                    f" {listing['advice']}"
+                    for box in boxes if (listing := box.get("call_list"))
+                    and listing["state"] == "failing"]
         return Readiness(
             state.reachable and prepared is not None and not spooled.alarm,
             {"database": database, "directory": directory, "spool": spool,
-             "fritzbox": [b.status.as_json(b.tracker.open_calls) for b in self._boxes]},
+             "fritzbox": boxes, "warnings": warnings},
         )

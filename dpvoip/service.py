@@ -17,24 +17,29 @@ PostgreSQL. The services themselves live in ``dpvoip.services``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from treq.client import HTTPClient
+from twisted.internet.defer import Deferred
 
 from dpvoip import __version__, metrics
 from dpvoip.calls.ingest import Ingest, ZadarmaContext, guard_rules
 from dpvoip.click_to_call.callbacks import ClickToCall
 from dpvoip.click_to_call.logins import Logins
-from dpvoip.config import Config
+from dpvoip.config import Config, FritzBoxSettings
 from dpvoip.core.dialling_policy import DiallingPolicy
 from dpvoip.core.numbers import Dialling, normalise
 from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.core.texts import Texts
 from dpvoip.crm.redis_sessions import parse_redis_url
+from dpvoip.crm.schema import CrmCapabilities
 from dpvoip.deferreds import OneShotObserver
 from dpvoip.fritzbox.box import FritzBox, origin_of
+from dpvoip.fritzbox.pinned import PinnedCallList
+from dpvoip.fritzbox.reconciler import Reconciler, ReconcileService
 from dpvoip.fritzbox.service import BoxStatusReporter, FritzBoxService, retry_policy
 from dpvoip.legacy_monitor.service import (
     LEGACY_STATE,
@@ -43,6 +48,7 @@ from dpvoip.legacy_monitor.service import (
     LegacyMonitorService,
     monitor_origin,
 )
+from dpvoip.protocols.tr064 import Tr064Client
 from dpvoip.readiness import ReadinessReport
 from dpvoip.services import (
     DatabaseService,
@@ -55,6 +61,7 @@ from dpvoip.services import (
 from dpvoip.spool.durable import DurableIngest, DurableService
 from dpvoip.spool.journal import AsyncSpool, Spool
 from dpvoip.store.accounts import Accounts
+from dpvoip.store.call_list import CallListStatements
 from dpvoip.store.callbacks import CallbackRecords
 from dpvoip.store.database import Store
 from dpvoip.store.directory import DirectoryIndex
@@ -193,6 +200,7 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
 
     # -- the Fritz!Boxes -------------------------------------------------------------------
     boxes: list[FritzBox] = []
+    lists: list[ReconcileService] = []
     for settings in config.fritzbox:
         box = FritzBox(settings, durable, reactor, own)
         boxes.append(box)
@@ -201,6 +209,12 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
             retry=retry_policy(settings.reconnect_initial_seconds,
                                settings.reconnect_max_seconds),
         ).setServiceParent(top)
+        if settings.tr064:  # its call list: what the port missed, what the box blocked
+            lists.append(call_list(settings, box, store, ingest, texts, reactor,
+                                   spooler.when_replayed, config.database.crm_schema,
+                                   lambda: crm_capabilities(schema)))
+    for reading in lists:
+        reading.setServiceParent(top)
     if boxes:
         BoxStatusReporter(boxes, store, reactor).setServiceParent(top)
 
@@ -267,6 +281,36 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     web.setServiceParent(top)
     return Daemon(top, store, web, exit_status, embedded, index, ingest, boxes, zadarma, account,
                   durable, spooler, schema, sessions)
+
+
+def call_list(settings: FritzBoxSettings, box: FritzBox, store: Store, ingest: Ingest,
+              texts: Texts, reactor: Any, replayed: Callable[[], Deferred[None]],
+              crm_schema: str, capabilities: Callable[[], CrmCapabilities]
+              ) -> ReconcileService:
+    """A box's TR-064 call list, read after the spool's replay (a call the spool still
+    holds is not recovered twice), after each reconnect and periodically."""
+    statements = CallListStatements(store, crm_schema, capabilities)
+
+    def client_for(pin: str | None) -> Tr064Client:
+        return Tr064Client(reactor, settings.host, settings.tr064_port_used,
+                           settings.tr064_user, settings.tr064_password, settings.tr064_tls,
+                           pin)
+
+    pinned = PinnedCallList(settings.name, client_for, statements,
+                            settings.tr064_certificate, settings.tr064_tls)
+    reading = ReconcileService(
+        Reconciler(settings, box.origin, pinned, statements, ingest, reactor, texts),
+        reactor, replayed)
+    box.watch_connection(lambda up: reading.box_connected() if up
+                         else reading.box_disconnected())
+    box.status.call_list = reading.status
+    return reading
+
+
+def crm_capabilities(schema: OneShotObserver[SchemaReport]) -> CrmCapabilities:
+    """The CRM's optional columns, as the prepared schema found them (none before)."""
+    prepared = schema.peek()
+    return prepared.crm if prepared is not None else CrmCapabilities()
 
 
 def makeService(config: Config, reactor: Any = None) -> OrderedServices:

@@ -21,6 +21,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from dpvoip.config import Config, DirectorySettings
 from dpvoip.deferreds import OneShotObserver
+from dpvoip.fritzbox.reconciler import ReconcileStatus
 from dpvoip.metrics import DaemonMetrics, Sources
 from dpvoip.readiness import ReadinessReport
 from dpvoip.service import build
@@ -294,9 +295,12 @@ class FakeBoxStatus:
     calls_evicted: int = 0
     dates_replaced: int = 0
     not_recorded: int = 0
+    call_list: Any = None  # a ReconcileStatus when the box's list is read
 
     def as_json(self, open_calls: int) -> dict[str, Any]:
-        return {"name": self.name, "open_calls": open_calls}
+        shown = {"name": self.name, "open_calls": open_calls}
+        return shown if self.call_list is None else {**shown,
+                                                     "call_list": self.call_list.as_json()}
 
 
 @dataclass
@@ -373,6 +377,20 @@ class ReadinessReportTests(SynchronousTestCase):
             "direct": 0, "spooled": 3})
         self.assertEqual(second.checks["fritzbox"], [{"name": "office", "open_calls": 2}])
 
+    def test_a_call_list_that_cannot_be_read_is_a_warning_not_a_failure(self) -> None:
+        self.schema.fire(prepared_schema())
+        listing = ReconcileStatus("office")
+        self.boxes[0].status.call_list = listing
+        self.assertEqual(self.report().checks["warnings"], [])
+        listing.state, listing.kind = "failing", "rights"
+        listing.advice = "give the TR-064 user the right to the call list"
+        answer = self.report()
+        self.assertTrue(answer.ready, "the box's CallMonitor and the rest go on")
+        self.assertEqual(answer.checks["warnings"], [
+            "box office: its call list cannot be read (rights): give the TR-064 user the"
+            " right to the call list"])
+        self.assertEqual(answer.checks["fritzbox"][0]["call_list"]["state"], "failing")
+
 
 @dataclass
 class KeepsCounters:
@@ -408,6 +426,29 @@ class MetricsSourcesTests(SynchronousTestCase):
         self.assertIn('dpvoip_zadarma_webhooks_refused_total{status="403"} 2.0', after)
         self.assertIn("dpvoip_directory_entries 77.0", after)
         self.assertIn('dpvoip_fritzbox_lines_total{box="office",kind="good"} 9.0', after)
+        self.assertNotIn("dpvoip_call_list_failing{", after, "no TR-064: no series")
+
+    def test_a_boxs_call_list_in_the_metrics(self) -> None:
+        listing = ReconcileStatus("office", state="failing", kind="auth", advice="password",
+                                  runs=3, failures=2, failures_by_kind={"auth": 2},
+                                  inserted=4, corrected=1)
+        boxes = [FakeBox(FakeBoxStatus("office", call_list=listing))]
+        page = DaemonMetrics(Sources(spool=FakeSpool(), durable=FakeDurable(),
+                                     ingest=KeepsCounters(FakeDurable().counters),
+                                     webhook=KeepsCounters(_NoRefusals()), boxes=boxes,
+                                     directory=FakeDirectory())).exposition().decode()
+        for line in ('dpvoip_call_list_failing{box="office",kind="auth"} 1.0',
+                     'dpvoip_call_list_passes_total{box="office",result="ok"} 3.0',
+                     'dpvoip_call_list_passes_total{box="office",result="failed"} 2.0',
+                     'dpvoip_call_list_failures_total{box="office",kind="auth"} 2.0',
+                     'dpvoip_call_list_calls_total{box="office",what="inserted"} 4.0',
+                     'dpvoip_call_list_calls_total{box="office",what="corrected"} 1.0'):
+            self.assertIn(line, page)
+
+
+@dataclass
+class _NoRefusals:
+    refused: dict[int, int] = field(default_factory=dict)
 
 
 # -- the database service hears the pool through Reconnections -------------------------------

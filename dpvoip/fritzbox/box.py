@@ -24,6 +24,7 @@ shows a gap of about 0, which the tracker does not believe against the box's tim
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -76,6 +77,7 @@ class BoxStatus:
     calls_evicted: int = 0  # closed as interrupted: more than max_open_calls were open
     dates_replaced: int = 0  # lines dated by their arrival instead of the box's clock
     not_recorded: int = 0  # happenings neither committed nor spooled (spool or disk full)
+    call_list: Reporting | None = None  # the box's TR-064 call list, when configured
 
     def as_json(self, open_calls: int) -> dict[str, Any]:
         return {
@@ -86,7 +88,14 @@ class BoxStatus:
             "reconnects": self.reconnects, "lines": self.lines, "bad_lines": self.bad_lines,
             "open_calls": open_calls, "calls_evicted": self.calls_evicted,
             "dates_replaced": self.dates_replaced, "not_recorded": self.not_recorded,
+            "call_list": self.call_list.as_json() if self.call_list else None,
         }
+
+
+class Reporting(Protocol):
+    """A part of the box that reports itself (``ReconcileStatus``)."""
+
+    def as_json(self) -> dict[str, Any]: ...
 
 
 def rules_for(settings: FritzBoxSettings, own_numbers: frozenset[str]) -> BoxRules:
@@ -131,6 +140,12 @@ class FritzBox:
         self.born = self._now()  # calls older than this are the last run's
         self.connection: CallMonitorProtocol | None = None
         self.budget = LogBudget()  # warnings of one kind: a few a minute
+        self._watchers: list[Callable[[bool], None]] = []
+
+    def watch_connection(self, watcher: Callable[[bool], None]) -> None:
+        """``watcher(True)`` at every (re)connect, ``watcher(False)`` at every loss (the
+        call list is read after a reconnect)."""
+        self._watchers.append(watcher)
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
@@ -194,6 +209,8 @@ class FritzBox:
         orphans = self.tracker.close_all(Reason.LINK_LOST, self._now())
         status.orphans_closed += len(orphans)
         self._submit(orphans)
+        for watcher in self._watchers:
+            watcher(True)
 
     def line_received(self, text: str) -> None:
         arrived = self._clock.seconds()
@@ -249,3 +266,5 @@ class FritzBox:
         self.status.since = self._now()
         log.info("box {box}: connection lost ({why})", box=self.settings.name,
                  why=reason.getErrorMessage())
+        for watcher in self._watchers:
+            watcher(False)

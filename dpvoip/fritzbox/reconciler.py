@@ -26,7 +26,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from twisted.application.service import Service
@@ -139,6 +139,12 @@ class Reconciler:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
 
+    @property
+    def certificate(self) -> str | None:
+        """The TLS fingerprint the box presented last (its client's ``seen``), if any."""
+        seen = getattr(self._client, "seen", None)
+        return seen if isinstance(seen, str) else None
+
     async def run(self) -> ReconcileReport:
         box = self.settings.name
         state = await self._store.state(box)
@@ -247,10 +253,22 @@ class ReconcileStatus:
     corrected: int = 0
     skipped: int = 0
     last: ReconcileReport | None = None
+    certificate: str | None = None  # the TLS fingerprint the box presented last
 
     @property
     def ok(self) -> bool:
         return self.state != "failing"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state, "kind": self.kind or None, "advice": self.advice or None,
+            "last_success": self.last_success.isoformat() if self.last_success else None,
+            "last_attempt": self.last_attempt.isoformat() if self.last_attempt else None,
+            "runs": self.runs, "failures": self.failures,
+            "failures_by_kind": dict(self.failures_by_kind), "inserted": self.inserted,
+            "linked": self.linked, "finished": self.finished, "corrected": self.corrected,
+            "skipped": self.skipped, "certificate": self.certificate,
+        }
 
 
 def backoff(initial: float = 30.0, cap: float = 600.0,
@@ -378,6 +396,8 @@ class ReconcileService(Service):
         except Exception as error:  # every failure is kept, logged once per kind, retried
             self._failed(error)
             return
+        finally:
+            status.certificate = getattr(self.reconciler, "certificate", None)
         self._succeeded(report)
 
     def _failed(self, error: BaseException) -> None:

@@ -220,6 +220,13 @@ MIGRATIONS: tuple[Migration, ...] = (
             ON dpvoip.call_detail (box, started_at);
         """,
     ),
+    Migration(
+        11,
+        "TR-064: each box's call list as the daemon last reported it (for dpvoip check)",
+        """
+        ALTER TABLE dpvoip.box_status ADD COLUMN call_list jsonb;
+        """,
+    ),
 )
 
 
