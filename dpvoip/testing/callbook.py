@@ -158,14 +158,14 @@ class CallBook:
         if event == "CONNECT":
             return self._connect(conn_id, fields[3], at)
         if event == "DISCONNECT":
-            call = self._open.pop(conn_id, None)
-            if call is None:
+            ended = self._open.pop(conn_id, None)
+            if ended is None:
                 return []
             try:
                 talk = max(int(fields[3]), 0)
             except ValueError:
-                talk = self._talk(call, at)
-            return [self._final(call, talk, at)]
+                talk = self._talk(ended, at)
+            return [self._final(ended, talk, at)]
         return []
 
     # -- the calls
@@ -174,8 +174,8 @@ class CallBook:
                date: datetime, at: float) -> None:
         call = _Open(self._next_key, outgoing, remote, own_number, date, at)
         self._next_key += 1
-        if not outgoing:
-            call.mark = self._marks.pop(conn_id, None)
+        if not outgoing and conn_id in self._marks:
+            call.mark = self._marks.pop(conn_id)
         self._open[conn_id] = call
 
     def _connect(self, conn_id: int, extension: str, at: float) -> list[Listing]:
