@@ -643,6 +643,9 @@ class FritzSimulator:
             case Await():
                 await self._until_connected()
             case Alone():
+                if self._clients:
+                    log.info("waiting until no client is connected ({count} connected)",
+                             count=len(self._clients))
                 await self._until_alone()
             case Quiet(seconds):
                 self._quiet_until = self.reactor.seconds() + seconds
