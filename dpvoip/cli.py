@@ -393,10 +393,38 @@ def cmd_zadarma_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_fritz_sim(args: argparse.Namespace) -> int:
-    """Play a CallMonitor script on a TCP port as a Fritz!Box does (tests, demos)."""
-    from dpvoip.testing.fritzbox import serve
+    """Play a CallMonitor script on a TCP port as a Fritz!Box does (tests, demos); with
+    ``--tr064-port``, serve the box's TR-064 call list too, filled by the same script."""
+    from dpvoip.testing.fritzbox import ListSide, serve
 
-    return serve(args.script, args.port, args.host, args.timezone, loop=args.loop)
+    tr064 = None
+    if args.tr064_port is not None:
+        given = {"user": args.tr064_user, "password": args.tr064_password,
+                 "delay": args.list_delay}
+        tr064 = ListSide(args.tr064_port, tls=not args.no_tls,
+                         **{key: value for key, value in given.items() if value is not None})
+    return serve(args.script, args.port, args.host, args.timezone, loop=args.loop,
+                 tr064=tr064)
+
+
+def _port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 3600 seconds")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -438,8 +466,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub.add_argument("--host", default="127.0.0.1", help="address to listen on")
             sub.add_argument("--timezone", default="Europe/Athens", help="the box's time zone")
             sub.add_argument("--loop", action="store_true", help="play the script forever")
+            sub.add_argument("--tr064-port", type=_port_number, metavar="N",
+                             help="serve the box's TR-064 call list on this port too (0: "
+                                  "any free one), filled by the script's calls")
+            sub.add_argument("--tr064-user", help="TR-064 user it accepts (default dpvoip)")
+            sub.add_argument("--tr064-password",
+                             help="TR-064 password it accepts (default demo-password)")
+            sub.add_argument("--no-tls", action="store_true",
+                             help="TR-064 over plain HTTP (default: TLS, self-signed)")
+            sub.add_argument("--list-delay", type=_seconds, metavar="SECONDS",
+                             help="from a DISCONNECT to the call's list entry (default 5)")
     args = parser.parse_args(argv)
+    if name_needs_tr064(args):
+        parser.error("--tr064-user, --tr064-password, --no-tls and --list-delay need "
+                     "--tr064-port")
     return int(args.handler(args))
+
+
+def name_needs_tr064(args: argparse.Namespace) -> bool:
+    """``fritz-sim`` given TR-064 options without ``--tr064-port`` (they would do
+    nothing)."""
+    if args.command != "fritz-sim" or args.tr064_port is not None:
+        return False
+    return bool(args.no_tls) or any(value is not None for value in (
+        args.tr064_user, args.tr064_password, args.list_delay))
 
 
 if __name__ == "__main__":

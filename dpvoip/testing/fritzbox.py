@@ -23,6 +23,37 @@ Script format, one step per line (blank lines and ``#`` comment lines are skippe
 
 ``{now}``, ``{now+N}``, ``{now-N}`` (N whole seconds) become the box's local time when the
 step is sent, in both kinds of line.
+
+The call list (TR-064). Given a ``FakeTr064Box`` (``box=``; ``dpvoip fritz-sim
+--tr064-port``), the simulator also keeps the box's call list, from the same script:
+every line it plays (sent, or lost because nobody is connected, or withheld by
+``!quiet``) goes through a ``CallBook`` (``dpvoip/testing/callbook.py``), which follows
+each connection id as the box does. A call's final entry reaches the list
+``list_delay`` seconds (5 by default) after its DISCONNECT, with its Type (1 answered,
+also by the answering machine: Port 40-49 or 6; 2 missed; 3 outgoing; 10 blocked),
+numbers, start minute, talk time, Port and Device; while a call is connected the list
+holds it as active (Type 9 or 11). Blocked or missed: an unanswered incoming call whose
+DISCONNECT is played less than 1 s after its RING was blocked by the box, a longer one
+was missed, unless ``!list-as`` says otherwise. So calls played while dpvoip was away
+are still in the list, which is what dpvoip recovers them from. The directives for the
+list side (without a box they are played as no-ops, with a log line)::
+
+    <delay> !list-reset          the box's list is cleared (ids restart, new timestamp)
+    <delay> !list-as <id> blocked|missed
+                                 the unanswered call on connection id <id> (ringing now,
+                                 else the next to ring on it) is listed so, whatever
+                                 its timing (the box disagreeing with dpvoip's guess)
+    <delay> !tr064 fail <kind>   the TR-064 side fails from now on: auth, rights,
+                                 locked, garbage, garbage_list or slow
+    <delay> !tr064 ok            ... and behaves again
+    <delay> !quiet <seconds>     the lines of the next <seconds> are played but sent to
+                                 no client (dropped: dpvoip misses them; the list has
+                                 them); 0 ends a quiet spell at once
+    <delay> !alone               wait until no client is connected (dpvoip stopped);
+                                 with ``!await`` after the calls, a scenario of calls
+                                 taken while dpvoip was away
+
+Scripts without these directives play exactly as before.
 """
 
 from __future__ import annotations
@@ -31,7 +62,7 @@ import math
 import re
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -61,6 +92,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer, provider
 
 from dpvoip.deferreds import EmptyableSet, OneShotObserver
+from dpvoip.fritzbox.calllist import ListedCall
+from dpvoip.testing.callbook import MARKS, CallBook, LineSplitter, Listing
+from dpvoip.testing.tr064 import FAILURES, FakeTr064Box
 
 BOX_TIME = "%d.%m.%y %H:%M:%S"
 """The box's timestamp format (local wall clock, no zone)."""
@@ -68,7 +102,11 @@ BOX_TIME = "%d.%m.%y %H:%M:%S"
 STOP_GRACE = 2.0
 """Seconds ``stop()`` lets clients take their last bytes before aborting them."""
 
-DIRECTIVES = ("!raw", "!close", "!reset", "!refuse", "!await")
+LIST_DELAY = 5.0
+"""Seconds from a call's DISCONNECT to its entry in the box's call list."""
+
+DIRECTIVES = ("!raw", "!close", "!reset", "!refuse", "!await", "!alone", "!quiet",
+              "!list-reset", "!list-as", "!tr064")
 
 log = Logger()
 
@@ -118,7 +156,41 @@ class Await:
     """Hold the script until at least one client is connected."""
 
 
-Action = Send | Raw | Close | Reset | Refuse | Await
+@dataclass(frozen=True)
+class Alone:
+    """Hold the script until no client is connected (dpvoip was stopped)."""
+
+
+@dataclass(frozen=True)
+class Quiet:
+    """Send the lines of the next ``seconds`` to no client (they still make the list)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ListReset:
+    """The box's call list is cleared."""
+
+
+@dataclass(frozen=True)
+class ListAs:
+    """The unanswered call on ``conn_id`` is listed as ``kind`` (blocked or missed)."""
+
+    conn_id: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class Tr064Failure:
+    """The TR-064 side fails with ``kind`` (one of the fake box's ``FAILURES``) from now
+    on; None: it behaves again."""
+
+    kind: str | None
+
+
+Action = (Send | Raw | Close | Reset | Refuse | Await | Alone | Quiet | ListReset | ListAs
+          | Tr064Failure)
 
 
 @dataclass(frozen=True)
@@ -193,12 +265,46 @@ def _parse_directive(number: int, rest: str) -> Action:
         if not given:
             raise ScriptError(number, "!refuse needs the seconds to refuse connections for")
         return Refuse(_seconds(number, "!refuse time", given))
-    simple: dict[str, Action] = {"!close": Close(), "!reset": Reset(), "!await": Await()}
+    if name == "!quiet":
+        if not given:
+            raise ScriptError(number, "!quiet needs the seconds to send nothing for")
+        return Quiet(_seconds(number, "!quiet time", given))
+    if name == "!list-as":
+        return _list_as(number, given)
+    if name == "!tr064":
+        return _tr064(number, given)
+    simple: dict[str, Action] = {"!close": Close(), "!reset": Reset(), "!await": Await(),
+                                 "!alone": Alone(), "!list-reset": ListReset()}
     if name not in simple:
         raise ScriptError(number, f"unknown directive {name!r} (known: {', '.join(DIRECTIVES)})")
     if given:
         raise ScriptError(number, f"{name} takes no argument, got {given!r}")
     return simple[name]
+
+
+def _list_as(number: int, given: str) -> ListAs:
+    words = given.split()
+    usage = f"!list-as needs a connection id and one of {', '.join(MARKS)}"
+    if len(words) != 2:
+        raise ScriptError(number, f"{usage}, got {given!r}")
+    if not words[0].isdigit():
+        raise ScriptError(number, f"!list-as connection id {words[0]!r} is not a number")
+    if words[1] not in MARKS:
+        raise ScriptError(number, f"{usage}, got {words[1]!r}")
+    return ListAs(int(words[0]), words[1])
+
+
+def _tr064(number: int, given: str) -> Tr064Failure:
+    words = given.split()
+    if words == ["ok"]:
+        return Tr064Failure(None)
+    if len(words) == 2 and words[0] == "fail" and words[1] in FAILURES:
+        return Tr064Failure(words[1])
+    if len(words) == 2 and words[0] == "fail":
+        raise ScriptError(number, f"!tr064 fail: unknown failure {words[1]!r} "
+                                  f"(known: {', '.join(FAILURES)})")
+    raise ScriptError(number, f"!tr064 takes 'ok' or 'fail <kind>' (kinds: "
+                              f"{', '.join(FAILURES)}), got {given!r}")
 
 
 def _seconds(number: int, what: str, text: str) -> float:
@@ -407,14 +513,24 @@ class FritzSimulator:
     connected is lost (counted in ``lines_dropped``), as on a real box, which never
     queues. The port is held from ``listen()`` to ``stop()`` (see ``HeldPort``), also
     while a ``!refuse`` refuses connections.
+
+    ``box``: the box's TR-064 side, whose call list the script's calls fill (module
+    docstring); the caller listens and stops it. ``list_delay``: seconds from a
+    DISCONNECT to the call's entry; ``blocked_within``: an unanswered RING ended sooner
+    (play time) was blocked by the box.
     """
 
     def __init__(self, reactor: Any, script: Script, timezone: str = "Europe/Athens",
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", *, box: FakeTr064Box | None = None,
+                 list_delay: float = LIST_DELAY, blocked_within: float = 1.0) -> None:
         self.reactor = reactor
         self.script = script
         self.zone = ZoneInfo(timezone)
         self.host = host
+        self.box = box
+        self.list_delay = list_delay
+        self.book = CallBook(self.zone, blocked_within)
+        """The calls the box follows, from every line played (sent or not)."""
         self.port: int | None = None
         """The bound port, once ``listen()`` has fired."""
         self.connections = 0
@@ -435,6 +551,17 @@ class FritzSimulator:
         self._waiting: Deferred[Any] | None = None
         self._playing = False
         self._stopping = False
+        # No client connected any more ("!alone" waits for it).
+        self._alone: OneShotObserver[None] = OneShotObserver()
+        self._quiet_until = -math.inf
+        self._splitter = LineSplitter()
+        self._listed: dict[int, tuple[int, int]] = {}  # call -> (list id, list timestamp)
+        self._due: dict[int, Any] = {}  # call -> the delayed call putting its final entry
+
+    @property
+    def pending_entries(self) -> int:
+        """Finished calls not in the call list yet (their ``list_delay`` is running)."""
+        return len(self._due)
 
     @property
     def connected(self) -> int:
@@ -476,6 +603,9 @@ class FritzSimulator:
         self._stopping = True
         if self._waiting is not None:
             self._waiting.cancel()
+        due, self._due = self._due, {}
+        for call in due.values():
+            call.cancel()
         return Deferred.fromCoroutine(self._shut())
 
     # -- the play
@@ -498,7 +628,9 @@ class FritzSimulator:
     async def _do(self, action: Action) -> None:
         match action:
             case Send() | Raw():
-                self._send(payload(action, self.reactor.seconds(), self.zone))
+                data = payload(action, self.reactor.seconds(), self.zone)
+                self._follow(data)
+                self._send(data)
             case Close():
                 self._hang_up(abort=False)
             case Reset():
@@ -510,9 +642,70 @@ class FritzSimulator:
                 await self._refuse(seconds)
             case Await():
                 await self._until_connected()
+            case Alone():
+                if self._clients:
+                    log.info("waiting until no client is connected ({count} connected)",
+                             count=len(self._clients))
+                await self._until_alone()
+            case Quiet(seconds):
+                self._quiet_until = self.reactor.seconds() + seconds
+                log.info("quiet for {seconds} s: lines reach no client", seconds=seconds)
+            case ListAs(conn_id, kind):
+                self.book.mark(conn_id, kind)
+            case ListReset():
+                self._on_box("!list-reset", lambda box: box.reset())
+            case Tr064Failure(kind):
+                self._on_box(f"!tr064 {'ok' if kind is None else 'fail ' + kind}",
+                             lambda box: box.fail_with(kind))
+
+    # -- the call list
+
+    def _follow(self, data: bytes) -> None:
+        """The box writes the calls of the lines it plays into its list, whoever hears."""
+        now = self.reactor.seconds()
+        for line in self._splitter.push(data):
+            for listing in self.book.feed(line, now):
+                if self.box is None:
+                    continue  # followed all the same; no timers for a list nobody has
+                if listing.final:
+                    self._due[listing.key] = self.reactor.callLater(
+                        self.list_delay, self._list, listing)
+                else:
+                    self._list(listing)
+
+    def _list(self, listing: Listing) -> None:
+        if listing.final:
+            self._due.pop(listing.key, None)
+        if self.box is None:
+            return
+        known = self._listed.pop(listing.key, None)
+        entry: ListedCall | None = None
+        if known is not None and known[1] == self.box.timestamp:
+            entry = replace(listing.entry, id=known[0])
+            try:
+                self.box.change(entry)
+            except KeyError:  # gone from the list since (a reset): listed anew
+                entry = None
+        if entry is None:
+            entry = self.box.add(listing.entry)
+        if not listing.final:
+            self._listed[listing.key] = (entry.id, self.box.timestamp)
+        log.info("call list: entry {id} type {type} {remote!r}", id=entry.id,
+                 type=entry.type, remote=entry.remote)
+
+    def _on_box(self, what: str, change: Any) -> None:
+        if self.box is None:
+            log.info("{what} ignored: no TR-064 side", what=what)
+            return
+        change(self.box)
+        log.info("TR-064: {what}", what=what)
 
     def _send(self, data: bytes) -> None:
         shown = data.decode(errors="replace")
+        if self.reactor.seconds() < self._quiet_until:
+            self.lines_dropped += 1
+            log.info("withheld (quiet): {data!r}", data=shown)
+            return
         if not self._clients:
             self.lines_dropped += 1
             log.info("dropped (no client connected): {data!r}", data=shown)
@@ -526,6 +719,7 @@ class FritzSimulator:
         clients, self._clients = self._clients, []
         for side in clients:
             side.hang_up(abort)
+        self._now_alone()
         if clients:
             log.info("{how} {count} connection(s)", count=len(clients),
                      how="aborting (RST)" if abort else "closing")
@@ -545,6 +739,15 @@ class FritzSimulator:
     async def _until_connected(self) -> None:
         if not self._clients:
             await self._wait(self._next_client.when_fired())
+
+    async def _until_alone(self) -> None:
+        if self._clients:
+            await self._wait(self._alone.when_fired())
+
+    def _now_alone(self) -> None:
+        if not self._clients:
+            alone, self._alone = self._alone, OneShotObserver()
+            alone.fire(None)
 
     async def _wait(self, waiting: Deferred[Any]) -> Any:
         """Await ``waiting``, which ``stop()`` cancels."""
@@ -604,20 +807,74 @@ class FritzSimulator:
         """A client's connection is gone (called by it)."""
         if side in self._clients:
             self._clients.remove(side)
+            self._now_alone()
         log.info("client {peer} disconnected ({count} connected)", peer=side.peer(),
                  count=len(self._clients))
         self._open.discard(side)  # last: this may end stop()
 
 
+def office_box(reactor: Any, user: str, password: str, *, tls: bool = True,
+                timezone: str = "Europe/Athens", clock: Any = None) -> FakeTr064Box:
+    """A fake TR-064 side whose "now" (the list's ``days`` window) is the box's local
+    wall clock in ``timezone``, from ``clock`` (default: the reactor), as the
+    simulator's lines are."""
+    zone = ZoneInfo(timezone)
+    source = clock if clock is not None else reactor
+
+    def now() -> datetime:
+        return datetime.fromtimestamp(source.seconds(), zone).replace(tzinfo=None)
+
+    return FakeTr064Box(reactor, user, password, tls=tls, clock=source, now=now)
+
+
 # --- the command -------------------------------------------------------------------------
+
+DEMO_USER = "dpvoip"
+DEMO_PASSWORD = "demo-password"  # noqa: S105 - the simulator's documented demo login
+
+
+@dataclass(frozen=True)
+class ListSide:
+    """``fritz-sim``'s TR-064 side: where it listens, the login it accepts, TLS or
+    not, and the delay from a DISCONNECT to the list entry."""
+
+    port: int
+    user: str = DEMO_USER
+    password: str = DEMO_PASSWORD
+    tls: bool = True
+    delay: float = LIST_DELAY
+
+    def __repr__(self) -> str:  # the password stays out of any message
+        return (f"ListSide(port={self.port}, user={self.user!r}, tls={self.tls}, "
+                f"delay={self.delay})")
+
+
+def config_lines(host: str, port: int, side: ListSide, tr064_port: int,
+                 fingerprint: str | None) -> list[str]:
+    """The ``[[fritzbox]]`` table pointing dpvoip at the simulator (the password only
+    when it is the documented demo one: a password of the user's is never printed)."""
+    lines = ["[[fritzbox]]", f'host = "{host}"', f"port = {port}",
+             f'tr064_user = "{side.user}"']
+    if side.password == DEMO_PASSWORD:
+        lines.append(f'tr064_password = "{DEMO_PASSWORD}"')
+    else:
+        lines.append("# tr064_password = the --tr064-password given (not shown)")
+    lines += [f"tr064_tls = {'true' if side.tls else 'false'}", f"tr064_port = {tr064_port}"]
+    if fingerprint is not None:
+        lines.append(f'tr064_certificate = "{fingerprint}"')
+    return lines
 
 
 def serve(path: str, port: int = 1012, host: str = "127.0.0.1",
-          timezone: str = "Europe/Athens", loop: bool = False) -> int:
-    """``dpvoip fritz-sim``: play the script at ``path`` on ``host``:``port``.
+          timezone: str = "Europe/Athens", loop: bool = False,
+          tr064: ListSide | None = None) -> int:
+    """``dpvoip fritz-sim``: play the script at ``path`` on ``host``:``port``; with
+    ``tr064``, serve the box's TR-064 side too, its call list filled by the script.
 
     Exits 0 when the script has been played (and its last bytes delivered), or on Ctrl-C
-    or SIGTERM; 2 for a bad script or time zone, 1 when the port cannot be bound.
+    or SIGTERM; 2 for a bad script or time zone, 1 when a port cannot be bound. With
+    ``tr064`` it keeps serving the list after the play, until Ctrl-C or SIGTERM (dpvoip
+    reads it when it comes back).
     """
     try:
         script = parse_script(Path(path).read_text(encoding="utf-8"))
@@ -641,7 +898,10 @@ def serve(path: str, port: int = 1012, host: str = "127.0.0.1",
 
     globalLogBeginner.beginLoggingTo([_print_event], redirectStandardIO=False)
     async def main(reactor: Any) -> None:
-        simulator = FritzSimulator(reactor, script, timezone, host)
+        box = None if tr064 is None else office_box(
+            reactor, tr064.user, tr064.password, tls=tr064.tls, timezone=timezone)
+        simulator = FritzSimulator(reactor, script, timezone, host, box=box,
+                                   list_delay=LIST_DELAY if tr064 is None else tr064.delay)
         try:
             bound = await simulator.listen(port)
         except CannotListenError as error:
@@ -652,25 +912,55 @@ def serve(path: str, port: int = 1012, host: str = "127.0.0.1",
         print(f"fritz-sim: serving {path} on {shown_host}:{bound} "
               "(point dpvoip's [[fritzbox]] host/port here)", flush=True)
         stopping = [False]
+        forever: Deferred[None] = Deferred()
 
         def on_shutdown() -> Deferred[None]:
             stopping[0] = True
-            return simulator.stop()
+            if not forever.called:
+                forever.callback(None)
+            stopped = [simulator.stop()] + ([] if box is None else [box.stop()])
+            return gatherResults(stopped).addCallback(lambda _: None)
 
         reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
         try:
+            if box is not None and tr064 is not None:
+                await _serve_list(box, tr064, host, bound, shown_host)
             while not stopping[0]:
                 await simulator.run()
                 if not loop:
                     break
+            if box is not None and not stopping[0]:
+                print("fritz-sim: script played; still serving the call list "
+                      "(Ctrl-C to stop)", flush=True)
+                await forever
         finally:
             await simulator.stop()
+            if box is not None:
+                await box.stop()
 
     try:
         task.react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
     except SystemExit as exit_:  # react() always exits; the code is ours to return
         return int(exit_.code or 0)
     return 0
+
+
+async def _serve_list(box: FakeTr064Box, side: ListSide, host: str, port: int,
+                      shown_host: str) -> None:
+    try:
+        listening = await box.listen(side.port, interface=host)
+    except CannotListenError as error:
+        print(f"fritz-sim: cannot listen on {host}:{side.port} for TR-064: "
+              f"{error.socketError}", file=sys.stderr)
+        raise SystemExit(1) from None
+    how = (f"over TLS, certificate SHA-256 {box.fingerprint}" if side.tls
+           else "plain HTTP, no TLS")
+    print(f"fritz-sim: TR-064 on {shown_host}:{listening} {how}; a call is listed "
+          f"{side.delay:g} s after its DISCONNECT", flush=True)
+    print("fritz-sim: dpvoip's configuration for this box:", flush=True)
+    for line in config_lines(host, port, side, listening,
+                             box.fingerprint if side.tls else None):
+        print(line, flush=True)
 
 
 @provider(ILogObserver)
