@@ -224,7 +224,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             if box.tr064:
                 print(f"  call list (TR-064 {box.tr064_user}@{box.host}:"
                       f"{box.tr064_port_used}, {'TLS' if box.tr064_tls else 'plain HTTP'}):"
-                      f" {_call_list_line(box, report)}")
+                      f" {call_list_line(box, report)}")
         if version >= 3:  # the old monitor's endpoints (issue 15)
             from dpvoip.legacy_monitor.service import LEGACY_STATE, check_lines
             for line in await check_lines(config.legacy_monitor.token.reveal(),
@@ -248,7 +248,7 @@ def _box_line(report: BoxReport | None) -> str:
             f"{report.bad_lines} bad lines{stale}")
 
 
-def _call_list_line(box: Any, report: BoxReport | None) -> str:
+def call_list_line(box: Any, report: BoxReport | None) -> str:
     """The box's call list as the daemon last reported it, and its pinned certificate."""
     listing = report.call_list if report else None
     if not listing:

@@ -21,10 +21,13 @@ import treq
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
+from dpvoip.cli import call_list_line
 from dpvoip.config import DirectorySettings, Secret
 from dpvoip.fritzbox.calllist import BLOCKED, INCOMING, MISSED, OUTGOING
 from dpvoip.fritzbox.reconciler import ReconcileStatus
+from dpvoip.fritzbox.service import BoxStatusReporter
 from dpvoip.service import Daemon, build
+from dpvoip.store.boxes import reported_boxes
 from dpvoip.testing.fritzbox import FritzSimulator, box_time, parse_script
 from dpvoip.testing.tr064 import FakeTr064Box
 from test.support.crm import Crm
@@ -84,6 +87,13 @@ class CallListEndToEnd(TestCase):
         response = await treq.get(f"http://127.0.0.1:{port}/metrics", persistent=False)
         return str((await response.content()).decode())
 
+    async def check_line(self, daemon: Daemon) -> str:
+        """What `dpvoip check` (another process) says of the box's call list, once the
+        daemon has reported it."""
+        await BoxStatusReporter(daemon.boxes, daemon.store, reactor).report()
+        reports = await reported_boxes(daemon.store)
+        return call_list_line(daemon.boxes[0].settings, reports.get("office"))
+
     def calls(self) -> list[tuple[Any, ...]]:
         return self.crm.query(
             "SELECT direction, phone_number, status, notes, ticket_created"
@@ -133,6 +143,10 @@ class CallListEndToEnd(TestCase):
         listing = body["fritzbox"][0]["call_list"]
         self.assertEqual((listing["state"], listing["inserted"], body["warnings"]),
                          ("ok", 5, []))
+        line = yield defer.Deferred.fromCoroutine(self.check_line(again))
+        self.assertIn("read, last at", line)
+        self.assertIn(f"certificate pinned on first use: sha256 {self.tr064.fingerprint}",
+                      line)
 
         # Started once more: the list read again changes nothing.
         yield again.service.stopService()
@@ -152,6 +166,9 @@ class CallListEndToEnd(TestCase):
         self.assertNotIn("not-the-password", json.dumps(body))
         page = yield defer.Deferred.fromCoroutine(self.metrics(port))
         self.assertIn('dpvoip_call_list_failing{box="office",kind="auth"} 1.0', page)
+        line = yield defer.Deferred.fromCoroutine(self.check_line(daemon))
+        self.assertIn("FAILING (auth)", line)
+        self.assertNotIn("not-the-password", line)
         # The CallMonitor path goes on.
         yield eventually(lambda: self.simulator.connected == 1, PATIENCE)
         self.simulator._send(f"{box_time(reactor.seconds(), ZONE)};RING;0;2105555555;"
