@@ -38,7 +38,7 @@ class MemorySpool:
         self.records: list[tuple[int, bytes]] = []
         self.next_seq = 1
         self.room = room
-        self.started = self.stopped = False
+        self.started = self.stopped = self.owned = False
 
     def start(self) -> Deferred[None]:
         self.started = True
@@ -67,6 +67,9 @@ class MemorySpool:
     def stop(self) -> Deferred[None]:
         self.stopped = True
         return defer.succeed(None)
+
+    def stopped_by_owner(self) -> None:
+        self.owned = True
 
 
 class FakeIngest:
@@ -237,6 +240,15 @@ class DurableServiceTests(SynchronousTestCase):
         self.prepared: Deferred[None] = Deferred()
         self.service = DurableService(self.durable, cast(Any, self.spool), self.clock,
                                       lambda: self.prepared, interval=1.0)
+
+    def test_the_service_owns_its_spool_and_stops_it_after_the_replay(self) -> None:
+        """Not the spool's own shutdown trigger, which would close it alongside the
+        services' stop, before the replay's last mark (a real-process SIGTERM test:
+        test_fault_sigterm_replay)."""
+        self.service.startService()
+        self.assertTrue(self.spool.owned)
+        self.successResultOf(self.service.stopService())
+        self.assertTrue(self.spool.stopped)
 
     def spool_one(self, n: int) -> None:
         answer, self.ingest.answer = self.ingest.answer, ConnectionDead()

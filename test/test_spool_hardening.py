@@ -183,6 +183,9 @@ class DiskSpool:
     def stop(self) -> Deferred[None]:
         return self._run(self.spool.close)
 
+    def stopped_by_owner(self) -> None:
+        """No reactor here: nothing to give up."""
+
 
 class Ingest:
     """Commits, fails as an absent database, or holds every submission (a replay's group

@@ -457,6 +457,7 @@ class DurableService(Service):
     def startService(self) -> Deferred[None]:
         super().startService()
         opened = self._spool.start()
+        self._spool.stopped_by_owner()  # closed by _stop, after the replay's last mark
 
         def begin(_: object) -> None:
             state = self._spool.state()

@@ -663,11 +663,11 @@ class AsyncSpool:
         self._pool.start()
         self._accepting = True
         # Should the reactor stop without stop() being called, still write what is queued
-        # and let the thread go, or the process would hang on it. "during", not "before":
-        # the application's services stop "before" shutdown, and the replay's last mark
-        # (written as the spool's service stops) must still find the spool open.
+        # and let the thread go, or the process would hang on it ("before": the only phase
+        # whose Deferreds the reactor waits for). An owner that stops the spool itself
+        # after its last use says so (``stopped_by_owner``).
         self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-            "during", "shutdown", self.stop)
+            "before", "shutdown", self.stop)
         opened: Deferred[None] = self._submit(self._spool.open)
 
         def failed(failure: Failure) -> Failure:
@@ -723,6 +723,12 @@ class AsyncSpool:
     def state(self) -> SpoolState:
         """The state after the last finished operation: cheap, no I/O."""
         return self._state
+
+    def stopped_by_owner(self) -> None:
+        """The service that owns the spool stops it itself, after its last use (the
+        replay's last mark): no shutdown trigger of the spool's own, which would close it
+        alongside the services' stop, before the owner is done with it."""
+        self._remove_trigger()
 
     def stop(self) -> Deferred[None]:
         """Refuse new work, finish what is queued, close the spool, stop the thread."""
