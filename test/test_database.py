@@ -275,6 +275,13 @@ class HealingTests(TestCase):
         self.assertEqual(pool.live, 0)
         with self.assertRaises(ConnectionDead):
             yield pool.run_query("SELECT 1")
+        # A transaction of the store's (its own cursor, no txpostgres query) is told the
+        # same, not an AttributeError that the spool's replay would take for a bad record.
+        store = Store(pool, reactor)
+        with self.assertRaises(ConnectionDead):
+            yield store.batch(lambda batch: batch.run("SELECT 1"))
+        with self.assertRaises(ConnectionDead):
+            yield store.write_one("SELECT 1")
         yield threads.deferToThread(self.cluster.start)
         yield defer.Deferred.fromCoroutine(eventually(lambda: pool.live == 3))
         pids = yield defer.Deferred.fromCoroutine(self._backends(pool, 3))

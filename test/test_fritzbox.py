@@ -337,10 +337,12 @@ class BoxStatusReporterTests(SynchronousTestCase):
         self.assertEqual(self.store.writes, 1)
         self.clock.advance(0.1)
         self.assertEqual(self.store.writes, 2)
-        name, host, port, connected, since, last_line, *counts, open_calls = self.store.rows[-1]
+        (name, host, port, connected, since, last_line, *counts, open_calls,
+         call_list) = self.store.rows[-1]
         self.assertEqual((name, host, port, connected), ("office", "10.0.0.1", 1012, True))
         self.assertEqual((since, last_line), (self.box.status.since, self.box.status.last_line_at))
         self.assertEqual((counts, open_calls), ([0, 1, 0], 1))  # reconnects, lines, bad lines
+        self.assertIsNone(call_list, "no TR-064 on this box")
 
     def test_a_slow_write_skips_ticks_instead_of_piling_up_and_stop_does_not_wait(
             self) -> None:

@@ -332,6 +332,13 @@ class HealingPool:
             if self._closed:
                 return defer.fail(ConnectionDead("the pool is closed"))
             connection = self._checkout()
+            if connection.gone:
+                # Not connected (PostgreSQL is still coming back): the work would reach for
+                # a cursor of nothing. Said as what it is, so that it is kept and retried.
+                self._idle.append(connection)
+                dead = Failure(ConnectionDead("no connection to PostgreSQL yet"))
+                connection.notice_loss(dead)  # have it healed (a no-op while it is)
+                return defer.fail(dead)
 
             def put_back(result: Any) -> Any:
                 self._idle.append(connection)
