@@ -41,23 +41,21 @@ from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
-    ResponseDone,
 )
-from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IAgent, IPolicyForHTTPS
 from zope.interface import implementer
 
 from dpvoip.config import Secret
 from dpvoip.core.errors import summary
 from dpvoip.deferreds import within
 from dpvoip.fritzbox.calllist import MAX_BYTES, CallList, CallListError, parse_call_list
+from dpvoip.http_body import BodyTooBig, read_body
 from dpvoip.protocols.digest import (
     Challenge,
     DigestError,
@@ -285,10 +283,6 @@ class _Answer:
     body: bytes
 
 
-class _TooBig(Exception):
-    pass
-
-
 class Tr064Client:
     """A Fritz!Box's call list over TR-064 (one box, one user)."""
 
@@ -466,7 +460,7 @@ class Tr064Client:
         except defer.TimeoutError:
             raise Tr064Error("timeout", f"the box did not answer {what} within "
                                         f"{self._timeout:g} s") from None
-        except _TooBig:
+        except BodyTooBig:
             raise Tr064Error("bad_answer", f"the box's answer to {what} is larger than "
                                            f"{limit} bytes") from None
         except Tr064Error:
@@ -481,11 +475,7 @@ class Tr064Client:
                        data: bytes | None, limit: int) -> _Answer:
         response = await self._http.request(method, url, headers=Headers(headers), data=data,
                                             allow_redirects=False, unbuffered=True)
-        length = response.length
-        if isinstance(length, int) and length > limit:
-            _read_body(response, 0).addErrback(lambda _: None)  # aborts the connection
-            raise _TooBig()
-        body = await _read_body(response, limit)
+        body = await read_body(response, limit)
         raw = {name.decode("latin-1").lower(): [value.decode("latin-1") for value in values]
                for name, values in response.headers.getAllRawHeaders()}
         return _Answer(response.code, raw, body)
@@ -533,52 +523,3 @@ def _first_reason(error: Exception) -> str:
         if line:
             return line[:200]
     return type(error).__name__
-
-
-class _Body(Protocol):
-    """Collects a body of at most ``limit`` bytes; its Deferred can be cancelled (the
-    connection is then aborted, so a body that stalls leaves no socket behind)."""
-
-    def __init__(self, done: Deferred[bytes], limit: int) -> None:
-        self._done = done
-        self._limit = limit
-        self._parts: list[bytes] = []
-        self._size = 0
-
-    def connectionMade(self) -> None:
-        if self._limit <= 0:
-            self.abort()
-
-    def dataReceived(self, data: bytes) -> None:
-        self._size += len(data)
-        if self._size > self._limit:
-            self.abort()
-            if not self._done.called:
-                self._done.errback(_TooBig())
-            return
-        self._parts.append(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self._done.callback(b"".join(self._parts))
-        else:
-            self._done.errback(reason)
-
-    def abort(self) -> None:
-        transport: Any = self.transport
-        if transport is not None:
-            transport.stopProducing()
-
-
-def _read_body(response: IResponse, limit: int) -> Deferred[bytes]:
-    body: _Body
-
-    def cancel(_: Deferred[bytes]) -> None:
-        body.abort()
-
-    done: Deferred[bytes] = Deferred(cancel)
-    body = _Body(done, limit)
-    response.deliverBody(body)
-    return done

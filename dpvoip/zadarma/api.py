@@ -20,16 +20,14 @@ from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import ResponseFailed
 from twisted.web.iweb import IResponse
 
 from dpvoip.core.errors import summary
 from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.deferreds import within
+from dpvoip.http_body import BodyTooBig, read_body
 from dpvoip.zadarma.signing import api_authorization, php_query
 
 log = Logger()
@@ -179,11 +177,10 @@ class ZadarmaApi:
                         data: bytes | None) -> tuple[IResponse, bytes]:
         response = await self._http.request(verb, url, headers=headers, data=data,
                                             allow_redirects=False)
-        length = response.length
-        if isinstance(length, int) and length > MAX_ANSWER_BYTES:
-            read_body(response, 0).addErrback(lambda _: None)  # aborts the connection
-            raise ZadarmaBadAnswer("Zadarma's answer is too large")
-        body = await read_body(response, MAX_ANSWER_BYTES)
+        try:
+            body = await read_body(response, MAX_ANSWER_BYTES)
+        except BodyTooBig:
+            raise ZadarmaBadAnswer("Zadarma's answer is too large") from None
         return response, body
 
     def _decode(self, method: str, response: IResponse, body: bytes) -> Reply:
@@ -250,57 +247,6 @@ class ZadarmaApi:
         if not isinstance(zone, str) or not zone:
             raise ZadarmaBadAnswer("Zadarma's time zone answer has no timezone")
         return zone
-
-
-class _Body(Protocol):
-    """Collects an answer body of at most ``limit`` bytes. Unlike treq's collector, its
-    Deferred can be cancelled: the connection is then aborted, so an answer that stalls
-    after its headers does not keep a socket open after the deadline."""
-
-    def __init__(self, done: Deferred[bytes], limit: int) -> None:
-        self._done = done
-        self._limit = limit
-        self._parts: list[bytes] = []
-        self._size = 0
-
-    def connectionMade(self) -> None:
-        if self._limit <= 0:
-            self.abort()
-
-    def dataReceived(self, data: bytes) -> None:
-        self._size += len(data)
-        if self._size > self._limit:
-            self.abort()
-            if not self._done.called:
-                self._done.errback(ZadarmaBadAnswer("Zadarma's answer is too large"))
-            return
-        self._parts.append(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self._done.callback(b"".join(self._parts))
-        else:
-            self._done.errback(reason)
-
-    def abort(self) -> None:
-        """Stop the answer: the connection it comes on is closed, not reused."""
-        transport: Any = self.transport
-        if transport is not None:
-            transport.stopProducing()
-
-
-def read_body(response: IResponse, limit: int) -> Deferred[bytes]:
-    body: _Body
-
-    def cancel(_: Deferred[bytes]) -> None:
-        body.abort()
-
-    done: Deferred[bytes] = Deferred(cancel)
-    body = _Body(done, limit)
-    response.deliverBody(body)
-    return done
 
 
 def _header_number(response: IResponse, name: bytes) -> float | None:
