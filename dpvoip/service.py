@@ -8,9 +8,9 @@ news (``Reconnections``, ``CurrentZadarmaContext``). The prepared schema is one 
 signal (a ``OneShotObserver``) given to everything that waits for it.
 
 Nothing else in dpvoip reaches for the reactor or a global: it is handed in from here.
-Services start in order (database, Fritz!Boxes, the CRM's Redis when its sessions are
-there, web) and stop in the reverse order, each waiting for the one before: stop
-accepting HTTP and let requests in flight finish their writes, close the Redis
+Services start in order (database, Fritz!Boxes and their call lists, the CRM's Redis
+when its sessions are there, web) and stop in the reverse order, each waiting for the one
+before: stop accepting HTTP and let requests in flight finish their writes, close the Redis
 connection, drop the Fritz!Box connections, drain and close the pool, stop the embedded
 PostgreSQL. The services themselves live in ``dpvoip.services``.
 """
