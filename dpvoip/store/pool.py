@@ -179,6 +179,16 @@ class PooledConnection(txpostgres.Connection):  # type: ignore[misc]
             self.reactor.removeReader(self)
             self.start_over(Failure(error))
 
+    def doWrite(self) -> None:
+        try:
+            super().doWrite()
+        except psycopg2.Error as error:
+            # A connect attempt nobody waits for any more (given up after connect_timeout)
+            # that the server refuses as it shuts down ("the database system is shutting
+            # down"): heal it, as doRead does, without an "Unhandled Error" in the log.
+            self.reactor.removeWriter(self)
+            self.start_over(Failure(error))
+
     def notice_loss(self, failure: Failure) -> None:
         """After ``failure`` of work done on this connection: if the session is gone,
         have the detector reconnect it (a no-op when it already does)."""
