@@ -16,8 +16,10 @@ Zadarma's NOTIFY_START and NOTIFY_END of missed calls (journal, call, ticket):
   (``--group`` events per transaction, ``--lanes`` transactions at once: the daemon's),
   events/s;
 - drain under arrival: a spool of ``--events`` replayed while new events arrive through
-  the durable entry point at ``--arrival`` times the direct rate; how long until new
-  events go straight to the database again, and the drain's net rate.
+  the durable entry point at ``--arrival`` times the direct rate (or ``--rate`` events/s:
+  ``--events 1600 --rate 400`` is a 4 s outage at 400 webhooks/s); how long until the
+  spool is empty, the drain's net rate, and the share of the arriving events that went
+  straight to the database beside the replay (new calls need not wait behind it).
 
 Each figure is the median of ``--runs`` runs, with the ratio to the direct rate.
 """
@@ -83,12 +85,37 @@ def zadarma_forms(count: int, numbers: list[str], offset: int) -> list[dict[str,
     return forms
 
 
+class Away:
+    """The ingest, as if the database were gone while ``down`` (a connection lost)."""
+
+    def __init__(self, ingest: Any) -> None:
+        self.ingest = ingest
+        self.down = False
+
+    def _gone(self) -> Any:
+        from twisted.internet import defer
+        from txpostgres.reconnection import ConnectionDead
+
+        return defer.fail(ConnectionDead())
+
+    def submit(self, *args: Any) -> Any:
+        return self._gone() if self.down else self.ingest.submit(*args)
+
+    def submit_zadarma(self, *args: Any) -> Any:
+        return self._gone() if self.down else self.ingest.submit_zadarma(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ingest, name)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=6000)
     parser.add_argument("--entries", type=int, default=10_000)
     parser.add_argument("--arrival", type=float, default=1.0,
                         help="arrival rate during the drain, as a share of the direct rate")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="arrival rate during the drain in events/s (instead of --arrival)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--lanes", type=int, default=3)
     parser.add_argument("--group", type=int, default=32)
@@ -147,13 +174,14 @@ def main() -> int:
 
             phases = 0
 
-            def fresh(count: int) -> list[Any]:
+            def fresh(count: int, callers: list[str] | None = None) -> list[Any]:
                 """The events of one phase, from numbers of its own: every phase finds
                 the same history of calls and tickets per number (sharing the numbers,
-                each phase would find more than the one before, and look slower)."""
+                each phase would find more than the one before, and look slower).
+                ``callers``: these numbers instead."""
                 nonlocal offset, phases
                 share = len(numbers) // 16
-                mine = numbers[(phases % 16) * share:(phases % 16 + 1) * share]
+                mine = callers or numbers[(phases % 16) * share:(phases % 16 + 1) * share]
                 phases += 1
                 events: list[Any] = (
                     [(parse_event(f), f) for f in zadarma_forms(count, mine, offset)]
@@ -188,18 +216,26 @@ def main() -> int:
                 await defer.DeferredList(list(flying))
                 return len(events) / (time.perf_counter() - began)
 
-            async def spooled(events: list[Any], lanes: int, group: int
-                              ) -> tuple[Any, Any, Path]:
+            async def spooled(events: list[Any], lanes: int, group: int,
+                              outage: bool = False) -> tuple[Any, Any, Path]:
+                """A spool holding ``events``: written straight to it (the last run's), or
+                spooled by the durable entry point during an outage (``outage``: so that it
+                knows what each record holds back)."""
                 folder = Path(tempfile.mkdtemp(prefix="dpvoip-bench-spool-"))
                 spool = AsyncSpool(Spool(folder, max_bytes=256 * 1024 * 1024), reactor)
                 await spool.start()
-                for start in range(0, len(events), 500):
-                    await defer.gatherResults([
-                        spool.append(record(e))
-                        for e in events[start:start + 500]])
-                durable = DurableIngest(ingest, spool, store, schema, reactor,
+                away = Away(ingest)
+                durable = DurableIngest(away, spool, store, schema, reactor,  # type: ignore[arg-type]
                                         {"bench": origin}, lambda: context, "GR",
                                         deadline=5.0, lanes=lanes, group=group)
+                if outage:
+                    assert await durable.replay()  # empty: from now on it counts
+                away.down = True
+                for start in range(0, len(events), 500):
+                    await defer.gatherResults([
+                        submit(durable, e) if outage else spool.append(record(e))
+                        for e in events[start:start + 500]])
+                away.down = False
                 return durable, spool, folder
 
             await direct(fresh(400))  # warm up: each connection plans its statements
@@ -219,24 +255,33 @@ def main() -> int:
 
                 # Draining while events keep arriving at a share of the direct rate.
                 durable, spool, folder = await spooled(fresh(options.events), options.lanes,
-                                                       options.group)
-                arrival = rate * options.arrival
-                arriving = fresh(int(arrival * 120))
+                                                       options.group, outage=True)
+                arrival = options.rate or rate * options.arrival
+                # The office's callers during the drain: its whole directory but the
+                # backlog's (a phase's 1/16 would have each number call every few seconds,
+                # which no office sees, and hold most of them behind the spool).
+                share = len(numbers) // 16
+                backlog = set(numbers[((phases - 1) % 16) * share:((phases - 1) % 16 + 1) * share])
+                arriving = fresh(int(arrival * 120), [n for n in numbers if n not in backlog])
                 sent = 0
                 began = time.perf_counter()
                 rss = rss_kib()
                 replay = durable.replay()
+                landing: list[defer.Deferred[Any]] = []
                 while not replay.called and sent < len(arriving):
                     due = int((time.perf_counter() - began) * arrival)
                     while sent < min(due, len(arriving)):
-                        submit(durable, arriving[sent])
+                        landing.append(submit(durable, arriving[sent]))
                         sent += 1
                     await task.deferLater(reactor, 0.01, lambda: None)
                 assert await replay
                 took = time.perf_counter() - began
-                note("drain under arrival: seconds until direct again", took)
+                note("drain under arrival: seconds until the spool is empty", took)
                 note("drain under arrival: net events/s", (options.events + sent) / took)
+                note("drain under arrival: arrivals straight to the database, %",
+                     100.0 * durable.counters.ahead / max(1, sent))
                 note("drain under arrival: RSS growth KiB", rss_kib() - rss)
+                await defer.DeferredList(landing)
                 await durable.idle()
                 await spool.stop()
                 shutil.rmtree(folder, ignore_errors=True)

@@ -21,8 +21,9 @@ from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from dpvoip.calls.ingest import Origin, Submission
-from dpvoip.core.happenings import Answered, Happening, Unmatched
+from dpvoip.core.happenings import Answered, Ended, Happening, Started, Unmatched
 from dpvoip.core.numbers import Dialling
+from dpvoip.core.outcomes import Outcome
 from dpvoip.deferreds import OneShotObserver
 from dpvoip.spool.durable import DurableIngest, DurableService, NotRecorded
 from dpvoip.spool.journal import FileOps, Spool, SpoolState
@@ -497,3 +498,152 @@ class ReplayTailTests(SynchronousTestCase):
         self.successResultOf(arriving)
         self.assertEqual(len(self.spool.pending()), 11)
         self.assertTrue(self.durable.spooling)
+
+
+def started(call: str, number: str, second: int = 0) -> Started:
+    return Started(call, "office", 1, "incoming", number, "2107654321", "SIP0", None,
+                   datetime(2026, 1, 5, 10, 0, second, tzinfo=UTC))
+
+
+def missed(call: str, second: int = 20) -> Ended:
+    return Ended(call, Outcome.MISSED, 0, datetime(2026, 1, 5, 10, 0, second, tzinfo=UTC),
+                 None)
+
+
+class PassingTheSpoolTests(SynchronousTestCase):
+    """Once the replay commits again, only what depends on a record still in the spool
+    waits behind it (its call; a missed call of the same number); every other event goes
+    straight to the database, so the replay drains while new calls keep arriving."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.spool = Spool(scratch(self) / "spool")
+        self.spool.open()
+        self.addCleanup(self.spool.close)
+        self.ingest = Ingest()
+        self.durable = make(self.clock, DiskSpool(self.spool), self.ingest, lanes=1,
+                            group=4)
+        self.assertTrue(self.successResultOf(self.durable.replay()), "started empty")
+
+    def outage(self, happenings: Sequence[Happening]) -> None:
+        """``happenings`` arrive while the database is away: spooled."""
+        self.ingest.down = True
+        for happening in happenings:
+            self.successResultOf(self.durable.submit(happening, ORIGIN))
+        self.ingest.down = False
+
+    def flowing_replay(self) -> Deferred[bool]:
+        """A replay whose first group has committed and whose next is in flight."""
+        self.ingest.hold = True
+        replay = self.durable.replay()
+        self.ingest.release(1)
+        self.assertTrue(self.ingest.held, "the replay has more in flight")
+        return replay
+
+    def finish(self, replay: Deferred[bool]) -> None:
+        self.ingest.hold = False
+        self.ingest.release()
+        self.assertTrue(self.successResultOf(replay))
+
+    def test_a_new_call_goes_past_a_replay_that_commits(self) -> None:
+        self.outage([answered(n) for n in range(12)])
+        replay = self.flowing_replay()
+        arriving = self.durable.submit(started("new", "2109999999"), ORIGIN)
+        self.assertIn([started("new", "2109999999")], [g for g, _ in self.ingest.held],
+                      "straight to the database, beside the replay")
+        self.assertEqual(self.spool.state().appended_total, 12, "nothing added to the spool")
+        self.finish(replay)
+        self.successResultOf(arriving)
+        self.assertEqual((self.durable.counters.ahead, self.durable.counters.spooled), (1, 12))
+        self.assertCountEqual(self.ingest.applied,
+                              [answered(n) for n in range(12)] + [started("new", "2109999999")])
+
+    def test_an_event_of_a_call_in_the_spool_waits_behind_it(self) -> None:
+        self.outage([answered(n) for n in range(12)])
+        replay = self.flowing_replay()
+        late = answered(59, call=10)  # call-10 still has a record in the spool
+        self.successResultOf(self.durable.submit(late, ORIGIN))
+        self.assertEqual(self.spool.state().appended_total, 12 + 1, "spooled behind its call")
+        self.finish(replay)
+        self.assertLess(self.ingest.applied.index(answered(10)),
+                        self.ingest.applied.index(late), "in the call's order")
+        self.assertEqual(self.durable.counters.spooled_behind, 1)
+
+    def test_a_missed_call_of_a_number_in_the_spool_waits_behind_it(self) -> None:
+        """Tickets group one number's missed calls in order: a new call of a number
+        still in the spool (however written) waits, and so does its end; a call of
+        another number does not."""
+        self.outage([answered(n) for n in range(8)]
+                    + [started("old", "2101234567"), missed("old")])
+        replay = self.flowing_replay()
+        for happening in (started("same", "+30 210 123 4567", 30), missed("same", 40)):
+            self.successResultOf(self.durable.submit(happening, ORIGIN))
+        other = self.durable.submit(started("other", "2107777777"), ORIGIN)
+        self.assertEqual(self.spool.state().appended_total, 10 + 2)
+        self.finish(replay)
+        self.successResultOf(other)
+        applied = self.ingest.applied
+        self.assertLess(applied.index(missed("old")), applied.index(started("same",
+                        "+30 210 123 4567", 30)))
+        self.assertLess(applied.index(started("same", "+30 210 123 4567", 30)),
+                        applied.index(missed("same", 40)))
+        self.assertEqual(self.durable.counters.ahead, 1)
+
+    def test_before_the_replay_commits_everything_is_spooled_at_once(self) -> None:
+        """The database may still be away: a new call does not wait the deadline on it,
+        it is spooled at once, as during the outage."""
+        self.outage([answered(n) for n in range(12)])
+        self.ingest.hold = True
+        replay = self.durable.replay()  # its first groups not committed yet
+        self.successResultOf(self.durable.submit(started("new", "2109999999"), ORIGIN))
+        self.assertEqual(self.spool.state().appended_total, 13)
+        self.finish(replay)
+        self.assertEqual(self.durable.counters.ahead, 0)
+
+    def test_after_a_paused_replay_new_calls_are_spooled_again(self) -> None:
+        from txpostgres.reconnection import ConnectionDead
+
+        self.outage([answered(n) for n in range(12)])
+        replay = self.flowing_replay()
+        for _, held in self.ingest.held:
+            held.errback(ConnectionDead())
+        self.ingest.held = []
+        self.assertFalse(self.successResultOf(replay))
+        self.ingest.hold = False
+        self.successResultOf(self.durable.submit(started("new", "2109999999"), ORIGIN))
+        self.assertEqual(self.spool.state().appended_total, 12 + 1)
+
+    def test_records_of_the_last_run_hold_everything_back(self) -> None:
+        """What another run spooled is not counted: until the spool was empty once, every
+        new event waits behind it, as it always did."""
+        durable = make(self.clock, DiskSpool(self.spool), self.ingest, lanes=1, group=4)
+        self.spool.append_many([fritz_record(answered(n), "office") for n in range(12)])
+        self.ingest.hold = True
+        replay = durable.replay()
+        self.ingest.release(1)
+        self.successResultOf(durable.submit(started("new", "2109999999"), ORIGIN))
+        self.assertEqual(self.spool.state().appended_total, 12 + 1)
+        self.ingest.hold = False
+        self.ingest.release()
+        self.assertTrue(self.successResultOf(replay))
+        self.assertEqual(self.ingest.applied[-1], started("new", "2109999999"))
+
+    def test_an_end_whose_start_was_never_seen_holds_everything_back(self) -> None:
+        """Its number (the ticket's) is unknown: it and everything after it wait."""
+        self.outage([answered(n) for n in range(8)] + [missed("from-before")])
+        replay = self.flowing_replay()
+        self.successResultOf(self.durable.submit(started("new", "2109999999"), ORIGIN))
+        self.assertEqual(self.spool.state().appended_total, 9 + 1)
+        self.finish(replay)
+        self.assertEqual(self.ingest.applied[-1], started("new", "2109999999"))
+
+    def test_beyond_the_counted_records_everything_waits(self) -> None:
+        from dpvoip.spool import durable as module
+
+        self.patch(module, "MAX_HELD_RECORDS", 10)
+        self.outage([answered(n) for n in range(12)])
+        replay = self.flowing_replay()
+        self.successResultOf(self.durable.submit(started("new", "2109999999"), ORIGIN))
+        self.assertEqual(self.spool.state().appended_total, 12 + 1)
+        self.finish(replay)
+        self.assertEqual(self.durable.counters.ahead, 0)

@@ -2,11 +2,18 @@
 
 Every event goes to the ingest. When PostgreSQL is unreachable, or does not commit within
 ``deadline`` seconds, the event is appended to the spool and fsynced; only then is it
-acknowledged (a webhook gets its 200). From the first spooled event on, every newer event
-is spooled too, until the replay has emptied the spool: the events of a call therefore
-reach the database in the order they happened. Replay goes through the same ingest, which
-is replay-safe (the Zadarma journal and the call ids make a second delivery a no-op).
-An event that timed out may still commit later: its replay then changes nothing.
+acknowledged (a webhook gets its 200). From the first spooled event on, newer events are
+spooled too: the events of a call therefore reach the database in the order they
+happened. Once the replay commits again (the database is back), only the events that
+depend on something still in the spool wait behind it: those of a call in the spool, and
+those of a number with a call in the spool (``spool.ordering``); every other event goes
+straight to the database, with its answer (the caller's name) as usual. So a replay drains
+while the office's new calls keep arriving, instead of spooling them all behind it. The
+keys of what this process spooled are counted in memory (up to ``MAX_HELD_RECORDS``
+records; beyond that, and for the records of the last run until the spool was empty once,
+every event waits, as before). Replay goes through the same ingest, which is replay-safe
+(the Zadarma journal and the call ids make a second delivery a no-op). An event that timed
+out may still commit later: its replay then changes nothing.
 
 The replay reads the spool in chunks and applies them in groups: up to ``group`` records
 in one transaction (``Ingest.apply_together``: one commit, one WAL flush, for many
@@ -34,6 +41,7 @@ from __future__ import annotations
 import functools
 import itertools
 import zlib
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,12 +62,13 @@ from dpvoip.calls.ingest import (
     ZadarmaSubmission,
 )
 from dpvoip.core.errors import summary
-from dpvoip.core.happenings import Happening, Started, Unmatched
+from dpvoip.core.happenings import Ended, Happening, Started, Unmatched
 from dpvoip.core.log_budget import LogBudget, more_like_this
 from dpvoip.core.numbers import Dialling
 from dpvoip.core.outcomes import Reason
 from dpvoip.deferreds import OneShotObserver, race, shield, within
 from dpvoip.spool.journal import AsyncSpool, SpoolFull, disk_error
+from dpvoip.spool.ordering import Keys, happening_keys, zadarma_keys
 from dpvoip.spool.records import fritz_record, read_received, read_record, zadarma_record
 from dpvoip.store.database import Store, is_conflict, is_unavailable
 from dpvoip.store.migrations import SchemaReport
@@ -77,6 +86,11 @@ REPLAY_LANES = 3
 REPLAY_GROUP = 32
 #: Calls whose lane the replay remembers (then it forgets them all and starts again).
 MAX_REMEMBERED_CALLS = 100_000
+#: Spooled records whose keys are kept in memory (a few hundred bytes each); a longer
+#: outage spools every event until the spool is empty, as if none were counted.
+MAX_HELD_RECORDS = 50_000
+#: Numbers of calls started and not yet ended, for the keys of their ends.
+MAX_OPEN_NUMBERS = 20_000
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,8 @@ class NotRecorded(Exception):
 class DurableCounters:
     direct: int = 0
     spooled: int = 0
+    spooled_behind: int = 0  # of those, spooled while the replay flowed: behind their call
+    ahead: int = 0  # of the direct ones, those that went past a replay in progress
     replayed: int = 0
     replay_transactions: int = 0  # the replay's transactions (records in groups)
     unreplayable: int = 0
@@ -137,6 +153,15 @@ class DurableIngest:
         self._stopping = False
         self._budget = budget or LogBudget()
         self.counters = DurableCounters()
+        # What the spool holds back: key -> records spooled and not yet applied; each
+        # record's keys by its seq (None: appended, seq not known yet).
+        self._held: Counter[str] = Counter()
+        self._held_by_seq: dict[int, tuple[str, ...]] = {}
+        # Records whose keys are not counted may be in the spool (the last run's, or
+        # beyond MAX_HELD_RECORDS): everything waits until the spool was empty once.
+        self._blind = True
+        self._flowing = False  # the replay under way has committed: the database is back
+        self._numbers: dict[str, str] = {}  # call id -> number, of calls started
 
     @property
     def spooling(self) -> bool:
@@ -152,7 +177,18 @@ class DurableIngest:
         received = self._now()  # kept with the event: a replay writes the same rows
         return shield(Deferred.fromCoroutine(self._durably(
             lambda: self._ingest.submit(happening, origin, received),
-            lambda: fritz_record(happening, origin.name, received), None)))
+            lambda: fritz_record(happening, origin.name, received), None,
+            self._keys_of(happening))))
+
+    def _keys_of(self, happening: Happening) -> Keys:
+        keys = happening_keys(happening, self._numbers)
+        if isinstance(happening, Started):
+            if len(self._numbers) >= MAX_OPEN_NUMBERS:
+                del self._numbers[next(iter(self._numbers))]  # the oldest: its end waits
+            self._numbers[happening.call_id] = happening.remote
+        elif isinstance(happening, Ended):
+            self._numbers.pop(happening.call_id, None)
+        return keys
 
     def submit_zadarma(self, event: ZadarmaEvent, form: Mapping[str, str],
                        context: ZadarmaContext) -> Deferred[ZadarmaOutcome]:
@@ -162,7 +198,8 @@ class DurableIngest:
         received = self._now()
         return shield(Deferred.fromCoroutine(self._durably(
             lambda: self._ingest.submit_zadarma(event, form, context, received),
-            lambda: zadarma_record(dict(form), received), ZadarmaOutcome(duplicate=False))))
+            lambda: zadarma_record(dict(form), received), ZadarmaOutcome(duplicate=False),
+            zadarma_keys(event.pbx_call_id, form))))
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
@@ -173,39 +210,82 @@ class DurableIngest:
         return await self._ingest.close_open_calls(box, reason, at, started_before)
 
     async def _durably(self, work: Callable[[], Deferred[T]], record: Callable[[], bytes],
-                       spooled_result: T) -> T:
+                       spooled_result: T, keys: Keys) -> T:
         tail = self._tail
-        if self._spooling and tail is not None:
+        if self._spooling and tail is not None and not self._may_pass(keys):
             # The replay is on its last records: wait for it (a transaction or two) and go
             # straight to the database after them, rather than behind them into the spool,
             # which a replay chasing its own tail would never empty under steady load.
             await race(self._clock, tail.when_fired(), self._deadline, None)
-        if self._spooling or not self._schema.fired:
-            return await self._to_spool(record, spooled_result, "spool not empty")
+        passing = self._spooling and self._may_pass(keys)
+        if (self._spooling and not passing) or not self._schema.fired:
+            if self._flowing:
+                self.counters.spooled_behind += 1
+            return await self._to_spool(record, spooled_result, "spool not empty", keys)
         attempt = work()
         try:
             result = await within(self._clock, attempt, self._deadline)
         except Exception as error:
             if not unavailable(error):
                 raise
-            return await self._to_spool(record, spooled_result, type(error).__name__)
+            self._flowing = False
+            return await self._to_spool(record, spooled_result, type(error).__name__, keys)
         self.counters.direct += 1
+        if passing:
+            self.counters.ahead += 1
         return result
 
-    async def _to_spool(self, record: Callable[[], bytes], result: T, reason: str) -> T:
+    def _may_pass(self, keys: Keys) -> bool:
+        """Whether an event may go past the spool: the replay commits (the database is
+        back), every spooled record's keys are counted, and none of this event's keys is
+        held back by a record still in the spool."""
+        return (self._flowing and not self._blind and keys is not None
+                and not any(self._held.get(key) for key in keys))
+
+    def _hold(self, keys: Keys) -> tuple[str, ...] | None:
+        """Count ``keys`` as held back before the record is appended (an event of the same
+        call arriving during the append must already wait behind it)."""
+        if keys is None or self._blind:
+            self._blind = True  # a record that holds back everything: all wait
+            return None
+        self._held.update(keys)
+        return keys
+
+    def _release(self, keys: tuple[str, ...] | None) -> None:
+        if keys is None:
+            return
+        self._held.subtract(keys)
+        for key in keys:
+            if self._held[key] <= 0:
+                del self._held[key]
+
+    def _settled(self, seq: int) -> None:
+        """The record ``seq`` is through (applied, or skipped): what it held back is free."""
+        self._release(self._held_by_seq.pop(seq, None))
+
+    def _forget_held(self) -> None:
+        """Too many to count, or the spool is empty: start counting afresh."""
+        self._held.clear()
+        self._held_by_seq.clear()
+
+    async def _to_spool(self, record: Callable[[], bytes], result: T, reason: str,
+                        keys: Keys) -> T:
         if not self._spooling:
             log.warn("database unavailable ({reason}): events are spooled to disk until it "
                      "is back", reason=reason)
         self._spooling = True
         self._appended = next(self._appends)
+        held = self._hold(keys)
         try:
-            await self._spool.append(record())
+            seq = await self._spool.append(record())
         except SpoolFull:
+            self._release(held)
             self.counters.refused += 1
             self._warn("spool full", "the spool is full: an event could not be recorded "
                        "(not acknowledged); free space or raise [spool] max_mb")
             raise NotRecorded("the database is unavailable and the spool is full") from None
         except OSError as error:
+            self._release(held)
             if not disk_error(error):
                 raise
             self.counters.refused += 1
@@ -215,6 +295,14 @@ class DurableIngest:
                        error=summary(error))
             raise NotRecorded("the database is unavailable and the spool's disk refuses "
                               "writes") from None
+        except BaseException:
+            self._release(held)
+            raise
+        if held is not None and not self._blind:
+            self._held_by_seq[seq] = held
+            if len(self._held_by_seq) > MAX_HELD_RECORDS:
+                self._blind = True  # too many to count: all wait until the spool is empty
+                self._forget_held()
         self.counters.spooled += 1
         return result
 
@@ -248,6 +336,7 @@ class DurableIngest:
     def _replay_ended(self, run: OneShotObserver[bool], result: bool | Failure) -> None:
         if self._replaying is run:
             self._replaying = None
+        self._flowing = False
         tail, self._tail = self._tail, None
         if tail is not None:
             tail.fire(None)
@@ -270,6 +359,8 @@ class DurableIngest:
                     if self._spooling:
                         log.info("spool replayed: events go straight to the database again")
                     self._spooling = False
+                    self._blind = False  # whatever is spooled from now on is counted
+                    self._forget_held()
                     return True
                 continue  # an event was spooled while we looked: read again
             self._spooling = True
@@ -312,10 +403,12 @@ class DurableIngest:
             except Exception as error:
                 self._skip(seq, payload, error)
                 settled[seq] = True
+                self._settled(seq)
                 continue
             if item is None:  # nothing to apply (a Zadarma notice without a call)
                 self.counters.replayed += 1
                 settled[seq] = True
+                self._settled(seq)
                 continue
             if barrier:  # it looks in the database for what came before it: alone, after
                 await run_lanes()
@@ -377,11 +470,13 @@ class DurableIngest:
                          self._deadline * 5)
         except Exception as error:
             if unavailable(error) and not is_conflict(error):
+                self._flowing = False
                 paused.append(error)
                 return
             if len(items) == 1:
                 self._skip(items[0].seq, items[0].payload, error)
                 settled[items[0].seq] = True
+                self._settled(items[0].seq)
                 return
             for one in items:
                 if paused:
@@ -390,8 +485,10 @@ class DurableIngest:
             return
         self.counters.replayed += len(items)
         self.counters.replay_transactions += 1
+        self._flowing = True
         for one in items:
             settled[one.seq] = True
+            self._settled(one.seq)
 
     def _skip(self, seq: int, payload: bytes, error: BaseException) -> None:
         self.counters.unreplayable += 1
