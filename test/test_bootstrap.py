@@ -12,11 +12,13 @@ calls a run makes, never by the wall clock.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ TREE_DIRS = ("dpvoip", "twisted")
 #: The real commands the script may run besides the shims (PATH holds nothing else, so
 #: the machine's own redis-server, pg_config or apt-get cannot leak in).
 REAL_TOOLS = ("bash", "cat", "sha256sum", "cut", "find", "sort", "xargs", "tr", "sed",
-              "grep", "rm", "mv", "dirname", "ls")
+              "grep", "rm", "mv", "dirname", "ls", "flock")
 PIP_ERROR = ("ERROR: Could not find a version that satisfies the requirement "
              "Twisted==99.0 (from versions: 26.10.0)")
 
@@ -169,6 +171,10 @@ class Sandbox:
 
     def run(self, *args: str, env: Mapping[str, str] | None = None) -> Run:
         """Run tools/bootstrap once; the calls returned are this run's only."""
+        return self.finish(self.start(*args, env=env))
+
+    def start(self, *args: str, env: Mapping[str, str] | None = None,
+              ) -> subprocess.Popen[str]:
         self.log.write_text("")
         environment = {
             "PATH": f"{self.shims}:{self.tools}",
@@ -181,14 +187,17 @@ class Sandbox:
             "BOOTSTRAP_PG_LIB": str(self.pg_lib),
             **(env or {}),
         }
-        done = subprocess.run(
+        return subprocess.Popen(
             [str(self.tools / "bash"), str(self.tree / "tools" / "bootstrap"), *args],
-            cwd=self.tree, env=environment, capture_output=True, text=True, timeout=120,
-            check=False,
+            cwd=self.tree, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
         )
+
+    def finish(self, process: subprocess.Popen[str]) -> Run:
+        stdout, stderr = process.communicate(timeout=120)
         logged = [json.loads(line) for line in self.log.read_text().splitlines()]
         calls = [(str(call["program"]), [str(a) for a in call["args"]]) for call in logged]
-        return Run(done.returncode, done.stdout, done.stderr, calls)
+        return Run(process.returncode, stdout, stderr, calls)
 
 
 @pytest.fixture
@@ -371,6 +380,39 @@ def test_without_a_system_postgresql_the_wheel_is_installed_and_apt_not_retried(
     again = sandbox.run(env=failing_apt)
     succeeded(again)
     assert again.programs("apt-get") == [] and installs(again) == []
+
+
+def waiting_in_flock(process: subprocess.Popen[str]) -> bool:
+    """Whether the script's shell has a ``flock`` child (it waits for the lock)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()  # "pid (command) state ppid ..."
+        except OSError:
+            continue  # the process ended meanwhile
+        command, _, rest = text.partition("(")[2].rpartition(")")
+        if command == "flock" and int(rest.split()[1]) == process.pid:
+            return True
+    return False
+
+
+def test_two_bootstraps_at_once_take_turns(sandbox: Sandbox) -> None:
+    """The second waits for the first and then finds its marker: it installs nothing."""
+    succeeded(sandbox.run())
+    installed = sandbox.marker.read_text()
+    # A first bootstrap is installing: it holds the lock and has removed the marker.
+    sandbox.marker.unlink()
+    with (sandbox.tree / ".venv" / ".bootstrap.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        second = sandbox.start()
+        deadline = time.monotonic() + 60  # a hang detector, not a measure
+        while not waiting_in_flock(second):
+            assert second.poll() is None, "the second bootstrap did not wait for the lock"
+            assert time.monotonic() < deadline, "the second bootstrap never reached the lock"
+            time.sleep(0.05)
+        sandbox.marker.write_text(installed)  # the first one is done
+    run = sandbox.finish(second)
+    succeeded(run)
+    assert installs(run) == [] and "up to date" in run.stdout
 
 
 def test_make_start_can_run_the_script() -> None:
