@@ -4,9 +4,10 @@
 # are `make test`. PYTEST_ARGS passes more options to pytest (e.g. -x, -k name).
 .PHONY: start test test-quick test-slow lint bootstrap
 
+# The daemon says itself where it listens (its "listening on" line): no guess here.
 start:
 	@tools/bootstrap
-	@echo "dpvoip: starting (embedded PostgreSQL in ./var, web on 127.0.0.1:8080); Ctrl-C stops it"
+	@echo "dpvoip: starting; Ctrl-C stops it"
 	.venv/bin/dpvoip run $(if $(CONFIG),--config $(CONFIG),)
 
 test:
