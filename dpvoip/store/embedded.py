@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import tempfile
@@ -80,14 +81,16 @@ def find_bindir() -> Path:
 
 def major_of(version: str) -> str | None:
     """The major version in ``PG_VERSION`` ("15", "9.6") or in ``pg_ctl --version``'s
-    answer ("pg_ctl (PostgreSQL) 15.18 (Debian ...)"): two numbers before 10, one after."""
+    answer ("pg_ctl (PostgreSQL) 15.18 (Debian ...)", "... 17beta1"): two numbers before
+    10, one from 10 on."""
     for word in version.replace("(", " ").replace(")", " ").split():
-        parts = word.split(".")
-        if not parts[0].isdigit():
+        found = re.match(r"(\d+)(?:\.(\d+))?", word)
+        if found is None:
             continue
-        if int(parts[0]) >= 10:
-            return parts[0]
-        return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else None
+        first, second = found.groups()
+        if int(first) >= 10:
+            return first
+        return f"{first}.{second}" if second is not None else None
     return None
 
 
