@@ -86,7 +86,7 @@ class InstanceLockTests(SynchronousTestCase):
         holder = subprocess.Popen(
             [sys.executable, "-c", HOLDER, str(self.folder)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
-        self.addCleanup(lambda: holder.poll() is None and holder.kill())
+        self.addCleanup(holder.kill)  # harmless once it is dead
         assert holder.stdout is not None
         self.assertEqual(holder.stdout.readline().strip(), "locked")
         with self.assertRaises(AlreadyRunning) as refused:
