@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
@@ -28,7 +29,9 @@ class StartLineTests(TestCase):
     def test_tcp_port_0_is_announced_with_the_port_the_system_chose(self) -> None:
         web, said = self.serve("tcp:0:interface=127.0.0.1")
         assert web.port is not None
-        port = web.port.getHost().port
+        address = web.port.getHost()
+        assert isinstance(address, IPv4Address)
+        port = address.port
         self.assertNotEqual(port, 0)
         self.assertEqual(len(said), 1)
         self.assertIn(f"listening on http://127.0.0.1:{port} — check it with: curl "
