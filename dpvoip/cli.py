@@ -428,6 +428,11 @@ def _seconds(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["psql"]:  # psql's own options (-c, -f, ...) go to psql untouched
+        from dpvoip import psql_command
+
+        return psql_command.main(given[1:], os.environ)
     parser = argparse.ArgumentParser(prog="dpvoip", description="dpvoip " + __version__)
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -476,7 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              help="TR-064 over plain HTTP (default: TLS, self-signed)")
             sub.add_argument("--list-delay", type=_seconds, metavar="SECONDS",
                              help="from a DISCONNECT to the call's list entry (default 5)")
-    args = parser.parse_args(argv)
+    commands.add_parser("psql", add_help=False, help="psql on dpvoip's database: dpvoip psql "
+                        "[--config FILE] [psql's arguments, e.g. -c 'select 1']")
+    args = parser.parse_args(given)
     if name_needs_tr064(args):
         parser.error("--tr064-user, --tr064-password, --no-tls and --list-delay need "
                      "--tr064-port")

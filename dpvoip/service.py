@@ -23,6 +23,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from treq.client import HTTPClient
+from twisted.internet import threads
 from twisted.internet.defer import Deferred
 
 from dpvoip import __version__, metrics
@@ -37,10 +38,12 @@ from dpvoip.core.texts import Texts
 from dpvoip.crm.redis_sessions import parse_redis_url
 from dpvoip.crm.schema import CrmCapabilities
 from dpvoip.deferreds import OneShotObserver
+from dpvoip.embedded_watch import EmbeddedWatch
 from dpvoip.fritzbox.box import FritzBox, origin_of
 from dpvoip.fritzbox.pinned import PinnedCallList
 from dpvoip.fritzbox.reconciler import Reconciler, ReconcileService
 from dpvoip.fritzbox.service import BoxStatusReporter, FritzBoxService, retry_policy
+from dpvoip.hangup import stop_on_hangup
 from dpvoip.legacy_monitor.service import (
     LEGACY_STATE,
     LegacyMonitor,
@@ -60,6 +63,7 @@ from dpvoip.services import (
 )
 from dpvoip.spool.durable import DurableIngest, DurableService
 from dpvoip.spool.journal import AsyncSpool, Spool
+from dpvoip.state_folder import InstanceLock, InstanceLockService, lock_or_exit
 from dpvoip.store.accounts import Accounts
 from dpvoip.store.call_list import CallListStatements
 from dpvoip.store.callbacks import CallbackRecords
@@ -127,11 +131,13 @@ def own_numbers(config: Config) -> list[str]:
     return numbers
 
 
-def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daemon:
+def build(config: Config, reactor: Any = None, base: Path | None = None,
+          lock: InstanceLock | None = None) -> Daemon:
     """Wire every service from ``config``, each object after what it needs.
 
     The order children are added to ``top`` is the order they start in (and the reverse
-    of the order they stop in): the database first, the web last.
+    of the order they stop in): the state folder's ``lock`` (when given: the process
+    holds it) first and released last, then the database, the web last.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -141,12 +147,16 @@ def build(config: Config, reactor: Any = None, base: Path | None = None) -> Daem
     exit_status = ExitStatus(reactor)
     top = OrderedServices(exit_status)
     top.setName("dpvoip")
+    if lock is not None:
+        InstanceLockService(lock).setServiceParent(top)
 
     # -- the database ----------------------------------------------------------------------
     embedded: EmbeddedPostgres | None = None
     if config.embedded:
         embedded = EmbeddedPostgres(config.state_path(base) / "pg")
         EmbeddedPostgresService(reactor, embedded).setServiceParent(top)
+        EmbeddedWatch(reactor, embedded, lambda work: threads.deferToThreadPool(
+            reactor, reactor.getThreadPool(), work)).setServiceParent(top)
         dsn = connection_dsn(embedded.dsn(), config.database)
     else:
         dsn = connection_dsn(config.database.url.reveal(), config.database)
@@ -314,5 +324,14 @@ def crm_capabilities(schema: OneShotObserver[SchemaReport]) -> CrmCapabilities:
 
 
 def makeService(config: Config, reactor: Any = None) -> OrderedServices:
-    """The single composition root used by the twistd plugin and etc/dpvoip.tac."""
-    return build(config, reactor).service
+    """The single composition root used by the twistd plugin and etc/dpvoip.tac: the
+    process's own concerns first (one dpvoip per state folder, refused before anything is
+    touched; SIGHUP stops in order), then the daemon."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    lock = lock_or_exit(config.state_path(Path.cwd()))
+    daemon = build(config, reactor, lock=lock)
+    stop_on_hangup(reactor)
+    return daemon.service
