@@ -9,6 +9,7 @@ reachable) so that ``dpvoip check`` and the daemon can say what to do, never the
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -122,7 +123,7 @@ def classify(message: str, dsn: str) -> ConnectProblem:
     user = parts.get("user") or "(libpq's default user)"
     database = parts.get("dbname") or user
     where = describe(dsn)
-    detail = _detail(scrub(message, dsn))
+    detail = scrub(_detail(message), dsn)
     kind = next((name for name, pattern in _KINDS if pattern.search(message)), "other")
     advice = {
         "wrong password": (
@@ -180,5 +181,9 @@ async def reach(reactor: Any, dsn: str, timeout: float) -> Any:
     try:
         await connection.connect(dsn)
     except psycopg2.Error as error:
+        # A session refused after its start (no such database, permission denied) leaves
+        # the attempt's socket watched: closing stops that, whatever state it is in.
+        with contextlib.suppress(Exception):
+            connection.close()
         return connect_failure(error, dsn)
     return connection

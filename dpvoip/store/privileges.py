@@ -167,6 +167,8 @@ def _item(kind: str, privileges: list[str], name: str, why: str, crm_schema: str
         where = f"sequence {name}"
     else:
         where = name
+    if kind == "database":
+        return f"needs {granted} on {where} {why}".rstrip()
     return f"needs {granted} on {where}" + (f" ({why})" if why else "")
 
 
