@@ -114,7 +114,7 @@ class ConnectProblem:
     advice: str
 
     def line(self) -> str:
-        return f"{self.kind.upper()} ({self.where}): {self.detail}; {self.advice}"
+        return f"{self.kind} ({self.where}): {self.detail}; {self.advice}"
 
 
 def classify(message: str, dsn: str) -> ConnectProblem:
