@@ -29,7 +29,7 @@ from dpvoip.crm.schema import quote_ident
 log = Logger(namespace="dpvoip")
 
 #: Where the grants are written out, for the messages.
-GRANTS = "etc/grants.sql (the README's \"Attached to the CRM's database\")"
+GRANTS = "etc/grants.sql, also in the README"
 
 
 @dataclass(frozen=True)
