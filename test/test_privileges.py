@@ -7,12 +7,14 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import psycopg2
 from twisted.internet import reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dpvoip.config import DatabaseSettings
@@ -20,9 +22,10 @@ from dpvoip.crm.schema import REQUIRED
 from dpvoip.store.database import Store
 from dpvoip.store.dsn import ConnectProblem, classify, connection_dsn, reach
 from dpvoip.store.pool import HealingPool
-from dpvoip.store.privileges import NEEDS, missing_privileges
+from dpvoip.store.privileges import NEEDS, MissingPrivileges, PrivilegeCheck, missing_privileges
 from test.support.daemon import PATIENCE, REPO
 from test.support.postgres import postgres, query
+from test.support.waiting import until
 
 GRANTS_SQL = REPO / "etc" / "grants.sql"
 PASSWORD = "s3cret-Pw-42"  # what no message may ever show
@@ -359,3 +362,67 @@ class ReachTests(TestCase):
                       lacking.line())
         self.assertIn("needs SELECT, UPDATE on public.crm_contact", lacking.line())
         self.assertIn("etc/grants.sql", lacking.line())
+
+
+class PrivilegeCheckTests(TestCase):
+    """The daemon's check at start (attached mode), on the real server."""
+
+    timeout = 2 * PATIENCE  # a hang detector
+
+    def service(self, dsn: str, store: Any = None) -> tuple[PrivilegeCheck, list[str],
+                                                             list[Any]]:
+        said: list[str] = []
+        listeners: list[Any] = []
+        check = PrivilegeCheck(reactor, connection_dsn(dsn, DatabaseSettings()), "public", 5.0,
+                               store, listeners.append, said.append)
+        self.addCleanup(check.stopService)
+        return check, said, listeners
+
+    async def test_a_missing_grant_stops_the_start_with_its_line(self) -> None:
+        dsn = postgres().new_database()
+        role = new_role()
+        grant(dsn, role)
+        query(dsn, f"REVOKE SELECT ON public.django_session FROM {role}")
+        check, said, _ = self.service(as_user(dsn, role))
+        with self.assertRaises(MissingPrivileges):
+            await check.startService()
+        self.assertEqual(said, [f"the database user '{role}' lacks privileges dpvoip needs:"
+                                " needs SELECT on public.django_session (the grants:"
+                                " etc/grants.sql, also in the README)"])
+
+    async def test_the_shipped_grants_pass(self) -> None:
+        dsn = postgres().new_database(crm="2026-08")
+        role = new_role()
+        grant(dsn, role)
+        check, said, _ = self.service(as_user(dsn, role))
+        await check.startService()
+        self.assertEqual(said, [])
+
+    async def test_unreachable_at_start_checked_when_the_pool_connects(self) -> None:
+        """PostgreSQL away at start: the reason is logged (no password), the start goes
+        on, and the check runs on the daemon's pool when the pool says it is back."""
+        folder = Path(tempfile.mkdtemp(prefix="dpvoip-no-server-"))  # short: a socket path
+        self.addCleanup(folder.rmdir)
+        dsn = postgres().new_database()
+        pool = HealingPool(reactor, connection_dsn(as_user(dsn, new_role()),
+                                                   DatabaseSettings()), 1)
+        self.addCleanup(pool.close)
+        logged: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            logged.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        check, said, listeners = self.service(
+            f"host={folder} dbname=crm user=dpvoip password={PASSWORD}", Store(pool, reactor))
+        await check.startService()
+        self.assertEqual(said, [])
+        [line] = [text for text in logged if text.startswith("database: not reachable")]
+        self.assertIn("No such file or directory", line)
+        self.assertNotIn(PASSWORD, "\n".join(logged))
+        await pool.start()
+        [listener] = listeners
+        listener()  # the pool's news: a connection is back
+        await until(lambda: said)
+        self.assertIn("needs SELECT on public.accounting_clientprofile", said[0])
