@@ -52,7 +52,8 @@ class CheckBesideTheDaemonTests(DaemonTestCase):
             simulator = subprocess.Popen(
                 [str(BIN / "dpvoip"), "fritz-sim", str(script), "--port", "0"],
                 cwd=self.home, env=clean_environment(), stdout=sink, stderr=subprocess.STDOUT)
-        self.addCleanup(lambda: (simulator.terminate(), simulator.wait(PATIENCE)))
+        self.addCleanup(simulator.wait, PATIENCE)
+        self.addCleanup(simulator.terminate)
         deadline = time.monotonic() + PATIENCE
         while time.monotonic() < deadline:
             found = _SERVING.search(output.read_text())

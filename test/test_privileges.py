@@ -10,11 +10,11 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg2
 from twisted.internet import reactor
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dpvoip.config import DatabaseSettings
@@ -409,9 +409,7 @@ class PrivilegeCheckTests(TestCase):
         self.addCleanup(pool.close)
         logged: list[str] = []
 
-        def observe(event: dict[str, Any]) -> None:
-            logged.append(formatEvent(event))
-
+        observe = cast(ILogObserver, lambda event: logged.append(formatEvent(event)))
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         check, said, listeners = self.service(
