@@ -9,10 +9,12 @@ daemon.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.testing import MemoryReactorClock
@@ -27,6 +29,13 @@ from test.support.postgres import postgres, query
 from test.test_privileges import PASSWORD, as_user, database_of, grant, new_role
 
 
+def scratch_folder(case: Any) -> Path:
+    """An empty folder of the test's own (never in the working directory), removed after."""
+    folder = Path(tempfile.mkdtemp(prefix="dpvoip-check-"))
+    case.addCleanup(shutil.rmtree, folder, True)
+    return folder
+
+
 def tree(folder: Path) -> list[str]:
     """Everything under ``folder``, to show that nothing was created."""
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
@@ -36,8 +45,7 @@ class CheckCase(TestCase):
     timeout = 2 * PATIENCE  # a hang detector
 
     def setUp(self) -> None:
-        self.base = Path(self.mktemp()).absolute()
-        self.base.mkdir()
+        self.base = scratch_folder(self)
 
     async def check(self, environ: dict[str, str], path: Path | None = None
                     ) -> tuple[int, list[str]]:
@@ -105,8 +113,7 @@ class StateFolderTests(SynchronousTestCase):
         from dpvoip.service import build
         from dpvoip.tap import load_or_exit
 
-        home = Path(self.mktemp()).absolute()
-        home.mkdir()
+        home = scratch_folder(self)
         path = home / "dpvoip.toml"
         path.write_text('[daemon]\nstate_dir = "from-the-file"\n')
         environ = {"DPVOIP_CONFIG": str(path), "DPVOIP_DAEMON_STATE_DIR": "from-the-env"}

@@ -342,8 +342,8 @@ class ReachTests(TestCase):
         # A socket folder with no server in it: libpq finds no socket file there. Nothing
         # can appear in it (the folder is this test's own), so, unlike a TCP port closed
         # and bound again, no other process can answer in its place.
-        folder = Path(self.mktemp())
-        folder.mkdir()
+        folder = Path(tempfile.mkdtemp(prefix="dpvoip-no-server-"))  # short: a socket path
+        self.addCleanup(folder.rmdir)  # fails if anything appeared in it
         problem = await self.problem(f"host={folder.absolute()} dbname=crm user=dpvoip"
                                      f" password={PASSWORD}")
         self.assertEqual(problem.kind, "not reachable")
