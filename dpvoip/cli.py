@@ -8,14 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dpvoip import __version__
+from dpvoip.check import call_list_line as call_list_line  # importable from here too
 from dpvoip.config import Config, describe
 from dpvoip.tap import load_or_exit
-
-if TYPE_CHECKING:  # the commands import what they use when they run: a quick --help
-    from dpvoip.store.boxes import BoxReport
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -179,98 +177,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config, reach the database, say what is there. Changes nothing."""
-    config = _config(args)
-    print(f"config: valid ({args.config or os.environ.get('DPVOIP_CONFIG') or 'defaults'})")
-    from dpvoip.crm.schema import capabilities, missing
-    from dpvoip.store.boxes import reported_boxes
-    from dpvoip.store.directory import directory_sizes
-    from dpvoip.store.dsn import describe as describe_dsn
-    from dpvoip.store.migrations import read_catalogue, schema_version
+    from dpvoip.check import run_check
 
-    async def work(store: Any, dsn: str) -> int:
-        schema = config.database.crm_schema
-
-        async def look(cursor: Any) -> tuple[dict[str, set[str]], int]:
-            return await read_catalogue(cursor, schema), await schema_version(cursor)
-
-        present, version = await store.write(look)
-        mode = "standalone" if config.standalone else "attached"
-        source = "embedded PostgreSQL" if config.embedded else "PostgreSQL"
-        print(f"database: reachable, {source} at {describe_dsn(dsn)}; mode: {mode}")
-        from dpvoip.store.migrations import MIGRATIONS
-
-        latest = MIGRATIONS[-1].version
-        state = "current" if version == latest else f"needs `dpvoip migrate` (latest {latest})"
-        print(f"dpvoip schema: version {version} ({state})")
-        problems = missing(present)
-        print(f"CRM tables present: {len(present)} of 12 ({', '.join(sorted(present)) or 'none'})")
-        if problems:
-            label = "will be created at start" if config.standalone and not present else "MISSING"
-            print(f"CRM {label}: {'; '.join(problems)}")
-        else:
-            print(f"CRM version: {capabilities(present).version}")
-        if version >= 3:
-            counts = await directory_sizes(store)
-            shown = ", ".join(f"{k} {counts[k]}" for k in sorted(counts)) or "not built yet"
-            print(f"directory: {sum(counts.values())} numbers indexed ({shown})")
-        reports: dict[str, BoxReport] = {}
-        if version >= 5:
-            reports = await reported_boxes(store, version)
-        if not config.fritzbox:
-            print("Fritz!Boxes: none configured")
-        for box in config.fritzbox:
-            report = reports.get(box.name)
-            print(f"Fritz!Box {box.name} ({box.host}:{box.port}): " + _box_line(report))
-            if box.tr064:
-                print(f"  call list (TR-064 {box.tr064_user}@{box.host}:"
-                      f"{box.tr064_port_used}, {'TLS' if box.tr064_tls else 'plain HTTP'}):"
-                      f" {call_list_line(box, report)}")
-        if version >= 3:  # the old monitor's endpoints (issue 15)
-            from dpvoip.legacy_monitor.service import LEGACY_STATE, check_lines
-            for line in await check_lines(config.legacy_monitor.token.reveal(),
-                                          config.state_path(Path.cwd()) / LEGACY_STATE, store):
-                print(line)
-        blocking = problems and not (config.standalone and not present)
-        return 1 if blocking else 0
-
-    return _with_database(config, work)
-
-
-def _box_line(report: BoxReport | None) -> str:
-    if report is None:
-        return "no state reported yet (is the daemon running?)"
-    since, last_line, age = report.since, report.last_line_at, report.age_seconds
-    when = since.strftime("%Y-%m-%d %H:%M:%S %Z") if since else "never"
-    state = f"connected since {when}" if report.connected else f"NOT connected (since {when})"
-    last = last_line.strftime("%Y-%m-%d %H:%M:%S %Z") if last_line else "none"
-    stale = f"; last report {age:.0f}s ago: daemon not running?" if age > 30 else ""
-    return (f"{state}, last line {last}, {report.reconnects} reconnects, "
-            f"{report.bad_lines} bad lines{stale}")
-
-
-def call_list_line(box: Any, report: BoxReport | None) -> str:
-    """The box's call list as the daemon last reported it, and its pinned certificate."""
-    listing = report.call_list if report else None
-    if not listing:
-        state = "not read yet (is the daemon running?)"
-    elif listing.get("state") == "failing":
-        state = f"FAILING ({listing.get('kind')}): {listing.get('advice')}"
-    elif listing.get("state") == "ok":
-        state = (f"read, last at {listing.get('last_success')}; recovered"
-                 f" {listing.get('inserted')}, corrected {listing.get('corrected')}")
-    else:
-        state = "not read yet"
-    if not box.tr064_tls:
-        return state
-    configured = box.tr064_certificate.replace(":", "").lower()
-    pinned = configured or (report.pinned if report else None)
-    seen = listing.get("certificate") if listing else None
-    where = "configured" if configured else "pinned on first use"
-    certificate = (f"certificate {where}: sha256 {pinned}" if pinned
-                   else "no certificate pinned yet")
-    if seen and pinned and seen != pinned:
-        certificate += f"; the box now shows {seen}: NOT the pinned one"
-    return f"{state}; {certificate}"
+    return run_check(_config(args), args.config or os.environ.get("DPVOIP_CONFIG"))
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:

@@ -75,6 +75,7 @@ from dpvoip.store.legacy_monitor import SOURCE as LEGACY_SOURCE
 from dpvoip.store.legacy_monitor import LegacyMonitorRows
 from dpvoip.store.migrations import SchemaReport
 from dpvoip.store.pool import HealingPool
+from dpvoip.store.privileges import PrivilegeCheck
 from dpvoip.store.session_cache import RedisSessionCache, RedisSessionService
 from dpvoip.web.app import WebApp
 from dpvoip.web.callback import CallbackPages
@@ -164,6 +165,10 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
     pool = HealingPool(reactor, dsn, config.database.pool_size,
                        config.database.connect_timeout, on_reconnect=reconnections.notify)
     store = Store(pool, reactor)
+    if not config.standalone:  # the CRM's grants, named before the schema is prepared
+        PrivilegeCheck(reactor, dsn, config.database.crm_schema,
+                       config.database.connect_timeout, store, reconnections.subscribe,
+                       exit_status.fatal).setServiceParent(top)
     schema: OneShotObserver[SchemaReport] = OneShotObserver()
     database = DatabaseService(store, config, exit_status, schema, reconnections, reactor)
     database.setServiceParent(top)
