@@ -392,6 +392,14 @@ def cmd_zadarma_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zadarma_call(args: argparse.Namespace) -> int:
+    """Send a script of calls to a running dpvoip as Zadarma's signed webhooks (demos)."""
+    from dpvoip.testing.zadarma_caller import command
+
+    return command(args.script, _config(args), url=args.url, secret=args.secret,
+                   zone=args.timezone, wait=not args.at_once)
+
+
 def cmd_fritz_sim(args: argparse.Namespace) -> int:
     """Play a CallMonitor script on a TCP port as a Fritz!Box does (tests, demos); with
     ``--tr064-port``, serve the box's TR-064 call list too, filled by the same script."""
@@ -438,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("lookup", cmd_lookup, "show who a phone number belongs to in the CRM"),
         ("token", cmd_token, "create, list or revoke dpvoip API tokens for CRM users"),
         ("zadarma-sim", cmd_zadarma_sim, "a fake Zadarma API that checks signatures (demos)"),
+        ("zadarma-call", cmd_zadarma_call,
+         "send a scripted call to a running dpvoip as Zadarma's signed webhooks (demos)"),
         ("fritz-sim", cmd_fritz_sim, "simulate a Fritz!Box CallMonitor playing a script"),
         ("plugin-cache", cmd_plugin_cache, "rebuild Twisted's plugin cache after install"),
         ("example-config", cmd_example_config, "print the example configuration file"),
@@ -460,6 +470,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub.add_argument("--key", default="demo-key", help="API key it accepts")
             sub.add_argument("--secret", default="demo-secret", help="API secret it checks")
             sub.add_argument("--timezone", default="UTC+2", help="what it says the zone is")
+        if name == "zadarma-call":
+            sub.add_argument("script", help="call script (examples: etc/scenarios/zadarma-*.txt)")
+            sub.add_argument("--url", default="http://127.0.0.1:8080/voip/zd/",
+                             help="dpvoip's webhook (default http://127.0.0.1:8080/voip/zd/)")
+            sub.add_argument("--secret", help="the account's API secret to sign with (default: "
+                             "[zadarma] secret of the configuration, else demo-secret)")
+            sub.add_argument("--timezone", help="the account's time zone (default: [zadarma] "
+                             "timezone, else [crm] timezone, as dpvoip reads call_start)")
+            sub.add_argument("--at-once", action="store_true",
+                             help="send every event now instead of at the script's pace")
         if name == "fritz-sim":
             sub.add_argument("script", help="scenario file (examples in etc/scenarios/)")
             sub.add_argument("--port", type=int, default=1012, help="TCP port (default 1012)")
