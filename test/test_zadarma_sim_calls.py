@@ -11,14 +11,14 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import treq
 from treq.testing import StubTreq
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -188,7 +188,7 @@ class DaemonCase(TestCase):
     """A daemon as wired, on a real PostgreSQL, taking webhooks from ``allowed``."""
 
     timeout = 2 * PATIENCE
-    allowed = ("185.45.152.40/30", "127.0.0.1/32")
+    allowed: tuple[str, ...] = ("185.45.152.40/30", "127.0.0.1/32")
 
     def setUp(self) -> Any:
         self.dsn = postgres().new_database(crm="2026-08")
@@ -259,16 +259,14 @@ class DefaultAllowListTests(DaemonCase):
 
     @defer.inlineCallbacks
     def test_a_local_sender_is_refused_and_the_log_names_the_setting(self) -> Any:
-        lines: list[str] = []
-
-        def observe(event: LogEvent) -> None:
-            lines.append(formatEvent(event))
-
+        events: list[LogEvent] = []
+        observe = cast(ILogObserver, events.append)
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         deliveries = yield defer.Deferred.fromCoroutine(self.play())
         self.assertEqual([d.status for d in deliveries], [403])
         self.assertEqual(self.calls(), [])
+        lines = [formatEvent(event) for event in events]
         refusal = [line for line in lines if "refused: not a Zadarma address" in line]
         self.assertEqual(len(refusal), 1, lines)
         self.assertIn("127.0.0.1", refusal[0])
