@@ -225,7 +225,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"  call list (TR-064 {box.tr064_user}@{box.host}:"
                       f"{box.tr064_port_used}, {'TLS' if box.tr064_tls else 'plain HTTP'}):"
                       f" {call_list_line(box, report)}")
-        if version >= 3:  # the old monitor's endpoints (issue 15)
+        if version >= 3:  # the old monitor's endpoints
             from dpvoip.legacy_monitor.service import LEGACY_STATE, check_lines
             for line in await check_lines(config.legacy_monitor.token.reveal(),
                                           config.state_path(Path.cwd()) / LEGACY_STATE, store):
@@ -366,6 +366,20 @@ def cmd_token(args: argparse.Namespace) -> int:
     return _with_database(config, work)
 
 
+def cmd_demo_client(args: argparse.Namespace) -> int:
+    """Add (or update) the demos' CRM client; the body is ``dpvoip.demo_client``."""
+    config = _config(args)
+    if not config.standalone and not args.attached:
+        print("dpvoip: demo-client writes a made-up client into the CRM; dpvoip is attached "
+              "to the CRM's own database, so it stops here (add --attached to write it "
+              "there anyway)", file=sys.stderr)
+        return 2
+    from dpvoip.demo_client import add_demo_client
+
+    return _with_database(config, lambda store, dsn: add_demo_client(
+        store, config, args.number, args.name, args.email))
+
+
 def cmd_zadarma_sim(args: argparse.Namespace) -> int:
     """A fake Zadarma API on a local port, checking signatures as Zadarma does (demos)."""
     from twisted.internet import task
@@ -435,8 +449,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+DESCRIPTION = ("dpvoip records every call of the office's Fritz!Box and Zadarma PBX in the "
+               "D.P. Economy CRM (callers matched, missed calls ticketed) and dials "
+               "click-to-call through Zadarma.")
+"""What ``dpvoip --help`` says first: what dpvoip is, in one sentence."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpvoip", description="dpvoip " + __version__)
+    parser = argparse.ArgumentParser(prog="dpvoip",
+                                     description=f"{DESCRIPTION} Version {__version__}.")
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, handler, text in [
@@ -445,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("check", cmd_check, "validate the config, reach the database, report what is there"),
         ("lookup", cmd_lookup, "show who a phone number belongs to in the CRM"),
         ("token", cmd_token, "create, list or revoke dpvoip API tokens for CRM users"),
+        ("demo-client", cmd_demo_client,
+         "add the demos' client (mobile 6912345678) to the CRM, so that its calls match"),
         ("zadarma-sim", cmd_zadarma_sim, "a fake Zadarma API that checks signatures (demos)"),
         ("zadarma-call", cmd_zadarma_call,
          "send a scripted call to a running dpvoip as Zadarma's signed webhooks (demos)"),
@@ -470,6 +493,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub.add_argument("--key", default="demo-key", help="API key it accepts")
             sub.add_argument("--secret", default="demo-secret", help="API secret it checks")
             sub.add_argument("--timezone", default="UTC+2", help="what it says the zone is")
+        if name == "demo-client":
+            from dpvoip.demo_client import DEMO_EMAIL, DEMO_NAME, DEMO_NUMBER
+
+            sub.add_argument("--number", default=DEMO_NUMBER,
+                             help=f"its mobile number (default {DEMO_NUMBER})")
+            sub.add_argument("--name", default=DEMO_NAME, help=f"its name (default {DEMO_NAME!r})")
+            sub.add_argument("--email", default=DEMO_EMAIL,
+                             help=f"its email (default {DEMO_EMAIL})")
+            sub.add_argument("--attached", action="store_true",
+                             help="write it even into the CRM's own database (attached mode)")
         if name == "zadarma-call":
             sub.add_argument("script", help="call script (examples: etc/scenarios/zadarma-*.txt)")
             sub.add_argument("--url", default="http://127.0.0.1:8080/voip/zd/",
