@@ -449,15 +449,15 @@ def _seconds(text: str) -> float:
     return value
 
 
-DESCRIPTION = ("dpvoip records every call of the office's Fritz!Box and Zadarma PBX in the "
-               "D.P. Economy CRM (callers matched, missed calls ticketed) and dials "
-               "click-to-call through Zadarma.")
-"""What ``dpvoip --help`` says first: what dpvoip is, in one sentence."""
+DESCRIPTION = "dpvoip records Fritz!Box and Zadarma calls in the CRM and dials click-to-call."
+"""What ``dpvoip --help`` says first: what dpvoip is, in one line of a terminal."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpvoip",
-                                     description=f"{DESCRIPTION} Version {__version__}.")
+                                     description=DESCRIPTION,
+                                     epilog=f"Version {__version__}. More: README.md, "
+                                            "`dpvoip COMMAND --help`.")
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, handler, text in [
