@@ -275,6 +275,20 @@ def cmd_token(args: argparse.Namespace) -> int:
     return _with_database(config, work)
 
 
+def cmd_demo_client(args: argparse.Namespace) -> int:
+    """Add (or update) the demos' CRM client; the body is ``dpvoip.demo_client``."""
+    config = _config(args)
+    if not config.standalone and not args.attached:
+        print("dpvoip: demo-client writes a made-up client into the CRM; dpvoip is attached "
+              "to the CRM's own database, so it stops here (add --attached to write it "
+              "there anyway)", file=sys.stderr)
+        return 2
+    from dpvoip.demo_client import add_demo_client
+
+    return _with_database(config, lambda store, dsn: add_demo_client(
+        store, config, args.number, args.name, args.email))
+
+
 def cmd_zadarma_sim(args: argparse.Namespace) -> int:
     """A fake Zadarma API on a local port, checking signatures as Zadarma does (demos)."""
     from twisted.internet import task
@@ -299,6 +313,14 @@ def cmd_zadarma_sim(args: argparse.Namespace) -> int:
     with contextlib.suppress(SystemExit, KeyboardInterrupt):
         task.react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
     return 0
+
+
+def cmd_zadarma_call(args: argparse.Namespace) -> int:
+    """Send a script of calls to a running dpvoip as Zadarma's signed webhooks (demos)."""
+    from dpvoip.testing.zadarma_caller import command
+
+    return command(args.script, _config(args), url=args.url, secret=args.secret,
+                   zone=args.timezone, wait=not args.at_once)
 
 
 def cmd_fritz_sim(args: argparse.Namespace) -> int:
@@ -336,13 +358,20 @@ def _seconds(text: str) -> float:
     return value
 
 
+DESCRIPTION = "dpvoip records Fritz!Box and Zadarma calls in the CRM and dials click-to-call."
+"""What ``dpvoip --help`` says first: what dpvoip is, in one line of a terminal."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
     if given[:1] == ["psql"]:  # psql's own options (-c, -f, ...) go to psql untouched
         from dpvoip import psql_command
 
         return psql_command.main(given[1:], os.environ)
-    parser = argparse.ArgumentParser(prog="dpvoip", description="dpvoip " + __version__)
+    parser = argparse.ArgumentParser(prog="dpvoip",
+                                     description=DESCRIPTION,
+                                     epilog=f"Version {__version__}. More: README.md, "
+                                            "`dpvoip COMMAND --help`.")
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, handler, text in [
@@ -351,7 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("check", cmd_check, "validate the config, reach the database, report what is there"),
         ("lookup", cmd_lookup, "show who a phone number belongs to in the CRM"),
         ("token", cmd_token, "create, list or revoke dpvoip API tokens for CRM users"),
+        ("demo-client", cmd_demo_client,
+         "add the demos' client (mobile 6912345678) to the CRM, so that its calls match"),
         ("zadarma-sim", cmd_zadarma_sim, "a fake Zadarma API that checks signatures (demos)"),
+        ("zadarma-call", cmd_zadarma_call,
+         "send a scripted call to a running dpvoip as Zadarma's signed webhooks (demos)"),
         ("fritz-sim", cmd_fritz_sim, "simulate a Fritz!Box CallMonitor playing a script"),
         ("plugin-cache", cmd_plugin_cache, "rebuild Twisted's plugin cache after install"),
         ("example-config", cmd_example_config, "print the example configuration file"),
@@ -374,6 +407,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub.add_argument("--key", default="demo-key", help="API key it accepts")
             sub.add_argument("--secret", default="demo-secret", help="API secret it checks")
             sub.add_argument("--timezone", default="UTC+2", help="what it says the zone is")
+        if name == "demo-client":
+            from dpvoip.demo_client import DEMO_EMAIL, DEMO_NAME, DEMO_NUMBER
+
+            sub.add_argument("--number", default=DEMO_NUMBER,
+                             help=f"its mobile number (default {DEMO_NUMBER})")
+            sub.add_argument("--name", default=DEMO_NAME, help=f"its name (default {DEMO_NAME!r})")
+            sub.add_argument("--email", default=DEMO_EMAIL,
+                             help=f"its email (default {DEMO_EMAIL})")
+            sub.add_argument("--attached", action="store_true",
+                             help="write it even into the CRM's own database (attached mode)")
+        if name == "zadarma-call":
+            sub.add_argument("script", help="call script (examples: etc/scenarios/zadarma-*.txt)")
+            sub.add_argument("--url", default="http://127.0.0.1:8080/voip/zd/",
+                             help="dpvoip's webhook (default http://127.0.0.1:8080/voip/zd/)")
+            sub.add_argument("--secret", help="the account's API secret to sign with (default: "
+                             "[zadarma] secret of the configuration, else demo-secret)")
+            sub.add_argument("--timezone", help="the account's time zone (default: [zadarma] "
+                             "timezone, else [crm] timezone, as dpvoip reads call_start)")
+            sub.add_argument("--at-once", action="store_true",
+                             help="send every event now instead of at the script's pace")
         if name == "fritz-sim":
             sub.add_argument("script", help="scenario file (examples in etc/scenarios/)")
             sub.add_argument("--port", type=int, default=1012, help="TCP port (default 1012)")

@@ -494,7 +494,9 @@ class ZadarmaSettings:
         _time_zone,
     )
     allowed_networks: tuple[str, ...] = setting(
-        ["185.45.152.40/30"], "Networks Zadarma's webhooks come from.", _networks
+        ["185.45.152.40/30"],
+        "Networks Zadarma's webhooks come from; any other sender is refused (403). Add "
+        "127.0.0.1/32 for the local demo (`dpvoip zadarma-call`).", _networks
     )
     caller_name: bool = setting(
         True, "Answer NOTIFY_START with the matched caller's name for the phones' display."

@@ -108,8 +108,10 @@ class ZadarmaWebhook:
         sender = client_address(peer_host(peer),
                                 [h.decode("latin-1") for h in forwarded], self.proxies)
         if not allowed(sender, self.allowlist):
-            log.warn("webhook from {sender} refused: not a Zadarma address",
-                     sender=sender or "an unreadable address")
+            log.warn("webhook from {sender} refused: not a Zadarma address (not in [zadarma] "
+                     "allowed_networks, DPVOIP_ZADARMA_ALLOWED_NETWORKS; add 127.0.0.1/32 "
+                     "there for a local demo, or name a forwarding proxy in [web] "
+                     "trusted_proxies)", sender=sender or "an unreadable address")
             raise self.refuse(403, "not an address Zadarma sends from")
         try:
             require_media_type(request.getHeader(b"Content-Type"), FORM)
