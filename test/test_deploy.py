@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -435,3 +436,56 @@ class NginxInFrontTests(TestCase):
         self.assertEqual(len(self.stream.open), 1)
         self.stream.open.pop().finish()
         await done
+
+
+# -- systemd -------------------------------------------------------------------------------
+
+UNIT = ROOT / "etc" / "dpvoip.service"
+
+
+def systemd_verify(unit_text: str) -> str:
+    """What ``systemd-analyze verify`` says of a unit installed in a scratch root (the
+    system's own units copied in, the unit's ExecStart as an executable stub): '' when
+    it has nothing to say. Its exit code stays 0 on a mistyped key or a bad value (it
+    says "ignoring"), so the test reads what it printed."""
+    analyze = ensure("systemd-analyze", "systemd")
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        units = root / "usr" / "lib" / "systemd" / "system"
+        units.parent.mkdir(parents=True)
+        shutil.copytree("/usr/lib/systemd/system", units, symlinks=True)
+        match = re.search(r"^ExecStart=(\S+)", unit_text, re.M)
+        assert match is not None, "the unit has no ExecStart"
+        program = root / match.group(1).lstrip("/")
+        program.parent.mkdir(parents=True)
+        program.write_text("#!/bin/sh\n")
+        program.chmod(0o755)
+        installed = root / "etc" / "systemd" / "system" / UNIT.name
+        installed.parent.mkdir(parents=True)
+        installed.write_text(unit_text)
+        done = subprocess.run([analyze, "verify", "--man=no", f"--root={root}", UNIT.name],
+                              capture_output=True, text=True, timeout=120, check=False)
+        return (done.stdout + done.stderr).replace(folder, "").strip() or (
+            f"exit {done.returncode}" if done.returncode else "")
+
+
+class SystemdUnitTests(SynchronousTestCase):
+    def test_systemd_analyze_verify_has_nothing_to_say(self) -> None:
+        self.assertEqual(systemd_verify(UNIT.read_text()), "")
+
+    def test_the_check_sees_a_wrong_value_and_a_mistyped_key(self) -> None:
+        text = UNIT.read_text()
+        self.assertIn("Failed to parse resource value",
+                      systemd_verify(text.replace("LimitNOFILE=65536", "LimitNOFILE=lots")))
+        self.assertIn("Unknown key",
+                      systemd_verify(text.replace("LimitNOFILE=", "LimitNOFILES=")))
+
+    def test_the_unit_keeps_the_limits_and_folders_the_docs_promise(self) -> None:
+        settings = dict(line.split("=", 1) for line in UNIT.read_text().splitlines()
+                        if "=" in line and not line.startswith("#"))
+        self.assertGreaterEqual(int(settings["LimitNOFILE"]), 4 * WebSettings().max_connections)
+        self.assertEqual((settings["User"], settings["StateDirectory"],
+                          settings["WorkingDirectory"], settings["EnvironmentFile"]),
+                         ("dpvoip", "dpvoip", "/var/lib/dpvoip", "-/etc/dpvoip/env"))
+        self.assertEqual(settings["Environment"], "DPVOIP_DAEMON_STATE_DIR=/var/lib/dpvoip")
+        self.assertTrue(settings["ExecStart"].endswith("run --config /etc/dpvoip/dpvoip.toml"))
