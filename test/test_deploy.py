@@ -577,16 +577,20 @@ class ContainerTests(TestCase):
         built = build_image()
         self.assertEqual(built.returncode, 0, built.stdout[-3000:] + built.stderr[-3000:])
         dsn = postgres().new_database("2025-12")
-        sockets = re.search(r"host=(\S+)", dsn)
-        assert sockets is not None
+        found = re.search(r"host=(\S+)", dsn)
+        assert found is not None
+        # The tests' socket folder is the postgres user's alone: the container gets the
+        # socket itself (a bind mount of the file), in a folder of its own.
+        pg_socket = Path(found.group(1)) / ".s.PGSQL.5432"
         web = Path(tempfile.mkdtemp(prefix="dpvoip-web-"))
         self.addCleanup(shutil.rmtree, web, True)
         os.chown(web, 10001, 10001)  # the image's user dpvoip
         name = f"dpvoip-test-{os.getpid()}"
         started = podman("run", "-d", "--name", name, "--network", "none", *LIMITS,
-                         "-v", f"{sockets.group(1)}:{sockets.group(1)}",
+                         "-v", f"{pg_socket}:/run/postgresql/.s.PGSQL.5432",
                          "-v", f"{web}:/run/dpvoip-web",
-                         "-e", f"DATABASE_URL={dsn}",
+                         "-e", "DATABASE_URL=" + dsn.replace(found.group(0),
+                                                             "host=/run/postgresql"),
                          "-e", "DPVOIP_WEB_LISTEN=unix:/run/dpvoip-web/web.sock",
                          "-e", "SECRET_KEY=container-test", IMAGE)
         self.assertEqual(started.returncode, 0, started.stderr)
@@ -602,7 +606,11 @@ class ContainerTests(TestCase):
             answers.append(answer)
             return answer[0] == 200
 
-        await until(ready, seconds=120)
+        try:
+            await until(ready, seconds=120)
+        except AssertionError:
+            logs = podman("logs", name)
+            self.fail(f"not ready: {answers[-1:]}\n{logs.stdout[-4000:]}{logs.stderr[-2000:]}")
         self.assertTrue(answers[-1][1]["ready"])
         stopped = podman("stop", "-t", "15", name)
         self.assertEqual(stopped.returncode, 0, stopped.stderr)
