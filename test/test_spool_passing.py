@@ -18,9 +18,9 @@ from txpostgres.reconnection import ConnectionDead
 from dpvoip.calls.ingest import Ingest, Submission, ZadarmaSubmission
 from dpvoip.spool.durable import DurableIngest
 from dpvoip.spool.journal import AsyncSpool, Spool
-from test.support.daemon import scratch
 from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from test.support.crm import Crm
+from test.support.daemon import scratch
 from test.test_ingest import zadarma_call
 from test.test_ingest_together import ARRIVED, TogetherTests
 
