@@ -79,8 +79,9 @@ class DaemonCollector(Collector):
         yield _gauge("dpvoip_spool_mark_behind",
                      "1 while the replay mark on disk is behind the replay (disk full).",
                      int(spool.mark_behind))
-        yield _gauge("dpvoip_spooling", "1 while new events go to the spool.",
-                     int(s.durable.spooling))
+        yield _gauge("dpvoip_spooling", "1 while the spool holds events not yet replayed "
+                     "(new events of their calls and numbers wait behind them; path=ahead "
+                     "counts those that went past a replay).", int(s.durable.spooling))
         yield _counters("dpvoip_events", "Events by the path they took to the database.",
                         "path", asdict(s.durable.counters))
         yield _counters("dpvoip_ingest", "What the ingest did.", "what", asdict(s.ingest.counters))
