@@ -117,11 +117,15 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=0.0,
                         help="arrival rate during the drain in events/s (instead of --arrival)")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--lanes", type=int, default=3)
+    parser.add_argument("--lanes", type=int, default=0,
+                        help="transactions at once (default: the daemon's, for its pool of 4)")
     parser.add_argument("--group", type=int, default=32)
     parser.add_argument("--source", choices=["fritzbox", "zadarma"], default="fritzbox",
                         help="Fritz!Box happenings, or signed Zadarma webhook forms")
     options = parser.parse_args()
+    from dpvoip.spool.durable import replay_lanes
+
+    options.lanes = options.lanes or replay_lanes(4)
 
     from twisted.internet import defer, task, threads
 

@@ -61,7 +61,7 @@ from dpvoip.services import (
     OrderedServices,
     Reconnections,
 )
-from dpvoip.spool.durable import DurableIngest, DurableService
+from dpvoip.spool.durable import DurableIngest, DurableService, replay_lanes
 from dpvoip.spool.journal import AsyncSpool, Spool
 from dpvoip.state_folder import InstanceLock, InstanceLockService, lock_or_exit
 from dpvoip.store.accounts import Accounts
@@ -204,7 +204,8 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
     origins[LEGACY_SOURCE] = monitor_origin(region)  # the old monitor's calls (issue 15)
     durable = DurableIngest(ingest, spool, store, schema, reactor, origins,
                             zadarma_context.current, config.directory.region,
-                            deadline=config.spool.deadline_seconds)
+                            deadline=config.spool.deadline_seconds,
+                            lanes=replay_lanes(config.database.pool_size))
     spooler = DurableService(durable, spool, reactor, database.when_prepared)
     spooler.setServiceParent(top)
     legacy = LegacyMonitor(config.legacy_monitor.token.reveal(), office_zone, region, own,

@@ -46,3 +46,11 @@ class OrderingKeysTests(SynchronousTestCase):
         self.assertEqual(zadarma_keys("out_1", {"internal": "100",
                                                 "destination": "2101234567"}),
                          ("zd:out_1", "n:101234567"))
+
+
+class ReplayLanesTests(SynchronousTestCase):
+    def test_the_replay_leaves_half_the_pool_to_the_calls_that_pass_it(self) -> None:
+        from dpvoip.spool.durable import replay_lanes
+
+        self.assertEqual([replay_lanes(n) for n in (1, 2, 3, 4, 6, 8, 64)],
+                         [1, 1, 1, 2, 3, 3, 3])

@@ -93,6 +93,14 @@ MAX_HELD_RECORDS = 50_000
 MAX_OPEN_NUMBERS = 20_000
 
 
+def replay_lanes(pool_size: int) -> int:
+    """Transactions a replay keeps in flight: at most half the pool's connections, so that
+    the new calls that go past the replay (straight to the database) find connections
+    free; a replay holding three of four left them one, their commits missed the
+    deadline, and they were spooled behind it after all."""
+    return max(1, min(REPLAY_LANES, pool_size // 2))
+
+
 @dataclass(frozen=True)
 class Replayed:
     seq: int
