@@ -129,6 +129,15 @@ class WebApp:
     async def live_page(self, request: IRequest) -> bytes:
         return await self._live().page(request)
 
+    @app.route("/voip", methods=["GET", "HEAD"])
+    def live_page_slash(self, request: IRequest) -> bytes:
+        """To ``/voip/``, relatively (the page's own links are relative to it, and the
+        CRM's proxy may serve it under another prefix)."""
+        self._live()
+        request.setResponseCode(302)
+        request.setHeader(b"Location", b"voip/")
+        return b""
+
     @app.route("/voip/popup.json", methods=["GET", "HEAD"])
     async def popup_settings(self, request: IRequest) -> bytes:
         return await self._live().popup_json(request)
