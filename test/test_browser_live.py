@@ -347,6 +347,8 @@ class LivePageBrowserTests(BrowserTestCase):
                 "() => document.querySelector(\"#tickets tr[data-ticket='41'] .t-count\")"
                 ".textContent === '2'", timeout=PATIENCE * 1000)
             self.assertEqual(page.locator("#tickets tr").count(), 1, "grouped, not added")
+            self.assertEqual(page.inner_text("#tickets tr[data-ticket='41'] .c-client"),
+                             "Papadopoulos <AE>", "a call without a client keeps the ticket's")
 
             self.publish("box", {"box": "office", "connected": False,
                                  "since": datetime.now(UTC).isoformat()})

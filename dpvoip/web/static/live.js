@@ -134,7 +134,9 @@
     tr.className = "ticket";
     tr.appendChild(cell("t-opened", old ? old.firstChild.textContent : dayTime(new Date())));
     tr.appendChild(cell("t-number", number(ticket.number)));
-    tr.appendChild(clientCell(ticket.client));
+    // a grouped call without a client does not take the ticket's client away
+    var oldClient = old ? old.querySelector(".c-client") : null;
+    tr.appendChild(!ticket.client && oldClient ? oldClient.cloneNode(true) : clientCell(ticket.client));
     tr.appendChild(cell("t-count", ticket.count));
     put(tickets, "data-ticket", ticket.ticket_id, tr);
   }
