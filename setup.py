@@ -13,7 +13,9 @@ setup(
     description="Telephony daemon for the D.P. Economy CRM: Fritz!Box CallMonitor, Zadarma, tickets",
     python_requires=">=3.11",
     packages=find_packages(include=["dpvoip", "dpvoip.*"]) + ["twisted.plugins"],
-    package_data={"dpvoip": ["py.typed"], "dpvoip.crm": ["sql/*.sql"]},
+    package_data={"dpvoip": ["py.typed"], "dpvoip.crm": ["sql/*.sql"],
+                  # the live page's script and style, and the CRM's screen pop
+                  "dpvoip.web": ["static/*.js", "static/*.css"]},
     include_package_data=False,
     install_requires=[
         # Capped at the versions tested: dpvoip relies on a few private Twisted and

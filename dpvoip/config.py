@@ -223,6 +223,15 @@ def _fingerprint(value: Any) -> str | None:
     return None
 
 
+def _client_url(value: Any) -> str | None:
+    rest = value.replace("{id}", "", 1)
+    if value.count("{id}") != 1 or "{" in rest or "}" in rest:
+        return "must hold {id} exactly once (and no other braces), such as '/clients/{id}/'"
+    if not re.fullmatch(r"(/|https?://)[^\s\"'<>\\]*", value):
+        return "must be a path on the CRM ('/...') or an http(s) URL, without spaces or quotes"
+    return None
+
+
 def _host(value: Any) -> str | None:
     if not value or any(c.isspace() for c in value):
         return "must be a host name or address"
@@ -677,6 +686,32 @@ class LegacyMonitorSettings:
 
 
 @dataclass(frozen=True)
+class PageSettings:
+    client_url: str = setting(
+        "/accounting/client/{id}/",
+        "The CRM's page of a client, {id} its accounting_clientprofile id: the live page "
+        "and the screen pop link a caller's name to it (both CRM versions: "
+        "/accounting/client/{id}/).",
+        _client_url,
+    )
+    recent_calls: int = setting(
+        50, "Ended calls of today the live page (/voip/) shows, newest first.",
+        _between(1, 1000),
+    )
+    open_tickets: int = setting(
+        50, "Open missed-call tickets the live page shows, newest first.", _between(1, 1000),
+    )
+    popup_for: str = setting(
+        "mine",
+        "Whom the CRM's screen pop (/voip/popup.js) shows a ringing call to: 'mine' (a "
+        "staff user: the calls ringing on one of their voip_connection numbers; any other "
+        "user: the calls their event stream carries, their own), or 'everyone' (every "
+        "ringing call the user's stream carries).",
+        _one_of("mine", "everyone"),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole, validated configuration."""
 
@@ -694,6 +729,7 @@ class Config:
         default_factory=lambda: (FritzBoxSettings(),)
     )
     legacy_monitor: LegacyMonitorSettings = field(default_factory=LegacyMonitorSettings)
+    page: PageSettings = field(default_factory=PageSettings)
 
     @property
     def standalone(self) -> bool:
@@ -722,6 +758,7 @@ SECTIONS: dict[str, type[Any]] = {
     "zadarma": ZadarmaSettings,
     "click_to_call": ClickToCallSettings,
     "legacy_monitor": LegacyMonitorSettings,
+    "page": PageSettings,
 }
 LIST_SECTIONS: dict[str, type[Any]] = {"fritzbox": FritzBoxSettings}
 
@@ -968,6 +1005,7 @@ __all__ = [
     "FritzBoxSettings",
     "LegacyMonitorSettings",
     "LogSettings",
+    "PageSettings",
     "Secret",
     "TicketSettings",
     "WebSettings",

@@ -180,3 +180,94 @@ class Texts:
     def has(self, key: str) -> bool:
         return key in self._words
 
+
+
+# -- the live page (``GET /voip/``) and the screen pop (``/voip/popup.js``) ----------------
+# Words shown to the office, never written into the CRM; the same keys in both languages
+# (``test/test_live_page.py`` checks it). Outcomes and the withheld caller are the
+# catalog's own words above (``outcome_*``, ``withheld``), so that the page and the call's
+# notes say the same.
+
+_PAGE_EN: Mapping[str, str] = {
+    "title": "Calls, live",
+    "in_progress": "Calls in progress",
+    "recent": "Today's calls",
+    "tickets": "Open missed-call tickets",
+    "boxes": "Fritz!Box lines",
+    "none_in_progress": "No call in progress.",
+    "none_recent": "No call yet today.",
+    "none_tickets": "No open ticket.",
+    "none_boxes": "No Fritz!Box has reported yet.",
+    "col_time": "Time",
+    "col_direction": "Direction",
+    "col_number": "Number",
+    "col_client": "Client",
+    "col_extension": "Extension",
+    "col_line": "Line",
+    "col_state": "State",
+    "col_outcome": "Outcome",
+    "col_duration": "Duration",
+    "col_count": "Missed calls",
+    "col_opened": "Opened",
+    "state_ringing": "ringing",
+    "state_answered": "in conversation",
+    "direction_incoming": "incoming",
+    "direction_outgoing": "outgoing",
+    "box_connected": "connected",
+    "box_disconnected": "disconnected",
+    "box_since": "since {time}",
+    "live": "live",
+    "reconnecting": "reconnecting…",
+    "popup_ringing": "Incoming call",
+    "popup_unknown": "unknown caller",
+    "popup_open_client": "Open the client",
+    "popup_close": "Close",
+    "popup_enable": "Desktop notifications",
+    "popup_answered": "answered",
+    "signed_out": "Sign in to the CRM to see the calls.",
+    "sign_in": "Sign in",
+    "unavailable": "The CRM database is not reachable; try again shortly.",
+}
+
+_PAGE_EL: Mapping[str, str] = {
+    "title": "Κλήσεις, ζωντανά",
+    "in_progress": "Κλήσεις σε εξέλιξη",
+    "recent": "Σημερινές κλήσεις",
+    "tickets": "Ανοιχτά τίκετ αναπάντητων κλήσεων",
+    "boxes": "Γραμμές Fritz!Box",
+    "none_in_progress": "Καμία κλήση σε εξέλιξη.",
+    "none_recent": "Καμία κλήση σήμερα ακόμη.",
+    "none_tickets": "Κανένα ανοιχτό τίκετ.",
+    "none_boxes": "Κανένα Fritz!Box δεν έχει αναφερθεί ακόμη.",
+    "col_time": "Ώρα",
+    "col_direction": "Κατεύθυνση",
+    "col_number": "Αριθμός",
+    "col_client": "Πελάτης",
+    "col_extension": "Εσωτερικό",
+    "col_line": "Γραμμή",
+    "col_state": "Κατάσταση",
+    "col_outcome": "Αποτέλεσμα",
+    "col_duration": "Διάρκεια",
+    "col_count": "Αναπάντητες",
+    "col_opened": "Άνοιξε",
+    "state_ringing": "χτυπάει",
+    "state_answered": "σε συνομιλία",
+    "direction_incoming": "εισερχόμενη",
+    "direction_outgoing": "εξερχόμενη",
+    "box_connected": "συνδεδεμένο",
+    "box_disconnected": "αποσυνδεδεμένο",
+    "box_since": "από {time}",
+    "live": "ζωντανά",
+    "reconnecting": "επανασύνδεση…",
+    "popup_ringing": "Εισερχόμενη κλήση",
+    "popup_unknown": "άγνωστος καλών",
+    "popup_open_client": "Άνοιγμα πελάτη",
+    "popup_close": "Κλείσιμο",
+    "popup_enable": "Ειδοποιήσεις στην επιφάνεια εργασίας",
+    "popup_answered": "απαντήθηκε",
+    "signed_out": "Συνδεθείτε στο CRM για να δείτε τις κλήσεις.",
+    "sign_in": "Σύνδεση",
+    "unavailable": "Η βάση δεδομένων του CRM δεν απαντά· δοκιμάστε ξανά σε λίγο.",
+}
+
+PAGE_WORDS: Mapping[str, Mapping[str, str]] = {"en": _PAGE_EN, "el": _PAGE_EL}

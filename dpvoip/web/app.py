@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from dpvoip.web.callback import CallbackPages
 from dpvoip.web.errors import HttpError, error_answer, failure_answer, json_answer, json_body
+from dpvoip.web.live_page import LivePages
 from dpvoip.web.zadarma import NOT_CONFIGURED, WebhookResource, ZadarmaWebhook
 
 #: Zadarma's events: the one request answered in front of Klein (``_Front``). The path
@@ -57,8 +58,10 @@ class WebApp:
                  zadarma: ZadarmaWebhook | None = None,
                  callback: CallbackPages | None = None,
                  metrics: Callable[[], bytes] | None = None,
-                 legacy_monitor: IResource | None = None) -> None:
+                 legacy_monitor: IResource | None = None,
+                 live_page: LivePages | None = None) -> None:
         self._legacy_monitor = legacy_monitor  # the old monitor's endpoints (issue 15)
+        self._live_page = live_page  # the live page and the CRM's screen pop
         self._readiness = readiness
         self._version = version
         self._zadarma = zadarma
@@ -114,6 +117,38 @@ class WebApp:
     @app.route("/voip/calls/<string:call>/recording", methods=["GET", "HEAD"])
     async def call_recording(self, request: IRequest, call: str) -> bytes:
         return await self._click_to_call().recording(request, call)
+
+    # -- the live page and the screen pop (``web/live_page.py``) ---------------------------
+
+    def _live(self) -> LivePages:
+        if self._live_page is None:
+            raise HttpError(404, "the live page is not configured")
+        return self._live_page
+
+    @app.route("/voip/", methods=["GET", "HEAD"])
+    async def live_page(self, request: IRequest) -> bytes:
+        return await self._live().page(request)
+
+    @app.route("/voip", methods=["GET", "HEAD"])
+    def live_page_slash(self, request: IRequest) -> bytes:
+        """To ``/voip/``, relatively (the page's own links are relative to it, and the
+        CRM's proxy may serve it under another prefix)."""
+        self._live()
+        request.setResponseCode(302)
+        request.setHeader(b"Location", b"voip/")
+        return b""
+
+    @app.route("/voip/popup.json", methods=["GET", "HEAD"])
+    async def popup_settings(self, request: IRequest) -> bytes:
+        return await self._live().popup_json(request)
+
+    @app.route("/voip/popup.js", methods=["GET", "HEAD"])
+    def popup_script(self, request: IRequest) -> bytes:
+        return self._live().static(request, "popup.js")
+
+    @app.route("/voip/static/<string:name>", methods=["GET", "HEAD"])
+    def live_static(self, request: IRequest, name: str) -> bytes:
+        return self._live().static(request, name)
 
     @app.route("/accounting/api/", branch=True)
     def legacy_monitor(self, request: IRequest) -> IResource:
