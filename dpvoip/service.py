@@ -73,6 +73,7 @@ from dpvoip.store.dsn import connection_dsn
 from dpvoip.store.embedded import EmbeddedPostgres
 from dpvoip.store.legacy_monitor import SOURCE as LEGACY_SOURCE
 from dpvoip.store.legacy_monitor import LegacyMonitorRows
+from dpvoip.store.live_page import LivePageReads
 from dpvoip.store.migrations import SchemaReport
 from dpvoip.store.pool import HealingPool
 from dpvoip.store.privileges import PrivilegeCheck
@@ -80,6 +81,7 @@ from dpvoip.store.session_cache import RedisSessionCache, RedisSessionService
 from dpvoip.web.app import WebApp
 from dpvoip.web.callback import CallbackPages
 from dpvoip.web.legacy_monitor import LegacyMonitorResource
+from dpvoip.web.live_page import LivePages
 from dpvoip.web.server import DpvoipSite, WebService
 from dpvoip.web.sources import networks
 from dpvoip.web.zadarma import CurrentZadarmaContext, ZadarmaWebhook
@@ -287,8 +289,10 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
     def exposition() -> bytes:
         return own_metrics.exposition() + b"".join(s.limits.metrics() for s in limits)
 
+    live = LivePages(callback.logins, LivePageReads(store, config.database.crm_schema),
+                     config.page, config.crm.language, office_zone, reactor, clicks.login_url)
     app = WebApp(readiness, __version__, zadarma, callback, exposition,
-                 legacy_monitor=LegacyMonitorResource(legacy))
+                 legacy_monitor=LegacyMonitorResource(legacy), live_page=live)
     site = DpvoipSite(app.resource(), config.web, reactor,
                       proxies=networks(config.web.trusted_proxies),
                       reserved=networks(config.zadarma.allowed_networks))

@@ -28,6 +28,7 @@ from dpvoip.config import (
     FritzBoxSettings,
     LegacyMonitorSettings,
     LogSettings,
+    PageSettings,
     Secret,
     SpoolSettings,
     TicketSettings,
@@ -157,6 +158,9 @@ area_code = "30"
 newline_keepalive_seconds = 30
 [legacy_monitor]
 token = "t"
+[page]
+client_url = "/clients/{id}/"
+popup_for = "everyone"
 """
 
 
@@ -213,6 +217,7 @@ class FileTests(ConfigTestCase):
                     ),
                 ),
                 legacy_monitor=LegacyMonitorSettings(token=Secret("t")),
+                page=PageSettings(client_url="/clients/{id}/", popup_for="everyone"),
             ),
         )
         self.assertIsInstance(config.database.connect_timeout, float)
