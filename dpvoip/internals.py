@@ -16,9 +16,11 @@ functions below against its source.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from twisted.web import http
+from twisted.application.internet import ClientService
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
+from twisted.web import client, http
 
 
 def forget_exit_signal(reactor: Any) -> None:
@@ -113,3 +115,39 @@ def raw_connection(connection: Any) -> Any:
     """
     return connection.pollable()  # a psycopg2 connection (typed Any: only store/ imports
     # the drivers)
+
+
+def _without_retry_lines(event: dict[str, Any]) -> None:
+    """Every event of a ``ClientService`` but its "Scheduling retry" line."""
+    if not str(event.get("log_format", "")).startswith("Scheduling retry "):
+        globalLogPublisher(event)
+
+
+class QuietClientService(ClientService):
+    """``ClientService`` without its own line at every failed attempt.
+
+    Twisted logs ``Scheduling retry 3 to connect <HostnameEndpoint fritz.box:1012> in
+    3.9578956107266103 seconds.`` without the reason, at every attempt: dpvoip tells the
+    reason and the delay itself, calmly (``FritzBox.connect_failed``). The machine takes
+    the service's ``_log`` (a class attribute, read by ``ClientService.__init__``); this
+    one forwards every other event (a duplicate start's warning) to the global publisher.
+    """
+
+    _log = Logger(observer=cast(ILogObserver, _without_retry_lines))
+
+
+class _QuietHTTP11ClientFactory(client._HTTP11ClientFactory):
+    noisy = False
+
+
+class QuietHTTPConnectionPool(client.HTTPConnectionPool):
+    """``HTTPConnectionPool`` whose connections do not log ``Starting factory
+    _HTTP11ClientFactory(...)`` and ``Stopping factory ...`` each time (every TR-064
+    request and every Zadarma API connection: two lines of noise each).
+
+    The pool makes its protocol factory from the class attribute ``_factory``
+    (``_HTTP11ClientFactory``, whose ``noisy`` is Twisted's default, True); there is no
+    public way to give the pool another.
+    """
+
+    _factory = _QuietHTTP11ClientFactory

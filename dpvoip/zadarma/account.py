@@ -23,6 +23,7 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
+from dpvoip.internals import QuietHTTPConnectionPool
 from dpvoip.zadarma.api import ZadarmaApiError
 
 log = Logger()
@@ -68,8 +69,9 @@ def account_zone(stated: str, office: tzinfo, now: datetime) -> tzinfo | None:
 
 def http_pool_and_agent(reactor: Any, ca_file: str, connect_timeout: float) -> tuple[
         HTTPConnectionPool, Agent]:
-    """A persistent pool and an Agent that verifies the server's name (service-identity)."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    """A persistent pool and an Agent that verifies the server's name (service-identity).
+    The pool's connections log no "Starting factory" lines."""
+    pool: HTTPConnectionPool = QuietHTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 2
     pool.cachedConnectionTimeout = 60
     policy = BrowserLikePolicyForHTTPS()
