@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from twisted.application.internet import ClientService
-from twisted.logger import ILogObserver, Logger, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.web import client, http
 
 
@@ -117,23 +117,26 @@ def raw_connection(connection: Any) -> Any:
     # the drivers)
 
 
-def _without_retry_lines(event: dict[str, Any]) -> None:
-    """Every event of a ``ClientService`` but its "Scheduling retry" line."""
-    if not str(event.get("log_format", "")).startswith("Scheduling retry "):
-        globalLogPublisher(event)
+def _retry_lines_as_debug(event: dict[str, Any]) -> None:
+    """A ``ClientService``'s events, its "Scheduling retry" line at the debug level."""
+    if str(event.get("log_format", "")).startswith("Scheduling retry "):
+        event = {**event, "log_level": LogLevel.debug}
+    globalLogPublisher(event)
 
 
 class QuietClientService(ClientService):
-    """``ClientService`` without its own line at every failed attempt.
+    """``ClientService`` without its own info line at every failed attempt.
 
     Twisted logs ``Scheduling retry 3 to connect <HostnameEndpoint fritz.box:1012> in
     3.9578956107266103 seconds.`` without the reason, at every attempt: dpvoip tells the
     reason and the delay itself, calmly (``FritzBox.connect_failed``). The machine takes
     the service's ``_log`` (a class attribute, read by ``ClientService.__init__``); this
-    one forwards every other event (a duplicate start's warning) to the global publisher.
+    one publishes Twisted's line at the debug level (still an event, with its ``attempt``
+    and ``delay`` fields, for whoever observes them: the fault tests do) and every other
+    event (a duplicate start's warning) as it is.
     """
 
-    _log = Logger(observer=cast(ILogObserver, _without_retry_lines))
+    _log = Logger(observer=cast(ILogObserver, _retry_lines_as_debug))
 
 
 class _QuietHTTP11ClientFactory(client._HTTP11ClientFactory):
