@@ -485,6 +485,32 @@ class FinishedCallsInTheDatabase(test_ingest.IngestTestCase):
                         line)
 
 
+class ZadarmaTicketLines(test_ingest.ZadarmaTestCase):
+    """A Zadarma call that ends missed says what became of its ticket in one line."""
+
+    def setUp(self) -> Any:
+        self.captured = LogCapture(self)
+        return super().setUp()
+
+    @defer.inlineCallbacks
+    def test_a_missed_zadarma_call_and_a_second_one(self) -> Any:
+        context = replace(self.context, tickets=True)
+        yield self.send(test_ingest.zadarma_call("+306912345678", "in_" + "1" * 40,
+                                                 answered=False), context)
+        yield self.send(test_ingest.zadarma_call("+306912345678", "in_" + "2" * 40,
+                                                 answered=False,
+                                                 start="2026-01-15 10:05:00"), context)
+        [ticket] = self.tickets_rows()
+        lines = self.captured.lines("call zd-")
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn(lines[0].split(": ", 1)[1],
+                      (f"missed (no answer); ticket {ticket[0]} created",
+                       "missed (no answer); new ticket created"))
+        self.assertEqual(lines[1].split(": ", 1)[1],
+                         f"missed (no answer); added to ticket {ticket[0]} (2x)")
+        self.assertEqual(self.captured.lines("ticket written"), [])
+
+
 class NeverAnEmptyReason(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()

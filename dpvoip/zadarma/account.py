@@ -23,6 +23,7 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
+from dpvoip.core.errors import summary
 from dpvoip.internals import QuietHTTPConnectionPool
 from dpvoip.zadarma.api import ZadarmaApiError
 
@@ -115,7 +116,7 @@ class ZadarmaAccountService(Service):
             stated = await self._api.timezone()
         except ZadarmaApiError as error:
             log.warn("cannot learn the Zadarma account's time zone ({why}); call times are "
-                     "read in the office's zone until it answers", why=error.message)
+                     "read in the office's zone until it answers", why=summary(error))
             self._schedule(RETRY_SECONDS)
             return
         zone = account_zone(stated, self._office,
