@@ -16,9 +16,11 @@ functions below against its source.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from twisted.web import http
+from twisted.application.internet import ClientService
+from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
+from twisted.web import client, http
 
 
 def forget_exit_signal(reactor: Any) -> None:
@@ -113,3 +115,42 @@ def raw_connection(connection: Any) -> Any:
     """
     return connection.pollable()  # a psycopg2 connection (typed Any: only store/ imports
     # the drivers)
+
+
+def _retry_lines_as_debug(event: dict[str, Any]) -> None:
+    """A ``ClientService``'s events, its "Scheduling retry" line at the debug level."""
+    if str(event.get("log_format", "")).startswith("Scheduling retry "):
+        event = {**event, "log_level": LogLevel.debug}
+    globalLogPublisher(event)
+
+
+class QuietClientService(ClientService):
+    """``ClientService`` without its own info line at every failed attempt.
+
+    Twisted logs ``Scheduling retry 3 to connect <HostnameEndpoint fritz.box:1012> in
+    3.9578956107266103 seconds.`` without the reason, at every attempt: dpvoip tells the
+    reason and the delay itself, calmly (``FritzBox.connect_failed``). The machine takes
+    the service's ``_log`` (a class attribute, read by ``ClientService.__init__``); this
+    one publishes Twisted's line at the debug level (still an event, with its ``attempt``
+    and ``delay`` fields, for whoever observes them: the fault tests do) and every other
+    event (a duplicate start's warning) as it is.
+    """
+
+    _log = Logger(observer=cast(ILogObserver, _retry_lines_as_debug))
+
+
+class _QuietHTTP11ClientFactory(client._HTTP11ClientFactory):
+    noisy = False
+
+
+class QuietHTTPConnectionPool(client.HTTPConnectionPool):
+    """``HTTPConnectionPool`` whose connections do not log ``Starting factory
+    _HTTP11ClientFactory(...)`` and ``Stopping factory ...`` each time (every TR-064
+    request and every Zadarma API connection: two lines of noise each).
+
+    The pool makes its protocol factory from the class attribute ``_factory``
+    (``_HTTP11ClientFactory``, whose ``noisy`` is Twisted's default, True); there is no
+    public way to give the pool another.
+    """
+
+    _factory = _QuietHTTP11ClientFactory

@@ -15,6 +15,10 @@ controls, and C1 controls, DEL, the separators and lone surrogates are escaped a
 
 The JSON form is one flat object per line, for log shippers: ``time`` (ISO 8601, UTC),
 ``level``, ``namespace``, ``message`` (the rendered text) and the event's own fields.
+
+A float an event carries is rendered with the digits a person reads (``for_people``: 0.81,
+not 0.8127479001925022), whoever logged it (dpvoip, Twisted, a library); the JSON form
+keeps the exact value in its field.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from twisted.logger import (
     formatEvent,
     formatTime,
 )
+
+from dpvoip.core.log_budget import for_people
 
 #: What a log line must not carry raw: C0 controls, DEL, C1 controls, the Unicode line and
 #: paragraph separators, lone surrogates.
@@ -67,10 +73,19 @@ def _system(event: dict[str, Any]) -> str:
     return f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
 
 
+def rounded(event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` with its floats as people read them (``for_people``), for rendering its
+    message; the event itself when it carries none. Twisted's own fields (``log_*``: the
+    time) are left alone."""
+    changed = {key: for_people(value) for key, value in event.items()
+               if isinstance(value, float) and not key.startswith("log_")}
+    return {**event, **changed} if changed else event
+
+
 def text_line(event: dict[str, Any]) -> str | None:
-    """Twisted's classic line (``time [system] message``), every value escaped; a
-    traceback follows on its own lines, each indented with a tab."""
-    message = eventAsText(event, includeTraceback=False, includeTimestamp=False,
+    """Twisted's classic line (``time [system] message``), every value escaped, floats
+    rounded for people; a traceback follows on its own lines, each indented with a tab."""
+    message = eventAsText(rounded(event), includeTraceback=False, includeTimestamp=False,
                           includeSystem=False)
     failure = event.get("log_failure")
     if not message and failure is None:
@@ -93,7 +108,7 @@ def json_line(event: dict[str, Any]) -> str:
         "time": datetime.fromtimestamp(event.get("log_time", 0), UTC).isoformat(),
         "level": level.name if level is not None else "info",
         "namespace": event.get("log_namespace", "-"),
-        "message": formatEvent(event),
+        "message": formatEvent(rounded(event)),
     }
     failure = event.get("log_failure")
     if failure is not None:

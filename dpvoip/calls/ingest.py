@@ -35,10 +35,12 @@ from dpvoip.core.call_log import (
     caller_name,
     ended_line,
     ended_notes,
+    finished_text,
     forwarded_line,
     remote,
     started_lines,
     started_notes,
+    ticket_text,
 )
 from dpvoip.core.happenings import Answered, Ended, Forwarded, Happening, Started, Unmatched
 from dpvoip.core.matching import Match
@@ -49,6 +51,7 @@ from dpvoip.core.texts import Texts
 from dpvoip.core.tickets import (
     MissedCall,
     TicketFacts,
+    TicketUpdate,
     candidate_users,
     gets_ticket,
     may_get_ticket,
@@ -351,11 +354,13 @@ class Ingest:
                      recovering: bool = False, batch: Batch | None = None) -> None:
         notes = ended_notes(ended, self._texts)
         line = ended_line(notes, self._texts)
+        ticket = ""  # what became of the call's ticket, for the log line
         if not may_get_ticket(ended.outcome):
             done = await self._statements.finish(ended, line, notes, received, recovering,
                                                  batch)
         else:
             async def steps(batch: Batch) -> bool:
+                nonlocal ticket
                 # Two round trips: the number's lock and the facts, then the writes and
                 # the COMMIT.
                 finishing = await self._statements.finishing_missed(
@@ -367,32 +372,37 @@ class Ingest:
                     await self._statements.finish_within(batch, ended, line, notes, received,
                                                          recovering)
                     return True
-                await self._ticket(batch, ended, origin.where, finishing.row,
-                                   finishing.client, finishing.call, finishing.facts, line,
-                                   notes, received)
+                ticket = await self._ticket(batch, ended, origin.where, finishing.row,
+                                            finishing.client, finishing.call,
+                                            finishing.facts, line, notes, received)
                 return True
 
             done = await (self._store.batch(steps) if batch is None else steps(batch))
         if done:
             self.counters.calls_ended += 1
-            log.info("call {call_id}: {status}, {notes}", call_id=ended.call_id,
-                     status=ended.outcome.status, notes=notes)
+            log.info("call {call_id}: {finished}", call_id=ended.call_id,
+                     finished=finished_text(ended.outcome.status, notes, ticket),
+                     status=ended.outcome.status, notes=notes, ticket=ticket)
         else:
             self.counters.replays_ignored += 1
 
     async def _ticket(self, batch: Batch, ended: Ended, where: Dialling, row: int,
                       client: int | None, call: MissedCall, facts: TicketFacts,
-                      line: LogLine, notes: str, received: datetime) -> None:
+                      line: LogLine, notes: str, received: datetime) -> str:
         """The missed call's end and its ticket, as the rules plan it, in the statement
-        that also commits."""
+        that also commits; what became of the ticket, for the call's log line
+        (``ticket_text``)."""
         if call.extension is None:
             call = replace(call, extension=ended.extension)
         plan = plan_ticket(call, facts, self._tickets, self._texts, self._zone, where)
         await self._statements.write_ticket(batch, plan, row, client, ended, line, notes,
                                             received)
         self.counters.ticket_writes += 1
-        log.info("call {call_id}: missed-call ticket written for {number}",
-                 call_id=ended.call_id, number=call.phone)
+        if isinstance(plan, TicketUpdate):
+            # the count plan_ticket puts in the title: this call and the earlier ones
+            return ticket_text(plan.ticket, 1 + facts.earlier_missed, joined=True)
+        # The new ticket's id is made by its INSERT; write_ticket does not return it yet.
+        return ticket_text(None)
 
     # -- Zadarma -----------------------------------------------------------------------------
 
@@ -576,11 +586,13 @@ class Ingest:
             self.counters.calls_ended += 1
             ended = Ended(identity, finished, call.duration, ended_at or received, extension)
             client = match.client if match else None
-            await self._ticket(batch, ended, context.where, row_id,
-                               client.id if client else None,
-                               MissedCall(phone, number, started, call.own_number, extension,
-                                          withheld),
-                               facts, end_line, notes, received)
+            ticket_done = await self._ticket(
+                batch, ended, context.where, row_id, client.id if client else None,
+                MissedCall(phone, number, started, call.own_number, extension, withheld),
+                facts, end_line, notes, received)
+            log.info("call {call_id}: {finished}", call_id=identity,
+                     finished=finished_text(finished.status, notes, ticket_done),
+                     status=finished.status, notes=notes, ticket=ticket_done)
         return ZadarmaOutcome(duplicate=False, match=match, owner_extension=owner_extension)
 
     # -- events of calls this process never saw start ----------------------------------------

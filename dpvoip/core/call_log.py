@@ -1,9 +1,11 @@
 """What a call's row shows of the remote party, its notes, and the lines its call log gets
-(behaviour.md sections 2 and 3), in the configured language. Pure.
+(behaviour.md sections 2 and 3), in the configured language; and what dpvoip's own log
+says of a finished call. Pure.
 """
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 from dpvoip.core.happenings import Ended
@@ -91,3 +93,34 @@ def ended_notes(ended: Ended, texts: Texts) -> str:
 def ended_line(notes_text: str, texts: Texts) -> LogLine:
     """The 'ended' line: the call's notes, which carry the talk time."""
     return LogLine("ended", texts("ended", notes=notes_text))
+
+
+#: Where the first word group of a call's notes ends ("missed (busy)", "interrupted: ...").
+_FIRST_PART = re.compile(r"[,:(;]")
+
+
+def finished_text(status: str, notes: str, ticket: str = "") -> str:
+    """What dpvoip's log line of a finished call says after its id: the CRM's status,
+    then the call's notes, then what became of its ticket (``ticket_text``). The status
+    is left out when the notes start with the same word: ``missed``, never ``missed,
+    missed``; ``completed, answered on extension 11, talk 0:20`` keeps both."""
+    first = _FIRST_PART.split(notes, maxsplit=1)[0].strip()
+    if not notes:
+        text = status
+    elif not status or first.casefold() == status.casefold():
+        text = notes
+    else:
+        text = f"{status}, {notes}"
+    return f"{text}; {ticket}" if ticket else text
+
+
+def ticket_text(ticket_id: int | None, calls: int = 1, joined: bool = False) -> str:
+    """What became of a missed call's ticket, for dpvoip's log: ``ticket 12 created``, or
+    ``added to ticket 12 (3x)`` when the call joined the number's open ticket as its third
+    missed call. Without the id (a store that does not return it): ``new ticket
+    created``."""
+    if joined and ticket_id is not None:
+        return f"added to ticket {ticket_id} ({calls}x)"
+    if ticket_id is None:
+        return "new ticket created"
+    return f"ticket {ticket_id} created"

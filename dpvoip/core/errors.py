@@ -7,9 +7,13 @@ error's text; a log line or an HTTP answer wants the first line only.
 from __future__ import annotations
 
 
-def summary(error: BaseException | str) -> str:
+def summary(error: BaseException | str | None) -> str:
     """The first non-blank line of ``error``'s message, or its type's name when it has
-    none."""
+    none (never an empty reason after "failed": pass the error, not its text, which may
+    be empty). None, which a Twisted ``Failure``'s ``value`` is typed as allowing, says
+    so."""
+    if error is None:
+        return "no reason given"
     text = error if isinstance(error, str) else str(error)
     for line in text.splitlines():
         if line.strip():

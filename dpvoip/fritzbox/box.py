@@ -39,7 +39,7 @@ from dpvoip.calls.ingest import Origin
 from dpvoip.config import FritzBoxSettings
 from dpvoip.core.errors import summary
 from dpvoip.core.happenings import Happening
-from dpvoip.core.log_budget import LogBudget, more_like_this
+from dpvoip.core.log_budget import LogBudget, Outage, more_like_this, seconds_text
 from dpvoip.core.numbers import Dialling, normalise
 from dpvoip.core.outcomes import Reason
 from dpvoip.deferreds import EmptyableSet
@@ -49,6 +49,12 @@ from dpvoip.protocols.callmonitor import CallMonitorProtocol
 from dpvoip.spool.durable import NotRecorded
 
 log = Logger(namespace="dpvoip.fritzbox")
+
+
+#: What a happening the box could not record is called in its log line.
+_WHAT = {"Started": "a call's start", "Answered": "a call's answer",
+         "Forwarded": "a call's forwarding", "Ended": "a call's end",
+         "Unmatched": "a line of a call not seen starting"}
 
 
 class Recorder(Protocol):
@@ -140,6 +146,7 @@ class FritzBox:
         self.born = self._now()  # calls older than this are the last run's
         self.connection: CallMonitorProtocol | None = None
         self.budget = LogBudget()  # warnings of one kind: a few a minute
+        self.outage = Outage()  # failed connection attempts: told calmly
         self._watchers: list[Callable[[bool], None]] = []
 
     def watch_connection(self, watcher: Callable[[bool], None]) -> None:
@@ -163,11 +170,12 @@ class FritzBox:
             done.addBoth(settle)
 
     def _failed(self, failure: Failure, happening: Any) -> None:
-        what = type(happening).__name__
+        what = _WHAT.get(type(happening).__name__, type(happening).__name__)
         if failure.check(NotRecorded):
             self.status.not_recorded += 1
-            self._warn("not recorded", "box {box}: a {what} was not recorded ({error})",
-                       level="critical", what=what, error=summary(failure.getErrorMessage()))
+            # summary of the error itself: its type's name when its text is empty
+            self._warn("not recorded", "box {box}: {what} was not recorded ({error})",
+                       level="critical", what=what, error=summary(failure.value))
             return
         write, held = self.budget.allow("record failed", self._clock.seconds())
         if write:
@@ -203,8 +211,17 @@ class FritzBox:
         self.connection = protocol
         status.connected = True
         status.since = self._now()
-        log.info("box {box}: connected to {host}:{port}", box=self.settings.name,
-                 host=self.settings.host, port=self.settings.port)
+        over = self.outage.ended(self._clock.seconds())
+        if over is None:
+            log.info("box {box}: connected to {address}", box=self.settings.name,
+                     address=self.address, host=self.settings.host, port=self.settings.port)
+        else:
+            log.info("box {box}: connected to {address} {again}after {attempts} failed "
+                     "attempts in {lasted} (the last: {kind})", box=self.settings.name,
+                     address=self.address, host=self.settings.host, port=self.settings.port,
+                     again="again " if status.connections > 1 else "",
+                     attempts=over.attempts, lasted=seconds_text(over.lasted),
+                     kind=over.kind)
         # Calls open when the connection went down can no longer be followed.
         orphans = self.tracker.close_all(Reason.LINK_LOST, self._now())
         status.orphans_closed += len(orphans)
@@ -260,11 +277,39 @@ class FritzBox:
         log.warn("box {box}: a line longer than the limit; dropping the connection",
                  box=self.settings.name)
 
+    def connect_failed(self, kind: str, reason: str, delay: float) -> None:
+        """A connection attempt failed (``kind``: ``name not found``, ``refused``, ...;
+        ``reason``: what to tell a person); the next one is in ``delay`` seconds. The
+        first failure of a kind is told at once, repeated ones at most once a minute
+        with how many failed meanwhile (``core.log_budget.Outage``)."""
+        failing = self.outage.failed(kind, self._clock.seconds())
+        if failing is None:
+            return
+        fields: dict[str, Any] = dict(
+            box=self.settings.name, address=self.address, host=self.settings.host,
+            port=self.settings.port, kind=kind, reason=reason,
+            retry=seconds_text(delay), retry_seconds=round(delay, 1))
+        if failing.first:
+            log.warn("box {box}: cannot connect to {address}: {reason}; retrying in {retry}",
+                     **fields)
+        else:
+            log.warn("box {box}: still cannot connect to {address}: {reason} ({unsaid} "
+                     "failed attempts in the last {span}); retrying in {retry}",
+                     unsaid=failing.unsaid, span=seconds_text(failing.span), **fields)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as a person types it (an IPv6 address in brackets)."""
+        host = self.settings.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.settings.port}"
+
     def connection_lost(self, reason: Failure) -> None:
         self.connection = None
         self.status.connected = False
         self.status.since = self._now()
-        log.info("box {box}: connection lost ({why})", box=self.settings.name,
-                 why=reason.getErrorMessage())
+        log.info("box {box}: connection to {address} lost ({why})", box=self.settings.name,
+                 address=self.address, why=summary(reason.value))
         for watcher in self._watchers:
             watcher(False)

@@ -9,20 +9,32 @@ to the database for ``dpvoip check``.
 
 from __future__ import annotations
 
+import errno
 import random
 import socket
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.internet import ClientService, TimerService
-from twisted.internet.defer import Deferred
+from twisted.application.internet import TimerService
+from twisted.internet import error
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IReactorTime, ISystemHandle, ITCPTransport
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+    ISystemHandle,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from dpvoip.core.errors import summary
 from dpvoip.fritzbox.box import FritzBox
+from dpvoip.internals import QuietClientService
 from dpvoip.protocols.callmonitor import CallMonitorProtocol
 from dpvoip.store.boxes import report_boxes
 from dpvoip.store.database import Store
@@ -103,8 +115,51 @@ def retry_policy(initial: float = 1.0, cap: float = 60.0,
     return delay
 
 
-class FritzBoxService(ClientService):
-    """Keeps one box connected, from the moment the database is prepared."""
+def why_not_connected(failure: BaseException | None, host: str, port: int
+                      ) -> tuple[str, str]:
+    """(kind, what to tell a person) for a failed connection attempt to a box: the kind
+    groups repeated failures (``core.log_budget.Outage``), the text says what to check."""
+    if isinstance(failure, error.DNSLookupError | error.UnknownHostError):
+        return "name not found", (f"the name {host} is not found (DNS): check the host, "
+                                  "or give the box's IP address")
+    if isinstance(failure, error.ConnectionRefusedError):
+        return "refused", (f"connection refused: nothing listens on port {port} there "
+                           "(the CallMonitor is off? dial #96*5* on a phone of the box)")
+    if isinstance(failure, error.TimeoutError | error.TCPTimedOutError):
+        return "timed out", ("no answer (timed out): a wrong address, or a firewall "
+                             "drops the connection")
+    if isinstance(failure, error.NoRouteError) or (
+            isinstance(failure, error.ConnectError)
+            and failure.osError in (errno.ENETUNREACH, errno.EHOSTUNREACH)):
+        return "unreachable", f"network unreachable: no route to {host}"
+    return ("failed" if failure is None else type(failure).__name__), summary(failure)
+
+
+@implementer(IStreamClientEndpoint)
+class _Reporting:
+    """The box's endpoint, telling its service why an attempt failed (``ClientService``
+    keeps the reason to itself)."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint,
+                 failed: Callable[[Failure], None]) -> None:
+        self._endpoint = endpoint
+        self._failed = failed
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        def report(failure: Failure) -> Failure:
+            self._failed(failure)
+            return failure
+
+        attempt: Deferred[IProtocol] = self._endpoint.connect(factory)
+        return attempt.addErrback(report)
+
+
+class FritzBoxService(QuietClientService):
+    """Keeps one box connected, from the moment the database is prepared.
+
+    Why an attempt failed and when the next one is (``retrying in 0.8 s``) is the box's
+    line (``FritzBox.connect_failed``), not Twisted's: the endpoint reports the failure,
+    the retry policy the delay that follows it."""
 
     def __init__(self, box: FritzBox, reactor: Any, prepared: Callable[[], Deferred[None]],
                  endpoint: Any = None, retry: Callable[[int], float] | None = None) -> None:
@@ -114,12 +169,30 @@ class FritzBoxService(ClientService):
         factory = Factory.forProtocol(
             lambda: CallMonitorProtocol(box, reactor, settings.newline_keepalive_seconds)
         )
-        super().__init__(endpoint, factory, retryPolicy=retry or retry_policy(),
-                         clock=reactor, prepareConnection=keepalive)
+        factory.noisy = False  # no "Starting factory" / "Stopping factory" per attempt
+        self._policy = retry or retry_policy()
+        self._failure: Failure | None = None
+        super().__init__(_Reporting(endpoint, self._attempt_failed), factory,
+                         retryPolicy=self._retry, clock=reactor, prepareConnection=keepalive)
         self.box = box
         self.name = f"fritzbox {settings.name}"
         self._prepared = prepared
         self._begun = False
+
+    def _attempt_failed(self, failure: Failure) -> None:
+        if not failure.check(CancelledError, error.ConnectingCancelledError):  # stopping
+            self._failure = failure
+
+    def _retry(self, attempt: int) -> float:
+        """The retry policy's delay; told with the reason when an attempt failed (not
+        after a connection that was lost: the box has said so)."""
+        delay = self._policy(attempt)
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            settings = self.box.settings
+            kind, reason = why_not_connected(failure.value, settings.host, settings.port)
+            self.box.connect_failed(kind, reason, delay)
+        return delay
 
     def startService(self) -> None:
         # Connected at once, whether the database is there or not (events are spooled),

@@ -43,10 +43,7 @@ from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    Agent,
-    HTTPConnectionPool,
-)
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IPolicyForHTTPS
 from zope.interface import implementer
@@ -56,6 +53,7 @@ from dpvoip.core.errors import summary
 from dpvoip.deferreds import within
 from dpvoip.fritzbox.calllist import MAX_BYTES, CallList, CallListError, parse_call_list
 from dpvoip.http_body import BodyTooBig, read_body
+from dpvoip.internals import QuietHTTPConnectionPool
 from dpvoip.protocols.digest import (
     Challenge,
     DigestError,
@@ -302,9 +300,9 @@ class Tr064Client:
         if agent is None:
             self._policy = PinnedCertificatePolicy(pinned)
             # Not persistent: a request every few minutes does not need a kept connection,
-            # and none is left open between them.
+            # and none is left open between them. Quiet: no "Starting factory" lines.
             agent = Agent(reactor, contextFactory=self._policy,
-                          pool=HTTPConnectionPool(reactor, persistent=False),
+                          pool=QuietHTTPConnectionPool(reactor, persistent=False),
                           connectTimeout=timeout)
         self._http = HTTPClient(agent)
         self._digest: DigestState | None = None

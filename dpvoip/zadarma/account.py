@@ -23,6 +23,8 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
+from dpvoip.core.errors import summary
+from dpvoip.internals import QuietHTTPConnectionPool
 from dpvoip.zadarma.api import ZadarmaApiError
 
 log = Logger()
@@ -68,8 +70,9 @@ def account_zone(stated: str, office: tzinfo, now: datetime) -> tzinfo | None:
 
 def http_pool_and_agent(reactor: Any, ca_file: str, connect_timeout: float) -> tuple[
         HTTPConnectionPool, Agent]:
-    """A persistent pool and an Agent that verifies the server's name (service-identity)."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    """A persistent pool and an Agent that verifies the server's name (service-identity).
+    The pool's connections log no "Starting factory" lines."""
+    pool: HTTPConnectionPool = QuietHTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 2
     pool.cachedConnectionTimeout = 60
     policy = BrowserLikePolicyForHTTPS()
@@ -113,7 +116,7 @@ class ZadarmaAccountService(Service):
             stated = await self._api.timezone()
         except ZadarmaApiError as error:
             log.warn("cannot learn the Zadarma account's time zone ({why}); call times are "
-                     "read in the office's zone until it answers", why=error.message)
+                     "read in the office's zone until it answers", why=summary(error))
             self._schedule(RETRY_SECONDS)
             return
         zone = account_zone(stated, self._office,
