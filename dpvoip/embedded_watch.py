@@ -105,4 +105,4 @@ class EmbeddedWatch(Service):
         if self.failures % WARN_EVERY == 1:
             log.warn("the embedded PostgreSQL could not be started again: {reason}; trying "
                      "again every {every:g} s (calls are spooled meanwhile)",
-                     reason=summary(failure.getErrorMessage()), every=self._every)
+                     reason=summary(failure.value), every=self._every)

@@ -273,7 +273,7 @@ class DirectoryService(Service):
     def _failed(self, failure: Failure) -> None:
         self.index.state.errors += 1
         directory_log.warn("directory refresh failed, will retry: {error}",
-                           error=failure.getErrorMessage())
+                           error=summary(failure.value))
 
     async def _pass(self) -> None:
         index = self.index

@@ -577,8 +577,16 @@ class RoundTripTests(ZadarmaTestCase):
         self.assertEqual(len(sent), 2, f"the lookup, then the call row: {sent}")
         del sent[:]
         yield self.lines(disconnect)
-        self.assertEqual(len(sent), 2, f"the lock and the facts, then the rest: {sent}")
+        self.assertEqual(len(sent), 3, "the lock and the facts, then the rest, then its"
+                         f" COMMIT (the new ticket's id comes back, for the log): {sent}")
         self.assertEqual(self.ingest.counters.ticket_writes, 2)
+        yield self.lines(*self.missed(2, "6912345679", "10:02:00", "10:02:20"))  # planned
+        ring, disconnect = self.missed(3, "6912345679", "10:03:00", "10:03:20")
+        yield self.lines(ring)
+        del sent[:]
+        yield self.lines(disconnect)
+        self.assertEqual(len(sent), 2, "joining the number's open ticket: the lock and the"
+                         f" facts, then the rest with its COMMIT: {sent}")
 
     @defer.inlineCallbacks
     def test_zadarmas_start_and_end(self) -> Any:
@@ -604,8 +612,8 @@ class RoundTripTests(ZadarmaTestCase):
         yield self.send([start], context)
         sent = self.sent()
         yield self.send([end], context)
-        self.assertEqual(len(sent), 3,
-                         f"the journal, the call with the ticket's facts, the ticket: {sent}")
+        self.assertEqual(len(sent), 4, "the journal, the call with the ticket's facts, the"
+                         f" new ticket, its COMMIT (the ticket's id, for the log): {sent}")
         self.assertEqual(self.ingest.counters.ticket_writes, 2)
 
 

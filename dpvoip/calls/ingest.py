@@ -395,14 +395,13 @@ class Ingest:
         if call.extension is None:
             call = replace(call, extension=ended.extension)
         plan = plan_ticket(call, facts, self._tickets, self._texts, self._zone, where)
-        await self._statements.write_ticket(batch, plan, row, client, ended, line, notes,
-                                            received)
+        ticket = await self._statements.write_ticket(batch, plan, row, client, ended, line,
+                                                     notes, received)
         self.counters.ticket_writes += 1
         if isinstance(plan, TicketUpdate):
             # the count plan_ticket puts in the title: this call and the earlier ones
             return ticket_text(plan.ticket, 1 + facts.earlier_missed, joined=True)
-        # The new ticket's id is made by its INSERT; write_ticket does not return it yet.
-        return ticket_text(None)
+        return ticket_text(ticket)
 
     # -- Zadarma -----------------------------------------------------------------------------
 

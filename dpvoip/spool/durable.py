@@ -592,7 +592,7 @@ class DurableService(Service):
     def _replay_settled(self, result: bool | Failure) -> None:
         if isinstance(result, Failure):
             log.warn("spool replay failed, will retry: {error}",
-                     error=summary(result.getErrorMessage()))
+                     error=summary(result.value))
         elif result:
             self._replayed.fire(None)
 

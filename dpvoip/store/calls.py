@@ -414,10 +414,15 @@ class CallStatements:
 
     async def write_ticket(self, batch: Batch, plan: TicketPlan, row: int,
                            client: int | None, ended: Ended, line: LogLine, notes: str,
-                           received: datetime) -> None:
-        """The missed call's end and its ticket (behaviour.md section 5) in one statement
-        that also commits: the ticket created or updated as ``plan`` says, the call row
-        finalised and linked to it, both logged and published, as at ``received``.
+                           received: datetime) -> int | None:
+        """The missed call's end and its ticket (behaviour.md section 5) in one statement:
+        the ticket created or updated as ``plan`` says, the call row finalised and linked
+        to it, both logged and published, as at ``received``; the ticket's id.
+
+        An update's COMMIT rides along (its id is the plan's). A new ticket's id is made by
+        its INSERT, so its COMMIT is sent after the answer (one round trip more, only for a
+        new ticket), for the log to say which ticket ("ticket 12 created"); None when the
+        statement ran as a step of a larger transaction that gives no rows back.
 
         An open ticket that had no client gets the call's (a client added to the CRM
         since the number's first missed call), and so does the call it was opened for,
@@ -435,7 +440,7 @@ class CallStatements:
                       "ticket": plan.ticket, "log": plan.log, "action": plan.log_action,
                       "client": client}
         new = isinstance(plan, NewTicket)
-        await batch.run_planned(
+        rows = await batch.run_planned(
             self._statement(("ticket", new), lambda: self._ticket_sql(new)),
             {
                 **params, "row": row, "channel": NOTIFY_CHANNEL,
@@ -444,8 +449,11 @@ class CallStatements:
                 "ended_action": line.action, "ended_line": line.text,
                 "ended_payload": ended_payload(ended.call_id, ended.outcome, ended.duration),
             },
-            last=True,
+            last=not new,
         )
+        if not isinstance(plan, NewTicket):
+            return plan.ticket
+        return int(rows[0][1]) if rows and rows[0][1] is not None else None
 
     def _ticket_sql(self, new: bool) -> str:
         """The ticket statement: a ``new`` ticket inserted (its log line gets the new id
@@ -495,7 +503,7 @@ class CallStatements:
             " UNION ALL SELECT pg_notify(%(channel)s, json_build_object('event',"
             " %(action)s::text, 'call_id', c.call_id, 'ticket_id', c.ticket)::text)"
             " FROM call c)"
-            " SELECT (SELECT count(*) FROM note)"
+            " SELECT (SELECT count(*) FROM note), (SELECT c.ticket FROM call c)"
         )
 
     def _first_call_follows(self) -> str:
