@@ -227,6 +227,23 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE dpvoip.box_status ADD COLUMN call_list jsonb;
         """,
     ),
+    Migration(
+        12,
+        "live events: every change of a call and of a box, kept for the browsers",
+        """
+        CREATE TABLE dpvoip.live_event (
+            id bigserial PRIMARY KEY,
+            at timestamptz NOT NULL DEFAULT now(),
+            kind text NOT NULL,
+            call_id text,
+            legs text[] NOT NULL DEFAULT '{}',
+            data jsonb NOT NULL
+        );
+        CREATE INDEX live_event_by_call ON dpvoip.live_event (call_id, id)
+            WHERE call_id IS NOT NULL;
+        CREATE INDEX live_event_by_age ON dpvoip.live_event (at);
+        """,
+    ),
 )
 
 
