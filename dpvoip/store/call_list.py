@@ -21,8 +21,8 @@ from dpvoip.crm.schema import CrmCapabilities, quote_ident
 from dpvoip.fritzbox.reconcile import ListState, Recorded
 from dpvoip.live.events import ended_changes
 from dpvoip.store.calls import NOTIFY_CHANNEL, ended_payload
-from dpvoip.store.live import announce, row_call_event
 from dpvoip.store.database import Batch, Store
+from dpvoip.store.live import announce, row_call_event
 
 #: A ticket nobody touched since dpvoip created it for its call: still open (or assigned
 #: by dpvoip when it was created), no note, no mail, no follow-up, not resolved or closed.

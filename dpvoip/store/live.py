@@ -12,6 +12,7 @@ the same place it reads live.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -106,6 +107,13 @@ def announce(channel: str, payload: str, source: str = "live") -> str:
             f" || jsonb_build_object('id', l.id))::text) FROM {source} l")
 
 
+_SINCE = ("SELECT id, kind, data, legs FROM dpvoip.live_event WHERE id > %s"
+          " AND NOT id = ANY(%s::bigint[]) ORDER BY id LIMIT %s")
+_WINDOW = ("SELECT (SELECT min(id) FROM dpvoip.live_event),"
+           " (SELECT CASE WHEN is_called THEN last_value ELSE 0 END"
+           " FROM dpvoip.live_event_id_seq)")
+
+
 class LiveEvents:
     """Reads of ``dpvoip.live_event`` and of the CRM users who watch it."""
 
@@ -113,20 +121,17 @@ class LiveEvents:
         self._store = store
         self._crm = quote_ident(crm_schema)
 
-    async def since(self, after: int, limit: int = 1000) -> list[LiveEvent]:
-        """The events with an id above ``after``, oldest first, at most ``limit``."""
-        rows = await self._store.read(
-            "SELECT id, kind, data, legs FROM dpvoip.live_event WHERE id > %s"
-            " ORDER BY id LIMIT %s", (after, limit))
+    async def since(self, after: int, limit: int = 1000,
+                    skip: Sequence[int] = ()) -> list[LiveEvent]:
+        """The events with an id above ``after`` (but those in ``skip``), oldest first,
+        at most ``limit``."""
+        rows = await self._store.read(_SINCE, (after, list(skip), limit))
         return [_event(row) for row in rows]
 
     async def window(self) -> tuple[int | None, int]:
         """(the oldest id kept, the newest id ever issued): what a browser's Last-Event-ID
         is compared with."""
-        rows = await self._store.read(
-            "SELECT (SELECT min(id) FROM dpvoip.live_event),"
-            " (SELECT CASE WHEN is_called THEN last_value ELSE 0 END"
-            " FROM dpvoip.live_event_id_seq)")
+        rows = await self._store.read(_WINDOW)
         oldest, newest = rows[0]
         return (None if oldest is None else int(oldest)), int(newest)
 
@@ -204,17 +209,22 @@ class ListenConnection:
     announcement; ``on_listening`` each time LISTEN is in place, at the first connect
     and after every reconnect: the moment to read what was missed meanwhile."""
 
-    def __init__(self, reactor: Any, dsn: str, on_notify: Callable[[str], None],
-                 on_listening: Callable[[], None], connect_timeout: float = 5.0) -> None:
+    def __init__(self, reactor: Any, dsn: str, connect_timeout: float = 5.0) -> None:
         self._dsn = dsn
-        self._on_notify = on_notify
-        self._on_listening = on_listening
+        self._on_notify: Callable[[str], None] = lambda payload: None
+        self._on_listening: Callable[[], None] = lambda: None
         self._connection = PooledConnection(reactor=reactor)
         self._connection.connect_timeout = connect_timeout
         self._detector = _ListenDetector(reactor, self._listen)
         self._connection.detector = self._detector
         self._connection.addNotifyObserver(lambda notify: self._on_notify(notify.payload))
         self.listening = False
+
+    def watch(self, on_notify: Callable[[str], None], on_listening: Callable[[], None]
+              ) -> None:
+        """Who hears the announcements, and each time LISTEN is in place."""
+        self._on_notify = on_notify
+        self._on_listening = on_listening
 
     def start(self) -> Deferred[None]:
         """Connect and LISTEN; fires after the first attempt whatever its outcome (a
@@ -238,15 +248,24 @@ class ListenConnection:
             # The connection died under the LISTEN: the detector reconnects it (and comes
             # back here); anything else is worth a line.
             if not self._detector.deathChecker(failure):
-                log.warn("live events: LISTEN failed ({error})", error=summary(failure.value))
+                log.warn("live events: LISTEN failed ({error})", error=summary(failure.value or ""))
             self._connection.notice_loss(failure)
 
         issued.addCallbacks(listening, failed)
 
+    async def since(self, after: int, limit: int, skip: Sequence[int]) -> list[LiveEvent]:
+        """As ``LiveEvents.since``, on this connection: it is up exactly when events are
+        announced, whatever the pool's state."""
+        rows = await self._connection.runQuery(_SINCE, (after, list(skip), limit))
+        return [_event(row) for row in rows]
+
+    async def newest(self) -> int:
+        """The newest event id ever issued (0: none yet)."""
+        rows = await self._connection.runQuery(_WINDOW)
+        return int(rows[0][1])
+
     def stop(self) -> None:
         self.listening = False
         self._detector.stop()
-        try:
+        with contextlib.suppress(Exception):  # a dead connection may refuse to close
             self._connection.close()
-        except Exception:  # noqa: S110 - a dead connection may refuse to close; nothing to do
-            pass

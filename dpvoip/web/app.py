@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from dpvoip.web.callback import CallbackPages
 from dpvoip.web.errors import HttpError, error_answer, failure_answer, json_answer, json_body
+from dpvoip.web.events import EventStreams
 from dpvoip.web.zadarma import NOT_CONFIGURED, WebhookResource, ZadarmaWebhook
 
 #: Zadarma's events: the one request answered in front of Klein (``_Front``). The path
@@ -57,8 +58,10 @@ class WebApp:
                  zadarma: ZadarmaWebhook | None = None,
                  callback: CallbackPages | None = None,
                  metrics: Callable[[], bytes] | None = None,
-                 legacy_monitor: IResource | None = None) -> None:
+                 legacy_monitor: IResource | None = None,
+                 events: EventStreams | None = None) -> None:
         self._legacy_monitor = legacy_monitor  # the old monitor's endpoints (issue 15)
+        self._events = events  # the live events' streams
         self._readiness = readiness
         self._version = version
         self._zadarma = zadarma
@@ -114,6 +117,13 @@ class WebApp:
     @app.route("/voip/calls/<string:call>/recording", methods=["GET", "HEAD"])
     async def call_recording(self, request: IRequest, call: str) -> bytes:
         return await self._click_to_call().recording(request, call)
+
+    @app.route("/voip/events", methods=["GET"])
+    async def live_events(self, request: IRequest) -> bytes:
+        """Server-Sent Events of every call and box change (``web/events.py``)."""
+        if self._events is None:
+            raise HttpError(404, "live events are not configured")
+        return await self._events.stream(request)
 
     @app.route("/accounting/api/", branch=True)
     def legacy_monitor(self, request: IRequest) -> IResource:
