@@ -114,3 +114,12 @@ class HubTests(SynchronousTestCase):
         with self.assertRaises(TooManyStreams):
             self.hub.subscribe(STAFF, FakeSink())
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_an_event_the_replay_read_before_the_hub_published_it_is_not_sent_twice(
+            self) -> None:
+        sink = FakeSink()
+        stream = self.hub.subscribe(STAFF, sink)
+        stream.write_now(event(9).frame())  # committed; the listener has not heard yet
+        stream.release([9])
+        self.hub.publish([event(9), event(10)])
+        self.assertEqual(sink.ids(), [9, 10])

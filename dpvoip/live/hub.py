@@ -26,6 +26,10 @@ from dpvoip.live.events import KEEPALIVE, LiveEvent, Viewer, may_see
 log = Logger(namespace="dpvoip.live")
 
 
+#: How many of the ids published last the hub remembers (see ``Stream.release``).
+RECENT = 4096
+
+
 class Sink(Protocol):
     """Where a stream's bytes go (the HTTP request of ``GET /voip/events``)."""
 
@@ -69,6 +73,9 @@ class Stream:
     # -- fed by the hub ----------------------------------------------------------------
 
     def offer(self, event: LiveEvent) -> None:
+        if event.id in self._skip:  # the replay read it from the table already
+            self._skip = self._skip - {event.id}
+            return
         if self.closed or not may_see(self.viewer, event, self._hub.policy):
             return
         self._push(event.id, event.frame())
@@ -92,9 +99,8 @@ class Stream:
 
     def _flush(self) -> None:
         while self._queue and not self._paused and not self.closed:
-            ident, frame = self._queue.popleft()
-            if ident is None or ident not in self._skip:
-                self._send(frame)
+            _, frame = self._queue.popleft()
+            self._send(frame)
 
     # -- the route ---------------------------------------------------------------------
 
@@ -104,11 +110,14 @@ class Stream:
             self._send(frame)
 
     def release(self, replayed: Iterable[int] = ()) -> None:
-        """Let the live events through, but those the replay has sent already."""
-        self._skip = frozenset(replayed)
+        """Let the live events through, but those the replay has sent already: the ones
+        queued meanwhile, and the ones the hub has yet to publish (the replay read them
+        from the table before the listener heard of them)."""
+        replayed = frozenset(replayed)
+        self._queue = deque(item for item in self._queue if item[0] not in replayed)
+        self._skip = frozenset(i for i in replayed if not self._hub.published_lately(i))
         self._held = False
         self._flush()
-        self._skip = frozenset()
 
     # -- the transport (IPushProducer, registered by the route) ------------------------
 
@@ -159,6 +168,8 @@ class Hub:
         self._beat: IDelayedCall | None = None
         self._closed = False
         self.on_publish: list[Callable[[LiveEvent], None]] = []
+        self._recent: deque[int] = deque(maxlen=RECENT)  # the ids published lately
+        self._recent_set: set[int] = set()
 
     @property
     def open_streams(self) -> int:
@@ -176,9 +187,16 @@ class Hub:
         self._arm()
         return stream
 
+    def published_lately(self, ident: int) -> bool:
+        return ident in self._recent_set
+
     def publish(self, events: Iterable[LiveEvent]) -> None:
         for event in events:
             self.counters.events_published += 1
+            if len(self._recent) == RECENT:
+                self._recent_set.discard(self._recent[0])
+            self._recent.append(event.id)
+            self._recent_set.add(event.id)
             for stream in list(self._streams):
                 stream.offer(event)
             for listener in self.on_publish:

@@ -119,7 +119,7 @@ class EventStreams:
             await sink.ended
         finally:
             stream.detach()
-            if not request.finished:
+            if not request.finished and request.channel is not None:
                 request.unregisterProducer()
         return b""
 
