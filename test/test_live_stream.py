@@ -5,6 +5,7 @@ query), reload, heartbeats (a Clock), the maximum of streams, shutdown."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -41,6 +42,7 @@ class RawClient(Protocol):
         self.closed: defer.Deferred[None] = defer.Deferred()
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(self.request)
 
     def dataReceived(self, data: bytes) -> None:
@@ -93,7 +95,7 @@ class StreamTests(TestCase):
         app = WebApp(self.ready, "test",
                      events=EventStreams(logins, LiveEvents(self.store, "public"), self.hub))
         site = DpvoipSite(app.resource(), WebSettings(), reactor)
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type]
         self.addCleanup(port.stopListening)
         self.port = port.getHost().port  # type: ignore[attr-defined]
         self.clients: list[RawClient] = []
@@ -113,8 +115,7 @@ class StreamTests(TestCase):
     def tearDown(self) -> Any:
         self.hub.close_all()
         for client in self.clients:
-            if client.transport is not None:
-                client.transport.loseConnection()
+            self.hang_up(client)
         return defer.gatherResults([c.closed for c in self.clients])
 
     def ready(self) -> defer.Deferred[Readiness]:
@@ -133,7 +134,7 @@ class StreamTests(TestCase):
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         client = RawClient(("\r\n".join(lines) + "\r\n\r\n").encode())
         factory = ClientFactory()
-        factory.protocol = lambda: client  # type: ignore[assignment,misc]
+        factory.buildProtocol = lambda addr: client  # type: ignore[method-assign]
         reactor.connectTCP("127.0.0.1", self.port, factory)
         self.clients.append(client)
         return client
@@ -234,7 +235,7 @@ class StreamTests(TestCase):
         yield defer.Deferred.fromCoroutine(until(lambda: b"\r\n\r\n" in refused.received))
         self.assertIn("HTTP/1.1 503", refused.head)
         self.assertIn("Retry-After: 30", refused.head)
-        clients[0].transport.loseConnection()
+        self.hang_up(clients[0])
         yield defer.Deferred.fromCoroutine(until(lambda: self.hub.open_streams == 2))
         again = self.get(self.boss)
         yield defer.Deferred.fromCoroutine(self.opened(again))
@@ -246,6 +247,14 @@ class StreamTests(TestCase):
             yield defer.Deferred.fromCoroutine(self.opened(client))
         self.hub.close_all()
         for client in clients:  # the chunked response's last chunk
-            yield defer.Deferred.fromCoroutine(
-                until(lambda c=client: c.received.endswith(b"0\r\n\r\n")))
+            yield defer.Deferred.fromCoroutine(until(self.ended(client)))
+            self.hang_up(client)
+
+    @staticmethod
+    def ended(client: RawClient) -> Callable[[], bool]:
+        return lambda: client.received.endswith(b"0\r\n\r\n")
+
+    @staticmethod
+    def hang_up(client: RawClient) -> None:
+        if client.transport is not None:
             client.transport.loseConnection()
