@@ -16,7 +16,6 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 
 from dpvoip.store.database import Store
-from dpvoip.store.live import CHANNEL, UTC_SQL, announce
 
 
 class ReportedBox(Protocol):
@@ -35,10 +34,6 @@ class ReportedBox(Protocol):
     def as_json(self, open_calls: int) -> dict[str, Any]: ...
 
 
-#: The NOTIFY payload of a box's event (SQL, from the event's row ``l``).
-_BOX_PAYLOAD = "(jsonb_build_object('event', 'box') || l.data)"
-
-
 def report_boxes(store: Store, boxes: Sequence[tuple[ReportedBox, int]]) -> Deferred[None]:
     """Upsert each (box status, open calls) in one transaction, stamped with the database's
     ``now()``."""
@@ -46,9 +41,7 @@ def report_boxes(store: Store, boxes: Sequence[tuple[ReportedBox, int]]) -> Defe
     async def write(cursor: Any) -> None:
         for s, open_calls in boxes:
             await cursor.execute(
-                # A change of the box's connection (or its first report) is a live event.
-                "WITH old AS (SELECT connected FROM dpvoip.box_status WHERE box = %s),"
-                " up AS (INSERT INTO dpvoip.box_status (box, host, port, connected, since,"
+                "INSERT INTO dpvoip.box_status (box, host, port, connected, since,"
                 " last_line_at, reconnects, lines, bad_lines, open_calls, call_list,"
                 " reported_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())"
                 " ON CONFLICT (box) DO UPDATE SET host = EXCLUDED.host, port ="
@@ -56,16 +49,10 @@ def report_boxes(store: Store, boxes: Sequence[tuple[ReportedBox, int]]) -> Defe
                 " last_line_at = EXCLUDED.last_line_at, reconnects = EXCLUDED.reconnects,"
                 " lines = EXCLUDED.lines, bad_lines = EXCLUDED.bad_lines,"
                 " open_calls = EXCLUDED.open_calls, call_list = EXCLUDED.call_list,"
-                " reported_at = now() RETURNING box, connected, since),"
-                " live AS (INSERT INTO dpvoip.live_event (kind, data) SELECT 'box',"
-                " jsonb_build_object('box', u.box, 'connected', u.connected, 'since',"
-                f" {UTC_SQL.format('u.since')}) FROM up u WHERE u.connected IS DISTINCT FROM"
-                " (SELECT connected FROM old) RETURNING id, data),"
-                f" note AS ({announce('%s', _BOX_PAYLOAD)})"
-                " SELECT count(*) FROM note",
-                (s.name, s.name, s.host, s.port, s.connected, s.since, s.last_line_at,
+                " reported_at = now()",
+                (s.name, s.host, s.port, s.connected, s.since, s.last_line_at,
                  s.reconnects, s.lines, s.bad_lines, open_calls,
-                 _json(s.as_json(open_calls).get("call_list")), CHANNEL),
+                 _json(s.as_json(open_calls).get("call_list"))),
             )
 
     return store.write(write)

@@ -2,9 +2,10 @@
 NOTIFY) in the transaction that made it; read back for the browsers that missed some;
 pruned by age. And the one connection that LISTENs for the announcements.
 
-The rows are written by the call statements (``store.calls``, ``store.call_list``) and the
-box reports (``store.boxes``) with the fragments below, one CTE more in each: nothing is
-announced that did not commit, and every dpvoip attached to the database hears it. The
+The rows are written by the call statements (``store.calls``, ``store.call_list``) with
+the fragments below, one CTE more in each, and for the boxes by a trigger on
+``dpvoip.box_status`` (migration 12) when a box's connection changes: nothing is announced
+that did not commit, and every dpvoip attached to the database hears it. The
 NOTIFY payload carries the event's id; readers take the event itself from the table
 (``id > last settled``), so a reader that was away (a PostgreSQL restart) catches up from
 the same place it reads live.
