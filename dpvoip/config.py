@@ -712,6 +712,37 @@ class PageSettings:
 
 
 @dataclass(frozen=True)
+class LiveSettings:
+    watchers: str = setting(
+        "everyone-own-calls",
+        "Who may watch GET /voip/events: 'staff' (the CRM's staff users only), "
+        "'everyone-own-calls' (staff see every call; another signed-in user the calls on "
+        "their own voip_connection numbers and extension, and every box), 'everyone' "
+        "(every signed-in user sees every call).",
+        _one_of("staff", "everyone-own-calls", "everyone"),
+    )
+    keep_minutes: float = setting(
+        60.0,
+        "Minutes a live event is kept in dpvoip.live_event: a browser that reconnects "
+        "within them gets what it missed; later, it is told to reload.",
+        _between(1, 10080),
+    )
+    heartbeat_seconds: float = setting(
+        15.0, "Seconds between keepalive comments on an idle event stream.",
+        _between(1, 300),
+    )
+    max_streams: int = setting(
+        200, "Most event streams open at once; one more gets 503.", _between(1, 100000)
+    )
+    queue_events: int = setting(
+        256,
+        "Events queued for a stream whose client does not keep up; beyond, the client is "
+        "dropped (and counted) rather than dpvoip's memory growing.",
+        _between(8, 100000),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole, validated configuration."""
 
@@ -730,6 +761,7 @@ class Config:
     )
     legacy_monitor: LegacyMonitorSettings = field(default_factory=LegacyMonitorSettings)
     page: PageSettings = field(default_factory=PageSettings)
+    live: LiveSettings = field(default_factory=LiveSettings)
 
     @property
     def standalone(self) -> bool:
@@ -759,6 +791,7 @@ SECTIONS: dict[str, type[Any]] = {
     "click_to_call": ClickToCallSettings,
     "legacy_monitor": LegacyMonitorSettings,
     "page": PageSettings,
+    "live": LiveSettings,
 }
 LIST_SECTIONS: dict[str, type[Any]] = {"fritzbox": FritzBoxSettings}
 

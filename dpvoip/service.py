@@ -51,6 +51,10 @@ from dpvoip.legacy_monitor.service import (
     LegacyMonitorService,
     monitor_origin,
 )
+from dpvoip.live.hub import Hub
+from dpvoip.live.listener import LiveFeed
+from dpvoip.live.service import LiveService
+from dpvoip.live.service import exposition as live_exposition
 from dpvoip.protocols.tr064 import Tr064Client
 from dpvoip.readiness import ReadinessReport
 from dpvoip.services import (
@@ -73,6 +77,7 @@ from dpvoip.store.dsn import connection_dsn
 from dpvoip.store.embedded import EmbeddedPostgres
 from dpvoip.store.legacy_monitor import SOURCE as LEGACY_SOURCE
 from dpvoip.store.legacy_monitor import LegacyMonitorRows
+from dpvoip.store.live import ListenConnection, LiveEvents
 from dpvoip.store.live_page import LivePageReads
 from dpvoip.store.migrations import SchemaReport
 from dpvoip.store.pool import HealingPool
@@ -80,6 +85,7 @@ from dpvoip.store.privileges import PrivilegeCheck
 from dpvoip.store.session_cache import RedisSessionCache, RedisSessionService
 from dpvoip.web.app import WebApp
 from dpvoip.web.callback import CallbackPages
+from dpvoip.web.events import EventStreams
 from dpvoip.web.legacy_monitor import LegacyMonitorResource
 from dpvoip.web.live_page import LivePages
 from dpvoip.web.server import DpvoipSite, WebService
@@ -108,6 +114,7 @@ class Daemon:
         spooler: DurableService,
         schema: OneShotObserver[SchemaReport],
         sessions: RedisSessionCache | None = None,
+        live: LiveService | None = None,
     ) -> None:
         self.service = service
         self.store = store
@@ -123,6 +130,7 @@ class Daemon:
         self.spooler = spooler
         self.schema = schema
         self.sessions = sessions  # the CRM's sessions in Redis, when configured
+        self.live = live  # the live events: LISTEN, feed, hub
 
 
 def own_numbers(config: Config) -> list[str]:
@@ -234,7 +242,14 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
     for reading in lists:
         reading.setServiceParent(top)
     if boxes:
-        BoxStatusReporter(boxes, store, reactor).setServiceParent(top)
+        reporter = BoxStatusReporter(boxes, store, reactor)
+        reporter.setServiceParent(top)
+
+        def report_now(_up: bool) -> None:  # a box's connection change is a live event now
+            reporter.report()
+
+        for box in boxes:
+            box.watch_connection(report_now)
 
     # -- Zadarma: the account (API client, its zone) and the webhook -----------------------
     http_pool, agent = http_pool_and_agent(reactor, config.zadarma.api_ca_file,
@@ -264,9 +279,10 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
             config.crm.redis_key_version, config.crm.redis_timeout, reactor)
         RedisSessionService(sessions).setServiceParent(top)
     clicks = config.click_to_call
+    logins = Logins(Accounts(store, config.database.crm_schema), config.crm.secret_key,
+                    config.crm.jwt_signing_key, clicks.session_cookie, reactor, sessions)
     callback = CallbackPages(
-        Logins(Accounts(store, config.database.crm_schema), config.crm.secret_key,
-               config.crm.jwt_signing_key, clicks.session_cookie, reactor, sessions),
+        logins,
         ClickToCall(
             CallbackRecords(store, config.database.crm_schema), api,
             DiallingPolicy(frozenset(clicks.allowed_countries or (config.directory.region,)),
@@ -276,6 +292,16 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
         config.crm.allowed_origins, clicks.login_url, reactor,
         proxies=networks(config.web.trusted_proxies),
     )
+
+    # -- live events: the LISTEN connection, its feed and the hub of the streams -----------
+    live = config.live
+    hub = Hub(reactor, live.max_streams, live.queue_events, live.heartbeat_seconds,
+              live.watchers)
+    listen = ListenConnection(reactor, dsn, config.database.connect_timeout)
+    live_events = LiveEvents(store, config.database.crm_schema)
+    live_service = LiveService(hub, LiveFeed(listen, hub, reactor), listen, live_events,
+                               live.keep_minutes, reactor, database.when_prepared)
+    live_metrics = live_exposition(live_service)
 
     # -- what the daemon tells about itself, and the web -----------------------------------
     readiness = ReadinessReport(store, schema, config.standalone, config.embedded, index,
@@ -287,20 +313,24 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
     limits: list[DpvoipSite] = []  # the site, once built: its connection figures
 
     def exposition() -> bytes:
-        return own_metrics.exposition() + b"".join(s.limits.metrics() for s in limits)
+        return (own_metrics.exposition() + b"".join(s.limits.metrics() for s in limits)
+                + live_metrics())
 
-    live = LivePages(callback.logins, LivePageReads(store, config.database.crm_schema),
-                     config.page, config.crm.language, office_zone, reactor, clicks.login_url)
+    live_pages = LivePages(logins, LivePageReads(store, config.database.crm_schema),
+                           config.page, config.crm.language, office_zone, reactor,
+                           clicks.login_url)
     app = WebApp(readiness, __version__, zadarma, callback, exposition,
-                 legacy_monitor=LegacyMonitorResource(legacy), live_page=live)
+                 legacy_monitor=LegacyMonitorResource(legacy), live_page=live_pages,
+                 events=EventStreams(logins, live_events, hub))
     site = DpvoipSite(app.resource(), config.web, reactor,
                       proxies=networks(config.web.trusted_proxies),
                       reserved=networks(config.zadarma.allowed_networks))
     limits.append(site)
     web = WebService(reactor, site, config.web.listen)
     web.setServiceParent(top)
+    live_service.setServiceParent(top)  # after the web: stops first, its streams ended
     return Daemon(top, store, web, exit_status, embedded, index, ingest, boxes, zadarma, account,
-                  durable, spooler, schema, sessions)
+                  durable, spooler, schema, sessions, live_service)
 
 
 def call_list(settings: FritzBoxSettings, box: FritzBox, store: Store, ingest: Ingest,

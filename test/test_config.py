@@ -27,6 +27,7 @@ from dpvoip.config import (
     DirectorySettings,
     FritzBoxSettings,
     LegacyMonitorSettings,
+    LiveSettings,
     LogSettings,
     PageSettings,
     Secret,
@@ -161,6 +162,9 @@ token = "t"
 [page]
 client_url = "/clients/{id}/"
 popup_for = "everyone"
+[live]
+watchers = "staff"
+keep_minutes = 30
 """
 
 
@@ -218,6 +222,7 @@ class FileTests(ConfigTestCase):
                 ),
                 legacy_monitor=LegacyMonitorSettings(token=Secret("t")),
                 page=PageSettings(client_url="/clients/{id}/", popup_for="everyone"),
+                live=replace(LiveSettings(), watchers="staff", keep_minutes=30.0),
             ),
         )
         self.assertIsInstance(config.database.connect_timeout, float)

@@ -23,15 +23,8 @@ from dpvoip.config import ConfigError, PageSettings, Secret, from_toml, parse
 from dpvoip.core.outcomes import Outcome
 from dpvoip.core.texts import LANGUAGES, PAGE_WORDS
 from dpvoip.crm.logins import session_auth_hash
-from dpvoip.store.live_page import (
-    Client,
-    LiveBox,
-    LiveCall,
-    LivePageReads,
-    LiveTicket,
-    Snapshot,
-    Viewer,
-)
+from dpvoip.live.snapshot import Client, LiveBox, LiveCall, LiveTicket, Snapshot, Viewer
+from dpvoip.store.live_page import LivePageReads
 from dpvoip.testing.memory import MemoryAccounts
 from dpvoip.web.app import Readiness, WebApp
 from dpvoip.web.live_page import (

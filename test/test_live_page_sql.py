@@ -11,7 +11,8 @@ from zoneinfo import ZoneInfo
 
 from twisted.internet import defer
 
-from dpvoip.store.live_page import Client, LivePageReads, Snapshot
+from dpvoip.live.snapshot import Client, Snapshot
+from dpvoip.store.live_page import LivePageReads
 from dpvoip.web.live_page import day_start
 from test.test_ingest import IngestTestCase, today
 

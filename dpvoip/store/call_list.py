@@ -9,6 +9,7 @@ transaction (its ``then`` step), so the state only moves together with the calls
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,8 +19,10 @@ from dpvoip.core.call_log import LogLine
 from dpvoip.core.outcomes import Outcome
 from dpvoip.crm.schema import CrmCapabilities, quote_ident
 from dpvoip.fritzbox.reconcile import ListState, Recorded
+from dpvoip.live.events import ended_changes
 from dpvoip.store.calls import NOTIFY_CHANNEL, ended_payload
 from dpvoip.store.database import Batch, Store
+from dpvoip.store.live import announce, row_call_event
 
 #: A ticket nobody touched since dpvoip created it for its call: still open (or assigned
 #: by dpvoip when it was created), no note, no mail, no follow-up, not resolved or closed.
@@ -129,7 +132,8 @@ class CallListStatements:
             f" logs AS (INSERT INTO {self._crm}.accounting_voipcalllog (action, description,"
             f" created_at, call_id{extra_columns}) SELECT %(action)s, %(line)s,"
             f" %(received)s, c.id{extra_values} FROM c),"
-            " note AS (SELECT pg_notify(%(channel)s, %(payload)s) FROM c)"
+            f" live AS ({row_call_event(self._crm, 'c', '%(changes)s')}),"
+            f" note AS ({announce('%(channel)s', '%(payload)s')})"
             " SELECT c.id, t.id, t.call_id = c.id,"
             f" coalesce(t.call_id = c.id AND {_UNTOUCHED} AND NOT EXISTS (SELECT 1 FROM"
             f" {self._crm}.accounting_voipcall o WHERE o.ticket_id = c.ticket_id"
@@ -140,7 +144,8 @@ class CallListStatements:
              "received": received, "call": correction.call_id,
              "action": correction.line.action, "line": correction.line.text,
              "channel": NOTIFY_CHANNEL,
-             "payload": ended_payload(correction.call_id, Outcome.BLOCKED, correction.talk)})
+             "payload": ended_payload(correction.call_id, Outcome.BLOCKED, correction.talk),
+             "changes": json.dumps(ended_changes(Outcome.BLOCKED, correction.talk, received))})
         if not rows:
             return ""
         row, ticket, own, untouched, _ = rows[0]

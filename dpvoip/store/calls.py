@@ -33,14 +33,17 @@ from dpvoip.core.tickets import (
     TicketPlan,
 )
 from dpvoip.crm.schema import CrmCapabilities, quote_ident
+from dpvoip.live import events as live
 from dpvoip.store.database import Batch, Store
 from dpvoip.store.directory import DirectoryIndex
+from dpvoip.store.live import CHANNEL, announce, given_call_event, row_call_event, ticket_event
 from dpvoip.store.pool import statement_name
 from dpvoip.zadarma.calls import ZadarmaCall
 from dpvoip.zadarma.events import ZadarmaEvent
 
-#: The channel every change of a call is published on (behaviour.md section 8).
-NOTIFY_CHANNEL = "dpvoip_calls"
+#: The channel every change of a call is published on (behaviour.md section 8); each
+#: payload carries the id of its row in ``dpvoip.live_event`` (``store.live``).
+NOTIFY_CHANNEL = CHANNEL
 #: The lock on an incoming call's number that serialises the tickets of its missed calls
 #: (parameter: call, the call_id).
 _TICKET_LOCK = (
@@ -267,7 +270,8 @@ class CallStatements:
             " %s, %s, %s, %s, %s, %s, %s, c.client_id, %s, %s, %s, %s FROM call c"
             " ON CONFLICT (call_id) DO NOTHING),"
             f" logs AS ({self._log_lines('call', len(lines))}),"
-            " note AS (SELECT pg_notify(%s, %s) FROM call)"
+            f" live AS ({given_call_event('call', '%s', '%s')}),"
+            f" note AS ({announce('%s', '%s')})"
             " SELECT c.id, (SELECT count(*) FROM note) FROM call c"
         ))
         params = (
@@ -280,6 +284,11 @@ class CallStatements:
             person.id if person and person.kind == "lead" else None,
             match.deal.id if match and match.deal else None, started.hairpin, received,
             *(part for line in lines for part in (line.action, line.text)),
+            live.legs(started.own_number, started.line, started.extension),
+            json.dumps(live.call_data(
+                call_id=started.call_id, state="ringing", direction=started.direction,
+                number=number, client=live.client_of(match), extension=started.extension,
+                box=started.box, at=started.at)),
             NOTIFY_CHANNEL, payload("started", started.call_id, direction=started.direction,
                                     number=phone,
                                     name=match.display_name if match else None,
@@ -287,15 +296,21 @@ class CallStatements:
         )
         return bool(await self._write(batch, statement, params))
 
-    def _detail_change(self, assignment: str, condition: str, log: str) -> str:
-        """One statement: change the detail row if it changes, log it, publish it."""
+    def _detail_change(self, assignment: str, condition: str, log: str,
+                       event: bool = True) -> str:
+        """One statement: change the detail row if it changes, log it, publish it (with
+        ``event``: as a live event too, its changes the last parameter before the
+        NOTIFY's)."""
+        note = (f" live AS ({row_call_event(self._crm, 'call', '%s')}),"
+                f" note AS ({announce('%s', '%s')})" if event
+                else " note AS (SELECT pg_notify(%s, %s) FROM call)")
         return (
             f"WITH changed AS (UPDATE dpvoip.call_detail SET {assignment}, updated_at = now()"
             f" WHERE call_id = %s AND {condition} RETURNING call_id),"
             f" call AS (SELECT v.id, v.call_id, v.phone_number, v.client_id FROM"
             f" {self._crm}.accounting_voipcall v JOIN changed USING (call_id)),"
             f" logs AS ({log}),"
-            " note AS (SELECT pg_notify(%s, %s) FROM call)"
+            f"{note}"
             " SELECT c.id, (SELECT count(*) FROM note) FROM call c"
         )
 
@@ -311,6 +326,7 @@ class CallStatements:
         return bool(await self._write(batch, statement, (
             answered.extension, answered.at, answered.call_id, answered.extension,
             received, line.action, line.text,
+            json.dumps(live.answered_changes(answered.extension, answered.at)),
             NOTIFY_CHANNEL, payload("answered", answered.call_id,
                                     extension=answered.extension),
         )))
@@ -319,7 +335,8 @@ class CallStatements:
                       batch: Batch | None = None) -> bool:
         """Where the box forwards the ringing call; False when nothing changed."""
         statement = self._statement(("forward",), lambda: self._detail_change(
-            "forwarded_to = %s", "forwarded_to IS DISTINCT FROM %s", self._log_lines("call", 1)
+            "forwarded_to = %s", "forwarded_to IS DISTINCT FROM %s", self._log_lines("call", 1),
+            event=False,  # not a change the live events name: the call still rings
         ))
         return bool(await self._write(batch, statement, (
             forwarded.to_number, forwarded.call_id, forwarded.to_number,
@@ -351,7 +368,8 @@ class CallStatements:
             " talk_seconds = %s, updated_at = now() FROM updated u"
             " WHERE d.call_id = u.call_id),"
             f" logs AS ({self._log_lines('updated', 1)}),"
-            " note AS (SELECT pg_notify(%s, %s) FROM updated)"
+            f" live AS ({row_call_event(self._crm, 'updated', '%s')}),"
+            f" note AS ({announce('%s', '%s')})"
             " SELECT u.id, (SELECT count(*) FROM note) FROM updated u"
         )
 
@@ -361,8 +379,9 @@ class CallStatements:
         return (
             ended.outcome.status, ended.at, ended.at, notes, received, ended.call_id,
             ended.outcome.value, ended.outcome.value, ended.duration,
-            received, line.action, line.text, NOTIFY_CHANNEL,
-            ended_payload(ended.call_id, ended.outcome, ended.duration),
+            received, line.action, line.text,
+            json.dumps(live.ended_changes(ended.outcome, ended.duration, ended.at)),
+            NOTIFY_CHANNEL, ended_payload(ended.call_id, ended.outcome, ended.duration),
         )
 
     async def finish(self, ended: Ended, line: LogLine, notes: str, received: datetime,
@@ -448,6 +467,8 @@ class CallStatements:
                 "notes": notes, "outcome": ended.outcome.value, "received": received,
                 "ended_action": line.action, "ended_line": line.text,
                 "ended_payload": ended_payload(ended.call_id, ended.outcome, ended.duration),
+                "changes": json.dumps(live.ended_changes(ended.outcome, ended.duration,
+                                                         ended.at)),
             },
             last=not new,
         )
@@ -483,6 +504,10 @@ class CallStatements:
             )
             follow = self._first_call_follows()
         extra_columns, extra_values = self._log_extras()
+        # The ticket's live event: how many missed calls it holds with this one.
+        action, count = ("'created'", "1") if new else (
+            "'grouped'", "(SELECT count(*) + 1 FROM dpvoip.call_detail o"
+            " WHERE o.ticket_id = s.ticket AND o.call_id <> s.call_id)")
         return (
             f"WITH {ticket},"
             f" call AS (UPDATE {self._crm}.accounting_voipcall v SET status = %(status)s,"
@@ -499,10 +524,12 @@ class CallStatements:
             f" %(received)s, c.id{extra_values} FROM call c CROSS JOIN LATERAL (VALUES"
             " (0, %(ended_action)s::text, %(ended_line)s::text), (1, %(action)s::text, c.log))"
             " AS line(n, action, description) ORDER BY line.n),"
-            " note AS (SELECT pg_notify(%(channel)s, %(ended_payload)s) FROM call"
-            " UNION ALL SELECT pg_notify(%(channel)s, json_build_object('event',"
-            " %(action)s::text, 'call_id', c.call_id, 'ticket_id', c.ticket)::text)"
-            " FROM call c)"
+            f" live AS ({ticket_event(self._crm, 'call', action, count)}),"
+            " note AS (SELECT pg_notify(%(channel)s, (CASE WHEN e.kind = 'call' THEN"
+            " %(ended_payload)s::jsonb ELSE jsonb_build_object('event', %(action)s::text,"
+            " 'call_id', e.call_id, 'ticket_id', (e.data->>'ticket_id')::bigint) END"
+            " || jsonb_build_object('id', e.id))::text)"
+            " FROM live e)"
             " SELECT (SELECT count(*) FROM note), (SELECT c.ticket FROM call c)"
         )
 
@@ -640,6 +667,15 @@ class CallStatements:
             "ended_payload": (ended_payload(row.identity, outcome, call.duration)
                               if outcome else ""),
             "ending": row.ending,
+            # The live event: none for the end a ticket statement finishes next (it
+            # publishes the end), and none when nothing the event shows changed.
+            "live": live.call_data(
+                call_id=row.identity, state=live.call_state(call.answered, outcome),
+                direction=call.direction, number=row.number,
+                client=live.client_of(match), extension=row.extension, box="zadarma",
+                at=row.ended if outcome is not None and row.ended else row.received,
+                outcome=outcome, duration=call.duration if outcome else None),
+            "legs": live.legs(call.own_number, row.extension),
             "touch": touch is not None,
             "today": (touch.in_touch_on.isoformat()
                       if touch is not None and touch.in_touch_on is not None else None),
@@ -686,7 +722,8 @@ class CallStatements:
             " number text, own text, extension integer, outcome text, contact bigint,"
             " lead bigint, deal bigint, pbx text, disposition text, calltype text,"
             " recording text, channel text, started_payload text, ended_payload text,"
-            " ending boolean, touch boolean, today date, answered boolean, line text)),"
+            " ending boolean, live jsonb, legs text[], touch boolean, today date,"
+            " answered boolean, line text)),"
             f" call AS (INSERT INTO {self._crm}.accounting_voipcall AS v (call_id,"
             " direction, phone_number, status, started_at, ended_at, duration_seconds, notes,"
             " ticket_created, ticket_id, created_at, updated_at, client_id, client_email,"
@@ -746,9 +783,16 @@ class CallStatements:
             f" c.id{extra_values} FROM p, call c CROSS JOIN json_to_recordset(%(lines)s::json)"
             " AS l(action text, description text, only_new boolean, n integer)"
             " WHERE c.inserted OR NOT l.only_new ORDER BY l.n),"
-            " note AS (SELECT pg_notify(p.channel, CASE WHEN c.inserted THEN"
-            " p.started_payload ELSE p.ended_payload END) FROM call c, p"
-            " WHERE c.inserted OR p.ending)"
+            " live AS (INSERT INTO dpvoip.live_event (kind, call_id, legs, data)"
+            " SELECT 'call', p.id, p.legs, p.live FROM p, call c"
+            " WHERE (p.outcome IS NULL OR p.ending) AND NOT EXISTS (SELECT 1 FROM"
+            " (SELECT e.data FROM dpvoip.live_event e WHERE e.call_id = p.id"
+            " ORDER BY e.id DESC LIMIT 1) AS x WHERE x.data - 'at' = p.live - 'at')"
+            " RETURNING id),"
+            " note AS (SELECT pg_notify(p.channel, (CASE WHEN c.inserted THEN"
+            " p.started_payload::jsonb WHEN p.ending THEN p.ended_payload::jsonb"
+            " ELSE jsonb_build_object('event', 'changed', 'call_id', p.id) END"
+            " || jsonb_build_object('id', l.id))::text) FROM live l, call c, p)"
             # (The UPDATEs run unreferenced; the NOTIFY, a plain SELECT, only when read.)
             + result
         )

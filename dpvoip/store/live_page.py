@@ -21,11 +21,11 @@ both are that long, as click-to-call's recordings do (``store.callbacks``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from dpvoip.crm.schema import quote_ident
+from dpvoip.live.snapshot import Client, LiveBox, LiveCall, LiveTicket, Snapshot, Viewer
 from dpvoip.store.database import Store
 
 #: A call still "active" after this long is a row a crash left open, not a call in
@@ -33,65 +33,6 @@ from dpvoip.store.database import Store
 STALE_ACTIVE = "12 hours"
 #: The CRM's ticket statuses that are still open.
 OPEN_TICKETS = ("open", "assigned", "in_progress")
-
-
-@dataclass(frozen=True)
-class Client:
-    id: int
-    name: str
-
-
-@dataclass(frozen=True)
-class LiveCall:
-    """A call as the page shows it; ``state`` is ``ringing``, ``answered`` or ``ended``,
-    as in the event stream."""
-
-    call_id: str
-    state: str
-    direction: str
-    number: str  # E.164, or the CRM's marker (withheld, internal) when it has no number
-    client: Client | None
-    extension: str | None
-    outcome: str | None  # ``core.outcomes.Outcome`` values, ended calls only
-    status: str  # the CRM's status column
-    duration: int | None  # talk time in seconds (else the CRM's duration), ended only
-    at: datetime  # when it started
-    box: str | None  # the Fritz!Box's name, or "zadarma"
-
-
-@dataclass(frozen=True)
-class LiveTicket:
-    ticket_id: int
-    call_id: str
-    number: str
-    client: Client | None
-    count: int  # missed calls in it
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class LiveBox:
-    box: str
-    connected: bool
-    since: datetime | None
-    age_seconds: float  # since the daemon last reported it
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    in_progress: list[LiveCall]
-    recent: list[LiveCall]
-    tickets: list[LiveTicket]
-    boxes: list[LiveBox]
-
-
-@dataclass(frozen=True)
-class Viewer:
-    """The signed-in user as the page needs them: staff or not, and their phones."""
-
-    user_id: int
-    staff: bool
-    numbers: tuple[str, ...]  # their active voip_connection numbers, as written
 
 
 class LivePageReads:

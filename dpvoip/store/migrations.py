@@ -227,6 +227,40 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE dpvoip.box_status ADD COLUMN call_list jsonb;
         """,
     ),
+    Migration(
+        12,
+        "live events: every change of a call and of a box, kept for the browsers",
+        """
+        CREATE TABLE dpvoip.live_event (
+            id bigserial PRIMARY KEY,
+            at timestamptz NOT NULL DEFAULT now(),
+            kind text NOT NULL,
+            call_id text,
+            legs text[] NOT NULL DEFAULT '{}',
+            data jsonb NOT NULL
+        );
+        CREATE INDEX live_event_by_call ON dpvoip.live_event (call_id, id)
+            WHERE call_id IS NOT NULL;
+        CREATE INDEX live_event_by_age ON dpvoip.live_event (at);
+        CREATE FUNCTION dpvoip.box_status_live() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE
+            event dpvoip.live_event;
+        BEGIN
+            IF TG_OP = 'INSERT' OR NEW.connected IS DISTINCT FROM OLD.connected THEN
+                INSERT INTO dpvoip.live_event (kind, data) VALUES ('box',
+                    jsonb_build_object('box', NEW.box, 'connected', NEW.connected,
+                        'since', to_char(NEW.since AT TIME ZONE 'UTC',
+                                         'YYYY-MM-DD"T"HH24:MI:SS"Z"')))
+                    RETURNING * INTO event;
+                PERFORM pg_notify('dpvoip_calls', (jsonb_build_object('event', 'box')
+                    || event.data || jsonb_build_object('id', event.id))::text);
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER box_status_live AFTER INSERT OR UPDATE ON dpvoip.box_status
+            FOR EACH ROW EXECUTE FUNCTION dpvoip.box_status_live();
+        """,
+    ),
 )
 
 

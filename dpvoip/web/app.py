@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from dpvoip.web.callback import CallbackPages
 from dpvoip.web.errors import HttpError, error_answer, failure_answer, json_answer, json_body
+from dpvoip.web.events import EventStreams
 from dpvoip.web.live_page import LivePages
 from dpvoip.web.zadarma import NOT_CONFIGURED, WebhookResource, ZadarmaWebhook
 
@@ -59,9 +60,11 @@ class WebApp:
                  callback: CallbackPages | None = None,
                  metrics: Callable[[], bytes] | None = None,
                  legacy_monitor: IResource | None = None,
-                 live_page: LivePages | None = None) -> None:
+                 live_page: LivePages | None = None,
+                 events: EventStreams | None = None) -> None:
         self._legacy_monitor = legacy_monitor  # the old monitor's endpoints (issue 15)
         self._live_page = live_page  # the live page and the CRM's screen pop
+        self._events = events  # the live events' streams
         self._readiness = readiness
         self._version = version
         self._zadarma = zadarma
@@ -149,6 +152,13 @@ class WebApp:
     @app.route("/voip/static/<string:name>", methods=["GET", "HEAD"])
     def live_static(self, request: IRequest, name: str) -> bytes:
         return self._live().static(request, name)
+
+    @app.route("/voip/events", methods=["GET"])
+    async def live_events(self, request: IRequest) -> bytes:
+        """Server-Sent Events of every call and box change (``web/events.py``)."""
+        if self._events is None:
+            raise HttpError(404, "live events are not configured")
+        return await self._events.stream(request)
 
     @app.route("/accounting/api/", branch=True)
     def legacy_monitor(self, request: IRequest) -> IResource:

@@ -41,7 +41,7 @@ from dpvoip.click_to_call.logins import NotSignedIn
 from dpvoip.config import PageSettings
 from dpvoip.core.outcomes import Outcome
 from dpvoip.core.texts import LANGUAGES, PAGE_WORDS
-from dpvoip.store.live_page import Client, LiveBox, LiveCall, LiveTicket, Snapshot, Viewer
+from dpvoip.live.snapshot import Client, LiveBox, LiveCall, LiveTicket, Snapshot, Viewer
 from dpvoip.web.callback import LoginService
 from dpvoip.web.errors import HttpError, error_answer, json_body
 
