@@ -444,16 +444,20 @@ class LivePageDaemonTests(DaemonBrowserTestCase):
                     raise AssertionError("the missed call never made a ticket")
                 time.sleep(0.05)
             self.assertEqual(self.streams_open(), 0, "the browser is away")
+            # It tries again by itself (after the stream's retry: 3 s) and is refused: a
+            # failed reconnection must not end its EventSource.
+            while self.on_reactor(lambda: self.proxy.refused) == 0:
+                if time.monotonic() > deadline:
+                    raise AssertionError("the browser never tried to reconnect")
+                time.sleep(0.05)
             refused = self.on_reactor(lambda: self.proxy.refused)
             self.on_reactor(lambda: setattr(self.proxy, "blocked", False))
 
             page.wait_for_selector(row("in-progress", ZADARMA_CALLER),
                                    timeout=PATIENCE * 1000)
-            page.wait_for_function(
-                "([selector, text]) => { const cell = document.querySelector(selector);"
-                " return cell !== null && cell.textContent === text; }",
-                arg=[row("in-progress", FRITZ_CALLER) + " .c-state", "in conversation"],
-                timeout=PATIENCE * 1000)
+            page.wait_for_selector(row("in-progress", FRITZ_CALLER)
+                                   + " .c-state:text-is('in conversation')",
+                                   timeout=PATIENCE * 1000)
             page.wait_for_selector(row("recent", "2101234567") + ".outcome-missed",
                                    timeout=PATIENCE * 1000)
             page.wait_for_selector("#tickets tr:has(.t-number:text-is('+302101234567'))",
