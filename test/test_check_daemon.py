@@ -15,6 +15,7 @@ import subprocess
 import time
 
 from dpvoip.store.embedded import EmbeddedPostgres
+from dpvoip.store.migrations import MIGRATIONS
 from test.support.crm import Crm
 from test.support.daemon import BIN, PATIENCE, Daemon, clean_environment, twistd
 from test.support.postgres import postgres, query
@@ -81,7 +82,8 @@ class CheckBesideTheDaemonTests(DaemonTestCase):
         self.assertIn(f"database: reachable, embedded PostgreSQL at dpvoip@socket"
                       f" {self.home / 'state' / 'pg' / 'run'}/dpvoip; mode: standalone",
                       running.stdout)
-        self.assertIn("dpvoip schema: version 11 (current)", running.stdout)
+        self.assertIn(f"dpvoip schema: version {MIGRATIONS[-1].version} (current)",
+                      running.stdout)
         self.assertEqual(daemon.terminate(), 0, daemon.output())
         cluster = EmbeddedPostgres(self.home / "state" / "pg")
         self.assertFalse(cluster.running())

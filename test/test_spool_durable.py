@@ -126,8 +126,11 @@ def no_zadarma() -> Any:
 
 
 def test_unavailable_is_a_dead_or_absent_database_or_a_missed_deadline() -> None:
+    from twisted.internet.error import ConnectionDone, ConnectionLost
+
     for error in (ConnectionDead(), psycopg2.OperationalError("server closed"),
-                  psycopg2.InterfaceError("connection already closed")):
+                  psycopg2.InterfaceError("connection already closed"),
+                  ConnectionDone(), ConnectionLost()):  # a socket closed under a query
         assert is_unavailable(error) and unavailable(error) and is_database_error(error)
     assert unavailable(defer.TimeoutError()) and not is_unavailable(defer.TimeoutError())
     refused = psycopg2.IntegrityError("duplicate key")

@@ -230,9 +230,13 @@ def is_unavailable(error: BaseException) -> bool:
     could not be made) rather than "this statement is wrong": the work may be kept and
     tried again later (the spool does)."""
     from psycopg2 import InterfaceError, OperationalError
+    from twisted.internet.error import ConnectionDone, ConnectionLost
     from txpostgres.reconnection import ConnectionDead
 
-    return isinstance(error, ConnectionDead | OperationalError | InterfaceError)
+    # A connection closed under a query (ConnectionDone, ConnectionLost: txpostgres fails
+    # the query with the socket's reason) is a connection gone, as ConnectionDead is.
+    return isinstance(error, ConnectionDead | OperationalError | InterfaceError
+                      | ConnectionDone | ConnectionLost)
 
 
 def is_conflict(error: BaseException) -> bool:
