@@ -411,7 +411,9 @@ def main() -> None:
 
             await load(2, "w")  # not counted: statements planned on each connection
             await task.deferLater(reactor, END_AFTER + 1, lambda: None)
+            cpu_before = _cpu_of_process()
             without = await load(args.seconds, "a")
+            cpu_without = _cpu_of_process() - cpu_before
             rss_without = rss_kib() * 1024
 
             clients = StreamClients(port, token, args.streams, args.stream_processes)
@@ -475,6 +477,10 @@ def main() -> None:
                   f" {rss_idle / 1e6:.1f} MB with the streams open, {rss_streams / 1e6:.1f} MB"
                   f" after the load with them")
             client_cpu = sum(c["cpu"] for c in received)
+            print(f"daemon CPU for the same calls: {cpu_without:.2f} s without streams,"
+                  f" {cpu:.2f} s with them: {(cpu - cpu_without) / max(1, deliveries) * 1e6:.1f}"
+                  f" us a frame delivered; {cpu_without / args.seconds * 100:.0f}% and"
+                  f" {cpu / args.seconds * 100:.0f}% of a core at {args.calls:g} calls/s")
             print(f"CPU during the load with streams ({elapsed:.1f} s): daemon"
                   f" {cpu / elapsed * 100:.0f}% of a core, stream clients"
                   f" {client_cpu / elapsed * 100:.0f}%, load generator"

@@ -72,13 +72,16 @@ class Stream:
 
     # -- fed by the hub ----------------------------------------------------------------
 
-    def offer(self, event: LiveEvent) -> None:
+    def offer(self, event: LiveEvent, frame: bytes | None = None) -> None:
+        """``frame``: the event's frame, when the hub has made it already (once for every
+        stream: encoding the JSON again for each of 200 streams was most of the cost of
+        a fan-out, see bench/live.py)."""
         if event.id in self._skip:  # the replay read it from the table already
             self._skip = self._skip - {event.id}
             return
         if self.closed or not may_see(self.viewer, event, self._hub.policy):
             return
-        self._push(event.id, event.frame())
+        self._push(event.id, frame if frame is not None else event.frame())
 
     def heartbeat(self) -> None:
         if not self.closed and not self._held and not self._paused and not self._queue:
@@ -197,8 +200,10 @@ class Hub:
                 self._recent_set.discard(self._recent[0])
             self._recent.append(event.id)
             self._recent_set.add(event.id)
-            for stream in list(self._streams):
-                stream.offer(event)
+            if self._streams:
+                frame = event.frame()  # one encoding, whatever the number of streams
+                for stream in list(self._streams):
+                    stream.offer(event, frame)
             for listener in self.on_publish:
                 listener(event)
 
