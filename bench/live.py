@@ -19,23 +19,29 @@ calls, settled as in ``bench.zadarma``). Two other processes, each on the loopba
   CLOCK_MONOTONIC, the same in every process).
 
 Printed:
-- delivery from commit to the stream client's receipt, p50/p99/max over every (event,
-  stream). The commit time is taken from the webhook that caused the event: its send
-  time (an upper bound: the commit happens before dpvoip answers, so the webhook's own
-  time is included) and its answer's receipt (a lower bound, negative when the stream
-  heard first). The event's ``at`` is no commit time: it is the call's own time, to the
-  second. Target: p99 <= 100 ms, from the send time;
+- delivery from the commit to the stream client's receipt, p50/p99/max over every
+  (event, stream). The commit time is PostgreSQL's own: the private server runs with
+  ``track_commit_timestamp``, and each event's row (``xmin``) gives its transaction's
+  commit time, to the microsecond, on the machine's clock (the clients' stamps are
+  converted). Also from the webhook that caused the event: its send time (an upper
+  bound: the webhook's own time is included) and its answer's receipt (negative when the
+  stream heard first). The event's ``at`` is no commit time: it is the call's own time,
+  to the second. Target: p99 <= 100 ms, from the commit;
 - the daemon's RSS: after the load without streams, with the streams open (idle), after
   the load with the streams;
 - the call path: webhook p50/p99 without and with the streams, same load; target: p99
-  with the streams at most 2x (and + 10 ms) the p99 without;
+  with the streams at most 2x (and + 10 ms) the p99 without; the daemon's CPU for the
+  same calls with and without the streams (so, per frame delivered), the reactor's lag
+  (a 10 ms timer) and how often the daemon was preempted (made to wait for a core);
 - CPU: the daemon's (its one Python thread), the stream clients', the machine's.
 
 The phases, in order: 2 s of load not counted (the pool's connections plan their
 statements), the load without streams, the streams opened, the load with them, the
 streams closed. Every figure is for this machine as it was: with 2 cores, PostgreSQL,
 the load generator and the stream clients share them with the daemon, and what they take
-is printed so that it can be read.
+is printed so that it can be read. ``--notify-fix`` applies, from outside, the change
+this bench found ``store/live.py`` needs (see ``notify_fix``); ``--raw`` writes every time
+(commit, announcement heard, published, received) for a closer look.
 """
 
 from __future__ import annotations
