@@ -221,6 +221,13 @@ def calls(port: int, numbers: list[str], rate: float, seconds: float,
 _FRAME = re.compile(rb"id: (\d+)\nevent: (\w+)\ndata: ([^\n]*)\n\n")
 
 
+def _answered(ready: int, refused: dict[str, int], count: int) -> None:
+    """Once every stream is answered: ``ready``, or what refused some (the bench stops)."""
+    if ready + sum(refused.values()) == count:
+        sys.stdout.write("ready\n" if ready == count else f"refused: {refused}\n")
+        sys.stdout.flush()
+
+
 def streams(port: int, token: str, count: int) -> None:
     """``count`` streams: prints ``ready`` once each has its headers, reads until a line
     on stdin, then prints its figures (JSON): per event id, its call, state and every
@@ -259,6 +266,9 @@ def streams(port: int, token: str, count: int) -> None:
                 selector.unregister(sock)
                 sock.close()
                 closed += 1
+                if not heads[sock]:  # closed before answering: refused as well
+                    refused["closed"] = refused.get("closed", 0) + 1
+                    _answered(ready, refused, count)
                 continue
             buffer = buffers[sock] + data
             if not heads[sock]:
@@ -271,12 +281,12 @@ def streams(port: int, token: str, count: int) -> None:
                     refused[status] = refused.get(status, 0) + 1
                     selector.unregister(sock)
                     sock.close()
+                else:
+                    heads[sock] = True
+                    ready += 1
+                _answered(ready, refused, count)
+                if not heads.get(sock):
                     continue
-                heads[sock] = True
-                ready += 1
-                if ready == count:
-                    sys.stdout.write("ready\n")
-                    sys.stdout.flush()
             end = buffer.rfind(b"\n\n")
             if end < 0:
                 buffers[sock] = buffer
