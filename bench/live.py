@@ -39,9 +39,8 @@ The phases, in order: 2 s of load not counted (the pool's connections plan their
 statements), the load without streams, the streams opened, the load with them, the
 streams closed. Every figure is for this machine as it was: with 2 cores, PostgreSQL,
 the load generator and the stream clients share them with the daemon, and what they take
-is printed so that it can be read. ``--notify-fix`` applies, from outside, the change
-this bench found ``store/live.py`` needs (see ``notify_fix``); ``--raw`` writes every time
-(commit, announcement heard, published, received) for a closer look.
+is printed so that it can be read. ``--raw`` writes every time (commit, announcement
+heard, published, received) for a closer look.
 """
 
 from __future__ import annotations
@@ -424,9 +423,6 @@ def main() -> None:
                         help="past calls in the CRM (with three log lines each)")
     parser.add_argument("--profile", help="write the daemon's cProfile of the phase with "
                         "the streams to this file (and print its top functions)")
-    parser.add_argument("--notify-fix", action="store_true",
-                        help="poll the LISTEN connection after each of its queries (the "
-                        "change proposed for store/live.py, applied here from outside)")
     parser.add_argument("--raw", help="write every webhook's and event's times (JSON) of "
                         "the phase with the streams to this file")
     parser.add_argument("--calls-process", help=argparse.SUPPRESS)
@@ -484,8 +480,6 @@ def main() -> None:
             await threads.deferToThread(_staff_user, dsn)
             _, token = await create_token(daemon.store, "public", "bench")
 
-            if args.notify_fix and daemon.live is not None:
-                notify_fix(daemon.live.connection)
             trace: dict[str, list[Any]] = {"notified": [], "published": []}
             if args.raw and daemon.live is not None:
                 feed, hub_ = daemon.live.feed, daemon.live.hub
@@ -630,25 +624,6 @@ def main() -> None:
                 raise
     if missed:
         raise SystemExit(f"{len(missed)} quality target(s) missed")
-
-
-def notify_fix(listen: Any) -> None:
-    """The change this bench found store/live.py needs, applied from outside to measure
-    it. psycopg2 moves a NOTIFY into ``connection.notifies`` only when it polls; one that
-    arrives in the same read as the last answer to the feed's query is parsed by libpq
-    after that poll, so it waits in libpq, the socket quiet, until the connection's next
-    traffic (the next announcement: 100 ms at 10 calls/s, minutes in a quiet office).
-    Polling once more when a query is finished moves it into the list."""
-    connection = listen._connection  # txpostgres' Connection of the ListenConnection
-    finished = connection.cursorFinished
-
-    def cursor_finished(cursor: Any) -> None:
-        finished(cursor)
-        if not connection.pollable().closed:
-            connection.pollable().poll()
-            connection.checkForNotifies()
-
-    connection.cursorFinished = cursor_finished
 
 
 @contextlib.contextmanager

@@ -78,3 +78,37 @@ class ListenerRestartTests(TestCase):
         last = self.commit("d")  # and live again, on the new session
         yield defer.Deferred.fromCoroutine(until(lambda: len(self.delivered()) == 4))
         self.assertEqual(self.delivered(), [first, *missed, last])
+
+
+class AnnouncementInTheLastAnswerTests(TestCase):
+    """An announcement that arrives in the same read as the answer to the LISTEN
+    connection's own query (the feed reads the table on it) is heard at once, not when the
+    connection next has traffic: in a quiet office that is the next call, minutes later."""
+
+    timeout = 4 * PATIENCE  # a hang detector
+
+    def setUp(self) -> Any:
+        from test.support.postgres import postgres
+
+        self.heard: list[str] = []
+        dsn = connection_dsn(postgres().new_database(crm="2025-12"), DatabaseSettings())
+        self.listen = ListenConnection(reactor, dsn, connect_timeout=5.0)
+        self.listen.watch(self.heard.append, lambda: None)
+        self.addCleanup(self.listen.stop)
+        return defer.Deferred.fromCoroutine(self._started())
+
+    async def _started(self) -> None:
+        await self.listen.start()
+        await until(lambda: self.listen.listening)
+
+    @defer.inlineCallbacks
+    def test_heard_when_it_rides_with_the_answer(self) -> Any:
+        # The connection announces on its own channel: PostgreSQL sends the NOTIFY with
+        # the statement's answer, in one read (the only way to make that deterministic is
+        # this connection's own statement; hence its private connection here).
+        yield self.listen._connection.runOperation(
+            "NOTIFY dpvoip_calls, 'in the same read'")
+        # Handed to the observers on the next turn of the reactor (txpostgres' cooperator);
+        # without the poll after the answer it waits for traffic that never comes here.
+        yield defer.Deferred.fromCoroutine(until(lambda: self.heard))
+        self.assertEqual(self.heard, ["in the same read"])

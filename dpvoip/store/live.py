@@ -204,6 +204,23 @@ class _ListenDetector(reconnection.DeadConnectionDetector):  # type: ignore[misc
             retrying_call.cancel()
 
 
+class _ListeningConnection(PooledConnection):
+    """The LISTEN connection. psycopg2 moves an announcement into ``notifies`` only when
+    it polls; one that arrives in the same read as the answer to a query on this
+    connection (the feed reads the table on it) is parsed after that poll and would wait,
+    the socket quiet, for the connection's next traffic: the next announcement, minutes
+    later in a quiet office. So each finished query polls once more."""
+
+    def cursorFinished(self, cursor: Any) -> None:  # txpostgres calls it by this name
+        super().cursorFinished(cursor)
+        pollable = self.pollable()
+        if pollable is None or pollable.closed:
+            return
+        with contextlib.suppress(Exception):  # a dying connection: its loss is seen anyway
+            pollable.poll()
+        self.checkForNotifies()
+
+
 class ListenConnection:
     """A connection of its own (not the pool's: a pooled one would lose its LISTEN to
     the next borrower's work) that LISTENs on ``CHANNEL``. ``on_notify`` hears every
@@ -214,7 +231,7 @@ class ListenConnection:
         self._dsn = dsn
         self._on_notify: Callable[[str], None] = lambda payload: None
         self._on_listening: Callable[[], None] = lambda: None
-        self._connection = PooledConnection(reactor=reactor)
+        self._connection = _ListeningConnection(reactor=reactor)
         self._connection.connect_timeout = connect_timeout
         self._detector = _ListenDetector(reactor, self._listen)
         self._connection.detector = self._detector
