@@ -647,3 +647,24 @@ class PassingTheSpoolTests(SynchronousTestCase):
         self.assertEqual(self.spool.state().appended_total, 12 + 1)
         self.finish(replay)
         self.assertEqual(self.durable.counters.ahead, 0)
+
+    def test_the_replay_waits_while_the_live_calls_are_backed_up(self) -> None:
+        """The live calls first: while more than ``LIVE_FIRST_ABOVE`` of them are on their
+        way to the database, the replay begins no new transaction; it goes on once they
+        land (or at stop)."""
+        from dpvoip.spool import durable as module
+
+        self.patch(module, "LIVE_FIRST_ABOVE", 1)
+        self.outage([answered(n) for n in range(12)])
+        replay = self.flowing_replay()  # its second group in flight
+        live = [self.durable.submit(started(f"new{n}", f"21099999{n:02d}"), ORIGIN)
+                for n in range(2)]
+        self.ingest.release(1)  # the replay's group commits ...
+        self.assertEqual([len(g) for g, _ in self.ingest.held], [1, 1],
+                         "... and its next waits behind the two live calls")
+        self.ingest.release()  # they land: the replay goes on
+        self.assertEqual([len(g) for g, _ in self.ingest.held], [4])
+        self.finish(replay)
+        for landed in live:
+            self.successResultOf(landed)
+        self.assertEqual(self.durable.counters.ahead, 2)

@@ -8,7 +8,9 @@ happened. Once the replay commits again (the database is back), only the events 
 depend on something still in the spool wait behind it: those of a call in the spool, and
 those of a number with a call in the spool (``spool.ordering``); every other event goes
 straight to the database, with its answer (the caller's name) as usual. So a replay drains
-while the office's new calls keep arriving, instead of spooling them all behind it. The
+while the office's new calls keep arriving, instead of spooling them all behind it; and it
+runs on what they leave: while more than ``LIVE_FIRST_ABOVE`` of them are on their way,
+it begins no new transaction. The
 keys of what this process spooled are counted in memory (up to ``MAX_HELD_RECORDS``
 records; beyond that, and for the records of the last run until the spool was empty once,
 every event waits, as before). Replay goes through the same ingest, which is replay-safe
@@ -91,6 +93,10 @@ MAX_REMEMBERED_CALLS = 100_000
 MAX_HELD_RECORDS = 50_000
 #: Numbers of calls started and not yet ended, for the keys of their ends.
 MAX_OPEN_NUMBERS = 20_000
+#: Events on their way straight to the database beyond which the replay waits before its
+#: next transaction: the live calls first, the backlog on what they leave (a replay
+#: taking its share regardless made them miss the deadline under load, and spooled them).
+LIVE_FIRST_ABOVE = 16
 
 
 def replay_lanes(pool_size: int) -> int:
@@ -170,6 +176,8 @@ class DurableIngest:
         self._blind = True
         self._flowing = False  # the replay under way has committed: the database is back
         self._numbers: dict[str, str] = {}  # call id -> number, of calls started
+        self._direct_in_flight = 0
+        self._live_quiet: list[Deferred[None]] = []  # the replay's lanes waiting for it
 
     @property
     def spooling(self) -> bool:
@@ -231,17 +239,39 @@ class DurableIngest:
                 self.counters.spooled_behind += 1
             return await self._to_spool(record, spooled_result, "spool not empty", keys)
         attempt = work()
+        self._direct_in_flight += 1
         try:
             result = await within(self._clock, attempt, self._deadline)
         except Exception as error:
+            self._direct_landed()
             if not unavailable(error):
                 raise
             self._flowing = False
             return await self._to_spool(record, spooled_result, type(error).__name__, keys)
+        self._direct_landed()
         self.counters.direct += 1
         if passing:
             self.counters.ahead += 1
         return result
+
+    def _direct_landed(self) -> None:
+        self._direct_in_flight -= 1
+        if self._direct_in_flight <= LIVE_FIRST_ABOVE:
+            self._wake_lanes()
+
+    def _wake_lanes(self) -> None:
+        waiting, self._live_quiet = self._live_quiet, []
+        for lane in waiting:
+            lane.callback(None)
+
+    def _live_first(self) -> Deferred[None]:
+        """Fires when the replay may begin its next transaction: at once, unless more
+        than ``LIVE_FIRST_ABOVE`` events are on their way straight to the database."""
+        if self._direct_in_flight <= LIVE_FIRST_ABOVE or self._stopping:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred()
+        self._live_quiet.append(waiting)
+        return waiting
 
     def _may_pass(self, keys: Keys) -> bool:
         """Whether an event may go past the spool: the replay commits (the database is
@@ -353,6 +383,7 @@ class DurableIngest:
     def stop_replay(self) -> None:
         """Let the records in flight finish, mark them, and replay nothing more (at stop)."""
         self._stopping = True
+        self._wake_lanes()
 
     async def _replay(self) -> bool:
         if not self._schema.fired:
@@ -459,6 +490,7 @@ class DurableIngest:
         marked, and none after it applied (the next start replays exactly the rest)."""
         position = 0
         while position < len(items) and not paused:
+            await self._live_first()
             group = items[position:position + self._group_size]
             if self._stopping:
                 group = [one for one in group if one.seq < self._begun_up_to]
