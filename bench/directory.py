@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NamedTuple
 
 #: Share of the directory entries per source, and phone columns filled per row.
 PLAN = (  # companies first: contacts point at them
@@ -299,3 +299,43 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class BenchDaemon(NamedTuple):
+    """A daemon a bench started in its own process (``started_daemon``)."""
+
+    daemon: Any  # dpvoip.service.Daemon
+    port: int  # its web port on 127.0.0.1
+    state: Path  # its state folder (and its log)
+    log: IO[str]
+
+    async def stop(self) -> None:
+        await self.daemon.service.stopService()
+        self.log.close()
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+async def started_daemon(config: Any, reactor: Any, dsn: str) -> BenchDaemon:
+    """The whole daemon of ``config`` built in this process and started, its directory
+    built and the database settled. Logged as `dpvoip run` logs (the access log
+    included), to a file in its state folder: formatting and writing a line per request
+    is part of the daemon's cost, and events not written would pile up in Twisted's
+    start-up buffer instead."""
+    from twisted.internet import task, threads
+    from twisted.logger import globalLogBeginner
+
+    from dpvoip.logs import observer
+    from dpvoip.service import build
+
+    state = Path(tempfile.mkdtemp(prefix="dpvoip-bench-"))
+    log_file = (state / "dpvoip.log").open("w", encoding="utf-8")
+    globalLogBeginner.beginLoggingTo(
+        [observer(config.log.format, config.log.level, log_file)], redirectStandardIO=False)
+    daemon = build(config, reactor, state)
+    daemon.service.startService()
+    await daemon.service.started
+    while not daemon.directory.state.built:
+        await task.deferLater(reactor, 0.5, lambda: None)
+    await threads.deferToThread(settle, dsn)
+    port = daemon.web.port.getHost().port  # type: ignore[union-attr]
+    return BenchDaemon(daemon, port, state, log_file)

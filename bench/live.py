@@ -53,11 +53,9 @@ import os
 import re
 import resource
 import selectors
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -67,7 +65,13 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from bench.directory import call_history, crm_database, rss_kib, sample_numbers, settle
+from bench.directory import (
+    call_history,
+    crm_database,
+    rss_kib,
+    sample_numbers,
+    started_daemon,
+)
 from bench.verdicts import p99, report
 
 SECRET = "bench-secret"  # noqa: S105 - signs the benchmark's own requests
@@ -436,7 +440,6 @@ def main() -> None:
         return
 
     from twisted.internet import defer, task, threads
-    from twisted.logger import globalLogBeginner
 
     from dpvoip.config import (
         Config,
@@ -446,8 +449,6 @@ def main() -> None:
         WebSettings,
         ZadarmaSettings,
     )
-    from dpvoip.logs import observer
-    from dpvoip.service import build
     from dpvoip.store.tokens import create_token
 
     missed: list[str] = []
@@ -463,19 +464,8 @@ def main() -> None:
                 live=replace(LiveSettings(), max_streams=max(200, args.streams)),
                 fritzbox=(),
             )
-            state = Path(tempfile.mkdtemp(prefix="dpvoip-bench-"))
-            # Logged as `dpvoip run` logs (the access log included), to a file.
-            log_file = (state / "dpvoip.log").open("w", encoding="utf-8")
-            globalLogBeginner.beginLoggingTo(
-                [observer(config.log.format, config.log.level, log_file)],
-                redirectStandardIO=False)
-            daemon = build(config, reactor, state)
-            daemon.service.startService()
-            await daemon.service.started
-            while not daemon.directory.state.built:
-                await task.deferLater(reactor, 0.5, lambda: None)
-            await threads.deferToThread(settle, dsn)
-            port = daemon.web.port.getHost().port  # type: ignore[union-attr]
+            started = await started_daemon(config, reactor, dsn)
+            daemon, port = started.daemon, started.port
             numbers = [n[3:] for n in sample_numbers(dsn, 3000) if n.startswith("+30")]
             await threads.deferToThread(_staff_user, dsn)
             _, token = await create_token(daemon.store, "public", "bench")
@@ -496,7 +486,7 @@ def main() -> None:
                     trace["published"].append((time.monotonic(), [e.id for e in events]))
                     publish(events)
 
-                hub_.publish = published  # type: ignore[method-assign]
+                hub_.publish = published
 
             def load(seconds: float, tag: str) -> Any:
                 return threads.deferToThread(drive, port, numbers, args.calls, seconds, tag)
@@ -613,9 +603,7 @@ def main() -> None:
                 ("every webhook answered 200", not statuses),
             ]
             missed.extend(report(verdicts))
-            await daemon.service.stopService()
-            log_file.close()
-            shutil.rmtree(state, ignore_errors=True)
+            await started.stop()
 
         try:
             task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))

@@ -23,17 +23,21 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.directory import call_history, crm_database, rss_kib, sample_numbers, settle
+from bench.directory import (
+    call_history,
+    crm_database,
+    rss_kib,
+    sample_numbers,
+    started_daemon,
+)
 from bench.verdicts import p99, report
 
 SECRET = "bench-secret"  # noqa: S105 - signs the benchmark's own requests
@@ -166,7 +170,6 @@ def main() -> None:
         return
 
     from twisted.internet import defer, task, threads
-    from twisted.logger import globalLogBeginner
     from twisted.web import resource, server
 
     from dpvoip.config import (
@@ -176,8 +179,6 @@ def main() -> None:
         WebSettings,
         ZadarmaSettings,
     )
-    from dpvoip.logs import observer
-    from dpvoip.service import build
 
     with crm_database(args.entries) as (dsn, _):
         call_history(dsn, args.history)
@@ -190,21 +191,8 @@ def main() -> None:
                                 timezone="Europe/Athens"),
                 fritzbox=(),
             )
-            state = Path(tempfile.mkdtemp(prefix="dpvoip-bench-"))
-            # Logged as `dpvoip run` logs (the access log included), to a file: formatting
-            # and writing a line per request is part of the daemon's cost, and events not
-            # written would pile up in Twisted's start-up buffer instead.
-            log_file = (state / "dpvoip.log").open("w", encoding="utf-8")
-            globalLogBeginner.beginLoggingTo(
-                [observer(config.log.format, config.log.level, log_file)],
-                redirectStandardIO=False)
-            daemon = build(config, reactor, state)
-            daemon.service.startService()
-            await daemon.service.started
-            while not daemon.directory.state.built:
-                await task.deferLater(reactor, 0.5, lambda: None)
-            await threads.deferToThread(settle, dsn)
-            port = daemon.web.port.getHost().port  # type: ignore[union-attr]
+            started = await started_daemon(config, reactor, dsn)
+            daemon, port = started.daemon, started.port
             # Callers as a Greek account shows them: national numbers of the directory.
             numbers = [n[3:] for n in sample_numbers(dsn, 3000) if n.startswith("+30")]
 
@@ -276,9 +264,7 @@ def main() -> None:
             ]
             missed.extend(report(verdicts))
             await bare.stopListening()
-            await daemon.service.stopService()
-            log_file.close()
-            shutil.rmtree(state, ignore_errors=True)
+            await started.stop()
 
         missed: list[str] = []
         try:

@@ -293,9 +293,11 @@ class BrowserTestCase(TestCase):
                 raise AssertionError(f"the page never opened {count} stream(s)")
             time.sleep(0.02)
 
-    def screenshot(self, page: Any, name: str) -> None:
-        SCREENSHOTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
+
+def screenshot(page: Any, name: str) -> None:
+    """The whole page as a PNG in the git-ignored ``test-screenshots/``."""
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
 
 
 class LivePageBrowserTests(BrowserTestCase):
@@ -325,7 +327,7 @@ class LivePageBrowserTests(BrowserTestCase):
             page.wait_for_function(
                 "() => document.querySelector(\"#in-progress tr[data-call='fb-1'] .c-state\")"
                 ".textContent === 'in conversation'", timeout=PATIENCE * 1000)
-            self.screenshot(page, "live-page-answered.png")
+            screenshot(page, "live-page-answered.png")
 
             self.publish("call", call_event("fb-1", "ended", outcome="missed",
                                             status="missed", duration=0))
@@ -354,7 +356,7 @@ class LivePageBrowserTests(BrowserTestCase):
                                  "since": datetime.now(UTC).isoformat()})
             page.wait_for_selector("#boxes li[data-box='office'].disconnected",
                                    timeout=PATIENCE * 1000)
-            self.screenshot(page, "live-page.png")
+            screenshot(page, "live-page.png")
             self.assertEqual(errors, [])
 
         yield self.in_browser(work)
@@ -420,7 +422,7 @@ class GreekLivePageBrowserTests(BrowserTestCase):
             self.assertIn("δεν απάντησε", row.inner_text())
             self.assertIn("εξερχόμενη", row.inner_text())
             self.assertIn("1:05", row.inner_text())
-            self.screenshot(page, "live-page-greek.png")
+            screenshot(page, "live-page-greek.png")
 
         yield self.in_browser(work)
 
@@ -462,7 +464,7 @@ class ScreenPopBrowserTests(BrowserTestCase):
             self.assertEqual(page.locator(".dpvoip-popup").count(), 1)
             self.assertEqual(page.evaluate("window.shownNotifications"),
                              [["Incoming call: Papadopoulos <AE>", "+306912345678"]])
-            self.screenshot(page, "screen-pop.png")
+            screenshot(page, "screen-pop.png")
             self.publish("call", call_event("fb-2", "ringing", extension="100",
                                             client=None, number=""))
             page.wait_for_selector(".dpvoip-popup[data-dpvoip-call='fb-2']",

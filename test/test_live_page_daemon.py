@@ -51,7 +51,14 @@ from dpvoip.testing.zadarma_caller import parse_script as zadarma_script
 from test.support.crm import Crm
 from test.support.daemon import PATIENCE, Daemon, clean_environment, twistd
 from test.support.postgres import postgres, query
-from test.test_browser_live import PASSWORD, SCREENSHOTS, SECRET_KEY, WITHIN, chromium
+from test.test_browser_live import (
+    PASSWORD,
+    SCREENSHOTS,
+    SECRET_KEY,
+    WITHIN,
+    chromium,
+    screenshot,
+)
 from test.test_crm_logins import session
 
 ZADARMA_SECRET = "live-browser-zadarma-secret"
@@ -333,11 +340,6 @@ class DaemonBrowserTestCase(TestCase):
         print(f"\n{what}: in the page {late:.0f} ms after it was sent")
         self.assertLessEqual(late, WITHIN, f"{what}: {late:.0f} ms")
 
-    @staticmethod
-    def screenshot(page: Any, name: str) -> None:
-        SCREENSHOTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
-
 
 class LivePageDaemonTests(DaemonBrowserTestCase):
     @defer.inlineCallbacks
@@ -399,7 +401,7 @@ class LivePageDaemonTests(DaemonBrowserTestCase):
                 ZADARMA_NAME)
             self.assertEqual(page.inner_text(row("in-progress", ZADARMA_CALLER)
                                              + " .c-box"), "zadarma")
-            self.screenshot(page, "live-page-daemon-ringing.png")
+            screenshot(page, "live-page-daemon-ringing.png")
             self.post(end)
             page.wait_for_selector(row("recent", ZADARMA_CALLER) + ".outcome-missed",
                                    timeout=PATIENCE * 1000)
@@ -409,7 +411,7 @@ class LivePageDaemonTests(DaemonBrowserTestCase):
             self.assertEqual(page.locator("#in-progress tr").count(), 0)
             self.assertTrue(page.is_visible("[data-empty-for='in-progress']"))
             self.assertEqual(page.locator("#tickets tr").count(), 2)
-            self.screenshot(page, "live-page-daemon.png")
+            screenshot(page, "live-page-daemon.png")
             self.assertEqual(errors, [])
 
         yield self.in_browser(work)
@@ -472,7 +474,7 @@ class LivePageDaemonTests(DaemonBrowserTestCase):
                   f" refused meanwhile, newest event {newest}")
             self.assertTrue(asked, "the browser came back with Last-Event-ID")
             self.assertLess(asked[-1], newest, "and it was behind")
-            self.screenshot(page, "live-page-daemon-reconnected.png")
+            screenshot(page, "live-page-daemon-reconnected.png")
 
         yield self.in_browser(work)
 
@@ -500,7 +502,7 @@ class ScreenPopDaemonTests(DaemonBrowserTestCase):
                              f"{self.base}/accounting/client/{self.fritz_client}/")
             self.assertEqual(page.evaluate("window.shownNotifications"),
                              [[f"Incoming call: {FRITZ_NAME}", e164(FRITZ_CALLER)]])
-            self.screenshot(page, "screen-pop-daemon.png")
+            screenshot(page, "screen-pop-daemon.png")
             self.box_line("CONNECT;0;10;" + FRITZ_CALLER + ";")
             page.wait_for_selector(".dpvoip-popup", state="detached",
                                    timeout=PATIENCE * 1000)
