@@ -47,7 +47,7 @@ from test.support.crm_rules import (
 )
 from test.support.daemon import PATIENCE, scratch
 from test.support.ports import HeldPort, HeldPortReactor
-from test.support.postgres import postgres, query
+from test.support.postgres import postgres, query, take_down
 from test.support.wiring import in_process, loopback_box
 from test.test_database import eventually
 from test.test_fault_db import FaultCase
@@ -605,7 +605,7 @@ class ReplayedRowsTests(FaultCase):
         yield defer.Deferred.fromCoroutine(eventually(
             lambda: len(query(self.dsn, "SELECT 1 FROM accounting_voipcall")) == 2, PATIENCE))
         yield deferLater(reactor, 2.0, lambda: None)  # the calls go on
-        yield threads.deferToThread(self.cluster.stop, "fast")
+        yield threads.deferToThread(take_down, self.cluster)
         # Both calls end while the database is away: their ends are spooled.
         ended_sent = time.time()
         hang_up = box_time(ended_sent, ATHENS)

@@ -24,7 +24,7 @@ from dpvoip.store.database import Batch, Store, is_unavailable
 from dpvoip.store.dsn import connection_dsn, describe
 from dpvoip.store.embedded import EmbeddedPostgres
 from dpvoip.store.pool import ConnectionDead, HealingPool, PooledConnection, backoff_delays
-from test.support.postgres import postgres, query
+from test.support.postgres import postgres, query, take_down
 
 
 async def eventually(check: Any, seconds: float = 120.0, step: float = 0.1) -> None:
@@ -296,7 +296,7 @@ class HealingTests(TestCase):
         before = yield defer.Deferred.fromCoroutine(self._backends(pool, 3))
         self.assertEqual(len(before), 3)
 
-        yield threads.deferToThread(self.cluster.stop, "fast")
+        yield threads.deferToThread(take_down, self.cluster)
         # Every connection finds out on its next use, and reconnects on its own.
         for _ in range(3):
             with contextlib.suppress(Exception):  # the point is that these fail now
@@ -317,7 +317,7 @@ class HealingTests(TestCase):
         for n in range(4):  # both connections prepare it once and reuse it
             rows = yield pool.run_prepared("double", statement, (n,))
             self.assertEqual(rows, [(n * 2,)])
-        yield threads.deferToThread(self.cluster.stop, "fast")
+        yield threads.deferToThread(take_down, self.cluster)
         yield threads.deferToThread(self.cluster.start)
         yield defer.Deferred.fromCoroutine(eventually(lambda: pool.live == 2))
         for n in range(4):

@@ -45,7 +45,7 @@ from dpvoip.store.migrations import SchemaReport
 from dpvoip.testing.fritzbox import box_time
 from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from dpvoip.zadarma.signing import webhook_signature
-from test.support.postgres import private_cluster, query
+from test.support.postgres import private_cluster, query, take_down
 from test.support.wiring import in_process, loopback_box, running
 from test.test_database import eventually
 
@@ -158,7 +158,7 @@ class DatabaseRestartTest(FaultCase):
                 acked_zd.append((pbx, form["event"]))
 
         async def restart_database() -> None:
-            await threads.deferToThread(self.cluster.stop, "fast")
+            await threads.deferToThread(take_down, self.cluster)
             await deferLater(reactor, DOWN_FOR, lambda: None)
             await threads.deferToThread(self.cluster.start)
 
@@ -281,7 +281,7 @@ class DatabaseDownTest(FaultCase):
     @defer.inlineCallbacks
     def test_notify_start_is_answered_from_the_spool_while_the_database_is_down(
             self) -> Any:
-        yield threads.deferToThread(self.cluster.stop, "fast")
+        yield threads.deferToThread(take_down, self.cluster)
         code = yield defer.Deferred.fromCoroutine(self.webhook(self.event("in_down_1")))
         self.assertEqual(code, 200)
         self.assertTrue(self.daemon.durable.spooling)
@@ -297,7 +297,7 @@ class DatabaseDownTest(FaultCase):
         yield defer.Deferred.fromCoroutine(self.hang_up_after(start))
         yield defer.Deferred.fromCoroutine(eventually(lambda: len(self.journal()) == 1,
                                                       PATIENCE))
-        yield threads.deferToThread(self.cluster.stop, "fast")
+        yield threads.deferToThread(take_down, self.cluster)
         yield defer.Deferred.fromCoroutine(self.hang_up_after(
             self.event("in_hang_1", "NOTIFY_END", start["call_start"])))
         yield defer.Deferred.fromCoroutine(eventually(
@@ -336,7 +336,7 @@ class DuplicatesAndDisorderTest(FaultCase):
         half = len(sequence) // 2
         for form in sequence[:half]:
             self.assertEqual((yield defer.Deferred.fromCoroutine(self.webhook(form))), 200)
-        yield threads.deferToThread(self.cluster.stop, "fast")
+        yield threads.deferToThread(take_down, self.cluster)
         for form in sequence[half:]:  # spooled, duplicates and all
             self.assertEqual((yield defer.Deferred.fromCoroutine(self.webhook(form))), 200)
         yield threads.deferToThread(self.cluster.start)

@@ -92,3 +92,16 @@ def private_cluster(case: Any, prefix: str,
     dsn = cluster.dsn("crm")
     query(dsn, ddl_text(f"dpeconomy-{crm}.sql"))
     return folder, cluster, dsn
+
+
+def take_down(cluster: EmbeddedPostgres) -> None:
+    """Stop a test's own cluster as an outage would: a fast shutdown, or, when that does
+    not finish in time (its checkpoint on a disk another test run keeps busy), an
+    immediate one, which is a crash PostgreSQL recovers from at the next start. What a
+    test of an outage checks (nothing acknowledged lost) holds for both."""
+    from dpvoip.store.embedded import EmbeddedError
+
+    try:
+        cluster.stop("fast")
+    except EmbeddedError:
+        cluster.stop("immediate")
