@@ -215,7 +215,8 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
     durable = DurableIngest(ingest, spool, store, schema, reactor, origins,
                             zadarma_context.current, config.directory.region,
                             deadline=config.spool.deadline_seconds,
-                            lanes=replay_lanes(config.database.pool_size))
+                            lanes=replay_lanes(config.database.pool_size),
+                            connections=config.database.pool_size)
     spooler = DurableService(durable, spool, reactor, database.when_prepared)
     spooler.setServiceParent(top)
     legacy = LegacyMonitor(config.legacy_monitor.token.reveal(), office_zone, region, own,

@@ -69,6 +69,7 @@ from dpvoip.core.log_budget import LogBudget, more_like_this
 from dpvoip.core.numbers import Dialling
 from dpvoip.core.outcomes import Reason
 from dpvoip.deferreds import OneShotObserver, race, shield, within
+from dpvoip.spool.admission import Admission
 from dpvoip.spool.journal import AsyncSpool, SpoolFull, disk_error
 from dpvoip.spool.ordering import Keys, happening_keys, zadarma_keys
 from dpvoip.spool.records import fritz_record, read_received, read_record, zadarma_record
@@ -130,6 +131,8 @@ class DurableCounters:
     spooled: int = 0
     spooled_behind: int = 0  # of those, spooled while the replay flowed: behind their call
     ahead: int = 0  # of the direct ones, those that went past a replay in progress
+    backed_up: int = 0  # spooled at once: the database was too far behind to commit in time
+    timed_out: int = 0  # sent straight, not committed within the deadline: spooled
     replayed: int = 0
     replay_transactions: int = 0  # the replay's transactions (records in groups)
     unreplayable: int = 0
@@ -144,7 +147,7 @@ class DurableIngest:
                  origins: Mapping[str, Origin], zadarma: Callable[[], ZadarmaContext],
                  region: str, deadline: float = 2.0, lanes: int = REPLAY_LANES,
                  group: int = REPLAY_GROUP, chunk: int = REPLAY_CHUNK,
-                 budget: LogBudget | None = None) -> None:
+                 budget: LogBudget | None = None, connections: int = 4) -> None:
         self._ingest = ingest
         self._spool = spool
         self._store = store
@@ -177,6 +180,7 @@ class DurableIngest:
         self._flowing = False  # the replay under way has committed: the database is back
         self._numbers: dict[str, str] = {}  # call id -> number, of calls started
         self._direct_in_flight = 0
+        self._admission = Admission(deadline, connections)
         self._live_quiet: list[Deferred[None]] = []  # the replay's lanes waiting for it
 
     @property
@@ -238,6 +242,15 @@ class DurableIngest:
             if self._flowing:
                 self.counters.spooled_behind += 1
             return await self._to_spool(record, spooled_result, "spool not empty", keys)
+        ahead = self._direct_in_flight
+        if not self._admission.admits(ahead):
+            self.counters.backed_up += 1
+            self._warn("backed up", "the database is behind (an event would wait about "
+                       "{wait} s for it): events are spooled at once and replayed when "
+                       "it catches up", wait=f"{self._admission.expected_latency(ahead):.1f}")
+            return await self._to_spool(record, spooled_result, "database behind", keys,
+                                        quietly=True)
+        sent = self._clock.seconds()
         attempt = work()
         self._direct_in_flight += 1
         try:
@@ -246,9 +259,16 @@ class DurableIngest:
             self._direct_landed()
             if not unavailable(error):
                 raise
-            self._flowing = False
+            if isinstance(error, TimeoutError):
+                # Slow, not gone: the estimate learns it (the next events are spooled at
+                # once rather than wait), and the events of other calls may still pass.
+                self._admission.landed(self._clock.seconds() - sent, ahead)
+                self.counters.timed_out += 1
+            else:
+                self._flowing = False
             return await self._to_spool(record, spooled_result, type(error).__name__, keys)
         self._direct_landed()
+        self._admission.landed(self._clock.seconds() - sent, ahead)
         self.counters.direct += 1
         if passing:
             self.counters.ahead += 1
@@ -307,8 +327,8 @@ class DurableIngest:
         self._held_by_seq.clear()
 
     async def _to_spool(self, record: Callable[[], bytes], result: T, reason: str,
-                        keys: Keys) -> T:
-        if not self._spooling:
+                        keys: Keys, quietly: bool = False) -> T:
+        if not self._spooling and not quietly:
             log.warn("database unavailable ({reason}): events are spooled to disk until it "
                      "is back", reason=reason)
         self._spooling = True
