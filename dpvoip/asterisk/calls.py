@@ -225,7 +225,7 @@ class CallFollower:
         happened meanwhile is not known) and forget every channel."""
         ended: list[Happening] = [
             self._interrupted(call, at, Detail(reason)) for call in self._calls.values()
-                 if call.direction is not None]
+            if call.direction is not None]
         self._calls.clear()
         self._channels.clear()
         self._bridges.clear()
