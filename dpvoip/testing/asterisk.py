@@ -737,11 +737,13 @@ class FakeAsterisk:
 
     def __init__(self, reactor: Any, account: Account | None = None,
                  script: Sequence[Step] = (), epoch: int | None = None,
-                 timestamps: bool = False, answer_originate: bool = True) -> None:
+                 timestamps: bool = False, answer_originate: bool = True,
+                 clock: Any = None) -> None:
         self._reactor = reactor
+        self._clock = clock or reactor  # the calls' timing (a test's Clock)
         self.account = account or Account()
         self.script = list(script)
-        self.pbx = Pbx(epoch=int(reactor.seconds()) if epoch is None else epoch)
+        self.pbx = Pbx(epoch=int(self._clock.seconds()) if epoch is None else epoch)
         self.timestamps = timestamps
         self.answer_originate = answer_originate
         self.silent = False  # True: read actions and answer nothing (a hung PBX)
@@ -753,7 +755,7 @@ class FakeAsterisk:
         self._login_waiters: list[Deferred[None]] = []
 
     def now(self) -> float:
-        return float(self._reactor.seconds())
+        return float(self._clock.seconds())
 
     def listen(self, port: int = 0, host: str = "127.0.0.1") -> int:
         factory = Factory.forProtocol(lambda: _ManagerSide(self))
@@ -810,14 +812,14 @@ class FakeAsterisk:
     async def play_beats(self, beats: Sequence[Beat]) -> None:
         for beat in beats:
             if beat.delay:
-                await deferLater(self._reactor, beat.delay, lambda: None)
+                await deferLater(self._clock, beat.delay, lambda: None)
             self.broadcast(beat.fields)
 
     async def play(self) -> None:
         """The script, once, in order."""
         for step in self.script:
             if step.delay:
-                await deferLater(self._reactor, step.delay, lambda: None)
+                await deferLater(self._clock, step.delay, lambda: None)
             if isinstance(step.action, Await):
                 await self.when_logged_in()
             elif isinstance(step.action, Close):
@@ -840,7 +842,7 @@ class FakeAsterisk:
             return
         side.reply(action, "Success", [("Message", "Originate successfully queued")])
         beats = self._originated(ext, number, action)
-        done = deferLater(self._reactor, 0, lambda: None)
+        done = deferLater(self._clock, 0, lambda: None)
         done.addCallback(lambda _: self._play_originated(beats))
 
     def _originated(self, ext: str, number: str, action: Message) -> list[Beat]:
