@@ -193,7 +193,7 @@ class BoundsTests(SynchronousTestCase):
             pbx.ring(outside, "201")
             for happening in play(pbx.take(), follower):
                 ended += isinstance(happening, Ended)
-            calls, channels, bridges = follower.followed
+            calls, channels, _ = follower.followed
             self.assertLessEqual(calls, 32)
             self.assertLessEqual(channels, 64)
         self.assertEqual(follower.counters.evicted, ended)
