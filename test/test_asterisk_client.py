@@ -5,13 +5,13 @@ call reaching the recorder, ``Originate`` queued, refused, and not possible."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from dpvoip.asterisk.service import (
@@ -63,7 +63,7 @@ class ClientTestCase(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(self.fake.stop()))
         self.recorder = Recorder()
         self.logged: list[str] = []
-        observer = self._observe
+        observer = cast(ILogObserver, self._observe)
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
 
@@ -141,7 +141,7 @@ class LoginTests(ClientTestCase):
         await self.logged_in(pbx)
         for n in range(1, 4):
             self.clock.advance(20)
-            await until(lambda n=n: len(self.actions("Ping")) == n)
+            await until(lambda n=n: len(self.actions("Ping")) == n)  # type: ignore[misc]
             self.clock.advance(1)
         self.assertTrue(pbx.status.logged_in)
         self.assertEqual(pbx.status.peer_failures, 0)
