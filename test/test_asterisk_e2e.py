@@ -101,14 +101,15 @@ class AsteriskIngestTests(AsteriskIngestMixin, TestCase):
     def test_every_outcome_becomes_its_call_row(self) -> Any:
         client = self.crm.client("Papadopoulos AE", kinito_tilefono="6912345678")
         yield defer.Deferred.fromCoroutine(self.index.build())
-        for name, params in [
+        scenarios: list[tuple[str, dict[str, Any]]] = [
             ("incoming-answered", {"talk": 65}), ("incoming-missed", {}),
             ("incoming-voicemail", {"talk": 15}), ("incoming-busy", {}),
             ("outgoing-answered", {"talk": 42}), ("outgoing-unanswered", {}),
             ("outgoing-busy", {}), ("blind-transfer", {"talk": 20}),
             ("attended-transfer", {"talk": 20}), ("pickup", {"to": "205", "talk": 30}),
             ("queue", {"ext": "203", "talk": 50}),
-        ]:
+        ]
+        for name, params in scenarios:
             yield self.play(name, **params)
         rows = self.calls()
         # The CRM's duration is the whole call's (its start to its end); the notes say
