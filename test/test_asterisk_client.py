@@ -11,8 +11,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dpvoip.asterisk.service import (
     AsteriskPbx,
@@ -25,6 +26,7 @@ from dpvoip.asterisk.settings import read_settings
 from dpvoip.calls.ingest import Origin
 from dpvoip.core.happenings import Answered, Ended, Happening, Started
 from dpvoip.core.outcomes import Outcome, Reason
+from dpvoip.protocols.ami import AmiProtocol
 from dpvoip.testing.asterisk import Account, FakeAsterisk, Play, Step
 from test.support.waiting import until
 
@@ -265,3 +267,43 @@ async def _turn() -> None:
     waiting: Deferred[None] = Deferred()
     reactor.callLater(0, waiting.callback, None)
     await waiting
+
+
+class WireTests(SynchronousTestCase):
+    """The protocol alone, on a ``StringTransport`` and a ``Clock``."""
+
+    def connect(self) -> tuple[AsteriskPbx, AmiProtocol, StringTransport, Clock]:
+        clock = Clock()
+        pbx = AsteriskPbx(read_settings({"name": "office", "secret": SECRET,
+                                         "auth": "plain"}), Recorder(), clock)
+        protocol = pbx.protocol()
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return pbx, protocol, transport, clock
+
+    def test_a_peer_that_is_no_asterisk(self) -> None:
+        pbx, protocol, transport, _ = self.connect()
+        protocol.dataReceived(b"SSH-2.0-OpenSSH_9.2\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertIn("not an Asterisk Manager banner", pbx.status.last_error)
+        self.assertEqual(transport.value(), b"")  # no login sent to it
+
+    def test_no_banner_in_time(self) -> None:
+        pbx, _, transport, clock = self.connect()
+        clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+        self.assertIn("no Manager Interface banner", pbx.status.last_error)
+
+    def test_an_over_long_message_is_refused_and_the_connection_goes_on(self) -> None:
+        pbx, protocol, transport, _ = self.connect()
+        protocol.dataReceived(b"Asterisk Call Manager/9.0.0\r\n")
+        self.assertIn(b"Action: Login\r\n", transport.value())
+        protocol.dataReceived(b"Event: Flood\r\n" + b"Key: value\r\n" * 600 + b"\r\n")
+        self.assertEqual(pbx.status.refused_messages, 1)
+        self.assertFalse(transport.disconnecting)
+
+    def test_an_over_long_line_drops_the_connection(self) -> None:
+        pbx, protocol, transport, _ = self.connect()
+        protocol.dataReceived(b"Asterisk Call Manager/9.0.0\r\n" + b"x" * 20000)
+        self.assertTrue(transport.disconnecting)
+        self.assertIn("a line longer than", pbx.status.last_error)
