@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -65,9 +66,10 @@ class ScriptTests(SynchronousTestCase):
             self.assertIn(problem, str(raised.exception))
 
     def test_the_command_refuses_a_bad_script(self) -> None:
-        bad = self.mktemp()
-        Path(bad).write_text("0 dance\n", encoding="utf-8")
         err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            self.assertEqual(cli.main(["asterisk-sim", bad, "--port", "0"]), 2)
+        with tempfile.TemporaryDirectory() as folder:
+            bad = Path(folder) / "bad.txt"
+            bad.write_text("0 dance\n", encoding="utf-8")
+            with contextlib.redirect_stderr(err):
+                self.assertEqual(cli.main(["asterisk-sim", str(bad), "--port", "0"]), 2)
         self.assertIn("unknown scenario 'dance'", err.getvalue())
