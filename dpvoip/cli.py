@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dpvoip import __version__
+from dpvoip import __version__, asterisk_sim
 from dpvoip.check import call_list_line as call_list_line  # importable from here too
 from dpvoip.config import Config, describe
 from dpvoip.tap import load_or_exit
@@ -338,6 +338,13 @@ def cmd_fritz_sim(args: argparse.Namespace) -> int:
                  tr064=tr064)
 
 
+def cmd_asterisk_sim(args: argparse.Namespace) -> int:
+    """A fake Asterisk's Manager Interface playing a script of calls (demos)."""
+    from dpvoip.testing.asterisk import serve
+
+    return serve(args.script, args.port, args.host, args.username, args.secret, args.loop)
+
+
 def _port_number(text: str) -> int:
     try:
         value = int(text)
@@ -386,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("zadarma-call", cmd_zadarma_call,
          "send a scripted call to a running dpvoip as Zadarma's signed webhooks (demos)"),
         ("fritz-sim", cmd_fritz_sim, "simulate a Fritz!Box CallMonitor playing a script"),
+        ("asterisk-sim", cmd_asterisk_sim, asterisk_sim.HELP),
         ("plugin-cache", cmd_plugin_cache, "rebuild Twisted's plugin cache after install"),
         ("example-config", cmd_example_config, "print the example configuration file"),
     ]:
@@ -427,6 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "timezone, else [crm] timezone, as dpvoip reads call_start)")
             sub.add_argument("--at-once", action="store_true",
                              help="send every event now instead of at the script's pace")
+        if name == "asterisk-sim":
+            asterisk_sim.add_arguments(sub)
         if name == "fritz-sim":
             sub.add_argument("script", help="scenario file (examples in etc/scenarios/)")
             sub.add_argument("--port", type=int, default=1012, help="TCP port (default 1012)")
