@@ -38,7 +38,6 @@ from dpvoip.config import (
     ZadarmaSettings,
 )
 from dpvoip.core.numbers import Dialling
-from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.crm.logins import session_auth_hash
 from dpvoip.service import Daemon, build
 from dpvoip.store.accounts import Accounts
@@ -698,6 +697,11 @@ class DeadStore:
 
     write_one = read
 
+    def batch(self, steps: Any) -> defer.Deferred[Any]:
+        """A transaction (a click's claim) on a database that is gone: it never begins."""
+        self.statements.append("a transaction")
+        return defer.fail(self.error)
+
 
 class DatabaseDownTests(SynchronousTestCase):
     """In memory: the CRM's database failing is a 503 (try again shortly), whichever the
@@ -712,7 +716,7 @@ class DatabaseDownTests(SynchronousTestCase):
                         clock)
         # The database fails before the policy or Zadarma would be asked.
         calls = ClickToCall(CallbackRecords(store, "public"), None, None,  # type: ignore[arg-type]
-                            Dialling("GR"), RateLimiter(5, 60.0), clock)
+                            Dialling("GR"), 5, clock)
         return CallbackPages(logins, calls, (), "/login/", clock)
 
     def request(self, body: bytes | None = None, bearer: bool = True) -> Request:
@@ -759,7 +763,7 @@ class DatabaseDownTests(SynchronousTestCase):
             self) -> None:
         store: Any = DeadStore(psycopg2.OperationalError("could not connect\nDETAIL: x"))
         calls = ClickToCall(CallbackRecords(store, "public"), None, None,  # type: ignore[arg-type]
-                            Dialling("GR"), RateLimiter(5, 60.0), Clock())
+                            Dialling("GR"), 5, Clock())
         user = CrmUser(7, "anna", "Anna Papa", "jwt")
         failure = self.failureResultOf(
             defer.Deferred.fromCoroutine(calls.connections(user)), DatabaseUnreachable)
