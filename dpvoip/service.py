@@ -33,7 +33,6 @@ from dpvoip.click_to_call.logins import Logins
 from dpvoip.config import Config, FritzBoxSettings
 from dpvoip.core.dialling_policy import DiallingPolicy
 from dpvoip.core.numbers import Dialling, normalise
-from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.core.texts import Texts
 from dpvoip.crm.redis_sessions import parse_redis_url
 from dpvoip.crm.schema import CrmCapabilities
@@ -288,7 +287,7 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
             CallbackRecords(store, config.database.crm_schema), api,
             DiallingPolicy(frozenset(clicks.allowed_countries or (config.directory.region,)),
                            clicks.blocked_prefixes, clicks.block_premium),
-            region, RateLimiter(clicks.per_user_per_minute, 60.0), reactor,
+            region, clicks.per_user_per_minute, reactor,
             recordings=clicks.recordings),
         config.crm.allowed_origins, clicks.login_url, reactor,
         proxies=networks(config.web.trusted_proxies),

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import psycopg2
@@ -28,22 +28,27 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 from txpostgres.reconnection import ConnectionDead
 
-from dpvoip.click_to_call.callbacks import ClickToCall
+from dpvoip.click_to_call.callbacks import WINDOW, ClickToCall, window_wait
 from dpvoip.click_to_call.errors import DatabaseUnreachable
 from dpvoip.click_to_call.logins import CrmUser, Logins
 from dpvoip.config import (
     ClickToCallSettings,
     CrmSettings,
+    DatabaseSettings,
     Secret,
     ZadarmaSettings,
 )
 from dpvoip.core.numbers import Dialling
-from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.crm.logins import session_auth_hash
 from dpvoip.service import Daemon, build
 from dpvoip.store.accounts import Accounts
-from dpvoip.store.callbacks import CallbackRecords
+from dpvoip.store.callbacks import PENDING, PENDING_MESSAGE, CallbackRecords, CallbackRequest
+from dpvoip.store.database import Store
+from dpvoip.store.dsn import connection_dsn
+from dpvoip.store.migrations import prepare
+from dpvoip.store.pool import HealingPool
 from dpvoip.store.tokens import create_token, revoke_token
+from dpvoip.testing.memory import MemoryCallbacks
 from dpvoip.testing.zadarma import Fault, ZadarmaFake
 from dpvoip.web.callback import CallbackPages
 from dpvoip.web.errors import HttpError
@@ -59,6 +64,11 @@ SECRET_KEY = "crm-secret-key-for-tests-0123456789abcdef"
 KEY, API_SECRET = "testkey", "testsecret"
 PASSWORD = "pbkdf2_sha256$870000$salt$hash-of-the-old-password="
 CLIENT = "6912345678"
+
+if TYPE_CHECKING:
+    _Case = TestCase
+else:
+    _Case = object
 
 
 class ClickToCallCase(TestCase):
@@ -698,6 +708,11 @@ class DeadStore:
 
     write_one = read
 
+    def batch(self, steps: Any) -> defer.Deferred[Any]:
+        """A transaction (a click's claim) on a database that is gone: it never begins."""
+        self.statements.append("a transaction")
+        return defer.fail(self.error)
+
 
 class DatabaseDownTests(SynchronousTestCase):
     """In memory: the CRM's database failing is a 503 (try again shortly), whichever the
@@ -712,7 +727,7 @@ class DatabaseDownTests(SynchronousTestCase):
                         clock)
         # The database fails before the policy or Zadarma would be asked.
         calls = ClickToCall(CallbackRecords(store, "public"), None, None,  # type: ignore[arg-type]
-                            Dialling("GR"), RateLimiter(5, 60.0), clock)
+                            Dialling("GR"), 5, clock)
         return CallbackPages(logins, calls, (), "/login/", clock)
 
     def request(self, body: bytes | None = None, bearer: bool = True) -> Request:
@@ -759,7 +774,7 @@ class DatabaseDownTests(SynchronousTestCase):
             self) -> None:
         store: Any = DeadStore(psycopg2.OperationalError("could not connect\nDETAIL: x"))
         calls = ClickToCall(CallbackRecords(store, "public"), None, None,  # type: ignore[arg-type]
-                            Dialling("GR"), RateLimiter(5, 60.0), Clock())
+                            Dialling("GR"), 5, Clock())
         user = CrmUser(7, "anna", "Anna Papa", "jwt")
         failure = self.failureResultOf(
             defer.Deferred.fromCoroutine(calls.connections(user)), DatabaseUnreachable)
@@ -768,3 +783,137 @@ class DatabaseDownTests(SynchronousTestCase):
         store.error = ValueError("not the database's")
         self.failureResultOf(defer.Deferred.fromCoroutine(calls.recording_link(user, "12")),
                              ValueError)
+
+
+# -- the per-user limit, shared by every instance on the database ---------------------------
+
+
+class WindowRuleTests(SynchronousTestCase):
+    """``window_wait``, the limit's rule, on plain data: the times any instance counted."""
+
+    def test_below_the_limit_a_request_is_allowed(self) -> None:
+        self.assertIsNone(window_wait([], 1000.0, 3))
+        self.assertIsNone(window_wait([990.0, 995.0], 1000.0, 3))
+
+    def test_at_the_limit_the_wait_ends_a_window_after_the_oldest(self) -> None:
+        self.assertEqual(window_wait([950.0, 960.0, 990.0], 1000.0, 3), 10.0)
+        # exactly a window after the oldest it no longer counts
+        self.assertIsNone(window_wait([940.0, 960.0, 990.0], 1000.0, 3))
+        oldest = 940.0 + 1e-9
+        wait = window_wait([oldest, 960.0, 990.0], 1000.0, 3)
+        assert wait is not None
+        self.assertTrue(wait > 0 and 1000.0 + wait >= oldest + 60.0)  # waiting is enough
+
+    def test_more_than_the_limit_counted_waits_until_enough_have_left(self) -> None:
+        # two hosts' clocks apart: five counted in the window, limit 3: the third oldest
+        # must leave before one more is allowed
+        self.assertEqual(window_wait([945.0, 950.0, 955.0, 960.0, 970.0], 1000.0, 3), 15.0)
+
+    def test_a_time_ahead_counts_unless_a_window_ahead(self) -> None:
+        self.assertEqual(window_wait([1010.0, 1020.0, 1030.0], 1000.0, 3), 70.0)
+        # a clock set back by more than a window: those times mean nothing now
+        self.assertIsNone(window_wait([1060.0, 1070.0, 1080.0], 1000.0, 3))
+
+
+class SharedLimitContract(_Case):
+    """What every ``CallbackStore``'s ``claim`` and ``record`` do (``MemoryCallbacks`` and
+    ``CallbackRecords`` on PostgreSQL alike): the limit of 3 a minute for user 7."""
+
+    store: Any
+    T0 = 1_750_000_000.0
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        """(user, result, http status, message) of every request kept, in order."""
+        raise NotImplementedError
+
+    def claim(self, at: float, user: int = 7) -> defer.Deferred[Any]:
+        async def claimed() -> Any:
+            return await self.store.claim(
+                CallbackRequest(user, "jwt", 1, None, CLIENT, None, "refused", 0, ""),
+                at, WINDOW, lambda counted: window_wait(counted, at, 3))
+        return defer.Deferred.fromCoroutine(claimed())
+
+    @defer.inlineCallbacks
+    def test_three_claims_a_minute_the_fourth_waits_and_nothing_is_kept_for_it(self) -> Any:
+        claims = []
+        for offset in (0, 10, 20, 30):
+            claims.append((yield self.claim(self.T0 + offset)))
+        self.assertEqual([c.wait for c in claims], [None, None, None, 30.0])
+        self.assertIsNone(claims[3].request_id)
+        self.assertEqual(len({c.request_id for c in claims[:3]}), 3)
+        self.assertEqual(self.rows(), [(7, PENDING, 0, PENDING_MESSAGE)] * 3)
+        # another user counts apart; a window after the first claim there is room again
+        self.assertIsNone((yield self.claim(self.T0 + 30, user=8)).wait)
+        self.assertIsNone((yield self.claim(self.T0 + 60)).wait)
+        self.assertEqual((yield self.claim(self.T0 + 61)).wait, 9.0)
+
+    @defer.inlineCallbacks
+    def test_the_outcome_is_written_over_its_claim_which_stays_counted(self) -> Any:
+        first = yield self.claim(self.T0)
+        yield defer.Deferred.fromCoroutine(self._record(first.request_id))
+        yield defer.Deferred.fromCoroutine(self._record(None))  # a request never counted
+        self.assertEqual(self.rows(), [(7, "dialled", 200, "Expect a call"),
+                                       (7, "refused", 429, "too many")])
+        yield self.claim(self.T0 + 1)
+        yield self.claim(self.T0 + 2)
+        self.assertEqual((yield self.claim(self.T0 + 3)).wait, 57.0)
+
+    async def _record(self, claimed: int | None) -> None:
+        ok = claimed is not None
+        await self.store.record(CallbackRequest(
+            7, "jwt", 1, "100", CLIENT, "+306912345678" if ok else None,
+            "dialled" if ok else "refused", 200 if ok else 429,
+            "Expect a call" if ok else "too many"), claimed)
+
+    @defer.inlineCallbacks
+    def test_claims_made_at_once_are_taken_one_at_a_time(self) -> Any:
+        claims = yield defer.gatherResults([self.claim(self.T0 + n / 10) for n in range(10)])
+        self.assertEqual(sum(c.wait is None for c in claims), 3)
+        self.assertEqual(len(self.rows()), 3)
+
+    @defer.inlineCallbacks
+    def test_a_clock_set_back_by_more_than_a_window_is_not_locked_out(self) -> Any:
+        for offset in (500, 501, 502):
+            yield self.claim(self.T0 + offset)
+        self.assertIsNone((yield self.claim(self.T0)).wait)
+
+
+class MemorySharedLimitTests(SharedLimitContract, TestCase):
+    def setUp(self) -> None:
+        self.store = MemoryCallbacks()
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        return [(r.user_id, r.result, r.http_status, r.message) for r in self.store.records]
+
+
+class PostgresSharedLimitTests(SharedLimitContract, TestCase):
+    """On the real PostgreSQL, through a pool of four: concurrent claims really overlap."""
+
+    timeout = 2 * PATIENCE
+
+    def setUp(self) -> Any:
+        self.dsn = postgres().new_database(crm="2025-12")
+        self.crm = Crm(self.dsn)
+        pool = HealingPool(reactor, connection_dsn(self.dsn, DatabaseSettings()), 4)
+        self.addCleanup(pool.close)
+        database = Store(pool, reactor)
+        self.store = CallbackRecords(database, "public")
+
+        async def ready() -> None:
+            await pool.start()
+            await database.write(lambda c: prepare(c, standalone=False, crm_schema="public"))
+
+        return defer.Deferred.fromCoroutine(ready())
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        return self.crm.query("SELECT user_id, result, http_status, message"
+                              " FROM dpvoip.callback_request ORDER BY id")
+
+    @defer.inlineCallbacks
+    def test_the_count_is_the_databases_not_this_processs(self) -> Any:
+        # what another instance counted a moment ago (its row, its clock) counts here
+        self.crm.query(
+            "INSERT INTO dpvoip.callback_request (user_id, login, number_given, result,"
+            " http_status, counted_at) SELECT 7, 'jwt', '1', 'dialled', 200,"
+            " to_timestamp(%s) FROM generate_series(1, 3) RETURNING 1", (self.T0 - 5,))
+        self.assertEqual((yield self.claim(self.T0)).wait, 55.0)

@@ -50,7 +50,6 @@ from dpvoip.click_to_call.logins import Logins
 from dpvoip.config import ClickToCallSettings, DirectorySettings, Secret, WebSettings
 from dpvoip.core.dialling_policy import DiallingPolicy
 from dpvoip.core.numbers import Dialling
-from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.crm.logins import session_auth_hash
 from dpvoip.testing.memory import (
     MemoryAccounts,
@@ -292,7 +291,7 @@ class NginxInFrontTests(TestCase):
             Logins(self.accounts, Secret(SECRET_KEY), Secret(""), click.session_cookie,
                    clock),
             ClickToCall(self.callbacks, self.api, policy, Dialling(region),
-                        RateLimiter(click.per_user_per_minute, 60.0), clock),
+                        click.per_user_per_minute, clock),
             (), click.login_url, clock, proxies=proxies)
         webhook = ZadarmaWebhook(
             recorder=self.recorder,

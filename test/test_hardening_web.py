@@ -39,7 +39,6 @@ from dpvoip.click_to_call.logins import CrmUser
 from dpvoip.config import ConfigError, DatabaseSettings
 from dpvoip.core.dialling_policy import DiallingPolicy
 from dpvoip.core.numbers import Dialling
-from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.logs import observer
 from dpvoip.store.dsn import connection_dsn, problem
 from dpvoip.testing.memory import MemoryCallbacks, MemoryZadarmaApi
@@ -225,7 +224,7 @@ class RecordingRightsTests(SynchronousTestCase):
 
     def links(self, recordings: str) -> dict[str, str]:
         calls = ClickToCall(self.store, self.api, DiallingPolicy(frozenset({"GR"}), (), False),
-                            Dialling("GR"), RateLimiter(5, 60.0), Clock(),
+                            Dialling("GR"), 5, Clock(),
                             recordings=recordings)
         seen = {}
         for name, user in self.users.items():

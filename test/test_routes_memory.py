@@ -35,7 +35,6 @@ from dpvoip.click_to_call.ports import (
 from dpvoip.config import ClickToCallSettings, DirectorySettings, Secret
 from dpvoip.core.dialling_policy import DiallingPolicy
 from dpvoip.core.numbers import Dialling
-from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.crm.logins import session_auth_hash
 from dpvoip.spool.durable import NotRecorded
 from dpvoip.store.accounts import Accounts
@@ -118,7 +117,7 @@ class RoutesCase(SynchronousTestCase):
             Logins(self.accounts, Secret(SECRET_KEY), Secret(""), self.click.session_cookie,
                    self.clock),
             ClickToCall(self.callbacks, self.api, policy, Dialling(region),
-                        RateLimiter(self.click.per_user_per_minute, 60.0), self.clock),
+                        self.click.per_user_per_minute, self.clock),
             self.allowed_origins, self.click.login_url, self.clock,
             proxies=networks(["127.0.0.1/32"]))  # StubTreq's client: the CRM's proxy
         self.webhook = ZadarmaWebhook(

@@ -3,7 +3,10 @@
 Every check that protects the company's money happens here, before Zadarma is asked:
 the connection must be the user's own and active, the number must pass the dialling
 policy, the user must be within their rate. Every request, refused or not, is recorded
-in ``dpvoip.callback_request``. The web routes only translate HTTP to and from this; the
+in ``dpvoip.callback_request``; the user's rate is counted there too, so that it holds
+across every dpvoip instance on the database (``window_wait`` is its rule, the store's
+``claim`` applies it one request of a user at a time). The web routes only translate HTTP
+to and from this; the
 tables and Zadarma are reached through the ``CallbackStore`` and ``ZadarmaCalls`` it is
 given (``store.callbacks`` and ``zadarma.api`` in the daemon, ``testing.memory`` in the
 route tests). A database that does not answer comes out as ``DatabaseUnreachable``.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +28,6 @@ from dpvoip.click_to_call.ports import CallbackStore, ZadarmaCalls
 from dpvoip.core.dialling_policy import DiallingPolicy
 from dpvoip.core.errors import summary
 from dpvoip.core.numbers import Dialling, without_formatting
-from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.store.callbacks import CallbackRequest
 from dpvoip.zadarma.api import ZadarmaApiError, ZadarmaRefused
 
@@ -33,6 +36,32 @@ log = Logger()
 _FROM = re.compile(r"^(\+?[0-9]{7,15}|[0-9]{3,5})$")
 _SIP = re.compile(r"^([0-9]{5}|[0-9]{3})$")
 _ID = re.compile(r"[0-9]{1,9}")
+
+
+#: The per-user limit's window: ``[click_to_call] per_user_per_minute`` in any minute.
+WINDOW = 60.0
+
+
+def window_wait(counted: Sequence[float], now: float, limit: int,
+                window: float = WINDOW) -> float | None:
+    """The per-user limit's rule: None when one more request at ``now`` is allowed, given
+    ``counted``, the times of the user's requests already counted (by any instance); else
+    the seconds until it would be (> 0).
+
+    A sliding window, as ``core.rate_limit.RateLimiter`` (fixed buckets would let twice the
+    limit through around a boundary): a request counted at ``t`` counts until
+    ``t + window``, exclusive. The times come from the instances' clocks: one ahead of
+    ``now`` by less than a window counts (nothing is let through early), one ahead by a
+    window or more does not (a clock set back since, a host with a wrong clock), rather
+    than refusing the user until the clock catches up."""
+    live = sorted(t for t in counted if now - window < t < now + window)
+    if len(live) < limit:
+        return None
+    free_at = live[len(live) - limit] + window
+    wait = free_at - now
+    while now + wait < free_at:  # rounding: waiting ``wait`` must be enough
+        wait = math.nextafter(wait, math.inf)
+    return wait
 
 
 def _text(value: str) -> str:
@@ -95,9 +124,16 @@ class BadCallId(ValueError):
 
 
 class ClickToCall:
+    """``per_user``: requests one user may make in any ``WINDOW`` (a minute), on all the
+    instances together; every POST counts, refused or not, except one refused for being
+    over the limit. The count is in the database: when it cannot be read the request is
+    refused (``DatabaseUnreachable``, a 503) and nothing is dialled."""
+
     def __init__(self, records: CallbackStore, api: ZadarmaCalls, policy: DiallingPolicy,
-                 where: Dialling, per_user: RateLimiter, clock: Any,
+                 where: Dialling, per_user: int, clock: Any,
                  recordings: str = STAFF_OR_OWN) -> None:
+        if per_user < 1:
+            raise ValueError(f"per_user must be at least 1, not {per_user}")
         if recordings not in RECORDINGS:
             raise ValueError(f"recordings must be one of {RECORDINGS}")
         self._recordings = recordings
@@ -114,6 +150,17 @@ class ClickToCall:
 
     async def dial(self, user: CrmUser, connection_id: str, number: str, sip: str = "",
                    predicted: bool = False) -> CallbackOutcome:
+        now = self._clock.seconds()
+        asked = CallbackOutcome(0, "")
+        claim = await from_database(self._records.claim(
+            self._request(user, None, connection_id, number, None, asked), now, WINDOW,
+            lambda counted: window_wait(counted, now, self._per_user)))
+        if claim.wait is not None:
+            outcome = CallbackOutcome(
+                429, f"too many calls requested; try again in {math.ceil(claim.wait)} s",
+                retry_after=claim.wait)
+            await self._record(user, None, connection_id, number, None, outcome)
+            return outcome
         connection: Connection | None = None
         dialled: str | None = None
         try:
@@ -121,16 +168,12 @@ class ClickToCall:
                 user, connection_id, number, sip, predicted)
         except ZadarmaApiError as error:
             outcome = CallbackOutcome(error.status, error.message, retry_after=error.retry_after)
-        await self._record(user, connection, connection_id, number, dialled, outcome)
+        await self._record(user, connection, connection_id, number, dialled, outcome,
+                           claimed=claim.request_id)
         return outcome
 
     async def _dial(self, user: CrmUser, connection_id: str, number: str, sip: str,
                     predicted: bool) -> tuple[CallbackOutcome, Connection | None, str | None]:
-        wait = self._per_user.take(user.id, self._clock.seconds())
-        if wait is not None:
-            return CallbackOutcome(
-                429, f"too many calls requested; try again in {math.ceil(wait)} s",
-                retry_after=wait), None, None
         if not _ID.fullmatch(connection_id.strip()):
             return CallbackOutcome(400, "choose one of your connections (callerid)"), None, None
         connection = await self._own_connection(user, int(connection_id))
@@ -167,23 +210,31 @@ class ClickToCall:
         await self._record(user, None, connection_id, number, None, outcome)
         return outcome
 
+    @staticmethod
+    def _request(user: CrmUser | None, connection: Connection | None, connection_id: str,
+                 number: str, dialled: str | None, outcome: CallbackOutcome
+                 ) -> CallbackRequest:
+        given_id = connection_id.strip()
+        return CallbackRequest(
+            user_id=user.id if user else None,
+            login=user.via if user else "none",
+            connection_id=connection.id if connection else (
+                int(given_id) if _ID.fullmatch(given_id) else None),
+            from_number=connection.number if connection else None,
+            number_given=_text(number[:64]),
+            number_dialled=dialled,
+            result="dialled" if outcome.ok else "refused",
+            http_status=outcome.status,
+            message=_text(outcome.message[:300]),
+        )
+
     async def _record(self, user: CrmUser | None, connection: Connection | None,
                       connection_id: str, number: str, dialled: str | None,
-                      outcome: CallbackOutcome) -> None:
-        given_id = connection_id.strip()
+                      outcome: CallbackOutcome, claimed: int | None = None) -> None:
         try:
-            await self._records.record(CallbackRequest(
-                user_id=user.id if user else None,
-                login=user.via if user else "none",
-                connection_id=connection.id if connection else (
-                    int(given_id) if _ID.fullmatch(given_id) else None),
-                from_number=connection.number if connection else None,
-                number_given=_text(number[:64]),
-                number_dialled=dialled,
-                result="dialled" if outcome.ok else "refused",
-                http_status=outcome.status,
-                message=_text(outcome.message[:300]),
-            ))
+            await self._records.record(
+                self._request(user, connection, connection_id, number, dialled, outcome),
+                claimed)
         except Exception as error:  # the answer must still reach the user
             log.error("click-to-call request of {user} not recorded: {error}",
                       user=user.username if user else "an unknown user",

@@ -13,11 +13,11 @@ at once (an ``async def``) or with a ``Deferred``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from dpvoip.store.accounts import Account
-from dpvoip.store.callbacks import CallbackRequest, ConnectionRow
+from dpvoip.store.callbacks import CallbackRequest, Claim, ConnectionRow
 from dpvoip.zadarma.account import ZadarmaAccountApi
 from dpvoip.zadarma.api import CallbackAccepted
 
@@ -62,8 +62,19 @@ class CallbackStore(Protocol):
         """Connection ``connection_id`` if it is active and ``owner_id``'s, else None."""
         ...
 
-    def record(self, request: CallbackRequest) -> Awaitable[None]:
-        """Keep the record of one request, dialled or refused."""
+    def claim(self, pending: CallbackRequest, at: float, window: float,
+              decide: Callable[[list[float]], float | None]) -> Awaitable[Claim]:
+        """Count a request of ``pending.user_id`` at ``at`` against the per-user limit that
+        every instance on the database shares: with the times (ascending) of the user's
+        requests counted after ``at - window``, ``decide`` (pure) returns None to allow it
+        (its row is then kept as ``pending`` and counted: ``Claim.request_id``) or the
+        seconds to wait (nothing kept: ``Claim.wait``). One user's claims are taken one
+        at a time, whichever instance makes them."""
+        ...
+
+    def record(self, request: CallbackRequest, claimed: int | None = None) -> Awaitable[None]:
+        """Keep the record of one request, dialled or refused: over the row of its claim
+        (``claimed``, the ``Claim.request_id``), or as a new row (a request never counted)."""
         ...
 
     def recording_of_crm_call(self, crm_call_id: int,

@@ -1,19 +1,39 @@
 """What click-to-call reads and writes: the user's VoIP connections, the record of every
-request (``dpvoip.callback_request``) and the recording of a call.
+request (``dpvoip.callback_request``), the per-user limit counted in that record, and the
+recording of a call.
 
-``click_to_call.callbacks`` decides (whose connection, which number, what answer); the
-statements are here, with the rest of dpvoip's SQL.
+``click_to_call.callbacks`` decides (whose connection, which number, what answer, whether
+the user is over the limit); the statements are here, with the rest of dpvoip's SQL.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dpvoip.crm.schema import quote_ident
-from dpvoip.store.database import Store
+from dpvoip.store.database import Batch, Store
 
 #: A ``voip_connection`` row: id, type, number, callerid, provider.
 ConnectionRow = tuple[int, str, str, str, str]
+
+#: The first key of the advisory locks that serialise one user's claims (the second is
+#: the user's id). Two-key locks never meet the one-key lock of the migrations.
+CLAIM_LOCK = 0x64706363  # "dpcc"
+
+#: What a claimed request's row says until its outcome is written over it: seen only when
+#: dpvoip stopped, or lost the database, between the claim and the answer.
+PENDING = "pending"
+PENDING_MESSAGE = "no outcome recorded: dpvoip stopped or lost its database before it answered"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The answer to a claim: ``request_id``, the row counted for the request when it is
+    within the limit, else ``wait``, the seconds until the next one would be (> 0)."""
+
+    request_id: int | None
+    wait: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,8 +84,60 @@ class CallbackRecords:
         )
         return (rows[0][0], rows[0][1], rows[0][2], rows[0][3], rows[0][4]) if rows else None
 
-    async def record(self, request: CallbackRequest) -> None:
-        """Write the request's row (one statement, atomic, shielded from cancellation)."""
+    async def claim(self, pending: CallbackRequest, at: float, window: float,
+                    decide: Callable[[list[float]], float | None]) -> Claim:
+        """Count one request of ``pending.user_id`` at ``at`` (seconds since the epoch, the
+        caller's clock) against the limit shared by every instance on this database.
+
+        One transaction, serialised per user by an advisory lock: the times of the user's
+        counted requests after ``at - window`` are read, ``decide`` (the limit's rule,
+        pure) says whether one more is allowed, and if it is, the request's row is written
+        (``pending`` with ``counted_at``), to be completed by ``record(..., claimed=id)``.
+        A request refused here writes nothing (``record`` keeps it, uncounted). Two
+        instances claiming for one user at once are taken one after the other, so the
+        second sees the first's row: the limit holds whichever instance takes the click.
+        """
+        if pending.user_id is None:
+            raise ValueError("only a signed-in user's request is counted")
+        user = pending.user_id
+
+        async def steps(batch: Batch) -> Claim:
+            rows = await batch.run(
+                "SELECT pg_advisory_xact_lock(%s, %s);"
+                " SELECT extract(epoch FROM counted_at)::float8"
+                " FROM dpvoip.callback_request"
+                " WHERE user_id = %s AND counted_at > to_timestamp(%s) ORDER BY counted_at",
+                (CLAIM_LOCK, user, user, at - window))
+            wait = decide([float(row[0]) for row in rows])
+            if wait is not None:
+                return Claim(None, wait)
+            made = await batch.run(
+                "INSERT INTO dpvoip.callback_request (user_id, login, connection_id,"
+                " from_number, number_given, number_dialled, result, http_status, message,"
+                " counted_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s))"
+                " RETURNING id",
+                (user, pending.login, pending.connection_id, pending.from_number,
+                 pending.number_given, pending.number_dialled, PENDING, 0, PENDING_MESSAGE,
+                 at))
+            return Claim(int(made[0][0]))
+
+        return await self._store.batch(steps)
+
+    async def record(self, request: CallbackRequest, claimed: int | None = None) -> None:
+        """Write the request's row (one statement, atomic, shielded from cancellation): the
+        outcome over the row of its claim (``claimed``: it stays counted), else a new row
+        (a request refused before it was counted: no login, over the limit)."""
+        if claimed is not None:
+            await self._store.write_one(
+                "UPDATE dpvoip.callback_request SET user_id = %s, login = %s,"
+                " connection_id = %s, from_number = %s, number_given = %s,"
+                " number_dialled = %s, result = %s, http_status = %s, message = %s"
+                " WHERE id = %s",
+                (request.user_id, request.login, request.connection_id,
+                 request.from_number, request.number_given, request.number_dialled,
+                 request.result, request.http_status, request.message, claimed),
+            )
+            return
         await self._store.write_one(
             "INSERT INTO dpvoip.callback_request (user_id, login, connection_id,"
             " from_number, number_given, number_dialled, result, http_status, message)"

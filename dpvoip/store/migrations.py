@@ -261,6 +261,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             FOR EACH ROW EXECUTE FUNCTION dpvoip.box_status_live();
         """,
     ),
+    Migration(
+        13,
+        "click-to-call: the requests counted against the per-user limit, on every instance",
+        """
+        ALTER TABLE dpvoip.callback_request ADD COLUMN counted_at timestamptz;
+        CREATE INDEX callback_request_counted
+            ON dpvoip.callback_request (user_id, counted_at) WHERE counted_at IS NOT NULL;
+        """,
+    ),
 )
 
 

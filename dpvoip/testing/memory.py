@@ -11,7 +11,9 @@ on the points the routes depend on:
   token is not found; a token of an inactive user is found (``Logins`` refuses it); the
   password hash comes with ``account`` and not with ``use_token``.
 - ``MemoryCallbacks``: only the owner's active connections, lowest id first; every
-  request kept in ``records``; a call with no recording has none.
+  request kept in ``records`` (a claimed one as ``pending`` until its outcome is
+  recorded over it); a claim counts the user's earlier claims in the window as the
+  table does; a call with no recording has none.
 - ``MemoryZadarmaApi``: every callback asked is kept (with the parameters the real client
   would sign), answered from a script of the same exceptions the real client raises
   (``refused``, ``unreachable``, ``rate_limited``, ``timed_out``, ``bad_answer``).
@@ -28,7 +30,7 @@ import itertools
 import math
 import secrets
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -39,7 +41,13 @@ from dpvoip.click_to_call.errors import DatabaseUnreachable
 from dpvoip.core.matching import Client, Match
 from dpvoip.crm.logins import api_token_hash, new_api_token
 from dpvoip.store.accounts import Account
-from dpvoip.store.callbacks import CallbackRequest, ConnectionRow
+from dpvoip.store.callbacks import (
+    PENDING,
+    PENDING_MESSAGE,
+    CallbackRequest,
+    Claim,
+    ConnectionRow,
+)
 from dpvoip.store.tokens import TokenError
 from dpvoip.zadarma import api
 from dpvoip.zadarma.events import ZadarmaEvent
@@ -174,7 +182,8 @@ class MemoryCallbacks:
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._connections: dict[int, _Connection] = {}
-        self.records: list[CallbackRequest] = []
+        self.records: list[CallbackRequest] = []  # a request's id: its place, from 1
+        self._counted: dict[int, tuple[int, float]] = {}  # request id -> (user, time)
         self._recordings: dict[str, str] = {}  # dpvoip's call id -> Zadarma's recording
         self._crm_calls: dict[int, str] = {}  # the CRM's call id -> dpvoip's call id
         self._legs: dict[str, tuple[str, ...]] = {}  # dpvoip's call id -> its office side
@@ -225,11 +234,29 @@ class MemoryCallbacks:
             return None
         return found.row
 
-    async def record(self, request: CallbackRequest) -> None:
+    async def claim(self, pending: CallbackRequest, at: float, window: float,
+                    decide: Callable[[list[float]], float | None]) -> Claim:
+        self._reachable()
+        if pending.user_id is None:
+            raise ValueError("only a signed-in user's request is counted")
+        counted = sorted(t for user, t in self._counted.values()
+                         if user == pending.user_id and t > at - window)
+        wait = decide(counted)
+        if wait is not None:
+            return Claim(None, wait)
+        self.records.append(replace(pending, result=PENDING, http_status=0,
+                                    message=PENDING_MESSAGE))
+        self._counted[len(self.records)] = (pending.user_id, at)
+        return Claim(len(self.records))
+
+    async def record(self, request: CallbackRequest, claimed: int | None = None) -> None:
         self._reachable()
         if self.record_error is not None:
             raise self.record_error
-        self.records.append(request)
+        if claimed is None:
+            self.records.append(request)
+        else:
+            self.records[claimed - 1] = request
 
     async def recording_of_crm_call(self, crm_call_id: int,
                                     viewer: int | None) -> str | None:
