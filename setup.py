@@ -45,5 +45,10 @@ setup(
         # Only when no system PostgreSQL exists: a wheel carrying PostgreSQL binaries.
         "embedded": ["pgserver>=0.1.4"],
     },
-    entry_points={"console_scripts": ["dpvoip = dpvoip.cli:main"]},
+    entry_points={
+        "console_scripts": ["dpvoip = dpvoip.cli:main"],
+        # Telephony provider kinds (dpvoip.providers.discovery): a third-party kind is a
+        # package declaring its own entry point in this group.
+        "dpvoip.providers": ["zadarma = dpvoip.zadarma.provider:KIND"],
+    },
 )

@@ -23,6 +23,7 @@ import phonenumbers
 
 from dpvoip.core.dialling_policy import DEFAULT_BLOCKED_PREFIXES
 from dpvoip.crm.redis_sessions import parse_redis_url
+from dpvoip.providers.interface import ProviderConfig
 
 
 class ConfigError(Exception):
@@ -491,7 +492,16 @@ class DirectorySettings:
 
 @dataclass(frozen=True)
 class ZadarmaSettings:
-    key: Secret = setting(Secret(""), "Zadarma API key.", env="ZADARMA_KEY")
+    key: Secret = setting(
+        Secret(""),
+        "Zadarma API key. This section is the provider kind = \"zadarma\", name = "
+        "\"zadarma\": its webhook URL is /voip/zd/, and the CRM's connections whose provider "
+        "is 'Zadarma' dial through it. More providers (another Zadarma account, another "
+        "kind): one [[provider]] table each, with kind, name and the kind's keys (for "
+        "kind = \"zadarma\" the keys of this section); another Zadarma provider's webhook "
+        "URL is /voip/zd/<name>/. With [[provider]] tables, this section is a provider "
+        "only when one of its keys is set (here or in the environment).",
+        env="ZADARMA_KEY")
     secret: Secret = setting(
         Secret(""), "Zadarma API secret; also signs the webhooks.", env="ZADARMA_SECRET"
     )
@@ -762,6 +772,26 @@ class Config:
     legacy_monitor: LegacyMonitorSettings = field(default_factory=LegacyMonitorSettings)
     page: PageSettings = field(default_factory=PageSettings)
     live: LiveSettings = field(default_factory=LiveSettings)
+    #: The ``[[provider]]`` tables (their kinds' settings read); ``all_providers`` adds
+    #: the ``[zadarma]`` section's.
+    providers: tuple[ProviderConfig, ...] = ()
+
+    @property
+    def zadarma_in_force(self) -> bool:
+        """Whether the ``[zadarma]`` section is a provider (named ``zadarma``): always
+        without ``[[provider]]`` tables (as before there were any), else when one of its
+        settings differs from its default (set in the file or the environment)."""
+        return not self.providers or self.zadarma != ZadarmaSettings()
+
+    @property
+    def all_providers(self) -> tuple[ProviderConfig, ...]:
+        """Every configured provider: the ``[zadarma]`` section's first (when in force),
+        then the ``[[provider]]`` tables in their order."""
+        if not self.zadarma_in_force:
+            return self.providers
+        from dpvoip.providers.discovery import built_in
+
+        return (ProviderConfig(ZADARMA, built_in("zadarma"), self.zadarma), *self.providers)
 
     @property
     def standalone(self) -> bool:
@@ -794,6 +824,13 @@ SECTIONS: dict[str, type[Any]] = {
     "live": LiveSettings,
 }
 LIST_SECTIONS: dict[str, type[Any]] = {"fritzbox": FritzBoxSettings}
+#: The list of telephony providers: ``[[provider]]`` tables, each read by its kind.
+PROVIDER_SECTION = "provider"
+#: The ``[zadarma]`` section's provider's name.
+ZADARMA = "zadarma"
+#: Names a provider cannot have: the paths of dpvoip's own routes under /voip/ (a kind
+#: may serve its provider at /voip/<name>/).
+RESERVED_PROVIDER_NAMES = frozenset({"zd", "get-callback", "calls", "static", "events"})
 
 #: Environment variables that are not settings but are ours.
 RESERVED_ENV = frozenset({"DPVOIP_CONFIG"})
@@ -868,6 +905,13 @@ def _hints(cls: type[Any]) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def read_section(cls: type[T], raw: Mapping[str, Any], where: str) -> T:
+    """One section (a dataclass of ``setting`` fields) from its raw TOML table, every key
+    checked: a ``ConfigError`` starting with ``where`` names the key and what is wrong,
+    never a ``Secret``'s value. What a provider kind reads its ``[[provider]]`` table with."""
+    return _build(cls, raw, where)
+
+
 def _build(cls: type[T], raw: Mapping[str, Any], where: str) -> T:
     """Build one section from its raw TOML table, checking every key."""
     hints = _hints(cls)
@@ -907,12 +951,21 @@ def parse(text: str, source: str = "config") -> dict[str, Any]:
         raise ConfigError(f"{source}: not valid TOML: {error}") from None
 
 
-def from_toml(data: Mapping[str, Any], source: str = "config", whole: bool = True) -> Config:
+Kinds = Mapping[str, Callable[[], Any]]  # kind name -> its loader (providers.discovery)
+
+
+def from_toml(data: Mapping[str, Any], source: str = "config", whole: bool = True,
+              kinds: Kinds | None = None) -> Config:
     """The file's settings; ``whole=False`` defers the checks that span settings (the
-    environment may still supply what the file lacks, e.g. DATABASE_URL)."""
+    environment may still supply what the file lacks, e.g. DATABASE_URL). ``kinds``: the
+    provider kinds ``[[provider]]`` tables may name (default: the installed ones)."""
     sections: dict[str, Any] = {}
     for name, table in data.items():
-        if name in SECTIONS:
+        if name == PROVIDER_SECTION:
+            if not isinstance(table, list) or not all(isinstance(t, dict) for t in table):
+                raise ConfigError(f"{source}: [[{name}]] must be an array of tables")
+            sections["providers"] = _providers(table, source, kinds)
+        elif name in SECTIONS:
             if not isinstance(table, dict):
                 raise ConfigError(f"{source}: [{name}] must be a table")
             sections[name] = _build(SECTIONS[name], table, f"{source}: [{name}]")
@@ -924,7 +977,7 @@ def from_toml(data: Mapping[str, Any], source: str = "config", whole: bool = Tru
                 for index, item in enumerate(table)
             )
         else:
-            known = sorted([*SECTIONS, *LIST_SECTIONS])
+            known = sorted([*SECTIONS, *LIST_SECTIONS, PROVIDER_SECTION])
             raise ConfigError(
                 f"{source}: unknown section [{name}] (known: {', '.join(known)})"
             )
@@ -934,11 +987,67 @@ def from_toml(data: Mapping[str, Any], source: str = "config", whole: bool = Tru
     return config
 
 
+def _providers(tables: list[dict[str, Any]], source: str,
+               kinds: Kinds | None) -> tuple[ProviderConfig, ...]:
+    """Each ``[[provider]]`` table's kind found and its settings read by that kind."""
+    from dpvoip.providers.discovery import installed, load
+
+    kinds = installed() if kinds is None else kinds
+    read: list[ProviderConfig] = []
+    for index, table in enumerate(tables):
+        where = f"{source}: [[provider]] #{index + 1}"
+        kind, name = table.get("kind"), table.get("name")
+        if not isinstance(kind, str) or not kind:
+            raise ConfigError(f"{where}: kind missing (a string; installed kinds: "
+                              f"{', '.join(sorted(kinds))})")
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: name missing (a string: the provider's name, as "
+                              "the CRM's voip_connection.provider says it, in lower case)")
+        problem = _name(name)
+        if problem:
+            raise ConfigError(f"{where} name: {problem}")
+        where = f"{source}: [[provider]] {name!r}"
+        try:
+            plugin = load(kind, kinds)
+        except LookupError as unknown:
+            raise ConfigError(f"{where} kind: {unknown.args[0]}") from None
+        except Exception as error:  # a broken plugin: named, not a traceback
+            raise ConfigError(f"{where} kind: the plugin of kind {kind!r} cannot be "
+                              f"loaded: {type(error).__name__}: {error}") from None
+        rest = {key: value for key, value in table.items() if key not in ("kind", "name")}
+        read.append(ProviderConfig(name, plugin, plugin.read_settings(rest, where)))
+    return tuple(read)
+
+
+def _check_providers(config: Config, source: str) -> None:
+    """Provider names: unique, none of a box's (calls are told apart by it) or a route's."""
+    boxes = {box.name for box in config.fritzbox}
+    names: set[str] = set()
+    for provider in config.all_providers:
+        name = provider.name
+        if name in names:
+            if name == ZADARMA and config.zadarma_in_force:
+                raise ConfigError(
+                    f"{source}: [[provider]] name 'zadarma' is the [zadarma] section's "
+                    "provider, in force because one of its keys is set (in [zadarma], "
+                    "DPVOIP_ZADARMA_* or ZADARMA_KEY/ZADARMA_SECRET): rename the table, or "
+                    "move those keys into it")
+            raise ConfigError(f"{source}: [[provider]] name {name!r} is used twice")
+        names.add(name)
+        if name in boxes:
+            raise ConfigError(f"{source}: [[provider]] name {name!r} is also a [[fritzbox]] "
+                              "name: calls are told apart by it; rename one")
+        if name in RESERVED_PROVIDER_NAMES:
+            raise ConfigError(f"{source}: [[provider]] name {name!r} is the path of one of "
+                              f"dpvoip's own routes (/voip/{name}/); choose another")
+
+
 def _check_whole(config: Config, source: str) -> None:
     names = [box.name for box in config.fritzbox]
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"{source}: [[fritzbox]] name {name!r} is used twice")
+    _check_providers(config, source)
     for box in config.fritzbox:
         if box.tr064_user and not box.tr064_password:
             raise ConfigError(f"{source}: [[fritzbox]] {box.name!r}: tr064_user needs "
@@ -998,8 +1107,9 @@ def apply_environment(
     return result
 
 
-def load(path: Path | None, environ: Mapping[str, str]) -> Config:
-    """Load the file (when given) and apply the environment. Raises ConfigError."""
+def load(path: Path | None, environ: Mapping[str, str], kinds: Kinds | None = None) -> Config:
+    """Load the file (when given) and apply the environment. Raises ConfigError.
+    ``kinds``: the provider kinds (default: the installed ones)."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -1011,7 +1121,8 @@ def load(path: Path | None, environ: Mapping[str, str]) -> Config:
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
         data = parse(text, source)
-    return apply_environment(from_toml(data, source, whole=False), environ, source)
+    return apply_environment(from_toml(data, source, whole=False, kinds=kinds), environ,
+                             source)
 
 
 def describe() -> list[tuple[str, str, Any, str, str]]:
@@ -1045,4 +1156,5 @@ __all__ = [
     "ZadarmaSettings",
     "describe",
     "load",
+    "read_section",
 ]

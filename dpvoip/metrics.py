@@ -43,14 +43,17 @@ class Directory(Protocol):
     def state(self) -> Any: ...  # IndexState
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Sources:
-    """The objects each figure is read from, at each scrape (so the values are current)."""
+    """The objects each figure is read from, at each scrape (so the values are current).
+    The providers' own figures (Zadarma's webhooks among them) are their collector's
+    (``providers.assembly.ProvidersCollector``); ``webhook`` is for a Zadarma webhook
+    wired without a provider."""
 
     spool: Spool
     durable: Durable
     ingest: Counted
-    webhook: Counted
+    webhook: Counted | None = None
     boxes: Sequence[Box]
     directory: Directory
 
@@ -85,12 +88,8 @@ class DaemonCollector(Collector):
         yield _counters("dpvoip_events", "Events by the path they took to the database.",
                         "path", asdict(s.durable.counters))
         yield _counters("dpvoip_ingest", "What the ingest did.", "what", asdict(s.ingest.counters))
-        webhook = asdict(s.webhook.counters)
-        refused: Mapping[int, int] = webhook.pop("refused")
-        yield _counters("dpvoip_zadarma_webhooks", "Zadarma webhook requests.", "outcome",
-                        webhook)
-        yield _counters("dpvoip_zadarma_webhooks_refused", "Webhooks refused, by status.",
-                        "status", {str(k): v for k, v in refused.items()})
+        if s.webhook is not None:
+            yield from webhook_families(s.webhook.counters)
         connected = GaugeMetricFamily("dpvoip_fritzbox_connected",
                                       "1 while the box's CallMonitor is connected.",
                                       labels=["box"])
@@ -119,6 +118,17 @@ class DaemonCollector(Collector):
         yield from _call_lists(s.boxes)
         yield _gauge("dpvoip_directory_entries", "Numbers in the phone directory.",
                      s.directory.state.entries)
+
+
+def webhook_families(counters: Any, provider: str = "") -> Iterator[Metric]:
+    """A Zadarma webhook's counters; with ``provider``, its series carry that label."""
+    webhook = asdict(counters)
+    refused: Mapping[int, int] = webhook.pop("refused")
+    named = {"provider": provider} if provider else {}
+    yield _counters("dpvoip_zadarma_webhooks", "Zadarma webhook requests.", "outcome",
+                    webhook, named)
+    yield _counters("dpvoip_zadarma_webhooks_refused", "Webhooks refused, by status.",
+                    "status", {str(k): v for k, v in refused.items()}, named)
 
 
 def _call_lists(boxes: Sequence[Box]) -> Iterator[Metric]:
@@ -159,11 +169,12 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-def _counters(name: str, documentation: str, label: str,
-              values: Mapping[str, int]) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, documentation, labels=[label])
+def _counters(name: str, documentation: str, label: str, values: Mapping[str, int],
+              fixed: Mapping[str, str] | None = None) -> CounterMetricFamily:
+    fixed = fixed or {}
+    family = CounterMetricFamily(name, documentation, labels=[label, *fixed])
     for key, value in values.items():
-        family.add_metric([key], value)
+        family.add_metric([key, *fixed.values()], value)
     return family
 
 

@@ -9,7 +9,7 @@ it, handed in by the composition root: no figure is copied or kept here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any, Protocol
@@ -79,12 +79,25 @@ class Box(Protocol):
     def tracker(self) -> Any: ...  # CallTracker: open_calls
 
 
+class Reporting(Protocol):
+    """A provider as /readyz reads it (``providers.Provider``): said, never failed."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def health(self) -> Callable[[], Any]: ...  # -> ProviderHealth: details, warnings
+
+
 class ReadinessReport:
     """The readiness probe the web app calls for ``/readyz``."""
 
     def __init__(self, database: Database, schema: OneShotObserver[SchemaReport],
                  standalone: bool, embedded: bool, directory: Directory, spool: Spool,
-                 durable: Durable, boxes: Sequence[Box]) -> None:
+                 durable: Durable, boxes: Sequence[Box],
+                 providers: Sequence[Reporting] = ()) -> None:
+        self._providers = providers
         self._database = database
         self._schema = schema
         self._standalone = standalone
@@ -128,8 +141,11 @@ class ReadinessReport:
                     f" {listing['advice']}"
                     for box in boxes if (listing := box.get("call_list"))
                     and listing["state"] == "failing"]
+        health = [(p, p.health()) for p in self._providers]
+        warnings += [f"provider {p.name}: {line}" for p, h in health for line in h.warnings]
         return Readiness(
             state.reachable and prepared is not None and not spooled.alarm,
             {"database": database, "directory": directory, "spool": spool,
-             "fritzbox": boxes, "warnings": warnings},
+             "fritzbox": boxes, "warnings": warnings,
+             "providers": [{"name": p.name, "kind": p.kind, **h.details} for p, h in health]},
         )

@@ -2,17 +2,22 @@
 
 ``build`` reads top to bottom: each object is made after everything it needs, and handed
 what it needs; no object refers to one made after it. Where two need to hear each other
-(the pool and the service that prepares the schema; the Zadarma webhook and the account
-service that learns the account's zone), a small object made before both carries the
-news (``Reconnections``, ``CurrentZadarmaContext``). The prepared schema is one explicit
+(the pool and the service that prepares the schema; the spool's replay and the Zadarma
+provider whose context reads the spooled events), a small object made before both carries
+the news (``Reconnections``, ``SpoolContext``). The prepared schema is one explicit
 signal (a ``OneShotObserver``) given to everything that waits for it.
 
+The telephony providers (Zadarma, plugins: ``dpvoip.providers``) are built from the
+configuration's list by their kinds; their services start after the boxes, before the
+web, their web parts, diallers and figures are wired like the rest.
+
 Nothing else in dpvoip reaches for the reactor or a global: it is handed in from here.
-Services start in order (database, Fritz!Boxes and their call lists, the CRM's Redis
-when its sessions are there, web) and stop in the reverse order, each waiting for the one
-before: stop accepting HTTP and let requests in flight finish their writes, close the Redis
-connection, drop the Fritz!Box connections, drain and close the pool, stop the embedded
-PostgreSQL. The services themselves live in ``dpvoip.services``.
+Services start in order (database, Fritz!Boxes and their call lists, the providers', the
+CRM's Redis when its sessions are there, web) and stop in the reverse order, each waiting
+for the one before: stop accepting HTTP and let requests in flight finish their writes,
+close the Redis connection, the providers' connections, drop the Fritz!Box connections,
+drain and close the pool, stop the embedded PostgreSQL. The services themselves live in
+``dpvoip.services``.
 """
 
 from __future__ import annotations
@@ -22,12 +27,11 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from treq.client import HTTPClient
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 
 from dpvoip import __version__, metrics
-from dpvoip.calls.ingest import Ingest, ZadarmaContext, guard_rules
+from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext
 from dpvoip.click_to_call.callbacks import ClickToCall
 from dpvoip.click_to_call.logins import Logins
 from dpvoip.config import Config, FritzBoxSettings
@@ -55,6 +59,8 @@ from dpvoip.live.listener import LiveFeed
 from dpvoip.live.service import LiveService
 from dpvoip.live.service import exposition as live_exposition
 from dpvoip.protocols.tr064 import Tr064Client
+from dpvoip.providers.assembly import ProvidersCollector, build_all, choice, senders
+from dpvoip.providers.interface import Provider, ProviderTools
 from dpvoip.readiness import ReadinessReport
 from dpvoip.services import (
     DatabaseService,
@@ -89,9 +95,9 @@ from dpvoip.web.legacy_monitor import LegacyMonitorResource
 from dpvoip.web.live_page import LivePages
 from dpvoip.web.server import DpvoipSite, WebService
 from dpvoip.web.sources import networks
-from dpvoip.web.zadarma import CurrentZadarmaContext, ZadarmaWebhook
-from dpvoip.zadarma.account import ZadarmaAccountService, http_pool_and_agent
-from dpvoip.zadarma.api import ZadarmaApi, base_url
+from dpvoip.web.zadarma import ZadarmaWebhook
+from dpvoip.zadarma.account import ZadarmaAccountService
+from dpvoip.zadarma.provider import SpoolContext, ZadarmaProvider, main_provider
 
 
 class Daemon:
@@ -107,8 +113,7 @@ class Daemon:
         directory: DirectoryIndex,
         ingest: Ingest,
         boxes: list[FritzBox],
-        zadarma: ZadarmaWebhook,
-        account: ZadarmaAccountService,
+        providers: list[Provider],
         durable: DurableIngest,
         spooler: DurableService,
         schema: OneShotObserver[SchemaReport],
@@ -123,13 +128,28 @@ class Daemon:
         self.directory = directory
         self.ingest = ingest
         self.boxes = boxes
-        self.zadarma = zadarma
-        self.account = account
+        self.providers = {provider.name: provider for provider in providers}
         self.durable = durable
         self.spooler = spooler
         self.schema = schema
         self.sessions = sessions  # the CRM's sessions in Redis, when configured
         self.live = live  # the live events: LISTEN, feed, hub
+
+    @property
+    def zadarma(self) -> ZadarmaWebhook:
+        """The ``[zadarma]`` section's webhook (``/voip/zd/``)."""
+        return self._zadarma().webhook
+
+    @property
+    def account(self) -> ZadarmaAccountService:
+        """The ``[zadarma]`` section's account service (its API client, its zone)."""
+        return self._zadarma().account
+
+    def _zadarma(self) -> ZadarmaProvider:
+        main = main_provider(list(self.providers.values()))
+        if main is None:
+            raise LookupError("no Zadarma provider named 'zadarma' is configured")
+        return main
 
 
 def own_numbers(config: Config) -> list[str]:
@@ -198,21 +218,17 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
     spool = AsyncSpool(Spool(config.state_path(base) / "spool",
                              max_bytes=config.spool.max_mb * 1024 * 1024,
                              alarm_ratio=config.spool.alarm_percent / 100), reactor)
-    # How Zadarma's events are read: made before the webhook and the spool's replay that
-    # read it and the account service that learns the account's zone into it.
+    # How the spool's replay reads Zadarma's spooled events: as the Zadarma provider
+    # (built below) reads them; made before both.
     office_zone = ZoneInfo(config.crm.timezone)
-    zadarma_context = CurrentZadarmaContext(ZadarmaContext(
-        region,
-        ZoneInfo(config.zadarma.timezone) if config.zadarma.timezone else office_zone,
-        tickets=config.zadarma.create_tickets,
-        redirect_to_owner=config.zadarma.redirect_to_owner,
-        guard=guard_rules(config.zadarma),
-    ))
+    zadarma_replay = SpoolContext(ZadarmaContext(region, office_zone))
     own = frozenset(index.own_numbers)
-    origins = {box.name: origin_of(box, own) for box in config.fritzbox}
+    # Where spooled happenings come from, by name: the boxes, the old monitor and, once
+    # they are built (before anything starts), the providers' origins.
+    origins: dict[str, Origin] = {box.name: origin_of(box, own) for box in config.fritzbox}
     origins[LEGACY_SOURCE] = monitor_origin(region)  # the old monitor's calls (issue 15)
     durable = DurableIngest(ingest, spool, store, schema, reactor, origins,
-                            zadarma_context.current, config.directory.region,
+                            zadarma_replay.current, config.directory.region,
                             deadline=config.spool.deadline_seconds,
                             lanes=replay_lanes(config.database.pool_size),
                             connections=config.database.pool_size)
@@ -251,25 +267,18 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
         for box in boxes:
             box.watch_connection(report_now)
 
-    # -- Zadarma: the account (API client, its zone) and the webhook -----------------------
-    http_pool, agent = http_pool_and_agent(reactor, config.zadarma.api_ca_file,
-                                           config.zadarma.api_timeout)
-    api = ZadarmaApi(HTTPClient(agent), reactor, config.zadarma.key.reveal(),
-                     config.zadarma.secret.reveal(),
-                     base_url(config.zadarma.api_url, config.zadarma.sandbox),
-                     config.zadarma.api_timeout, config.zadarma.api_requests_per_minute)
-    account = ZadarmaAccountService(api, http_pool, reactor, office_zone,
-                                    learn_zone=not config.zadarma.timezone,
-                                    on_zone=zadarma_context.learn_zone)
-    account.setServiceParent(top)
-    zadarma = ZadarmaWebhook(
-        recorder=durable,
-        context=zadarma_context,
-        secret=config.zadarma.secret,
-        allowlist=networks(config.zadarma.allowed_networks),
-        proxies=networks(config.web.trusted_proxies),
-        caller_name=config.zadarma.caller_name,
-    )
+    # -- the telephony providers (Zadarma, plugins), from the configuration's list ---------
+    providers = build_all(config.all_providers, ProviderTools(
+        reactor=reactor, recorder=durable, store=store, crm_schema=config.database.crm_schema,
+        region=region, own_numbers=own, office_zone=office_zone,
+        trusted_proxies=networks(config.web.trusted_proxies),
+        state_folder=config.state_path(base), schema_prepared=database.when_prepared,
+        spool_replayed=spooler.when_replayed))
+    for provider in providers:
+        origins.update((origin.name, origin) for origin in provider.origins)
+        for part in provider.services:
+            part.setServiceParent(top)
+    zadarma_replay.follow(providers)
 
     # -- click-to-call: the CRM's sessions in its Redis (when it keeps them there) ----------
     sessions: RedisSessionCache | None = None
@@ -284,7 +293,7 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
     callback = CallbackPages(
         logins,
         ClickToCall(
-            CallbackRecords(store, config.database.crm_schema), api,
+            CallbackRecords(store, config.database.crm_schema), choice(providers),
             DiallingPolicy(frozenset(clicks.allowed_countries or (config.directory.region,)),
                            clicks.blocked_prefixes, clicks.block_premium),
             region, clicks.per_user_per_minute, reactor,
@@ -305,11 +314,10 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
 
     # -- what the daemon tells about itself, and the web -----------------------------------
     readiness = ReadinessReport(store, schema, config.standalone, config.embedded, index,
-                                spool, durable, boxes)
+                                spool, durable, boxes, providers)
     own_metrics = metrics.DaemonMetrics(metrics.Sources(
-        spool=spool, durable=durable, ingest=ingest, webhook=zadarma, boxes=boxes,
-        directory=index,
-    ), LegacyMonitorCollector(legacy))
+        spool=spool, durable=durable, ingest=ingest, boxes=boxes, directory=index,
+    ), LegacyMonitorCollector(legacy), ProvidersCollector(providers))
     limits: list[DpvoipSite] = []  # the site, once built: its connection figures
 
     def exposition() -> bytes:
@@ -319,17 +327,18 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
     live_pages = LivePages(logins, LivePageReads(store, config.database.crm_schema),
                            config.page, config.crm.language, office_zone, reactor,
                            clicks.login_url)
-    app = WebApp(readiness, __version__, zadarma, callback, exposition,
+    app = WebApp(readiness, __version__, None, callback, exposition,
                  legacy_monitor=LegacyMonitorResource(legacy), live_page=live_pages,
-                 events=EventStreams(logins, live_events, hub))
+                 events=EventStreams(logins, live_events, hub),
+                 parts=[part for provider in providers for part in provider.web])
     site = DpvoipSite(app.resource(), config.web, reactor,
                       proxies=networks(config.web.trusted_proxies),
-                      reserved=networks(config.zadarma.allowed_networks))
+                      reserved=networks(senders(providers)))
     limits.append(site)
     web = WebService(reactor, site, config.web.listen)
     web.setServiceParent(top)
     live_service.setServiceParent(top)  # after the web: stops first, its streams ended
-    return Daemon(top, store, web, exit_status, embedded, index, ingest, boxes, zadarma, account,
+    return Daemon(top, store, web, exit_status, embedded, index, ingest, boxes, providers,
                   durable, spooler, schema, sessions, live_service)
 
 

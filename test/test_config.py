@@ -452,3 +452,149 @@ class ExampleConfigTests(ConfigTestCase):
             EXAMPLE_FILE.read_text(encoding="utf-8"), cli.example_config(),
             "etc/dpvoip.toml.example is stale: regenerate it with `dpvoip example-config`",
         )
+
+
+# -- the provider list ([[provider]], issue 20) ----------------------------------------------
+
+
+class _NullKind:
+    """A provider kind of these tests' own (its settings: a secret and a number)."""
+
+    kind = "null"
+
+    def read_settings(self, table: Mapping[str, object], where: str) -> object:
+        from dataclasses import dataclass
+
+        from dpvoip.config import read_section, setting
+
+        @dataclass(frozen=True)
+        class NullSettings:
+            password: Secret = setting(Secret(""), "a secret", lambda v: None if len(
+                v.reveal()) >= 8 else "too short")
+            lines: int = setting(1, "how many lines")
+
+        return read_section(NullSettings, table, where)
+
+    def check_lines(self, name: str, settings: object) -> list[str]:
+        return [f"provider {name} (null)"]
+
+    def build(self, name: str, settings: object, tools: object) -> object:
+        raise AssertionError("not built in these tests")
+
+
+def _kinds(**extra: Callable[[], object]) -> dict[str, Callable[[], object]]:
+    from dpvoip.zadarma.provider import KIND
+
+    return {"zadarma": lambda: KIND, "null": _NullKind, **extra}
+
+
+class ProviderListTests(ConfigTestCase):
+    def config(self, text: str, environ: Mapping[str, str] | None = None) -> Config:
+        return load(self.write(text), environ or {}, kinds=_kinds())
+
+    def refused(self, text: str, environ: Mapping[str, str] | None = None) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            self.config(text, environ)
+        return str(caught.exception)
+
+    def test_without_tables_the_zadarma_section_is_the_one_provider(self) -> None:
+        for config in (Config(), self.config('[zadarma]\nsecret = "s"\n'),
+                       self.config("", {"ZADARMA_SECRET": "s"})):
+            [provider] = config.all_providers
+            self.assertEqual((provider.name, provider.kind), ("zadarma", "zadarma"))
+            self.assertIs(provider.settings, config.zadarma)
+
+    def test_tables_in_their_order_several_of_one_kind(self) -> None:
+        config = self.config(
+            '[[provider]]\nkind = "zadarma"\nname = "branch"\nsecret = "s2"\n'
+            'allowed_networks = ["10.0.0.0/8"]\n'
+            '[[provider]]\nkind = "null"\nname = "pbx"\nlines = 4\n'
+            '[[provider]]\nkind = "zadarma"\nname = "zadarma"\n')
+        self.assertEqual([(p.name, p.kind) for p in config.all_providers],
+                         [("branch", "zadarma"), ("pbx", "null"), ("zadarma", "zadarma")])
+        branch = config.all_providers[0].settings
+        self.assertIsInstance(branch, ZadarmaSettings)
+        self.assertEqual((branch.secret, branch.allowed_networks),
+                         (Secret("s2"), ("10.0.0.0/8",)))
+        self.assertEqual(config.all_providers[1].settings.lines, 4)
+
+    def test_tables_and_an_untouched_zadarma_section_mean_no_zadarma_provider(self) -> None:
+        config = self.config('[zadarma]\n[[provider]]\nkind = "null"\nname = "pbx"\n')
+        self.assertEqual([p.name for p in config.all_providers], ["pbx"])
+
+    def test_the_zadarma_section_set_by_file_or_environment_comes_first(self) -> None:
+        table = '[[provider]]\nkind = "null"\nname = "pbx"\n'
+        for text, environ in ((table + '[zadarma]\ncreate_tickets = true\n', {}),
+                              (table, {"ZADARMA_KEY": "k"}),
+                              (table, {"DPVOIP_ZADARMA_SANDBOX": "true"})):
+            self.assertEqual([p.name for p in self.config(text, environ).all_providers],
+                             ["zadarma", "pbx"], (text, environ))
+
+    def test_a_table_named_zadarma_beside_the_zadarma_section_is_refused(self) -> None:
+        message = self.refused('[[provider]]\nkind = "null"\nname = "zadarma"\n',
+                               {"ZADARMA_SECRET": "s"})
+        self.assertIn("[[provider]] name 'zadarma' is the [zadarma] section's provider",
+                      message)
+        self.assertNotIn("s\n", message)
+
+    def test_unknown_kinds_are_refused_naming_the_installed_ones(self) -> None:
+        message = self.refused('[[provider]]\nkind = "asterisk"\nname = "pbx"\n')
+        self.assertIn("[[provider]] 'pbx' kind: unknown kind 'asterisk' (installed: null, "
+                      "zadarma)", message)
+
+    def test_kind_and_name_are_required_and_names_are_checked(self) -> None:
+        for text, expected in (
+                ('[[provider]]\nname = "pbx"\n', "[[provider]] #1: kind missing"),
+                ('[[provider]]\nkind = "null"\n', "[[provider]] #1: name missing"),
+                ('[[provider]]\nkind = "null"\nname = "PBX 1"\n',
+                 "[[provider]] #1 name: must be 1-20 characters"),
+                ('[[provider]]\nkind = "null"\nname = "a"\n[[provider]]\nkind = "zadarma"\n'
+                 'name = "a"\n', "[[provider]] name 'a' is used twice"),
+                ('[[fritzbox]]\nname = "office"\n[[provider]]\nkind = "null"\nname = "office"\n',
+                 "[[provider]] name 'office' is also a [[fritzbox]] name"),
+                ('[[provider]]\nkind = "null"\nname = "events"\n',
+                 "[[provider]] name 'events' is the path of one of dpvoip's own routes"),
+                ('provider = {kind = "null"}\n', "[[provider]] must be an array of tables")):
+            self.assertIn(expected, self.refused(text), text)
+
+    def test_a_kinds_own_keys_are_checked_naming_the_key_never_a_secret(self) -> None:
+        for text, expected in (
+                ('[[provider]]\nkind = "null"\nname = "pbx"\nlines = "four"\n',
+                 "[[provider]] 'pbx' lines: expected an integer, got a string"),
+                ('[[provider]]\nkind = "null"\nname = "pbx"\ncolour = 1\n',
+                 "[[provider]] 'pbx' unknown key 'colour' (known: lines, password)"),
+                ('[[provider]]\nkind = "null"\nname = "pbx"\npassword = "hunter2"\n',
+                 "[[provider]] 'pbx' password: is not valid"),
+                ('[[provider]]\nkind = "zadarma"\nname = "branch"\nsecret = 7\n',
+                 "[[provider]] 'branch' secret: expected a string")):
+            message = self.refused(text)
+            self.assertIn(expected, message, text)
+            self.assertNotIn("hunter2", message)
+        config = self.config('[[provider]]\nkind = "null"\nname = "pbx"\n'
+                             'password = "hunter2-long"\n')
+        self.assertNotIn("hunter2", repr(config))
+
+    def test_a_plugin_that_cannot_be_loaded_is_named(self) -> None:
+        def broken() -> object:
+            raise ImportError("No module named 'dpvoip_broken'")
+
+        with self.assertRaises(ConfigError) as caught:
+            load(self.write('[[provider]]\nkind = "broken"\nname = "pbx"\n'), {},
+                 kinds=_kinds(broken=broken))
+        self.assertIn("[[provider]] 'pbx' kind: the plugin of kind 'broken' cannot be "
+                      "loaded: ImportError: No module named 'dpvoip_broken'",
+                      str(caught.exception))
+
+    def test_the_installed_kinds_are_the_default(self) -> None:
+        config = load(self.write('[[provider]]\nkind = "zadarma"\nname = "branch"\n'), {})
+        self.assertEqual([p.kind for p in config.all_providers], ["zadarma"])
+        with self.assertRaises(ConfigError) as caught:
+            load(self.write('[[provider]]\nkind = "nosuchkind"\nname = "x"\n'), {})
+        self.assertIn("installed: ", str(caught.exception))
+        self.assertIn("zadarma", str(caught.exception))
+
+    def test_the_example_tells_of_the_provider_list(self) -> None:
+        text = cli.example_config()
+        self.assertIn("This section is the provider kind = \"zadarma\"", " ".join(
+            line.removeprefix("# ") for line in text.splitlines()))
+        self.assertIn("/voip/zd/<name>/", text)

@@ -1,15 +1,17 @@
-"""Click-to-call: a CRM user asks Zadarma to ring their phone, then the client.
+"""Click-to-call: a CRM user asks their connection's provider (Zadarma, ...) to ring their
+phone, then the client.
 
-Every check that protects the company's money happens here, before Zadarma is asked:
-the connection must be the user's own and active, the number must pass the dialling
-policy, the user must be within their rate. Every request, refused or not, is recorded
-in ``dpvoip.callback_request``; the user's rate is counted there too, so that it holds
-across every dpvoip instance on the database (``window_wait`` is its rule, the store's
-``claim`` applies it one request of a user at a time). The web routes only translate HTTP
-to and from this; the
-tables and Zadarma are reached through the ``CallbackStore`` and ``ZadarmaCalls`` it is
-given (``store.callbacks`` and ``zadarma.api`` in the daemon, ``testing.memory`` in the
-route tests). A database that does not answer comes out as ``DatabaseUnreachable``.
+Every check that protects the company's money happens here, before a provider is asked:
+the connection must be the user's own and active, its ``provider`` one dpvoip has (as in
+the CRM, the column chooses the provider: ``providers.choice``), the number must pass the
+dialling policy, the user must be within their rate. Every request, refused or not, is
+recorded in ``dpvoip.callback_request``; the user's rate is counted there too, so that it
+holds across every dpvoip instance on the database (``window_wait`` is its rule, the
+store's ``claim`` applies it one request of a user at a time). The web routes only
+translate HTTP to and from this; the tables and the providers are reached through the
+``CallbackStore`` and the ``ProviderChoice`` it is given (``store.callbacks`` and the
+configured providers in the daemon, ``testing.memory`` in the route tests). A database
+that does not answer comes out as ``DatabaseUnreachable``.
 """
 
 from __future__ import annotations
@@ -27,15 +29,18 @@ from dpvoip.click_to_call.logins import CrmUser
 from dpvoip.click_to_call.ports import CallbackStore, ZadarmaCalls
 from dpvoip.core.dialling_policy import DiallingPolicy
 from dpvoip.core.errors import summary
-from dpvoip.core.numbers import Dialling, without_formatting
+from dpvoip.core.numbers import Dialling
+from dpvoip.providers.choice import ProviderChoice
+from dpvoip.providers.interface import DialRequest, ProviderError, RecordingGone
 from dpvoip.store.callbacks import CallbackRequest
-from dpvoip.zadarma.api import ZadarmaApiError, ZadarmaRefused
+from dpvoip.zadarma.dialling import ZadarmaDialler, ZadarmaRecordings
 
 log = Logger()
 
-_FROM = re.compile(r"^(\+?[0-9]{7,15}|[0-9]{3,5})$")
-_SIP = re.compile(r"^([0-9]{5}|[0-9]{3})$")
 _ID = re.compile(r"[0-9]{1,9}")
+#: The provider ``ClickToCall`` given Zadarma's API alone dials through (the ``[zadarma]``
+#: section's; the CRM's connections say ``Zadarma``).
+ZADARMA = "zadarma"
 
 
 #: The per-user limit's window: ``[click_to_call] per_user_per_minute`` in any minute.
@@ -123,14 +128,24 @@ class BadCallId(ValueError):
                          "the call, or dpvoip's id)")
 
 
+def zadarma_only(api: ZadarmaCalls | None) -> ProviderChoice:
+    """Zadarma's API as the one provider, ``zadarma`` (a ``ClickToCall`` given the API)."""
+    if api is None:
+        return ProviderChoice()
+    return ProviderChoice([(ZADARMA, ZadarmaDialler(api))], [ZadarmaRecordings(api)])
+
+
 class ClickToCall:
-    """``per_user``: requests one user may make in any ``WINDOW`` (a minute), on all the
+    """``providers``: the configured providers (``ProviderChoice``), or Zadarma's API
+    alone (then every connection of the ``Zadarma`` provider dials through it).
+
+    ``per_user``: requests one user may make in any ``WINDOW`` (a minute), on all the
     instances together; every POST counts, refused or not, except one refused for being
     over the limit. The count is in the database: when it cannot be read the request is
     refused (``DatabaseUnreachable``, a 503) and nothing is dialled."""
 
-    def __init__(self, records: CallbackStore, api: ZadarmaCalls, policy: DiallingPolicy,
-                 where: Dialling, per_user: int, clock: Any,
+    def __init__(self, records: CallbackStore, providers: ProviderChoice | ZadarmaCalls | None,
+                 policy: DiallingPolicy, where: Dialling, per_user: int, clock: Any,
                  recordings: str = STAFF_OR_OWN) -> None:
         if per_user < 1:
             raise ValueError(f"per_user must be at least 1, not {per_user}")
@@ -138,7 +153,8 @@ class ClickToCall:
             raise ValueError(f"recordings must be one of {RECORDINGS}")
         self._recordings = recordings
         self._records = records
-        self._api = api
+        self._providers = (providers if isinstance(providers, ProviderChoice)
+                           else zadarma_only(providers))
         self._policy = policy
         self._where = where
         self._per_user = per_user
@@ -166,7 +182,7 @@ class ClickToCall:
         try:
             outcome, connection, dialled = await self._dial(
                 user, connection_id, number, sip, predicted)
-        except ZadarmaApiError as error:
+        except ProviderError as error:  # Zadarma's ZadarmaApiError among them
             outcome = CallbackOutcome(error.status, error.message, retry_after=error.retry_after)
         await self._record(user, connection, connection_id, number, dialled, outcome,
                            claimed=claim.request_id)
@@ -181,21 +197,28 @@ class ClickToCall:
             return CallbackOutcome(
                 403, f"connection {int(connection_id)} is not one of your active connections"
             ), None, None
+        chosen = self._providers.for_connection(connection.provider)
+        if chosen is None:  # nothing dialled through another provider: its calls cost
+            log.warn("click-to-call for {user} refused: connection {id} names the provider "
+                     "{provider!r}, which is not configured ([[provider]] names: {names})",
+                     user=user.username, id=connection.id,
+                     provider=connection.provider[:40],
+                     names=", ".join(self._providers.names) or "none")
+            return CallbackOutcome(
+                400, self._providers.refusal(connection.id, connection.provider)), \
+                connection, None
         verdict = self._policy.check(number, self._where)
         if verdict.number is None:
             return CallbackOutcome(400, verdict.refusal or "not a number that may be dialled"), \
                 connection, None
-        if sip and not _SIP.match(sip):
-            return CallbackOutcome(400, "sip must be a 3- or 5-digit extension or SIP number"), \
-                connection, verdict.number
-        ring_first = without_formatting(connection.number)
-        if not _FROM.match(ring_first):
-            return CallbackOutcome(
-                400, f"your connection's number {connection.number[:30]!r} is not a phone, "
-                "SIP number or extension Zadarma can ring"), connection, verdict.number
-        await self._api.callback(ring_first, verdict.number, sip, predicted)
+        call = DialRequest(connection.number, verdict.number, sip, predicted,
+                           connection.type, user.username)
+        refusal = chosen.dialler.refusal(call)
+        if refusal is not None:
+            return CallbackOutcome(400, refusal), connection, verdict.number
+        await chosen.dialler.dial(call)
         log.info("click-to-call for {user}: {ring} then {number}", user=user.username,
-                 ring=ring_first, number=verdict.number)
+                 ring=call.ring_first, number=verdict.number, provider=chosen.name)
         return CallbackOutcome(200, "Expect a call to your smartphone", verdict.number), \
             connection, verdict.number
 
@@ -256,9 +279,10 @@ class ClickToCall:
             recording = await from_database(self._records.recording_of_call(call, viewer))
         if not recording:
             raise NoRecording("this call has no recording")
-        try:
-            return await self._api.recording_link(call_id=recording)
-        except ZadarmaRefused as refused:
-            if "not found" in refused.message.lower():
-                raise NoRecording("Zadarma no longer has this call's recording") from None
-            raise
+        gone = "this call has no recording"
+        for links in self._providers.recordings:  # the provider that keeps it answers
+            try:
+                return await links.recording_link(recording)
+            except RecordingGone as missing:
+                gone = str(missing)
+        raise NoRecording(gone)

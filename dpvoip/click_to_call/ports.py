@@ -1,11 +1,17 @@
 """What click-to-call needs from the world, as ``typing.Protocol``s: the CRM's accounts (who
-is asking) and its cached sessions, the click-to-call tables, and Zadarma's API.
+is asking) and its cached sessions, the click-to-call tables, and the providers that dial.
 
 Why here, beside their consumers: ``Logins`` and ``ClickToCall`` say what they use, and
 nothing more, so that anything with those methods will do. The composition root hands
 them the real ones (``store.accounts.Accounts``, ``store.session_cache.RedisSessionCache``,
-``store.callbacks.CallbackRecords``, ``zadarma.api.ZadarmaApi``); the route tests hand
-them the in-memory fakes of ``dpvoip.testing.memory``. mypy checks that both kinds fit.
+``store.callbacks.CallbackRecords``, the configured providers' ``Dialler`` objects and
+``RecordingLinks`` in a ``providers.choice.ProviderChoice``); the route tests hand them
+the in-memory fakes of ``dpvoip.testing.memory``. mypy checks that both kinds fit.
+
+A provider's dialling and recording links are the provider interface's
+(``dpvoip.providers.interface``); Zadarma's API as they use it is ``ZadarmaCalls``
+(``dpvoip.zadarma.dialling``), which ``ClickToCall`` still accepts alone: it then dials
+every connection of the ``Zadarma`` provider through it.
 
 Every method returns an ``Awaitable``: the real classes are coroutines, a fake may answer
 at once (an ``async def``) or with a ``Deferred``.
@@ -16,10 +22,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from dpvoip.providers.interface import Dialler, RecordingLinks
 from dpvoip.store.accounts import Account
 from dpvoip.store.callbacks import CallbackRequest, Claim, ConnectionRow
 from dpvoip.zadarma.account import ZadarmaAccountApi
-from dpvoip.zadarma.api import CallbackAccepted
+from dpvoip.zadarma.dialling import ZadarmaCalls
+
+__all__ = ["AccountStore", "CallbackStore", "Dialler", "RecordingLinks", "SessionCache",
+           "ZadarmaCalls", "ZadarmaClient"]
 
 
 class AccountStore(Protocol):
@@ -87,22 +97,6 @@ class CallbackStore(Protocol):
     def recording_of_call(self, call_id: str, viewer: int | None) -> Awaitable[str | None]:
         """Zadarma's recording id of dpvoip's call ``call_id``, else None (and with
         ``viewer``, as ``recording_of_crm_call``)."""
-        ...
-
-
-class ZadarmaCalls(Protocol):
-    """Zadarma's API as click-to-call uses it. Failures are ``zadarma.api.ZadarmaApiError``
-    subclasses, whose ``status`` (and ``retry_after``) the user is answered with."""
-
-    def callback(self, from_number: str, to_number: str, sip: str = "",
-                 predicted: bool = False) -> Awaitable[CallbackAccepted]:
-        """Ring ``from_number`` first, then ``to_number``."""
-        ...
-
-    def recording_link(self, call_id: str = "", pbx_call_id: str = "",
-                       lifetime: int = 1800) -> Awaitable[str]:
-        """A temporary link to a recording; ``ZadarmaRefused`` (its message saying "not
-        found") when Zadarma no longer has it."""
         ...
 
 

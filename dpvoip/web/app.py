@@ -7,12 +7,18 @@ One request is not Klein's: ``POST /voip/zd/``, Zadarma's events, the one route 
 load (every step of every call). A front resource hands it straight to its handler
 (``WebhookResource``) and everything else to Klein; Klein's 405 answers still name POST
 among the methods that path allows.
+
+The providers' own resources (``providers.WebPart``: a path under ``/voip/`` and a leaf
+resource) are handed their requests by the same front resource, before Klein: Klein's
+routes are the class's, a provider's are the configuration's. The ``[zadarma]``
+section's provider keeps the routes above (its part at ``zd``); a part may not take a
+path of dpvoip's own routes.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -25,11 +31,12 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from zope.interface import implementer
 
+from dpvoip.providers.interface import WebPart
 from dpvoip.web.callback import CallbackPages
 from dpvoip.web.errors import HttpError, error_answer, failure_answer, json_answer, json_body
 from dpvoip.web.events import EventStreams
 from dpvoip.web.live_page import LivePages
-from dpvoip.web.zadarma import NOT_CONFIGURED, WebhookResource, ZadarmaWebhook
+from dpvoip.web.zadarma import NOT_CONFIGURED, WebhookResource, ZadarmaEndpoint, ZadarmaWebhook
 
 #: Zadarma's events: the one request answered in front of Klein (``_Front``). The path
 #: without its slash is the same route (a webhook URL configured without it must neither
@@ -37,6 +44,11 @@ from dpvoip.web.zadarma import NOT_CONFIGURED, WebhookResource, ZadarmaWebhook
 #: and all.
 EVENTS_METHOD, EVENTS_PATH = b"POST", b"/voip/zd/"
 EVENTS_PATHS = (EVENTS_PATH, EVENTS_PATH.rstrip(b"/"))
+
+#: The first path segments under ``/voip/`` that dpvoip's own routes use: no provider's
+#: part may take one (``zd/<name>`` below Zadarma's URL excepted).
+OWN_SEGMENTS = frozenset({"", "zd", "get-callback", "calls", "popup.json", "popup.js",
+                          "static", "events"})
 
 
 @dataclass(frozen=True)
@@ -61,19 +73,33 @@ class WebApp:
                  metrics: Callable[[], bytes] | None = None,
                  legacy_monitor: IResource | None = None,
                  live_page: LivePages | None = None,
-                 events: EventStreams | None = None) -> None:
+                 events: EventStreams | None = None,
+                 parts: Sequence[WebPart] = ()) -> None:
         self._legacy_monitor = legacy_monitor  # the old monitor's endpoints (issue 15)
         self._live_page = live_page  # the live page and the CRM's screen pop
         self._events = events  # the live events' streams
         self._readiness = readiness
         self._version = version
-        self._zadarma = zadarma
         self._callback = callback
         self._metrics = metrics
+        self._parts: list[tuple[bytes, bytes, IResource]] = []
+        for part in parts:
+            path = part.path.strip("/")
+            if path == "zd" and isinstance(part.resource, ZadarmaEndpoint):
+                zadarma = zadarma or part.resource.webhook  # the historic routes serve it
+                continue
+            if path.split("/", 1)[0] in OWN_SEGMENTS and not path.startswith("zd/"):
+                raise ValueError(f"a provider's resource cannot be served at /voip/{path}/: "
+                                 "dpvoip's own routes use that path")
+            mounted = f"/voip/{path}".encode()
+            self._parts.append((mounted + b"/", mounted, part.resource))
+        self._parts.sort(key=lambda mount: -len(mount[0]))  # the deepest path first
+        self._zadarma = zadarma
 
     def resource(self) -> IResource:
-        """The Klein app behind a front door that answers Zadarma's events itself."""
-        return _Front(self.app.resource(), self._zadarma)
+        """The Klein app behind a front door that answers Zadarma's events and the
+        providers' parts itself."""
+        return _Front(self.app.resource(), self._zadarma, self._parts)
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: IRequest) -> bytes:
@@ -204,14 +230,17 @@ def _routed_path(request: IRequest) -> str:
 
 @implementer(IResource)
 class _Front:
-    """``POST /voip/zd/`` straight to its handler; everything else to Klein. Klein's routing
-    and result handling cost more than the event's own checks."""
+    """``POST /voip/zd/`` straight to its handler, a provider's path to its resource;
+    everything else to Klein. Klein's routing and result handling cost more than the
+    event's own checks."""
 
     isLeaf = True
 
-    def __init__(self, app: IResource, zadarma: ZadarmaWebhook | None) -> None:
+    def __init__(self, app: IResource, zadarma: ZadarmaWebhook | None,
+                 parts: Sequence[tuple[bytes, bytes, IResource]] = ()) -> None:
         self._app = app
         self._events = WebhookResource(zadarma)
+        self._parts = parts
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
         return self  # a leaf: never asked
@@ -220,6 +249,10 @@ class _Front:
         raise NotImplementedError("dpvoip's routes are Klein's")
 
     def render(self, request: IRequest) -> Any:
-        if request.method == EVENTS_METHOD and request.path in EVENTS_PATHS:
+        path: bytes = request.path
+        if request.method == EVENTS_METHOD and path in EVENTS_PATHS:
             return self._events.render(request)
+        for below, mounted, resource in self._parts:
+            if path == mounted or path.startswith(below):
+                return resource.render(request)
         return self._app.render(request)

@@ -3,6 +3,11 @@
 The order of checks is Zadarma's: the URL echo first (before anything else), then where
 the request comes from (403), its form (415, 400, 413 by the server), its signature
 (401), then the event. A request is answered 200 only once its event is committed.
+
+The ``[zadarma]`` section's provider (named ``zadarma``) is served at ``/voip/zd/`` by
+``web.app`` (its echo a Klein route, its events in front of Klein); another Zadarma
+provider, named N, at ``/voip/zd/N/`` by a ``ZadarmaEndpoint``: the same checks and
+answers, its own secret, allow-list and account.
 """
 
 from __future__ import annotations
@@ -11,13 +16,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import tzinfo
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from dpvoip.calls.ingest import ZadarmaContext, ZadarmaOutcome
 from dpvoip.config import Secret
@@ -31,7 +38,10 @@ log = Logger(namespace="dpvoip.zadarma")
 FORM = "application/x-www-form-urlencoded"
 
 
+@runtime_checkable
 class Recorder(Protocol):
+    """The durable ingest's way in for Zadarma's events (``DurableIngest``)."""
+
     def submit_zadarma(self, event: ZadarmaEvent, form: dict[str, str],
                        context: ZadarmaContext) -> Deferred[ZadarmaOutcome]: ...
 
@@ -205,3 +215,42 @@ def _send(request: IRequest, body: bytes) -> None:
     request.setHeader(b"Content-Length", b"%d" % len(body))
     request.write(body)
     request.finish()
+
+
+#: The methods a Zadarma webhook URL answers (any other: 405 naming them).
+ENDPOINT_METHODS = (b"GET", b"HEAD", b"POST")
+
+
+@implementer(IResource)
+class ZadarmaEndpoint:
+    """A Zadarma provider's webhook URL (``/voip/zd/<name>/``) as one leaf resource: the
+    echo (GET, HEAD), the events (POST, as ``WebhookResource``), 405 for other methods
+    and 404 below it; errors in the one JSON shape."""
+
+    isLeaf = True
+
+    def __init__(self, webhook: ZadarmaWebhook, path: bytes) -> None:
+        self.webhook = webhook
+        self._paths = (path.rstrip(b"/") + b"/", path.rstrip(b"/"))
+        self._events = WebhookResource(webhook)
+
+    def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
+        return self  # a leaf: never asked
+
+    def putChild(self, path: bytes, child: IResource) -> None:
+        raise NotImplementedError("a webhook URL has no children")
+
+    def render(self, request: IRequest) -> int | bytes:
+        if request.path not in self._paths:
+            return error_answer(request, HttpError(404, "no such resource"))
+        if request.method == b"POST":
+            return self._events.render(request)
+        if request.method in (b"GET", b"HEAD"):
+            try:
+                return self.webhook.echo(request)
+            except HttpError as error:
+                return error_answer(request, error)
+        method = request.method.decode("ascii", "replace")
+        return error_answer(request, HttpError(
+            405, f"method {method} not allowed here",
+            {"Allow": ", ".join(m.decode() for m in ENDPOINT_METHODS)}))

@@ -28,6 +28,7 @@ from dpvoip.core.errors import summary
 from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.deferreds import within
 from dpvoip.http_body import BodyTooBig, read_body
+from dpvoip.providers.interface import ProviderError
 from dpvoip.zadarma.signing import api_authorization, php_query
 
 log = Logger()
@@ -37,15 +38,12 @@ SANDBOX_URL = "https://api-sandbox.zadarma.com"
 MAX_ANSWER_BYTES = 1_048_576
 
 
-class ZadarmaApiError(Exception):
-    """A request to Zadarma that did not succeed; ``status`` is what dpvoip answers."""
+class ZadarmaApiError(ProviderError):
+    """A request to Zadarma that did not succeed; ``status`` is what dpvoip answers (a
+    provider's error, as click-to-call answers every provider's: ``message``,
+    ``retry_after``)."""
 
     status = 502
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
 
 
 class ZadarmaRefused(ZadarmaApiError):
