@@ -160,6 +160,12 @@ def main() -> int:
                 lambda c: prepare(c, standalone=False, crm_schema="public")))
             index = DirectoryIndex(store, "public", Dialling("GR"))
             await index.build()
+            # As the daemon does (``StatisticsService``): plans follow the tables' growth.
+            from dpvoip.store.statistics import PlannerStatistics
+
+            planner = PlannerStatistics(store)
+            task.LoopingCall(lambda: defer.Deferred.fromCoroutine(
+                planner.refresh())).start(10.0, now=False)
             await threads.deferToThread(settle, dsn)
             numbers = [n[3:] if n.startswith("+30") else n
                        for n in sample_numbers(dsn, 9000)]

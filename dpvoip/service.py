@@ -69,6 +69,7 @@ from dpvoip.services import (
     ExitStatus,
     OrderedServices,
     Reconnections,
+    StatisticsService,
 )
 from dpvoip.spool.durable import DurableIngest, DurableService, replay_lanes
 from dpvoip.spool.journal import AsyncSpool, Spool
@@ -88,6 +89,7 @@ from dpvoip.store.migrations import SchemaReport
 from dpvoip.store.pool import HealingPool
 from dpvoip.store.privileges import PrivilegeCheck
 from dpvoip.store.session_cache import RedisSessionCache, RedisSessionService
+from dpvoip.store.statistics import PlannerStatistics
 from dpvoip.web.app import WebApp
 from dpvoip.web.callback import CallbackPages
 from dpvoip.web.events import EventStreams
@@ -211,6 +213,8 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
     )
     directory = DirectoryService(index, config.directory, reactor, database.when_prepared)
     directory.setServiceParent(top)
+    StatisticsService(PlannerStatistics(store, config.database.crm_schema), reactor,
+                      database.when_prepared).setServiceParent(top)
 
     texts = Texts(config.crm.language, config.crm.withheld_label)
     ingest = Ingest(store, index, texts, config.tickets,

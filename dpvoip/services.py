@@ -30,6 +30,7 @@ from dpvoip.store.database import Store
 from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.embedded import EmbeddedPostgres
 from dpvoip.store.migrations import SchemaMismatch, SchemaReport, prepare
+from dpvoip.store.statistics import PlannerStatistics
 
 log = Logger(namespace="dpvoip")
 
@@ -299,6 +300,46 @@ class DirectoryService(Service):
 
     def stopService(self) -> Deferred[None] | None:
         """Stops the beat; fires once a pass still running has finished."""
+        super().stopService()
+        if not self._timer.running:
+            return None
+        stopped: Deferred[None] = self._timer.stopService()
+        return stopped
+
+
+class StatisticsService(Service):
+    """Analyzes the tables dpvoip writes once they have grown by a good share
+    (``store.statistics``), every ``interval`` seconds once the schema is prepared, so that
+    the hot statements' plans follow the tables' sizes. A failed pass (the database away)
+    is quiet: the next beat tries again, and autovacuum does the same work more slowly."""
+
+    name = "statistics"
+
+    def __init__(self, statistics: PlannerStatistics, clock: IReactorTime,
+                 prepared: Callable[[], Deferred[None]], interval: float = 10.0) -> None:
+        self.statistics = statistics
+        self._prepared = prepared
+        self._timer = TimerService(interval, self._beat)
+        self._timer.clock = clock
+        self.failures = 0
+
+    def startService(self) -> None:
+        super().startService()
+        self._prepared().addCallback(lambda _: self._begin())
+
+    def _begin(self) -> None:
+        if self.running and not self._timer.running:
+            self._timer.startService()
+
+    def _beat(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.statistics.refresh()).addCallbacks(
+            lambda _: None, self._failed)
+
+    def _failed(self, failure: Failure) -> None:
+        self.failures += 1
+        log.debug("planner statistics not refreshed: {error}", error=summary(failure.value))
+
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
         if not self._timer.running:
             return None
