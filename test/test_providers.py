@@ -29,7 +29,6 @@ from dpvoip.config import Secret, ZadarmaSettings
 from dpvoip.core.dialling_policy import DiallingPolicy
 from dpvoip.core.happenings import Happening
 from dpvoip.core.numbers import Dialling
-from dpvoip.core.rate_limit import RateLimiter
 from dpvoip.providers import discovery
 from dpvoip.providers.assembly import (
     ProvidersCollector,
@@ -194,7 +193,7 @@ class ClickToCallTests(SynchronousTestCase):
     def calls(self, providers: Any) -> ClickToCall:
         return ClickToCall(self.records, providers,
                            DiallingPolicy(frozenset({"GR"}), (), False), Dialling("GR"),
-                           RateLimiter(100, 60.0), self.clock)
+                           100, self.clock)
 
     def dial(self, calls: ClickToCall, connection: int, sip: str = "") -> Any:
         done = Deferred.fromCoroutine(calls.dial(ANNA, str(connection), CLIENT, sip))
