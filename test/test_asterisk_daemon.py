@@ -33,10 +33,10 @@ from test.support.crm import Crm
 from test.support.crm_rules import crm_findings
 from test.support.daemon import PATIENCE, scratch
 from test.support.postgres import postgres, private_cluster, take_down
-from test.support.wiring import running
 from test.support.waiting import until
+from test.support.wiring import running
 
-SECRET = "Qm7-manager-secret-4e1b"  # noqa: S105 - the fake PBX's; looked for in every output
+SECRET = "Qm7-manager-secret-4e1b"  # the fake PBX's; looked for in every output
 OWN = "2107654321"
 CALLER = "6912345678"  # a client's mobile
 CONTACT = "6971111111"  # a contact's mobile

@@ -70,7 +70,7 @@ class AsteriskProvider(Provider):
 
     pbx: AsteriskPbx
     client: AsteriskService
-    left_open: Service | None
+    left_open: LeftOpenCalls | None
 
 
 class AsteriskKind:
