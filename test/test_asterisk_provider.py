@@ -305,3 +305,16 @@ class AnyProvidersRecordingErrorTests(RoutesCase):
 
 class Unreachable(ProviderError):
     status = 504
+
+
+class ReadmeTests(SynchronousTestCase):
+    def test_the_readmes_provider_table_works_as_written(self) -> None:
+        readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+        section = readme.split("## Connecting a real Asterisk/FreePBX", 1)[1]
+        block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+        config = from_toml(tomllib.loads(block), "README")  # beside the default box
+        [provider] = config.all_providers
+        self.assertEqual((provider.name, provider.kind), ("pbx", "asterisk"))
+        read = cast(AsteriskSettings, provider.settings)
+        self.assertEqual((read.host, read.port, read.auth, read.trunk_patterns),
+                         ("192.168.1.10", 5038, "md5", ("PJSIP/provider-*",)))
