@@ -49,6 +49,7 @@ setup(
         "console_scripts": ["dpvoip = dpvoip.cli:main"],
         # Telephony provider kinds (dpvoip.providers.discovery): a third-party kind is a
         # package declaring its own entry point in this group.
-        "dpvoip.providers": ["zadarma = dpvoip.zadarma.provider:KIND"],
+        "dpvoip.providers": ["zadarma = dpvoip.zadarma.provider:KIND",
+                             "asterisk = dpvoip.asterisk.provider:KIND"],
     },
 )

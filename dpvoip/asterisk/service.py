@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from dpvoip.asterisk.calls import CallFollower
 from dpvoip.asterisk.messages import Message, Refused
+from dpvoip.asterisk.probe import login_refused_text
 from dpvoip.asterisk.settings import AsteriskSettings, endpoint_description, rules_of
 from dpvoip.calls.ingest import Origin
 from dpvoip.core.errors import summary
@@ -221,9 +222,7 @@ class AsteriskPbx:
 
     def login_refused(self, reason: str) -> None:
         self.status.login_failures += 1
-        error = (f"the PBX refused the login of user {self.settings.username!r} "
-                 f"({reason}): check username and secret, and the user's permit/deny "
-                 "in manager.conf")
+        error = login_refused_text(self.settings.username, reason)
         if error != self.status.last_error:
             log.error("pbx {pbx}: {error}", pbx=self.settings.name, error=error)
         self.status.last_error = error

@@ -115,6 +115,10 @@ class AsteriskSettings:
     originate_context: str = setting(
         "from-internal", "The context the number is dialled in (its outbound routes).",
         _context)
+    originate_number: str = setting(
+        "local", "How click-to-call's number is given to originate_context: local (as "
+        "the office's phones dial it: national in country, its international prefix "
+        "elsewhere) or e164 (+ and digits).", _one_of("local", "e164"))
     originate_timeout_seconds: float = setting(
         30.0, "How long the user's phone rings for click-to-call.", _between(5, 300))
     action_timeout_seconds: float = setting(

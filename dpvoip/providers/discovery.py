@@ -11,7 +11,7 @@ plugin system: they need no cache file rebuilt after an install (``dropin.cache`
 a non-root user cannot write), and a kind's module is imported only when a configuration
 names that kind.
 
-The built-in kinds (Zadarma) are found even when dpvoip runs from a source tree that
+The built-in kinds (Zadarma, Asterisk) are found even when dpvoip runs from a source tree that
 was never installed (no entry points there); an installed entry point of the same name
 does not replace a built-in kind.
 """
@@ -28,7 +28,8 @@ from dpvoip.providers.interface import ProviderKind
 GROUP = "dpvoip.providers"
 
 #: The kinds dpvoip ships: name -> "module:attribute", as their entry points say.
-BUILT_IN = {"zadarma": "dpvoip.zadarma.provider:KIND"}
+BUILT_IN = {"zadarma": "dpvoip.zadarma.provider:KIND",
+            "asterisk": "dpvoip.asterisk.provider:KIND"}
 
 KindLoader = Callable[[], ProviderKind[Any]]
 

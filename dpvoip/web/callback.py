@@ -34,9 +34,9 @@ from dpvoip.click_to_call.callbacks import (
 from dpvoip.click_to_call.errors import DatabaseUnreachable
 from dpvoip.click_to_call.logins import CrmUser, NotSignedIn
 from dpvoip.core.rate_limit import RateLimiter
+from dpvoip.providers.interface import ProviderError
 from dpvoip.web.errors import HttpError, error_answer, json_body, media_type
 from dpvoip.web.sources import Network, client_address, peer_host, trusted
-from dpvoip.zadarma.api import ZadarmaApiError
 
 log = Logger()
 
@@ -82,7 +82,8 @@ class CallbackService(Protocol):
 
     def recording_link(self, user: CrmUser, call: str) -> Awaitable[str]:
         """A fresh link to the call's recording, for a user who may hear it; ``BadCallId``,
-        ``NoRecording`` or a ``ZadarmaApiError`` otherwise."""
+        ``NoRecording`` or a provider's ``ProviderError`` (Zadarma's ``ZadarmaApiError``
+        among them) otherwise."""
         ...
 
 
@@ -244,7 +245,7 @@ class CallbackPages:
             raise HttpError(401, refused.message) from None
         except NoRecording as missing:
             raise HttpError(404, str(missing)) from None
-        except ZadarmaApiError as error:
+        except ProviderError as error:  # any provider's: its status and message
             headers = ({"Retry-After": retry_after(error.retry_after)}
                        if error.retry_after is not None else {})
             raise HttpError(error.status, error.message, headers) from None
