@@ -15,7 +15,9 @@ keys of what this process spooled are counted in memory (up to ``MAX_HELD_RECORD
 records; beyond that, and for the records of the last run until the spool was empty once,
 every event waits, as before). Replay goes through the same ingest, which is replay-safe
 (the Zadarma journal and the call ids make a second delivery a no-op). An event that timed
-out may still commit later: its replay then changes nothing.
+out may still commit later: its replay then changes nothing. An event that would find the
+database too far behind to commit it within the deadline (``spool.admission``) is spooled
+at once rather than queued; a timeout (slow, not gone) does not stop the passing.
 
 The replay reads the spool in chunks and applies them in groups: up to ``group`` records
 in one transaction (``Ingest.apply_together``: one commit, one WAL flush, for many
