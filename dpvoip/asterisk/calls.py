@@ -215,10 +215,27 @@ class CallFollower:
         """The happenings ``event`` (arrived at ``arrived``, UTC) makes."""
         self.counters.events += 1
         at = _time_of(event, arrived)
-        handler = _HANDLERS.get(event.event)
+        handler = self._handlers().get(event.event)
         if handler is None:
             return []
-        return handler(self, event, at)
+        return handler(event, at)
+
+    def _handlers(self) -> dict[str, Callable[[Message, datetime], list[Happening]]]:
+        """The events that change what is followed, and what each does."""
+        return {
+            "Newchannel": self._new_channel,
+            "DialBegin": self._dial_begin,
+            "DialEnd": self._dial_end,
+            "BridgeEnter": self._bridge_enter,
+            "BridgeLeave": self._bridge_leave,
+            "Newstate": self._state,
+            "Newexten": self._state,
+            "NewCallerid": self._state,
+            "Rename": self._state,
+            "Pickup": self._pickup,
+            "Hangup": self._hangup,
+            "Cdr": self._cdr,
+        }
 
     def close_all(self, reason: Reason, at: datetime) -> list[Happening]:
         """Close every call as interrupted (the connection to Asterisk was lost: what
@@ -549,21 +566,6 @@ class CallFollower:
             self._disagreed(identity, disposition, outcome)
 
 
-_Handler = Callable[[CallFollower, Message, datetime], list[Happening]]
-_HANDLERS: dict[str, _Handler] = {
-    "Newchannel": CallFollower._new_channel,
-    "DialBegin": CallFollower._dial_begin,
-    "DialEnd": CallFollower._dial_end,
-    "BridgeEnter": CallFollower._bridge_enter,
-    "BridgeLeave": CallFollower._bridge_leave,
-    "Newstate": CallFollower._state,
-    "Newexten": CallFollower._state,
-    "NewCallerid": CallFollower._state,
-    "Rename": CallFollower._state,
-    "Pickup": CallFollower._pickup,
-    "Hangup": CallFollower._hangup,
-    "Cdr": CallFollower._cdr,
-}
 
 
 def _time_of(event: Message, arrived: datetime) -> datetime:
