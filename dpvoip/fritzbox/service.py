@@ -354,9 +354,11 @@ class BoxLeadership(Service):
         return self.machine.leads(box)
 
     def describe(self, box: str) -> dict[str, Any]:
+        """The box's lead as /readyz and /metrics show it."""
         lease = self.machine.lease[box]
         return {"leader": lease.role is Role.LEADING, "role": lease.role.value,
-                "led_by": lease.leader or None, "instance": self.lease.instance}
+                "led_by": lease.leader or None, "instance": self.lease.instance,
+                "leads": lease.leads, "takeovers": lease.takeovers, "losses": lease.losses}
 
     # -- the service -------------------------------------------------------------------------
 
