@@ -153,6 +153,7 @@ class FritzBox:
         self.gate: Callable[[], bool] = lambda: True
         #: Lines read while the gate was shut, with their arrival: read on ``resume``.
         self.held: list[tuple[str, float]] = []
+        self._refused = 0  # connections refused by the gate whose loss is still to come
 
     def watch_connection(self, watcher: Callable[[bool], None]) -> None:
         """``watcher(True)`` at every (re)connect, ``watcher(False)`` at every loss (the
@@ -239,6 +240,7 @@ class FritzBox:
 
     def connection_made(self, protocol: CallMonitorProtocol) -> None:
         if not self.gate():  # connected as the lead was lost: read nothing from it
+            self._refused += 1
             if protocol.transport is not None:
                 cast(ITCPTransport, protocol.transport).abortConnection()
             return
@@ -351,7 +353,8 @@ class FritzBox:
         return f"{host}:{self.settings.port}"
 
     def connection_lost(self, reason: Failure) -> None:
-        if self.connection is None:  # refused at connection_made: never this box's
+        if self._refused:  # the connection refused at connection_made: never read
+            self._refused -= 1
             return
         self.connection = None
         self.status.connected = False
