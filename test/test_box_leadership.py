@@ -268,7 +268,7 @@ class FakeLease:
 
 class Reader:
     def __init__(self) -> None:
-        self.running = False
+        self.running: int | bool = False
         self.starts = 0
         self.stops = 0
 
@@ -406,3 +406,21 @@ class NamesTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as raised:
                 from_toml(parse(f'[instance]\nname = "{bad}"\n', "f"), "f")
             self.assertIn("[instance] name", str(raised.exception))
+
+
+class CheckLinesTests(SynchronousTestCase):
+    """``dpvoip check``: which instance leads each box, from the locks it read."""
+
+    def test_each_box_says_who_leads_it_and_each_instance_what_it_leads(self) -> None:
+        from dpvoip.check import box_lines, instances_line
+        from dpvoip.store.leases import Holders
+
+        holders = Holders({box_key("office"): "athens-1"}, ("athens-1", "rhodes-2"))
+        office = replace(FritzBoxSettings(), name="office")
+        annex = replace(FritzBoxSettings(), name="annex")
+        lines = box_lines([office, annex], {}, holders)
+        self.assertTrue(lines[0].endswith("; led by athens-1"), lines[0])
+        self.assertTrue(lines[1].endswith("; led by no instance (no dpvoip reads it now)"),
+                        lines[1])
+        self.assertEqual(instances_line(holders, ["office", "annex"]),
+                         "instances: athens-1 (leads office); rhodes-2 (standby)")

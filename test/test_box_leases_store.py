@@ -136,7 +136,7 @@ class CompetingLeasesTests(LeaseCase):
 
 class Reader:
     def __init__(self) -> None:
-        self.running = False
+        self.running: int | bool = False
 
     def startService(self) -> None:
         self.running = True
@@ -186,8 +186,8 @@ class TwoLeadershipsTests(LeaseCase):
         both: list[bool] = []
 
         def sample() -> bool:
-            both.append(first_reader.running and second_reader.running)
-            return second_reader.running or first.describe("office")["leader"]
+            both.append(bool(first_reader.running and second_reader.running))
+            return bool(second_reader.running or first.describe("office")["leader"])
 
         query(self.raw, "SELECT pg_terminate_backend(%s)", (self.pid_of("athens-1"),))
         await eventually(lambda: not first.describe("office")["leader"] or both, PATIENCE,
