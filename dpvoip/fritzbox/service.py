@@ -354,7 +354,9 @@ class BoxLeadership(Service):
         return self.machine.leads(box)
 
     def describe(self, box: str) -> dict[str, Any]:
-        """The box's lead as /readyz and /metrics show it."""
+        """The box's lead as /readyz and /metrics show it: as of now (a lease that ran
+        out while the process was frozen is not shown as a lead)."""
+        self._apply(self.machine.tick(self.clock.seconds()))
         lease = self.machine.lease[box]
         return {"leader": lease.role is Role.LEADING, "role": lease.role.value,
                 "led_by": lease.leader or None, "instance": self.lease.instance,
