@@ -56,12 +56,17 @@ class TwoInstancesOneBoxTest(SynchronousTestCase):
         self.instances = {name: Instance(self.home, name, self.dsn, self.box.port)
                           for name in ("athens-1", "rhodes-2")}
         for instance in self.instances.values():
-            self.addCleanup(lambda i=instance: i.daemon.kill() if i.daemon else None)
+            self.addCleanup(self._kill, instance)
         self.numbers = itertools.count(1)
         self.conns = itertools.count(1)
         self.calls: list[str] = []  # every number called: one row each, completed
 
     # -- helpers --------------------------------------------------------------------------
+
+    @staticmethod
+    def _kill(instance: Instance) -> None:
+        if instance.daemon is not None:
+            instance.daemon.kill()
 
     def rows(self, number: str) -> list[tuple[Any, ...]]:
         return query(self.dsn, "SELECT status FROM accounting_voipcall WHERE phone_number"
@@ -154,7 +159,7 @@ class TwoInstancesOneBoxTest(SynchronousTestCase):
         self.whole_call()
 
         # 1. SIGKILL mid-call
-        leader, standby = self.roles()
+        leader, _ = self.roles()
         assert leader.daemon is not None
         self.take_over("kill -9", leader, leader.daemon.process.kill)
         self.all_recorded_once("kill -9")
@@ -162,7 +167,7 @@ class TwoInstancesOneBoxTest(SynchronousTestCase):
         leader.start()  # back, as the standby
 
         # 2. SIGTERM mid-call
-        leader, standby = self.roles()
+        leader, _ = self.roles()
         assert leader.daemon is not None
         self.take_over("SIGTERM", leader, lambda: leader.daemon.process.terminate()
                        if leader.daemon else None)
@@ -171,7 +176,7 @@ class TwoInstancesOneBoxTest(SynchronousTestCase):
         leader.start()
 
         # 3. SIGSTOP for longer than the bound, then SIGCONT
-        leader, standby = self.roles()
+        leader, _ = self.roles()
         assert leader.daemon is not None
         frozen = leader.daemon.process.pid
         handled = leader.peek()
@@ -187,7 +192,7 @@ class TwoInstancesOneBoxTest(SynchronousTestCase):
         self.all_recorded_once("SIGCONT")
 
         # 4. its lease session terminated by the server
-        leader, standby = self.roles()
+        leader, _ = self.roles()
         [(pid,)] = query(self.dsn, "SELECT pid FROM pg_stat_activity WHERE"
                                    " application_name = %s", (f"dpvoip lease {leader.name}",))
         number, conn = self.begin_call()

@@ -99,7 +99,8 @@ class Instance:
     def peek(self, timeout: float = 1.0) -> dict[str, Any] | None:
         """The box as this daemon's ``/readyz`` shows it; None when it does not answer
         (stopped, frozen, killed)."""
-        if self.daemon is None or self.daemon.process.poll() is not None:
+        if (self.daemon is None or not self.daemon.url
+                or self.daemon.process.poll() is not None):
             return None
         try:
             with urllib.request.urlopen(self.daemon.url + "/readyz",  # noqa: S310
