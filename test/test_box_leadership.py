@@ -5,7 +5,7 @@ connection, and the instance's name."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -424,3 +424,58 @@ class CheckLinesTests(SynchronousTestCase):
                         lines[1])
         self.assertEqual(instances_line(holders, ["office", "annex"]),
                          "instances: athens-1 (leads office); rhodes-2 (standby)")
+
+
+class VisibilityTests(SynchronousTestCase):
+    """``/readyz`` and ``/metrics`` read the lead from ``BoxLeadership`` at each request."""
+
+    def test_the_lead_in_readyz_and_metrics(self) -> None:
+        from dpvoip.metrics import DaemonMetrics, Sources
+        from dpvoip.readiness import ReadinessReport
+        from test.test_service import FakeDirectory, FakeDurable, FakeSpool, KeepsCounters
+
+        clock = Clock()
+        box, *_ = box_on_the_wire(clock)
+        lease = FakeLease("rhodes-2")
+        service = BoxLeadership([LedBox(box, Reader(), clock)], lease,  # type: ignore[arg-type]
+                                clock, lambda: defer.succeed(None), RULES)
+        service.startService()
+        self.addCleanup(service.stopService)
+        lease.connects[0].callback(None)
+        lease.answers[0].callback(Tried({}, {"office": "athens-1"}))
+
+        class Database:
+            def state(self) -> defer.Deferred[Any]:
+                class State:
+                    reachable, live_connections = True, 1
+                return defer.succeed(State())
+
+        from dpvoip.deferreds import OneShotObserver
+
+        ready = ReadinessReport(Database(), OneShotObserver(), True, False,
+                                FakeDirectory(), FakeSpool(), FakeDurable(), [box], service)
+        checks = self.successResultOf(ready()).checks
+        self.assertEqual({k: checks["fritzbox"][0][k] for k in ("leader", "role", "led_by")},
+                         {"leader": False, "role": "standby", "led_by": "athens-1"})
+        self.assertEqual(checks["instance"], "rhodes-2")
+
+        page = DaemonMetrics(Sources(
+            spool=FakeSpool(), durable=FakeDurable(), ingest=KeepsCounters(_Ingested()),
+            webhook=KeepsCounters(_Webhook()), boxes=[box], directory=FakeDirectory(),
+            leases=service))
+        self.assertIn('dpvoip_box_leader{box="office"} 0.0', page.exposition().decode())
+        clock.advance(1.0)
+        lease.answers[-1].callback(Tried({"office": "athens-1 t1"}, {}))
+        shown = page.exposition().decode()
+        self.assertIn('dpvoip_box_leader{box="office"} 1.0', shown)
+        self.assertIn('dpvoip_box_takeovers_total{box="office"} 1.0', shown)
+
+
+@dataclass
+class _Webhook:
+    refused: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Ingested:
+    calls: int = 0
