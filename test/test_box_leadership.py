@@ -147,6 +147,25 @@ class StateMachineTests(SynchronousTestCase):
         actions = lead.answered(600.0, 600.1, {}, {"office": "rhodes-2"})
         self.assertEqual(actions, [Drop("office", "rhodes-2 leads it now")])
 
+    def test_after_an_outage_the_same_term_reads_on_without_a_break(self) -> None:
+        lead = machine()
+        lead.answered(0.0, 0.1, {"office": Prior.NOBODY}, {})
+        lead.failed(1.0, "server closed the connection")
+        lead.cannot_connect(1.1)
+        self.assertEqual(lead.answered(60.0, 60.1, {"office": Prior.SAME_TERM}, {}), [])
+        self.assertTrue(lead.may_read("office", 60.2))
+        self.assertFalse(lead.may_read("office", 64.0), "heartbeats count again")
+
+    def test_a_session_lost_after_an_outage_holds_again(self) -> None:
+        lead = machine()
+        lead.answered(0.0, 0.1, {"office": Prior.NOBODY}, {})
+        lead.failed(1.0, "gone")
+        lead.cannot_connect(1.1)
+        # connected again, but the first heartbeat failed: the server is there
+        self.assertEqual(lead.failed(30.0, "heartbeat failed"),
+                         [Hold("office", "heartbeat failed")])
+        self.assertFalse(lead.may_read("office", 30.0))
+
     def test_stopping_drops_what_it_leads(self) -> None:
         lead = machine("office", "depot")
         lead.answered(0.0, 0.1, {"office": Prior.NOBODY}, {"depot": None})

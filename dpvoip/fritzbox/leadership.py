@@ -185,10 +185,12 @@ class Leadership:
         return actions + self.tick(now)  # an answer that came too late trusts nothing
 
     def _granted(self, lease: BoxLease, prior: Prior, now: float) -> list[Action]:
-        if lease.role is Role.LOST and prior is Prior.SAME_TERM:
-            lease.role = Role.LEADING
+        if lease.role is not Role.STANDBY and prior is Prior.SAME_TERM:
             lease.locked = True
             lease.leader = self.instance
+            if lease.role is Role.LEADING:  # read on through an outage: nobody else did
+                return []
+            lease.role = Role.LEADING
             return [Resume(lease.name, "the lock is this instance's again; nobody led"
                                        " in between")]
         actions: list[Action] = []
@@ -214,12 +216,14 @@ class Leadership:
 
     def failed(self, now: float, why: str) -> list[Action]:
         """The lease connection broke (or a heartbeat failed): every lock it held is
-        gone with its session, so every box it led is held until it is known who leads."""
+        gone with its session, so every box it led is held until it is known who leads.
+        (The database was reachable: there was a session to lose.)"""
         self.deadline = None
+        self.unreachable = False
         actions: list[Action] = []
         for lease in self.lease.values():
             lease.locked = False
-            if lease.role is Role.LEADING and not self.unreachable:
+            if lease.role is Role.LEADING:
                 actions.append(self._hold(lease, why))
         return actions
 
