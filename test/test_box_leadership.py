@@ -368,6 +368,40 @@ class LeadershipServiceTests(SynchronousTestCase):
         self.assertEqual(self.service.describe("office")["role"], "standby")
         self.assertEqual(len(self.ingest.happenings), 1, "nothing recorded twice")
 
+    def test_two_database_restarts_in_a_row_never_drop_the_box(self) -> None:
+        self.lease.terms["office"] = "athens-1 t1"
+        self.lease.answers[0].callback(Tried({"office": None}, {}))
+        self.clock.advance(0)
+        for restart, (before, written) in enumerate([("t1", "t2"), ("t2", "t3")]):
+            self.lease.on_lost("server closed the connection unexpectedly")
+            self.clock.advance(1.0)
+            self.lease.connects[-1].errback(OSError("refused"))  # the server is away
+            self.assertTrue(self.service.may_read("office"), "read into the spool")
+            self.clock.advance(5.0)
+            self.lease.connects[-1].callback(None)
+            self.lease.terms["office"] = f"athens-1 {written}"
+            self.lease.answers[-1].callback(Tried({"office": f"athens-1 {before}"}, {}))
+            self.clock.advance(0)
+            self.assertTrue(self.service.may_read("office"), f"restart {restart + 1}")
+        self.assertEqual(self.monitor.stops, 0)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_a_lead_held_while_it_settles_still_begins(self) -> None:
+        self.lease.terms["office"] = "athens-1 t1"
+        self.lease.answers[0].callback(Tried({"office": "rhodes-2 t0"}, {}))
+        self.clock.advance(1.0)  # settling: rhodes-2's lease may still run
+        self.lease.answers[-1].errback(OSError("terminated"))  # this heartbeat failed
+        self.assertEqual(self.service.describe("office")["role"], "lost")
+        self.clock.advance(1.0)
+        self.lease.connects[-1].callback(None)
+        self.lease.terms["office"] = "athens-1 t2"
+        self.lease.answers[-1].callback(Tried({"office": "athens-1 t1"}, {}))
+        self.assertEqual(self.monitor.starts, 0, "still settling")
+        for _ in range(2):  # heartbeats answered, until the settling is over (at 4 s)
+            self.clock.advance(1.0)
+            self.lease.answers[-1].callback(Tried({}, {}))
+        self.assertEqual(self.monitor.starts, 1)
+
     def test_the_status_reporter_writes_only_the_boxes_this_instance_leads(self) -> None:
         written: list[Any] = []
 

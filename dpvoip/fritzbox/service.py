@@ -293,9 +293,11 @@ class LedBox:
             self._call_list.stopService()
 
     def resume(self) -> None:
+        """Read the held lines and go on; whatever reads the box and is not running (the
+        call list, stopped while held; a connection whose lead was held before it began)
+        starts."""
         self.box.resume()
-        if self._call_list is not None and not self._call_list.running:
-            self._call_list.startService()
+        self.start()
 
     def drop(self) -> Deferred[None]:
         """Not this instance's box any more: no line of it is read from now on; the
@@ -447,6 +449,9 @@ class BoxLeadership(Service):
         granted = {box: self._prior(box, term) for box, term in tried.granted.items()}
         self._apply(self.machine.answered(sent_at, self.clock.seconds(), granted,
                                           tried.refused))
+        for box in granted:  # the term written now is the one a later loss compares
+            if self.machine.lease[box].locked:
+                self._held_terms[box] = self.lease.last_term(box)
 
     def _prior(self, box: str, term: str | None) -> Prior:
         if term is None:
@@ -470,7 +475,6 @@ class BoxLeadership(Service):
         for action in actions:
             led = self.boxes[action.box]
             if isinstance(action, Lead):
-                self._held_terms[action.box] = self.lease.last_term(action.box)
                 log.info("box {box}: this instance ({instance}) leads it{after}",
                          box=action.box, instance=self.lease.instance,
                          after=f" in {action.after:g} s (the last leader's lease runs"
@@ -481,9 +485,11 @@ class BoxLeadership(Service):
                 log.warn("box {box}: reading held ({why})", box=action.box, why=action.why)
                 led.hold()
             elif isinstance(action, Resume):
-                self._held_terms[action.box] = self.lease.last_term(action.box)
                 log.info("box {box}: reading on ({why})", box=action.box, why=action.why)
-                led.resume()
+                if action.box in self._leads:  # still settling: its timer starts it
+                    led.box.resume()
+                else:
+                    led.resume()
             else:
                 timer = self._leads.pop(action.box, None)
                 if timer is not None and timer.active():
