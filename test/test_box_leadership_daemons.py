@@ -200,11 +200,22 @@ class TwoInstancesOneBoxTest(SynchronousTestCase):
         [(pid,)] = query(self.dsn, "SELECT pid FROM pg_stat_activity WHERE"
                                    " application_name = %s", (f"dpvoip lease {leader.name}",))
         number, conn = self.begin_call()
+        before = self.box.connections
         began = time.monotonic()
         query(self.dsn, "SELECT pg_terminate_backend(%s)", (pid,))
+
+        def lease_again() -> bool:  # the old leader noticed, and has a new session
+            rows = query(self.dsn, "SELECT pid FROM pg_stat_activity WHERE"
+                                   " application_name = %s", (f"dpvoip lease {leader.name}",))
+            return bool(rows) and rows[0][0] != pid
+
+        wait_for("the old leader's new lease session", lease_again)
         after, _ = self.roles()
-        print(f"  pg_terminate_backend: {after.name} leads {time.monotonic() - began:.1f} s"
-              f" after ({'taken over' if after is not leader else 'lock taken again'})")
+        if after is not leader:  # taken over: the new leader connects after settling
+            wait_for("the box read again", self.read_again(before))
+        print(f"  pg_terminate_backend: {after.name} reads the box"
+              f" {time.monotonic() - began:.1f} s after"
+              f" ({'taken over' if after is not leader else 'its lock taken again'})")
         self.end_call(conn)
         self.whole_call()
         self.all_recorded_once("pg_terminate_backend")
