@@ -27,6 +27,7 @@ from dpvoip.config import Config, FritzBoxSettings
 if TYPE_CHECKING:  # what the check imports when it runs: a quick `dpvoip --help`
     from dpvoip.store.boxes import BoxReport
     from dpvoip.store.inspection import DaemonBox, DirectoryBuilt, Observed
+    from dpvoip.store.leases import Holders
 
 Say = Callable[[str], None]
 
@@ -110,7 +111,17 @@ async def _look(reactor: Any, config: Config, dsn: str, state: Path, say: Say) -
             say(f"privileges MISSING: {lacking.line()}")
         blocking = schema_lines(seen, config.standalone, say) or bool(lacking)
         say(directory_line(seen.directory))
-        for line in box_lines(config.fritzbox, seen.boxes):
+        for line in box_lines(config.fritzbox, seen.boxes, seen.leases):
+            say(line)
+        if seen.leases is not None and seen.leases.instances:
+            say(instances_line(seen.leases, [box.name for box in config.fritzbox]))
+        # The providers: from their settings; a PBX's is one login, off the reactor.
+        from twisted.internet.threads import deferToThreadPool
+
+        from dpvoip.providers.assembly import check_lines as provider_lines
+
+        for line in await deferToThreadPool(reactor, reactor.getThreadPool(),
+                                            provider_lines, config.all_providers):
             say(line)
         if seen.schema_version >= 3:  # the old monitor's endpoints
             from dpvoip.legacy_monitor.service import LEGACY_STATE, check_lines
@@ -173,22 +184,24 @@ def directory_line(directory: DirectoryBuilt | None) -> str:
 
 
 def box_lines(configured: Sequence[FritzBoxSettings],
-              reported: Mapping[str, DaemonBox]) -> list[str]:
+              reported: Mapping[str, DaemonBox], leases: Holders | None = None
+              ) -> list[str]:
     """Each box: the address and state the daemon reported (what it really does), and
-    where this configuration differs from it; a configured box with no report yet."""
+    where this configuration differs from it; a configured box with no report yet; with
+    ``leases``, which instance reads it now (holds its lock)."""
     lines: list[str] = []
     names = {box.name for box in configured}
     for box in configured:
         seen = reported.get(box.name)
         if seen is None:
             lines.append(f"Fritz!Box {box.name} ({box.host}:{box.port}): "
-                         + box_state(None))
+                         + box_state(None) + led_by(leases, box.name))
         else:
             line = f"Fritz!Box {box.name} ({seen.host}:{seen.port}): " + box_state(seen.report)
             if (seen.host, seen.port) != (box.host, box.port):
                 line += (f"; this configuration says {box.host}:{box.port} (the daemon runs"
                          " with another configuration or environment than this check)")
-            lines.append(line)
+            lines.append(line + led_by(leases, box.name))
         if box.tr064:
             report = seen.report if seen else None
             lines.append(f"  call list (TR-064 {box.tr064_user}@{box.host}:"
@@ -201,6 +214,30 @@ def box_lines(configured: Sequence[FritzBoxSettings],
     if not lines:
         lines.append("Fritz!Boxes: none configured")
     return lines
+
+
+def led_by(leases: Holders | None, box: str) -> str:
+    """``; led by <instance>``: the instance holding the box's lock now."""
+    from dpvoip.store.inspection import leader_of
+
+    if leases is None:
+        return ""
+    leader = leader_of(leases, box)
+    return (f"; led by {leader}" if leader
+            else "; led by no instance (no dpvoip reads it now)")
+
+
+def instances_line(leases: Holders, boxes: Sequence[str]) -> str:
+    """Every dpvoip instance attached to this database (its lease session), and the
+    boxes each leads; the others are standbys."""
+    from dpvoip.store.inspection import leader_of
+
+    shown = []
+    for instance in leases.instances:
+        led = [box for box in boxes if leader_of(leases, box) == instance]
+        shown.append(f"{instance} (leads {', '.join(led)})" if led
+                     else f"{instance} (standby)")
+    return "instances: " + "; ".join(shown)
 
 
 def box_state(report: BoxReport | None) -> str:

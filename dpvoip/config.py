@@ -251,6 +251,36 @@ class DaemonSettings:
     )
 
 
+def _instance_name(value: Any) -> str | None:
+    if len(value) > 48:
+        return "must be at most 48 characters (PostgreSQL's application_name keeps 63)"
+    if value != value.strip() or any(not ch.isprintable() for ch in value):
+        return "must be printable, without leading or trailing spaces"
+    return None
+
+
+@dataclass(frozen=True)
+class InstanceSettings:
+    name: str = setting(
+        "",
+        "This dpvoip's name among the instances sharing one database (each Fritz!Box is "
+        "read by one of them): shown by /readyz, /metrics and `dpvoip check` as a box's "
+        "leader, and as the lease session's application_name in pg_stat_activity. Empty: "
+        "the host's name and the state folder (host:/path). Two instances must not share "
+        "a name.",
+        _instance_name,
+    )
+
+
+def instance_name(config: Config, base: Path) -> str:
+    """``[instance] name``, or the host's name and the state folder's absolute path."""
+    if config.instance.name:
+        return config.instance.name
+    import socket
+
+    return f"{socket.gethostname()}:{config.state_path(base).absolute()}"
+
+
 @dataclass(frozen=True)
 class SpoolSettings:
     max_mb: int = setting(
@@ -757,6 +787,7 @@ class Config:
     """The whole, validated configuration."""
 
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    instance: InstanceSettings = field(default_factory=InstanceSettings)
     spool: SpoolSettings = field(default_factory=SpoolSettings)
     log: LogSettings = field(default_factory=LogSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -810,6 +841,7 @@ class Config:
 
 SECTIONS: dict[str, type[Any]] = {
     "daemon": DaemonSettings,
+    "instance": InstanceSettings,
     "spool": SpoolSettings,
     "log": LogSettings,
     "database": DatabaseSettings,
@@ -1147,6 +1179,7 @@ __all__ = [
     "DatabaseSettings",
     "DirectorySettings",
     "FritzBoxSettings",
+    "InstanceSettings",
     "LegacyMonitorSettings",
     "LogSettings",
     "PageSettings",
@@ -1155,6 +1188,7 @@ __all__ = [
     "WebSettings",
     "ZadarmaSettings",
     "describe",
+    "instance_name",
     "load",
     "read_section",
 ]

@@ -43,6 +43,12 @@ class Directory(Protocol):
     def state(self) -> Any: ...  # IndexState
 
 
+class Leases(Protocol):
+    """Who reads each box (``fritzbox.service.BoxLeadership.describe``)."""
+
+    def describe(self, box: str) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class Sources:
     """The objects each figure is read from, at each scrape (so the values are current).
@@ -56,6 +62,7 @@ class Sources:
     webhook: Counted | None = None
     boxes: Sequence[Box]
     directory: Directory
+    leases: Leases | None = None  # None: no box (nothing to lead)
 
 
 class DaemonCollector(Collector):
@@ -116,6 +123,8 @@ class DaemonCollector(Collector):
         yield reconnects
         yield troubles
         yield from _call_lists(s.boxes)
+        if s.leases is not None:
+            yield from _leads(s.leases, s.boxes)
         yield _gauge("dpvoip_directory_entries", "Numbers in the phone directory.",
                      s.directory.state.entries)
 
@@ -163,6 +172,28 @@ def _call_lists(boxes: Sequence[Box]) -> Iterator[Metric]:
     yield passes
     yield failures
     yield calls
+
+
+def _leads(leases: Leases, boxes: Sequence[Box]) -> Iterator[Metric]:
+    """Which box this instance reads, and how its lead changed hands."""
+    leader = GaugeMetricFamily(
+        "dpvoip_box_leader", "1 while this instance leads the box (reads it); 0 while "
+        "another does or its lead is not sure.", labels=["box"])
+    takeovers = CounterMetricFamily(
+        "dpvoip_box_takeovers", "Times this instance took the box over from another "
+        "instance.", labels=["box"])
+    losses = CounterMetricFamily(
+        "dpvoip_box_lead_losses", "Times this instance stopped reading a box it led (its "
+        "lease connection lost, a heartbeat late, another instance leading).",
+        labels=["box"])
+    for name in (b.status.name for b in boxes):
+        lead = leases.describe(name)
+        leader.add_metric([name], int(lead["leader"]))
+        takeovers.add_metric([name], lead["takeovers"])
+        losses.add_metric([name], lead["losses"])
+    yield leader
+    yield takeovers
+    yield losses
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -90,13 +90,23 @@ class Reporting(Protocol):
     def health(self) -> Callable[[], Any]: ...  # -> ProviderHealth: details, warnings
 
 
+class Leases(Protocol):
+    """Who reads each box (``fritzbox.service.BoxLeadership``)."""
+
+    def describe(self, box: str) -> dict[str, Any]: ...  # leader, role, led_by, instance
+
+
 class ReadinessReport:
-    """The readiness probe the web app calls for ``/readyz``."""
+    """The readiness probe the web app calls for ``/readyz``.
+
+    A standby (another instance leads every box) is as ready as a leader: it takes
+    webhooks and click-to-call, and takes a box over when its leader goes."""
 
     def __init__(self, database: Database, schema: OneShotObserver[SchemaReport],
                  standalone: bool, embedded: bool, directory: Directory, spool: Spool,
                  durable: Durable, boxes: Sequence[Box],
-                 providers: Sequence[Reporting] = ()) -> None:
+                 providers: Sequence[Reporting] = (), leases: Leases | None = None
+                 ) -> None:
         self._providers = providers
         self._database = database
         self._schema = schema
@@ -106,6 +116,7 @@ class ReadinessReport:
         self._spool = spool
         self._durable = durable
         self._boxes = boxes
+        self._leases = leases
 
     def __call__(self) -> Deferred[Readiness]:
         return Deferred.fromCoroutine(self.report())
@@ -134,18 +145,30 @@ class ReadinessReport:
                  "disk_errors": spooled.disk_errors, "mark_behind": spooled.mark_behind,
                  "spooling": self._durable.spooling,
                  **asdict(self._durable.counters)}
-        boxes = [b.status.as_json(b.tracker.open_calls) for b in self._boxes]
+        boxes = [self._box(b) for b in self._boxes]
         # Said, not failed: a box's call list that cannot be read costs recovery, while
         # the box's CallMonitor and everything else go on.
-        warnings = [f"box {box['name']}: its call list cannot be read ({listing['kind']}):"
-                    f" {listing['advice']}"
-                    for box in boxes if (listing := box.get("call_list"))
-                    and listing["state"] == "failing"]
+        warnings = [f"box {box['name']}: its call list cannot be read ({calls['kind']}):"
+                    f" {calls['advice']}"
+                    for box in boxes if (calls := box.get("call_list"))
+                    and calls["state"] == "failing"]
         health = [(p, p.health()) for p in self._providers]
         warnings += [f"provider {p.name}: {line}" for p, h in health for line in h.warnings]
+        checks: dict[str, Any] = {
+            "database": database, "directory": directory, "spool": spool, "fritzbox": boxes,
+            "warnings": warnings,
+            "providers": [{"name": p.name, "kind": p.kind, **h.details} for p, h in health]}
+        if self._leases is not None and self._boxes:
+            checks["instance"] = self._leases.describe(boxes[0]["name"])["instance"]
         return Readiness(
-            state.reachable and prepared is not None and not spooled.alarm,
-            {"database": database, "directory": directory, "spool": spool,
-             "fritzbox": boxes, "warnings": warnings,
-             "providers": [{"name": p.name, "kind": p.kind, **h.details} for p, h in health]},
-        )
+            state.reachable and prepared is not None and not spooled.alarm, checks)
+
+    def _box(self, box: Box) -> dict[str, Any]:
+        """The box as this instance sees it, with its lead: ``leader`` (this instance
+        reads it), ``role`` (leading, standby, lost: not sure of its lead) and
+        ``led_by`` (the instance that holds its lock, as last seen)."""
+        shown: dict[str, Any] = box.status.as_json(box.tracker.open_calls)
+        if self._leases is not None:
+            lead = self._leases.describe(shown["name"])
+            shown.update(leader=lead["leader"], role=lead["role"], led_by=lead["led_by"])
+        return shown

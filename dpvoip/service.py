@@ -34,7 +34,7 @@ from dpvoip import __version__, metrics
 from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext
 from dpvoip.click_to_call.callbacks import ClickToCall
 from dpvoip.click_to_call.logins import Logins
-from dpvoip.config import Config, FritzBoxSettings
+from dpvoip.config import Config, FritzBoxSettings, instance_name
 from dpvoip.core.dialling_policy import DiallingPolicy
 from dpvoip.core.numbers import Dialling, normalise
 from dpvoip.core.texts import Texts
@@ -45,7 +45,13 @@ from dpvoip.embedded_watch import EmbeddedWatch
 from dpvoip.fritzbox.box import FritzBox, origin_of
 from dpvoip.fritzbox.pinned import PinnedCallList
 from dpvoip.fritzbox.reconciler import Reconciler, ReconcileService
-from dpvoip.fritzbox.service import BoxStatusReporter, FritzBoxService, retry_policy
+from dpvoip.fritzbox.service import (
+    BoxLeadership,
+    BoxStatusReporter,
+    FritzBoxService,
+    LedBox,
+    retry_policy,
+)
 from dpvoip.hangup import stop_on_hangup
 from dpvoip.legacy_monitor.service import (
     LEGACY_STATE,
@@ -81,6 +87,7 @@ from dpvoip.store.database import Store
 from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.dsn import connection_dsn
 from dpvoip.store.embedded import EmbeddedPostgres
+from dpvoip.store.leases import LeaseConnection
 from dpvoip.store.legacy_monitor import SOURCE as LEGACY_SOURCE
 from dpvoip.store.legacy_monitor import LegacyMonitorRows
 from dpvoip.store.live import ListenConnection, LiveEvents
@@ -245,24 +252,31 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
                          config.state_path(base) / LEGACY_STATE).setServiceParent(top)
 
     # -- the Fritz!Boxes -------------------------------------------------------------------
+    # Each box is read (CallMonitor and call list) only while this instance leads it:
+    # holds its advisory lock on the lease connection (one reader per box among instances).
     boxes: list[FritzBox] = []
-    lists: list[ReconcileService] = []
+    led: list[LedBox] = []
     for settings in config.fritzbox:
         box = FritzBox(settings, durable, reactor, own)
         boxes.append(box)
-        FritzBoxService(
+        monitor = FritzBoxService(
             box, reactor, spooler.when_replayed,
             retry=retry_policy(settings.reconnect_initial_seconds,
                                settings.reconnect_max_seconds),
-        ).setServiceParent(top)
+        )
+        reading = None
         if settings.tr064:  # its call list: what the port missed, what the box blocked
-            lists.append(call_list(settings, box, store, ingest, texts, reactor,
-                                   spooler.when_replayed, config.database.crm_schema,
-                                   lambda: crm_capabilities(schema)))
-    for reading in lists:
-        reading.setServiceParent(top)
+            reading = call_list(settings, box, store, ingest, texts, reactor,
+                                spooler.when_replayed, config.database.crm_schema,
+                                lambda: crm_capabilities(schema))
+        led.append(LedBox(box, monitor, reactor, reading))
+    leadership: BoxLeadership | None = None
     if boxes:
-        reporter = BoxStatusReporter(boxes, store, reactor)
+        lease = LeaseConnection(reactor, dsn, instance_name(config, base),
+                                config.database.connect_timeout)
+        leadership = BoxLeadership(led, lease, reactor, database.when_prepared)
+        leadership.setServiceParent(top)
+        reporter = BoxStatusReporter(boxes, store, reactor, leads=leadership.leads)
         reporter.setServiceParent(top)
 
         def report_now(_up: bool) -> None:  # a box's connection change is a live event now
@@ -318,9 +332,10 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
 
     # -- what the daemon tells about itself, and the web -----------------------------------
     readiness = ReadinessReport(store, schema, config.standalone, config.embedded, index,
-                                spool, durable, boxes, providers)
+                                spool, durable, boxes, providers, leadership)
     own_metrics = metrics.DaemonMetrics(metrics.Sources(
         spool=spool, durable=durable, ingest=ingest, boxes=boxes, directory=index,
+        leases=leadership,
     ), LegacyMonitorCollector(legacy), ProvidersCollector(providers))
     limits: list[DpvoipSite] = []  # the site, once built: its connection figures
 

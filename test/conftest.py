@@ -32,7 +32,7 @@ SLOW_PREFIXES = ("test_fault_", "test_properties", "test_deploy")
 #: Modules whose tests run the installed daemon in a subprocess.
 DAEMON_MODULES = frozenset({"test_daemon", "test_fault_kill", "test_fault_sigterm_replay",
                             "test_daemon_instance", "test_check_daemon",
-                            "test_live_page_daemon"})
+                            "test_live_page_daemon", "test_box_leadership_daemons"})
 #: A property test with at least this many cases is slow wherever it lives.
 MANY_EXAMPLES = 500
 

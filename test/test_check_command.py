@@ -105,6 +105,19 @@ class OnlyLooksTests(CheckCase):
         self.assertEqual(query(dsn, "SELECT to_regnamespace('dpvoip')"), [(None,)])
         self.assertEqual(tree(self.base), [])
 
+    async def test_each_provider_from_its_settings(self) -> None:
+        """The providers are said from their settings (a PBX's: one login); a Zadarma
+        account without its secret is told refused, and no secret is ever shown."""
+        dsn = postgres().new_database(crm="2026-08")
+        status, lines = await self.check({"DATABASE_URL": dsn})
+        self.assertEqual(status, 0, lines)
+        self.assertIn("webhooks at /voip/zd/ REFUSED (401): no secret",
+                      self.line(lines, "provider zadarma (Zadarma): "))
+        _, lines = await self.check({"DATABASE_URL": dsn, "DPVOIP_ZADARMA_SECRET": PASSWORD,
+                                     "DPVOIP_ZADARMA_KEY": "k"})
+        self.assertIn("webhooks at /voip/zd/ from ",
+                      self.line(lines, "provider zadarma (Zadarma): "))
+
 
 class StateFolderTests(SynchronousTestCase):
     def test_the_folder_the_daemon_would_use(self) -> None:

@@ -26,6 +26,7 @@ from dpvoip.config import (
     DatabaseSettings,
     DirectorySettings,
     FritzBoxSettings,
+    InstanceSettings,
     LegacyMonitorSettings,
     LiveSettings,
     LogSettings,
@@ -98,6 +99,8 @@ class DefaultTests(ConfigTestCase):
 FULL = """
 [daemon]
 state_dir = "/var/lib/dpvoip"
+[instance]
+name = "athens-1"
 [spool]
 max_mb = 16
 alarm_percent = 70
@@ -177,6 +180,7 @@ class FileTests(ConfigTestCase):
             config,
             Config(
                 daemon=DaemonSettings(state_dir="/var/lib/dpvoip"),
+                instance=InstanceSettings(name="athens-1"),
                 spool=SpoolSettings(max_mb=16, alarm_percent=70, deadline_seconds=0.5),
                 log=LogSettings(format="json", level="debug"),
                 database=replace(

@@ -27,11 +27,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from zoneinfo import ZoneInfo
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -148,6 +148,12 @@ class FritzBox:
         self.budget = LogBudget()  # warnings of one kind: a few a minute
         self.outage = Outage()  # failed connection attempts: told calmly
         self._watchers: list[Callable[[bool], None]] = []
+        #: Whether this instance may record the box's lines now (its lead: asked on
+        #: every line, ``fritzbox.leadership``); always, when nothing leads boxes.
+        self.gate: Callable[[], bool] = lambda: True
+        #: Lines read while the gate was shut, with their arrival: read on ``resume``.
+        self.held: list[tuple[str, float]] = []
+        self._refused = 0  # connections refused by the gate whose loss is still to come
 
     def watch_connection(self, watcher: Callable[[bool], None]) -> None:
         """``watcher(True)`` at every (re)connect, ``watcher(False)`` at every loss (the
@@ -156,6 +162,10 @@ class FritzBox:
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
+
+    def now(self) -> datetime:
+        """The box's clock's "now" (the injected one), as an aware datetime."""
+        return self._now()
 
     def _submit(self, happenings: list[Any]) -> None:
         for happening in happenings:
@@ -195,15 +205,45 @@ class FritzBox:
         """Fires once no happening handed to the ingest is still being recorded."""
         return self.pending.when_empty()
 
-    async def close_left_open(self) -> int:
-        """Close the calls of this box the last run left active: those that started before
-        this run did (the box is already connected, its new calls are this run's)."""
-        return await self._ingest.close_open_calls(self.settings.name, Reason.RESTARTED,
-                                                   self._now(), self.born)
+    async def close_left_open(self, started_before: datetime | None = None) -> int:
+        """Close the calls of this box the last run (or the last leader) left active:
+        those that started before this run did, or before ``started_before`` (when this
+        instance began leading the box; its new calls are its own)."""
+        return await self._ingest.close_open_calls(
+            self.settings.name, Reason.RESTARTED, self._now(),
+            self.born if started_before is None else started_before)
+
+    # -- the lead (fritzbox.leadership): hold, resume, drop ------------------------------------
+
+    def hold(self) -> None:
+        """Record nothing more for now: the connection stops reading (its lines wait in
+        the socket; a line already read waits in ``held``)."""
+        if self.connection is not None:
+            self.connection.pauseProducing()
+
+    def resume(self) -> None:
+        """Record the held lines (with the time they arrived), then read on."""
+        held, self.held = self.held, []
+        for text, arrived in held:
+            self._line(text, arrived)
+        if self.connection is not None and not self.held:
+            self.connection.resumeProducing()
+
+    def drop(self) -> None:
+        """Another instance leads the box: forget the held lines, drop the connection at
+        once (none of its lines is read any more)."""
+        self.held = []
+        if self.connection is not None and self.connection.transport is not None:
+            cast(ITCPTransport, self.connection.transport).abortConnection()
 
     # -- from the protocol -----------------------------------------------------------------
 
     def connection_made(self, protocol: CallMonitorProtocol) -> None:
+        if not self.gate():  # connected as the lead was lost: read nothing from it
+            self._refused += 1
+            if protocol.transport is not None:
+                cast(ITCPTransport, protocol.transport).abortConnection()
+            return
         status = self.status
         if status.connections:
             status.reconnects += 1
@@ -231,6 +271,13 @@ class FritzBox:
 
     def line_received(self, text: str) -> None:
         arrived = self._clock.seconds()
+        if self.held or not self.gate():  # not (or not surely) this instance's to read
+            self.held.append((text, arrived))
+            self.hold()
+            return
+        self._line(text, arrived)
+
+    def _line(self, text: str, arrived: float) -> None:
         self.status.lines += 1
         self.status.last_line_at = datetime.fromtimestamp(arrived, UTC)
         if not text.strip():
@@ -306,6 +353,9 @@ class FritzBox:
         return f"{host}:{self.settings.port}"
 
     def connection_lost(self, reason: Failure) -> None:
+        if self._refused:  # the connection refused at connection_made: never read
+            self._refused -= 1
+            return
         self.connection = None
         self.status.connected = False
         self.status.since = self._now()

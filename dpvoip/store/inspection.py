@@ -18,6 +18,7 @@ from typing import Any
 from dpvoip.crm.schema import REQUIRED
 from dpvoip.store.boxes import BoxReport
 from dpvoip.store.database import Store
+from dpvoip.store.leases import Holders, box_key, read_holders
 from dpvoip.store.migrations import read_catalogue, schema_version
 from dpvoip.store.privileges import Lacking, missing_privileges
 
@@ -49,6 +50,12 @@ class Observed:
     lacking: Lacking | None = None  # attached mode only
     directory: DirectoryBuilt | None = None  # once dpvoip's schema has it
     boxes: dict[str, DaemonBox] = field(default_factory=dict)
+    leases: Holders | None = None  # who holds each box's lock, every instance's lease
+
+
+def leader_of(leases: Holders | None, box: str) -> str | None:
+    """The instance that holds ``box``'s lock now (None: no instance does)."""
+    return None if leases is None else leases.leaders.get(box_key(box))
 
 
 async def observe(store: Store, crm_schema: str, attached: bool) -> Observed:
@@ -65,7 +72,8 @@ async def observe(store: Store, crm_schema: str, attached: bool) -> Observed:
         lacking = await missing_privileges(cursor, crm_schema) if attached else None
         directory = await _directory(cursor) if version >= 3 else None
         boxes = await _boxes(cursor, version) if version >= 5 else {}
-        return Observed(present, existing, version, lacking, directory, boxes)
+        leases = await read_holders(cursor)
+        return Observed(present, existing, version, lacking, directory, boxes, leases)
 
     return await store.write(look)
 
