@@ -436,3 +436,39 @@ class LearnedZoneTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(account.zone_stated, "UTC+5")
         self.assertEqual(self.post_event().zone, timezone(timedelta(hours=5)))
+
+
+class RefusedSenderLogTests(SynchronousTestCase):
+    """A flood from a sender that is not Zadarma's is a few lines a minute, each saying how
+    many more were refused, not a line per request (every request is still refused)."""
+
+    def test_refusals_are_logged_within_a_budget(self) -> None:
+        from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+        from zope.interface import provider
+
+        lines: list[str] = []
+
+        @provider(ILogObserver)
+        def observer(event: dict[str, Any]) -> None:
+            text = formatEvent(event)
+            if "not a Zadarma address" in text:
+                lines.append(text)
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        clock = Clock()
+        hook = ZadarmaWebhook(recorder=Recorder(), context=ZadarmaContext(Dialling("GR"),
+                              ATHENS), secret=Secret(WEB_SECRET),
+                              allowlist=networks([f"{ZADARMA_PEER}/32"]), proxies=(),
+                              clock=clock)
+        for _ in range(50):
+            wire = Wire(settings(), Probe(), clock=clock, zadarma=hook, peer="203.0.113.5")
+            wire.send(signed_event())
+            self.assertEqual(wire.response()[0], 403)
+        self.assertEqual(len(lines), 10, "ten a minute")
+        clock.advance(61)
+        wire = Wire(settings(), Probe(), clock=clock, zadarma=hook, peer="203.0.113.5")
+        wire.send(signed_event())
+        self.assertEqual(len(lines), 11)
+        self.assertIn("(40 more like this in the last minute)", lines[-1])
+        self.assertEqual(hook.counters.refused[403], 51)

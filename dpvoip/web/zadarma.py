@@ -19,6 +19,7 @@ from datetime import tzinfo
 from typing import Any, Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -28,6 +29,7 @@ from zope.interface import implementer
 
 from dpvoip.calls.ingest import ZadarmaContext, ZadarmaOutcome
 from dpvoip.config import Secret
+from dpvoip.core.log_budget import LogBudget, more_like_this
 from dpvoip.spool.durable import NotRecorded
 from dpvoip.web.errors import HttpError, error_answer, failure_answer, require_media_type
 from dpvoip.web.sources import Network, allowed, client_address, peer_host
@@ -84,7 +86,7 @@ class ZadarmaWebhook:
 
     def __init__(self, recorder: Recorder, context: ZadarmaContext | CurrentZadarmaContext,
                  secret: Secret, allowlist: Sequence[Network], proxies: Sequence[Network],
-                 caller_name: bool = True) -> None:
+                 caller_name: bool = True, clock: IReactorTime | None = None) -> None:
         self.recorder = recorder
         self._context = (context if isinstance(context, CurrentZadarmaContext)
                          else CurrentZadarmaContext(context))
@@ -93,6 +95,9 @@ class ZadarmaWebhook:
         self.proxies = proxies
         self.caller_name = caller_name
         self.counters = WebhookCounters()
+        # A flood of refused senders is a few lines a minute, each saying how many more.
+        self._clock = clock
+        self._budget = LogBudget()
 
     @property
     def context(self) -> ZadarmaContext:
@@ -118,10 +123,14 @@ class ZadarmaWebhook:
         sender = client_address(peer_host(peer),
                                 [h.decode("latin-1") for h in forwarded], self.proxies)
         if not allowed(sender, self.allowlist):
-            log.warn("webhook from {sender} refused: not a Zadarma address (not in [zadarma] "
-                     "allowed_networks, DPVOIP_ZADARMA_ALLOWED_NETWORKS; add 127.0.0.1/32 "
-                     "there for a local demo, or name a forwarding proxy in [web] "
-                     "trusted_proxies)", sender=sender or "an unreadable address")
+            write, held = (self._budget.allow("sender", self._clock.seconds())
+                           if self._clock is not None else (True, 0))
+            if write:
+                log.warn("webhook from {sender} refused: not a Zadarma address (not in "
+                         "[zadarma] allowed_networks, DPVOIP_ZADARMA_ALLOWED_NETWORKS; add "
+                         "127.0.0.1/32 there for a local demo, or name a forwarding proxy in "
+                         "[web] trusted_proxies){more}", sender=sender or "an unreadable "
+                         "address", more=more_like_this(held, self._budget.window))
             raise self.refuse(403, "not an address Zadarma sends from")
         try:
             require_media_type(request.getHeader(b"Content-Type"), FORM)

@@ -111,6 +111,7 @@ class ZadarmaKind:
             allowlist=networks(settings.allowed_networks),
             proxies=tools.trusted_proxies,
             caller_name=settings.caller_name,
+            clock=reactor,
         )
         path = webhook_path(name)
 
