@@ -392,3 +392,61 @@ class PbxRoundTripTests(PbxIngestCase):
             yield self.ingest.submit(end, self.origin, at)
             self.assertEqual(len(sent), expected, f"{name}: {why}: {sent}")
         self.assertEqual(len(self.workflow(deal)), 4)
+
+
+# -- the daemon, the fake Asterisk speaking AMI to it -------------------------------------
+
+
+class PbxDaemonCase(AsteriskDaemonCase):
+    """The PBX's origin as the composition root builds it, live and in the spool's
+    replay, puts the line on the deal."""
+
+    def expected(self, contact: int) -> tuple[str, str]:
+        """The contact's deal line and was_in_touch as its one call wrote them, from the
+        call's end as recorded (the fake's clock)."""
+        [(ended,)] = self.crm.query(
+            "SELECT ended_at FROM dpvoip.call_detail WHERE contact_id = %s", (contact,))
+        day = f"{ended.astimezone(ATHENS):%d.%m.%Y}"
+        return f"{day} - Incoming call from Maria Ioannou (answered, 0:20).", day
+
+
+class PbxDaemonSalesSideTests(PbxDaemonCase):
+    async def test_an_answered_call_puts_its_line_on_the_contacts_deal(self) -> None:
+        contact = self.crm.contact("Maria", "Ioannou", mobile=CONTACT)
+        deal = self.crm.deal("Insurance", contact_id=contact, workflow="a user's line")
+        await self.start()
+        await until(lambda: self.daemon.directory.state.built)
+        await self.play("incoming-answered", caller=CONTACT, talk=20)
+        line, day = self.expected(contact)
+        self.assertEqual(self.crm.query("SELECT workflow FROM crm_deal WHERE id = %s",
+                                        (deal,)), [(f"{line}\na user's line",)])
+        [(in_touch,)] = self.crm.query("SELECT was_in_touch FROM crm_contact")
+        self.assertEqual(f"{in_touch:%d.%m.%Y}", day)
+
+
+class PbxDaemonSalesSideNewestCrmTests(PbxDaemonSalesSideTests):
+    crm_version = "2026-08"
+
+
+class PbxOutageSalesSideTests(PbxDaemonCase):
+    async def test_a_call_spooled_while_postgresql_is_away_touches_the_deal_on_replay(
+        self,
+    ) -> None:
+        _, cluster, dsn = private_cluster(self, "dpvoip-pbx-touch-", self.crm_version)
+        self.crm = crm = Crm(dsn)
+        contact = crm.contact("Maria", "Ioannou", mobile=CONTACT)
+        deal = crm.deal("Insurance", contact_id=contact, workflow="")
+        await self.start(self.config(dsn=dsn))
+        await until(lambda: self.daemon.directory.state.built)
+        await threads.deferToThread(take_down, cluster)
+        await self.play("incoming-answered", caller=CONTACT, talk=20)
+        durable = self.daemon.durable
+        self.assertTrue(durable.spooling)
+        await threads.deferToThread(cluster.start)
+        await until(lambda: not durable.spooling, PATIENCE)
+        line, day = self.expected(contact)
+        self.assertEqual(crm.query("SELECT workflow FROM crm_deal WHERE id = %s", (deal,)),
+                         [(line,)])
+        [(in_touch,)] = crm.query("SELECT was_in_touch FROM crm_contact")
+        self.assertEqual(f"{in_touch:%d.%m.%Y}", day)
+        self.assertEqual(crm_findings(dsn), [])  # (tearDown checks the shared database)
