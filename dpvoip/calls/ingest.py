@@ -102,8 +102,8 @@ class Origin:
     ``sales_side``: a finished call of a matched contact or lead writes the CRM's sales
     side (``was_in_touch``, a line on the active deal: behaviour.md section 6), as a
     Zadarma call does. A PBX's origin asks for it (a PBX is a Zadarma an office runs
-    itself); a Fritz!Box's does not, as the spec has it (and as the CRM's own
-    ``fritz_monitor.py`` never did): default off."""
+    itself); a Fritz!Box's does not, as the spec has it (section 6 names Zadarma's calls):
+    default off."""
 
     name: str
     where: Dialling
