@@ -11,8 +11,8 @@ the composition root, as ``zadarma.provider`` does Zadarma's:
   last run's spool is replayed, the calls the last run left open for this PBX closed as
   interrupted (restarted), only those begun before this process started, as a
   Fritz!Box's are;
-- ``origins``: the PBX's one origin (its name, its country), so that the spool's replay
-  applies a spooled Asterisk happening as the PBX would have;
+- ``origins``: the PBX's one origin (its name, its country, the CRM's sales side on), so
+  that the spool's replay applies a spooled Asterisk happening as the PBX would have;
 - ``dialler``: ``Originate`` (``asterisk.dialling``);
 - ``recordings``: none. Asterisk keeps its recordings on the PBX (``MixMonitor`` files)
   and dpvoip does not fetch them: a call of the PBX has no recording id, so the CRM's

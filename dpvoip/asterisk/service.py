@@ -111,9 +111,10 @@ class AsteriskStatus:
 
 def origin_of(settings: AsteriskSettings) -> Origin:
     """Where a PBX's happenings come from: its name and its numbers' country (also what
-    the spool's replay needs to apply them again)."""
+    the spool's replay needs to apply them again), and that its calls write the CRM's
+    sales side, as a cloud PBX's (Zadarma's) do."""
     return Origin(settings.name, Dialling(settings.country, settings.area_code),
-                  source="asterisk")
+                  source="asterisk", sales_side=True)
 
 
 class AsteriskPbx:

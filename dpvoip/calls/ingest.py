@@ -13,7 +13,7 @@ number by a transaction-scoped advisory lock, so they make one ticket.
 
 The wall clock comes from the ``clock`` given (the reactor, or a test's ``Clock``): it
 dates a Zadarma call that has no start time, the end of a ticketed Zadarma call, and the
-sales side's "today".
+sales side's "today" of a Zadarma call (a PBX's call is dated by its own end).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from dpvoip.core.happenings import Answered, Ended, Forwarded, Happening, Starte
 from dpvoip.core.matching import Match
 from dpvoip.core.numbers import Dialling, normalise
 from dpvoip.core.outcomes import Detail, Outcome, Reason
-from dpvoip.core.sales import sales_touch
+from dpvoip.core.sales import EndTouch, end_touch, sales_touch
 from dpvoip.core.texts import Texts
 from dpvoip.core.tickets import (
     MissedCall,
@@ -97,12 +97,19 @@ SUSPICIOUS_LOG_INTERVAL = 10.0
 
 @dataclass(frozen=True)
 class Origin:
-    """Where happenings come from: a box's name, its dialling context and its rules."""
+    """Where happenings come from: a box's name, its dialling context and its rules.
+
+    ``sales_side``: a finished call of a matched contact or lead writes the CRM's sales
+    side (``was_in_touch``, a line on the active deal: behaviour.md section 6), as a
+    Zadarma call does. A PBX's origin asks for it (a PBX is a Zadarma an office runs
+    itself); a Fritz!Box's does not, as the spec has it (section 6 names Zadarma's calls):
+    default off."""
 
     name: str
     where: Dialling
     rules: BoxRules | None = None
     source: str = "fritzbox"
+    sales_side: bool = False
 
 
 @dataclass(frozen=True)
@@ -355,9 +362,10 @@ class Ingest:
         notes = ended_notes(ended, self._texts)
         line = ended_line(notes, self._texts)
         ticket = ""  # what became of the call's ticket, for the log line
+        touch = self._end_touch(ended, origin)
         if not may_get_ticket(ended.outcome):
             done = await self._statements.finish(ended, line, notes, received, recovering,
-                                                 batch)
+                                                 batch, touch)
         else:
             async def steps(batch: Batch) -> bool:
                 nonlocal ticket
@@ -370,11 +378,11 @@ class Ingest:
                 if not gets_ticket(finishing.direction, ended.outcome,
                                    finishing.call.withheld, self._tickets):
                     await self._statements.finish_within(batch, ended, line, notes, received,
-                                                         recovering)
+                                                         recovering, touch)
                     return True
                 ticket = await self._ticket(batch, ended, origin.where, finishing.row,
                                             finishing.client, finishing.call,
-                                            finishing.facts, line, notes, received)
+                                            finishing.facts, line, notes, received, touch)
                 return True
 
             done = await (self._store.batch(steps) if batch is None else steps(batch))
@@ -386,17 +394,26 @@ class Ingest:
         else:
             self.counters.replays_ignored += 1
 
+    def _end_touch(self, ended: Ended, origin: Origin) -> EndTouch | None:
+        """The CRM's sales side of the call's end, for an origin that asks for it: dated
+        by the call's end (when it happened: a replay writes the same line) in the
+        office's zone, as a Zadarma call's is; written with the end, once per call."""
+        if not origin.sales_side:
+            return None
+        return end_touch(ended.outcome, ended.duration, ended.at, self._zone, self._texts)
+
     async def _ticket(self, batch: Batch, ended: Ended, where: Dialling, row: int,
                       client: int | None, call: MissedCall, facts: TicketFacts,
-                      line: LogLine, notes: str, received: datetime) -> str:
+                      line: LogLine, notes: str, received: datetime,
+                      touch: EndTouch | None = None) -> str:
         """The missed call's end and its ticket, as the rules plan it, in the statement
-        that also commits; what became of the ticket, for the call's log line
-        (``ticket_text``)."""
+        that also commits (with ``touch``, the CRM's sales side too); what became of the
+        ticket, for the call's log line (``ticket_text``)."""
         if call.extension is None:
             call = replace(call, extension=ended.extension)
         plan = plan_ticket(call, facts, self._tickets, self._texts, self._zone, where)
         ticket = await self._statements.write_ticket(batch, plan, row, client, ended, line,
-                                                     notes, received)
+                                                     notes, received, touch)
         self.counters.ticket_writes += 1
         if isinstance(plan, TicketUpdate):
             # the count plan_ticket puts in the title: this call and the earlier ones

@@ -151,7 +151,9 @@ class Provider:
     - ``recordings``: links to recordings kept under this provider's ids.
     - ``origins``: where its happenings come from (``calls.ingest.Origin``, one name each):
       the spool's replay applies a spooled happening with the origin of that name, so
-      every origin a provider submits with must be listed here.
+      every origin a provider submits with must be listed here. An origin with
+      ``sales_side=True`` (a PBX's, as Asterisk's) has its finished calls write the CRM's
+      sales side (``was_in_touch``, the active deal's workflow line), as Zadarma's do.
     - ``health``: its entry in ``/readyz``; ``metrics``: its Prometheus families (families
       of one name from several providers are merged into one).
     """

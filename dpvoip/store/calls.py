@@ -23,7 +23,7 @@ from dpvoip.core.happenings import Answered, Ended, Forwarded, Started
 from dpvoip.core.matching import Match
 from dpvoip.core.numbers import is_withheld
 from dpvoip.core.outcomes import Outcome
-from dpvoip.core.sales import SalesTouch
+from dpvoip.core.sales import EndTouch, SalesTouch
 from dpvoip.core.tickets import (
     OPEN_STATUSES,
     TICKET_ID,
@@ -66,6 +66,10 @@ _ZADARMA_TICKET_LOCK = (
 _BUMPED = "update_date = greatest(x.update_date, p.received)"
 #: A Zadarma call's end once this event is written: the first end recorded stays.
 _END_SO_FAR = "coalesce(v.ended_at, EXCLUDED.ended_at)"
+#: A contact's or lead's name as the directory gives it (``store.directory``): the name
+#: a PBX call's workflow line carries (``x``: the row).
+_PERSON_NAME = ("concat_ws(' ', nullif(x.first_name, ''), nullif(x.middle_name, ''),"
+                " nullif(x.last_name, ''))")
 
 
 def ended_at(at: str, start: str, over: bool = False) -> str:
@@ -82,6 +86,16 @@ def crm_duration(at: str, start: str, over: bool = False) -> str:
     truncated toward zero; so a Save in the CRM's admin changes nothing. The talk time is
     kept in dpvoip's detail row and in the call's notes."""
     return f"trunc(extract(epoch from {ended_at(at, start, over)} - {start}))::integer"
+
+
+def _positional(name: str) -> str:
+    """A parameter's placeholder in a statement of ``%s`` parameters (its order counts)."""
+    return "%s"
+
+
+def _named(name: str) -> str:
+    """A parameter's placeholder in a statement of named parameters."""
+    return f"%({name})s"
 
 
 @functools.lru_cache(maxsize=64)
@@ -351,11 +365,14 @@ class CallStatements:
         decides which; a late DISCONNECT never reaches a blocked call)."""
         return " OR d.outcome IN ('interrupted', 'blocked')" if recovering else ""
 
-    def _finish_statement(self, recovering: bool) -> str:
-        return self._statement(("finish", recovering), lambda: self._finish_sql(recovering))
+    def _finish_statement(self, recovering: bool, touch: bool = False) -> str:
+        return self._statement(("finish", recovering, touch),
+                               lambda: self._finish_sql(recovering, touch))
 
-    def _finish_sql(self, recovering: bool) -> str:
-        """One statement: finalise the call row and its detail, log and publish it."""
+    def _finish_sql(self, recovering: bool, touch: bool = False) -> str:
+        """One statement: finalise the call row and its detail, log and publish it; with
+        ``touch``, the CRM's sales side of the person its start matched rides along
+        (``_touch_ctes``: its parameters come last)."""
         return (
             f"WITH updated AS (UPDATE {self._crm}.accounting_voipcall c SET status = %s,"
             f" ended_at = {ended_at('%s', 'c.started_at', over=True)}, duration_seconds ="
@@ -363,41 +380,97 @@ class CallStatements:
             " FROM dpvoip.call_detail d WHERE c.call_id = %s AND d.call_id = c.call_id"
             f" AND (c.status = 'active'{self._reopen(recovering)})"
             " AND d.outcome IS DISTINCT FROM %s RETURNING c.id, c.call_id, c.phone_number,"
-            " c.client_id, c.ended_at),"
+            " c.client_id, c.ended_at"
+            # The detail as it was before this statement (``d`` is only joined here).
+            + (", d.direction, d.contact_id, d.lead_id, d.deal_id, d.crm_touched"
+               if touch else "")
+            + "),"
             " detail AS (UPDATE dpvoip.call_detail d SET outcome = %s, ended_at = u.ended_at,"
-            " talk_seconds = %s, updated_at = now() FROM updated u"
-            " WHERE d.call_id = u.call_id),"
+            f" talk_seconds = %s,{' crm_touched = true,' if touch else ''} updated_at = now()"
+            " FROM updated u WHERE d.call_id = u.call_id),"
             f" logs AS ({self._log_lines('updated', 1)}),"
             f" live AS ({row_call_event(self._crm, 'updated', '%s')}),"
             f" note AS ({announce('%s', '%s')})"
-            " SELECT u.id, (SELECT count(*) FROM note) FROM updated u"
+            + (self._touch_ctes("updated", _positional) if touch else "")
+            + " SELECT u.id, (SELECT count(*) FROM note) FROM updated u"
+        )
+
+    def _touch_ctes(self, before: str, param: Callable[[str], str]) -> str:
+        """CTEs (each after a comma) writing a call's ``EndTouch`` for the contact or
+        lead its start matched, from CTE ``before`` (call_id, direction, contact_id,
+        lead_id, deal_id, crm_touched: the detail row as it was before the statement),
+        once per call: nothing when its sales side was written already. The deal is the
+        one its start recorded (the person's active deal then); the name is the
+        person's as the CRM has it now (a contact or lead deleted since: no line).
+        ``param`` writes a parameter's placeholder; they are, in this order:
+        touch_today (NULL: not answered), touch_in_head, touch_in_tail, touch_out_head,
+        touch_out_tail, touch_received (``update_date``, as the CRM's save would)."""
+        names = ("touch_today", "touch_in_head", "touch_in_tail", "touch_out_head",
+                 "touch_out_tail", "touch_received")
+        today, in_head, in_tail, out_head, out_tail, received = (param(n) for n in names)
+        crm = self._crm
+        return (
+            f", touch_p AS (SELECT {today}::date AS today, {in_head}::text AS in_head,"
+            f" {in_tail}::text AS in_tail, {out_head}::text AS out_head,"
+            f" {out_tail}::text AS out_tail, {received}::timestamptz AS received),"
+            " touch_of AS (SELECT b.contact_id, b.lead_id, b.deal_id, CASE WHEN b.direction"
+            " = 'outgoing' THEN p.out_head ELSE p.in_head END || coalesce("
+            f"(SELECT {_PERSON_NAME} FROM {crm}.crm_contact x WHERE x.id = b.contact_id),"
+            f" (SELECT coalesce(nullif({_PERSON_NAME}, ''), x.company_name) FROM"
+            f" {crm}.crm_lead x WHERE x.id = b.lead_id)) || CASE WHEN b.direction ="
+            " 'outgoing' THEN p.out_tail ELSE p.in_tail END AS line, p.today, p.received"
+            f" FROM {before} b, touch_p p WHERE NOT b.crm_touched),"
+            f" touch_contact AS (UPDATE {crm}.crm_contact x SET was_in_touch = t.today,"
+            " update_date = greatest(x.update_date, t.received) FROM touch_of t"
+            " WHERE x.id = t.contact_id AND t.today IS NOT NULL),"
+            f" touch_lead AS (UPDATE {crm}.crm_lead x SET was_in_touch = t.today,"
+            " update_date = greatest(x.update_date, t.received) FROM touch_of t"
+            " WHERE x.id = t.lead_id AND t.today IS NOT NULL),"
+            f" touch_deal AS (UPDATE {crm}.crm_deal x SET workflow = t.line || CASE WHEN"
+            " x.workflow = '' THEN '' ELSE E'\\n' END || x.workflow,"
+            " update_date = greatest(x.update_date, t.received) FROM touch_of t"
+            " WHERE x.id = t.deal_id AND t.line IS NOT NULL)"
         )
 
     @staticmethod
-    def _finish_parameters(ended: Ended, line: LogLine, notes: str,
-                           received: datetime) -> tuple[Any, ...]:
+    def _touch_parameters(touch: EndTouch, received: datetime) -> dict[str, Any]:
+        """The values of ``_touch_ctes``' parameters, by name (in their order)."""
+        return {
+            "touch_today": touch.in_touch_on, "touch_in_head": touch.incoming[0],
+            "touch_in_tail": touch.incoming[1], "touch_out_head": touch.outgoing[0],
+            "touch_out_tail": touch.outgoing[1], "touch_received": received,
+        }
+
+    def _finish_parameters(self, ended: Ended, line: LogLine, notes: str,
+                           received: datetime, touch: EndTouch | None = None
+                           ) -> tuple[Any, ...]:
         return (
             ended.outcome.status, ended.at, ended.at, notes, received, ended.call_id,
             ended.outcome.value, ended.outcome.value, ended.duration,
             received, line.action, line.text,
             json.dumps(live.ended_changes(ended.outcome, ended.duration, ended.at)),
             NOTIFY_CHANNEL, ended_payload(ended.call_id, ended.outcome, ended.duration),
+            *(self._touch_parameters(touch, received).values() if touch else ()),
         )
 
     async def finish(self, ended: Ended, line: LogLine, notes: str, received: datetime,
-                     recovering: bool = False, batch: Batch | None = None) -> bool:
+                     recovering: bool = False, batch: Batch | None = None,
+                     touch: EndTouch | None = None) -> bool:
         """Finalise a call that gets no ticket, in one statement of its own; False when it
         was finalised already. The CRM's duration is its own ``VoIPCall.save()``'s,
-        ``int(ended_at - started_at)``; the talk time is kept in the detail row."""
+        ``int(ended_at - started_at)``; the talk time is kept in the detail row. With
+        ``touch``, the CRM's sales side rides in the same statement, once per call."""
         return bool(await self._write(
-            batch, self._finish_statement(recovering),
-            self._finish_parameters(ended, line, notes, received)))
+            batch, self._finish_statement(recovering, touch is not None),
+            self._finish_parameters(ended, line, notes, received, touch)))
 
     async def finish_within(self, batch: Batch, ended: Ended, line: LogLine, notes: str,
-                            received: datetime, recovering: bool = False) -> None:
+                            received: datetime, recovering: bool = False,
+                            touch: EndTouch | None = None) -> None:
         """The same as the last statement of ``batch`` (the COMMIT rides along)."""
-        await batch.run(self._finish_statement(recovering),
-                        self._finish_parameters(ended, line, notes, received), last=True)
+        await batch.run(self._finish_statement(recovering, touch is not None),
+                        self._finish_parameters(ended, line, notes, received, touch),
+                        last=True)
 
     async def finishing_missed(self, batch: Batch, ended: Ended, query: TicketQuery,
                                recovering: bool = False) -> FinishingCall | None:
@@ -433,7 +506,8 @@ class CallStatements:
 
     async def write_ticket(self, batch: Batch, plan: TicketPlan, row: int,
                            client: int | None, ended: Ended, line: LogLine, notes: str,
-                           received: datetime) -> int | None:
+                           received: datetime, touch: EndTouch | None = None
+                           ) -> int | None:
         """The missed call's end and its ticket (behaviour.md section 5) in one statement:
         the ticket created or updated as ``plan`` says, the call row finalised and linked
         to it, both logged and published, as at ``received``; the ticket's id.
@@ -446,7 +520,9 @@ class CallStatements:
         An open ticket that had no client gets the call's (a client added to the CRM
         since the number's first missed call), and so does the call it was opened for,
         with that call's log rows: the CRM's own ``change_call_client`` keeps the call,
-        its ticket and its log rows on one client."""
+        its ticket and its log rows on one client.
+
+        With ``touch`` (a PBX's call), the CRM's sales side rides along, once per call."""
         params: dict[str, Any]
         if isinstance(plan, NewTicket):
             head, _, tail = plan.log.partition(TICKET_ID)
@@ -459,8 +535,11 @@ class CallStatements:
                       "ticket": plan.ticket, "log": plan.log, "action": plan.log_action,
                       "client": client}
         new = isinstance(plan, NewTicket)
+        touched = touch is not None
+        if touch is not None:
+            params.update(self._touch_parameters(touch, received))
         rows = await batch.run_planned(
-            self._statement(("ticket", new), lambda: self._ticket_sql(new)),
+            self._statement(("ticket", new, touched), lambda: self._ticket_sql(new, touched)),
             {
                 **params, "row": row, "channel": NOTIFY_CHANNEL,
                 "status": ended.outcome.status, "at": ended.at, "talk": ended.duration,
@@ -476,10 +555,11 @@ class CallStatements:
             return plan.ticket
         return int(rows[0][1]) if rows and rows[0][1] is not None else None
 
-    def _ticket_sql(self, new: bool) -> str:
+    def _ticket_sql(self, new: bool, touch: bool = False) -> str:
         """The ticket statement: a ``new`` ticket inserted (its log line gets the new id
         between ``head`` and ``tail``), or the open one updated (its notes get one more
-        line, its priority turns urgent or stays)."""
+        line, its priority turns urgent or stays); with ``touch``, the CRM's sales side
+        (``_touch_ctes``)."""
         if new:
             ticket = (
                 f"ticket AS (INSERT INTO {self._crm}.accounting_ticket (title, description,"
@@ -517,7 +597,8 @@ class CallStatements:
             " FROM ticket t WHERE v.id = %(row)s RETURNING v.id, v.call_id, v.phone_number,"
             " v.client_id, v.ended_at, t.id AS ticket, t.log),"
             " detail AS (UPDATE dpvoip.call_detail d SET outcome = %(outcome)s, ended_at ="
-            " c.ended_at, talk_seconds = %(talk)s, ticket_id = c.ticket, updated_at = now()"
+            " c.ended_at, talk_seconds = %(talk)s, ticket_id = c.ticket,"
+            f"{' crm_touched = true,' if touch else ''} updated_at = now()"
             f" FROM call c WHERE d.call_id = c.call_id),{follow}"
             f" logs AS (INSERT INTO {self._crm}.accounting_voipcalllog (action, description,"
             f" created_at, call_id{extra_columns}) SELECT line.action, line.description,"
@@ -530,7 +611,11 @@ class CallStatements:
             " 'call_id', e.call_id, 'ticket_id', (e.data->>'ticket_id')::bigint) END"
             " || jsonb_build_object('id', e.id))::text)"
             " FROM live e)"
-            " SELECT (SELECT count(*) FROM note), (SELECT c.ticket FROM call c)"
+            + (", touch_before AS (SELECT d.call_id, d.direction, d.contact_id, d.lead_id,"
+               " d.deal_id, d.crm_touched FROM dpvoip.call_detail d JOIN call c"
+               " ON d.call_id = c.call_id)" + self._touch_ctes("touch_before", _named)
+               if touch else "")
+            + " SELECT (SELECT count(*) FROM note), (SELECT c.ticket FROM call c)"
         )
 
     def _first_call_follows(self) -> str:
