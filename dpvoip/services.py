@@ -229,7 +229,38 @@ FULL_PASS_SECONDS = 300.0
 directory_log = Logger(namespace="dpvoip.directory")
 
 
-class DirectoryService(Service):
+class BeatOnceReady(Service):
+    """A beat (Twisted's ``TimerService``) that starts once the schema is prepared (its
+    first beat at once) and whose stop waits for a beat still running. Subclasses say
+    what a beat does (``_beat``, a Deferred that never fails: the loop must not die)."""
+
+    def __init__(self, interval: float, clock: IReactorTime,
+                 prepared: Callable[[], Deferred[None]]) -> None:
+        self._prepared = prepared
+        self._timer = TimerService(interval, self._beat)
+        self._timer.clock = clock
+
+    def _beat(self) -> Deferred[None]:
+        raise NotImplementedError
+
+    def startService(self) -> None:
+        super().startService()
+        self._prepared().addCallback(lambda _: self._begin())
+
+    def _begin(self) -> None:
+        if self.running and not self._timer.running:
+            self._timer.startService()
+
+    def stopService(self) -> Deferred[None] | None:
+        """Stops the beat; fires once a beat still running has finished."""
+        super().stopService()
+        if not self._timer.running:
+            return None
+        stopped: Deferred[None] = self._timer.stopService()
+        return stopped
+
+
+class DirectoryService(BeatOnceReady):
     """Keeps the phone directory's index fresh while dpvoip runs.
 
     Once the schema is prepared: build the index if it was never built (or the region
@@ -251,22 +282,12 @@ class DirectoryService(Service):
         clock: IReactorTime,
         prepared: Callable[[], Deferred[None]],
     ) -> None:
+        super().__init__(settings.refresh_seconds, clock, prepared)
         self.index = index
         self._settings = settings
         self._clock = clock
-        self._prepared = prepared
-        self._timer = TimerService(settings.refresh_seconds, self._beat)
-        self._timer.clock = clock
         self._last_sweep = float("-inf")
         self._last_full = float("-inf")
-
-    def startService(self) -> None:
-        super().startService()
-        self._prepared().addCallback(lambda _: self._begin())
-
-    def _begin(self) -> None:
-        if self.running and not self._timer.running:
-            self._timer.startService()
 
     def _beat(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._pass()).addErrback(self._failed)
@@ -298,16 +319,8 @@ class DirectoryService(Service):
         if changed:
             directory_log.debug("phone directory: {n} records re-read", n=changed)
 
-    def stopService(self) -> Deferred[None] | None:
-        """Stops the beat; fires once a pass still running has finished."""
-        super().stopService()
-        if not self._timer.running:
-            return None
-        stopped: Deferred[None] = self._timer.stopService()
-        return stopped
 
-
-class StatisticsService(Service):
+class StatisticsService(BeatOnceReady):
     """Analyzes the tables dpvoip writes once they have grown by a good share
     (``store.statistics``), every ``interval`` seconds once the schema is prepared, so that
     the hot statements' plans follow the tables' sizes. A failed pass (the database away)
@@ -317,19 +330,9 @@ class StatisticsService(Service):
 
     def __init__(self, statistics: PlannerStatistics, clock: IReactorTime,
                  prepared: Callable[[], Deferred[None]], interval: float = 10.0) -> None:
+        super().__init__(interval, clock, prepared)
         self.statistics = statistics
-        self._prepared = prepared
-        self._timer = TimerService(interval, self._beat)
-        self._timer.clock = clock
         self.failures = 0
-
-    def startService(self) -> None:
-        super().startService()
-        self._prepared().addCallback(lambda _: self._begin())
-
-    def _begin(self) -> None:
-        if self.running and not self._timer.running:
-            self._timer.startService()
 
     def _beat(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self.statistics.refresh()).addCallbacks(
@@ -338,10 +341,3 @@ class StatisticsService(Service):
     def _failed(self, failure: Failure) -> None:
         self.failures += 1
         log.debug("planner statistics not refreshed: {error}", error=summary(failure.value))
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        if not self._timer.running:
-            return None
-        stopped: Deferred[None] = self._timer.stopService()
-        return stopped
