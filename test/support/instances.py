@@ -315,13 +315,22 @@ class ZadarmaTraffic:
         self.pause = pause
         self.patience = patience
         self.calls: list[WebhookCall] = []
+        self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def away(self, instance: str) -> int:
+        """Requests that found ``instance`` not answering (or answering 5xx) so far."""
+        return sum(1 for call in list(self.calls) for tries in list(call.events)
+                   for a in tries if a.instance == instance and a.outcome != "200")
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._call()
+        try:
+            while not self._stop.is_set():
+                self._call()
+        except BaseException as error:  # said by ``stop``, in the test's thread
+            self.error = error
 
     def _call(self) -> None:
         n = next(self.numbers)
@@ -356,4 +365,6 @@ class ZadarmaTraffic:
         self._stop.set()
         self._thread.join(self.patience * 5)
         assert not self._thread.is_alive(), "Zadarma's traffic did not stop"
+        if self.error is not None:
+            raise AssertionError(f"Zadarma's traffic failed: {self.error!r}") from self.error
         return self.calls
