@@ -15,6 +15,12 @@ instance records it; missed calls of one number arriving at once on both group i
 ticket; a user clicking on both instances gets exactly ``per_user_per_minute`` dials a
 minute, one after the other or all at once. The webhook tests run on both shipped CRM
 versions, as the Zadarma tests do where the rows differ.
+
+And point 4: a staff user's browser holding ``GET /voip/events`` on the instance that
+recorded nothing (the standby of the one Fritz!Box both are configured with) gets every
+``call`` and ``ticket`` event of a Zadarma call posted to the other instance and of a box
+call that instance read, with the same ids and data as that instance's own stream: they
+reach it through PostgreSQL's NOTIFY alone.
 """
 
 from __future__ import annotations
@@ -22,14 +28,16 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
 
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.protocols.portforward import ProxyFactory, ProxyServer
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -38,20 +46,26 @@ from twisted.web.client import HTTPConnectionPool
 from dpvoip.config import (
     ClickToCallSettings,
     CrmSettings,
+    DirectorySettings,
     Secret,
     SpoolSettings,
     ZadarmaSettings,
 )
 from dpvoip.deferreds import EmptyableSet
 from dpvoip.service import Daemon, build
+from dpvoip.store.tokens import create_token
+from dpvoip.testing.fritzbox import FritzSimulator, parse_script
 from dpvoip.testing.zadarma import ZadarmaFake
 from dpvoip.zadarma.signing import webhook_signature
 from test.support.crm import Crm
 from test.support.crm_rules import crm_findings
 from test.support.daemon import PATIENCE, scratch
 from test.support.postgres import postgres
-from test.support.wiring import LOOPBACK, in_process, running
+from test.support.waiting import until
+from test.support.wiring import LOOPBACK, in_process, loopback_box, running
 from test.test_crm_logins import access_claims, forge_jwt
+from test.test_database import eventually
+from test.test_live_stream import RawClient
 from test.test_zadarma_webhook import SECRET, START, WIDE_HOURS, ZADARMA, incoming
 
 CALLER = "6912345678"
@@ -326,3 +340,112 @@ class ClickToCallTests(TwoInstances):
             [self.click_on(self.ports[n % 2]) for n in range(8)])
         self.assertEqual(Counter(code for code, _ in answers), {200: 3, 429: 5})
         self.assertEqual(self.dialled(), 3)
+
+
+# -- live events: a stream on one instance, the call recorded by the other -------------------
+
+
+OFFICE = "2107654321"
+
+
+class LiveEventsTests(TwoInstances):
+    """Both instances are configured with one Fritz!Box (the simulator on loopback): one
+    leads it and records; the other, the standby, records nothing. A staff user (a
+    dpvoip token) holds an event stream on each."""
+
+    def setUp(self) -> Any:
+        self.box = FritzSimulator(reactor, parse_script(""), "Europe/Athens")
+        self.addCleanup(self.box.stop)
+        return super().setUp()
+
+    async def _start(self) -> None:
+        self.box_port = await self.box.listen(0)
+        await super()._start()
+        self.crm.user("boss", is_staff=True)
+        _, self.token = await create_token(self.daemons[0].store, "public", "boss")
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(),
+                "directory": DirectorySettings(own_numbers=(OFFICE,)),
+                "boxes": [loopback_box("office", self.box_port, reconnect_initial_seconds=0.1,
+                                       reconnect_max_seconds=1.0, clock_tolerance_seconds=0)]}
+
+    async def _leads(self, port: int) -> bool:
+        response = await treq.get(self.url(port, "/readyz"), pool=self.http)
+        body = await response.json()
+        return bool(body["fritzbox"][0]["leader"])
+
+    async def _leader(self) -> tuple[int, int]:
+        """(the leader's port, the standby's), once one leads and reads the box."""
+        found: list[tuple[int, int]] = []
+
+        async def settled() -> bool:
+            leading = [port for port in self.ports if await self._leads(port)]
+            if len(leading) == 1 and self.box.connected == 1:
+                [standby] = [port for port in self.ports if port not in leading]
+                found.append((leading[0], standby))
+                return True
+            return False
+
+        await eventually(lambda: defer.Deferred.fromCoroutine(settled()), PATIENCE)
+        return found[-1]
+
+    def stream(self, port: int) -> RawClient:
+        """``GET /voip/events`` as a browser holds it, signed in as the staff user."""
+        client = RawClient((f"GET /voip/events HTTP/1.1\r\nHost: {LOOPBACK}\r\n"
+                            f"Authorization: Bearer {self.token}\r\n\r\n").encode())
+        factory = ClientFactory()
+        factory.buildProtocol = lambda addr: client  # type: ignore[method-assign]
+        reactor.connectTCP(LOOPBACK, port, factory)
+        self.addCleanup(self._hang_up, client)
+        return client
+
+    @staticmethod
+    async def _hang_up(client: RawClient) -> None:
+        if client.transport is not None:
+            client.transport.loseConnection()
+        await client.closed
+
+    @staticmethod
+    def calls_and_tickets(client: RawClient) -> list[tuple[str | None, str, Any]]:
+        return [event for event in client.events() if event[1] in ("call", "ticket")]
+
+    @defer.inlineCallbacks
+    def test_the_standby_streams_every_event_of_the_calls_the_leader_records(self) -> Any:
+        leader, standby = yield defer.Deferred.fromCoroutine(self._leader())
+        streams = {port: self.stream(port) for port in (leader, standby)}
+        yield defer.Deferred.fromCoroutine(until(lambda: all(
+            b"retry: 3000" in c.body for c in streams.values())))  # both streams open
+
+        # a missed Zadarma call posted to the leader (a ticket), a box call it reads
+        events = incoming(CALLER, answered=False,
+                          start=datetime.now(ZoneInfo("Europe/Athens")).strftime(
+                              "%Y-%m-%d %H:%M:%S"))
+        codes = yield self.send_call(leader, events)
+        self.assertEqual(codes, [200] * 3)
+        self.box.script = parse_script(f"0 {{now}};RING;0;6987654321;{OFFICE};SIP0;\n"
+                                       "0.2 {now};CONNECT;0;11;6987654321;\n"
+                                       "0.2 {now};DISCONNECT;0;2;\n")
+        yield self.box.run()
+
+        yield defer.Deferred.fromCoroutine(until(lambda: self.crm.query(
+            "SELECT count(*) FROM accounting_voipcall WHERE status <> 'active'") == [(2,)]))
+        kept = self.crm.query("SELECT id, kind, call_id FROM dpvoip.live_event"
+                              " WHERE kind IN ('call', 'ticket') ORDER BY id")
+        yield defer.Deferred.fromCoroutine(until(lambda: all(
+            len(self.calls_and_tickets(c)) >= len(kept) for c in streams.values())))
+
+        on_leader = self.calls_and_tickets(streams[leader])
+        on_standby = self.calls_and_tickets(streams[standby])
+        self.assertEqual(on_standby, on_leader)  # same ids, kinds and data, in order
+        self.assertEqual([(int(i or 0), kind, data.get("call_id"))
+                          for i, kind, data in on_standby], kept)
+        zadarma = f"zd-{events[0]['pbx_call_id']}"
+        [(box,)] = self.crm.query("SELECT call_id FROM accounting_voipcall"
+                                  " WHERE phone_number = '+306987654321'")
+        ends = {data["call_id"]: data["status"] for _, kind, data in on_standby
+                if kind == "call" and data["state"] == "ended"}
+        self.assertEqual(ends, {zadarma: "missed", box: "completed"})
+        self.assertEqual([data["call_id"] for _, kind, data in on_standby if kind == "ticket"],
+                         [zadarma])
+        self.assertEqual(self.box.connections, 1)  # the standby never read the box
