@@ -270,6 +270,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             ON dpvoip.callback_request (user_id, counted_at) WHERE counted_at IS NOT NULL;
         """,
     ),
+    Migration(
+        14,
+        "call details by ticket: a grouped missed call counts its ticket's calls",
+        """
+        CREATE INDEX call_detail_by_ticket
+            ON dpvoip.call_detail (ticket_id) WHERE ticket_id IS NOT NULL;
+        """,
+    ),
 )
 
 
