@@ -283,6 +283,18 @@ class FreshnessTests(DirectoryTestCase):
         self.assertEqual((yield self.lookup("6900000031")).client.id, late)
 
     @defer.inlineCallbacks
+    def test_two_instances_building_at_once_both_finish_with_every_number(self) -> Any:
+        """Two dpvoip started together on one database both build the shared index."""
+        clients = [self.crm.client(f"Client {n}", kinito_tilefono=f"69000001{n:02d}")
+                   for n in range(20)]
+        other = DirectoryIndex(self.store, "public", GR, own_numbers=["210 999 9999"],
+                               page_size=3, margin_seconds=60)
+        yield defer.gatherResults([self.build(),
+                                   defer.Deferred.fromCoroutine(other.build())])
+        for n, client in enumerate(clients):
+            self.assertEqual((yield self.lookup(f"69000001{n:02d}")).client.id, client)
+
+    @defer.inlineCallbacks
     def test_needs_a_build_once_and_again_only_when_the_region_changes(self) -> Any:
         self.assertTrue((yield defer.Deferred.fromCoroutine(self.index.needs_build())))
         yield self.build()

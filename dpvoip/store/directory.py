@@ -131,9 +131,14 @@ class DirectoryIndex:
                     (ids, source.name),
                 )
             if found:
+                # Another instance may be building or refreshing the same records at the
+                # same moment (two started together): the last writer's number stands,
+                # rather than a unique violation failing this pass.
                 await cursor.execute(
                     "INSERT INTO dpvoip.directory_entry (source, record_id, field, number)"
-                    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[])",
+                    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[])"
+                    " ON CONFLICT (source, record_id, field) DO UPDATE"
+                    " SET number = EXCLUDED.number",
                     tuple(list(column) for column in zip(*found, strict=True)),
                 )
 
