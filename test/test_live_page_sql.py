@@ -4,7 +4,6 @@ calls, open tickets with their counts, the boxes, and who sees which call."""
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -13,8 +12,14 @@ from twisted.internet import defer
 
 from dpvoip.live.snapshot import Client, Snapshot
 from dpvoip.store.live_page import LivePageReads
-from dpvoip.web.live_page import day_start
-from test.test_ingest import IngestTestCase, today
+from test.test_ingest import IngestTestCase
+
+#: The script's office day runs from 08:00 to 11:00:30 on its own clock; it is played on
+#: the hours just before the test runs (its 11:00:30 an hour ago), so that the day's calls
+#: are today's, the answered one is still in progress (started under 12 hours ago) and
+#: none is in the future, whatever the time of day the test runs at.
+SCRIPT_DAY = datetime(2026, 1, 1, 8, 0)
+PLAYED_BEFORE_NOW = timedelta(hours=4)
 
 ATHENS = ZoneInfo("Europe/Athens")
 
@@ -25,12 +30,27 @@ class SnapshotTests(IngestTestCase):
     def setUp(self) -> Any:
         ready = super().setUp()
         self.reads = LivePageReads(self.store, "public")
+        self.played = datetime.now(ATHENS).replace(tzinfo=None) - PLAYED_BEFORE_NOW
         return ready
+
+    def at(self, hhmmss: str, days_ago: int = 0) -> str:
+        """The CallMonitor time of the script's ``hhmmss`` (its day played before now)."""
+        clock = datetime.strptime(hhmmss, "%H:%M:%S").time()
+        moment = (self.played + (datetime.combine(SCRIPT_DAY, clock) - SCRIPT_DAY)
+                  - timedelta(days=days_ago))
+        return f"{moment:%d.%m.%y %H:%M:%S}"
+
+    def missed(self, conn: int, caller: str, ring: str, end: str) -> tuple[str, str]:
+        return (f"{self.at(ring)};RING;{conn};{caller};7654321;SIP0;",
+                f"{self.at(end)};DISCONNECT;{conn};0;")
 
     def read(self, viewer: int | None = None, recent: int = 50,
              tickets: int = 50) -> defer.Deferred[Snapshot]:
+        """The page as at now, its "today" beginning just before the script's day (the
+        office's midnight would cut it in two when the test runs soon after midnight)."""
+        start = self.played.replace(tzinfo=ATHENS) - timedelta(minutes=1)
         return defer.Deferred.fromCoroutine(self.reads.snapshot(
-            day_start(time.time(), ATHENS), viewer, recent, tickets))
+            start.astimezone(UTC), viewer, recent, tickets))
 
     @defer.inlineCallbacks
     def office_day(self) -> Any:
@@ -40,13 +60,13 @@ class SnapshotTests(IngestTestCase):
         yield self.build_directory()
         yield self.lines(*self.missed(1, "6977000111", "08:00:00", "08:00:30"))
         yield self.lines(*self.missed(1, "6977000111", "08:10:00", "08:10:30"))
-        yield self.lines(f"{today('09:00:00')};CALL;2;11;7654321;2101234567#;SIP0;",
-                         f"{today('09:00:05')};CONNECT;2;11;2101234567;",
-                         f"{today('09:01:10')};DISCONNECT;2;65;")
-        yield self.lines(f"{today('10:00:00', days_ago=1)};RING;3;6944000222;7654321;SIP0;",
-                         f"{today('10:00:20', days_ago=1)};DISCONNECT;3;0;")
-        yield self.lines(f"{today('09:30:00')};RING;0;06912345678;7654321;SIP0;",
-                         f"{today('09:30:10')};CONNECT;0;12;06912345678;")
+        yield self.lines(f"{self.at('09:00:00')};CALL;2;11;7654321;2101234567#;SIP0;",
+                         f"{self.at('09:00:05')};CONNECT;2;11;2101234567;",
+                         f"{self.at('09:01:10')};DISCONNECT;2;65;")
+        yield self.lines(f"{self.at('10:00:00', days_ago=1)};RING;3;6944000222;7654321;SIP0;",
+                         f"{self.at('10:00:20', days_ago=1)};DISCONNECT;3;0;")
+        yield self.lines(f"{self.at('09:30:00')};RING;0;06912345678;7654321;SIP0;",
+                         f"{self.at('09:30:10')};CONNECT;0;12;06912345678;")
         self.crm.query(
             "INSERT INTO dpvoip.box_status (box, host, port, connected, since, reconnects,"
             " lines, bad_lines, open_calls) VALUES ('office', '192.168.178.1', 1012, true,"
@@ -84,12 +104,12 @@ class SnapshotTests(IngestTestCase):
 
     @defer.inlineCallbacks
     def test_the_call_ringing_then_ended(self) -> Any:
-        yield self.lines(f"{today('11:00:00')};RING;4;2109999999;7654321;SIP0;")
+        yield self.lines(f"{self.at('11:00:00')};RING;4;2109999999;7654321;SIP0;")
         shown = yield self.read()
         self.assertEqual([(c.state, c.number, c.client, c.box) for c in shown.in_progress],
                          [("ringing", "+302109999999", None, "office")])
         self.assertEqual(shown.recent, [])
-        yield self.lines(f"{today('11:00:30')};DISCONNECT;4;0;")
+        yield self.lines(f"{self.at('11:00:30')};DISCONNECT;4;0;")
         shown = yield self.read()
         self.assertEqual(shown.in_progress, [])
         self.assertEqual([(c.state, c.outcome) for c in shown.recent], [("ended", "missed")])
@@ -105,7 +125,7 @@ class SnapshotTests(IngestTestCase):
 
     @defer.inlineCallbacks
     def test_a_call_left_open_for_hours_is_not_in_progress(self) -> Any:
-        yield self.lines(f"{today('10:00:00', days_ago=1)};RING;5;2108888888;7654321;SIP0;")
+        yield self.lines(f"{self.at('10:00:00', days_ago=1)};RING;5;2108888888;7654321;SIP0;")
         self.crm.query("UPDATE accounting_voipcall SET started_at = %s",
                        (datetime.now(UTC) - timedelta(hours=13),))
         shown = yield self.read()
