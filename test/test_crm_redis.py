@@ -556,6 +556,45 @@ _plain = st.recursive(
 )
 
 
+#: A pickle of ten bytes whose memo index asks the unpickler for 32 GiB (LONG_BINPUT).
+MEMO_BOMB = b"\x80\x04N" + b"r" + (0xFFFFFFF0).to_bytes(4, "little") + b"."
+
+#: Run in a child process whose address space is capped at 1 GiB: were the bomb ever
+#: let through again, the child fails with a MemoryError instead of the machine's OOM
+#: killer ending the whole test run (as it did once, from the property test below).
+_CAPPED = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+from dpvoip.crm.logins import LoginRefused
+from dpvoip.crm.redis_sessions import plain_loads, read_cached_session
+for read in (plain_loads, read_cached_session):
+    try:
+        read(bytes.fromhex(sys.argv[1]))
+    except LoginRefused as refusal:
+        print(type(refusal).__name__, refusal)
+"""
+
+
+def test_a_memo_bomb_is_refused_without_allocating() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _CAPPED, MEMO_BOMB.hex()],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("a memo index out of order") == 2, done.stdout
+
+
+def test_memo_entries_a_pickler_writes_still_load() -> None:
+    """Shared values (one list in two places) are memo entries, in every protocol."""
+    shared = [1, 2, {"x": "y"}]
+    session = {"_auth_user_id": "5", "a": shared, "b": shared, "n": list(range(300))}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        loaded = plain_loads(pickle.dumps(session, protocol))
+        assert loaded == session
+        assert isinstance(loaded, dict) and loaded["a"] is loaded["b"]
+
+
 class TestProperties:
     @settings(max_examples=300)
     @given(st.binary(max_size=300))

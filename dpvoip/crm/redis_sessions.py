@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import lzma
 import pickle
+import pickletools
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -89,11 +90,36 @@ class _PlainUnpickler(pickle.Unpickler):
         raise LoginRefused("session data holds a persistent reference: refused")
 
 
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+
+
+def _memo_in_order(data: bytes) -> None:
+    """Refuse a pickle whose memo indexes are not the ones a pickler writes (0, 1, 2, ...
+    in order). The unpickler sizes its memo by the largest index it is given: ten bytes
+    asking for index 4,294,967,280 made it allocate 32 GiB (found by the property test,
+    which the machine's OOM killer then ended). Read with ``pickletools``, which builds
+    nothing."""
+    count = 0
+    for opcode, argument, _ in pickletools.genops(data):
+        if opcode.name in _MEMO_PUTS:
+            if not isinstance(argument, int) or argument > count:
+                raise LoginRefused("session data in Redis is not a pickle a pickler writes"
+                                   " (a memo index out of order)")
+            count = max(count, argument + 1)
+        elif opcode.name == "MEMOIZE":
+            count += 1
+        elif opcode.name in _MEMO_GETS and (not isinstance(argument, int)
+                                             or argument >= count):
+            raise LoginRefused("session data in Redis reads a memo entry it never wrote")
+
+
 def plain_loads(data: bytes) -> object:
     """Unpickle ``data`` if it is plain data only; ``ClassRefused`` when it names any
     Python object, ``LoginRefused`` when it is not a pickle. Nothing is imported or
-    called, whatever the bytes say."""
+    called, whatever the bytes say, and nothing is allocated beyond what they hold."""
     try:
+        _memo_in_order(data)
         return _PlainUnpickler(io.BytesIO(data), fix_imports=False).load()
     except LoginRefused:
         raise
