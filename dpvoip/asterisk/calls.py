@@ -200,6 +200,7 @@ class CallFollower:
         self._ended: dict[str, Outcome] = {}  # Linkedid: outcome, for a late Cdr
         self._disagreed = disagreed
         self.counters = FollowerCounters()
+        self._on = self._handlers()  # made once: every AMI event looks its kind up here
 
     @property
     def open_calls(self) -> int:
@@ -215,7 +216,7 @@ class CallFollower:
         """The happenings ``event`` (arrived at ``arrived``, UTC) makes."""
         self.counters.events += 1
         at = _time_of(event, arrived)
-        handler = self._handlers().get(event.event)
+        handler = self._on.get(event.event)
         if handler is None:
             return []
         return handler(event, at)
