@@ -57,8 +57,8 @@ class MemorySpool:
     def sync_mark(self) -> Deferred[None]:
         return defer.succeed(None)
 
-    def replayed(self, up_to: int) -> Deferred[None]:
-        self.records = [(s, p) for s, p in self.records if s > up_to]
+    def replayed(self, up_to: int, ahead: Sequence[int] = ()) -> Deferred[None]:
+        self.records = [(s, p) for s, p in self.records if s > up_to and s not in ahead]
         return defer.succeed(None)
 
     def state(self) -> SpoolState:

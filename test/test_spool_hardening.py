@@ -169,8 +169,8 @@ class DiskSpool:
     def pending(self, limit: int | None = None) -> Deferred[list[tuple[int, bytes]]]:
         return self._run(lambda: self.spool.pending(limit))
 
-    def replayed(self, up_to: int) -> Deferred[None]:
-        return self._run(lambda: self.spool.replayed(up_to))
+    def replayed(self, up_to: int, ahead: Sequence[int] = ()) -> Deferred[None]:
+        return self._run(lambda: self.spool.replayed(up_to, ahead))
 
     def sync_mark(self) -> Deferred[None]:
         return self._run(self.spool.sync_mark)
@@ -441,6 +441,41 @@ class ReplayTests(SynchronousTestCase):
         rest = again.pending()
         self.assertEqual(len(rest), 500 - applied, "the next start replays only the rest")
         self.assertEqual(rest[0][0], applied + 1)
+
+    def test_groups_committed_beside_a_failed_one_are_not_applied_again(self) -> None:
+        """The database comes back while the pool is still reconnecting: two lanes' groups
+        commit, the first lane's fails (ConnectionDead) and the replay pauses. The mark
+        keeps the two committed groups though they lie beyond the failed one: neither the
+        next replay nor the next start applies them again."""
+        from txpostgres.reconnection import ConnectionDead
+
+        events: list[Happening] = [answered(n) for n in range(48)]
+        self.spool_records(events)
+        durable = make(self.clock, self.disk, self.ingest, lanes=3, group=8, chunk=64)
+        self.ingest.hold = True
+        replay = durable.replay()
+        self.assertEqual(len(self.ingest.held), 3)
+        (failed, lost), *committing = self.ingest.held
+        self.ingest.held = committing
+        lost.errback(ConnectionDead())
+        self.ingest.release()  # their commits were already under way
+        self.assertFalse(self.successResultOf(replay), "paused")
+        committed = list(self.ingest.applied)
+        self.assertEqual(len(committed), 16)
+        first_failed = events.index(failed[0])
+        self.assertTrue(any(events.index(event) > first_failed for event in committed),
+                        "committed records lie beyond the failed one")
+        again = Spool(self.spool.folder)  # what the next start would read
+        self.spool.close()
+        again.open()
+        rest = [seq for seq, _ in again.pending()]
+        again.close()
+        self.assertEqual(len(rest), 48 - 16, "the next start replays only the rest")
+        self.spool.open()
+        self.ingest.hold = False
+        self.assertTrue(self.successResultOf(durable.replay()))
+        self.assertCountEqual(self.ingest.applied, events, "each record once")
+        self.assertEqual(self.spool.pending(), [])
 
 
 class ReplayTailTests(SynchronousTestCase):

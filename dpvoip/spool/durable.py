@@ -30,7 +30,8 @@ transactions crossing) is applied again one record per transaction, and only a b
 is skipped. A record of an event whose call this process never saw start (``Unmatched``:
 it looks for the call in the database) waits until everything before it is committed.
 The mark is written after each chunk, up to the last record before which everything is
-through. ``stop_replay`` (at SIGTERM) lets the groups in flight finish, writes the mark
+through, with the records through beyond it (a lane's group that committed while another
+lane's failed). ``stop_replay`` (at SIGTERM) lets the groups in flight finish, writes the mark
 and ends the replay, so that stopping does not wait for the whole spool and the next
 start does not apply again what was applied.
 
@@ -427,19 +428,21 @@ class DurableIngest:
             self._spooling = True
             if len(pending) <= self._group_size * self._lanes and self._tail is None:
                 self._tail = OneShotObserver()  # new events wait for these few
-            done, paused = await self._replay_chunk(pending)
-            if done:
-                await self._mark(done)
+            done, ahead, paused = await self._replay_chunk(pending)
+            if done or ahead:
+                await self._mark(done, ahead)
             if paused is not None:
                 log.info("replay paused: the database is unavailable ({error})",
                          error=type(paused).__name__)
                 return False
 
     async def _replay_chunk(self, records: list[tuple[int, bytes]]
-                            ) -> tuple[int, BaseException | None]:
+                            ) -> tuple[int, list[int], BaseException | None]:
         """Apply ``records`` in groups of up to ``group``, one transaction each, on up to
         ``lanes`` connections at once; (the last seq before which every record is through,
-        the outage that paused it or None)."""
+        the seqs through beyond it, the outage that paused it or None). Records beyond the
+        first one not through are through when another lane's group committed while this
+        one's failed: the mark keeps them, so that no start applies them again."""
         settled: dict[int, bool] = {}  # seq -> through (applied or skipped as unreplayable)
         paused: list[BaseException] = []
         self._begun_up_to = 0
@@ -484,7 +487,8 @@ class DurableIngest:
             if not settled.get(seq):
                 break
             done = seq
-        return done, (paused[0] if paused else None)
+        ahead = [seq for seq, _ in records if seq > done and settled.get(seq)]
+        return done, ahead, (paused[0] if paused else None)
 
     def _lane_of(self, item: Submission | ZadarmaSubmission) -> int:
         """The lane of ``item``: every event of one call in the lane its first event took,
@@ -559,9 +563,9 @@ class DurableIngest:
                   error=f"{type(error).__name__}: {error}"[:300],
                   payload=payload[:500].decode("utf-8", "replace"))
 
-    async def _mark(self, done: int) -> None:
+    async def _mark(self, done: int, ahead: list[int]) -> None:
         try:
-            await self._spool.replayed(done)
+            await self._spool.replayed(done, ahead)
         except OSError as error:
             if not disk_error(error):
                 raise

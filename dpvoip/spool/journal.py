@@ -25,10 +25,19 @@ check out. A new segment is started once the current one reaches ``segment_bytes
 batch is never split across segments, because it is one ``write``.
 
 The mark file is ``b"DPSM" | replayed_up_to (8) | next_seq (8) | crc32 of the 20 bytes
-before (4)``. It is replaced atomically (write ``mark.tmp``, fsync, rename, fsync the
-folder), so it is always either the old or the new mark, never a mixture. It carries
-``next_seq`` so that sequence numbers keep increasing after every segment was compacted
-away: a consumer may key on them.
+before (4)``, or, when records beyond ``replayed_up_to`` were replayed too,
+``b"DPSA" | replayed_up_to (8) | next_seq (8) | count (4) | count seqs (8 each) | crc32 of
+everything before (4)``. It is replaced atomically (write ``mark.tmp``, fsync, rename,
+fsync the folder), so it is always either the old or the new mark, never a mixture. It
+carries ``next_seq`` so that sequence numbers keep increasing after every segment was
+compacted away: a consumer may key on them.
+
+The seqs *ahead* of the mark exist because a consumer may apply records side by side (the
+replay's lanes): when one lane's transaction commits and another's fails (the database
+went away again), the records committed beyond the first failed one are done but not
+contiguous. ``replayed(up_to, ahead)`` keeps them, ``pending`` never returns them again, in
+this run or after a restart. At most ``MAX_AHEAD`` are kept; any more are simply returned
+again (the consumer is idempotent), so the mark stays small.
 
 Why these rules:
 
@@ -78,6 +87,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import struct
 import zlib
@@ -104,6 +114,10 @@ SEGMENT_BYTES = 8 * 1024 * 1024
 SEGMENT_SUFFIX = ".seg"
 MARK_MAGIC = b"DPSM"
 MARK = struct.Struct(">4sQQI")  # magic, replayed up to, next seq, crc32 of the 20 before
+MARK_AHEAD_MAGIC = b"DPSA"
+MARK_AHEAD = struct.Struct(">4sQQI")  # magic, replayed up to, next seq, count of seqs ahead
+#: Seqs replayed beyond the mark's prefix that the mark remembers (64 KiB of mark at most).
+MAX_AHEAD = 8192
 MARK_NAME = "mark"
 MARK_TEMP = "mark.tmp"
 LOCK_NAME = "lock"
@@ -224,19 +238,37 @@ def decode_records(data: bytes, first_seq: int,
     return records, position
 
 
-def encode_mark(replayed_up_to: int, next_seq: int) -> bytes:
-    body = MARK.pack(MARK_MAGIC, replayed_up_to, next_seq, 0)[:-4]
+def encode_mark(replayed_up_to: int, next_seq: int, ahead: Sequence[int] = ()) -> bytes:
+    """The mark; the short form (which every earlier version reads) when nothing beyond
+    ``replayed_up_to`` was replayed."""
+    if not ahead:
+        body = MARK.pack(MARK_MAGIC, replayed_up_to, next_seq, 0)[:-4]
+    else:
+        seqs = sorted(ahead)
+        body = (MARK_AHEAD.pack(MARK_AHEAD_MAGIC, replayed_up_to, next_seq, len(seqs))
+                + struct.pack(f">{len(seqs)}Q", *seqs))
     return body + struct.pack(">I", zlib.crc32(body))
 
 
-def decode_mark(data: bytes) -> tuple[int, int] | None:
-    """``(replayed_up_to, next_seq)``, or None when ``data`` is not a valid mark."""
-    if len(data) != MARK.size:
+def decode_mark(data: bytes) -> tuple[int, int, frozenset[int]] | None:
+    """``(replayed_up_to, next_seq, seqs replayed beyond it)``, or None when ``data`` is
+    not a valid mark."""
+    if len(data) < MARK.size or zlib.crc32(data[:-4]) != struct.unpack(">I", data[-4:])[0]:
         return None
-    magic, replayed_up_to, next_seq, crc = MARK.unpack(data)
-    if magic != MARK_MAGIC or zlib.crc32(data[:-4]) != crc or replayed_up_to >= next_seq:
+    magic, replayed_up_to, next_seq, count = MARK_AHEAD.unpack(data[:MARK_AHEAD.size])
+    if magic == MARK_MAGIC and len(data) == MARK.size:
+        ahead: tuple[int, ...] = ()
+    elif magic == MARK_AHEAD_MAGIC and 0 < count <= MAX_AHEAD \
+            and len(data) == MARK_AHEAD.size + 8 * count + 4:
+        ahead = struct.unpack(f">{count}Q", data[MARK_AHEAD.size:-4])
+        if any(b <= a for a, b in itertools.pairwise(ahead)) \
+                or ahead[0] <= replayed_up_to or ahead[-1] >= next_seq:
+            return None
+    else:
         return None
-    return replayed_up_to, next_seq
+    if replayed_up_to >= next_seq:
+        return None
+    return replayed_up_to, next_seq, frozenset(ahead)
 
 
 class Spool:
@@ -270,7 +302,9 @@ class Spool:
         self._fd: int | None = None  # the segment being appended to, O_APPEND
         self._segments: list[_Segment] = []
         self._replayed_up_to = 0
-        self._mark: tuple[int, int] | None = None  # (replayed_up_to, next_seq) on disk
+        self._ahead: frozenset[int] = frozenset()  # replayed beyond _replayed_up_to
+        # (replayed_up_to, next_seq, ahead) on disk
+        self._mark: tuple[int, int, frozenset[int]] | None = None
         self._next_seq = 1
         self._recovered_torn_bytes = 0
         self._appended_total = 0
@@ -307,7 +341,7 @@ class Spool:
     def _recover(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.folder / MARK_TEMP).unlink()
-        replayed_up_to, next_seq = self._read_mark()
+        replayed_up_to, next_seq, ahead = self._read_mark()
         self._segments = []
         self._recovered_torn_bytes = 0
         previous_last = 0
@@ -323,15 +357,18 @@ class Spool:
             self._segments.append(_Segment(first, path, good, last))
             previous_last = last
         self._replayed_up_to = replayed_up_to
+        # Only what a segment still holds (a cut torn tail takes its records with it).
+        self._ahead = frozenset(seq for seq in ahead if any(
+            segment.first <= seq <= segment.last for segment in self._segments))
         self._next_seq = max(next_seq, previous_last + 1)
         self._compact()
 
-    def _read_mark(self) -> tuple[int, int]:
+    def _read_mark(self) -> tuple[int, int, frozenset[int]]:
         try:
             data = (self.folder / MARK_NAME).read_bytes()
         except FileNotFoundError:
             self._mark = None
-            return 0, 1
+            return 0, 1, frozenset()
         self._mark = decode_mark(data)
         if self._mark is None:
             raise SpoolCorrupt(f"{self.folder / MARK_NAME} is damaged")
@@ -478,7 +515,8 @@ class Spool:
             with segment.path.open("rb") as file:
                 file.seek(offset)
                 data = file.read(segment.size - offset)
-            cap = None if wanted is None else wanted + max(0, self._replayed_up_to + 1 - seq)
+            cap = None if wanted is None else (
+                wanted + max(0, self._replayed_up_to + 1 - seq) + len(self._ahead))
             records, good = decode_records(data, seq, limit=cap)
             read_up_to = records[-1][0] if records else seq - 1
             cut_short = cap is not None and len(records) == cap
@@ -487,22 +525,30 @@ class Spool:
                 raise SpoolCorrupt(f"{segment.path.name} changed after it was checked")
             if records:
                 self._cursor = (records[-1][0] + 1, segment.first, offset + good)
-            found.extend(r for r in records if r[0] > self._replayed_up_to)
+            found.extend(r for r in records
+                         if r[0] > self._replayed_up_to and r[0] not in self._ahead)
         return found if limit is None else found[:limit]
 
-    def replayed(self, up_to: int) -> None:
-        """Durably mark every record up to ``up_to`` as done, then compact."""
+    def replayed(self, up_to: int, ahead: Sequence[int] = ()) -> None:
+        """Durably mark every record up to ``up_to`` as done, and the records ``ahead``
+        (beyond it) too, then compact."""
         self._check_open()
-        if up_to >= self._next_seq:
-            raise ValueError(f"cannot mark {up_to} replayed: nothing past "
+        if up_to >= self._next_seq or any(seq >= self._next_seq for seq in ahead):
+            raise ValueError(f"cannot mark {max([up_to, *ahead])} replayed: nothing past "
                              f"{self._next_seq - 1} was appended")
-        if up_to <= self._replayed_up_to:
+        up_to = max(up_to, self._replayed_up_to)
+        beyond = sorted(seq for seq in self._ahead.union(ahead) if seq > up_to)
+        # Seqs ahead that now follow the mark without a gap move it on.
+        while beyond and beyond[0] == up_to + 1:
+            up_to = beyond.pop(0)
+        kept = frozenset(beyond[:MAX_AHEAD])
+        if up_to == self._replayed_up_to and kept == self._ahead:
             if self._mark_behind:
                 self.sync_mark()
             return
         before = self._pending_count()
         try:
-            self._write_mark(up_to, self._next_seq)
+            self._write_mark(up_to, self._next_seq, kept)
         except OSError as error:
             # The disk refuses the mark: the replay goes on from the mark kept here (never
             # the same records twice in this run), and what is replayed is still removed,
@@ -510,6 +556,7 @@ class Spool:
             # the mark is written again at the next call.
             self._disk_failed(error)
             self._replayed_up_to = up_to
+            self._ahead = kept
             self._mark_behind = True
             self._replayed_total += before - self._pending_count()
             self._compact()
@@ -522,18 +569,19 @@ class Spool:
         self._check_open()
         if self._mark_behind:
             try:
-                self._write_mark(self._replayed_up_to, self._next_seq)
+                self._write_mark(self._replayed_up_to, self._next_seq, self._ahead)
             except OSError as error:
                 self._disk_failed(error)
                 raise
 
-    def _write_mark(self, replayed_up_to: int, next_seq: int) -> None:
+    def _write_mark(self, replayed_up_to: int, next_seq: int,
+                    ahead: frozenset[int] = frozenset()) -> None:
         temp = self.folder / MARK_TEMP
         try:
             fd = self.files.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                                  0o600)
             try:
-                data = encode_mark(replayed_up_to, next_seq)
+                data = encode_mark(replayed_up_to, next_seq, tuple(ahead))
                 written = 0
                 while written < len(data):
                     written += self.files.write(fd, data[written:])
@@ -546,8 +594,9 @@ class Spool:
             with contextlib.suppress(OSError):
                 self.files.unlink(temp)  # a half-written temporary mark takes space too
             raise
-        self._mark = (replayed_up_to, next_seq)
+        self._mark = (replayed_up_to, next_seq, ahead)
         self._replayed_up_to = replayed_up_to
+        self._ahead = ahead
         self._mark_behind = False
         self._disk_error = ""
 
@@ -560,7 +609,7 @@ class Spool:
         if self._pending_count() == 0:
             self._close_segment()
             doomed = list(self._segments)
-            if self._mark != (self._next_seq - 1, self._next_seq):
+            if self._mark != (self._next_seq - 1, self._next_seq, frozenset()):
                 # The mark on disk must carry the next seq before the segments that show it
                 # go (it is stale after skipped seqs or an empty segment left by a crash).
                 try:
@@ -571,6 +620,7 @@ class Spool:
                     # numbers from the old mark's next seq, which no file holds any more.
                     self._disk_failed(error)
                     self._replayed_up_to = self._next_seq - 1
+                    self._ahead = frozenset()
                     self._mark_behind = True
         else:
             doomed = [s for s in self._segments[:-1] if s.last <= self._replayed_up_to]
@@ -601,7 +651,7 @@ class Spool:
 
     def _pending_count(self) -> int:
         return sum(max(0, s.last - max(s.first - 1, self._replayed_up_to))
-                   for s in self._segments)
+                   for s in self._segments) - len(self._ahead)
 
     def _bytes(self) -> int:
         return sum(s.size for s in self._segments)
@@ -711,8 +761,8 @@ class AsyncSpool:
         """The spool this drives (its ``files`` is the seam for a failing disk)."""
         return self._spool
 
-    def replayed(self, up_to: int) -> Deferred[None]:
-        return self._submit(lambda: self._spool.replayed(up_to))
+    def replayed(self, up_to: int, ahead: Sequence[int] = ()) -> Deferred[None]:
+        return self._submit(lambda: self._spool.replayed(up_to, ahead))
 
     def sync_mark(self) -> Deferred[None]:
         return self._submit(self._spool.sync_mark)
