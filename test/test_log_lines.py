@@ -45,7 +45,7 @@ from dpvoip.core.errors import summary
 from dpvoip.core.log_budget import Outage, for_people, seconds_text
 from dpvoip.fritzbox.box import FritzBox
 from dpvoip.fritzbox.service import FritzBoxService, retry_policy, why_not_connected
-from dpvoip.logs import json_line, text_line
+from dpvoip.logs import ACCESS_FORMAT, json_line, text_line
 from dpvoip.protocols.tr064 import Tr064Client, Tr064Error
 from dpvoip.spool.durable import NotRecorded
 from dpvoip.zadarma.account import http_pool_and_agent
@@ -537,3 +537,52 @@ class NeverAnEmptyReason(SynchronousTestCase):
     def test_summary(self) -> None:
         self.assertEqual(summary(NotRecorded()), "NotRecorded")
         self.assertEqual(summary(None), "no reason given")
+
+
+class AccessLines(SynchronousTestCase):
+    """The access line is rendered without Twisted's formatter (issue 21): the same text,
+    escaped the same, in both forms."""
+
+    def event(self, **fields: Any) -> dict[str, Any]:
+        values = {"client": "127.0.0.1", "method": "POST", "path": "/voip/zd/",
+                  "status": 200, "sent": 2, "elapsed_ms": 2.345678, **fields}
+        return {"log_format": ACCESS_FORMAT, "log_level": LogLevel.info, "log_time": 0.0,
+                "log_namespace": "dpvoip.web.access", **values}
+
+    def test_the_text_line(self) -> None:
+        line = text_line(self.event())
+        assert line is not None
+        self.assertTrue(line.endswith("[dpvoip.web.access#info] 127.0.0.1 POST /voip/zd/"
+                                      " 200 2B 2.3ms\n"), line)
+        slow = text_line(self.event(elapsed_ms=1234.56))
+        assert slow is not None
+        self.assertTrue(slow.endswith(" 200 2B 1234.6ms\n"), slow)
+
+    def test_a_path_cannot_forge_a_line(self) -> None:
+        line = text_line(self.event(path="/a\n2026-01-01 [x] forged\x1b[2J"))
+        assert line is not None
+        self.assertEqual(line.count("\n"), 1)
+        self.assertIn("/a\\n2026-01-01 [x] forged\\x1b[2J 200", line)
+
+    def test_the_json_line_keeps_the_fields(self) -> None:
+        record = json.loads(json_line(self.event()))
+        self.assertEqual(record["message"], "127.0.0.1 POST /voip/zd/ 200 2B 2.3ms")
+        self.assertEqual((record["path"], record["status"], record["elapsed_ms"]),
+                         ("/voip/zd/", 200, 2.345678))
+
+    def test_an_access_event_missing_a_field_is_still_told(self) -> None:
+        event = self.event()
+        del event["sent"]
+        line = text_line(event)
+        assert line is not None
+        self.assertIn("Unable to format event", line)
+
+    def test_each_line_carries_its_own_second(self) -> None:
+        """The time's text is made once a second: each line still shows its own."""
+        from twisted.logger import formatTime
+
+        for when in (0.5, -0.5, 1_765_000_000.0, 1_765_000_000.99, 1_765_000_001.01,
+                     1_765_000_000.5):
+            line = text_line({**self.event(), "log_time": when})
+            assert line is not None
+            self.assertTrue(line.startswith(formatTime(when) + " ["), (when, line))

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dpvoip.core.numbers import WITHHELD, Dialling, is_withheld, normalise
+from dpvoip.core.numbers import NORMALISED_CACHE, WITHHELD, Dialling, is_withheld, normalise
 
 #: Where each country's office or box is: its region and one real local area code.
 AREA_CODES = {"GR": "210", "DE": "30", "AT": "1", "CH": "44", "GB": "20", "US": "415"}
@@ -499,3 +499,30 @@ def test_text_longer_than_any_crm_phone_column_is_not_a_number() -> None:
     # parsing cost grows with the length: a long field must not cost seconds
     assert normalise("6912345678" + " " * 91) is None
     assert normalise("+30 691 234 5678" + " " * 84) == "+306912345678"
+
+
+def test_a_number_normalised_again_in_another_country_is_read_there() -> None:
+    """Normalised numbers are remembered (issue 21): by the text and where it was seen,
+    never by the text alone."""
+    assert normalise("030 1234567", Dialling("DE")) == "+49301234567"
+    assert normalise("030 1234567", Dialling("GR")) is None
+    assert normalise("030 1234567", Dialling("DE")) == "+49301234567"
+    assert normalise("1234567", Dialling("DE", "30")) == "+49301234567"
+    assert normalise("1234567", Dialling("DE", "89")) == "+49891234567"
+
+
+def test_remembering_normalised_numbers_keeps_memory_bounded() -> None:
+    """A flood of distinct callers cannot grow the remembered numbers without end."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        for n in range(NORMALISED_CACHE):  # the cache full, of numbers traced, first
+            normalise(f"+30 69{n:08d}")
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(20_000):
+            normalise(f"+30 69{n + 10**7:08d}")
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 200_000, f"grew by {grown} bytes"

@@ -8,6 +8,7 @@ withheld callers, SIP URIs, service codes, extensions and garbage normalise to `
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -52,10 +53,21 @@ class Dialling:
     area_code: str = ""
 
 
+#: Numbers normalised lately, remembered: a caller's number is normalised by each event of
+#: a call and by each lookup, and the parse is the dearest step of a webhook (issue 21).
+#: A few hundred KB at most.
+NORMALISED_CACHE = 4096
+
+
 def normalise(raw: str | None, where: Dialling = Dialling()) -> str | None:
     """The E.164 form of ``raw`` (``+302101234567``), or None when it is not a callable number."""
     if raw is None or len(raw) > MAX_RAW_CHARS:
         return None
+    return _normalised(raw, where)
+
+
+@functools.lru_cache(maxsize=NORMALISED_CACHE)
+def _normalised(raw: str, where: Dialling) -> str | None:
     # Invisible format characters (direction marks, zero-width spaces, BOM, soft hyphen)
     # come with numbers copied from messengers and spreadsheets.
     text = "".join(ch for ch in raw if unicodedata.category(ch) != "Cf").strip()

@@ -42,6 +42,7 @@ from dpvoip.internals import (
     leave_form_to_caller,
     request_line,
 )
+from dpvoip.logs import ACCESS_FORMAT
 from dpvoip.web.errors import media_type, raw_response
 from dpvoip.web.sources import Network, peer_host, trusted
 
@@ -372,7 +373,7 @@ class DpvoipSite(server.Site):
             client = "-"
         elapsed_ms = (self.clock.seconds() - request.started_at) * 1000
         log.info(
-            "{client} {method} {path} {status} {sent}B {elapsed_ms:.1f}ms",
+            ACCESS_FORMAT,
             client=client, method=method, path=path, status=status, sent=sent,
             elapsed_ms=elapsed_ms,
         )
