@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 
 def p99(samples: Sequence[float]) -> float:
@@ -15,3 +16,35 @@ def report(verdicts: Sequence[tuple[str, bool]]) -> list[str]:
     for target, met in verdicts:
         print(f"target {target}: {'met' if met else 'MISSED'}")
     return [target for target, met in verdicts if not met]
+
+
+class StallWatch:
+    """The longest the reactor was held (issue 21: a build must not hold it for more than
+    50 ms at a time): a timer asks to run every ``interval`` seconds and notes how late
+    each run was, on the reactor's own clock."""
+
+    def __init__(self, reactor: Any, interval: float = 0.005) -> None:
+        from twisted.internet.task import LoopingCall
+
+        self._reactor = reactor
+        self._interval = interval
+        self._last = 0.0
+        self.longest = 0.0
+        self.over_50ms = 0
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = reactor
+
+    def start(self) -> None:
+        self._last = self._reactor.seconds()
+        self._loop.start(self._interval, now=False)
+
+    def stop(self) -> None:
+        self._loop.stop()
+
+    def _tick(self) -> None:
+        now = self._reactor.seconds()
+        held = now - self._last - self._interval
+        self._last = now
+        self.longest = max(self.longest, held)
+        if held > 0.050:
+            self.over_50ms += 1

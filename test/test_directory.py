@@ -448,3 +448,46 @@ class LiveDirectoryTests(TestCase):
             lambda: crm.query("SELECT count(*) FROM dpvoip.directory_entry"
                               " WHERE record_id = %s AND source = 'client'", (old,)) == [(0,)],
             seconds=PATIENCE))
+
+
+class BuildTurnTests(DirectoryTestCase):
+    """A build gives the reactor a turn every ``NORMALISED_PER_TURN`` rows (issue 21): a
+    page of thousands of rows normalised at once held the reactor for most of a second,
+    and every webhook waited."""
+
+    @defer.inlineCallbacks
+    def test_the_reactor_gets_a_turn_between_slices_of_a_page(self) -> Any:
+        from dpvoip.store import directory
+
+        rows = 2 * directory.NORMALISED_PER_TURN + 50
+        for n in range(rows):
+            self.crm.client(f"Client {n}", kinito_tilefono=f"69{n:08d}")
+        index = DirectoryIndex(self.store, "public", GR, page_size=10_000)
+        normalised = [0]
+        from dpvoip.core.matching import entries as real_entries
+
+        def counted(*args: Any) -> Any:
+            normalised[0] += 1
+            return real_entries(*args)
+
+        self.patch(directory, "entries", counted)
+        between: list[int] = []  # rows normalised since the reactor's previous turn
+        seen = [0]
+        building = [True]
+
+        def turn() -> None:
+            between.append(normalised[0] - seen[0])
+            seen[0] = normalised[0]
+            if building[0]:
+                reactor.callLater(0, turn)
+
+        reactor.callLater(0, turn)
+        try:
+            yield defer.Deferred.fromCoroutine(index.build())
+        finally:
+            building[0] = False
+        between.append(normalised[0] - seen[0])
+        self.assertEqual(normalised[0], rows)
+        self.assertLessEqual(max(between), directory.NORMALISED_PER_TURN, between)
+        match = yield self.lookup(f"69{rows - 1:08d}")
+        self.assertIsNotNone(match)
