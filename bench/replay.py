@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.directory import crm_database, rss_kib, sample_numbers, settle
+from bench.verdicts import cpu_hog
 
 
 def happenings(count: int, numbers: list[str], offset: int) -> list[Any]:
@@ -122,6 +123,8 @@ def main() -> int:
     parser.add_argument("--group", type=int, default=32)
     parser.add_argument("--source", choices=["fritzbox", "zadarma"], default="fritzbox",
                         help="Fritz!Box happenings, or signed Zadarma webhook forms")
+    parser.add_argument("--hog", action="store_true",
+                        help="keep one core busy with another process meanwhile")
     options = parser.parse_args()
     from dpvoip.spool.durable import replay_lanes
 
@@ -308,7 +311,8 @@ def main() -> int:
                 print(f"  {name:<50} {value:>10.1f}{ratio}")
             pool.close()
 
-        task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
+        with cpu_hog(options.hog):
+            task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
@@ -48,3 +52,22 @@ class StallWatch:
         self.longest = max(self.longest, held)
         if held > 0.050:
             self.over_50ms += 1
+
+
+@contextlib.contextmanager
+def cpu_hog(enabled: bool) -> Iterator[None]:
+    """With ``enabled``, one core kept busy by another process for the bench's duration
+    (issue 21: the targets must also hold beside other work); it stops with the bench,
+    and by itself after an hour should the bench die without stopping it."""
+    if not enabled:
+        yield
+        return
+    hog = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time\nend = time.monotonic() + 3600\nwhile time.monotonic() < end: pass"])
+    print(f"a CPU hog (pid {hog.pid}) keeps one of {os.cpu_count()} cores busy")
+    try:
+        yield
+    finally:
+        hog.kill()
+        hog.wait()

@@ -38,7 +38,7 @@ from bench.directory import (
     sample_numbers,
     started_daemon,
 )
-from bench.verdicts import p99, report
+from bench.verdicts import cpu_hog, p99, report
 
 SECRET = "bench-secret"  # noqa: S105 - signs the benchmark's own requests
 
@@ -162,6 +162,8 @@ def main() -> None:
                         help="past calls in the CRM (with three log lines each)")
     parser.add_argument("--profile", help="write the daemon's cProfile of the saturated run "
                         "to this file (and print its top functions)")
+    parser.add_argument("--hog", action="store_true",
+                        help="keep one core busy with another process meanwhile")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
@@ -268,7 +270,8 @@ def main() -> None:
 
         missed: list[str] = []
         try:
-            task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
+            with cpu_hog(args.hog):
+                task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
         except SystemExit as exit_:
             if exit_.code:
                 raise
