@@ -491,3 +491,59 @@ class BuildTurnTests(DirectoryTestCase):
         self.assertLessEqual(max(between), directory.NORMALISED_PER_TURN, between)
         match = yield self.lookup(f"69{rows - 1:08d}")
         self.assertIsNotNone(match)
+
+
+class RememberedRowsTests(DirectoryTestCase):
+    """A refresh re-reads the rows updated within its margin (a minute); the rows it
+    already indexed at their current update time are skipped (issue 21: every contact a
+    call touched was re-parsed at every pass for a minute)."""
+
+    def touch(self, contact: int) -> None:
+        """What dpvoip's was_in_touch write does to a contact: its update time moves."""
+        self.crm.update("crm_contact", contact, update_date=datetime.now(UTC))
+
+    @defer.inlineCallbacks
+    def test_a_touched_row_is_indexed_once_not_at_every_pass(self) -> Any:
+        touched = self.crm.contact("Maria", "Touched", mobile="6900000051")
+        other = self.crm.contact("Nikos", "Other", mobile="6900000052")
+        yield self.build()
+        self.touch(touched)
+        # The first pass after the build reads every row of the last minute (the build
+        # remembers nothing: a million rows would not fit).
+        self.assertGreaterEqual((yield self.refresh()), 2)
+        self.touch(other)  # a write to the table: it is read again, margin and all
+        self.assertEqual((yield self.refresh()), 1, "only the newly touched row")
+        self.touch(touched)  # touched again: a new update time, indexed again
+        self.assertEqual((yield self.refresh()), 1)
+        self.assertEqual((yield self.lookup("6900000051")).person.id, touched)
+
+    @defer.inlineCallbacks
+    def test_an_edit_after_a_remembered_pass_is_found(self) -> Any:
+        contact = self.crm.contact("Maria", "Edited", mobile="6900000061")
+        yield self.build()
+        self.touch(contact)
+        yield self.refresh()
+        self.crm.update("crm_contact", contact, mobile="6900000062",
+                        update_date=datetime.now(UTC))
+        yield self.refresh()
+        self.assertEqual((yield self.lookup("6900000062")).person.id, contact)
+        self.assertIsNone((yield self.lookup("6900000061")))
+
+    @defer.inlineCallbacks
+    def test_a_row_whose_page_was_not_written_is_read_again(self) -> Any:
+        contact = self.crm.contact("Maria", "Unlucky", mobile="6900000071")
+        yield self.build()
+        yield self.refresh()  # every table's counters noted: next, only crm_contact is read
+        self.crm.update("crm_contact", contact, mobile="6900000072",
+                        update_date=datetime.now(UTC))
+        real_write = self.store.write
+
+        def failing(interaction: Any) -> defer.Deferred[Any]:
+            return defer.fail(RuntimeError("the database went away mid-pass"))
+
+        self.store.write = failing  # type: ignore[method-assign]
+        with self.assertRaises(RuntimeError):
+            yield self.refresh()
+        self.store.write = real_write  # type: ignore[method-assign]
+        yield self.refresh()
+        self.assertEqual((yield self.lookup("6900000072")).person.id, contact)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from psycopg2 import sql
@@ -39,6 +39,11 @@ log = Logger(namespace="dpvoip.directory")
 #: of ms of phone number parsing, never the 0.4-0.8 s of a whole page (issue 21: the
 #: reactor held for at most 50 ms at a time).
 NORMALISED_PER_TURN = 200
+#: Rows a refresh remembers as indexed at their update time, so that the next refreshes
+#: (which re-read the margin) skip them: the contacts and leads dpvoip itself touched
+#: (``was_in_touch`` bumps their update time) were re-read and re-parsed every pass for a
+#: minute, a share of a busy office's CPU. Past this many, rows are simply read again.
+REMEMBERED_ROWS = 20_000
 
 
 @dataclass
@@ -75,6 +80,8 @@ class DirectoryIndex:
         self.state = IndexState()
         #: (written, deleted) counters of each table as last acted on
         self._seen: dict[str, tuple[int | None, int | None]] = {}
+        #: (source, record id) -> its update time when a refresh last indexed it
+        self._indexed: dict[tuple[str, int], Any] = {}
         self._lookup_sql = _lookup_sql(crm_schema)
 
     # -- reading the CRM -------------------------------------------------------------------
@@ -93,7 +100,9 @@ class DirectoryIndex:
 
     async def _index_rows(self, source: Source, condition: sql.Composable,
                           params: dict[str, Any], fresh: bool = False) -> int:
-        """Re-index every row of ``source`` matching ``condition``, a page at a time.
+        """Re-index every row of ``source`` matching ``condition``, a page at a time; the
+        rows read; after a build (not ``fresh``), a row a refresh already indexed at its
+        current update time is skipped (``REMEMBERED_ROWS``).
 
         Pipelined: while this process normalises one page, PostgreSQL reads the next and
         writes the previous one, so the two cores work at once. At most one page is held
@@ -108,8 +117,10 @@ class DirectoryIndex:
         seen = 0
         writing: Deferred[None] | None = None
         while rows:
-            seen += len(rows)
             following = page(rows[-1][0]) if len(rows) == self._page else None
+            if not fresh:
+                rows = self._not_indexed_yet(source, rows)
+            seen += len(rows)
             found: list[tuple[str, int, str, str]] = []
             for start in range(0, len(rows), NORMALISED_PER_TURN):
                 if start:
@@ -120,10 +131,29 @@ class DirectoryIndex:
                 await writing
             ids = [] if fresh else [r[0] for r in rows]
             writing = Deferred.fromCoroutine(self._replace(source, ids, found))
+            if not fresh:
+                writing.addCallback(self._remember_indexed, source, rows)
             rows = await following if following is not None else []
         if writing is not None:
             await writing
         return seen
+
+    def _not_indexed_yet(self, source: Source, rows: list[tuple[Any, ...]]
+                         ) -> list[tuple[Any, ...]]:
+        """``rows`` less those a refresh indexed at their current update time."""
+        indexed = self._indexed
+        return [row for row in rows if indexed.get((source.name, row[0])) != row[1]]
+
+    def _remember_indexed(self, _: None, source: Source, rows: list[tuple[Any, ...]]) -> None:
+        """``rows`` are indexed as of their update time (their page is written)."""
+        room = REMEMBERED_ROWS - len(self._indexed)
+        for row in rows[:max(0, room)]:
+            self._indexed[(source.name, row[0])] = row[1]
+
+    def _forget_indexed_before(self, oldest: datetime) -> None:
+        """Rows updated before ``oldest`` are never re-read: no need to remember them."""
+        self._indexed = {key: updated for key, updated in self._indexed.items()
+                         if updated is not None and updated >= oldest}
 
     async def _replace(
         self, source: Source, ids: list[int], found: list[tuple[str, int, str, str]]
@@ -188,6 +218,8 @@ class DirectoryIndex:
             "SELECT source, updated_to FROM dpvoip.directory_watermark"
         ))
         activity = await self._activity()
+        if marks:
+            self._forget_indexed_before(min(marks.values()) - timedelta(seconds=self._margin))
         changed = 0
         for source in SOURCES:
             written, deleted = activity.get(source.table, (None, None))
@@ -228,6 +260,8 @@ class DirectoryIndex:
 
     async def _forget(self, source: Source) -> None:
         """Empty the index of ``source`` before a full build (lookups miss it meanwhile)."""
+        self._indexed = {key: updated for key, updated in self._indexed.items()
+                         if key[0] != source.name}
 
         async def write(cursor: Any) -> None:
             await cursor.execute(
