@@ -117,6 +117,47 @@ def raw_connection(connection: Any) -> Any:
     # the drivers)
 
 
+_log = Logger(namespace="dpvoip.store.pool")
+
+
+def tolerate_closed_descriptors(reactor: Any) -> None:
+    """Make the epoll reactor forget a descriptor that was closed while it watched it.
+
+    libpq closes the socket of a session it finds broken, sometimes while the reactor
+    still watches it (``store.pool`` unwatches it first wherever it can see it coming). The
+    kernel then drops it from epoll by itself, and ``EPollReactor._remove`` (the private
+    method behind ``removeReader``/``removeWriter``) deletes its selectable, then fails in
+    ``epoll_ctl`` (EBADF, or ENOENT once the number is reused) before it takes the number
+    out of its ``_reads``/``_writes`` sets. Those sets then name a descriptor without a
+    selectable: every later ``removeAll`` raises ``KeyError`` and a new socket given the
+    same number is never watched. Here a failed ``epoll_ctl`` in a removal completes the
+    bookkeeping (the kernel has forgotten the descriptor already) and says so in the log.
+
+    Reached directly: an instance attribute wraps the reactor's own method, once.
+    """
+    from twisted.internet.epollreactor import EPollReactor
+
+    if not isinstance(reactor, EPollReactor) or "_remove" in vars(reactor):
+        return
+    remove = reactor._remove
+
+    def tolerant_remove(xer: Any, primary: set[int], other: set[int],
+                        selectables: dict[int, Any], event: int, antievent: int) -> None:
+        fd = xer.fileno()
+        if fd == -1:
+            fd = next((n for n, known in selectables.items() if known is xer), -1)
+        try:
+            remove(xer, primary, other, selectables, event, antievent)
+        except OSError as error:
+            primary.discard(fd)
+            other.discard(fd)
+            selectables.pop(fd, None)
+            _log.warn("descriptor {fd} was closed while the reactor watched it ({error});"
+                      " forgotten", fd=fd, error=error.strerror or str(error))
+
+    reactor._remove = tolerant_remove  # type: ignore[method-assign]
+
+
 def _retry_lines_as_debug(event: dict[str, Any]) -> None:
     """A ``ClientService``'s events, its "Scheduling retry" line at the debug level."""
     if str(event.get("log_format", "")).startswith("Scheduling retry "):

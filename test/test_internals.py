@@ -28,6 +28,7 @@ from dpvoip.internals import (
     leave_form_to_caller,
     raw_connection,
     request_line,
+    tolerate_closed_descriptors,
 )
 from test.support.postgres import postgres
 
@@ -219,6 +220,68 @@ def private_reaches(source: str) -> list[tuple[int, str]]:
             found.append((node.lineno, node.args[1].value))
     return [(line, name) for line, name in found
             if name.startswith("_") and not name.startswith("__") and name not in _PUBLIC]
+
+
+class _Watched:
+    """A selectable for a socket that can be closed behind the reactor's back (as libpq
+    closes a broken session's socket): it still gives its old number afterwards."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> None:
+        pass
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "watched"
+
+
+class ClosedDescriptorTests(SynchronousTestCase):
+    def watched_then_closed(self, hardened: bool) -> tuple[Any, _Watched]:
+        import socket
+
+        from twisted.internet.epollreactor import EPollReactor
+
+        epoll = EPollReactor()
+        if hardened:
+            tolerate_closed_descriptors(epoll)
+        first, second = socket.socketpair()
+        self.addCleanup(second.close)
+        watched = _Watched(first.fileno())
+        epoll.addReader(watched)
+        first.close()  # behind the reactor's back
+        return epoll, watched
+
+    def test_twisted_loses_track_of_a_descriptor_closed_while_watched(self) -> None:
+        """The failure the hook exists for: Twisted's removal fails in epoll_ctl after it
+        deleted the selectable, and its sets name a descriptor nothing stands for."""
+        epoll, watched = self.watched_then_closed(hardened=False)
+        with self.assertRaises(OSError):
+            epoll.removeReader(watched)
+        with self.assertRaises(KeyError):
+            epoll.removeAll()
+
+    def test_the_hardened_reactor_forgets_it_and_watches_the_next_socket(self) -> None:
+        import socket
+
+        epoll, watched = self.watched_then_closed(hardened=True)
+        epoll.removeReader(watched)
+        self.assertNotIn(watched, epoll.getReaders())
+        self.assertEqual(epoll.removeAll(), [])
+        third, fourth = socket.socketpair()  # the lowest free number: the closed one
+        self.addCleanup(third.close)
+        self.addCleanup(fourth.close)
+        fresh = _Watched(third.fileno())
+        epoll.addReader(fresh)
+        self.assertIn(fresh, epoll.getReaders())
+        tolerate_closed_descriptors(epoll)  # twice: wrapped once
+        self.assertEqual(epoll.removeAll(), [fresh])
 
 
 class NowhereElseTests(SynchronousTestCase):

@@ -27,7 +27,7 @@ from txpostgres import reconnection, retrying, txpostgres
 
 from dpvoip.core.errors import summary
 from dpvoip.deferreds import within
-from dpvoip.internals import raw_connection
+from dpvoip.internals import raw_connection, tolerate_closed_descriptors
 
 T = TypeVar("T")
 log = Logger()
@@ -147,6 +147,7 @@ class PooledConnection(txpostgres.Connection):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.prepared: dict[str, Any] = {}
+        tolerate_closed_descriptors(self.reactor)
 
     @property
     def gone(self) -> bool:
