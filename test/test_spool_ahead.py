@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -26,16 +23,7 @@ from dpvoip.spool.journal import (
     decode_mark,
     encode_mark,
 )
-
-
-@contextmanager
-def opened(folder: Path, **options: Any) -> Iterator[Spool]:
-    spool = Spool(folder, **options)
-    spool.open()
-    try:
-        yield spool
-    finally:
-        spool.close()
+from test.test_spool import opened
 
 
 def seqs(spool: Spool, limit: int | None = None) -> list[int]:
