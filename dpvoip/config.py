@@ -516,7 +516,7 @@ class DirectorySettings:
         _between(0, 3600),
     )
     page_size: int = setting(
-        5000, "Rows read per query while indexing.", _between(100, 100_000)
+        1000, "Rows read per query while indexing.", _between(100, 100_000)
     )
 
 

@@ -36,9 +36,10 @@ from dpvoip.store.database import Batch, Store
 log = Logger(namespace="dpvoip.directory")
 
 #: Rows normalised before the reactor gets a turn during a build or refresh: a few tens
-#: of ms of phone number parsing, never the 0.4-0.8 s of a whole page (issue 21: the
-#: reactor held for at most 50 ms at a time).
-NORMALISED_PER_TURN = 200
+#: of ms of phone number parsing, never the 0.4-0.8 s of a whole page of 5,000 (issue 21:
+#: the reactor held for at most 50 ms at a time). The page itself is 1,000 rows by
+#: default: reading one and writing its entries are steps the reactor cannot split.
+NORMALISED_PER_TURN = 100
 #: Rows a refresh remembers as indexed at their update time, so that the next refreshes
 #: (which re-read the margin) skip them: the contacts and leads dpvoip itself touched
 #: (``was_in_touch`` bumps their update time) were re-read and re-parsed every pass for a
@@ -66,7 +67,7 @@ class DirectoryIndex:
         crm_schema: str,
         where: Dialling,
         own_numbers: Sequence[str] = (),
-        page_size: int = 5000,
+        page_size: int = 1000,
         sweep_pause: float = 0.02,
         margin_seconds: float = 60.0,
     ) -> None:
