@@ -115,7 +115,8 @@ SEGMENT_SUFFIX = ".seg"
 MARK_MAGIC = b"DPSM"
 MARK = struct.Struct(">4sQQI")  # magic, replayed up to, next seq, crc32 of the 20 before
 MARK_AHEAD_MAGIC = b"DPSA"
-MARK_AHEAD = struct.Struct(">4sQQI")  # magic, replayed up to, next seq, count of seqs ahead
+#: The long form's head: the short form's layout, its last field the count of seqs ahead.
+MARK_AHEAD = MARK
 #: Seqs replayed beyond the mark's prefix that the mark remembers (64 KiB of mark at most).
 MAX_AHEAD = 8192
 MARK_NAME = "mark"

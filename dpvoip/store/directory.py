@@ -82,7 +82,7 @@ class DirectoryIndex:
         #: (written, deleted) counters of each table as last acted on
         self._seen: dict[str, tuple[int | None, int | None]] = {}
         #: (source, record id) -> its update time when a refresh last indexed it
-        self._indexed: dict[tuple[str, int], Any] = {}
+        self._indexed: dict[tuple[str, int], datetime] = {}
         self._lookup_sql = _lookup_sql(crm_schema)
 
     # -- reading the CRM -------------------------------------------------------------------
@@ -101,9 +101,9 @@ class DirectoryIndex:
 
     async def _index_rows(self, source: Source, condition: sql.Composable,
                           params: dict[str, Any], fresh: bool = False) -> int:
-        """Re-index every row of ``source`` matching ``condition``, a page at a time; the
-        rows read; after a build (not ``fresh``), a row a refresh already indexed at its
-        current update time is skipped (``REMEMBERED_ROWS``).
+        """Re-index every row of ``source`` matching ``condition``, a page at a time; how
+        many were re-indexed. After a build (not ``fresh``), a row a refresh already
+        indexed at its current update time is skipped (``REMEMBERED_ROWS``).
 
         Pipelined: while this process normalises one page, PostgreSQL reads the next and
         writes the previous one, so the two cores work at once. At most one page is held
@@ -154,7 +154,7 @@ class DirectoryIndex:
     def _forget_indexed_before(self, oldest: datetime) -> None:
         """Rows updated before ``oldest`` are never re-read: no need to remember them."""
         self._indexed = {key: updated for key, updated in self._indexed.items()
-                         if updated is not None and updated >= oldest}
+                         if updated >= oldest}
 
     async def _replace(
         self, source: Source, ids: list[int], found: list[tuple[str, int, str, str]]
