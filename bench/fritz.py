@@ -257,7 +257,11 @@ def measure(args: argparse.Namespace) -> None:
         ("RING -> call row committed p99 <= 5 ms", p99(figures["ring"]) <= 0.005),
         ("DISCONNECT -> call finalised + ticket committed p99 <= 5 ms",
          p99(figures["end"]) <= 0.005),
-        ("RSS <= 80 MB under load", figures["rss_after_kib"] * 1024 <= 80_000_000),
+        ("RING p99 within 2 ms of raw psycopg2's one INSERT",
+         p99(figures["ring"]) <= p99(figures["raw_single"]) + 0.002),
+        ("DISCONNECT p99 within 2 ms of raw psycopg2's two round trips",
+         p99(figures["end"]) <= p99(figures["raw_double"]) + 0.002),
+        ("RSS <= 72 MB under load", figures["rss_after_kib"] * 1024 <= 72_000_000),
     ])
     if missed:
         raise SystemExit(f"{len(missed)} quality target(s) missed")

@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from txpostgres.txpostgres import Cursor
 
-from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext
+from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext, ZadarmaOutcome
 from dpvoip.config import DatabaseSettings, FritzBoxSettings, TicketSettings
 from dpvoip.core.happenings import Ended
 from dpvoip.core.numbers import Dialling
@@ -615,6 +615,107 @@ class RoundTripTests(ZadarmaTestCase):
         self.assertEqual(len(sent), 4, "the journal, the call with the ticket's facts, the"
                          f" new ticket, its COMMIT (the ticket's id, for the log): {sent}")
         self.assertEqual(self.ingest.counters.ticket_writes, 2)
+
+    def one_transaction_at_a_time(self) -> None:
+        """The events that arrive while a transaction is in flight share the next."""
+        self.ingest = Ingest(self.store, self.index, self.texts, self.tickets,
+                             ZoneInfo("Europe/Athens"), self.schema, reactor,
+                             groups_in_flight=1)
+
+    def arriving_together(self, forms: list[dict[str, str]]
+                          ) -> defer.Deferred[list[ZadarmaOutcome]]:
+        """``forms`` submitted at once, without waiting for each other's answers."""
+        answers = []
+        for form in forms:
+            event = parse_event(form)
+            assert isinstance(event, ZadarmaEvent)
+            answers.append(self.ingest.submit_zadarma(event, form, self.context))
+        return defer.gatherResults(answers, consumeErrors=True)
+
+    @defer.inlineCallbacks
+    def test_zadarma_events_that_arrive_together_share_two_round_trips(self) -> Any:
+        self.one_transaction_at_a_time()
+        names = ["Alpha", "Beta", "Gamma", "Delta", "Epsilon"]
+        for n, name in enumerate(names):
+            self.crm.client(name, kinito_tilefono=f"691234567{n}")
+        yield self.build_directory()
+        yield self.send(zadarma_call("+306912345670", "in_" + "0" * 40, answered=True,
+                                     start="2026-01-15 09:00:00"))  # planned
+        sent = self.sent()
+        starts = [zadarma_call(f"+30691234567{n}", f"in_{n + 1:040d}", answered=True,
+                               start=f"2026-01-15 10:0{n}:00")[0] for n in range(5)]
+        outcomes = yield self.arriving_together(starts)
+        self.assertEqual(len(sent), 4, "the first alone (the journal, the call), the four"
+                         f" that arrived meanwhile together: {sent}")
+        self.assertEqual([o.match.display_name for o in outcomes], names)
+        rows = self.crm.query(
+            "SELECT c.call_id, c.status, p.eponimia, count(l.id) FROM accounting_voipcall c"
+            " JOIN accounting_clientprofile p ON p.id = c.client_id JOIN"
+            " accounting_voipcalllog l ON l.call_id = c.id WHERE c.call_id <> %s"
+            " GROUP BY 1, 2, 3 ORDER BY 1", ("zd-in_" + "0" * 40,))
+        # (each: the line of its start and the line naming its caller)
+        self.assertEqual(rows, [(f"zd-in_{n + 1:040d}", "active", name, 2)
+                                for n, name in enumerate(names)])
+        self.assertEqual(self.ingest.counters.calls_started, 6)
+        self.assertEqual((self.ingest.zadarma_groups.groups,
+                          self.ingest.zadarma_groups.items), (4, 7))
+
+    @defer.inlineCallbacks
+    def test_a_refused_event_is_taken_back_without_its_group(self) -> Any:
+        self.one_transaction_at_a_time()
+        first, _ = zadarma_call("+306912345678", "in_" + "1" * 40, answered=True)
+        yield self.send([first])
+        thief = dict(first, pbx_call_id="in_" + "2" * 40)  # the first's signed string
+        other, _ = zadarma_call("+306912345670", "in_" + "3" * 40, answered=True,
+                                start="2026-01-15 10:07:00")
+        blocker, _ = zadarma_call("+306912345671", "in_" + "4" * 40, answered=True,
+                                  start="2026-01-15 10:08:00")
+        sent = self.sent()
+        outcomes = yield self.arriving_together([blocker, thief, other])
+        executed = [text for text in sent if not text.startswith("PREPARE")]  # once
+        self.assertEqual(len(executed), 4, f"the blocker alone, then the other two: {sent}")
+        self.assertEqual([o.refused for o in outcomes], ["", "bound_elsewhere", ""])
+        self.assertEqual(self.crm.query(
+            "SELECT DISTINCT pbx_call_id FROM dpvoip.zadarma_event ORDER BY 1"),
+            [("in_" + "1" * 40,), ("in_" + "3" * 40,), ("in_" + "4" * 40,)])
+        self.assertEqual(self.crm.query(
+            "SELECT pbx_call_id FROM dpvoip.zadarma_binding ORDER BY 1"),
+            [("in_" + "1" * 40,), ("in_" + "3" * 40,), ("in_" + "4" * 40,)])
+        self.assertEqual([c for (c,) in self.crm.query(
+            "SELECT call_id FROM accounting_voipcall ORDER BY 1")],
+            ["zd-in_" + "1" * 40, "zd-in_" + "3" * 40, "zd-in_" + "4" * 40])
+        self.assertEqual(self.ingest.counters.zadarma_bound_elsewhere, 1)
+        self.assertEqual(self.ingest.counters.calls_started, 3)
+
+    @defer.inlineCallbacks
+    def test_a_group_that_fails_is_tried_again_event_by_event(self) -> Any:
+        """One event whose writes the database refuses fails alone; the others of its
+        group are written, and counted, once."""
+        self.one_transaction_at_a_time()
+        blocker, _ = zadarma_call("+306912345671", "in_" + "4" * 40, answered=True,
+                                  start="2026-01-15 10:08:00")
+        good, _ = zadarma_call("+306912345670", "in_" + "3" * 40, answered=True,
+                               start="2026-01-15 10:07:00")
+        broken, _ = zadarma_call("+306912345672", "in_" + "5" * 40, answered=True,
+                                 start="2026-01-15 10:09:00")
+        # The CRM refuses this one call's row (as a constraint of its own would).
+        self.crm.query("ALTER TABLE accounting_voipcall ADD CONSTRAINT no_five"
+                       f" CHECK (call_id <> 'zd-in_{'5' * 40}')")
+        answers = []
+        for form in (blocker, good, broken):
+            event = parse_event(form)
+            assert isinstance(event, ZadarmaEvent)
+            answers.append(self.ingest.submit_zadarma(event, form, self.context))
+        results = yield defer.DeferredList(answers, consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results], [True, True, False])
+        self.assertIsInstance(results[2][1].value, psycopg2.errors.CheckViolation)
+        self.assertEqual([c for (c,) in self.crm.query(
+            "SELECT call_id FROM accounting_voipcall ORDER BY 1")],
+            ["zd-in_" + "3" * 40, "zd-in_" + "4" * 40])
+        self.assertEqual(self.crm.query("SELECT pbx_call_id FROM dpvoip.zadarma_event"
+                                        " WHERE pbx_call_id = %s", ("in_" + "5" * 40,)), [])
+        self.assertEqual(self.ingest.counters.calls_started, 2)
+        self.assertEqual(self.ingest.zadarma_groups.groups, 4)  # 1, (2, 3) failed, 2, 3
 
 
 class ClockTests(ZadarmaTestCase):

@@ -21,13 +21,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import TypeVar
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from dpvoip.calls.grouping import IN_FLIGHT, CommitGroups
 from dpvoip.config import TicketSettings, ZadarmaSettings
 from dpvoip.core.call_log import (
     LogLine,
@@ -61,7 +62,13 @@ from dpvoip.core.tickets import (
 from dpvoip.crm.schema import CrmCapabilities
 from dpvoip.deferreds import OneShotObserver
 from dpvoip.fritzbox.tracker import BoxRules, decide
-from dpvoip.store.calls import CallStatements, JournalEntry, TicketQuery, ZadarmaRow
+from dpvoip.store.calls import (
+    CallStatements,
+    JournalEntry,
+    JournalItem,
+    TicketQuery,
+    ZadarmaRow,
+)
 from dpvoip.store.database import Batch, Store
 from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.migrations import SchemaReport
@@ -165,13 +172,14 @@ class ZadarmaSubmission:
     received: datetime
 
 
-class _Refused(Exception):
-    """Raised inside a Zadarma event's transaction to roll it back (journal entry and
-    binding with it)."""
+@dataclass(frozen=True)
+class _Admitted:
+    """A Zadarma event past the checks made before the database is asked."""
 
-    def __init__(self, verdict: Verdict) -> None:
-        super().__init__(verdict.detail)
-        self.verdict = verdict
+    item: JournalItem
+    context: ZadarmaContext
+    alone: ZadarmaCall | None  # the call as this event alone shows it
+    guessed: str | None  # its caller, normalised
 
 
 @dataclass
@@ -192,6 +200,11 @@ class IngestCounters:
     zadarma_journal_full: int = 0
     zadarma_callback_unverified: int = 0
 
+    def add(self, other: IngestCounters) -> None:
+        """Count ``other``'s too (a transaction's, once it has committed)."""
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
 
 class Ingest:
     def __init__(
@@ -204,6 +217,7 @@ class Ingest:
         schema: OneShotObserver[SchemaReport],
         clock: IReactorTime,
         crm_schema: str = "public",
+        groups_in_flight: int = IN_FLIGHT,
     ) -> None:
         self._store = store
         self._schema = schema
@@ -217,6 +231,10 @@ class Ingest:
         self._chains: dict[str, Deferred[None]] = {}
         self._warned: dict[str, tuple[float, int]] = {}  # reason: (last warning, since)
         self.counters = IngestCounters()
+        # Zadarma's events share transactions (group commit); one signed string per group.
+        self.zadarma_groups: CommitGroups[_Admitted, ZadarmaOutcome] = CommitGroups(
+            self._zadarma_groups, lambda admitted: admitted.item.signed,
+            in_flight=groups_in_flight)
 
     # -- the entry point -------------------------------------------------------------------
 
@@ -236,7 +254,15 @@ class Ingest:
         logs, CRM, ticket); fires with what the answer needs once it is committed."""
         at = received or self._now()
         return self._in_order(f"zd:{event.pbx_call_id}",
-                              lambda: self._zadarma(event, form, context, at))
+                              lambda: self._zadarma_grouped(event, form, context, at))
+
+    def _zadarma_grouped(self, event: ZadarmaEvent, form: Mapping[str, str],
+                         context: ZadarmaContext, received: datetime
+                         ) -> Deferred[ZadarmaOutcome]:
+        admitted = self._admitted(event, form, context, received)
+        if isinstance(admitted, ZadarmaOutcome):
+            return succeed(admitted)
+        return self.zadarma_groups.join(admitted)
 
     def apply_together(self, submissions: Sequence[Submission | ZadarmaSubmission],
                        then: Callable[[Batch], Awaitable[None]] | None = None
@@ -246,20 +272,25 @@ class Ingest:
         commit (one WAL flush) for many events, which is what lets the spool's replay
         outrun new arrivals. Any error writes nothing and is raised (the caller may apply
         them one by one to find the bad one). A Zadarma event the guard refuses is undone
-        alone (a savepoint), as its own transaction would be rolled back.
+        alone (its journal entry taken back), as it would be on its own.
 
-        The in-memory counters and log lines of a group that fails are not taken back."""
+        The log lines of a group that fails are not taken back; its counters count only
+        once it has committed."""
         keys = sorted({_submission_key(s) for s in submissions})
         return self._in_order(keys, lambda: self._together(submissions, then))
 
     async def _together(self, submissions: Sequence[Submission | ZadarmaSubmission],
                         then: Callable[[Batch], Awaitable[None]] | None) -> None:
+        tally = IngestCounters()
+
         async def steps(batch: Batch) -> None:
             batch.hold()
-            for n, item in enumerate(submissions):
+            for item in submissions:
                 if isinstance(item, ZadarmaSubmission):
-                    await self._zadarma(item.event, item.form, item.context, item.received,
-                                        batch, f"event_{n}")
+                    admitted = self._admitted(item.event, item.form, item.context,
+                                              item.received)
+                    if not isinstance(admitted, ZadarmaOutcome):
+                        await self._zadarma(batch, [admitted], tally)
                 else:
                     await self._apply(item.happening, item.origin, item.received, batch,
                                       item.recovering)
@@ -267,6 +298,7 @@ class Ingest:
                 await then(batch)
 
         await self._store.batch(steps)
+        self.counters.add(tally)
 
     def _in_order(self, keys: str | Sequence[str], work: Callable[[], Awaitable[T]]
                   ) -> Deferred[T]:
@@ -405,7 +437,8 @@ class Ingest:
     async def _ticket(self, batch: Batch, ended: Ended, where: Dialling, row: int,
                       client: int | None, call: MissedCall, facts: TicketFacts,
                       line: LogLine, notes: str, received: datetime,
-                      touch: EndTouch | None = None) -> str:
+                      touch: EndTouch | None = None, tally: IngestCounters | None = None
+                      ) -> str:
         """The missed call's end and its ticket, as the rules plan it, in the statement
         that also commits (with ``touch``, the CRM's sales side too); what became of the
         ticket, for the call's log line (``ticket_text``)."""
@@ -414,7 +447,7 @@ class Ingest:
         plan = plan_ticket(call, facts, self._tickets, self._texts, self._zone, where)
         ticket = await self._statements.write_ticket(batch, plan, row, client, ended, line,
                                                      notes, received, touch)
-        self.counters.ticket_writes += 1
+        (tally or self.counters).ticket_writes += 1
         if isinstance(plan, TicketUpdate):
             # the count plan_ticket puts in the title: this call and the earlier ones
             return ticket_text(plan.ticket, 1 + facts.earlier_missed, joined=True)
@@ -422,79 +455,96 @@ class Ingest:
 
     # -- Zadarma -----------------------------------------------------------------------------
 
-    async def _zadarma(self, event: ZadarmaEvent, form: Mapping[str, str],
-                       context: ZadarmaContext, received: datetime,
-                       batch: Batch | None = None, savepoint: str = "event"
-                       ) -> ZadarmaOutcome:
-        """Judge the event (``dpvoip.zadarma.guard``), journal it, then compute the call
-        again from all of its events and write what changed: one transaction, serialised
-        per call across instances by an advisory lock. A repeated event stops at the
-        journal and changes nothing; a refused one rolls the transaction back."""
-        identity = zadarma_call_id(event.pbx_call_id)
-        rules = context.guard
-        # Stale or future: refused before the database is asked anything.
-        verdict = freshness(event.call_start, context.zone, received, rules)
+    def _admitted(self, event: ZadarmaEvent, form: Mapping[str, str],
+                  context: ZadarmaContext, received: datetime
+                  ) -> _Admitted | ZadarmaOutcome:
+        """The checks made before the database is asked (``dpvoip.zadarma.guard``): the
+        event to journal, or the answer to one refused already (stale, or from the
+        future)."""
+        verdict = freshness(event.call_start, context.zone, received, context.guard)
         if not verdict.accepted:
-            return self._refuse(event, verdict)
+            return self._refuse(event, verdict, self.counters)
         signed = signed_key(form)
         if signed is None:  # not a kind parse_event returns; never silently unbound
             raise ValueError(f"no signed string for {event.kind}")
-
         # The caller as this event alone shows it: looked up in the same round trip as the
         # journal. Nearly always the call's own number; when the whole journal says
         # otherwise (a callback's legs), it is looked up again.
         alone = summarise([event])
         guessed = normalise(alone.remote, context.where) if alone else None
         guess = None if self._directory.never_matches(guessed) else guessed
+        return _Admitted(JournalItem(event, form, zadarma_call_id(event.pbx_call_id), guess,
+                                     received, signed), context, alone, guessed)
 
-        async def steps(batch: Batch) -> ZadarmaOutcome:
-            entry = await self._statements.journal(batch, event, form, identity, guess,
-                                                   received, signed)
-            if not entry.fresh:
-                self.counters.replays_ignored += 1
-                return ZadarmaOutcome(duplicate=True)
-            # The journal in arrival order: this event is the last (the call's lock
-            # serialises its writers, so every earlier entry was committed before it).
-            events = [event] if len(entry.forms) == 1 else journalled(entry.forms)
-            before = events[:-1]
-            verdict = bound(event, entry.bound_elsewhere)
-            if verdict.accepted:
-                verdict = admit(event, form_size(form), before,
-                                sum(form_size(f) for f in entry.forms[:-1]), rules)
-            if not verdict.accepted:
-                raise _Refused(verdict)
-            call = alone if len(events) == 1 else summarise(events)
-            if call is None:
-                return ZadarmaOutcome(duplicate=False)  # a recording notice, kept for later
-            trusted = True
-            if call.callback:
-                call, trusted = await self._callback(batch, events, call, context, entry)
-                if call is None:
-                    return ZadarmaOutcome(duplicate=False)
-            number = (guessed if alone is not None and call.remote == alone.remote
-                      else normalise(call.remote, context.where))
-            if number == guess:
-                match = self._directory.match_of(number, entry.found)
-            else:
-                match = await self._directory.lookup(number, within=batch) if number else None
-            return await self._zadarma_call(batch, identity, call, entry, context, number,
-                                            match, received, trusted)
+    async def _zadarma_groups(self, group: Sequence[_Admitted]) -> list[ZadarmaOutcome]:
+        """A group of Zadarma events (``dpvoip.calls.grouping``) in one transaction; the
+        counters count them once it has committed."""
+        tally = IngestCounters()
+        outcomes = await self._store.batch(lambda batch: self._zadarma(batch, group, tally))
+        self.counters.add(tally)
+        return outcomes
 
-        if batch is not None:  # a step of a shared transaction: undone alone if refused
-            batch.savepoint(savepoint)
-            try:
-                return await steps(batch)
-            except _Refused as refusal:
-                await batch.rollback_to(savepoint)
-                return self._refuse(event, refusal.verdict)
+    async def _zadarma(self, batch: Batch, group: Sequence[_Admitted],
+                       tally: IngestCounters) -> list[ZadarmaOutcome]:
+        """Journal the events, then compute each call again from all of its events and
+        write what changed: serialised per call (and per signed string) across instances
+        by advisory locks. A repeated event stops at the journal and changes nothing; a
+        refused one has its journal entry taken back. The usual event's writes ride along
+        with the others' in the group's last statement, with the COMMIT: two round trips
+        for the whole group."""
+        entries = await self._statements.journal(batch, [admitted.item for admitted in group])
+        later: list[tuple[str, dict[str, Any]]] = []  # sent together with the COMMIT
+        held = batch.held
+        batch.hold()  # a ticket's or an owner's statement in between never commits
         try:
-            return await self._store.batch(steps)
-        except _Refused as refusal:
-            return self._refuse(event, refusal.verdict)
+            outcomes = [await self._judged(batch, admitted, entry, later, tally)
+                        for admitted, entry in zip(group, entries, strict=True)]
+        finally:
+            batch.hold(held)
+        await batch.run_planned_together(later, last=True)
+        return outcomes
+
+    async def _judged(self, batch: Batch, admitted: _Admitted, entry: JournalEntry,
+                      later: list[tuple[str, dict[str, Any]]], tally: IngestCounters
+                      ) -> ZadarmaOutcome:
+        """One journalled event judged against its call's journal, and its call written."""
+        item, context = admitted.item, admitted.context
+        event = item.event
+        if not entry.fresh:
+            tally.replays_ignored += 1
+            return ZadarmaOutcome(duplicate=True)
+        # The journal in arrival order: this event is the last (the call's lock
+        # serialises its writers, so every earlier entry was committed before it).
+        events = [event] if len(entry.forms) == 1 else journalled(entry.forms)
+        before = events[:-1]
+        verdict = bound(event, entry.bound_elsewhere)
+        if verdict.accepted:
+            verdict = admit(event, form_size(item.form), before,
+                            sum(form_size(f) for f in entry.forms[:-1]), context.guard)
+        if not verdict.accepted:
+            later.append(self._statements.unjournal(item, entry))
+            return self._refuse(event, verdict, tally)
+        alone = admitted.alone
+        call = alone if len(events) == 1 else summarise(events)
+        if call is None:
+            return ZadarmaOutcome(duplicate=False)  # a recording notice, kept for later
+        trusted = True
+        if call.callback:
+            call, trusted = await self._callback(batch, events, call, context, entry, tally)
+            if call is None:
+                return ZadarmaOutcome(duplicate=False)
+        number = (admitted.guessed if alone is not None and call.remote == alone.remote
+                  else normalise(call.remote, context.where))
+        if number == item.guess:
+            match = self._directory.match_of(number, entry.found)
+        else:
+            match = await self._directory.lookup(number, within=batch) if number else None
+        return await self._zadarma_call(batch, item.identity, call, entry, context, number,
+                                        match, item.received, later, tally, trusted)
 
     async def _callback(self, batch: Batch, events: list[ZadarmaEvent], call: ZadarmaCall,
-                        context: ZadarmaContext, entry: JournalEntry
-                        ) -> tuple[ZadarmaCall | None, bool]:
+                        context: ZadarmaContext, entry: JournalEntry,
+                        tally: IngestCounters) -> tuple[ZadarmaCall | None, bool]:
         """A callback's legs, checked against the click-to-call requests dpvoip made
         (the phone rung, the number dialled, within the minutes before the call's first
         event arrived): the call as a callback, the customer taken from the request when
@@ -509,20 +559,21 @@ class Ingest:
             if not call.remote:
                 call = replace(call, remote=request.number_dialled)
             return call, True
-        self.counters.zadarma_callback_unverified += 1
+        tally.zadarma_callback_unverified += 1
         self._warn("callback_unverified", events[-1].pbx_call_id,
                    "callback legs that no click-to-call request of dpvoip explains:"
                    " recorded as their events say, without the callback's rewrite and"
                    " without CRM writes")
         return summarise(as_plain(events)), False
 
-    def _refuse(self, event: ZadarmaEvent, verdict: Verdict) -> ZadarmaOutcome:
+    def _refuse(self, event: ZadarmaEvent, verdict: Verdict, tally: IngestCounters
+                ) -> ZadarmaOutcome:
         """Count (and, not too often, log) an event the guard refused."""
         if verdict.repeat or verdict.reason is None:
-            self.counters.replays_ignored += 1
+            tally.replays_ignored += 1
             return ZadarmaOutcome(duplicate=True)
         name = f"zadarma_{verdict.reason.value}"
-        setattr(self.counters, name, getattr(self.counters, name) + 1)
+        setattr(tally, name, getattr(tally, name) + 1)
         self._warn(verdict.reason.value, event.pbx_call_id,
                    f"{event.kind} refused: {verdict.detail}")
         return ZadarmaOutcome(duplicate=False, refused=verdict.reason.value)
@@ -543,11 +594,12 @@ class Ingest:
     async def _zadarma_call(self, batch: Batch, identity: str, call: ZadarmaCall,
                             entry: JournalEntry, context: ZadarmaContext,
                             number: str | None, match: Match | None,
-                            received: datetime, trusted: bool = True) -> ZadarmaOutcome:
+                            received: datetime, later: list[tuple[str, dict[str, Any]]],
+                            tally: IngestCounters, trusted: bool = True) -> ZadarmaOutcome:
         """The call row, its detail, its log lines, the live event and the CRM's sales
-        side in one statement; the commit rides along unless a ticket or the owner's
-        extension still has to be written or read (the usual event: two round trips in
-        all, the journal's and this one).
+        side in one statement; it goes with the group's COMMIT (``later``) unless a ticket
+        or the owner's extension still has to be written or read (the usual event: two
+        round trips in all, the journal's and this one, for a whole group).
 
         Times are Zadarma's own, never when an event was delivered or replayed: the start
         is ``call_start`` (else when the call's first event arrived), the end the start
@@ -588,24 +640,27 @@ class Ingest:
                               person.name if person else None, received, self._zone,
                               self._texts) if trusted else None,
         )
-        row_id, facts = await self._statements.zadarma_call(
-            batch, row, last=not ticket and not owner_wanted,
-            ticket=self._ticket_query() if ticket else None)
-        if not existed:  # under the call's lock: the row this statement inserted
-            self.counters.calls_started += 1
+        if not ticket and not owner_wanted:
+            later.append(self._statements.zadarma_call_plain(row))
+            row_id, facts = 0, None
+        else:
+            row_id, facts = await self._statements.zadarma_call(
+                batch, row, last=False, ticket=self._ticket_query() if ticket else None)
+        if not existed:  # under the call's lock: the row this statement inserts
+            tally.calls_started += 1
         if finished is not None and not ticket:
-            self.counters.calls_ended += 1
+            tally.calls_ended += 1
         owner_extension = ""
         if owner_wanted and person is not None and person.owner_id is not None:
             owner_extension = await self._statements.owner_extension(batch, person.owner_id)
         if ticket and finished is not None and facts is not None and end_line is not None:
-            self.counters.calls_ended += 1
+            tally.calls_ended += 1
             ended = Ended(identity, finished, call.duration, ended_at or received, extension)
             client = match.client if match else None
             ticket_done = await self._ticket(
                 batch, ended, context.where, row_id, client.id if client else None,
                 MissedCall(phone, number, started, call.own_number, extension, withheld),
-                facts, end_line, notes, received)
+                facts, end_line, notes, received, tally=tally)
             log.info("call {call_id}: {finished}", call_id=identity,
                      finished=finished_text(finished.status, notes, ticket_done),
                      status=finished.status, notes=notes, ticket=ticket_done)

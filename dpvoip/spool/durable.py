@@ -84,9 +84,7 @@ log = Logger()
 T = TypeVar("T")
 
 #: Records read from the spool at a time (one mark written per chunk); transactions in
-#: flight at once during a replay (each on its own connection); records per transaction
-#: (a Zadarma event takes a savepoint: PostgreSQL keeps 64 subtransactions per
-#: transaction cheaply).
+#: flight at once during a replay (each on its own connection); records per transaction.
 REPLAY_CHUNK = 512
 REPLAY_LANES = 3
 REPLAY_GROUP = 32

@@ -137,6 +137,19 @@ class JournalEntry(NamedTuple):
     existed: bool  # the call row existed before this event
     found: list[list[Any]] | None  # the guessed caller's directory rows (``match_of``)
     bound_elsewhere: int  # other calls the event's signed string is bound to already
+    added: int | None  # the journal row this event added (None: it was there already)
+    bound_now: bool  # this event bound its signed string to its call
+
+
+class JournalItem(NamedTuple):
+    """A Zadarma event to journal (``CallStatements.journal``)."""
+
+    event: ZadarmaEvent
+    form: Mapping[str, str]
+    identity: str  # its call row's call_id
+    guess: str | None  # the caller's number as the event alone shows it
+    received: datetime
+    signed: bytes  # the SHA-256 of its signed string
 
 
 class ZadarmaRow(NamedTuple):
@@ -672,48 +685,84 @@ class CallStatements:
 
     # -- Zadarma -----------------------------------------------------------------------
 
-    async def journal(self, batch: Batch, event: ZadarmaEvent, form: Mapping[str, str],
-                      identity: str, guess: str | None, received: datetime,
-                      signed: bytes) -> JournalEntry:
-        """One round trip: the call's lock and its signed string's lock, then (a new
-        statement, so a new snapshot that sees what the locks' previous holders committed)
-        the journal entry, the signed string's binding to this call (when it has none
-        yet), the journal, the other calls the string is bound to, and the guessed
-        caller's directory entries.
+    async def journal(self, batch: Batch, items: Sequence[JournalItem]
+                      ) -> list[JournalEntry]:
+        """One round trip for a group of events (at most one per call and one per signed
+        string: each is judged against what was committed before the group): the locks
+        of their calls and signed strings (sorted, so that two groups never wait on each
+        other), then (a new statement, so a new snapshot that sees what the locks'
+        previous holders committed) every event's journal entry, its signed string's
+        binding to its call (when it has none yet), its call's journal, the other calls
+        its string is bound to, and its guessed caller's directory entries.
 
-        The entry and the binding are written before the caller has judged the event
-        (``dpvoip.zadarma.guard``): a refused event rolls the transaction back, which
-        costs one round trip on the refused path only."""
-        [(fresh, forms, first, previous, existed, found, others)] = await batch.run_planned(
-            self._statement(("journal",), lambda: (
-                "WITH added AS (INSERT INTO dpvoip.zadarma_event (pbx_call_id, event,"
-                " calltype, internal, destination, form, received_at) VALUES (%(pbx)s,"
-                " %(event)s, %(calltype)s, %(internal)s, %(destination)s, %(form)s,"
-                " %(received)s) ON CONFLICT DO NOTHING RETURNING id, form, received_at),"
-                " bind AS (INSERT INTO dpvoip.zadarma_binding (signed_sha256, pbx_call_id)"
-                " VALUES (%(signed)s, %(pbx)s) ON CONFLICT DO NOTHING),"
-                " j AS (SELECT id, form, received_at FROM dpvoip.zadarma_event"
-                " WHERE pbx_call_id = %(pbx)s UNION ALL SELECT id, form, received_at"
-                " FROM added)"
-                " SELECT (SELECT count(*) FROM added) > 0,"
-                " (SELECT json_agg(j.form ORDER BY j.id) FROM j),"
-                " (SELECT min(j.received_at) FROM j),"
-                " (SELECT outcome FROM dpvoip.call_detail WHERE call_id = %(call)s),"
-                f" EXISTS (SELECT 1 FROM {self._crm}.accounting_voipcall"
-                " WHERE call_id = %(call)s),"
-                f" {self._directory.lookup_subquery('number')},"
-                " (SELECT count(*) FROM dpvoip.zadarma_binding WHERE signed_sha256 ="
-                " %(signed)s AND pbx_call_id <> %(pbx)s)")),
-            {"lock": f"dpvoip-zadarma:{event.pbx_call_id}", "pbx": event.pbx_call_id,
-             "event": event.kind, "calltype": event.calltype, "internal": event.internal,
-             "destination": event.destination, "form": json.dumps(dict(form)),
-             "call": identity, "number": guess, "received": received,
-             "signed": signed, "signed_lock": f"dpvoip-signed:{signed.hex()}"},
-            prefix=("SELECT pg_advisory_xact_lock(hashtext(%(lock)s)),"
-                    " pg_advisory_xact_lock(hashtext(%(signed_lock)s))"),
+        The entries and bindings are written before the caller has judged the events
+        (``dpvoip.zadarma.guard``): a refused event's are taken back (``unjournal``) in
+        the group's next statement, without undoing the rest of the group."""
+        rows = await batch.run_planned(
+            self._statement(("journal",), self._journal_sql),
+            {"events": json.dumps([
+                {"n": n, "pbx": item.event.pbx_call_id, "event": item.event.kind,
+                 "calltype": item.event.calltype, "internal": item.event.internal,
+                 "destination": item.event.destination, "form": dict(item.form),
+                 "call": item.identity, "number": item.guess,
+                 "received": item.received.isoformat(), "signed": item.signed.hex()}
+                for n, item in enumerate(items)]),
+             "locks": sorted({key for item in items for key in (
+                 f"dpvoip-zadarma:{item.event.pbx_call_id}",
+                 f"dpvoip-signed:{item.signed.hex()}")})},
+            prefix=("SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT hashtext(k) AS k"
+                    " FROM unnest(%(locks)s::text[]) AS k ORDER BY 1 OFFSET 0) AS s"),
         )
-        return JournalEntry(bool(fresh), forms, first, previous, bool(existed), found,
-                            int(others))
+        return [JournalEntry(added is not None, forms, first, previous, bool(existed), found,
+                             int(others), added, bool(bound_now))
+                for _, added, forms, first, previous, existed, found, others, bound_now
+                in rows]
+
+    def _journal_sql(self) -> str:
+        return (
+            "WITH p AS (SELECT * FROM json_to_recordset(%(events)s::json) AS p(n integer,"
+            " pbx text, event text, calltype text, internal text, destination text,"
+            " form jsonb, call text, number text, received timestamptz, signed text)),"
+            " added AS (INSERT INTO dpvoip.zadarma_event (pbx_call_id, event, calltype,"
+            " internal, destination, form, received_at) SELECT p.pbx, p.event, p.calltype,"
+            " p.internal, p.destination, p.form, p.received FROM p ORDER BY p.n"
+            " ON CONFLICT DO NOTHING RETURNING id, pbx_call_id, form, received_at),"
+            " bind AS (INSERT INTO dpvoip.zadarma_binding (signed_sha256, pbx_call_id)"
+            " SELECT decode(p.signed, 'hex'), p.pbx FROM p ON CONFLICT DO NOTHING"
+            " RETURNING pbx_call_id)"
+            # Every part reads per event (correlated, by index): the planner takes a
+            # recordset for a hundred rows, and would otherwise scan whole tables once.
+            " SELECT p.n, a.id, j.forms, j.first,"
+            " (SELECT outcome FROM dpvoip.call_detail WHERE call_id = p.call),"
+            f" coalesce((SELECT true FROM {self._crm}.accounting_voipcall"
+            " WHERE call_id = p.call LIMIT 1), false),"
+            f" {self._directory.lookup_of('p.number')},"
+            " (SELECT count(*) FROM dpvoip.zadarma_binding b WHERE b.signed_sha256 ="
+            " decode(p.signed, 'hex') AND b.pbx_call_id <> p.pbx),"
+            " EXISTS (SELECT 1 FROM bind WHERE bind.pbx_call_id = p.pbx)"
+            " FROM p LEFT JOIN added a ON a.pbx_call_id = p.pbx"
+            " CROSS JOIN LATERAL (SELECT json_agg(e.form ORDER BY e.id) AS forms,"
+            " min(e.received_at) AS first FROM (SELECT id, form, received_at"
+            " FROM dpvoip.zadarma_event WHERE pbx_call_id = p.pbx UNION ALL"
+            " SELECT a.id, a.form, a.received_at WHERE a.id IS NOT NULL) AS e) AS j"
+            " ORDER BY p.n"
+        )
+
+    @staticmethod
+    def unjournal(item: JournalItem, entry: JournalEntry) -> tuple[str, dict[str, Any]]:
+        """The statement that takes back a refused event's journal entry and the binding
+        it made (to ride along with the group's next statement: ``run_planned_together``)."""
+        return ("WITH event AS (DELETE FROM dpvoip.zadarma_event WHERE id = %(id)s)"
+                " DELETE FROM dpvoip.zadarma_binding WHERE %(bound)s AND signed_sha256 ="
+                " %(signed)s AND pbx_call_id = %(pbx)s",
+                {"id": entry.added, "bound": entry.bound_now, "signed": item.signed,
+                 "pbx": item.event.pbx_call_id})
+
+    def zadarma_call_plain(self, row: ZadarmaRow) -> tuple[str, dict[str, Any]]:
+        """The statement of ``zadarma_call`` for a call whose writes end there (no ticket,
+        no owner to read): to ride along with a group's others (``run_planned_together``)."""
+        return (self._statement(("zadarma", False), lambda: self._zadarma_sql(False)),
+                self._zadarma_parameters(row))
 
     async def zadarma_call(self, batch: Batch, row: ZadarmaRow, last: bool,
                            ticket: TicketQuery | None = None
@@ -722,6 +771,26 @@ class CallStatements:
         side in one statement; ``last``: the COMMIT rides along. With ``ticket``, the
         ticket facts ride along too (read in this statement's snapshot). Returns the call
         row's id (0 with ``last``: no rows come back) and the facts."""
+        # With a ticket, the number's ticket lock first, in a statement of its own (as
+        # ``finishing_missed`` does): the call statement after it reads the ticket facts in
+        # a new snapshot, which sees what the lock's previous holder (another missed call
+        # of the number, from either source) committed.
+        rows = await batch.run_planned(
+            self._statement(("zadarma", ticket is not None),
+                            lambda: self._zadarma_sql(ticket is not None)),
+            {**self._zadarma_parameters(row),
+             **(self._facts_parameters(ticket) if ticket is not None else {})},
+            prefix=_ZADARMA_TICKET_LOCK if ticket is not None else "",
+            last=last,
+        )
+        if not rows:
+            return 0, None
+        if ticket is None:
+            return rows[0][0], None
+        (row_id, _, open_ticket, earlier, client_name, users) = rows[0]
+        return row_id, self._facts(open_ticket, earlier, client_name, users)
+
+    def _zadarma_parameters(self, row: ZadarmaRow) -> dict[str, Any]:
         call, match, outcome = row.call, row.match, row.call.outcome
         client = match.client if match else None
         person = match.person if match else None
@@ -767,27 +836,10 @@ class CallStatements:
             "answered": touch is not None and touch.in_touch_on is not None,
             "line": touch.workflow_line if touch is not None else None,
         }
-        # With a ticket, the number's ticket lock first, in a statement of its own (as
-        # ``finishing_missed`` does): the call statement after it reads the ticket facts in
-        # a new snapshot, which sees what the lock's previous holder (another missed call
-        # of the number, from either source) committed.
-        rows = await batch.run_planned(
-            self._statement(("zadarma", ticket is not None),
-                            lambda: self._zadarma_sql(ticket is not None)),
-            {"values": json.dumps(values),
-             "lines": json.dumps([{"action": line.action, "description": line.text,
-                                   "only_new": only, "n": n}
-                                  for n, (line, only) in enumerate(row.lines)]),
-             **(self._facts_parameters(ticket) if ticket is not None else {})},
-            prefix=_ZADARMA_TICKET_LOCK if ticket is not None else "",
-            last=last,
-        )
-        if not rows:
-            return 0, None
-        if ticket is None:
-            return rows[0][0], None
-        (row_id, _, open_ticket, earlier, client_name, users) = rows[0]
-        return row_id, self._facts(open_ticket, earlier, client_name, users)
+        return {"values": json.dumps(values),
+                "lines": json.dumps([{"action": line.action, "description": line.text,
+                                      "only_new": only, "n": n}
+                                     for n, (line, only) in enumerate(row.lines)])}
 
     def _zadarma_sql(self, facts: bool) -> str:
         """The Zadarma call statement; with ``facts``, it also returns the ticket facts

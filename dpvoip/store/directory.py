@@ -335,19 +335,20 @@ class DirectoryIndex:
                                                    self._lookup_sql, (number,))
         return self._match(number, rows)
 
-    def lookup_subquery(self, parameter: str) -> str:
+    def lookup_of(self, number: str) -> str:
         """The lookup as one JSON value (an array of rows, or NULL), to ride along in
         another statement that already runs at that moment: one round trip fewer. The
-        number is the statement's ``%(parameter)s``; read it with ``match_of``."""
+        number is the SQL text expression ``number`` (a column of the statement's rows:
+        one lookup per row); read it with ``match_of``."""
         return (
             "(SELECT json_agg(json_build_array(l.s, l.i, l.n, l.e, l.a, extract(epoch FROM"
             " l.u), l.o, l.d, l.dn, l.f, l.r)) FROM ("
-            + self._lookup_sql.replace("$1", f"%({parameter})s::text")
+            + self._lookup_sql.replace("$1", f"({number})::text")
             + ") AS l(s, i, n, e, a, u, o, d, dn, f, r))"
         )
 
     def match_of(self, number: str | None, rows: list[list[Any]] | None) -> Match | None:
-        """The match a ``lookup_subquery`` value gives for ``number``."""
+        """The match a ``lookup_of`` value gives for ``number``."""
         if number is None or self.never_matches(number):
             return None
         return self._match(number, [
