@@ -9,6 +9,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from twisted.internet import defer, reactor
+from txpostgres.txpostgres import Cursor
 
 from dpvoip.calls.ingest import Ingest, Submission, ZadarmaSubmission
 from dpvoip.config import DatabaseSettings
@@ -190,6 +191,38 @@ class TogetherTests(ZadarmaTestCase):
             "SELECT DISTINCT pbx_call_id FROM dpvoip.zadarma_event ORDER BY 1")
         self.assertEqual(journalled, [("in_" + "1" * 40,), ("in_" + "3" * 40,)])
         self.assertEqual(self.ingest.counters.zadarma_bound_elsewhere, 1)
+
+    @defer.inlineCallbacks
+    def test_zadarma_events_in_a_row_share_their_round_trips(self) -> Any:
+        """Starts of four calls, then the end of one of them (its call's event must see the
+        start committed before it: a new group), in one transaction: two round trips for
+        the four starts, two for the end."""
+        forms = [zadarma_call(f"+30691234567{n}", f"in_{n:040d}", answered=True,
+                              start=f"2026-01-15 10:0{n}:00") for n in range(4)]
+        items = []
+        for form in [call[0] for call in forms] + [forms[0][1]]:
+            event = parse_event(form)
+            assert isinstance(event, ZadarmaEvent)
+            items.append(ZadarmaSubmission(event, form, self.context, ARRIVED))
+        yield self.ingest.apply_together(items[:1])  # each statement planned
+        sent: list[str] = []
+        execute = Cursor.execute
+
+        def counted(cursor: Cursor, query: str, params: Any = None) -> Any:
+            sent.append(query)
+            return execute(cursor, query, params)
+
+        self.patch(Cursor, "execute", counted)
+        yield self.ingest.apply_together(items)
+        executed = [text for text in sent if "EXECUTE" in text or text == "COMMIT"]
+        self.assertEqual(len(executed), 5, "two and two (each statement planned once on a"
+                         f" connection besides), then the COMMIT: {executed}")
+        self.assertEqual(self.crm.query(
+            "SELECT call_id, status FROM accounting_voipcall ORDER BY 1"),
+            [(f"zd-in_{0:040d}", "completed")]
+            + [(f"zd-in_{n:040d}", "active") for n in range(1, 4)])
+        self.assertEqual(self.ingest.counters.calls_started, 4)
+        self.assertEqual(self.ingest.counters.replays_ignored, 1)  # the first start again
 
 
 class NewestCrmTogetherTests(TogetherTests):

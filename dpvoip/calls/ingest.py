@@ -285,15 +285,30 @@ class Ingest:
 
         async def steps(batch: Batch) -> None:
             batch.hold()
+            # Zadarma events in a row go together (two round trips for all), as long as
+            # no two are of one call or one signed string: each is judged against what
+            # the ones before it wrote.
+            run: list[_Admitted] = []
+
+            async def flush() -> None:
+                if run:
+                    await self._zadarma(batch, run, tally)
+                    run.clear()
+
             for item in submissions:
                 if isinstance(item, ZadarmaSubmission):
                     admitted = self._admitted(item.event, item.form, item.context,
-                                              item.received)
-                    if not isinstance(admitted, ZadarmaOutcome):
-                        await self._zadarma(batch, [admitted], tally)
+                                              item.received, tally)
+                    if isinstance(admitted, ZadarmaOutcome):
+                        continue
+                    if any(_together_apart(admitted, other) for other in run):
+                        await flush()
+                    run.append(admitted)
                 else:
+                    await flush()
                     await self._apply(item.happening, item.origin, item.received, batch,
                                       item.recovering)
+            await flush()
             if then is not None:
                 await then(batch)
 
@@ -456,14 +471,14 @@ class Ingest:
     # -- Zadarma -----------------------------------------------------------------------------
 
     def _admitted(self, event: ZadarmaEvent, form: Mapping[str, str],
-                  context: ZadarmaContext, received: datetime
-                  ) -> _Admitted | ZadarmaOutcome:
+                  context: ZadarmaContext, received: datetime,
+                  tally: IngestCounters | None = None) -> _Admitted | ZadarmaOutcome:
         """The checks made before the database is asked (``dpvoip.zadarma.guard``): the
         event to journal, or the answer to one refused already (stale, or from the
         future)."""
         verdict = freshness(event.call_start, context.zone, received, context.guard)
         if not verdict.accepted:
-            return self._refuse(event, verdict, self.counters)
+            return self._refuse(event, verdict, tally or self.counters)
         signed = signed_key(form)
         if signed is None:  # not a kind parse_event returns; never silently unbound
             raise ValueError(f"no signed string for {event.kind}")
@@ -720,6 +735,12 @@ def journalled(forms: Iterable[Mapping[str, str]]) -> list[ZadarmaEvent]:
         if isinstance(parsed, ZadarmaEvent):
             events.append(parsed)
     return events
+
+
+def _together_apart(one: _Admitted, other: _Admitted) -> bool:
+    """Whether two Zadarma events must not share a journal statement."""
+    return (one.item.event.pbx_call_id == other.item.event.pbx_call_id
+            or one.item.signed == other.item.signed)
 
 
 def _submission_key(item: Submission | ZadarmaSubmission) -> str:
