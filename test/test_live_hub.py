@@ -8,6 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dpvoip.live.events import KEEPALIVE, LiveEvent, Viewer
 from dpvoip.live.hub import Hub, Stream, TooManyStreams
+from dpvoip.live.listener import LiveFeed
 
 STAFF = Viewer(1, True)
 
@@ -123,3 +124,57 @@ class HubTests(SynchronousTestCase):
         stream.release([9])
         self.hub.publish([event(9), event(10)])
         self.assertEqual(sink.ids(), [9, 10])
+
+
+class TableReader:
+    """``dpvoip.live_event`` as the feed reads it, with the reads counted."""
+
+    def __init__(self) -> None:
+        self.rows: list[LiveEvent] = []
+        self.reads = 0
+
+    async def since(self, after: int, limit: int, skip: list[int]) -> list[LiveEvent]:
+        self.reads += 1
+        return [e for e in self.rows if e.id > after and e.id not in skip][:limit]
+
+    async def newest(self) -> int:
+        return max((e.id for e in self.rows), default=0)
+
+
+class FeedWithoutStreamsTests(SynchronousTestCase):
+    """With no stream open, an announcement is settled from its payload: no read; with
+    one, the table is read and the stream gets the event, once."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.hub = Hub(self.clock, heartbeat=3600)
+        self.table = TableReader()
+        self.feed = LiveFeed(self.table, self.hub, self.clock)
+        self.feed.listening()  # started: what exists now is settled
+        self.assertEqual(self.table.reads, 1)
+
+    def commit(self, n: int) -> None:
+        self.table.rows.append(event(n))
+        self.feed.notified(f'{{"event": "started", "call_id": "c{n}", "id": {n}}}')
+
+    def test_no_stream_no_read(self) -> None:
+        for n in (1, 2, 3):
+            self.commit(n)
+        self.assertEqual((self.table.reads, self.feed.skipped), (1, 3))
+        self.assertEqual(self.feed.watermark.low, 3)
+
+    def test_a_stream_opened_later_gets_only_what_comes_after(self) -> None:
+        self.commit(1)
+        sink = FakeSink()
+        self.hub.subscribe(Viewer(1, True), sink).release()
+        self.commit(2)
+        self.commit(3)
+        self.assertEqual(sink.ids(), [2, 3])
+        self.assertEqual(self.table.reads, 3)
+
+    def test_an_announcement_without_an_id_is_read_from_the_table(self) -> None:
+        self.table.rows.append(event(1))
+        self.feed.notified("not json")
+        self.feed.notified('{"id": true}')
+        self.assertEqual((self.table.reads, self.feed.skipped), (3, 0))
+        self.assertEqual(self.feed.watermark.low, 1)
