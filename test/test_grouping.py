@@ -123,3 +123,15 @@ class CommitGroupsTests(SynchronousTestCase):
         self.db.finish()
         self.db.finish()
         self.assertEqual(self.db.seen[2:], [["b"], ["bad"], ["late"]])
+
+    def test_a_waiter_that_gives_up_does_not_stop_the_others(self) -> None:
+        self.join("a")
+        waiting = self.groups.join("b")
+        waiting.addErrback(lambda _: None)
+        waiting.cancel()  # the client hung up: its event is still committed
+        self.join("c", "d")
+        self.db.finish()
+        self.assertEqual(self.db.seen[1], ["b", "c", "d"])
+        self.db.finish()
+        self.assertEqual((self.answers["c"], self.answers["d"]), (["C"], ["D"]))
+        self.assertEqual((self.groups.in_flight, self.groups.waiting), (0, 0))

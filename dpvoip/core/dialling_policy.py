@@ -15,7 +15,6 @@ import re
 from dataclasses import dataclass
 
 import phonenumbers
-import pycountry
 from phonenumbers import PhoneNumberFormat, PhoneNumberType
 
 from dpvoip.core.numbers import Dialling, normalise
@@ -225,8 +224,11 @@ def _country_name(region: str) -> str:
 
     From pycountry (a few MiB), not from phonenumbers' geocoding data: importing that
     loads every prefix of the world, about 90 MiB, which alone is more than the daemon's
-    whole memory target.
+    whole memory target. Imported on the first refusal that names a country, not with
+    the daemon: its tables are 8 MiB of RSS, for the text of a refusal.
     """
+    import pycountry
+
     country = pycountry.countries.get(alpha_2=region)
     if country is None:
         return _NOT_IN_ISO.get(region, region)
