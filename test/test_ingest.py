@@ -17,7 +17,6 @@ import psycopg2
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
-from txpostgres.txpostgres import Cursor
 
 from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext, ZadarmaOutcome
 from dpvoip.config import DatabaseSettings, FritzBoxSettings, TicketSettings
@@ -40,6 +39,7 @@ from test.support.crm import Crm
 from test.support.crm_rules import crm_findings
 from test.support.daemon import PATIENCE
 from test.support.postgres import postgres
+from test.support.statements import statements_sent
 
 OWN = ("2107654321",)
 
@@ -555,15 +555,7 @@ class RoundTripTests(ZadarmaTestCase):
 
     def sent(self) -> list[str]:
         """From now on, the text of every execute on any connection."""
-        sent: list[str] = []
-        execute = Cursor.execute
-
-        def counted(cursor: Cursor, query: str, params: Any = None) -> Any:
-            sent.append(query)
-            return execute(cursor, query, params)
-
-        self.patch(Cursor, "execute", counted)
-        return sent
+        return statements_sent(self)
 
     @defer.inlineCallbacks
     def test_a_ring_and_a_missed_calls_disconnect_with_its_ticket(self) -> Any:

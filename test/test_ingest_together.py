@@ -9,7 +9,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from twisted.internet import defer, reactor
-from txpostgres.txpostgres import Cursor
 
 from dpvoip.calls.ingest import Ingest, Submission, ZadarmaSubmission
 from dpvoip.config import DatabaseSettings
@@ -27,6 +26,7 @@ from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from test.support.crm import Crm
 from test.support.crm_rules import crm_findings
 from test.support.postgres import postgres
+from test.support.statements import statements_sent
 from test.test_ingest import OWN, ZadarmaTestCase, today, zadarma_call
 
 #: When the events arrived: today, so that the tickets' 24-hour window is real.
@@ -205,14 +205,7 @@ class TogetherTests(ZadarmaTestCase):
             assert isinstance(event, ZadarmaEvent)
             items.append(ZadarmaSubmission(event, form, self.context, ARRIVED))
         yield self.ingest.apply_together(items[:1])  # each statement planned
-        sent: list[str] = []
-        execute = Cursor.execute
-
-        def counted(cursor: Cursor, query: str, params: Any = None) -> Any:
-            sent.append(query)
-            return execute(cursor, query, params)
-
-        self.patch(Cursor, "execute", counted)
+        sent = statements_sent(self)
         yield self.ingest.apply_together(items)
         executed = [text for text in sent if "EXECUTE" in text or text == "COMMIT"]
         self.assertEqual(len(executed), 5, "two and two (each statement planned once on a"

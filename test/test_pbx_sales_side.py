@@ -18,7 +18,6 @@ from zoneinfo import ZoneInfo
 
 from twisted.internet import defer, reactor, threads
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from txpostgres.txpostgres import Cursor
 
 from dpvoip.asterisk.calls import CallFollower
 from dpvoip.asterisk.service import origin_of
@@ -44,6 +43,7 @@ from test.support.crm import Crm
 from test.support.crm_rules import crm_findings
 from test.support.daemon import PATIENCE
 from test.support.postgres import postgres, private_cluster, take_down
+from test.support.statements import statements_sent
 from test.support.waiting import until
 from test.test_asterisk_daemon import AsteriskDaemonCase
 
@@ -358,15 +358,7 @@ class PbxRoundTripTests(PbxIngestCase):
     pool_size = 1
 
     def sent(self) -> list[str]:
-        sent: list[str] = []
-        execute = Cursor.execute
-
-        def counted(cursor: Cursor, query: str, params: Any = None) -> Any:
-            sent.append(query)
-            return execute(cursor, query, params)
-
-        self.patch(Cursor, "execute", counted)
-        return sent
+        return statements_sent(self)
 
     @defer.inlineCallbacks
     def test_the_ends_cost_what_a_boxs_do(self) -> Any:
