@@ -607,6 +607,16 @@ class RoundTripTests(ZadarmaTestCase):
         self.assertEqual(len(sent), 4, "the journal, the call with the ticket's facts, the"
                          f" new ticket, its COMMIT (the ticket's id, for the log): {sent}")
         self.assertEqual(self.ingest.counters.ticket_writes, 2)
+        start, end = zadarma_call("+306912345679", "in_" + "3" * 40, answered=False,
+                                  start="2026-01-15 10:09:00")
+        yield self.send([start], context)
+        del sent[:]
+        yield self.send([end], context)
+        executed = [text for text in sent if not text.startswith("PREPARE")]  # once
+        self.assertEqual(len(executed), 3, "joining the number's open ticket: the journal,"
+                         f" the call with the ticket's facts, the ticket with the COMMIT:"
+                         f" {executed}")
+        self.assertEqual(self.ingest.counters.ticket_writes, 3)
 
     def one_transaction_at_a_time(self) -> None:
         """The events that arrive while a transaction is in flight share the next."""

@@ -510,10 +510,13 @@ class Ingest:
         entries = await self._statements.journal(batch, [admitted.item for admitted in group])
         later: list[tuple[str, dict[str, Any]]] = []  # sent together with the COMMIT
         held = batch.held
-        batch.hold()  # a ticket's or an owner's statement in between never commits
+        outcomes = []
         try:
-            outcomes = [await self._judged(batch, admitted, entry, later, tally)
-                        for admitted, entry in zip(group, entries, strict=True)]
+            for n, (admitted, entry) in enumerate(zip(group, entries, strict=True)):
+                # A ticket's statement commits only when nothing is left to send after it
+                # (the group's last event, nothing waiting to ride with the COMMIT).
+                batch.hold(held or n < len(group) - 1 or bool(later))
+                outcomes.append(await self._judged(batch, admitted, entry, later, tally))
         finally:
             batch.hold(held)
         await batch.run_planned_together(later, last=True)
