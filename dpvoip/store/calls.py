@@ -719,33 +719,36 @@ class CallStatements:
                 in rows]
 
     def _journal_sql(self) -> str:
+        # The events are ``ev`` (the directory's lookup, correlated on ``ev.number``,
+        # names its own tables ``p`` and ``c``).
         return (
-            "WITH p AS (SELECT * FROM json_to_recordset(%(events)s::json) AS p(n integer,"
+            "WITH ev AS (SELECT * FROM json_to_recordset(%(events)s::json) AS ev(n integer,"
             " pbx text, event text, calltype text, internal text, destination text,"
             " form jsonb, call text, number text, received timestamptz, signed text)),"
             " added AS (INSERT INTO dpvoip.zadarma_event (pbx_call_id, event, calltype,"
-            " internal, destination, form, received_at) SELECT p.pbx, p.event, p.calltype,"
-            " p.internal, p.destination, p.form, p.received FROM p ORDER BY p.n"
-            " ON CONFLICT DO NOTHING RETURNING id, pbx_call_id, form, received_at),"
+            " internal, destination, form, received_at) SELECT ev.pbx, ev.event,"
+            " ev.calltype, ev.internal, ev.destination, ev.form, ev.received FROM ev"
+            " ORDER BY ev.n ON CONFLICT DO NOTHING RETURNING id, pbx_call_id, form,"
+            " received_at),"
             " bind AS (INSERT INTO dpvoip.zadarma_binding (signed_sha256, pbx_call_id)"
-            " SELECT decode(p.signed, 'hex'), p.pbx FROM p ON CONFLICT DO NOTHING"
+            " SELECT decode(ev.signed, 'hex'), ev.pbx FROM ev ON CONFLICT DO NOTHING"
             " RETURNING pbx_call_id)"
             # Every part reads per event (correlated, by index): the planner takes a
             # recordset for a hundred rows, and would otherwise scan whole tables once.
-            " SELECT p.n, a.id, j.forms, j.first,"
-            " (SELECT outcome FROM dpvoip.call_detail WHERE call_id = p.call),"
+            " SELECT ev.n, a.id, j.forms, j.first,"
+            " (SELECT outcome FROM dpvoip.call_detail WHERE call_id = ev.call),"
             f" coalesce((SELECT true FROM {self._crm}.accounting_voipcall"
-            " WHERE call_id = p.call LIMIT 1), false),"
-            f" {self._directory.lookup_of('p.number')},"
+            " WHERE call_id = ev.call LIMIT 1), false),"
+            f" {self._directory.lookup_of('ev.number')},"
             " (SELECT count(*) FROM dpvoip.zadarma_binding b WHERE b.signed_sha256 ="
-            " decode(p.signed, 'hex') AND b.pbx_call_id <> p.pbx),"
-            " EXISTS (SELECT 1 FROM bind WHERE bind.pbx_call_id = p.pbx)"
-            " FROM p LEFT JOIN added a ON a.pbx_call_id = p.pbx"
+            " decode(ev.signed, 'hex') AND b.pbx_call_id <> ev.pbx),"
+            " EXISTS (SELECT 1 FROM bind WHERE bind.pbx_call_id = ev.pbx)"
+            " FROM ev LEFT JOIN added a ON a.pbx_call_id = ev.pbx"
             " CROSS JOIN LATERAL (SELECT json_agg(e.form ORDER BY e.id) AS forms,"
             " min(e.received_at) AS first FROM (SELECT id, form, received_at"
-            " FROM dpvoip.zadarma_event WHERE pbx_call_id = p.pbx UNION ALL"
+            " FROM dpvoip.zadarma_event WHERE pbx_call_id = ev.pbx UNION ALL"
             " SELECT a.id, a.form, a.received_at WHERE a.id IS NOT NULL) AS e) AS j"
-            " ORDER BY p.n"
+            " ORDER BY ev.n"
         )
 
     @staticmethod
