@@ -130,7 +130,6 @@ class FinishingCall(NamedTuple):
 class JournalEntry(NamedTuple):
     """A Zadarma event after it was journalled (in the transaction's first round trip)."""
 
-    fresh: bool  # False: the event was there already (a replay)
     forms: list[dict[str, str]]  # every event of the call so far, in arrival order
     first_received: datetime  # when the call's first event arrived
     previous: str | None  # the call's outcome before this event
@@ -139,6 +138,11 @@ class JournalEntry(NamedTuple):
     bound_elsewhere: int  # other calls the event's signed string is bound to already
     added: int | None  # the journal row this event added (None: it was there already)
     bound_now: bool  # this event bound its signed string to its call
+
+    @property
+    def fresh(self) -> bool:
+        """False: the event was there already (a replay)."""
+        return self.added is not None
 
 
 class JournalItem(NamedTuple):
@@ -713,8 +717,8 @@ class CallStatements:
             prefix=("SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT hashtext(k) AS k"
                     " FROM unnest(%(locks)s::text[]) AS k ORDER BY 1 OFFSET 0) AS s"),
         )
-        return [JournalEntry(added is not None, forms, first, previous, bool(existed), found,
-                             int(others), added, bool(bound_now))
+        return [JournalEntry(forms, first, previous, bool(existed), found, int(others), added,
+                             bool(bound_now))
                 for _, added, forms, first, previous, existed, found, others, bound_now
                 in rows]
 
