@@ -474,6 +474,18 @@ class FinishedCallsInTheDatabase(test_ingest.IngestTestCase):
             self.assertNotIn("missed, missed", line)
 
     @defer.inlineCallbacks
+    def test_each_new_ticket_is_named_by_its_own_id(self) -> Any:
+        # The id is carried past the COMMIT in the connection's session: each line must
+        # name the ticket its own statement made, never one an earlier call left there.
+        for n, caller in enumerate(("6912345671", "6912345672", "6912345673")):
+            yield self.lines(*self.missed(n, caller, f"09:0{n}:00", f"09:0{n}:30"))
+        tickets = sorted(row[0] for row in self.tickets_rows())
+        self.assertEqual(len(tickets), 3)
+        lines = [line.split(": ", 1)[1] for line in self.captured.lines("call fb-office")
+                 if "incoming" not in line]
+        self.assertEqual(lines, [f"missed; ticket {ticket} created" for ticket in tickets])
+
+    @defer.inlineCallbacks
     def test_an_answered_call_keeps_its_status_and_notes(self) -> Any:
         yield self.lines(f"{test_ingest.today('10:00:00')};RING;0;2101234567;7654321;SIP0;",
                          f"{test_ingest.today('10:00:05')};CONNECT;0;11;2101234567;",

@@ -372,8 +372,8 @@ class PbxRoundTripTests(PbxIngestCase):
         sent = self.sent()
         for name, expected, why in (
             ("incoming-answered", 1, "the end and the sales side in one statement"),
-            ("incoming-missed", 3, "the lock and the facts, then the new ticket with the"
-             " sales side, then its COMMIT (the ticket's id, for the log)"),
+            ("incoming-missed", 2, "the lock and the facts, then the new ticket with the"
+             " sales side and its COMMIT (the ticket's id carried past it, for the log)"),
             ("incoming-voicemail", 2, "the lock and the facts, then the rest with its"
              " COMMIT (joining the open ticket)"),
         ):

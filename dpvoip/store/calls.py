@@ -34,7 +34,7 @@ from dpvoip.core.tickets import (
 )
 from dpvoip.crm.schema import CrmCapabilities, quote_ident
 from dpvoip.live import events as live
-from dpvoip.store.database import Batch, Store
+from dpvoip.store.database import Batch, Store, carry
 from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.live import CHANNEL, announce, given_call_event, row_call_event, ticket_event
 from dpvoip.store.pool import statement_name
@@ -268,12 +268,12 @@ class CallStatements:
 
     async def _write(self, batch: Batch | None, statement: str, params: tuple[Any, ...]
                      ) -> list[tuple[Any, ...]]:
-        """One statement: atomic on its own, or a step of ``batch``'s transaction."""
-        if batch is None:
-            return await self._store.write_one(statement, params)
-        # In a shared transaction (the replay's groups), planned once per connection: the
-        # server parses and plans these long statements once, not once per event.
+        """One statement: atomic on its own, or a step of ``batch``'s transaction; either
+        way planned once per connection: the server parses and plans these long
+        statements once, not once per event."""
         text = numbered(statement)
+        if batch is None:
+            return await self._store.write_prepared(statement_name(text), text, params)
         return await batch.run_prepared(statement_name(text), text, params)
 
     async def start(self, started: Started, source: str, number: str | None, phone: str,
@@ -529,10 +529,9 @@ class CallStatements:
         the ticket created or updated as ``plan`` says, the call row finalised and linked
         to it, both logged and published, as at ``received``; the ticket's id.
 
-        An update's COMMIT rides along (its id is the plan's). A new ticket's id is made by
-        its INSERT, so its COMMIT is sent after the answer (one round trip more, only for a
-        new ticket), for the log to say which ticket ("ticket 12 created"); None when the
-        statement ran as a step of a larger transaction that gives no rows back.
+        The COMMIT rides along. An update's id is the plan's; a new ticket's is made by its
+        INSERT and carried past the COMMIT (``Batch.run``), for the log to say which ticket
+        ("ticket 12 created") without a round trip more.
 
         An open ticket that had no client gets the call's (a client added to the CRM
         since the number's first missed call), and so does the call it was opened for,
@@ -566,11 +565,11 @@ class CallStatements:
                 "changes": json.dumps(live.ended_changes(ended.outcome, ended.duration,
                                                          ended.at)),
             },
-            last=not new,
+            last=True, carried=new,
         )
         if not isinstance(plan, NewTicket):
             return plan.ticket
-        return int(rows[0][1]) if rows and rows[0][1] is not None else None
+        return int(rows[0][0]) if rows and rows[0][0] else None
 
     def _ticket_sql(self, new: bool, touch: bool = False) -> str:
         """The ticket statement: a ``new`` ticket inserted (its log line gets the new id
@@ -632,7 +631,7 @@ class CallStatements:
                " d.deal_id, d.crm_touched FROM dpvoip.call_detail d JOIN call c"
                " ON d.call_id = c.call_id)" + self._touch_ctes("touch_before", _named)
                if touch else "")
-            + " SELECT (SELECT count(*) FROM note), (SELECT c.ticket FROM call c)"
+            + f" SELECT {carry('SELECT c.ticket FROM call c')}, (SELECT count(*) FROM note)"
         )
 
     def _first_call_follows(self) -> str:

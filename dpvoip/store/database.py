@@ -31,6 +31,18 @@ from dpvoip.store.pool import (
 
 T = TypeVar("T")
 log = Logger()
+#: The session setting that carries a statement's value past its COMMIT (``Batch.run``).
+CARRIED = "dpvoip.carried"
+
+
+def carry(value: str) -> str:
+    """SQL setting ``value`` (a text expression) as the value ``Batch.run`` reads back
+    after the COMMIT; the expression is also the column's value, for a run that does not
+    commit (a step of a larger transaction reads it as a row). NULL is carried as ''
+    (a setting cannot be NULL): the reader takes '' for none. Set at session level (a
+    transaction's own setting would end with it), and set by every run of the statement,
+    so no value is ever left over from an earlier transaction."""
+    return f"set_config('{CARRIED}', coalesce(({value})::text, ''), false)"
 #: A named parameter of an EXECUTE text (``_execute_text``).
 _PARAMETER = re.compile(r"%\((\w+)\)s")
 
@@ -67,19 +79,21 @@ class Batch:
                                   self.run)
 
     async def run_planned(self, statement: str, params: Mapping[str, Any], prefix: str = "",
-                          last: bool = False) -> list[tuple[Any, ...]]:
+                          last: bool = False, carried: bool = False
+                          ) -> list[tuple[Any, ...]]:
         """A hot statement with ``%(name)s`` parameters, planned once per connection: the
         server parses and plans it once, and each run sends a short EXECUTE instead of the
         whole text. ``prefix`` (a statement with the same parameters, planned once too)
         rides along in front, in a snapshot of its own (a lock taken before the statement
-        reads); ``last``: the COMMIT rides along behind (and no rows come back)."""
+        reads); ``last``: the COMMIT rides along behind (and no rows come back, unless
+        ``carried``: see ``run``)."""
         if self._connection is None:
             return await self.run(f"{prefix}; {statement}" if prefix else statement,
-                                  params, last)
+                                  params, last, carried)
         text = await self._execute_text(statement)
         if prefix:
             text = f"{await self._execute_text(prefix)}; {text}"
-        return await self.run(text, params, last)
+        return await self.run(text, params, last, carried)
 
     async def run_planned_together(self, statements: Sequence[tuple[str, Mapping[str, Any]]],
                                    last: bool = False) -> None:
@@ -111,8 +125,13 @@ class Batch:
         arguments = ", ".join(f"%({n})s" for n in names)
         return f"EXECUTE {name} ({arguments})" if names else f"EXECUTE {name}"
 
-    async def run(self, sql: str, params: Any = None, last: bool = False
-                  ) -> list[tuple[Any, ...]]:
+    async def run(self, sql: str, params: Any = None, last: bool = False,
+                  carried: bool = False) -> list[tuple[Any, ...]]:
+        """``sql`` in the transaction; ``last``: the COMMIT rides along behind, and no rows
+        come back (a message's answer is its last statement's). Unless ``carried``: the
+        statement's one value is set as ``CARRIED`` (``carry``), which outlives the COMMIT
+        and is read back in the same message: ``[(value,)]``, a row that costs no round
+        trip of its own (a new ticket's id, made by its INSERT, for the log)."""
         if self._held:
             last = False
         text = sql
@@ -120,10 +139,12 @@ class Batch:
             text = "BEGIN; " + text
         if last:
             text += "; COMMIT"
+            if carried:
+                text += f"; SELECT current_setting('{CARRIED}', true)"
         self._begun = True
         await self._cursor.execute(text, params)
         self._done = last
-        if last or self._cursor.description is None:
+        if (last and not carried) or self._cursor.description is None:
             return []
         rows: list[tuple[Any, ...]] = self._cursor.fetchall()
         return rows
@@ -179,6 +200,25 @@ class Store:
             await cursor.execute(sql, params)
             rows: list[tuple[Any, ...]] = cursor.fetchall() if cursor.description else []
             return rows
+
+        return self._track(self.pool.with_connection(lambda c: Deferred.fromCoroutine(run(c))))
+
+    def write_prepared(self, name: str, statement: str, params: tuple[Any, ...]
+                       ) -> Deferred[list[tuple[Any, ...]]]:
+        """A hot statement (``$1, $2 ...``), atomic on its own and planned once per
+        connection: a long statement sent whole is parsed and planned at every run, which
+        costs the server more than running it."""
+
+        async def run(connection: Any) -> list[tuple[Any, ...]]:
+            cursor = connection.cursor()
+
+            async def query(sql: str, arguments: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+                await cursor.execute(sql, arguments)
+                rows: list[tuple[Any, ...]] = cursor.fetchall() if cursor.description else []
+                return rows
+
+            return await run_prepared(connection, name, statement, params,
+                                      connection.runOperation, query)
 
         return self._track(self.pool.with_connection(lambda c: Deferred.fromCoroutine(run(c))))
 
