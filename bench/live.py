@@ -313,7 +313,7 @@ def _python(*args: str) -> list[str]:
     return [sys.executable, "-m", "bench.live", *args]
 
 
-def _environment() -> dict[str, str]:
+def bench_environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
@@ -323,7 +323,7 @@ def drive(port: int, numbers: list[str], rate: float, seconds: float, tag: str
                "workers": 16, "tag": tag}
     done = subprocess.run(_python("--calls-process", json.dumps(options)),
                           capture_output=True, text=True, check=False,
-                          timeout=seconds + 120, env=_environment())
+                          timeout=seconds + 120, env=bench_environment())
     if done.returncode != 0:
         raise SystemExit(f"load generator failed: {done.stderr[-2000:]}")
     figures: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -340,7 +340,7 @@ class StreamClients:
             subprocess.Popen(
                 _python("--streams-process", json.dumps(
                     {"port": port, "token": token, "count": share})),
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_environment())
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=bench_environment())
             for share in shares if share]
 
     def wait_ready(self) -> None:
@@ -467,7 +467,7 @@ def main() -> None:
             started = await started_daemon(config, reactor, dsn)
             daemon, port = started.daemon, started.port
             numbers = [n[3:] for n in sample_numbers(dsn, 3000) if n.startswith("+30")]
-            await threads.deferToThread(_staff_user, dsn)
+            await threads.deferToThread(staff_user, dsn)
             _, token = await create_token(daemon.store, "public", "bench")
 
             trace: dict[str, list[Any]] = {"notified": [], "published": []}
@@ -639,7 +639,7 @@ def commit_timestamps(dsn: str) -> Iterator[None]:
         cluster.stop(mode="immediate")
 
 
-def _staff_user(dsn: str) -> None:
+def staff_user(dsn: str) -> None:
     """The CRM user the streams sign in as (a staff user: sees every call)."""
     import psycopg2
 

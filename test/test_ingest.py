@@ -723,6 +723,50 @@ class RoundTripTests(ZadarmaTestCase):
         self.assertEqual(self.ingest.zadarma_groups.groups, 4)  # 1, (2, 3) failed, 2, 3
 
 
+class GroupLockTests(ZadarmaTestCase):
+    """Two instances' groups that end calls of the same callers."""
+
+    @defer.inlineCallbacks
+    def test_groups_ending_two_callers_in_opposite_orders_do_not_deadlock(self) -> Any:
+        # Each group takes its ending callers' ticket locks up front, sorted with its other
+        # locks: taken event by event, the first group would hold X's and wait for Y's
+        # while the second held Y's and waited for X's, until PostgreSQL ended one of
+        # them (a second later) and it was tried again event by event.
+        context = replace(self.context, tickets=True)
+        x, y = "+306912345601", "+306912345602"
+        instances = [Ingest(self.store, self.index, self.texts, self.tickets,
+                            ZoneInfo("Europe/Athens"), self.schema, reactor,
+                            groups_in_flight=1) for _ in range(2)]
+        calls = {  # (instance, caller, call, minute); each instance ends X and Y
+            (0, x, "1", 1), (0, y, "2", 2), (1, y, "3", 3), (1, x, "4", 4)}
+        forms = {call: zadarma_call(caller, "in_" + call * 40, answered=False,
+                                    start=f"2026-01-15 10:0{minute}:00")
+                 for _, caller, call, minute in calls}
+        for start, _ in forms.values():
+            yield self.send([start], context)
+        answers = []
+        for n, ingest in enumerate(instances):
+            # A first event alone, so that its instance's two ends form the next group.
+            blocker, _ = zadarma_call(f"+30691234570{n}", f"in_{n + 5:040d}", answered=True,
+                                      start=f"2026-01-15 10:0{n + 5}:00")
+            ordered = [call for _, call in sorted(
+                (minute, call) for i, _, call, minute in calls if i == n)]
+            for form in [blocker, *(forms[call][1] for call in ordered)]:
+                event = parse_event(form)
+                assert isinstance(event, ZadarmaEvent)
+                answers.append(ingest.submit_zadarma(event, form, context))
+        outcomes = yield defer.gatherResults(answers, consumeErrors=True)
+        self.assertEqual([o.refused for o in outcomes], [""] * 6)
+        self.assertEqual([(i.zadarma_groups.groups, i.zadarma_groups.items)
+                          for i in instances], [(2, 3), (2, 3)],
+                         "each instance: its blocker alone, then its two ends together,"
+                         " never undone and tried again")
+        rows = self.crm.query(
+            "SELECT t.title, count(d.call_id) FROM accounting_ticket t JOIN"
+            " dpvoip.call_detail d ON d.ticket_id = t.id GROUP BY t.id, t.title ORDER BY 1")
+        self.assertEqual([calls for _, calls in rows], [2, 2], rows)
+
+
 class ClockTests(ZadarmaTestCase):
     """The wall clock the ingest reads is the one it is given."""
 

@@ -488,8 +488,9 @@ class Ingest:
         alone = summarise([event])
         guessed = normalise(alone.remote, context.where) if alone else None
         guess = None if self._directory.never_matches(guessed) else guessed
+        ending = guessed if event.final and not event.outgoing else None
         return _Admitted(JournalItem(event, form, zadarma_call_id(event.pbx_call_id), guess,
-                                     received, signed), context, alone, guessed)
+                                     received, signed, ending), context, alone, guessed)
 
     async def _zadarma_groups(self, group: Sequence[_Admitted]) -> list[ZadarmaOutcome]:
         """A group of Zadarma events (``dpvoip.calls.grouping``) in one transaction; the

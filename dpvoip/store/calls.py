@@ -154,6 +154,8 @@ class JournalItem(NamedTuple):
     guess: str | None  # the caller's number as the event alone shows it
     received: datetime
     signed: bytes  # the SHA-256 of its signed string
+    #: An incoming call's end: its caller, whose ticket lock the group takes up front.
+    ticket_caller: str | None = None
 
 
 class ZadarmaRow(NamedTuple):
@@ -692,9 +694,11 @@ class CallStatements:
                       ) -> list[JournalEntry]:
         """One round trip for a group of events (at most one per call and one per signed
         string: each is judged against what was committed before the group): the locks
-        of their calls and signed strings (sorted, so that two groups never wait on each
-        other), then (a new statement, so a new snapshot that sees what the locks'
-        previous holders committed) every event's journal entry, its signed string's
+        of their calls, signed strings and ending callers' tickets (all at once and
+        sorted, so that two groups never wait on each other: the ticket lock taken again
+        by a missed end's statement is held already), then (a new statement, so a new
+        snapshot that sees what the locks' previous holders committed) every event's
+        journal entry, its signed string's
         binding to its call (when it has none yet), its call's journal, the other calls
         its string is bound to, and its guessed caller's directory entries.
 
@@ -712,7 +716,9 @@ class CallStatements:
                 for n, item in enumerate(items)]),
              "locks": sorted({key for item in items for key in (
                  f"dpvoip-zadarma:{item.event.pbx_call_id}",
-                 f"dpvoip-signed:{item.signed.hex()}")})},
+                 f"dpvoip-signed:{item.signed.hex()}",
+                 *((f"dpvoip-ticket:{item.ticket_caller}",) if item.ticket_caller else ()))
+             })},
             prefix=("SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT hashtext(k) AS k"
                     " FROM unnest(%(locks)s::text[]) AS k ORDER BY 1 OFFSET 0) AS s"),
         )
