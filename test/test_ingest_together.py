@@ -193,6 +193,20 @@ class TogetherTests(ZadarmaTestCase):
         self.assertEqual(self.ingest.counters.zadarma_bound_elsewhere, 1)
 
     @defer.inlineCallbacks
+    def test_a_groups_callers_are_looked_up_in_one_round_trip(self) -> Any:
+        self.clients(self.crm)
+        yield self.build_directory()
+        items = self.day_of_calls()
+        sent = statements_sent(self)
+        yield self.ingest.apply_together(items)
+        lookups = [text for text in sent if "EXECUTE dpvoip_directory_lookup" in text]
+        self.assertEqual(len(lookups), 1, "the callers of the group's seven box calls at once,"
+                         f" before its events: {lookups}")
+        calls = self.crm.query("SELECT call_id, client_id FROM accounting_voipcall"
+                               " WHERE call_id LIKE 'fb-%%' AND client_id IS NOT NULL")
+        self.assertEqual(len(calls), 3, f"the clients' three box calls, matched: {calls}")
+
+    @defer.inlineCallbacks
     def test_zadarma_events_in_a_row_share_their_round_trips(self) -> Any:
         """Starts of four calls, then the end of one of them (its call's event must see the
         start committed before it: a new group), in one transaction: two round trips for

@@ -285,6 +285,10 @@ class Ingest:
 
         async def steps(batch: Batch) -> None:
             batch.hold()
+            # The group's callers looked up at once: one round trip, not one per call.
+            known = await self._directory.lookup_all(
+                (_started_number(item.happening, item.origin) for item in submissions
+                 if isinstance(item, Submission)), batch)
             # Zadarma events in a row go together (two round trips for all), as long as
             # no two are of one call or one signed string: each is judged against what
             # the ones before it wrote.
@@ -307,7 +311,7 @@ class Ingest:
                 else:
                     await flush()
                     await self._apply(item.happening, item.origin, item.received, batch,
-                                      item.recovering)
+                                      item.recovering, known)
             await flush()
             if then is not None:
                 await then(batch)
@@ -339,11 +343,13 @@ class Ingest:
         return Deferred.fromCoroutine(run())
 
     async def _apply(self, happening: Happening, origin: Origin, received: datetime,
-                     batch: Batch | None = None, recovering: bool = False) -> None:
-        """One happening: a transaction of its own, or a step of ``batch``."""
+                     batch: Batch | None = None, recovering: bool = False,
+                     known: Mapping[str, Match | None] | None = None) -> None:
+        """One happening: a transaction of its own, or a step of ``batch`` (``known``:
+        the callers it looked up already)."""
         try:
             if isinstance(happening, Started):
-                await self._started(happening, origin, received, batch)
+                await self._started(happening, origin, received, batch, known)
             elif isinstance(happening, Answered):
                 await self._answered(happening, received, batch)
             elif isinstance(happening, Forwarded):
@@ -376,9 +382,13 @@ class Ingest:
     # -- happenings --------------------------------------------------------------------------
 
     async def _started(self, started: Started, origin: Origin, received: datetime,
-                       batch: Batch | None = None) -> None:
-        number = None if started.hairpin else normalise(started.remote, origin.where)
-        match = await self._directory.lookup(number, within=batch) if number else None
+                       batch: Batch | None = None,
+                       known: Mapping[str, Match | None] | None = None) -> None:
+        number = _started_number(started, origin)
+        if number is not None and known is not None and number in known:
+            match = known[number]
+        else:
+            match = await self._directory.lookup(number, within=batch) if number else None
         party = remote(started.remote, number, self._texts, started.hairpin)
         lines = started_lines(started.direction, party.shown, match, self._texts)
         if await self._statements.start(started, origin.source, number, party.column, match,
@@ -739,6 +749,14 @@ def journalled(forms: Iterable[Mapping[str, str]]) -> list[ZadarmaEvent]:
         if isinstance(parsed, ZadarmaEvent):
             events.append(parsed)
     return events
+
+
+def _started_number(happening: Happening, origin: Origin) -> str | None:
+    """A started call's caller or callee as the directory knows numbers (None for a
+    hairpin, an internal call, and for any other happening)."""
+    if not isinstance(happening, Started) or happening.hairpin:
+        return None
+    return normalise(happening.remote, origin.where)
 
 
 def _together_apart(one: _Admitted, other: _Admitted) -> bool:

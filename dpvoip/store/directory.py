@@ -335,6 +335,21 @@ class DirectoryIndex:
                                                    self._lookup_sql, (number,))
         return self._match(number, rows)
 
+    async def lookup_all(self, numbers: Iterable[str | None], within: Batch
+                         ) -> dict[str, Match | None]:
+        """Who each of ``numbers`` belongs to, in one round trip of ``within``'s
+        transaction (a replayed group's callers, read before its events are applied: one
+        round trip for the group, not one per call); the numbers that never match are
+        left out (``lookup`` answers them without the database)."""
+        wanted = sorted({n for n in numbers if n is not None and not self.never_matches(n)})
+        if not wanted:
+            return {}
+        rows = await within.run_prepared(
+            "dpvoip_directory_lookup_all",
+            f"SELECT w.number, {self.lookup_of('w.number')}"
+            " FROM unnest($1::text[]) AS w(number)", (wanted,))
+        return {number: self.match_of(number, found) for number, found in rows}
+
     def lookup_of(self, number: str) -> str:
         """The lookup as one JSON value (an array of rows, or NULL), to ride along in
         another statement that already runs at that moment: one round trip fewer. The
