@@ -698,9 +698,9 @@ class CallStatements:
         sorted, so that two groups never wait on each other: the ticket lock taken again
         by a missed end's statement is held already), then (a new statement, so a new
         snapshot that sees what the locks' previous holders committed) every event's
-        journal entry, its signed string's
-        binding to its call (when it has none yet), its call's journal, the other calls
-        its string is bound to, and its guessed caller's directory entries.
+        journal entry, its signed string's binding to its call (when it has none yet), its
+        call's journal, the other calls its string is bound to, and its guessed caller's
+        directory entries.
 
         The entries and bindings are written before the caller has judged the events
         (``dpvoip.zadarma.guard``): a refused event's are taken back (``unjournal``) in

@@ -43,6 +43,8 @@ def carry(value: str) -> str:
     transaction's own setting would end with it), and set by every run of the statement,
     so no value is ever left over from an earlier transaction."""
     return f"set_config('{CARRIED}', coalesce(({value})::text, ''), false)"
+
+
 #: A named parameter of an EXECUTE text (``_execute_text``).
 _PARAMETER = re.compile(r"%\((\w+)\)s")
 
