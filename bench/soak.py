@@ -623,7 +623,7 @@ def prepared(stack: contextlib.ExitStack, args: argparse.Namespace, folder: Path
     call_history(dsn, args.history)
     staff_user(dsn)
     state, first = folder / "state", folder / "first.toml"
-    first.write_text("fritzbox = []\n" + config_text(dsn, state))  # no box: not fritz.box
+    first.write_text(config_text(dsn, state))
     with running(first, folder / "first.log", patience=1800):
         pass
     settle(dsn)

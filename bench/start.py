@@ -34,7 +34,10 @@ LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
 
 
 def config_text(dsn: str, state: Path) -> str:
-    return (f'[daemon]\nstate_dir = "{state}"\n'
+    """The bench's daemon: Zadarma webhooks on the loopback, and no Fritz!Box (without the
+    empty list, the default box ``fritz.box`` would be read: the office's real one)."""
+    return ('fritzbox = []\n'
+            f'[daemon]\nstate_dir = "{state}"\n'
             f'[database]\nurl = "{dsn}"\n'
             '[web]\nlisten = "tcp:0:interface=127.0.0.1"\n'
             '[zadarma]\nsecret = "bench-secret"\ntimezone = "Europe/Athens"\n')
