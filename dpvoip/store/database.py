@@ -198,10 +198,7 @@ class Store:
         """One statement, atomic on its own (no BEGIN/COMMIT round trips), shielded."""
 
         async def run(connection: Any) -> list[tuple[Any, ...]]:
-            cursor = connection.cursor()
-            await cursor.execute(sql, params)
-            rows: list[tuple[Any, ...]] = cursor.fetchall() if cursor.description else []
-            return rows
+            return await _rows(connection.cursor(), sql, params)
 
         return self._track(self.pool.with_connection(lambda c: Deferred.fromCoroutine(run(c))))
 
@@ -213,14 +210,9 @@ class Store:
 
         async def run(connection: Any) -> list[tuple[Any, ...]]:
             cursor = connection.cursor()
-
-            async def query(sql: str, arguments: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-                await cursor.execute(sql, arguments)
-                rows: list[tuple[Any, ...]] = cursor.fetchall() if cursor.description else []
-                return rows
-
             return await run_prepared(connection, name, statement, params,
-                                      connection.runOperation, query)
+                                      connection.runOperation,
+                                      lambda sql, arguments: _rows(cursor, sql, arguments))
 
         return self._track(self.pool.with_connection(lambda c: Deferred.fromCoroutine(run(c))))
 
@@ -279,6 +271,13 @@ class Store:
                          n=len(self._in_flight), t=timeout)
 
         return waited.addCallback(report)
+
+
+async def _rows(cursor: Any, sql: Any, params: Any) -> list[tuple[Any, ...]]:
+    """``sql`` run on ``cursor``: its rows, or none for a statement that gives none."""
+    await cursor.execute(sql, params)
+    rows: list[tuple[Any, ...]] = cursor.fetchall() if cursor.description else []
+    return rows
 
 
 # -- what a failure means (for those outside the store, who may not know the drivers) -----
