@@ -24,6 +24,7 @@ import phonenumbers
 from dpvoip.core.dialling_policy import DEFAULT_BLOCKED_PREFIXES
 from dpvoip.crm.redis_sessions import parse_redis_url
 from dpvoip.providers.interface import ProviderConfig
+from dpvoip.zadarma.retention import shortest_journal_days
 
 
 class ConfigError(Exception):
@@ -565,6 +566,15 @@ class ZadarmaSettings:
         "Webhook events whose call_start is more than this many minutes after their arrival "
         "are refused (clock skew allowance).", _between(0, 24 * 60),
     )
+    journal_days: float = setting(
+        90.0,
+        "Days Zadarma's webhook events are kept in dpvoip.zadarma_event (with their "
+        "signed strings' owners in dpvoip.zadarma_binding), then pruned, hourly, in small "
+        "batches. At least a day more than max_event_age_hours (a call's events are judged "
+        "against each other while a new one can still be accepted). 0: kept for ever. The "
+        "journal is one for all Zadarma providers: it keeps their events for the longest "
+        "journal_days of them.", _between(0, 36500),
+    )
     journal_max_events: int = setting(
         64, "Events kept per Zadarma call; further variants are refused and counted.",
         _between(8, 10_000),
@@ -1084,10 +1094,26 @@ def _check_whole(config: Config, source: str) -> None:
         if box.tr064_user and not box.tr064_password:
             raise ConfigError(f"{source}: [[fritzbox]] {box.name!r}: tr064_user needs "
                               "tr064_password (the box's TR-064 user has one)")
+    for provider in config.all_providers:
+        _check_journal_days(provider.name, provider.settings, source)
     if config.database.mode == "attached" and not config.database.url:
         raise ConfigError(
             f"{source}: [database] mode 'attached' needs url (or DATABASE_URL)"
         )
+
+
+def _check_journal_days(name: str, settings: object, source: str) -> None:
+    """A Zadarma provider's journal is kept while its calls can still get events."""
+    if not isinstance(settings, ZadarmaSettings) or settings.journal_days == 0:
+        return
+    fewest = shortest_journal_days(settings.max_event_age_hours,
+                                   settings.max_event_ahead_minutes)
+    if settings.journal_days < fewest:
+        raise ConfigError(
+            f"{source}: provider {name!r} journal_days = {settings.journal_days:g} is too "
+            f"short: its events must be kept while their call can still get one "
+            f"(max_event_age_hours = {settings.max_event_age_hours:g}, and a day): at least"
+            f" {fewest:.2f}, or 0 to keep them for ever")
 
 
 def _env_name(section: str, key: str) -> str:

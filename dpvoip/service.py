@@ -34,7 +34,7 @@ from dpvoip import __version__, metrics
 from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext
 from dpvoip.click_to_call.callbacks import ClickToCall
 from dpvoip.click_to_call.logins import Logins
-from dpvoip.config import Config, FritzBoxSettings, instance_name
+from dpvoip.config import Config, FritzBoxSettings, ZadarmaSettings, instance_name
 from dpvoip.core.dialling_policy import DiallingPolicy
 from dpvoip.core.numbers import Dialling, normalise
 from dpvoip.core.texts import Texts
@@ -73,6 +73,7 @@ from dpvoip.services import (
     DirectoryService,
     EmbeddedPostgresService,
     ExitStatus,
+    JournalRetentionService,
     OrderedServices,
     Reconnections,
     StatisticsService,
@@ -97,6 +98,7 @@ from dpvoip.store.pool import HealingPool
 from dpvoip.store.privileges import PrivilegeCheck
 from dpvoip.store.session_cache import RedisSessionCache, RedisSessionService
 from dpvoip.store.statistics import PlannerStatistics
+from dpvoip.store.zadarma_journal import ZadarmaJournal
 from dpvoip.web.app import WebApp
 from dpvoip.web.callback import CallbackPages
 from dpvoip.web.events import EventStreams
@@ -107,6 +109,7 @@ from dpvoip.web.sources import networks
 from dpvoip.web.zadarma import ZadarmaWebhook
 from dpvoip.zadarma.account import ZadarmaAccountService
 from dpvoip.zadarma.provider import SpoolContext, ZadarmaProvider, main_provider
+from dpvoip.zadarma.retention import journal_kept
 
 
 class Daemon:
@@ -297,6 +300,12 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
         for part in provider.services:
             part.setServiceParent(top)
     zadarma_replay.follow(providers)
+    # Their webhooks' journal, one for all Zadarma providers: kept as the longest asks.
+    kept = journal_kept(item.settings.journal_days for item in config.all_providers
+                        if isinstance(item.settings, ZadarmaSettings))
+    if kept is not None:
+        JournalRetentionService(ZadarmaJournal(store), kept, reactor,
+                                database.when_prepared).setServiceParent(top)
 
     # -- click-to-call: the CRM's sessions in its Redis (when it keeps them there) ----------
     sessions: RedisSessionCache | None = None

@@ -1,5 +1,6 @@
 """dpvoip's own services: how the daemon starts, stops and ends, and the long-lived work it
-owns (the private PostgreSQL, the database and its schema, the phone directory).
+owns (the private PostgreSQL, the database and its schema, the phone directory, the
+tables' statistics, the Zadarma journal's pruning).
 
 The composition root (``dpvoip.service``) builds them; nothing here builds another
 service or reaches for a global reactor: what each needs is handed in.
@@ -12,6 +13,7 @@ import gc
 import os
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -31,6 +33,7 @@ from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.embedded import EmbeddedPostgres
 from dpvoip.store.migrations import SchemaMismatch, SchemaReport, prepare
 from dpvoip.store.statistics import PlannerStatistics
+from dpvoip.store.zadarma_journal import ZadarmaJournal
 
 log = Logger(namespace="dpvoip")
 
@@ -341,3 +344,39 @@ class StatisticsService(BeatOnceReady):
     def _failed(self, failure: Failure) -> None:
         self.failures += 1
         log.debug("planner statistics not refreshed: {error}", error=summary(failure.value))
+
+
+#: How often the Zadarma journal is pruned: it grows by a webhook's form at a time.
+JOURNAL_PRUNE_SECONDS = 3600.0
+
+
+class JournalRetentionService(BeatOnceReady):
+    """Prunes Zadarma's webhook journal of what is older than ``keep``
+    (``zadarma.retention``): once the schema is prepared, then every hour. Without it the
+    journal grows by every webhook for as long as dpvoip runs. A failed pass (the database
+    away) is logged and counted; the next beat tries again."""
+
+    name = "zadarma journal"
+
+    def __init__(self, journal: ZadarmaJournal, keep: timedelta, clock: IReactorTime,
+                 prepared: Callable[[], Deferred[None]],
+                 interval: float = JOURNAL_PRUNE_SECONDS) -> None:
+        super().__init__(interval, clock, prepared)
+        self.journal = journal
+        self.keep = keep
+        self.failures = 0
+
+    def _beat(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._pass()).addErrback(self._failed)
+
+    async def _pass(self) -> None:
+        pruned = await self.journal.prune(self.keep)
+        if pruned.events or pruned.bindings:
+            log.info("zadarma journal: pruned {events} events and {bindings} signed strings"
+                     " older than {days:g} days", events=pruned.events,
+                     bindings=pruned.bindings, days=self.keep / timedelta(days=1))
+
+    def _failed(self, failure: Failure) -> None:
+        self.failures += 1
+        log.info("zadarma journal not pruned, will retry: {error}",
+                 error=summary(failure.value))

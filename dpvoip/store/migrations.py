@@ -278,6 +278,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             ON dpvoip.call_detail (ticket_id) WHERE ticket_id IS NOT NULL;
         """,
     ),
+    Migration(
+        15,
+        "Zadarma's journal found by age, to be pruned (BRIN: nearly free to keep up)",
+        """
+        CREATE INDEX zadarma_event_by_arrival
+            ON dpvoip.zadarma_event USING brin (received_at);
+        CREATE INDEX zadarma_binding_by_age
+            ON dpvoip.zadarma_binding USING brin (bound_at);
+        """,
+    ),
 )
 
 
