@@ -239,7 +239,7 @@ def main() -> int:
                 await spool.start()
                 away = Away(ingest)
                 durable = DurableIngest(away, spool, store, schema, reactor,  # type: ignore[arg-type]
-                                        {"bench": origin}, lambda: context, "GR",
+                                        {"bench": origin}, lambda _provider: context, "GR",
                                         deadline=5.0, lanes=lanes, group=group)
                 if outage:
                     assert await durable.replay()  # empty: from now on it counts

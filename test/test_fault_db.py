@@ -37,6 +37,7 @@ from dpvoip.config import (
 )
 from dpvoip.core.numbers import Dialling
 from dpvoip.deferreds import OneShotObserver
+from dpvoip.providers.interface import ProviderConfig
 from dpvoip.service import build
 from dpvoip.spool.durable import DurableIngest
 from dpvoip.spool.journal import AsyncSpool
@@ -44,6 +45,7 @@ from dpvoip.store.database import Store
 from dpvoip.store.migrations import SchemaReport
 from dpvoip.testing.fritzbox import box_time
 from dpvoip.zadarma.events import ZadarmaEvent, parse_event
+from dpvoip.zadarma.provider import KIND
 from dpvoip.zadarma.signing import webhook_signature
 from test.support.postgres import private_cluster, query, take_down
 from test.support.wiring import in_process, loopback_box, running
@@ -51,6 +53,8 @@ from test.test_database import eventually
 
 SECRET = "fault-secret"
 ZONE = "Europe/Athens"
+BRANCH_SECRET = "branch-secret"
+BRANCH_ZONE = "Asia/Tokyo"
 RATE = 200.0  # events per second, both sources together
 LOAD_SECONDS = 6.0  # at least; and until the restart is over
 DOWN_AT, DOWN_FOR = 2.0, 1.5
@@ -101,7 +105,7 @@ class FaultCase(TestCase):
         port = reactor.listenTCP(0, self.box, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         config = in_process(
-            self.dsn, connect_timeout=2.0,
+            self.dsn, connect_timeout=2.0, providers=self.providers(),
             daemon=DaemonSettings(state_dir=str(self.folder / "state")),
             zadarma=replace(ZadarmaSettings(), secret=Secret(SECRET), timezone=ZONE,
                             allowed_networks=("127.0.0.1/32",)),
@@ -114,13 +118,19 @@ class FaultCase(TestCase):
         await eventually(lambda: bool(self.box.connections), PATIENCE)
         self.url = f"http://127.0.0.1:{web}/voip/zd/"
 
-    async def webhook(self, form: dict[str, str]) -> int:
+    def providers(self) -> tuple[ProviderConfig, ...]:
+        """The ``[[provider]]`` tables beside ``[zadarma]``."""
+        return ()
+
+    async def webhook(self, form: dict[str, str], path: str = "/voip/zd/",
+                      secret: str = SECRET) -> int:
         try:
             response = await treq.post(
-                self.url, data=urlencode(form).encode(), pool=self.http,
+                self.url.replace("/voip/zd/", path), data=urlencode(form).encode(),
+                pool=self.http,
                 headers=Headers({
                     "Content-Type": ["application/x-www-form-urlencoded"],
-                    "Signature": [webhook_signature(SECRET, form) or ""]}))
+                    "Signature": [webhook_signature(secret, form) or ""]}))
             await response.content()
             return int(response.code)
         except Exception:
@@ -309,6 +319,44 @@ class DatabaseDownTest(FaultCase):
                                           ("in_hang_1", "NOTIFY_END")])
 
 
+class SecondAccountDownTest(FaultCase):
+    """A second Zadarma account, whose clock runs in another zone, while the database is
+    down: its spooled event is read at the replay as that account's. (It was read as the
+    ``[zadarma]`` section's: its call_start, Tokyo's time taken for Athens', was seven
+    hours ahead, and the event refused.)"""
+
+    def providers(self) -> tuple[ProviderConfig, ...]:
+        return (ProviderConfig("branch", KIND, replace(
+            ZadarmaSettings(), secret=Secret(BRANCH_SECRET), timezone=BRANCH_ZONE,
+            allowed_networks=("127.0.0.1/32",))),)
+
+    @defer.inlineCallbacks
+    def test_its_spooled_event_is_replayed_in_its_own_zone(self) -> Any:
+        from datetime import UTC, datetime
+        from zoneinfo import ZoneInfo
+
+        now = time.time()
+        form = {"event": "NOTIFY_START", "pbx_call_id": "in_branch_1",
+                "call_start": datetime.fromtimestamp(now, ZoneInfo(BRANCH_ZONE)).strftime(
+                    "%Y-%m-%d %H:%M:%S"),
+                "caller_id": "6912345678", "called_did": "302107654321"}
+        yield threads.deferToThread(take_down, self.cluster)
+        code = yield defer.Deferred.fromCoroutine(
+            self.webhook(form, "/voip/zd/branch/", BRANCH_SECRET))
+        self.assertEqual(code, 200)
+        self.assertEqual(self.daemon.durable.counters.spooled, 1)
+        yield threads.deferToThread(self.cluster.start)
+        yield defer.Deferred.fromCoroutine(eventually(
+            lambda: not self.daemon.durable.spooling, PATIENCE))
+        self.assertEqual(self.daemon.ingest.counters.zadarma_ahead, 0)
+        [(started,)] = query(
+            self.dsn, "SELECT v.started_at FROM accounting_voipcall v JOIN"
+                      " dpvoip.call_detail d ON d.call_id = v.call_id"
+                      " WHERE d.pbx_call_id = 'in_branch_1'")
+        expected = datetime.fromtimestamp(int(now), UTC)
+        self.assertEqual(started, expected)
+
+
 class DuplicatesAndDisorderTest(FaultCase):
     @defer.inlineCallbacks
     def test_shuffled_and_doubled_events_across_an_outage_give_each_call_once(self) -> Any:
@@ -392,7 +440,7 @@ class SpoolDeadlineTests(SynchronousTestCase):
         self.context = ZadarmaContext(Dialling("GR"), _zone())
         self.durable = DurableIngest(
             cast(Ingest, self.ingest), cast(AsyncSpool, self.spool), cast(Store, None), schema,
-            self.clock, {}, lambda: self.context, "GR", deadline=1.0)
+            self.clock, {}, lambda _provider: self.context, "GR", deadline=1.0)
 
     def submit(self, pbx: str) -> defer.Deferred[ZadarmaOutcome]:
         form = {"event": "NOTIFY_START", "pbx_call_id": pbx, "call_start": "2024-01-01 10:00:00",

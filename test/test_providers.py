@@ -358,6 +358,11 @@ class ZadarmaKindTests(SynchronousTestCase):
         self.assertIs(replay.current(), default)
         replay.follow([self.branch, self.main])
         self.assertIs(replay.current(), self.main.context.current())
+        # A record names the provider its webhook came to: read as that one's.
+        self.assertIs(replay.current("branch"), self.branch.context.current())
+        self.assertIs(replay.current("zadarma"), self.main.context.current())
+        self.assertIs(replay.current("gone"), self.main.context.current(),
+                      "a provider no longer configured: as the main one's")
         replay.follow([self.branch])
         self.assertTrue(replay.current().tickets, "no main one: the first Zadarma provider")
         replay.follow([])

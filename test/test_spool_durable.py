@@ -120,7 +120,7 @@ def make_durable(clock: Clock, spool: MemorySpool, ingest: FakeIngest,
                          {"office": ORIGIN}, no_zadarma, "GR", deadline=2.0)
 
 
-def no_zadarma() -> Any:
+def no_zadarma(_provider: str | None) -> Any:
     """The Zadarma context: no Zadarma event is replayed here."""
     return None
 

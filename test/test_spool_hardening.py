@@ -238,7 +238,7 @@ def make(clock: Clock, spool: Any, ingest: Ingest, lanes: int = 3, group: int = 
     schema: OneShotObserver[SchemaReport] = OneShotObserver()
     schema.fire(SchemaReport("attached", 9, (), (), False))
     return DurableIngest(cast(Any, ingest), spool, cast(Any, None), schema, clock,
-                         {"office": ORIGIN}, lambda: cast(Any, None), "GR", deadline=2.0,
+                         {"office": ORIGIN}, lambda _provider: cast(Any, None), "GR", deadline=2.0,
                          lanes=lanes, group=group, chunk=chunk)
 
 

@@ -118,7 +118,7 @@ class PassingTheReplayTests(TogetherTests):
         self.addCleanup(spool.stop)
         durable = DurableIngest(cast(Ingest, outage), spool, self.store, self.schema,
                                 ArrivedClock(), {self.origin.name: self.origin},
-                                lambda: replace(self.context, tickets=True),
+                                lambda _provider: replace(self.context, tickets=True),
                                 "GR", deadline=30.0, lanes=1, group=2)
         self.assertTrue((yield durable.replay()), "an empty spool to begin with")
 

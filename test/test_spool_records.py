@@ -90,9 +90,19 @@ def test_a_zadarma_form_round_trips_with_any_text() -> None:
     assert read_record(zadarma_record(form)) == ("zadarma", form, None)
 
 
+def test_a_zadarma_record_names_the_provider_its_webhook_came_to() -> None:
+    """So that the replay reads it with that account's zone, guard and tickets; a record
+    written before it was kept names none (read as the main provider's)."""
+    form = {"event": "NOTIFY_START", "pbx_call_id": "in_1"}
+    assert read_record(zadarma_record(form, provider="branch")) == ("zadarma", form, "branch")
+    old = b'{"source": "zadarma", "form": {"event": "NOTIFY_START", "pbx_call_id": "in_1"}}'
+    assert read_record(old) == ("zadarma", form, None)
+
+
 @pytest.mark.parametrize("payload", [
     b"", b"\xff", b"[]", b'{"source": "fax"}', b'{"source": "zadarma", "form": [1]}',
     b'{"source": "zadarma", "form": {"a": 1}}',
+    b'{"source": "zadarma", "form": {"a": "1"}, "provider": ["branch"]}',
     b'{"source": "fritzbox", "box": "o", "kind": "Exploded", "fields": {}}',
     b'{"source": "fritzbox", "box": "o", "kind": "Answered", "fields": {"x": 1}}',
     b'{"source": "fritzbox", "box": "o", "kind": "Answered", "fields":'

@@ -128,6 +128,9 @@ class ZadarmaContext:
     tickets: bool = False
     redirect_to_owner: bool = False
     guard: GuardRules = GuardRules()  # what a captured signature may still do
+    #: The provider whose webhook the events came to: a spooled event records it, so that
+    #: the replay reads it with that provider's context (None: the main one's).
+    provider: str | None = None
 
 
 def guard_rules(settings: ZadarmaSettings) -> GuardRules:

@@ -145,7 +145,8 @@ class DurableCounters:
 class DurableIngest:
     def __init__(self, ingest: Ingest, spool: AsyncSpool, store: Store,
                  schema: OneShotObserver[SchemaReport], clock: Any,
-                 origins: Mapping[str, Origin], zadarma: Callable[[], ZadarmaContext],
+                 origins: Mapping[str, Origin],
+                 zadarma: Callable[[str | None], ZadarmaContext],
                  region: str, deadline: float = 2.0, lanes: int = REPLAY_LANES,
                  group: int = REPLAY_GROUP, chunk: int = REPLAY_CHUNK,
                  budget: LogBudget | None = None, connections: int = 4) -> None:
@@ -219,7 +220,8 @@ class DurableIngest:
         received = self._now()
         return shield(Deferred.fromCoroutine(self._durably(
             lambda: self._ingest.submit_zadarma(event, form, context, received),
-            lambda: zadarma_record(dict(form), received), ZadarmaOutcome(duplicate=False),
+            lambda: zadarma_record(dict(form), received, context.provider),
+            ZadarmaOutcome(duplicate=False),
             zadarma_keys(event.pbx_call_id, form))))
 
     def _now(self) -> datetime:
@@ -579,15 +581,15 @@ class DurableIngest:
         """(whether it must wait for everything before it, what to apply: None for a
         record that applies nothing). Raises for a record this version cannot read
         (skipped by the caller)."""
-        source, what, box = read_record(payload)
+        source, what, name = read_record(payload)  # a box's name, or a provider's
         # As at its arrival (a record from before dpvoip kept it: as now, as it did then).
         received = read_received(payload) or self._now()
         if source == "zadarma":
             event = parse_event(what)
             if not isinstance(event, ZadarmaEvent):
                 return False, None
-            return False, ZadarmaSubmission(event, what, self._zadarma(), received)
-        origin = self._origins.get(box) or Origin(box, Dialling(self._region))
+            return False, ZadarmaSubmission(event, what, self._zadarma(name), received)
+        origin = self._origins.get(name) or Origin(name, Dialling(self._region))
         return isinstance(what, Unmatched), Submission(what, origin, received)
 
 

@@ -62,8 +62,12 @@ def fritz_record(happening: Happening, box: str, received: datetime | None = Non
                   "fields": values, **_arrival(received)})
 
 
-def zadarma_record(form: dict[str, str], received: datetime | None = None) -> bytes:
-    return _dump({"source": "zadarma", "form": form, **_arrival(received)})
+def zadarma_record(form: dict[str, str], received: datetime | None = None,
+                   provider: str | None = None) -> bytes:
+    """A Zadarma webhook's form, with the provider whose webhook it came to (its account's
+    zone, guard and tickets apply at the replay)."""
+    named = {} if provider is None else {"provider": provider}
+    return _dump({"source": "zadarma", "form": form, **named, **_arrival(received)})
 
 
 def _arrival(received: datetime | None) -> dict[str, str]:
@@ -83,7 +87,8 @@ def read_received(payload: bytes) -> datetime | None:
 
 
 def read_record(payload: bytes) -> tuple[str, Any, Any]:
-    """("fritzbox", happening, box name) or ("zadarma", form, None)."""
+    """("fritzbox", happening, box name) or ("zadarma", form, provider name: None for a
+    record written before dpvoip kept it)."""
     try:
         data = json.loads(payload)
         if data["source"] == "zadarma":
@@ -91,7 +96,10 @@ def read_record(payload: bytes) -> tuple[str, Any, Any]:
             if not isinstance(form, dict) or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in form.items()):
                 raise BadRecord("a Zadarma record without its form")
-            return "zadarma", form, None
+            provider = data.get("provider")
+            if provider is not None and not isinstance(provider, str):
+                raise BadRecord("a Zadarma record whose provider is not a name")
+            return "zadarma", form, provider
         if data["source"] == "fritzbox":
             kind = _KINDS[data["kind"]]
             values = dict(data["fields"])

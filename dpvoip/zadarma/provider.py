@@ -94,6 +94,7 @@ class ZadarmaKind:
             tickets=settings.create_tickets,
             redirect_to_owner=settings.redirect_to_owner,
             guard=guard_rules(settings),
+            provider=name,
         ))
         http_pool, agent = http_pool_and_agent(reactor, settings.api_ca_file,
                                                settings.api_timeout)
@@ -142,23 +143,28 @@ KIND = ZadarmaKind()
 
 class SpoolContext:
     """How the spool's replay reads Zadarma's spooled events: as the Zadarma provider
-    named ``zadarma`` reads them now (else the first Zadarma provider; else ``default``).
+    whose webhook each came to reads them now (its account's zone, guard and tickets).
 
-    A spooled event does not say which Zadarma account sent it, so with several Zadarma
-    providers the replay reads them all as that one's. Made before the spool (which the
-    providers are built after) and pointed at the provider once it is built."""
+    A record from before dpvoip kept the provider, or of a provider no longer configured,
+    is read as the provider named ``zadarma`` reads them (else the first Zadarma provider;
+    else ``default``). Made before the spool (which the providers are built after) and
+    pointed at the providers once they are built."""
 
     def __init__(self, default: ZadarmaContext) -> None:
         self._default = default
-        self._followed: CurrentZadarmaContext | None = None
+        self._followed: dict[str, CurrentZadarmaContext] = {}
+        self._main: CurrentZadarmaContext | None = None
 
     def follow(self, built: Sequence[Provider]) -> None:
         zadarma = [p for p in built if isinstance(p, ZadarmaProvider)]
+        self._followed = {p.name: p.context for p in zadarma}
         main = [p for p in zadarma if p.name == MAIN] or zadarma
-        self._followed = main[0].context if main else None
+        self._main = main[0].context if main else None
 
-    def current(self) -> ZadarmaContext:
-        return self._followed.current() if self._followed is not None else self._default
+    def current(self, provider: str | None = None) -> ZadarmaContext:
+        followed = self._followed.get(provider) if provider is not None else None
+        followed = followed or self._main
+        return followed.current() if followed is not None else self._default
 
 
 def main_provider(built: Sequence[Provider]) -> ZadarmaProvider | None:
