@@ -71,6 +71,8 @@ def example_config() -> str:
         "# Environment variables override the file: DPVOIP_<SECTION>_<KEY> for every key,",
         "# and the names the CRM already uses where shown. Lists in the environment are",
         "# comma-separated. A wrong key, type or value stops dpvoip with a message naming it.",
+        "# A [[provider]] table's keys (not its kind and name): DPVOIP_PROVIDER_<NAME>_<KEY>,",
+        "# the name in capitals with '-' as '_' (DPVOIP_PROVIDER_BRANCH_SECRET).",
         "",
     ]
     current = None
