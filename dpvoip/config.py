@@ -868,67 +868,6 @@ SECTIONS: dict[str, type[Any]] = {
 LIST_SECTIONS: dict[str, type[Any]] = {"fritzbox": FritzBoxSettings}
 #: The list of telephony providers: ``[[provider]]`` tables, each read by its kind.
 PROVIDER_SECTION = "provider"
-#: A ``[[provider]]`` table's keys in the environment: ``DPVOIP_PROVIDER_<NAME>_<KEY>``.
-PROVIDER_ENV = "DPVOIP_PROVIDER_"
-
-
-class FromEnvironment(str):
-    """A ``[[provider]]`` table's value that the environment gave: the kind reads its table
-    with ``read_section``, which converts it as an environment string (``true``, ``a,b``)
-    and names its variable in errors. Its text is never shown (it may be a secret)."""
-
-    variable: str
-
-    def __new__(cls, value: str, variable: str) -> FromEnvironment:
-        made = super().__new__(cls, value)
-        made.variable = variable
-        return made
-
-    def __repr__(self) -> str:
-        return f"FromEnvironment({self.variable})"
-
-
-def provider_env_prefix(name: str) -> str:
-    """Where a provider's keys start in the environment (its name in capitals, ``-`` as
-    ``_``): ``DPVOIP_PROVIDER_BRANCH_`` for ``branch``."""
-    return f"{PROVIDER_ENV}{name.upper().replace('-', '_')}_"
-
-
-def _provider_environment(data: Mapping[str, Any], environ: Mapping[str, str]
-                          ) -> tuple[dict[str, Any], frozenset[str]]:
-    """The file's ``[[provider]]`` tables with the keys the environment sets for them
-    (a provider is declared by its table, with its kind and name; the environment adds
-    or replaces its other keys, its secrets above all); the variables used. Of two names
-    one of which begins the other, the longer takes the variables that fit it; two names
-    that are one in the environment (``a-b``, ``a_b``) cannot be told apart: refused."""
-    tables = data.get(PROVIDER_SECTION)
-    if not isinstance(tables, list):
-        return dict(data), frozenset()  # no tables, or a shape from_toml refuses
-    updated = [dict(table) if isinstance(table, dict) else table for table in tables]
-    owners: dict[str, list[dict[str, Any]]] = {}
-    for table in updated:
-        if isinstance(table, dict) and isinstance(table.get("name"), str):
-            owners.setdefault(provider_env_prefix(table["name"]), []).append(table)
-    used: set[str] = set()
-    for variable, value in environ.items():
-        if not variable.startswith(PROVIDER_ENV):
-            continue
-        # The longest name wins: DPVOIP_PROVIDER_A_B_KEY is a_b's key, not a's b_key.
-        prefix = max((p for p in owners if variable.startswith(p)), key=len, default=None)
-        if prefix is None:
-            continue  # no such provider: refused as an unknown setting
-        if len(owners[prefix]) > 1:
-            names = ", ".join(repr(table["name"]) for table in owners[prefix])
-            raise ConfigError(f"environment {variable}: could set a key of the providers "
-                              f"{names} (one name in the environment): rename one of them")
-        table = owners[prefix][0]
-        key = variable[len(prefix):].lower()
-        if key in ("", "kind", "name"):
-            raise ConfigError(f"environment {variable}: a provider's kind and name are "
-                              "written in its [[provider]] table")
-        table[key] = FromEnvironment(value, variable)
-        used.add(variable)
-    return {**data, PROVIDER_SECTION: updated}, frozenset(used)
 #: The ``[zadarma]`` section's provider's name.
 ZADARMA = "zadarma"
 #: Names a provider cannot have: the paths of dpvoip's own routes under /voip/ (a kind
@@ -1180,6 +1119,69 @@ def _check_journal_days(name: str, settings: object, source: str) -> None:
             f"short: its events must be kept while their call can still get one "
             f"(max_event_age_hours = {settings.max_event_age_hours:g}, and a day): at least"
             f" {fewest:.2f}, or 0 to keep them for ever")
+
+
+#: A ``[[provider]]`` table's keys in the environment: ``DPVOIP_PROVIDER_<NAME>_<KEY>``.
+PROVIDER_ENV = "DPVOIP_PROVIDER_"
+
+
+class FromEnvironment(str):
+    """A ``[[provider]]`` table's value that the environment gave: the kind reads its table
+    with ``read_section``, which converts it as an environment string (``true``, ``a,b``)
+    and names its variable in errors. Its text is never shown (it may be a secret)."""
+
+    variable: str
+
+    def __new__(cls, value: str, variable: str) -> FromEnvironment:
+        made = super().__new__(cls, value)
+        made.variable = variable
+        return made
+
+    def __repr__(self) -> str:
+        return f"FromEnvironment({self.variable})"
+
+
+def provider_env_prefix(name: str) -> str:
+    """Where a provider's keys start in the environment (its name in capitals, ``-`` as
+    ``_``): ``DPVOIP_PROVIDER_BRANCH_`` for ``branch``."""
+    return f"{PROVIDER_ENV}{name.upper().replace('-', '_')}_"
+
+
+def _provider_environment(data: Mapping[str, Any], environ: Mapping[str, str]
+                          ) -> tuple[dict[str, Any], frozenset[str]]:
+    """The file's ``[[provider]]`` tables with the keys the environment sets for them
+    (a provider is declared by its table, with its kind and name; the environment adds
+    or replaces its other keys, its secrets above all); the variables used. Of two names
+    one of which begins the other, the longer takes the variables that fit it; two names
+    that are one in the environment (``a-b``, ``a_b``) cannot be told apart: refused."""
+    tables = data.get(PROVIDER_SECTION)
+    if not isinstance(tables, list):
+        return dict(data), frozenset()  # no tables, or a shape from_toml refuses
+    updated = [dict(table) if isinstance(table, dict) else table for table in tables]
+    owners: dict[str, list[dict[str, Any]]] = {}
+    for table in updated:
+        if isinstance(table, dict) and isinstance(table.get("name"), str):
+            owners.setdefault(provider_env_prefix(table["name"]), []).append(table)
+    used: set[str] = set()
+    for variable, value in environ.items():
+        if not variable.startswith(PROVIDER_ENV):
+            continue
+        # The longest name wins: DPVOIP_PROVIDER_A_B_KEY is a_b's key, not a's b_key.
+        prefix = max((p for p in owners if variable.startswith(p)), key=len, default=None)
+        if prefix is None:
+            continue  # no such provider: refused as an unknown setting
+        if len(owners[prefix]) > 1:
+            names = ", ".join(repr(table["name"]) for table in owners[prefix])
+            raise ConfigError(f"environment {variable}: could set a key of the providers "
+                              f"{names} (one name in the environment): rename one of them")
+        table = owners[prefix][0]
+        key = variable[len(prefix):].lower()
+        if key in ("", "kind", "name"):
+            raise ConfigError(f"environment {variable}: a provider's kind and name are "
+                              "written in its [[provider]] table")
+        table[key] = FromEnvironment(value, variable)
+        used.add(variable)
+    return {**data, PROVIDER_SECTION: updated}, frozenset(used)
 
 
 def _env_name(section: str, key: str) -> str:
