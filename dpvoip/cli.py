@@ -108,28 +108,30 @@ def _toml(value: Any) -> str:
 
 
 def _with_database(config: Config, work: Any) -> int:
-    """Run ``work(store)`` on a one-connection pool, starting the embedded server if needed."""
+    """Run ``work(store)`` on a one-connection pool, starting the embedded server if needed
+    (``store.embedded.for_command``: never under a running daemon's feet)."""
+    from dpvoip.store.dsn import connection_dsn
+    from dpvoip.store.embedded import EmbeddedError, for_command
+
+    if not config.embedded:
+        return _on_database(config, connection_dsn(config.database.url.reveal(),
+                                                   config.database), work)
+    try:
+        with for_command(config.state_path(Path.cwd())) as embedded:
+            return _on_database(config, connection_dsn(embedded.dsn(), config.database),
+                                work)
+    except EmbeddedError as error:
+        print(f"dpvoip: embedded PostgreSQL: {error}", file=sys.stderr)
+        return 1
+
+
+def _on_database(config: Config, dsn: str, work: Any) -> int:
+    """``work(store)`` on a one-connection pool to ``dsn``; its exit status."""
     from twisted.internet import task
     from twisted.internet.defer import Deferred
 
     from dpvoip.store.database import Store
-    from dpvoip.store.dsn import connection_dsn
-    from dpvoip.store.embedded import EmbeddedError, EmbeddedPostgres
     from dpvoip.store.pool import HealingPool
-
-    embedded = None
-    started_here = False
-    if config.embedded:
-        embedded = EmbeddedPostgres(config.state_path(Path.cwd()) / "pg")
-        try:
-            started_here = not embedded.running()
-            embedded.start()
-        except EmbeddedError as error:
-            print(f"dpvoip: embedded PostgreSQL: {error}", file=sys.stderr)
-            return 1
-        dsn = connection_dsn(embedded.dsn(), config.database)
-    else:
-        dsn = connection_dsn(config.database.url.reveal(), config.database)
 
     outcome = [1]
 
@@ -146,13 +148,9 @@ def _with_database(config: Config, work: Any) -> int:
         finally:
             pool.close()
 
-    try:
-        with contextlib.suppress(SystemExit):  # react() always exits; the code is ours
-            task.react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
-        return outcome[0]
-    finally:
-        if embedded is not None and started_here:
-            embedded.stop()
+    with contextlib.suppress(SystemExit):  # react() always exits; the code is ours
+        task.react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
+    return outcome[0]
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -25,7 +25,8 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -351,6 +352,39 @@ class EmbeddedPostgres:
 
     def server_pid(self) -> int | None:
         return _first_int(self.data / "postmaster.pid")
+
+
+@contextmanager
+def for_command(state: Path) -> Iterator[EmbeddedPostgres]:
+    """The state folder's PostgreSQL for a one-off command (``migrate``, ``lookup``,
+    ``token``), as its owner allows. With no dpvoip on the folder, the command holds the
+    folder's lock while it runs: a daemon started meanwhile refuses, rather than sharing
+    a server that the command then stops under it; the command stops the server at the
+    end if it started it. With a dpvoip on the folder, its server is used as it is, never
+    started or stopped by the command (``EmbeddedError`` while it is not up yet)."""
+    from dpvoip.state_folder import AlreadyRunning, InstanceLock, StateFolderError
+
+    embedded = EmbeddedPostgres(state / "pg")
+    try:
+        lock = InstanceLock.acquire(state)
+    except AlreadyRunning as running:
+        if not embedded.running():
+            raise EmbeddedError(f"{running}, and its PostgreSQL is not up yet: try again "
+                                "once it is (dpvoip check says)") from None
+        yield embedded
+        return
+    except StateFolderError as error:
+        raise EmbeddedError(str(error)) from None
+    try:
+        started_here = not embedded.running()
+        embedded.start()
+        try:
+            yield embedded
+        finally:
+            if started_here:
+                embedded.stop()
+    finally:
+        lock.release()
 
 
 def postmaster_alive(pid: int) -> bool:
