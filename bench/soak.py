@@ -60,9 +60,10 @@ from zoneinfo import ZoneInfo
 
 from bench.directory import call_history, crm_database, sample_numbers, settle
 from bench.live import bench_environment, staff_user
-from bench.start import BIN, LISTENING, config_text
+from bench.start import BIN, config_text
 from bench.verdicts import cpu_hog, report
 from bench.zadarma import SECRET
+from dpvoip.web.server import LISTENING
 
 ZONE = "Europe/Athens"
 OWN = "2107654321"  # the office's own number, on the box and the PBX

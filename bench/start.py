@@ -14,7 +14,6 @@ start, and its RSS once ready (issue 21: ready in <= 1 s).
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import signal
 import statistics
@@ -28,9 +27,9 @@ from pathlib import Path
 
 from bench.directory import crm_database
 from bench.verdicts import cpu_hog, report
+from dpvoip.web.server import LISTENING
 
 BIN = Path(sys.executable).parent
-LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
 
 
 def config_text(dsn: str, state: Path) -> str:

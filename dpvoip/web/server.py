@@ -20,6 +20,7 @@ version).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -421,6 +422,11 @@ class WebService(Service):
             log.info("shutdown: waiting for {n} requests in flight", n=self.site.in_flight)
             waited = self.site.idle().addCallback(lambda _: True)
             await race(self._reactor, waited, self.site.settings.drain_timeout, False)
+
+
+#: The address in the line the daemon logs once it listens on TCP (``_announce``): what
+#: the tests and benches that start it read its port from.
+LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
 
 
 def _announce(port: IListeningPort) -> None:

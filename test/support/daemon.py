@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,11 +20,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from dpvoip.web.server import LISTENING
+
 BIN = Path(sys.executable).parent
 #: How long a daemon may take to start, be ready or stop before the test gives up on it.
 PATIENCE = 120.0
 REPO = Path(__file__).resolve().parents[2]
-_LISTENING = re.compile(r"listening on (http://[0-9.]+:\d+)")
 
 
 def clean_environment(**extra: str) -> dict[str, str]:
@@ -54,7 +54,7 @@ class Daemon:
     def wait_listening(self, timeout: float = PATIENCE) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = _LISTENING.search(self.output())
+            found = LISTENING.search(self.output())
             if found:
                 self.url = found.group(1)
                 return self.url
