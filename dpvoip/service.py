@@ -300,12 +300,13 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
         for part in provider.services:
             part.setServiceParent(top)
     zadarma_replay.follow(providers)
-    # Their webhooks' journal, one for all Zadarma providers: kept as the longest asks.
+    # Their webhooks' journal, one for all Zadarma providers: kept as the longest asks,
+    # pruned once the spool's first replay is through (never competing with it).
     kept = journal_kept(item.settings.journal_days for item in config.all_providers
                         if isinstance(item.settings, ZadarmaSettings))
     if kept is not None:
         JournalRetentionService(ZadarmaJournal(store), kept, reactor,
-                                database.when_prepared).setServiceParent(top)
+                                spooler.when_replayed).setServiceParent(top)
 
     # -- click-to-call: the CRM's sessions in its Redis (when it keeps them there) ----------
     sessions: RedisSessionCache | None = None

@@ -352,9 +352,10 @@ JOURNAL_PRUNE_SECONDS = 3600.0
 
 class JournalRetentionService(BeatOnceReady):
     """Prunes Zadarma's webhook journal of what is older than ``keep``
-    (``zadarma.retention``): once the schema is prepared, then every hour. Without it the
-    journal grows by every webhook for as long as dpvoip runs. A failed pass (the database
-    away) is logged and counted; the next beat tries again."""
+    (``zadarma.retention``): once ``prepared`` fires (the composition root: once the
+    spool's first replay is through, so as not to compete with it), then every hour.
+    Without it the journal grows by every webhook for as long as dpvoip runs. A failed
+    pass (the database away) is logged and counted; the next beat tries again."""
 
     name = "zadarma journal"
 

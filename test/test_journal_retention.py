@@ -6,6 +6,7 @@ real PostgreSQL (both CRM versions), the hourly beat, and the composition root's
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from dpvoip.calls.ingest import ZadarmaContext
-from dpvoip.config import ConfigError, load
+from dpvoip.config import ConfigError, DaemonSettings, Secret, ZadarmaSettings, load
 from dpvoip.core.numbers import Dialling
 from dpvoip.deferreds import OneShotObserver
 from dpvoip.service import build
@@ -24,7 +25,9 @@ from dpvoip.services import JournalRetentionService
 from dpvoip.store.zadarma_journal import PRUNE_BINDINGS, PRUNE_EVENTS, ZadarmaJournal
 from dpvoip.zadarma.guard import GuardRules
 from dpvoip.zadarma.retention import journal_kept, shortest_journal_days
+from test.support.daemon import scratch
 from test.support.waiting import until
+from test.support.wiring import in_process, running
 from test.test_ingest import ZadarmaTestCase, zadarma_call
 
 NINETY_DAYS = timedelta(days=90)
@@ -248,6 +251,27 @@ class BeatTests(ZadarmaTestCase):
 
     def age(self, pbx: str, days: int) -> None:
         aged(self.crm, pbx, days)
+
+
+class DaemonTests(ZadarmaTestCase):
+    @defer.inlineCallbacks
+    def test_the_daemon_prunes_at_start_once_its_spool_is_replayed(self) -> Any:
+        old, recent = "in_" + "6" * 40, "in_" + "7" * 40
+        yield self.send(zadarma_call("+306912345678", old, answered=True))
+        yield self.send(zadarma_call("+306912345679", recent, answered=True,
+                                     start="2026-01-15 12:00:00"))
+        aged(self.crm, old, 91)
+        folder = scratch(self)
+        daemon = build(in_process(
+            self.dsn, daemon=DaemonSettings(state_dir=str(folder / "state")),
+            zadarma=replace(ZadarmaSettings(), secret=Secret("s"))), base=folder)
+        yield defer.Deferred.fromCoroutine(running(self, daemon))
+
+        def left() -> set[str]:
+            return {pbx for (pbx,) in self.crm.query(
+                "SELECT pbx_call_id FROM dpvoip.zadarma_event")}
+
+        yield defer.Deferred.fromCoroutine(until(lambda: left() == {recent}))
 
 
 def aged(crm: Any, pbx: str, days: int) -> None:
