@@ -182,6 +182,35 @@ class TimesAndIdsTests(SynchronousTestCase):
         # The rest of the call's events, for channels it no longer knows: nothing.
         self.assertEqual(play(beats[8:], follower), [])
 
+    def test_after_a_reconnect_a_call_the_pbx_still_has_is_followed_on(self) -> None:
+        follower = CallFollower(PbxRules("office"))
+        beats = SCENARIOS["incoming-answered"](Pbx())
+        before = play(beats[:8], follower)  # ringing, answered: then the link went
+        alive = {m.get("Uniqueid") for m in (b.message for b in beats[:8])
+                 if m.event == "Newchannel"}
+        self.assertEqual(follower.resume(alive, T0), [])
+        after = play(beats[8:], follower)
+        [ended] = [h for h in after if isinstance(h, Ended)]
+        self.assertEqual((ended.outcome, ended.extension), (Outcome.ANSWERED, 201))
+        self.assertEqual({_id(h) for h in before + after}, {_id(before[0])})
+        self.assertEqual(follower.followed, (0, 0, 0))
+
+    def test_after_a_reconnect_a_call_whose_caller_is_gone_is_closed(self) -> None:
+        """Its outside channel is not on the PBX any more: it ended while the link was
+        down, and how is not known (an extension's channel still up does not keep it)."""
+        follower = CallFollower(PbxRules("office"))
+        beats = SCENARIOS["incoming-answered"](Pbx())
+        play(beats[:8], follower)
+        made = [m for m in (b.message for b in beats[:8]) if m.event == "Newchannel"]
+        outside = made[0].get("Uniqueid")  # the trunk's channel comes first
+        inside = {m.get("Uniqueid") for m in made} - {outside}
+        [ended] = follower.resume(inside, T0)
+        assert isinstance(ended, Ended)
+        self.assertEqual((ended.outcome, ended.detail and ended.detail.reason),
+                         (Outcome.INTERRUPTED, Reason.LINK_LOST))
+        self.assertEqual(follower.followed, (0, 0, 0))
+        self.assertEqual(follower.resume(set(), T0), [], "nothing left to close")
+
     def test_internal_calls_are_not_recorded(self) -> None:
         pbx = Pbx()
         phone = pbx.channel("PJSIP/201", "from-internal", "202", "201")

@@ -5,6 +5,7 @@ call reaching the recorder, ``Originate`` queued, refused, and not possible."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from twisted.internet import reactor
@@ -27,7 +28,7 @@ from dpvoip.calls.ingest import Origin
 from dpvoip.core.happenings import Answered, Ended, Happening, Started
 from dpvoip.core.outcomes import Outcome, Reason
 from dpvoip.protocols.ami import AmiProtocol
-from dpvoip.testing.asterisk import Account, FakeAsterisk, Play, Step
+from dpvoip.testing.asterisk import Account, Beat, FakeAsterisk, Play, Step
 from test.support.waiting import until
 
 SECRET = "Tr0ub4dor&3-very-secret"
@@ -177,10 +178,7 @@ class EventTests(ClientTestCase):
         for beat in beats[:8]:  # ringing, answered: then Asterisk restarts
             self.fake.broadcast(beat.fields)
         await until(lambda: len(self.recorder.happened) == 2)
-        self.fake.close_all()
-        await until(lambda: not pbx.status.connected)
-        self.clock.advance(2.0)  # the back-off's wait
-        await self.logged_in(pbx)
+        await self.cut_and_reconnect(pbx, self.fake.close_all)
         self.assertEqual(pbx.status.reconnects, 1)
         await until(lambda: len(self.recorder.happened) == 3)
         ended = self.recorder.happened[-1][0]
@@ -188,6 +186,70 @@ class EventTests(ClientTestCase):
         self.assertEqual((ended.outcome, ended.detail and ended.detail.reason),
                          (Outcome.INTERRUPTED, Reason.LINK_LOST))
         self.assertEqual(pbx.status.orphans_closed, 1)
+
+    async def blip_while_ringing(self, pbx: AsteriskPbx) -> list[Any]:
+        """An incoming call rings; the network fails and comes back (the PBX's calls go
+        on): the call's remaining events."""
+        await self.logged_in(pbx)
+        beats = Play("incoming-answered").beats(self.fake.pbx)
+        for beat in beats[:5]:  # ringing
+            self.fake.broadcast(beat.fields)
+        await until(lambda: len(self.recorder.happened) == 1)
+        await self.cut_and_reconnect(pbx, self.fake.drop_connections)
+        return beats[5:]
+
+    async def cut_and_reconnect(self, pbx: AsteriskPbx, cut: Callable[[], None],
+                                meanwhile: Sequence[Beat] = ()) -> None:
+        """The link cut (``cut``), the events ``meanwhile`` played by the PBX while
+        dpvoip is away, then dpvoip logged in again."""
+        cut()
+        await until(lambda: not pbx.status.connected)
+        for beat in meanwhile:
+            self.fake.broadcast(beat.fields)
+        self.clock.advance(2.0)  # the back-off's wait
+        await self.logged_in(pbx)
+
+    async def test_a_call_that_goes_on_through_a_reconnect_is_followed_to_its_end(
+            self) -> None:
+        pbx, _ = self.start()
+        rest = await self.blip_while_ringing(pbx)
+        await until(lambda: pbx.status.calls_resumed == 1)
+        for beat in rest:
+            self.fake.broadcast(beat.fields)
+        await until(lambda: len(self.recorder.happened) == 3)
+        self.assertEqual(self.recorder.kinds, [("started", "incoming"), ("answered", 201),
+                                               ("ended", Outcome.ANSWERED)])
+        self.assertEqual(pbx.status.orphans_closed, 0)
+        self.assertEqual(len(self.actions("CoreShowChannels")), 1)
+
+    async def test_a_call_that_ended_during_the_reconnect_is_closed_as_interrupted(
+            self) -> None:
+        pbx, _ = self.start()
+        await self.logged_in(pbx)
+        beats = Play("incoming-missed").beats(self.fake.pbx)
+        hangups = [n for n, b in enumerate(beats) if b.message.event == "Hangup"]
+        for beat in beats[:hangups[0]]:
+            self.fake.broadcast(beat.fields)
+        await until(lambda: len(self.recorder.happened) == 1)
+        # The caller gives up while dpvoip is away.
+        await self.cut_and_reconnect(pbx, self.fake.drop_connections, beats[hangups[0]:])
+        await until(lambda: len(self.recorder.happened) == 2)
+        ended = self.recorder.happened[-1][0]
+        assert isinstance(ended, Ended)
+        self.assertEqual((ended.outcome, ended.detail and ended.detail.reason),
+                         (Outcome.INTERRUPTED, Reason.LINK_LOST))
+        self.assertEqual((pbx.status.orphans_closed, pbx.status.calls_resumed), (1, 0))
+
+    async def test_without_the_right_to_list_channels_the_calls_are_closed(self) -> None:
+        self.fake.account = Account("dpvoip", SECRET, reporting=False)  # write = originate
+        pbx, _ = self.start()
+        await self.blip_while_ringing(pbx)
+        await until(lambda: len(self.recorder.happened) == 2)
+        ended = self.recorder.happened[-1][0]
+        assert isinstance(ended, Ended)
+        self.assertEqual(ended.outcome, Outcome.INTERRUPTED)
+        self.assertEqual(pbx.status.orphans_closed, 1)
+        self.assertTrue(any("could not be listed" in line for line in self.logged))
 
     async def test_it_keeps_trying_while_nothing_listens(self) -> None:
         await self.fake.stop()

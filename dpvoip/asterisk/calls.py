@@ -249,6 +249,28 @@ class CallFollower:
         self._bridges.clear()
         return ended
 
+    def resume(self, alive: set[str], at: datetime) -> list[Happening]:
+        """After a reconnect, the channels the PBX still has (``alive``, their Uniqueids:
+        its ``CoreShowChannels``): a call whose outside party is still there is followed
+        on (its channels that went meanwhile forgotten); any other call ended while the
+        link was down, how is not known: closed as interrupted (link lost)."""
+        closed: list[Happening] = []
+        for linkedid, call in list(self._calls.items()):
+            kept = call.channels & alive
+            if not kept or (call.outside is not None and call.outside not in kept):
+                self._forget(linkedid)
+                if call.direction is not None:
+                    closed.append(self._interrupted(call, at, Detail(Reason.LINK_LOST)))
+                continue
+            for uid in call.channels - kept:
+                self._channels.pop(uid, None)
+            call.channels = kept
+        for bridge, uids in list(self._bridges.items()):
+            uids[:] = [uid for uid in uids if uid in self._channels]
+            if not uids:
+                del self._bridges[bridge]
+        return closed
+
     # -- channels and calls ------------------------------------------------------------
 
     def _channel(self, event: Message, prefix: str = "") -> _Channel | None:

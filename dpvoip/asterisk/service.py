@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -85,6 +85,7 @@ class AsteriskStatus:
     login_failures: int = 0
     peer_failures: int = 0  # dead peers (no Pong), not an AMI, over-long lines
     orphans_closed: int = 0
+    calls_resumed: int = 0  # followed on after a reconnect: the PBX still had them
     calls_evicted: int = 0
     not_recorded: int = 0
     originated: int = 0
@@ -101,7 +102,8 @@ class AsteriskStatus:
             "reconnects": self.reconnects, "events": self.events,
             "refused_messages": self.refused_messages,
             "login_failures": self.login_failures, "peer_failures": self.peer_failures,
-            "open_calls": open_calls, "calls_evicted": self.calls_evicted,
+            "open_calls": open_calls, "calls_resumed": self.calls_resumed,
+            "calls_evicted": self.calls_evicted,
             "not_recorded": self.not_recorded, "originated": self.originated,
             "originate_refused": self.originate_refused,
             "originate_unanswered": self.originate_unanswered,
@@ -115,6 +117,14 @@ def origin_of(settings: AsteriskSettings) -> Origin:
     sales side, as a cloud PBX's (Zadarma's) do."""
     return Origin(settings.name, Dialling(settings.country, settings.area_code),
                   source="asterisk", sales_side=True)
+
+
+@dataclass
+class _Listing:
+    """A ``CoreShowChannels`` under way: the Uniqueids listed so far."""
+
+    action_id: str
+    alive: set[str] = field(default_factory=set)
 
 
 class AsteriskPbx:
@@ -132,6 +142,7 @@ class AsteriskPbx:
         self.connection: AmiProtocol | None = None
         self.budget = LogBudget()
         self._ready_watchers: list[Callable[[bool], None]] = []
+        self._listing: _Listing | None = None  # CoreShowChannels after a reconnect
 
     def credentials(self) -> Credentials:
         settings = self.settings
@@ -214,12 +225,37 @@ class AsteriskPbx:
             log.info("pbx {pbx}: logged in to {address} (AMI {version})",
                      pbx=self.settings.name, address=self.address, version=version)
         status.last_error = ""
-        # The calls followed before the connection went down cannot be followed on.
-        orphans = self.follower.close_all(Reason.LINK_LOST, self._now())
-        status.orphans_closed += len(orphans)
-        self._submit(orphans)
+        self._resume(protocol)
         for watcher in self._ready_watchers:
             watcher(True)
+
+    def _resume(self, protocol: AmiProtocol) -> None:
+        """The calls followed before the connection went down: followed on when the PBX
+        still has their channels (its ``CoreShowChannels``; the events meanwhile are
+        handled as they come), else closed as interrupted (link lost). Without the list
+        (the AMI user may not read it), all of them are closed."""
+        self._listing = None
+        if not self.follower.followed[0]:
+            return
+        listing = self._listing = _Listing(protocol.new_action_id())
+        protocol.send_action("CoreShowChannels", (), listing.action_id).addCallbacks(
+            lambda _: None, lambda failure: self._listed(listing, failure))
+
+    def _listed(self, listing: _Listing, failure: Failure | None = None) -> None:
+        if self._listing is not listing:
+            return  # the connection went again; the next login lists anew
+        self._listing = None
+        if failure is not None:
+            self._warn("list", "pbx {pbx}: the channels could not be listed ({error}); the "
+                       "calls followed before the reconnect are closed as interrupted",
+                       error=summary(failure.value))
+            orphans = self.follower.close_all(Reason.LINK_LOST, self._now())
+        else:
+            before = self.follower.open_calls
+            orphans = self.follower.resume(listing.alive, self._now())
+            self.status.calls_resumed += before - len(orphans)
+        self.status.orphans_closed += len(orphans)
+        self._submit(orphans)
 
     def login_refused(self, reason: str) -> None:
         self.status.login_failures += 1
@@ -234,6 +270,15 @@ class AsteriskPbx:
         self._warn("peer", "pbx {pbx}: {reason}; connecting again", reason=reason)
 
     def event_received(self, event: Message) -> None:
+        listing = self._listing
+        if listing is not None and event.action_id == listing.action_id:
+            if event.event == "CoreShowChannel":
+                listing.alive.add(event.get("Uniqueid"))
+            elif event.event == "CoreShowChannelsComplete":
+                self._listed(listing)
+            return
+        if listing is not None and event.event == "Newchannel":
+            listing.alive.add(event.get("Uniqueid"))  # made since the list was taken
         self.status.events += 1
         self.status.last_event_at = self._now()
         before = self.follower.counters.evicted

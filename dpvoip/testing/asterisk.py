@@ -632,14 +632,17 @@ def _param(number: int, arg: str) -> tuple[str, Any]:
 
 @dataclass
 class Account:
-    """A ``manager.conf`` user: its secret, and whether it may originate."""
+    """A ``manager.conf`` user: its secret, whether it may originate (``write =
+    originate``) and list the channels (``write = reporting``: ``CoreShowChannels``)."""
 
     username: str = "dpvoip"
     secret: str = DEMO_SECRET
     originate: bool = True
+    reporting: bool = True
 
     def __repr__(self) -> str:  # the secret stays out of any message
-        return f"Account({self.username!r}, originate={self.originate})"
+        return (f"Account({self.username!r}, originate={self.originate},"
+                f" reporting={self.reporting})")
 
 
 class _ManagerSide(LineReceiver):
@@ -706,6 +709,8 @@ class _ManagerSide(LineReceiver):
         elif name == "events":
             self.events = action.get("EventMask").lower() != "off"
             self.reply(action, "Success", [("Events", "On" if self.events else "Off")])
+        elif name == "coreshowchannels":
+            self._fake.show_channels(self, action)
         else:
             self.reply(action, "Error", [("Message", f"Invalid/unknown command: "
                                           f"{action.get('Action')}. Use Action: ListCommands "
@@ -753,6 +758,8 @@ class FakeAsterisk:
         self.sent_events = 0
         self._port: IListeningPort | None = None
         self._login_waiters: list[Deferred[None]] = []
+        #: The channels up now (by Uniqueid, their fields), from the events played.
+        self.channels: dict[str, dict[str, str]] = {}
 
     def now(self) -> float:
         return float(self._clock.seconds())
@@ -796,12 +803,49 @@ class FakeAsterisk:
         return waiting
 
     def close_all(self) -> None:
+        """Asterisk restarting: every connection closed, every channel gone."""
+        self.drop_connections()
+        self.channels.clear()
+
+    def drop_connections(self) -> None:
+        """The network between dpvoip and the PBX failing: the connections go, the calls
+        (their channels) go on."""
         for side in list(self.sides):
             if side.transport is not None:
                 side.transport.loseConnection()
 
+    def show_channels(self, side: _ManagerSide, action: Message) -> None:
+        """``CoreShowChannels``: the channels up now, one event each, then the end."""
+        if not self.account.reporting:
+            side.reply(action, "Error", [("Message", "Permission denied")])
+            return
+        side.reply(action, "Success", [("EventList", "start"),
+                                       ("Message", "Channels will follow")])
+        for fields in self.channels.values():
+            side.send([("Event", "CoreShowChannel"), ("ActionID", action.action_id),
+                       *fields.items()])
+        side.send([("Event", "CoreShowChannelsComplete"), ("ActionID", action.action_id),
+                   ("EventList", "Complete"), ("ListItems", str(len(self.channels)))])
+
+    def _follow(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Keep ``channels`` as the events say: made, changed, hung up."""
+        event = dict(pairs)
+        uid = event.get("Uniqueid", "")
+        kind = event.get("Event")
+        if kind == "Newchannel":
+            self.channels[uid] = {key: event.get(key, "") for key in (
+                "Channel", "ChannelState", "ChannelStateDesc", "CallerIDNum", "Context",
+                "Exten", "Uniqueid", "Linkedid")}
+        elif kind == "Hangup":
+            self.channels.pop(uid, None)
+        elif uid in self.channels:
+            for key in ("ChannelState", "ChannelStateDesc", "Context", "Exten"):
+                if key in event:
+                    self.channels[uid][key] = event[key]
+
     def broadcast(self, pairs: Sequence[tuple[str, str]]) -> None:
         """An event to every logged-in client that takes events."""
+        self._follow(pairs)
         if self.timestamps:
             pairs = [*pairs[:1], ("Timestamp", f"{self.now():.6f}"), *pairs[1:]]
         for side in self.sides:
