@@ -251,6 +251,20 @@ class EventTests(ClientTestCase):
         self.assertEqual(pbx.status.orphans_closed, 1)
         self.assertTrue(any("could not be listed" in line for line in self.logged))
 
+    async def test_a_list_that_never_ends_closes_the_calls_after_the_timeout(self) -> None:
+        self.fake.end_lists = False
+        pbx, _ = self.start()
+        await self.blip_while_ringing(pbx)
+        self.clock.advance(4.9)
+        await _turn()
+        self.assertEqual(len(self.recorder.happened), 1, "still waiting for the list's end")
+        self.clock.advance(0.2)  # action_timeout_seconds (5) after the login
+        await until(lambda: len(self.recorder.happened) == 2)
+        ended = self.recorder.happened[-1][0]
+        assert isinstance(ended, Ended)
+        self.assertEqual(ended.outcome, Outcome.INTERRUPTED)
+        self.assertTrue(any("did not end in time" in line for line in self.logged))
+
     async def test_it_keeps_trying_while_nothing_listens(self) -> None:
         await self.fake.stop()
         pbx, _ = self.start()

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -45,6 +45,7 @@ from dpvoip.fritzbox.service import keepalive, retry_policy
 from dpvoip.internals import QuietClientService
 from dpvoip.protocols.ami import (
     ActionFailed,
+    ActionTimedOut,
     AmiError,
     AmiProtocol,
     Credentials,
@@ -125,6 +126,7 @@ class _Listing:
 
     action_id: str
     alive: set[str] = field(default_factory=set)
+    deadline: IDelayedCall | None = None
 
 
 class AsteriskPbx:
@@ -240,8 +242,14 @@ class AsteriskPbx:
         listing = self._listing = _Listing(protocol.new_action_id())
         protocol.send_action("CoreShowChannels", (), listing.action_id).addCallbacks(
             lambda _: None, lambda failure: self._listed(listing, failure))
+        # A list that never ends must not keep the calls followed for ever.
+        listing.deadline = self._clock.callLater(
+            self.settings.action_timeout_seconds, lambda: self._listed(listing, Failure(
+                ActionTimedOut("the list of channels did not end in time"))))
 
     def _listed(self, listing: _Listing, failure: Failure | None = None) -> None:
+        if listing.deadline is not None and listing.deadline.active():
+            listing.deadline.cancel()
         if self._listing is not listing:
             return  # the connection went again; the next login lists anew
         self._listing = None

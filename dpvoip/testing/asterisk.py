@@ -760,6 +760,7 @@ class FakeAsterisk:
         self._login_waiters: list[Deferred[None]] = []
         #: The channels up now (by Uniqueid, their fields), from the events played.
         self.channels: dict[str, dict[str, str]] = {}
+        self.end_lists = True  # False: a list's last event never comes (a PBX's bug)
 
     def now(self) -> float:
         return float(self._clock.seconds())
@@ -824,8 +825,10 @@ class FakeAsterisk:
         for fields in self.channels.values():
             side.send([("Event", "CoreShowChannel"), ("ActionID", action.action_id),
                        *fields.items()])
-        side.send([("Event", "CoreShowChannelsComplete"), ("ActionID", action.action_id),
-                   ("EventList", "Complete"), ("ListItems", str(len(self.channels)))])
+        if self.end_lists:
+            side.send([("Event", "CoreShowChannelsComplete"),
+                       ("ActionID", action.action_id), ("EventList", "Complete"),
+                       ("ListItems", str(len(self.channels)))])
 
     def _follow(self, pairs: Sequence[tuple[str, str]]) -> None:
         """Keep ``channels`` as the events say: made, changed, hung up."""
