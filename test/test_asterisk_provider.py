@@ -223,6 +223,7 @@ class BuiltProviderTests(SynchronousTestCase):
         pbx.login_refused("Authentication failed")
         pbx.status.events = 7
         pbx.status.calls_evicted = 3
+        pbx.status.calls_resumed, pbx.status.orphans_closed = 2, 1
         families: dict[str, Metric] = {f.name: f for f in self.provider.metrics()}
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for f in families.values() for s in f.samples}
@@ -232,6 +233,9 @@ class BuiltProviderTests(SynchronousTestCase):
         self.assertEqual(samples[("dpvoip_asterisk_events_total", office)], 7)
         self.assertEqual(samples[("dpvoip_asterisk_open_calls", office)], 0)
         self.assertEqual(samples[("dpvoip_asterisk_calls_evicted_total", office)], 3)
+        for what, count in (("resumed", 2), ("closed", 1)):
+            self.assertEqual(samples[("dpvoip_asterisk_reconnect_calls_total",
+                                      (*office, ("what", what)))], count)
 
 
 class CheckLinesTests(TestCase):

@@ -177,6 +177,13 @@ def metrics(pbx: AsteriskPbx) -> Iterator[Metric]:
                   "max_channels channels) were followed at once.", status.calls_evicted)
     yield counter("dpvoip_asterisk_reconnects", "Connections lost and made again.",
                   status.reconnects)
+    across = CounterMetricFamily(
+        "dpvoip_asterisk_reconnect_calls",
+        "Calls followed when the connection went: followed on after the reconnect (the PBX "
+        "still had them), or closed as interrupted.", labels=["provider", "what"])
+    across.add_metric([*label, "resumed"], status.calls_resumed)
+    across.add_metric([*label, "closed"], status.orphans_closed)
+    yield across
     troubles = CounterMetricFamily(
         "dpvoip_asterisk_troubles", "What went wrong with the PBX and was handled.",
         labels=["provider", "what"])
