@@ -427,7 +427,8 @@ class CredentialsTests(AsteriskDaemonCase):
         self.assertEqual(ready["warnings"], [])
         lines = await threads.deferToThread(check_lines, config.all_providers)
         self.assertIn(f"provider office (Asterisk): AMI at 127.0.0.1:{self.ami_port} "
-                      "(plain TCP, md5 login): logged in as 'dpvoip' (AMI 9.0.0)", lines)
+                      "(plain TCP, md5 login): logged in as 'dpvoip' (AMI 9.0.0); calls "
+                      "followed on through a reconnect", lines)
 
 
 class FloodTests(AsteriskDaemonCase):

@@ -258,12 +258,20 @@ class CheckLinesTests(TestCase):
     async def test_a_good_login(self) -> None:
         first, second = await self.lines(auth="plain")
         self.assertEqual(first, f"provider office (Asterisk): AMI at 127.0.0.1:{self.port} "
-                                "(plain TCP, plain login): logged in as 'dpvoip' (AMI 9.0.0)")
+                                "(plain TCP, plain login): logged in as 'dpvoip' (AMI 9.0.0); "
+                                "calls followed on through a reconnect")
         self.assertIn("ast-office-<Linkedid>", second)
         self.assertIn(f"recordings: {NO_RECORDINGS}", second)
         logins = [a for a in self.fake.actions if a.get("Action") == "Login"]
         self.assertEqual(logins[0].get("Events"), "off")
         self.assertIn("Logoff", [a.get("Action") for a in self.fake.actions])
+
+    async def test_a_user_that_may_not_list_the_channels_is_told_what_it_costs(self) -> None:
+        self.fake.account = Account("dpvoip", SECRET, reporting=False)
+        first, _ = await self.lines(auth="plain")
+        self.assertIn("logged in as 'dpvoip' (AMI 9.0.0); the channels cannot be listed (add"
+                      " reporting to write in manager.conf): a reconnect closes the calls in"
+                      " progress as interrupted", first)
 
     async def test_nothing_listening(self) -> None:
         await self.fake.stop()

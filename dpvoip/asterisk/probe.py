@@ -1,11 +1,13 @@
-"""``dpvoip check``'s look at a PBX: one login with the configured user, then ``Logoff``.
+"""``dpvoip check``'s look at a PBX: one login with the configured user, whether it may
+list the channels (``CoreShowChannels``, as a reconnect does), then ``Logoff``.
 
 ``dpvoip check`` builds nothing and starts no service, and what it says of a provider
 comes from the kind's ``check_lines``, which is synchronous. So this is a short blocking
 exchange on a plain socket (TLS when configured), bounded by ``timeout`` for each step:
 the banner, ``Challenge`` (MD5), ``Login`` with ``Events: off`` (no call events during
-the look), ``Logoff``. It tells what the daemon's log would: the PBX refused the login
-(a wrong secret, a host ``permit`` leaves out), nothing listens, no answer, not an AMI.
+the look), ``CoreShowChannels``, ``Logoff``. It tells what the daemon's log would: the
+PBX refused the login (a wrong secret, a host ``permit`` leaves out), nothing listens, no
+answer, not an AMI; and whether a reconnect can follow the calls on.
 Never the secret: the messages name the user and the PBX's own reason only.
 
 A wrong secret costs one failed login on the PBX (fail2ban counts them), as each retry of
@@ -23,8 +25,13 @@ from dataclasses import dataclass
 from dpvoip.asterisk.messages import Message, MessageReader, NotAsterisk, action, md5_key
 from dpvoip.asterisk.settings import AsteriskSettings
 
-#: Most bytes read in one look: a login's answers are a few hundred.
+#: Most bytes read in one look: a login's answers are a few hundred, the channels'
+#: list a few hundred each.
 MAX_READ = 256 * 1024
+#: What the look says of ``CoreShowChannels`` (a reconnect's list of the PBX's channels).
+LISTABLE = "calls followed on through a reconnect"
+NOT_LISTABLE = ("the channels cannot be listed (add reporting to write in manager.conf): "
+                "a reconnect closes the calls in progress as interrupted")
 
 
 def login_refused_text(username: str, reason: str) -> str:
@@ -102,10 +109,16 @@ def _login(lines: _Lines, settings: AsteriskSettings) -> Looked:
     if answer.response.lower() != "success":
         return Looked(False, login_refused_text(
             settings.username, answer.get("Message") or "Authentication failed"))
+    # Whether the channels can be listed, as a reconnect will ask (asterisk.service).
+    try:
+        listable = lines.ask("CoreShowChannels", [], "3").response.lower() == "success"
+    except _Problem:
+        listable = False
     # Logged in is what was asked; the PBX may close before its Goodbye.
     with contextlib.suppress(OSError, _Problem):
-        lines.ask("Logoff", [], "3")
-    return Looked(True, f"logged in as {settings.username!r} (AMI {version or '?'})")
+        lines.ask("Logoff", [], "4")
+    return Looked(True, f"logged in as {settings.username!r} (AMI {version or '?'}); "
+                        + (LISTABLE if listable else NOT_LISTABLE))
 
 
 class _Lines:
