@@ -368,13 +368,17 @@ def for_command(state: Path) -> Iterator[EmbeddedPostgres]:
     try:
         lock = InstanceLock.acquire(state)
     except AlreadyRunning as running:
-        if not embedded.running():
-            raise EmbeddedError(f"{running}, and its PostgreSQL is not up yet: try again "
-                                "once it is (dpvoip check says)") from None
-        yield embedded
-        return
+        holder: AlreadyRunning | None = running
     except StateFolderError as error:
         raise EmbeddedError(str(error)) from None
+    else:
+        holder = None
+    if holder is not None:  # the daemon's server, as it is
+        if not embedded.running():
+            raise EmbeddedError(f"{holder}, and its PostgreSQL is not up yet: try again "
+                                "once it is (dpvoip check says)")
+        yield embedded
+        return
     try:
         started_here = not embedded.running()
         embedded.start()
