@@ -24,7 +24,7 @@ import phonenumbers
 from dpvoip.core.dialling_policy import DEFAULT_BLOCKED_PREFIXES
 from dpvoip.crm.redis_sessions import parse_redis_url
 from dpvoip.providers.interface import ProviderConfig
-from dpvoip.zadarma.retention import shortest_journal_days
+from dpvoip.zadarma.retention import DEFAULT_JOURNAL_DAYS, shortest_journal_days
 
 
 class ConfigError(Exception):
@@ -567,13 +567,14 @@ class ZadarmaSettings:
         "are refused (clock skew allowance).", _between(0, 24 * 60),
     )
     journal_days: float = setting(
-        90.0,
+        DEFAULT_JOURNAL_DAYS,
         "Days Zadarma's webhook events are kept in dpvoip.zadarma_event (with their "
         "signed strings' owners in dpvoip.zadarma_binding), then pruned, hourly, in small "
         "batches. At least a day more than max_event_age_hours (a call's events are judged "
-        "against each other while a new one can still be accepted). 0: kept for ever. The "
-        "journal is one for all Zadarma providers: it keeps their events for the longest "
-        "journal_days of them.", _between(0, 36500),
+        "against each other while a new one can still be accepted): a shorter value is "
+        "refused, and the default is raised to that. 0: kept for ever. The journal is one "
+        "for all Zadarma providers: it keeps their events for the longest of them.",
+        _between(0, 36500),
     )
     journal_max_events: int = setting(
         64, "Events kept per Zadarma call; further variants are refused and counted.",
@@ -1108,8 +1109,11 @@ def _check_whole(config: Config, source: str) -> None:
 
 
 def _check_journal_days(name: str, settings: object, source: str) -> None:
-    """A Zadarma provider's journal is kept while its calls can still get events."""
-    if not isinstance(settings, ZadarmaSettings) or settings.journal_days == 0:
+    """A Zadarma provider's journal is kept while its calls can still get events. The
+    default is raised to that where the window is wider (``retention.kept_days``): a
+    configuration from before the setting still starts."""
+    if not isinstance(settings, ZadarmaSettings) or settings.journal_days in (
+            0, DEFAULT_JOURNAL_DAYS):
         return
     fewest = shortest_journal_days(settings.max_event_age_hours,
                                    settings.max_event_ahead_minutes)

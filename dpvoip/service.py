@@ -109,7 +109,7 @@ from dpvoip.web.sources import networks
 from dpvoip.web.zadarma import ZadarmaWebhook
 from dpvoip.zadarma.account import ZadarmaAccountService
 from dpvoip.zadarma.provider import SpoolContext, ZadarmaProvider, main_provider
-from dpvoip.zadarma.retention import journal_kept
+from dpvoip.zadarma.retention import journal_kept, kept_days
 
 
 class Daemon:
@@ -302,8 +302,10 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
     zadarma_replay.follow(providers)
     # Their webhooks' journal, one for all Zadarma providers: kept as the longest asks,
     # pruned once the spool's first replay is through (never competing with it).
-    kept = journal_kept(item.settings.journal_days for item in config.all_providers
-                        if isinstance(item.settings, ZadarmaSettings))
+    kept = journal_kept(
+        kept_days(item.settings.journal_days, item.settings.max_event_age_hours,
+                  item.settings.max_event_ahead_minutes)
+        for item in config.all_providers if isinstance(item.settings, ZadarmaSettings))
     if kept is not None:
         JournalRetentionService(ZadarmaJournal(store), kept, reactor,
                                 spooler.when_replayed).setServiceParent(top)

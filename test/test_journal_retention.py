@@ -24,7 +24,7 @@ from dpvoip.service import build
 from dpvoip.services import JournalRetentionService
 from dpvoip.store.zadarma_journal import PRUNE_BINDINGS, PRUNE_EVENTS, ZadarmaJournal
 from dpvoip.zadarma.guard import GuardRules
-from dpvoip.zadarma.retention import journal_kept, shortest_journal_days
+from dpvoip.zadarma.retention import journal_kept, kept_days, shortest_journal_days
 from test.support.daemon import scratch
 from test.support.waiting import until
 from test.support.wiring import in_process, running
@@ -40,6 +40,11 @@ class RuleTests(SynchronousTestCase):
 
     def test_the_longest_wish_of_the_providers_is_kept(self) -> None:
         self.assertEqual(journal_kept([90, 120, 30]), timedelta(days=120))
+
+    def test_a_wider_freshness_window_raises_what_is_kept(self) -> None:
+        self.assertEqual(kept_days(90, 24, 10), 90)
+        self.assertAlmostEqual(kept_days(90, 8760, 0), 366)
+        self.assertEqual(kept_days(0, 8760, 0), 0, "for ever stays for ever")
 
     def test_one_provider_keeping_for_ever_or_none_configured_prunes_nothing(self) -> None:
         self.assertIsNone(journal_kept([90, 0]))
@@ -101,6 +106,15 @@ class CompositionTests(SynchronousTestCase):
         service = self.service('[zadarma]\nsecret = "s"\n')
         assert service is not None
         self.assertEqual(service.keep, NINETY_DAYS)
+
+    def test_a_configuration_from_before_with_a_years_window_starts_and_keeps_it(
+            self) -> None:
+        """journal_days not set (the default), the freshness window a year: no refusal
+        at the upgrade; the journal is kept for the year and a day."""
+        service = self.service('[zadarma]\nsecret = "s"\nmax_event_age_hours = 8760\n'
+                               'max_event_ahead_minutes = 0\n')
+        assert service is not None
+        self.assertEqual(service.keep, timedelta(days=366))
 
     def test_two_providers_keep_the_longer(self) -> None:
         service = self.service('[zadarma]\nsecret = "s"\n\n[[provider]]\nkind = "zadarma"\n'

@@ -18,6 +18,8 @@ from datetime import timedelta
 #: Kept beyond the freshness window: a call's events straddle its end and the clocks of
 #: Zadarma, PostgreSQL and dpvoip differ a little.
 MARGIN_HOURS = 24.0
+#: ``[zadarma] journal_days`` when not set.
+DEFAULT_JOURNAL_DAYS = 90.0
 
 
 def shortest_journal_days(max_event_age_hours: float, max_event_ahead_minutes: float
@@ -25,6 +27,17 @@ def shortest_journal_days(max_event_age_hours: float, max_event_ahead_minutes: f
     """The fewest days a provider's events may be kept: while any event of their call can
     still be accepted, and a margin."""
     return (max_event_age_hours + max_event_ahead_minutes / 60 + MARGIN_HOURS) / 24
+
+
+def kept_days(journal_days: float, max_event_age_hours: float,
+              max_event_ahead_minutes: float) -> float:
+    """A provider's ``journal_days`` as kept: never shorter than its freshness window
+    needs (a configuration from before the setting, with a freshness window of a year,
+    keeps its journal for that year and a day); 0 stays 0 (for ever)."""
+    if journal_days == 0:
+        return 0.0
+    return max(journal_days, shortest_journal_days(max_event_age_hours,
+                                                   max_event_ahead_minutes))
 
 
 def journal_kept(days: Iterable[float]) -> timedelta | None:
