@@ -18,6 +18,7 @@ the checks to arrive, never for a fixed time.
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -157,6 +158,7 @@ class LiveTests(TestCase):
                    .replace(HOST_A, f"127.0.0.1:{ports[0]}")
                    .replace(HOST_B, f"127.0.0.1:{ports[1]}"))
         folder = Path(tempfile.mkdtemp(prefix="dpvoip-haproxy-"))
+        self.addCleanup(shutil.rmtree, folder, True)  # after HAProxy stops (added later)
         (folder / "global.cfg").write_text("global\n    log stderr format raw local0 info\n")
         (folder / "dpvoip.cfg").write_text(pointed)
         self.log = folder / "haproxy.log"
