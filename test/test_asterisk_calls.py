@@ -12,7 +12,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from dpvoip.asterisk.calls import CallFollower, PbxRules
-from dpvoip.asterisk.messages import message
+from dpvoip.asterisk.messages import Message, message
 from dpvoip.asterisk.settings import ConfigError, read_settings, rules_of
 from dpvoip.core.happenings import (
     Answered,
@@ -23,7 +23,7 @@ from dpvoip.core.happenings import (
     Unmatched,
 )
 from dpvoip.core.outcomes import Outcome, Reason
-from dpvoip.testing.asterisk import SCENARIOS, Beat, Pbx
+from dpvoip.testing.asterisk import SCENARIOS, Beat, ChannelTable, Pbx
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
@@ -36,6 +36,17 @@ def play(beats: list[Beat], follower: CallFollower | None = None,
         at += timedelta(seconds=beat.delay)
         out += follower.feed(beat.message, at)
     return out
+
+
+def listed_after(beats: list[Beat], listed_at: datetime, start: datetime = T0
+                 ) -> list[Message]:
+    """The PBX's ``CoreShowChannels`` at ``listed_at``, once ``beats`` have happened (from
+    ``start``) while nobody was listening."""
+    table, at = ChannelTable(), start
+    for beat in beats:
+        at += timedelta(seconds=beat.delay)
+        table.follow(beat.fields, at.timestamp())
+    return [Message(tuple(fields)) for fields in table.listing("list", listed_at.timestamp())]
 
 
 def _id(happening: Happening) -> str:
@@ -210,6 +221,91 @@ class TimesAndIdsTests(SynchronousTestCase):
                          (Outcome.INTERRUPTED, Reason.LINK_LOST))
         self.assertEqual(follower.followed, (0, 0, 0))
         self.assertEqual(follower.resume(set(), T0), [], "nothing left to close")
+
+    def test_a_call_begun_while_the_link_was_down_is_adopted_from_the_list(self) -> None:
+        """Ringing when dpvoip logs in again: recorded as if its events had come (the
+        same id, caller, number called and start), then followed to its end."""
+        beats = SCENARIOS["incoming-missed"](Pbx())
+        follower = CallFollower(PbxRules("office"))
+        later = T0 + timedelta(seconds=3)
+        adopted = follower.adopt(listed_after(beats[:5], later), later)
+        self.assertEqual(adopted, play(beats)[:1])
+        started = adopted[0]
+        assert isinstance(started, Started)
+        self.assertEqual((started.remote, started.own_number, started.at),
+                         ("6912345678", "2107654321", T0))
+        [ended] = play(beats[5:], follower, start=later)
+        assert isinstance(ended, Ended)
+        self.assertEqual((ended.call_id, ended.outcome, ended.extension),
+                         (started.call_id, Outcome.MISSED, 201))
+        self.assertEqual(follower.followed, (0, 0, 0))
+
+    def test_an_adopted_call_answered_meanwhile_is_answered_when_listed(self) -> None:
+        beats = SCENARIOS["incoming-answered"](Pbx())  # 5 s ringing, then answered
+        follower = CallFollower(PbxRules("office"))
+        later = T0 + timedelta(seconds=10)
+        started, answered = follower.adopt(listed_after(beats[:11], later), later)
+        assert isinstance(started, Started) and isinstance(answered, Answered)
+        self.assertEqual((started.at, answered.extension, answered.at, answered.transfer),
+                         (T0, 201, later, False))
+        ended = play(beats[11:], follower, start=later)[-1]
+        assert isinstance(ended, Ended)
+        self.assertEqual((ended.outcome, ended.duration), (Outcome.ANSWERED, 65))
+
+    def test_a_followed_call_answered_while_the_link_was_down_is_answered(self) -> None:
+        beats = SCENARIOS["incoming-answered"](Pbx())
+        follower = CallFollower(PbxRules("office"))
+        play(beats[:5], follower)  # ringing: then the link went; answered meanwhile
+        later = T0 + timedelta(seconds=10)
+        listed = listed_after(beats[:11], later)
+        self.assertEqual(follower.resume({m.get("Uniqueid") for m in listed}, later), [])
+        [answered] = follower.adopt(listed, later)
+        assert isinstance(answered, Answered)
+        self.assertEqual(answered.extension, 201)
+        self.assertEqual(follower.adopt(listed, later), [], "listed twice: nothing new")
+
+    def test_an_outgoing_call_is_adopted_with_the_number_dialled(self) -> None:
+        beats = SCENARIOS["outgoing-answered"](Pbx())
+        follower = CallFollower(PbxRules("office"))
+        later = T0 + timedelta(seconds=3)
+        adopted = follower.adopt(listed_after(beats[:4], later), later)
+        self.assertEqual(adopted, play(beats)[:1])
+        started = adopted[0]
+        assert isinstance(started, Started)
+        self.assertEqual((started.direction, started.remote, started.extension),
+                         ("outgoing", "2101234567", 201))
+
+    def test_an_adopted_caller_in_voicemail_is_a_voicemail(self) -> None:
+        """The outside channel moved on in the dialplan: the number called is no longer
+        shown, and is not guessed; the voicemail it is in is."""
+        beats = SCENARIOS["incoming-voicemail"](Pbx())
+        upto = next(n for n, b in enumerate(beats) if b.message.get("Context") == "macro-vm")
+        follower = CallFollower(PbxRules("office"))
+        later = T0 + timedelta(seconds=30)
+        [started] = follower.adopt(listed_after(beats[:upto + 1], later), later)
+        assert isinstance(started, Started)
+        self.assertEqual((started.remote, started.own_number), ("6912345678", ""))
+        ended = play(beats[upto + 1:], follower, start=later)[-1]
+        assert isinstance(ended, Ended)
+        self.assertEqual(ended.outcome, Outcome.VOICEMAIL)
+
+    def test_a_queue_call_is_adopted_without_the_queue_as_the_number_called(self) -> None:
+        """The caller's channel moved on to the queue (``ext-queues``, ``400``): the
+        number called is not shown any more, and the queue's number is not taken for it;
+        the extension that answered through the queue's Local channels is."""
+        beats = SCENARIOS["queue"](Pbx())
+        entered = [n for n, b in enumerate(beats) if b.message.event == "BridgeEnter"]
+        follower = CallFollower(PbxRules("office"))
+        later = T0 + timedelta(seconds=20)
+        started, answered = follower.adopt(listed_after(beats[:entered[-1] + 1], later),
+                                           later)
+        assert isinstance(started, Started) and isinstance(answered, Answered)
+        self.assertEqual((started.direction, started.remote, started.own_number),
+                         ("incoming", "6912345678", ""))
+        self.assertEqual(answered.extension, 202)
+        ended = play(beats[entered[-1] + 1:], follower, start=later)[-1]
+        assert isinstance(ended, Ended)
+        self.assertEqual((ended.outcome, ended.extension), (Outcome.ANSWERED, 202))
 
     def test_internal_calls_are_not_recorded(self) -> None:
         pbx = Pbx()

@@ -240,6 +240,54 @@ class EventTests(ClientTestCase):
                          (Outcome.INTERRUPTED, Reason.LINK_LOST))
         self.assertEqual((pbx.status.orphans_closed, pbx.status.calls_resumed), (1, 0))
 
+    async def test_a_call_that_began_during_the_reconnect_is_recorded(self) -> None:
+        """Nothing was followed when the link went; a caller rang meanwhile and gave up
+        after dpvoip was back: a missed call, recorded from the PBX's list of channels."""
+        pbx, _ = self.start()
+        await self.logged_in(pbx)
+        beats = Play("incoming-missed").beats(self.fake.pbx)
+        hangups = [n for n, b in enumerate(beats) if b.message.event == "Hangup"]
+        await self.cut_and_reconnect(pbx, self.fake.drop_connections, beats[:hangups[0]])
+        await until(lambda: pbx.status.calls_adopted == 1)
+        for beat in beats[hangups[0]:]:
+            self.fake.broadcast(beat.fields)
+        await until(lambda: len(self.recorder.happened) == 2)
+        self.assertEqual(self.recorder.kinds, [("started", "incoming"),
+                                               ("ended", Outcome.MISSED)])
+        self.assertEqual(pbx.status.orphans_closed, 0)
+        self.assertEqual(len(self.actions("CoreShowChannels")), 1, "listed at the reconnect")
+        self.assertTrue(any("1 call(s) that began while the link was down" in line
+                            for line in self.logged))
+
+    async def test_a_call_that_ended_while_the_list_was_on_its_way_is_not_adopted(
+            self) -> None:
+        """The list is older news than the events that came before it: a channel hung up
+        meanwhile is not brought back from it."""
+        self.fake.hold_lists = True
+        pbx, _ = self.start()
+        await self.logged_in(pbx)
+        beats = Play("incoming-missed").beats(self.fake.pbx)
+        hangups = [n for n, b in enumerate(beats) if b.message.event == "Hangup"]
+        await self.cut_and_reconnect(pbx, self.fake.drop_connections, beats[:hangups[0]])
+        await until(lambda: len(self.actions("CoreShowChannels")) == 1)
+        for beat in beats[hangups[0]:]:  # the caller gives up before the list comes
+            self.fake.broadcast(beat.fields)
+        self.assertEqual(self.fake.send_lists(), 1)
+        await until(lambda: pbx._listing is None)
+        self.assertEqual((pbx.status.calls_adopted, self.recorder.happened), (0, []))
+        self.assertEqual(pbx.follower.followed, (0, 0, 0))
+
+    async def test_the_first_login_lists_nothing(self) -> None:
+        """The calls a restart of dpvoip left open are closed at start: the first login
+        of the process adopts nothing."""
+        pbx, _ = self.start()
+        beats = Play("incoming-missed").beats(self.fake.pbx)
+        for beat in beats[:3]:
+            self.fake.broadcast(beat.fields)
+        await self.logged_in(pbx)
+        self.assertEqual(self.actions("CoreShowChannels"), [])
+        self.assertEqual(pbx.status.calls_adopted, 0)
+
     async def test_without_the_right_to_list_channels_the_calls_are_closed(self) -> None:
         self.fake.account = Account("dpvoip", SECRET, reporting=False)  # write = originate
         pbx, _ = self.start()

@@ -428,7 +428,8 @@ class CredentialsTests(AsteriskDaemonCase):
         lines = await threads.deferToThread(check_lines, config.all_providers)
         self.assertIn(f"provider office (Asterisk): AMI at 127.0.0.1:{self.ami_port} "
                       "(plain TCP, md5 login): logged in as 'dpvoip' (AMI 9.0.0); calls "
-                      "followed on through a reconnect", lines)
+                      "followed on through a reconnect, and the ones begun meanwhile "
+                      "recorded", lines)
 
 
 class FloodTests(AsteriskDaemonCase):

@@ -224,6 +224,7 @@ class BuiltProviderTests(SynchronousTestCase):
         pbx.status.events = 7
         pbx.status.calls_evicted = 3
         pbx.status.calls_resumed, pbx.status.orphans_closed = 2, 1
+        pbx.status.calls_adopted = 4
         families: dict[str, Metric] = {f.name: f for f in self.provider.metrics()}
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for f in families.values() for s in f.samples}
@@ -233,7 +234,7 @@ class BuiltProviderTests(SynchronousTestCase):
         self.assertEqual(samples[("dpvoip_asterisk_events_total", office)], 7)
         self.assertEqual(samples[("dpvoip_asterisk_open_calls", office)], 0)
         self.assertEqual(samples[("dpvoip_asterisk_calls_evicted_total", office)], 3)
-        for what, count in (("resumed", 2), ("closed", 1)):
+        for what, count in (("resumed", 2), ("closed", 1), ("adopted", 4)):
             self.assertEqual(samples[("dpvoip_asterisk_reconnect_calls_total",
                                       (*office, ("what", what)))], count)
 
@@ -259,7 +260,8 @@ class CheckLinesTests(TestCase):
         first, second = await self.lines(auth="plain")
         self.assertEqual(first, f"provider office (Asterisk): AMI at 127.0.0.1:{self.port} "
                                 "(plain TCP, plain login): logged in as 'dpvoip' (AMI 9.0.0); "
-                                "calls followed on through a reconnect")
+                                "calls followed on through a reconnect, and the ones "
+                                "begun meanwhile recorded")
         self.assertIn("ast-office-<Linkedid>", second)
         self.assertIn(f"recordings: {NO_RECORDINGS}", second)
         logins = [a for a in self.fake.actions if a.get("Action") == "Login"]
@@ -271,7 +273,8 @@ class CheckLinesTests(TestCase):
         first, _ = await self.lines(auth="plain")
         self.assertIn("logged in as 'dpvoip' (AMI 9.0.0); the channels cannot be listed (add"
                       " reporting to write in manager.conf): a reconnect closes the calls in"
-                      " progress as interrupted", first)
+                      " progress as interrupted, and the calls begun while the link was down"
+                      " are not recorded", first)
 
     async def test_nothing_listening(self) -> None:
         await self.fake.stop()

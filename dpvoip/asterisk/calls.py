@@ -52,9 +52,9 @@ one, else the time it arrived, which the caller passes in.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
 
 from dpvoip.asterisk.messages import Message
@@ -76,6 +76,8 @@ _AGREES = {
     "CONGESTION": {Outcome.FAILED, Outcome.NOT_REACHED},
 }
 _LOCAL = re.compile(r"^Local/([^@;/]+)@")
+#: A Uniqueid's creation second and sequence (``1700000000.42``, ``host-1700000000.42``).
+_UNIQUEID = re.compile(r"(\d+)\.(\d+)$")
 _VOICEMAIL_BOX = re.compile(r"(\d+)")
 
 
@@ -270,6 +272,72 @@ class CallFollower:
             if not uids:
                 del self._bridges[bridge]
         return closed
+
+    def adopt(self, listed: Sequence[Message], at: datetime) -> list[Happening]:
+        """After a reconnect (and ``resume``), the channels the PBX listed that are not
+        followed: calls that began while the link was down, and phones that joined a
+        followed call meanwhile. Each is re-enacted from what the list shows, as if its
+        events had come: the channel made (dated by its ``Duration``, oldest first), an
+        outgoing call's dial, where each channel is in the dialplan (voicemail), the
+        bridges (an answer). Such a call is then recorded and followed to its end like
+        any other.
+
+        What the list cannot show is not guessed: an adopted incoming call's number
+        called is known only while its outside channel is still where the trunk put it
+        (an incoming context), and an answer made meanwhile is dated by the list."""
+        happened: list[Happening] = []
+        order = sorted(listed, key=_creation)
+        made = [m for m in order
+                if m.get("Uniqueid") and m.get("Channel") and m.get("Uniqueid")
+                not in self._channels]
+        for m in made:
+            context, exten = m.get("Context"), m.get("Exten")
+            if (self.rules.is_trunk(m.get("Channel"), context)
+                    and context not in self.rules.incoming_contexts):
+                exten = ""  # moved on in the dialplan: no longer the number called
+            happened += self._new_channel(_event(
+                "Newchannel", m, ("Context", context), ("Exten", exten)),
+                at - timedelta(seconds=_duration(m.get("Duration"))))
+        for m in made:
+            happened += self._adopted_dial(m, order, at)
+        for m in order:
+            happened += self._state(_event(
+                "Newexten", m, ("Context", m.get("Context")), ("Exten", m.get("Exten")),
+                ("Application", m.get("Application")),
+                ("AppData", m.get("ApplicationData"))), at)
+        for m in order:
+            bridge = m.get("BridgeId")
+            if bridge and m.get("Uniqueid") not in self._bridges.get(bridge, ()):
+                happened += self._bridge_enter(_event(
+                    "BridgeEnter", m, ("BridgeUniqueid", bridge)), at)
+        return happened
+
+    def _adopted_dial(self, listed: Message, order: Sequence[Message], at: datetime
+                      ) -> list[Happening]:
+        """What an adopted call's dial shows: an incoming call rang the phone listed in
+        it (the last one: its extension for a missed call); a call whose first channel is
+        a phone's, with a trunk's channel in it, was dialled out by that phone (its
+        ``Dial`` is the list's application data)."""
+        channel = self._channels.get(listed.get("Uniqueid"))
+        call = self._call_of(channel) if channel is not None else None
+        if channel is None or call is None:
+            return []
+        if call.direction == "incoming" and channel.extension is not None:
+            call.rang = channel.extension
+            return []
+        if call.first != channel.uid or channel.trunk or call.direction is not None:
+            return []
+        trunk = next((m for m in order if m.get("Linkedid") == call.linkedid
+                      and (c := self._channels.get(m.get("Uniqueid"))) is not None
+                      and c.trunk), None)
+        if trunk is None:
+            return []
+        dial = listed.get("ApplicationData") if listed.get("Application") == "Dial" else ""
+        return self._dial_begin(Message((
+            ("Event", "DialBegin"), ("Uniqueid", channel.uid), ("Channel", channel.name),
+            ("DestUniqueid", trunk.get("Uniqueid")), ("DestChannel", trunk.get("Channel")),
+            ("DialString", dial))),
+            at - timedelta(seconds=_duration(trunk.get("Duration"))))
 
     # -- channels and calls ------------------------------------------------------------
 
@@ -589,6 +657,31 @@ class CallFollower:
             self._disagreed(identity, disposition, outcome)
 
 
+
+
+def _event(kind: str, listed: Message, *fields: tuple[str, str]) -> Message:
+    """An event re-enacted from a channel of ``CoreShowChannels`` (``fields`` on top)."""
+    return Message((("Event", kind), ("Channel", listed.get("Channel")),
+                    ("Uniqueid", listed.get("Uniqueid")),
+                    ("Linkedid", listed.get("Linkedid")),
+                    ("CallerIDNum", listed.get("CallerIDNum")), *fields))
+
+
+def _duration(text: str) -> int:
+    """A listed channel's age: ``HH:MM:SS`` (hours may run past 99); 0 when unreadable."""
+    parts = text.strip().split(":")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        return 0
+    hours, minutes, seconds = (int(part) for part in parts)
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def _creation(listed: Message) -> tuple[int, int, int]:
+    """Oldest first: the longest ``Duration``, then the Uniqueid's second and sequence
+    (a call's first channel before the ones it made in the same second)."""
+    found = _UNIQUEID.search(listed.get("Uniqueid"))
+    second, sequence = (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+    return -_duration(listed.get("Duration")), second, sequence
 
 
 def _time_of(event: Message, arrived: datetime) -> datetime:

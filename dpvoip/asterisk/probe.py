@@ -29,9 +29,10 @@ from dpvoip.asterisk.settings import AsteriskSettings
 #: list a few hundred each.
 MAX_READ = 256 * 1024
 #: What the look says of ``CoreShowChannels`` (a reconnect's list of the PBX's channels).
-LISTABLE = "calls followed on through a reconnect"
+LISTABLE = "calls followed on through a reconnect, and the ones begun meanwhile recorded"
 NOT_LISTABLE = ("the channels cannot be listed (add reporting to write in manager.conf): "
-                "a reconnect closes the calls in progress as interrupted")
+                "a reconnect closes the calls in progress as interrupted, and the calls "
+                "begun while the link was down are not recorded")
 
 
 def login_refused_text(username: str, reason: str) -> str:

@@ -179,10 +179,12 @@ def metrics(pbx: AsteriskPbx) -> Iterator[Metric]:
                   status.reconnects)
     across = CounterMetricFamily(
         "dpvoip_asterisk_reconnect_calls",
-        "Calls followed when the connection went: followed on after the reconnect (the PBX "
-        "still had them), or closed as interrupted.", labels=["provider", "what"])
+        "Calls across a reconnect: followed when the connection went and followed on after "
+        "it (the PBX still had them) or closed as interrupted; begun while it was down and "
+        "adopted from the PBX's list of channels.", labels=["provider", "what"])
     across.add_metric([*label, "resumed"], status.calls_resumed)
     across.add_metric([*label, "closed"], status.orphans_closed)
+    across.add_metric([*label, "adopted"], status.calls_adopted)
     yield across
     troubles = CounterMetricFamily(
         "dpvoip_asterisk_troubles", "What went wrong with the PBX and was handled.",

@@ -36,7 +36,7 @@ from dpvoip.asterisk.probe import login_refused_text
 from dpvoip.asterisk.settings import AsteriskSettings, endpoint_description, rules_of
 from dpvoip.calls.ingest import Origin
 from dpvoip.core.errors import summary
-from dpvoip.core.happenings import Happening
+from dpvoip.core.happenings import Happening, Started
 from dpvoip.core.log_budget import LogBudget, more_like_this
 from dpvoip.core.numbers import Dialling
 from dpvoip.core.outcomes import Outcome, Reason
@@ -87,6 +87,7 @@ class AsteriskStatus:
     peer_failures: int = 0  # dead peers (no Pong), not an AMI, over-long lines
     orphans_closed: int = 0
     calls_resumed: int = 0  # followed on after a reconnect: the PBX still had them
+    calls_adopted: int = 0  # begun while the link was down, found in the PBX's list
     calls_evicted: int = 0
     not_recorded: int = 0
     originated: int = 0
@@ -104,6 +105,7 @@ class AsteriskStatus:
             "refused_messages": self.refused_messages,
             "login_failures": self.login_failures, "peer_failures": self.peer_failures,
             "open_calls": open_calls, "calls_resumed": self.calls_resumed,
+            "calls_adopted": self.calls_adopted,
             "calls_evicted": self.calls_evicted,
             "not_recorded": self.not_recorded, "originated": self.originated,
             "originate_refused": self.originate_refused,
@@ -122,11 +124,25 @@ def origin_of(settings: AsteriskSettings) -> Origin:
 
 @dataclass
 class _Listing:
-    """A ``CoreShowChannels`` under way: the Uniqueids listed so far."""
+    """A ``CoreShowChannels`` under way: the channels listed so far, and the Uniqueids
+    of the channels made and hung up since it was asked for (events keep coming)."""
 
     action_id: str
-    alive: set[str] = field(default_factory=set)
+    listed: list[Message] = field(default_factory=list)
+    made: set[str] = field(default_factory=set)
+    gone: set[str] = field(default_factory=set)
     deadline: IDelayedCall | None = None
+
+    @property
+    def alive(self) -> set[str]:
+        return ({m.get("Uniqueid") for m in self.listed} | self.made) - self.gone
+
+    @property
+    def unseen(self) -> list[Message]:
+        """The listed channels no event has spoken of since (those are followed from
+        their events: the list would be older news)."""
+        seen = self.made | self.gone
+        return [m for m in self.listed if m.get("Uniqueid") not in seen]
 
 
 class AsteriskPbx:
@@ -232,12 +248,17 @@ class AsteriskPbx:
             watcher(True)
 
     def _resume(self, protocol: AmiProtocol) -> None:
-        """The calls followed before the connection went down: followed on when the PBX
-        still has their channels (its ``CoreShowChannels``; the events meanwhile are
-        handled as they come), else closed as interrupted (link lost). Without the list
-        (the AMI user may not read it), all of them are closed."""
+        """After a reconnect, the PBX's channels (its ``CoreShowChannels``; the events
+        meanwhile are handled as they come): a call followed before is followed on when
+        the PBX still has it, else closed as interrupted (link lost); a call that began
+        while the link was down is adopted (``CallFollower.adopt``). Without the list
+        (the AMI user may not read it), the calls followed are all closed and the calls
+        begun meanwhile are not recorded.
+
+        Not at the first login: the calls a restart of dpvoip left open are closed at
+        start, and a call of before is recorded only from the events it sees."""
         self._listing = None
-        if not self.follower.followed[0]:
+        if self.status.connections < 2 and not self.follower.followed[0]:
             return
         listing = self._listing = _Listing(protocol.new_action_id())
         protocol.send_action("CoreShowChannels", (), listing.action_id).addCallbacks(
@@ -253,17 +274,26 @@ class AsteriskPbx:
         if self._listing is not listing:
             return  # the connection went again; the next login lists anew
         self._listing = None
+        adopted: list[Happening] = []
         if failure is not None:
             self._warn("list", "pbx {pbx}: the channels could not be listed ({error}); the "
-                       "calls followed before the reconnect are closed as interrupted",
+                       "calls followed before the reconnect are closed as interrupted, and "
+                       "calls that began while the link was down are not recorded",
                        error=summary(failure.value))
             orphans = self.follower.close_all(Reason.LINK_LOST, self._now())
         else:
             before = self.follower.open_calls
             orphans = self.follower.resume(listing.alive, self._now())
             self.status.calls_resumed += before - len(orphans)
+            adopted = self.follower.adopt(listing.unseen, self._now())
+            calls = sum(1 for h in adopted if isinstance(h, Started))
+            self.status.calls_adopted += calls
+            if calls:
+                log.info("pbx {pbx}: {calls} call(s) that began while the link was down "
+                         "found in the list of channels: followed from now on",
+                         pbx=self.settings.name, calls=calls)
         self.status.orphans_closed += len(orphans)
-        self._submit(orphans)
+        self._submit(orphans + adopted)
 
     def login_refused(self, reason: str) -> None:
         self.status.login_failures += 1
@@ -281,12 +311,14 @@ class AsteriskPbx:
         listing = self._listing
         if listing is not None and event.action_id == listing.action_id:
             if event.event == "CoreShowChannel":
-                listing.alive.add(event.get("Uniqueid"))
+                listing.listed.append(event)
             elif event.event == "CoreShowChannelsComplete":
                 self._listed(listing)
             return
         if listing is not None and event.event == "Newchannel":
-            listing.alive.add(event.get("Uniqueid"))  # made since the list was taken
+            listing.made.add(event.get("Uniqueid"))  # made since the list was taken
+        elif listing is not None and event.event == "Hangup":
+            listing.gone.add(event.get("Uniqueid"))
         self.status.events += 1
         self.status.last_event_at = self._now()
         before = self.follower.counters.evicted

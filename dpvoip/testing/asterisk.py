@@ -252,6 +252,67 @@ def _bridge_fields(bridge: str, count: int) -> list[tuple[str, str]]:
             ("BridgeVideoSourceMode", "none")]
 
 
+class ChannelTable:
+    """The channels a PBX has up, kept from the events it sends (pure), and listed as
+    ``CoreShowChannels`` lists them: each one's fields as its last event showed them, its
+    dialplan application, the bridge it is in and its age (``Duration``)."""
+
+    _KEPT = ("Channel", "ChannelState", "ChannelStateDesc", "CallerIDNum", "CallerIDName",
+             "ConnectedLineNum", "ConnectedLineName", "Language", "AccountCode", "Context",
+             "Exten", "Priority", "Uniqueid", "Linkedid")
+
+    def __init__(self) -> None:
+        self._up: dict[str, dict[str, str]] = {}
+        self._made: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._up)
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self._up
+
+    def clear(self) -> None:
+        self._up.clear()
+        self._made.clear()
+
+    def follow(self, pairs: Sequence[tuple[str, str]], now: float) -> None:
+        event = dict(pairs)
+        uid, kind = event.get("Uniqueid", ""), event.get("Event")
+        if kind == "Newchannel":
+            self._up[uid] = {key: event.get(key, "") for key in self._KEPT}
+            self._up[uid].update(Application="", ApplicationData="", BridgeId="")
+            self._made[uid] = now
+            return
+        fields = self._up.get(uid)
+        if fields is None:
+            return
+        if kind == "Hangup":
+            del self._up[uid], self._made[uid]
+            return
+        for key in self._KEPT:
+            if key in event and key not in ("Uniqueid", "Channel"):
+                fields[key] = event[key]
+        if kind == "Rename":
+            fields["Channel"] = event.get("Newname", fields["Channel"])
+        elif kind == "Newexten":
+            fields["Application"] = event.get("Application", "")
+            fields["ApplicationData"] = event.get("AppData", "")
+        elif kind == "BridgeEnter":
+            fields["BridgeId"] = event.get("BridgeUniqueid", "")
+        elif kind == "BridgeLeave":
+            fields["BridgeId"] = ""
+
+    def listing(self, action_id: str, now: float) -> list[list[tuple[str, str]]]:
+        """The ``CoreShowChannel`` events of an answer to ``CoreShowChannels``."""
+        listed = []
+        for uid, fields in self._up.items():
+            age = max(0, int(now - self._made[uid]))
+            duration = f"{age // 3600:02d}:{age // 60 % 60:02d}:{age % 60:02d}"
+            listed.append([("Event", "CoreShowChannel"), ("ActionID", action_id),
+                           *fields.items(), ("Duration", duration)])
+        return listed
+
+
 # -- scenarios: one real call each ---------------------------------------------------------
 
 
@@ -758,9 +819,13 @@ class FakeAsterisk:
         self.sent_events = 0
         self._port: IListeningPort | None = None
         self._login_waiters: list[Deferred[None]] = []
-        #: The channels up now (by Uniqueid, their fields), from the events played.
-        self.channels: dict[str, dict[str, str]] = {}
+        #: The channels up now, from the events played.
+        self.channels = ChannelTable()
         self.end_lists = True  # False: a list's last event never comes (a PBX's bug)
+        #: True: a list is taken when asked for and sent on ``send_lists`` (events that
+        #: happen in between are sent before it, as on a busy PBX).
+        self.hold_lists = False
+        self._held_lists: list[Callable[[], None]] = []
 
     def now(self) -> float:
         return float(self._clock.seconds())
@@ -822,33 +887,31 @@ class FakeAsterisk:
             return
         side.reply(action, "Success", [("EventList", "start"),
                                        ("Message", "Channels will follow")])
-        for fields in self.channels.values():
-            side.send([("Event", "CoreShowChannel"), ("ActionID", action.action_id),
-                       *fields.items()])
-        if self.end_lists:
-            side.send([("Event", "CoreShowChannelsComplete"),
-                       ("ActionID", action.action_id), ("EventList", "Complete"),
-                       ("ListItems", str(len(self.channels)))])
+        listing = self.channels.listing(action.action_id, self.now())
 
-    def _follow(self, pairs: Sequence[tuple[str, str]]) -> None:
-        """Keep ``channels`` as the events say: made, changed, hung up."""
-        event = dict(pairs)
-        uid = event.get("Uniqueid", "")
-        kind = event.get("Event")
-        if kind == "Newchannel":
-            self.channels[uid] = {key: event.get(key, "") for key in (
-                "Channel", "ChannelState", "ChannelStateDesc", "CallerIDNum", "Context",
-                "Exten", "Uniqueid", "Linkedid")}
-        elif kind == "Hangup":
-            self.channels.pop(uid, None)
-        elif uid in self.channels:
-            for key in ("ChannelState", "ChannelStateDesc", "Context", "Exten"):
-                if key in event:
-                    self.channels[uid][key] = event[key]
+        def send() -> None:
+            for listed in listing:
+                side.send(listed)
+            if self.end_lists:
+                side.send([("Event", "CoreShowChannelsComplete"),
+                           ("ActionID", action.action_id), ("EventList", "Complete"),
+                           ("ListItems", str(len(listing)))])
+
+        if self.hold_lists:
+            self._held_lists.append(send)
+        else:
+            send()
+
+    def send_lists(self) -> int:
+        """Send the lists held (``hold_lists``); how many."""
+        held, self._held_lists = self._held_lists, []
+        for send in held:
+            send()
+        return len(held)
 
     def broadcast(self, pairs: Sequence[tuple[str, str]]) -> None:
         """An event to every logged-in client that takes events."""
-        self._follow(pairs)
+        self.channels.follow(pairs, self.now())
         if self.timestamps:
             pairs = [*pairs[:1], ("Timestamp", f"{self.now():.6f}"), *pairs[1:]]
         for side in self.sides:
