@@ -220,7 +220,7 @@ class EventTests(ClientTestCase):
         self.assertEqual(self.recorder.kinds, [("started", "incoming"), ("answered", 201),
                                                ("ended", Outcome.ANSWERED)])
         self.assertEqual(pbx.status.orphans_closed, 0)
-        self.assertEqual(len(self.actions("CoreShowChannels")), 1)
+        self.assertEqual(len(self.actions("CoreShowChannels")), 2, "one at each login")
 
     async def test_a_call_that_ended_during_the_reconnect_is_closed_as_interrupted(
             self) -> None:
@@ -255,8 +255,8 @@ class EventTests(ClientTestCase):
         self.assertEqual(self.recorder.kinds, [("started", "incoming"),
                                                ("ended", Outcome.MISSED)])
         self.assertEqual(pbx.status.orphans_closed, 0)
-        self.assertEqual(len(self.actions("CoreShowChannels")), 1, "listed at the reconnect")
-        self.assertTrue(any("1 call(s) that began while the link was down" in line
+        self.assertEqual(len(self.actions("CoreShowChannels")), 2, "one at each login")
+        self.assertTrue(any("1 call(s) in progress that dpvoip was not following" in line
                             for line in self.logged))
 
     async def test_a_call_that_ended_while_the_list_was_on_its_way_is_not_adopted(
@@ -266,10 +266,11 @@ class EventTests(ClientTestCase):
         self.fake.hold_lists = True
         pbx, _ = self.start()
         await self.logged_in(pbx)
+        await until(lambda: self.fake.send_lists() == 1)  # the first login's: empty
         beats = Play("incoming-missed").beats(self.fake.pbx)
         hangups = [n for n, b in enumerate(beats) if b.message.event == "Hangup"]
         await self.cut_and_reconnect(pbx, self.fake.drop_connections, beats[:hangups[0]])
-        await until(lambda: len(self.actions("CoreShowChannels")) == 1)
+        await until(lambda: len(self.actions("CoreShowChannels")) == 2)
         for beat in beats[hangups[0]:]:  # the caller gives up before the list comes
             self.fake.broadcast(beat.fields)
         self.assertEqual(self.fake.send_lists(), 1)
@@ -277,16 +278,27 @@ class EventTests(ClientTestCase):
         self.assertEqual((pbx.status.calls_adopted, self.recorder.happened), (0, []))
         self.assertEqual(pbx.follower.followed, (0, 0, 0))
 
-    async def test_the_first_login_lists_nothing(self) -> None:
-        """The calls a restart of dpvoip left open are closed at start: the first login
-        of the process adopts nothing."""
+    async def test_a_call_ringing_at_the_first_login_is_adopted(self) -> None:
+        """Ringing before dpvoip started (or while it restarted): recorded all the same,
+        and ``listed_once`` says when the PBX's calls are known."""
         pbx, _ = self.start()
         beats = Play("incoming-missed").beats(self.fake.pbx)
-        for beat in beats[:3]:
+        hangups = [n for n, b in enumerate(beats) if b.message.event == "Hangup"]
+        for beat in beats[:hangups[0]]:
             self.fake.broadcast(beat.fields)
+        listed = pbx.listed_once()
+        self.assertNoResult(listed)
         await self.logged_in(pbx)
-        self.assertEqual(self.actions("CoreShowChannels"), [])
-        self.assertEqual(pbx.status.calls_adopted, 0)
+        await listed
+        self.assertEqual(pbx.status.calls_adopted, 1)
+        [call_id] = pbx.follower.followed_calls()
+        for beat in beats[hangups[0]:]:
+            self.fake.broadcast(beat.fields)
+        await until(lambda: len(self.recorder.happened) == 2)
+        self.assertEqual(self.recorder.kinds, [("started", "incoming"),
+                                               ("ended", Outcome.MISSED)])
+        self.assertEqual({getattr(h, "call_id", None) for h, _ in self.recorder.happened},
+                         {call_id})
 
     async def test_without_the_right_to_list_channels_the_calls_are_closed(self) -> None:
         self.fake.account = Account("dpvoip", SECRET, reporting=False)  # write = originate

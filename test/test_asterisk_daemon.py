@@ -249,23 +249,37 @@ class CallsTests(AsteriskDaemonCase):
         self.assertEqual(self.crm.query("SELECT count(*) FROM accounting_ticket"), [(1,)])
 
     async def test_a_call_left_open_by_the_last_run_is_closed_at_start(self) -> None:
+        """Of the calls going on when dpvoip stopped, the one the PBX still has when it
+        starts again is followed to its real end; the one that ended meanwhile is closed
+        as interrupted (how it ended is not known)."""
         await self.start()
-        beats = SCENARIOS["incoming-answered"](self.fake.pbx)
-        await self.send(beats[:8])  # ringing, answered: then dpvoip stops
-        [row] = self.calls()
-        self.assertEqual(row[2], "active")
+        talking = SCENARIOS["incoming-answered"](self.fake.pbx, talk=65)
+        ringing = SCENARIOS["incoming-missed"](self.fake.pbx, caller="2310123456")
+        hangup = next(n for n, b in enumerate(ringing) if b.message.event == "Hangup")
+        await self.send(talking[:11])  # ringing, answered, talking
+        await self.send(ringing[:hangup])  # ringing: then dpvoip stops
+        self.assertEqual([r[2] for r in self.calls()], ["active", "active"])
         await self.daemon.service.stopService()
-        self.clock.advance(60)
+        for beat in ringing[hangup:]:  # the second caller gives up meanwhile
+            self.fake.broadcast(beat.fields)
+        self.clock.advance(10)
         await self.start(self.config())  # the next run, on the same database
         closed = self.provider.left_open.closed if self.provider.left_open else None
         self.assertEqual(await closed if closed else None, 1)
-        [row] = self.calls()
-        self.assertNotEqual(row[2], "active")
-        [(outcome,)] = self.crm.query("SELECT outcome FROM dpvoip.call_detail")
-        self.assertEqual(outcome, "interrupted")
+        self.assertEqual(self.provider.pbx.status.calls_adopted, 1)
+        self.assertEqual(sorted(r[2] for r in self.calls()), ["active", "failed"])
+        self.assertEqual(self.crm.query(
+            "SELECT outcome FROM dpvoip.call_detail WHERE outcome IS NOT NULL"),
+            [("interrupted",)])
+        await self.send(talking[11:])  # the first call's real end
+        self.assertEqual(sorted(r[2] for r in self.calls()), ["completed", "failed"])
+        [(duration,)] = self.crm.query("SELECT duration_seconds FROM accounting_voipcall"
+                                       " WHERE status = 'completed'")
+        self.assertGreaterEqual(duration, 65)
         # A call of this run is left alone.
-        await self.send(SCENARIOS["incoming-missed"](self.fake.pbx, caller="2310123456"))
-        self.assertEqual(sorted(r[2] for r in self.calls()), ["failed", "missed"])
+        await self.send(SCENARIOS["incoming-missed"](self.fake.pbx, caller="2310999999"))
+        self.assertEqual(sorted(r[2] for r in self.calls()),
+                         ["completed", "failed", "missed"])
 
 
 class CallsNewestCrmTests(CallsTests):

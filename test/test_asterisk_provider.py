@@ -7,6 +7,7 @@ route answering any provider's error (not only Zadarma's) clearly."""
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -24,7 +25,13 @@ from dpvoip.asterisk.dialling import (
     PbxUnavailable,
     dial_string,
 )
-from dpvoip.asterisk.provider import KIND, NO_RECORDINGS, AsteriskProvider
+from dpvoip.asterisk.messages import Message
+from dpvoip.asterisk.provider import (
+    KIND,
+    LISTING_WAIT_SECONDS,
+    NO_RECORDINGS,
+    AsteriskProvider,
+)
 from dpvoip.asterisk.service import OriginateRefused
 from dpvoip.asterisk.settings import AsteriskSettings
 from dpvoip.calls.ingest import Origin
@@ -39,7 +46,7 @@ from dpvoip.protocols.ami import ActionTimedOut, NotConnected
 from dpvoip.providers import discovery
 from dpvoip.providers.choice import ProviderChoice
 from dpvoip.providers.interface import DialRequest, ProviderError, ProviderTools
-from dpvoip.testing.asterisk import Account, FakeAsterisk
+from dpvoip.testing.asterisk import SCENARIOS, Account, ChannelTable, FakeAsterisk, Pbx
 from dpvoip.web.app import Readiness, WebApp
 from dpvoip.web.callback import CallbackPages
 from dpvoip.web.sources import networks
@@ -65,16 +72,31 @@ class Recorder:
 
     def __init__(self) -> None:
         self.happened: list[tuple[Happening, Origin]] = []
-        self.closed: list[tuple[str, Reason, datetime, datetime | None]] = []
+        self.closed: list[tuple[str, Reason, datetime, datetime | None, frozenset[str]]] = []
 
     def submit(self, happening: Happening, origin: Origin) -> Deferred[None]:
         self.happened.append((happening, origin))
         return succeed(None)
 
     async def close_open_calls(self, box: str, reason: Reason, at: datetime,
-                               started_before: datetime | None = None) -> int:
-        self.closed.append((box, reason, at, started_before))
+                               started_before: datetime | None = None,
+                               keep: Collection[str] = ()) -> int:
+        self.closed.append((box, reason, at, started_before, frozenset(keep)))
         return 2
+
+
+class ListingProtocol:
+    """The AMI connection as ``AsteriskPbx`` uses it at a login: the actions it sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+
+    def new_action_id(self) -> str:
+        return f"dpvoip-{len(self.sent) + 1}"
+
+    def send_action(self, name: str, fields: Any = (), action_id: str = "") -> Deferred[Any]:
+        self.sent.append((name, action_id))
+        return Deferred()
 
 
 def tools(clock: Clock, recorder: Any, replayed: Deferred[None]) -> ProviderTools:
@@ -201,11 +223,40 @@ class BuiltProviderTests(SynchronousTestCase):
         left_open.startService()
         self.assertEqual(self.recorder.closed, [], "not before the replay")
         self.replayed.callback(None)
+        self.clock.advance(LISTING_WAIT_SECONDS - 1)
+        self.assertEqual(self.recorder.closed, [], "not before the PBX's channels are listed")
+        self.clock.advance(1)  # the PBX out of reach: closed all the same
         assert left_open.closed is not None
         self.assertEqual(self.successResultOf(left_open.closed), 2)
-        [(name, reason, at, before)] = self.recorder.closed
-        self.assertEqual((name, reason, before), ("office", Reason.RESTARTED, born))
-        self.assertEqual(at, datetime.fromtimestamp(1_800_000_030, UTC))
+        [(name, reason, at, before, keep)] = self.recorder.closed
+        self.assertEqual((name, reason, before, keep),
+                         ("office", Reason.RESTARTED, born, frozenset()))
+        self.assertEqual(at, datetime.fromtimestamp(1_800_000_060, UTC))
+
+    def test_a_call_the_pbx_still_has_is_not_closed(self) -> None:
+        """The first login's list shows a call of before the restart still going on: it
+        is followed, and kept open for its real end."""
+        left_open, pbx = self.provider.left_open, self.provider.pbx
+        assert left_open is not None
+        table = ChannelTable()
+        for beat in SCENARIOS["incoming-answered"](Pbx(epoch=1_799_999_000))[:11]:
+            table.follow(beat.fields, 1_799_999_990)
+        left_open.startService()
+        self.replayed.callback(None)
+        connection = ListingProtocol()
+        pbx.logged_in(cast(Any, connection), "9.0.0")
+        [(action, action_id)] = connection.sent
+        self.assertEqual(action, "CoreShowChannels")
+        for fields in table.listing(action_id, self.clock.seconds()):
+            pbx.event_received(Message(tuple(fields)))
+        self.assertEqual(self.recorder.closed, [], "the list is not over yet")
+        pbx.event_received(Message((("Event", "CoreShowChannelsComplete"),
+                                    ("ActionID", action_id))))
+        assert left_open.closed is not None
+        self.successResultOf(left_open.closed)
+        [(_, _, _, _, keep)] = self.recorder.closed
+        self.assertEqual(keep, {"ast-office-1799999000.0"})
+        self.assertEqual(pbx.status.calls_adopted, 1)
 
     def test_health_says_the_last_error_without_the_secret(self) -> None:
         health = self.provider.health()

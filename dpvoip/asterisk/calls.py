@@ -209,6 +209,11 @@ class CallFollower:
         """Calls recorded (not internal ones) and not ended yet."""
         return sum(1 for call in self._calls.values() if call.direction is not None)
 
+    def followed_calls(self) -> frozenset[str]:
+        """The ids of the calls followed now (recorded ones): the PBX has them."""
+        return frozenset(call.call_id for call in self._calls.values()
+                         if call.direction is not None)
+
     @property
     def followed(self) -> tuple[int, int, int]:
         """(calls, channels, bridges) held: what the bounds bound."""

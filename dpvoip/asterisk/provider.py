@@ -8,9 +8,10 @@ the composition root, as ``zadarma.provider`` does Zadarma's:
 
 - ``services``: the manager connection (connected at once, whether the database is there
   or not: its happenings go to the durable recorder, which spools them), then, once the
-  last run's spool is replayed, the calls the last run left open for this PBX closed as
-  interrupted (restarted), only those begun before this process started, as a
-  Fritz!Box's are;
+  last run's spool is replayed and the PBX's channels listed (``LeftOpenCalls``), the
+  calls the last run left open for this PBX closed as interrupted (restarted), only those
+  begun before this process started and that the PBX no longer has, as a Fritz!Box's
+  are;
 - ``origins``: the PBX's one origin (its name, its country, the CRM's sales side on), so
   that the spool's replay applies a spooled Asterisk happening as the PBX would have;
 - ``dialler``: ``Originate`` (``asterisk.dialling``);
@@ -29,13 +30,13 @@ The name of the table is the PBX's name (``AsteriskSettings.name``): its calls' 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 
 from dpvoip.asterisk.dialling import AsteriskDialler
@@ -61,7 +62,8 @@ class ClosesLeftOpen(Protocol):
     (``spool.durable.DurableIngest.close_open_calls``)."""
 
     async def close_open_calls(self, box: str, reason: Reason, at: datetime,
-                               started_before: datetime | None = None) -> int: ...
+                               started_before: datetime | None = None,
+                               keep: Collection[str] = ()) -> int: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +110,8 @@ class AsteriskKind:
         pbx = AsteriskPbx(settings, tools.recorder, reactor)
         client = AsteriskService(pbx, reactor)
         recorder = tools.recorder
-        left_open = (LeftOpenCalls(name, recorder, tools.spool_replayed, reactor)
+        left_open = (LeftOpenCalls(name, recorder, tools.spool_replayed, reactor,
+                                   pbx.listed_once, pbx.follower.followed_calls)
                      if isinstance(recorder, ClosesLeftOpen) else None)
         dialler = AsteriskDialler(name, Dialler(pbx), settings.country,
                                   settings.originate_number)
@@ -204,19 +207,33 @@ def metrics(pbx: AsteriskPbx) -> Iterator[Metric]:
     yield originate
 
 
+#: How long the calls left open wait for the PBX's first list of channels (it says which
+#: of them are still going on) before they are closed all the same.
+LISTING_WAIT_SECONDS = 30.0
+
+
 class LeftOpenCalls(Service):
     """Once the last run's spool is replayed, close the calls it left open for this PBX
     (begun before this process: ``born``, taken when the provider is built at start).
     A new connection's calls are this run's; a call the spool still held has just been
-    replayed, so its end, if it came, is in."""
+    replayed, so its end, if it came, is in.
+
+    A call the PBX still has is not closed: the first login lists the PBX's channels and
+    the follower adopts its calls (``CallFollower.adopt``), so such a call is followed to
+    its real end. The close waits for that list (``listed``) at most
+    ``LISTING_WAIT_SECONDS``: a PBX out of reach then has its calls closed as before."""
 
     def __init__(self, name: str, recorder: ClosesLeftOpen,
-                 replayed: Callable[[], Deferred[None]], clock: Any) -> None:
+                 replayed: Callable[[], Deferred[None]], clock: Any,
+                 listed: Callable[[], Deferred[None]] | None = None,
+                 followed: Callable[[], Collection[str]] = frozenset) -> None:
         self.name = f"asterisk {name}: calls left open"
         self._pbx = name
         self._recorder = recorder
         self._replayed = replayed
         self._clock = clock
+        self._listed = listed
+        self._followed = followed
         self.born = self._now()
         self.closed: Deferred[int] | None = None  # how many were closed, once started
 
@@ -231,11 +248,20 @@ class LeftOpenCalls(Service):
             lambda _: Deferred.fromCoroutine(self._close()))
 
     async def _close(self) -> int:
+        if self._listed is not None:
+            listed = self._listed()
+            listed.addTimeout(LISTING_WAIT_SECONDS, self._clock)
+            try:
+                await listed
+            except TimeoutError:
+                log.info("pbx {pbx}: its channels were not listed within {seconds:.0f} s; "
+                         "the calls the last run left open are closed as interrupted",
+                         pbx=self._pbx, seconds=LISTING_WAIT_SECONDS)
         if not self.running:
             return 0
         try:
             closed = await self._recorder.close_open_calls(
-                self._pbx, Reason.RESTARTED, self._now(), self.born)
+                self._pbx, Reason.RESTARTED, self._now(), self.born, self._followed())
         except Exception as error:  # the database went away: they stay for next time
             log.warn("pbx {pbx}: could not close the calls left open: {error}",
                      pbx=self._pbx, error=summary(error))

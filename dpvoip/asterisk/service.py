@@ -40,7 +40,7 @@ from dpvoip.core.happenings import Happening, Started
 from dpvoip.core.log_budget import LogBudget, more_like_this
 from dpvoip.core.numbers import Dialling
 from dpvoip.core.outcomes import Outcome, Reason
-from dpvoip.deferreds import EmptyableSet
+from dpvoip.deferreds import EmptyableSet, OneShotObserver
 from dpvoip.fritzbox.service import keepalive, retry_policy
 from dpvoip.internals import QuietClientService
 from dpvoip.protocols.ami import (
@@ -160,7 +160,8 @@ class AsteriskPbx:
         self.connection: AmiProtocol | None = None
         self.budget = LogBudget()
         self._ready_watchers: list[Callable[[bool], None]] = []
-        self._listing: _Listing | None = None  # CoreShowChannels after a reconnect
+        self._listing: _Listing | None = None  # CoreShowChannels after each login
+        self._listed_once: OneShotObserver[None] = OneShotObserver()
 
     def credentials(self) -> Credentials:
         settings = self.settings
@@ -179,6 +180,11 @@ class AsteriskPbx:
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
+
+    def listed_once(self) -> Deferred[None]:
+        """Fires once the PBX's channels were listed the first time (or could not be):
+        the calls it still has are followed from then on."""
+        return self._listed_once.when_fired()
 
     def settled(self) -> Deferred[None]:
         """Fires once no happening handed to the recorder is still being recorded."""
@@ -248,18 +254,13 @@ class AsteriskPbx:
             watcher(True)
 
     def _resume(self, protocol: AmiProtocol) -> None:
-        """After a reconnect, the PBX's channels (its ``CoreShowChannels``; the events
+        """At every login, the PBX's channels (its ``CoreShowChannels``; the events
         meanwhile are handled as they come): a call followed before is followed on when
         the PBX still has it, else closed as interrupted (link lost); a call that began
-        while the link was down is adopted (``CallFollower.adopt``). Without the list
-        (the AMI user may not read it), the calls followed are all closed and the calls
-        begun meanwhile are not recorded.
-
-        Not at the first login: the calls a restart of dpvoip left open are closed at
-        start, and a call of before is recorded only from the events it sees."""
+        while the link was down, or while dpvoip was not running, is adopted
+        (``CallFollower.adopt``). Without the list (the AMI user may not read it), the
+        calls followed are all closed and the calls begun meanwhile are not recorded."""
         self._listing = None
-        if self.status.connections < 2 and not self.follower.followed[0]:
-            return
         listing = self._listing = _Listing(protocol.new_action_id())
         protocol.send_action("CoreShowChannels", (), listing.action_id).addCallbacks(
             lambda _: None, lambda failure: self._listed(listing, failure))
@@ -277,8 +278,8 @@ class AsteriskPbx:
         adopted: list[Happening] = []
         if failure is not None:
             self._warn("list", "pbx {pbx}: the channels could not be listed ({error}); the "
-                       "calls followed before the reconnect are closed as interrupted, and "
-                       "calls that began while the link was down are not recorded",
+                       "calls followed are closed as interrupted, and calls that began "
+                       "while the link was down are not recorded",
                        error=summary(failure.value))
             orphans = self.follower.close_all(Reason.LINK_LOST, self._now())
         else:
@@ -289,11 +290,14 @@ class AsteriskPbx:
             calls = sum(1 for h in adopted if isinstance(h, Started))
             self.status.calls_adopted += calls
             if calls:
-                log.info("pbx {pbx}: {calls} call(s) that began while the link was down "
-                         "found in the list of channels: followed from now on",
-                         pbx=self.settings.name, calls=calls)
+                log.info("pbx {pbx}: {calls} call(s) in progress that dpvoip was not "
+                         "following (begun while it was not connected) found in the list of "
+                         "channels: followed from now on", pbx=self.settings.name,
+                         calls=calls)
         self.status.orphans_closed += len(orphans)
         self._submit(orphans + adopted)
+        if not self._listed_once.fired:
+            self._listed_once.fire(None)
 
     def login_refused(self, reason: str) -> None:
         self.status.login_failures += 1

@@ -18,7 +18,7 @@ sales side's "today" of a Zadarma call (a PBX's call is dated by its own end).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, TypeVar
@@ -725,10 +725,13 @@ class Ingest:
         await self._ended(ended, origin, received, recovering=True, batch=batch)
 
     async def close_open_calls(self, box: str, reason: Reason, at: datetime,
-                               started_before: datetime | None = None) -> int:
+                               started_before: datetime | None = None,
+                               keep: Collection[str] = ()) -> int:
         """Close every call of ``box`` still active (left by a lost connection or a crash);
-        with ``started_before``, only those that started before it (the last run's)."""
-        calls = await self._statements.active_calls(box, started_before)
+        with ``started_before``, only those that started before it (the last run's); never
+        the calls in ``keep`` (the source still has them: followed on)."""
+        calls = [call for call in await self._statements.active_calls(box, started_before)
+                 if call[0] not in keep]
         origin = Origin(box, Dialling())
         received = self._now()
         for call_id, extension in calls:

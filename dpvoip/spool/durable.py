@@ -47,7 +47,7 @@ import functools
 import itertools
 import zlib
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -228,9 +228,10 @@ class DurableIngest:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)
 
     async def close_open_calls(self, box: str, reason: Reason, at: datetime,
-                               started_before: datetime | None = None) -> int:
+                               started_before: datetime | None = None,
+                               keep: Collection[str] = ()) -> int:
         """At a box's start, after the replay: straight to the database."""
-        return await self._ingest.close_open_calls(box, reason, at, started_before)
+        return await self._ingest.close_open_calls(box, reason, at, started_before, keep)
 
     async def _durably(self, work: Callable[[], Deferred[T]], record: Callable[[], bytes],
                        spooled_result: T, keys: Keys) -> T:
