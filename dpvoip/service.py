@@ -338,8 +338,9 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
               live.watchers)
     listen = ListenConnection(reactor, dsn, config.database.connect_timeout)
     live_events = LiveEvents(store, config.database.crm_schema)
-    live_service = LiveService(hub, LiveFeed(listen, hub, reactor), listen, live_events,
-                               live.keep_minutes, reactor, database.when_prepared)
+    feed = LiveFeed(listen, hub, reactor)
+    live_service = LiveService(hub, feed, listen, live_events, live.keep_minutes, reactor,
+                               database.when_prepared)
     live_metrics = live_exposition(live_service)
 
     # -- what the daemon tells about itself, and the web -----------------------------------
@@ -357,7 +358,7 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
 
     live_pages = LivePages(logins, LivePageReads(store, config.database.crm_schema),
                            config.page, config.crm.language, office_zone, reactor,
-                           clicks.login_url)
+                           clicks.login_url, feed.settled)
     app = WebApp(readiness, __version__, None, callback, exposition,
                  legacy_monitor=LegacyMonitorResource(legacy), live_page=live_pages,
                  events=EventStreams(logins, live_events, hub),

@@ -107,7 +107,8 @@ class StandInStream(Resource):
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"X-Accel-Buffering", b"no")
         request.write(b": open\n\n")
-        last = request.getHeader(b"Last-Event-ID")
+        last = (request.getHeader(b"Last-Event-ID")
+                or (request.args or {}).get(b"last_event_id", [None])[0])
         if last is not None:
             seen = int(last)
             if self.kept and seen < self.kept[0][0] - 1:
@@ -218,8 +219,10 @@ class BrowserTestCase(TestCase):
         logins = Logins(Accounts(self.store, "public"), Secret(SECRET_KEY), Secret(""),
                         "sessionid", reactor)
         self.stream = StandInStream(logins)
+        self.settled: int | None = None  # the live feed's watermark, as the page reads it
         live = LivePages(logins, LivePageReads(self.store, "public"), PageSettings(),
-                         self.language, ZoneInfo("Europe/Athens"), reactor, "/admin/login/")
+                         self.language, ZoneInfo("Europe/Athens"), reactor, "/admin/login/",
+                         lambda: self.settled)
 
         def ready() -> defer.Deferred[Readiness]:
             return defer.succeed(Readiness(True))
@@ -361,6 +364,26 @@ class LivePageBrowserTests(BrowserTestCase):
 
         yield self.in_browser(work)
         self.assertTrue((SCREENSHOTS / "live-page.png").stat().st_size > 1000)
+
+    @defer.inlineCallbacks
+    def test_a_call_that_rang_while_the_page_loaded_is_on_it(self) -> Any:
+        """The page's snapshot was read before the call's event committed, its stream
+        opened after: the stream starts after the events the page was rendered with, so
+        the call is on the page at once, not at its next event."""
+        [(newest,)] = self.crm.query("SELECT max(id) FROM dpvoip.live_event")
+        self.settled = newest  # every event to here is in the snapshot
+        self.stream._next = newest + 1
+        self.stream.publish("call", call_event("fb-7", "ringing"))  # no stream open yet
+
+        def work(context: Any) -> None:
+            page = context.new_page()
+            page.goto(self.base + "/voip/")
+            self.assertEqual(page.get_attribute("body", "data-last-event-id"), str(newest))
+            page.wait_for_selector("#in-progress tr[data-call='fb-7']",
+                                   timeout=PATIENCE * 1000)
+            self.assertEqual(page.locator("#in-progress tr").count(), 1)
+
+        yield self.in_browser(work)
 
     @defer.inlineCallbacks
     def test_a_reconnect_misses_nothing_and_an_old_one_reloads(self) -> Any:

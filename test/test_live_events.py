@@ -21,6 +21,7 @@ from dpvoip.live.events import (
     may_see,
     may_watch,
     must_reload,
+    page_resume_id,
     reload_frame,
 )
 
@@ -115,6 +116,14 @@ class LastEventIdTests(SynchronousTestCase):
         self.assertFalse(must_reload(20, None, 20))  # all pruned, nothing new since
         self.assertTrue(must_reload(19, None, 20))  # 20 came and went
         self.assertTrue(must_reload(25, 5, 20))  # never issued here: another database
+
+
+    def test_a_page_resumes_after_the_settled_id_when_the_stream_could(self) -> None:
+        self.assertEqual(page_resume_id(15, 5, 20), 15)
+        self.assertEqual(page_resume_id(20, None, 20), 20, "all pruned, nothing new since")
+        self.assertIsNone(page_resume_id(None, 5, 20), "the feed has settled nothing yet")
+        self.assertIsNone(page_resume_id(3, 5, 20), "pruned since: the page would reload")
+        self.assertIsNone(page_resume_id(25, 5, 20), "not this database's")
 
 
 class WatermarkTests(SynchronousTestCase):

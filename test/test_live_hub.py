@@ -150,6 +150,7 @@ class FeedWithoutStreamsTests(SynchronousTestCase):
         self.hub = Hub(self.clock, heartbeat=3600)
         self.table = TableReader()
         self.feed = LiveFeed(self.table, self.hub, self.clock)
+        self.assertIsNone(self.feed.settled(), "nothing read yet: nothing known")
         self.feed.listening()  # started: what exists now is settled
         self.assertEqual(self.table.reads, 1)
 
@@ -162,6 +163,7 @@ class FeedWithoutStreamsTests(SynchronousTestCase):
             self.commit(n)
         self.assertEqual((self.table.reads, self.feed.skipped), (1, 3))
         self.assertEqual(self.feed.watermark.low, 3)
+        self.assertEqual(self.feed.settled(), 3)
 
     def test_a_stream_opened_later_gets_only_what_comes_after(self) -> None:
         self.commit(1)

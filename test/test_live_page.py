@@ -243,11 +243,19 @@ class RouteTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(NOW.timestamp())
         self.accounts = MemoryAccounts(self.clock)
-        self.reads = FakeReads(snapshot())
+        self.reads = FakeReads(snapshot(window=(5, 20)))
         logins = Logins(self.accounts, Secret(SECRET_KEY), Secret(""), "sessionid",
                         self.clock)
+        #: The live feed's watermark, and how many snapshots were read when it was asked.
+        self.settled: int | None = None
+        self.settled_asked: list[int] = []
+
+        def settled() -> int | None:
+            self.settled_asked.append(len(self.reads.asked))
+            return self.settled
+
         live = LivePages(logins, self.reads, PageSettings(recent_calls=20), self.language,
-                         ATHENS, self.clock, "/admin/login/")
+                         ATHENS, self.clock, "/admin/login/", settled)
 
         def ready() -> Deferred[Readiness]:
             return succeed(Readiness(True))
@@ -289,6 +297,22 @@ class RouteTests(SynchronousTestCase):
         self.assertEqual((start, viewer, recent, tickets),
                          (datetime(2026, 3, 2, tzinfo=ATHENS), None, 20, 50),
                          "staff see every call; today's calls from the office's midnight")
+
+    def resume_id(self) -> str | None:
+        _, _, page = self.get("/voip/", self.sign_in())
+        [body] = [attributes for tag, attributes in parsed(page).elements if tag == "body"]
+        return body.get("data-last-event-id")
+
+    def test_the_page_streams_the_events_after_those_its_snapshot_shows(self) -> None:
+        """The watermark is read before the snapshot: every event up to it is on the
+        page; the script's first stream asks for the ones after it (committed while the
+        page loaded)."""
+        self.assertIsNone(self.resume_id(), "the feed has settled nothing yet")
+        self.settled = 15
+        self.assertEqual(self.resume_id(), "15")
+        self.assertEqual(self.settled_asked, [0, 1], "asked before each snapshot")
+        self.settled = 3  # pruned since (kept: 5 to 20): the stream would ask to reload
+        self.assertIsNone(self.resume_id())
 
     def test_a_user_who_is_not_staff_sees_only_their_calls(self) -> None:
         self.reads.staff = False

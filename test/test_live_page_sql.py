@@ -103,6 +103,15 @@ class SnapshotTests(IngestTestCase):
                          [("branch", False, False), ("office", True, True)])
 
     @defer.inlineCallbacks
+    def test_the_events_kept_are_read_with_the_snapshot(self) -> Any:
+        yield self.lines(f"{self.at('11:00:00')};RING;4;2109999999;7654321;SIP0;",
+                         f"{self.at('11:00:30')};DISCONNECT;4;0;")
+        shown = yield self.read()
+        [(oldest, newest)] = self.crm.query("SELECT min(id), max(id) FROM dpvoip.live_event")
+        self.assertGreater(newest, oldest)
+        self.assertEqual(shown.window, (oldest, newest))
+
+    @defer.inlineCallbacks
     def test_the_call_ringing_then_ended(self) -> Any:
         yield self.lines(f"{self.at('11:00:00')};RING;4;2109999999;7654321;SIP0;")
         shown = yield self.read()

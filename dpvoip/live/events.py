@@ -170,6 +170,20 @@ def must_reload(last: int, oldest_kept: int | None, newest_issued: int) -> bool:
     return oldest_kept is None or oldest_kept > last + 1
 
 
+def page_resume_id(settled: int | None, oldest_kept: int | None, newest_issued: int
+                   ) -> int | None:
+    """Where a live page's first stream starts: after ``settled`` (the feed's watermark,
+    read before the page's snapshot: every event up to it had committed, so the snapshot
+    shows it), so that the events committed between the snapshot and the stream's opening
+    are sent too (a page applies events in order, so one it already shows changes
+    nothing). None (the live events only) while the feed has settled nothing, or when
+    that id is outside what is kept (the stream would only ask the page to reload, and
+    the reloaded page would ask again)."""
+    if settled is None or must_reload(settled, oldest_kept, newest_issued):
+        return None
+    return settled
+
+
 @dataclass
 class Watermark:
     """Which event ids a reader has settled, so that a read of ``id > low`` after a

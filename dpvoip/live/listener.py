@@ -52,6 +52,11 @@ class LiveFeed:
         self.catch_ups = 0  # reads after a (re)connect
         self.skipped = 0  # announcements settled without a read (no stream open)
 
+    def settled(self) -> int | None:
+        """The id up to which every event is settled (committed and seen, or given up),
+        None before the first read."""
+        return self.watermark.low if self._started else None
+
     def notified(self, payload: str) -> None:
         """An announcement on the channel. With streams open, the table says what to
         publish (its payload is not needed). With none, nobody is to be sent the event:

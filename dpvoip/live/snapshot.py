@@ -55,6 +55,9 @@ class Snapshot:
     recent: list[LiveCall]
     tickets: list[LiveTicket]
     boxes: list[LiveBox]
+    #: The events table as the same snapshot saw it: (the oldest id kept, the newest id
+    #: ever issued), to tell whether a page's first stream may resume from an id.
+    window: tuple[int | None, int] = (None, 0)
 
 
 @dataclass(frozen=True)

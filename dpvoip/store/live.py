@@ -110,7 +110,7 @@ def announce(channel: str, payload: str, source: str = "live") -> str:
 
 _SINCE = ("SELECT id, kind, data, legs FROM dpvoip.live_event WHERE id > %s"
           " AND NOT id = ANY(%s::bigint[]) ORDER BY id LIMIT %s")
-_WINDOW = ("SELECT (SELECT min(id) FROM dpvoip.live_event),"
+EVENT_WINDOW = ("SELECT (SELECT min(id) FROM dpvoip.live_event),"
            " (SELECT CASE WHEN is_called THEN last_value ELSE 0 END"
            " FROM dpvoip.live_event_id_seq)")
 
@@ -132,7 +132,7 @@ class LiveEvents:
     async def window(self) -> tuple[int | None, int]:
         """(the oldest id kept, the newest id ever issued): what a browser's Last-Event-ID
         is compared with."""
-        rows = await self._store.read(_WINDOW)
+        rows = await self._store.read(EVENT_WINDOW)
         oldest, newest = rows[0]
         return (None if oldest is None else int(oldest)), int(newest)
 
@@ -279,7 +279,7 @@ class ListenConnection:
 
     async def newest(self) -> int:
         """The newest event id ever issued (0: none yet)."""
-        rows = await self._connection.runQuery(_WINDOW)
+        rows = await self._connection.runQuery(EVENT_WINDOW)
         return int(rows[0][1])
 
     def stop(self) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 from dpvoip.crm.schema import quote_ident
 from dpvoip.live.snapshot import Client, LiveBox, LiveCall, LiveTicket, Snapshot, Viewer
 from dpvoip.store.database import Store
+from dpvoip.store.live import EVENT_WINDOW
 
 #: A call still "active" after this long is a row a crash left open, not a call in
 #: progress: the page does not show it (``dpvoip check`` and the box's call list do).
@@ -81,7 +82,9 @@ class LivePageReads:
                 "SELECT box, connected, since, extract(epoch FROM now() - reported_at)"
                 " FROM dpvoip.box_status ORDER BY box")
             boxes = [LiveBox(r[0], r[1], r[2], float(r[3])) for r in cursor.fetchall()]
-            return Snapshot(in_progress, ended, open_tickets, boxes)
+            await cursor.execute(EVENT_WINDOW)
+            [(oldest, newest)] = cursor.fetchall()
+            return Snapshot(in_progress, ended, open_tickets, boxes, (oldest, int(newest)))
 
         return await self._store.write(read)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -41,6 +41,7 @@ from dpvoip.click_to_call.logins import NotSignedIn
 from dpvoip.config import PageSettings
 from dpvoip.core.outcomes import Outcome
 from dpvoip.core.texts import LANGUAGES, PAGE_WORDS
+from dpvoip.live.events import page_resume_id
 from dpvoip.live.snapshot import Client, LiveBox, LiveCall, LiveTicket, Snapshot, Viewer
 from dpvoip.web.callback import LoginService
 from dpvoip.web.errors import HttpError, error_answer, json_body
@@ -191,9 +192,10 @@ def _table(body_id: str, heads: list[str], rows: list[str], empty: str,
             f"{_e(words[empty])}</p>")
 
 
-def render_page(snapshot: Snapshot, view: PageView) -> bytes:
+def render_page(snapshot: Snapshot, view: PageView, resume: int | None = None) -> bytes:
     """The whole page, every value escaped; the script finds its settings in ``<body>``'s
-    data attributes."""
+    data attributes (``resume``: the id its first stream starts after, see
+    ``live.events.page_resume_id``)."""
     words = view.words
     in_progress = [_call_row(c, view, words) for c in snapshot.in_progress]
     recent = [_call_row(c, view, words) for c in snapshot.recent]
@@ -205,6 +207,7 @@ def render_page(snapshot: Snapshot, view: PageView) -> bytes:
         "zone": view.zone.key,
         "lang": view.language,
         "recent-limit": str(view.recent_limit),
+        **({} if resume is None else {"last-event-id": str(resume)}),
     }
     attributes = " ".join(f"data-{name}='{_e(value)}'" for name, value in data.items())
     page = (
@@ -292,8 +295,11 @@ class LivePages:
     """``GET /voip/``, ``/voip/popup.json``, ``/voip/popup.js`` and ``/voip/static/*``."""
 
     def __init__(self, logins: LoginService, reads: LiveReads, settings: PageSettings,
-                 language: str, zone: ZoneInfo, clock: Any, login_url: str) -> None:
+                 language: str, zone: ZoneInfo, clock: Any, login_url: str,
+                 settled: Callable[[], int | None] = lambda: None) -> None:
+        """``settled``: the live feed's watermark (``LiveFeed.settled``)."""
         self._logins = logins
+        self._settled = settled
         self._reads = reads
         self._settings = settings
         self._view = PageView(language, zone, settings.client_url, settings.recent_calls)
@@ -305,6 +311,7 @@ class LivePages:
         try:
             user = await self._logins.identify(request)
             viewer = await from_database(self._reads.viewer(user.id))
+            settled = self._settled()  # before the snapshot: it shows every event to here
             snapshot = await from_database(self._reads.snapshot(
                 day_start(self._clock.seconds(), self._view.zone),
                 None if viewer.staff else viewer.user_id,
@@ -318,7 +325,8 @@ class LivePages:
             return _send(request, 503, "text/plain; charset=utf-8",
                          self._view.words["unavailable"].encode("utf-8"))
         return _send(request, 200, "text/html; charset=utf-8",
-                     render_page(snapshot, self._view))
+                     render_page(snapshot, self._view,
+                                 page_resume_id(settled, *snapshot.window)))
 
     async def popup_json(self, request: IRequest) -> bytes:
         try:

@@ -170,8 +170,12 @@
   }
 
   var delay = 1000;
+  // The events after the ones this page was rendered with (those committed while it
+  // loaded); the browser's own reconnects then send Last-Event-ID, which comes first.
+  var resume = body.getAttribute("data-last-event-id");
   function connect() {
-    var source = new EventSource("events");
+    var url = resume ? "events?last_event_id=" + encodeURIComponent(resume) : "events";
+    var source = new EventSource(url);
     source.onopen = function () { delay = 1000; setState("live"); };
     source.onerror = function () {
       setState("reconnecting");
