@@ -84,6 +84,50 @@ def raw_reference(dsn: str, rate: float, count: int) -> tuple[list[float], list[
     return single, double
 
 
+def crm_reference(dsn: str, rate: float, count: int) -> list[float]:
+    """What the CRM's own rows cost a missed call's end, written with plain psycopg2 (not a
+    target's reference; it says how much of the gap to ``raw_reference`` is the CRM's
+    schema): the call row locked, then finalised with its two log lines and a new ticket,
+    in two round trips, as dpvoip does. Django made the CRM's foreign keys ``DEFERRABLE
+    INITIALLY DEFERRED``: each is checked at the COMMIT (a row lock on the row it names),
+    whoever writes the rows. Each call row is inserted before, untimed (its RING)."""
+    import psycopg2
+
+    connection = psycopg2.connect(dsn)
+    connection.autocommit = True
+    cursor = connection.cursor()
+    cursor.execute("SELECT id FROM accounting_clientprofile ORDER BY id LIMIT 1")
+    client = cursor.fetchone()
+    samples = []
+    for n in range(count):
+        cursor.execute(
+            "INSERT INTO accounting_voipcall (call_id, direction, phone_number, status,"
+            " started_at, duration_seconds, notes, ticket_created, created_at, updated_at,"
+            " client_id, resolution) VALUES (%s, 'incoming', '+306900000000', 'active',"
+            " now(), 0, '', false, now(), now(), %s, 'pending') RETURNING id",
+            (f"bench-crm-reference-{n}", client[0] if client else None))
+        row: Any = cursor.fetchone()
+        began = time.perf_counter()
+        cursor.execute("BEGIN; SELECT pg_advisory_xact_lock(%s); SELECT id, client_id FROM"
+                       " accounting_voipcall WHERE id = %s FOR UPDATE", (n, row[0]))
+        call, owner = cursor.fetchone()  # type: ignore[misc]
+        cursor.execute(
+            "WITH ticket AS (INSERT INTO accounting_ticket (title, description, status,"
+            " priority, notes, created_at, email_sent, follow_up_scheduled, call_id,"
+            " client_id) VALUES ('Missed call', '', 'open', 'medium', '', now(), false,"
+            " false, %(call)s, %(client)s) RETURNING id),"
+            " done AS (UPDATE accounting_voipcall SET status = 'missed', ended_at = now(),"
+            " ticket_created = true, ticket_id = (SELECT id::text FROM ticket),"
+            " updated_at = now() WHERE id = %(call)s)"
+            " INSERT INTO accounting_voipcalllog (action, description, created_at, call_id)"
+            " VALUES ('ended', 'missed', now(), %(call)s), ('ticket', 'created', now(),"
+            " %(call)s); COMMIT", {"call": call, "client": owner})
+        samples.append(time.perf_counter() - began)
+        time.sleep(1 / rate)
+    connection.close()
+    return samples
+
+
 def percentiles(samples: list[float]) -> str:
     return (f"p50 {statistics.median(samples) * 1000:.2f} ms,"
             f" p99 {p99(samples) * 1000:.2f} ms, max {max(samples) * 1000:.2f} ms"
@@ -112,6 +156,7 @@ def load(entries: int, rate: float, seconds: float, history: int) -> dict[str, A
     with crm_database(entries) as (dsn, _):
         call_history(dsn, history)
         figures["raw_single"], figures["raw_double"] = raw_reference(dsn, rate, 300)
+        figures["raw_crm"] = crm_reference(dsn, rate, 300)
 
         async def run(reactor: Any) -> None:
             pool = HealingPool(reactor, connection_dsn(dsn, DatabaseSettings()), 8)
@@ -250,6 +295,10 @@ def measure(args: argparse.Namespace) -> None:
     print(f"reference, raw psycopg2 at the same pace: one INSERT"
           f" {percentiles(figures['raw_single'])}; a two-round-trip transaction"
           f" {percentiles(figures['raw_double'])}")
+    print(f"for scale, not a reference of a target: raw psycopg2 writing the CRM's rows of a"
+          f" missed call's end (call finalised, two log lines, a ticket; two round trips;"
+          f" the CRM's deferred foreign keys checked at the COMMIT)"
+          f" {percentiles(figures['raw_crm'])}")
     print(f"RSS: {figures['rss_before_kib'] // 1024} MiB before the load,"
           f" {figures['rss_after_kib'] // 1024} MiB after")
     missed = report([
