@@ -503,6 +503,34 @@ class ScreenPopBrowserTests(BrowserTestCase):
         yield self.in_browser(work)
 
     @defer.inlineCallbacks
+    def test_a_call_ringing_when_a_crm_page_opens_pops_up(self) -> Any:
+        """The CRM's pages come and go (each one's script starts anew): a call that began
+        ringing before this page opened pops up at once, and so does one whose event
+        came while it loaded (before its stream was open)."""
+        self.crm.query(
+            "INSERT INTO accounting_voipcall (call_id, direction, phone_number, status,"
+            " started_at, duration_seconds, notes, ticket_created, created_at, updated_at,"
+            " resolution) VALUES ('fb-3', 'incoming', '+302101112223', 'active', now(), 0,"
+            " '', false, now(), now(), 'pending')")
+        [(newest,)] = self.crm.query("SELECT max(id) FROM dpvoip.live_event")
+        self.settled = newest
+        self.stream._next = newest + 1
+        self.stream.publish("call", call_event("fb-4", "ringing"))  # no stream open yet
+
+        def work(context: Any) -> None:
+            page = context.new_page()
+            page.goto(self.base + "/crm/")
+            popup = page.wait_for_selector(".dpvoip-popup[data-dpvoip-call='fb-3']",
+                                           timeout=PATIENCE * 1000)
+            assert popup is not None
+            self.assertIn("+302101112223", popup.inner_text())
+            page.wait_for_selector(".dpvoip-popup[data-dpvoip-call='fb-4']",
+                                   timeout=PATIENCE * 1000)
+            self.assertEqual(page.locator(".dpvoip-popup").count(), 2)
+
+        yield self.in_browser(work)
+
+    @defer.inlineCallbacks
     def test_with_dpvoip_away_the_crm_page_is_left_alone(self) -> Any:
         self.stream.down = True
 

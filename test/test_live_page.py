@@ -23,7 +23,15 @@ from dpvoip.config import ConfigError, PageSettings, Secret, from_toml, parse
 from dpvoip.core.outcomes import Outcome
 from dpvoip.core.texts import LANGUAGES, PAGE_WORDS
 from dpvoip.crm.logins import session_auth_hash
-from dpvoip.live.snapshot import Client, LiveBox, LiveCall, LiveTicket, Snapshot, Viewer
+from dpvoip.live.snapshot import (
+    Client,
+    LiveBox,
+    LiveCall,
+    LiveTicket,
+    Ringing,
+    Snapshot,
+    Viewer,
+)
 from dpvoip.store.live_page import LivePageReads
 from dpvoip.testing.memory import MemoryAccounts
 from dpvoip.web.app import Readiness, WebApp
@@ -216,6 +224,7 @@ class FakeReads:
 
     def __post_init__(self) -> None:
         self.asked: list[tuple[datetime, int | None, int, int]] = []
+        self.ringing_asked: list[int | None] = []
 
     def viewer(self, user_id: int) -> Deferred[Viewer]:
         if self.down:
@@ -226,6 +235,13 @@ class FakeReads:
                  tickets: int) -> Deferred[Snapshot]:
         self.asked.append((day_start, viewer, recent, tickets))
         return succeed(self.shown)
+
+    def ringing(self, viewer: int | None) -> Deferred[Ringing]:
+        self.ringing_asked.append(viewer)
+        if self.down:
+            return fail(_database_down())
+        return succeed(Ringing([c for c in self.shown.in_progress if c.state == "ringing"],
+                               self.shown.window))
 
 
 def _database_down() -> Exception:
@@ -375,6 +391,28 @@ class RouteTests(SynchronousTestCase):
         settings = json.loads(body)
         self.assertEqual((settings["popup_for"], settings["staff"], settings["numbers"]),
                          ("mine", True, ["100"]))
+
+    def test_popup_settings_bring_the_calls_ringing_and_where_the_stream_resumes(
+            self) -> None:
+        """A CRM page opened while a call rings pops it up at once; its stream then asks
+        for what committed after the read (the watermark was read before it)."""
+        self.settled = 15
+        _, _, body = self.get("/voip/popup.json", self.sign_in())
+        settings = json.loads(body)
+        [ringing] = settings["ringing"]
+        self.assertEqual(ringing, {
+            "call_id": "fb-office-20260302112800-0", "state": "ringing",
+            "direction": "incoming", "number": "+306912345678",
+            "client": {"id": 7, "name": "Papadopoulos AE"}, "extension": None,
+            "outcome": None, "status": "active", "duration": None,
+            "at": "2026-03-02T09:28:00Z", "box": "office"}, "the stream's wire format")
+        self.assertEqual(settings["last_event_id"], 15)
+        self.assertEqual((self.settled_asked, self.reads.ringing_asked), ([0], [None]))
+        self.reads.staff = False
+        self.settled = None
+        settings = json.loads(self.get("/voip/popup.json", self.sign_in())[2])
+        self.assertIsNone(settings["last_event_id"], "the feed has settled nothing yet")
+        self.assertEqual(self.reads.ringing_asked[-1], self.anna, "only their calls")
 
 
 class GreekRouteTests(RouteTests):

@@ -112,6 +112,22 @@ class SnapshotTests(IngestTestCase):
         self.assertEqual(shown.window, (oldest, newest))
 
     @defer.inlineCallbacks
+    def test_the_calls_ringing_now_for_a_screen_pop(self) -> Any:
+        """Incoming and not answered yet: a call in conversation or going out is not."""
+        yield self.office_day()  # one call in conversation at its end
+        yield self.lines(f"{self.at('11:00:00')};RING;4;2109999999;7654321;SIP0;",
+                         f"{self.at('11:00:05')};CALL;5;11;7654321;2101234567#;SIP0;")
+        shown = yield self.read()
+        self.assertEqual(sorted((c.state, c.direction) for c in shown.in_progress),
+                         [("answered", "incoming"), ("ringing", "incoming"),
+                          ("ringing", "outgoing")])
+        ringing = yield defer.Deferred.fromCoroutine(self.reads.ringing(None))
+        self.assertEqual([(c.state, c.direction, c.number) for c in ringing.calls],
+                         [("ringing", "incoming", "+302109999999")])
+        [(oldest, newest)] = self.crm.query("SELECT min(id), max(id) FROM dpvoip.live_event")
+        self.assertEqual(ringing.window, (oldest, newest))
+
+    @defer.inlineCallbacks
     def test_the_call_ringing_then_ended(self) -> Any:
         yield self.lines(f"{self.at('11:00:00')};RING;4;2109999999;7654321;SIP0;")
         shown = yield self.read()

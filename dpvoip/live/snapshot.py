@@ -61,6 +61,15 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class Ringing:
+    """The incoming calls ringing now (what a CRM page just opened pops up at once), and
+    the events table's window as the same snapshot saw it (see ``Snapshot.window``)."""
+
+    calls: list[LiveCall]
+    window: tuple[int | None, int] = (None, 0)
+
+
+@dataclass(frozen=True)
 class Viewer:
     """The signed-in user as the page needs them: staff or not, and their phones."""
 

@@ -25,13 +25,24 @@ from datetime import datetime
 from typing import Any
 
 from dpvoip.crm.schema import quote_ident
-from dpvoip.live.snapshot import Client, LiveBox, LiveCall, LiveTicket, Snapshot, Viewer
+from dpvoip.live.snapshot import (
+    Client,
+    LiveBox,
+    LiveCall,
+    LiveTicket,
+    Ringing,
+    Snapshot,
+    Viewer,
+)
 from dpvoip.store.database import Store
 from dpvoip.store.live import EVENT_WINDOW
 
 #: A call still "active" after this long is a row a crash left open, not a call in
 #: progress: the page does not show it (``dpvoip check`` and the box's call list do).
 STALE_ACTIVE = "12 hours"
+#: The calls in progress (a crash's leftovers excepted); ``d`` its detail, if any.
+_IN_PROGRESS = (f"v.status = 'active' AND v.ended_at IS NULL AND v.started_at > now()"
+                f" - interval '{STALE_ACTIVE}'")
 #: The CRM's ticket statuses that are still open.
 OPEN_TICKETS = ("open", "assigned", "in_progress")
 
@@ -68,9 +79,7 @@ class LivePageReads:
             # One snapshot of the database for the four reads, so that they agree.
             await cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             await cursor.execute(self._calls_query(
-                f"v.status = 'active' AND v.ended_at IS NULL AND v.started_at > now()"
-                f" - interval '{STALE_ACTIVE}' ORDER BY v.started_at DESC, v.id DESC"),
-                params)
+                f"{_IN_PROGRESS} ORDER BY v.started_at DESC, v.id DESC"), params)
             in_progress = [_call(row) for row in cursor.fetchall()]
             await cursor.execute(self._calls_query(
                 "v.status <> 'active' AND v.started_at >= %(day)s"
@@ -85,6 +94,22 @@ class LivePageReads:
             await cursor.execute(EVENT_WINDOW)
             [(oldest, newest)] = cursor.fetchall()
             return Snapshot(in_progress, ended, open_tickets, boxes, (oldest, int(newest)))
+
+        return await self._store.write(read)
+
+    async def ringing(self, viewer: int | None) -> Ringing:
+        """The incoming calls ringing now that ``viewer`` may see, oldest first, with the
+        events table's window, in one snapshot (the screen pop of a page just opened)."""
+
+        async def read(cursor: Any) -> Ringing:
+            await cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            await cursor.execute(self._calls_query(
+                f"{_IN_PROGRESS} AND v.direction = 'incoming' AND d.answered_at IS NULL"
+                " ORDER BY v.started_at, v.id LIMIT 20"), {"viewer": viewer})
+            calls = [_call(row) for row in cursor.fetchall()]
+            await cursor.execute(EVENT_WINDOW)
+            [(oldest, newest)] = cursor.fetchall()
+            return Ringing(calls, (oldest, int(newest)))
 
         return await self._store.write(read)
 

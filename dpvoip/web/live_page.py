@@ -41,8 +41,16 @@ from dpvoip.click_to_call.logins import NotSignedIn
 from dpvoip.config import PageSettings
 from dpvoip.core.outcomes import Outcome
 from dpvoip.core.texts import LANGUAGES, PAGE_WORDS
-from dpvoip.live.events import page_resume_id
-from dpvoip.live.snapshot import Client, LiveBox, LiveCall, LiveTicket, Snapshot, Viewer
+from dpvoip.live.events import call_data, page_resume_id
+from dpvoip.live.snapshot import (
+    Client,
+    LiveBox,
+    LiveCall,
+    LiveTicket,
+    Ringing,
+    Snapshot,
+    Viewer,
+)
 from dpvoip.web.callback import LoginService
 from dpvoip.web.errors import HttpError, error_answer, json_body
 
@@ -72,6 +80,8 @@ class LiveReads(Protocol):
 
     def snapshot(self, day_start: datetime, viewer: int | None, recent: int,
                  tickets: int) -> Awaitable[Snapshot]: ...
+
+    def ringing(self, viewer: int | None) -> Awaitable[Ringing]: ...
 
 
 # --- the words -----------------------------------------------------------------------------
@@ -246,10 +256,22 @@ def signed_out_page(view: PageView, login: str, why: str) -> bytes:
     ).encode()
 
 
-def popup_settings(viewer: Viewer, settings: PageSettings, language: str) -> dict[str, Any]:
-    """What ``popup.js`` needs to know about the signed-in user (``popup.json``)."""
+def popup_settings(viewer: Viewer, settings: PageSettings, language: str,
+                   ringing: Ringing | None = None, resume: int | None = None
+                   ) -> dict[str, Any]:
+    """What ``popup.js`` needs to know about the signed-in user (``popup.json``): also the
+    calls ringing now (a page opened while a call rings pops it up at once: the CRM's
+    pages come and go, and each one's script starts anew) in the stream's wire format,
+    and the id its stream resumes after (the events since that read)."""
     words = page_words(language)
     return {
+        "ringing": [call_data(call_id=c.call_id, state=c.state, direction=c.direction,
+                              number=c.number,
+                              client=None if c.client is None else {
+                                  "id": c.client.id, "name": c.client.name},
+                              extension=c.extension, box=c.box, at=c.at)
+                    for c in (ringing.calls if ringing is not None else ())],
+        "last_event_id": resume,
         "popup_for": settings.popup_for,
         "staff": viewer.staff,
         "numbers": list(viewer.numbers),
@@ -332,12 +354,16 @@ class LivePages:
         try:
             user = await self._logins.identify(request)
             viewer = await from_database(self._reads.viewer(user.id))
+            settled = self._settled()  # before the read: see ``page``
+            ringing = await from_database(self._reads.ringing(
+                None if viewer.staff else viewer.user_id))
         except NotSignedIn as refused:
             return error_answer(request, HttpError(401, refused.message))
         except DatabaseUnreachable:
             return error_answer(request, HttpError(
                 503, "the CRM database is not reachable; try again shortly"))
-        body = json_body(popup_settings(viewer, self._settings, self._view.language))
+        body = json_body(popup_settings(viewer, self._settings, self._view.language,
+                                        ringing, page_resume_id(settled, *ringing.window)))
         return _send(request, 200, "application/json; charset=utf-8", body)
 
     def static(self, request: IRequest, name: str) -> bytes:

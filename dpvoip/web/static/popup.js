@@ -22,6 +22,7 @@
     if (!script || !script.src || !window.EventSource || !window.fetch || !window.JSON) { return; }
     var base = new URL(".", script.src).href;  // .../voip/
     var settings = null;
+    var settingsAt = 0;
     var shown = {};
     var pause = 2000;
     var channel = null;
@@ -134,7 +135,14 @@
     }
 
     function openStream() {
-      var source = new EventSource(base + "events");
+      // The first stream after popup.json resumes after the read that listed the calls
+      // ringing (nothing committed in between is missed); later ones, or one opened long
+      // after (another tab held the stream), take the live events only.
+      var resume = settings.last_event_id;
+      settings.last_event_id = null;
+      var fresh = resume !== null && resume !== undefined && Date.now() - settingsAt < 10000;
+      var source = new EventSource(base + "events" +
+                                   (fresh ? "?last_event_id=" + encodeURIComponent(String(resume)) : ""));
       source.addEventListener("open", quietly(function () { pause = 2000; }));
       source.addEventListener("call", quietly(function (event) {
         var call = JSON.parse(event.data);
@@ -165,7 +173,11 @@
           if (!answer.ok) { later(start); return null; }
           return answer.json().then(function (found) {
             settings = found;
+            settingsAt = Date.now();
             pause = 2000;
+            // Calls ringing as the page opened: shown here; the desktop notification
+            // was the stream holder's when they began.
+            (settings.ringing || []).forEach(function (call) { onCall(call, false); });
             listen();
           });
         })
