@@ -233,6 +233,19 @@ class BuiltProviderTests(SynchronousTestCase):
                          ("office", Reason.RESTARTED, born, frozenset()))
         self.assertEqual(at, datetime.fromtimestamp(1_800_000_060, UTC))
 
+    def test_stopped_while_waiting_for_the_list_nothing_is_closed_or_left_pending(
+            self) -> None:
+        left_open = self.provider.left_open
+        assert left_open is not None
+        left_open.startService()
+        self.replayed.callback(None)
+        left_open.stopService()
+        assert left_open.closed is not None
+        self.assertEqual(self.successResultOf(left_open.closed), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(LISTING_WAIT_SECONDS)
+        self.assertEqual(self.recorder.closed, [], "they stay for the next run")
+
     def test_a_call_the_pbx_still_has_is_not_closed(self) -> None:
         """The first login's list shows a call of before the restart still going on: it
         is followed, and kept open for its real end."""

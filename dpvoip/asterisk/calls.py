@@ -279,13 +279,13 @@ class CallFollower:
         return closed
 
     def adopt(self, listed: Sequence[Message], at: datetime) -> list[Happening]:
-        """After a reconnect (and ``resume``), the channels the PBX listed that are not
-        followed: calls that began while the link was down, and phones that joined a
-        followed call meanwhile. Each is re-enacted from what the list shows, as if its
-        events had come: the channel made (dated by its ``Duration``, oldest first), an
-        outgoing call's dial, where each channel is in the dialplan (voicemail), the
-        bridges (an answer). Such a call is then recorded and followed to its end like
-        any other.
+        """After a login (and ``resume``), the channels the PBX listed that are not
+        followed: calls that began while the link was down (or dpvoip was not running),
+        and phones that joined a followed call meanwhile. Each is re-enacted from what the
+        list shows, as if its events had come: the channel made (dated by its
+        ``Duration``, oldest first), an outgoing call's dial, where each channel is in the
+        dialplan (voicemail), the bridges (an answer). Such a call is then recorded and
+        followed to its end like any other.
 
         What the list cannot show is not guessed: an adopted incoming call's number
         called is known only while its outside channel is still where the trunk put it

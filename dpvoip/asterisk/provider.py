@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.logger import Logger
 
 from dpvoip.asterisk.dialling import AsteriskDialler
@@ -234,6 +234,7 @@ class LeftOpenCalls(Service):
         self._clock = clock
         self._listed = listed
         self._followed = followed
+        self._waiting: Deferred[None] | None = None  # for the first list, until it is in
         self.born = self._now()
         self.closed: Deferred[int] | None = None  # how many were closed, once started
 
@@ -247,9 +248,14 @@ class LeftOpenCalls(Service):
         self.closed = self._replayed().addCallback(
             lambda _: Deferred.fromCoroutine(self._close()))
 
+    def stopService(self) -> None:
+        super().stopService()
+        if self._waiting is not None:
+            self._waiting.cancel()
+
     async def _close(self) -> int:
         if self._listed is not None:
-            listed = self._listed()
+            listed = self._waiting = self._listed()
             listed.addTimeout(LISTING_WAIT_SECONDS, self._clock)
             try:
                 await listed
@@ -257,6 +263,10 @@ class LeftOpenCalls(Service):
                 log.info("pbx {pbx}: its channels were not listed within {seconds:.0f} s; "
                          "the calls the last run left open are closed as interrupted",
                          pbx=self._pbx, seconds=LISTING_WAIT_SECONDS)
+            except CancelledError:
+                return 0  # stopped meanwhile: they stay for the next run
+            finally:
+                self._waiting = None
         if not self.running:
             return 0
         try:

@@ -87,7 +87,7 @@ class AsteriskStatus:
     peer_failures: int = 0  # dead peers (no Pong), not an AMI, over-long lines
     orphans_closed: int = 0
     calls_resumed: int = 0  # followed on after a reconnect: the PBX still had them
-    calls_adopted: int = 0  # begun while the link was down, found in the PBX's list
+    calls_adopted: int = 0  # in progress, not followed, found in the PBX's list at a login
     calls_evicted: int = 0
     not_recorded: int = 0
     originated: int = 0
@@ -315,7 +315,9 @@ class AsteriskPbx:
         listing = self._listing
         if listing is not None and event.action_id == listing.action_id:
             if event.event == "CoreShowChannel":
-                listing.listed.append(event)
+                # Bounded like the follower: a PBX listing more is not believed further.
+                if len(listing.listed) < self.settings.max_channels:
+                    listing.listed.append(event)
             elif event.event == "CoreShowChannelsComplete":
                 self._listed(listing)
             return
