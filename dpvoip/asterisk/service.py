@@ -277,10 +277,11 @@ class AsteriskPbx:
         self._listing = None
         adopted: list[Happening] = []
         if failure is not None:
-            self._warn("list", "pbx {pbx}: the channels could not be listed ({error}); the "
-                       "calls followed are closed as interrupted, and calls that began "
-                       "while the link was down are not recorded",
-                       error=summary(failure.value))
+            self._warn("list", "pbx {pbx}: the channels could not be listed ({error}); "
+                       "{lost}calls that began while dpvoip was not connected are not "
+                       "recorded", error=summary(failure.value),
+                       lost="the calls followed are closed as interrupted, and "
+                       if self.follower.open_calls else "")
             orphans = self.follower.close_all(Reason.LINK_LOST, self._now())
         else:
             before = self.follower.open_calls
