@@ -175,9 +175,12 @@
             settings = found;
             settingsAt = Date.now();
             pause = 2000;
-            // Calls ringing as the page opened: shown here; the desktop notification
-            // was the stream holder's when they began.
-            (settings.ringing || []).forEach(function (call) { onCall(call, false); });
+            // Calls ringing as the page opened: shown here (the desktop notification
+            // was the stream holder's when they began), only when the stream can say
+            // how they go on (an id to resume after), or they could stay shown for ever.
+            if (settings.last_event_id !== null && settings.last_event_id !== undefined) {
+              (settings.ringing || []).forEach(function (call) { onCall(call, false); });
+            }
             listen();
           });
         })
