@@ -289,6 +289,13 @@ class BrowserTestCase(TestCase):
         result: T = blockingCallFromThread(reactor, lambda: defer.succeed(work()))  # type: ignore[arg-type]
         return result
 
+    def wait_no_streams(self) -> None:
+        deadline = time.monotonic() + PATIENCE
+        while self.on_reactor(lambda: len(self.stream.streams)) > 0:
+            if time.monotonic() > deadline:
+                raise AssertionError("a closed page's stream stayed open")
+            time.sleep(0.02)
+
     def wait_streams(self, count: int) -> None:
         deadline = time.monotonic() + PATIENCE
         while self.on_reactor(lambda: len(self.stream.streams)) < count:
@@ -530,8 +537,11 @@ class ScreenPopBrowserTests(BrowserTestCase):
             # Without an id to resume after (the feed has settled nothing yet), a call
             # ringing as the page opens is not shown: its end might never reach it.
             self.settled = None
+            page.close()  # the next page holds the stream itself, once its settings are in
+            self.wait_no_streams()
             other = context.new_page()
             other.goto(self.base + "/crm/")
+            self.wait_streams(1)
             self.publish("call", call_event("fb-5", "ringing"))
             other.wait_for_selector(".dpvoip-popup[data-dpvoip-call='fb-5']",
                                     timeout=PATIENCE * 1000)
