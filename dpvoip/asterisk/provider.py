@@ -225,8 +225,8 @@ class LeftOpenCalls(Service):
 
     def __init__(self, name: str, recorder: ClosesLeftOpen,
                  replayed: Callable[[], Deferred[None]], clock: Any,
-                 listed: Callable[[], Deferred[None]] | None = None,
-                 followed: Callable[[], Collection[str]] = frozenset) -> None:
+                 listed: Callable[[], Deferred[None]],
+                 followed: Callable[[], Collection[str]]) -> None:
         self.name = f"asterisk {name}: calls left open"
         self._pbx = name
         self._recorder = recorder
@@ -254,19 +254,18 @@ class LeftOpenCalls(Service):
             self._waiting.cancel()
 
     async def _close(self) -> int:
-        if self._listed is not None:
-            listed = self._waiting = self._listed()
-            listed.addTimeout(LISTING_WAIT_SECONDS, self._clock)
-            try:
-                await listed
-            except TimeoutError:
-                log.info("pbx {pbx}: its channels were not listed within {seconds:.0f} s; "
-                         "the calls the last run left open are closed as interrupted",
-                         pbx=self._pbx, seconds=LISTING_WAIT_SECONDS)
-            except CancelledError:
-                return 0  # stopped meanwhile: they stay for the next run
-            finally:
-                self._waiting = None
+        listed = self._waiting = self._listed()
+        listed.addTimeout(LISTING_WAIT_SECONDS, self._clock)
+        try:
+            await listed
+        except TimeoutError:
+            log.info("pbx {pbx}: its channels were not listed within {seconds:.0f} s; "
+                     "the calls the last run left open are closed as interrupted",
+                     pbx=self._pbx, seconds=LISTING_WAIT_SECONDS)
+        except CancelledError:
+            return 0  # stopped meanwhile: they stay for the next run
+        finally:
+            self._waiting = None
         if not self.running:
             return 0
         try:

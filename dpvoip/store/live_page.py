@@ -91,9 +91,7 @@ class LivePageReads:
                 "SELECT box, connected, since, extract(epoch FROM now() - reported_at)"
                 " FROM dpvoip.box_status ORDER BY box")
             boxes = [LiveBox(r[0], r[1], r[2], float(r[3])) for r in cursor.fetchall()]
-            await cursor.execute(EVENT_WINDOW)
-            [(oldest, newest)] = cursor.fetchall()
-            return Snapshot(in_progress, ended, open_tickets, boxes, (oldest, int(newest)))
+            return Snapshot(in_progress, ended, open_tickets, boxes, await _window(cursor))
 
         return await self._store.write(read)
 
@@ -107,9 +105,7 @@ class LivePageReads:
                 f"{_IN_PROGRESS} AND v.direction = 'incoming' AND d.answered_at IS NULL"
                 " ORDER BY v.started_at, v.id LIMIT 20"), {"viewer": viewer})
             calls = [_call(row) for row in cursor.fetchall()]
-            await cursor.execute(EVENT_WINDOW)
-            [(oldest, newest)] = cursor.fetchall()
-            return Ringing(calls, (oldest, int(newest)))
+            return Ringing(calls, await _window(cursor))
 
         return await self._store.write(read)
 
@@ -160,6 +156,14 @@ _VISIBLE = (
     " OR (length(legs.digits) >= 9 AND length(mine.digits) >= 9"
     " AND right(legs.digits, 9) = right(mine.digits, 9))))"
 )
+
+
+async def _window(cursor: Any) -> tuple[int | None, int]:
+    """The events table's window (the oldest id kept, the newest issued), in the
+    transaction's snapshot: where a page's first stream may resume."""
+    await cursor.execute(EVENT_WINDOW)
+    [(oldest, newest)] = cursor.fetchall()
+    return oldest, int(newest)
 
 
 def _client(client_id: int | None, name: str | None) -> Client | None:

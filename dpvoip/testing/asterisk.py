@@ -265,12 +265,6 @@ class ChannelTable:
         self._up: dict[str, dict[str, str]] = {}
         self._made: dict[str, float] = {}
 
-    def __len__(self) -> int:
-        return len(self._up)
-
-    def __contains__(self, uid: object) -> bool:
-        return uid in self._up
-
     def clear(self) -> None:
         self._up.clear()
         self._made.clear()
