@@ -493,6 +493,60 @@ class BuildTurnTests(DirectoryTestCase):
         self.assertIsNotNone(match)
 
 
+class IndexedTextTests(DirectoryTestCase):
+    """Each entry keeps the column's text it was normalised from: a lookup that finds the
+    live column unchanged takes the number as confirmed without parsing the text again
+    (issue 21: that parse was a tenth of a webhook's CPU when callers seldom repeat);
+    any other text is parsed, so an edit still undoes a hit at once."""
+
+    def parses(self) -> list[str | None]:
+        """The texts the lookup's confirmation parses from now on."""
+        from dpvoip.core import matching
+
+        parsed: list[str | None] = []
+
+        def counted(raw: str | None, where: Dialling = GR) -> str | None:
+            parsed.append(raw)
+            return normalise(raw, where)
+
+        self.patch(matching, "normalise", counted)
+        return parsed
+
+    @defer.inlineCallbacks
+    def test_an_unchanged_column_is_not_parsed_again(self) -> Any:
+        client = self.crm.client("Client", kinito_tilefono="690 000 0081")
+        contact = self.crm.contact("Maria", "Same", mobile="6900000081")
+        yield self.build()
+        parsed = self.parses()
+        match = yield self.lookup("6900000081")
+        self.assertEqual((match.client.id, match.person.id, match.candidates),
+                         (client, contact, 2))
+        self.assertEqual(parsed, [])
+
+    @defer.inlineCallbacks
+    def test_the_same_number_written_otherwise_is_parsed_and_still_matches(self) -> Any:
+        client = self.crm.client("Client", kinito_tilefono="6900000082")
+        yield self.build()
+        self.crm.update("accounting_clientprofile", client, kinito_tilefono="+30 690 000 0082")
+        parsed = self.parses()
+        self.assertEqual((yield self.lookup("6900000082")).client.id, client)
+        self.assertEqual(parsed, ["+30 690 000 0082"])
+
+    @defer.inlineCallbacks
+    def test_entries_indexed_without_their_text_are_confirmed_by_parsing(self) -> Any:
+        # As an index built before the text was kept (the column added empty).
+        kept = self.crm.client("Client", kinito_tilefono="6900000083")
+        edited = self.crm.client("Client", kinito_tilefono="6900000084")
+        yield self.build()
+        yield self.store.write(lambda c: c.execute(
+            "UPDATE dpvoip.directory_entry SET raw = NULL"))
+        self.crm.update("accounting_clientprofile", edited, kinito_tilefono="2101234567")
+        parsed = self.parses()
+        self.assertEqual((yield self.lookup("6900000083")).client.id, kept)
+        self.assertIsNone((yield self.lookup("6900000084")))
+        self.assertEqual(parsed, ["6900000083", "2101234567"])
+
+
 class RememberedRowsTests(DirectoryTestCase):
     """A refresh re-reads the rows updated within its margin (a minute); the rows it
     already indexed at their current update time are skipped (issue 21: every contact a

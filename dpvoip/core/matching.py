@@ -38,13 +38,15 @@ SOURCE_BY_NAME = {source.name: source for source in SOURCES}
 
 def entries(
     source: Source, record_id: int, phones: Sequence[str | None], where: Dialling
-) -> list[tuple[str, int, str, str]]:
-    """(source, record id, column, E.164) for every phone column of one row that normalises."""
-    found: list[tuple[str, int, str, str]] = []
+) -> list[tuple[str, int, str, str, str]]:
+    """(source, record id, column, E.164, the column's text) for every phone column of one
+    row that normalises: the text is kept so that a lookup finding it unchanged need not
+    parse it again (``confirmed``)."""
+    found: list[tuple[str, int, str, str, str]] = []
     for column, raw in zip(source.phones, phones, strict=True):
         number = normalise(raw, where)
-        if number is not None:
-            found.append((source.name, record_id, column, number))
+        if number is not None and raw is not None:
+            found.append((source.name, record_id, column, number, raw))
     return found
 
 
@@ -141,6 +143,12 @@ def choose(number: str, candidates: Iterable[Candidate]) -> Match | None:
     )
 
 
-def confirmed(number: str, raw_phone: str | None, where: Dialling) -> bool:
-    """Whether the live column still holds ``number`` (an edit after indexing undoes a hit)."""
+def confirmed(number: str, raw_phone: str | None, where: Dialling,
+              indexed: str | None = None) -> bool:
+    """Whether the live column still holds ``number`` (an edit after indexing undoes a hit).
+    ``indexed``: the column's text when the index normalised it to ``number``; the same
+    text now is the same number, without parsing it again (a lookup's dearest step when
+    callers seldom repeat)."""
+    if indexed is not None and raw_phone == indexed:
+        return True
     return normalise(raw_phone, where) == number

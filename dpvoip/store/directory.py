@@ -3,7 +3,8 @@
 Built once (then kept: a restart only catches up), refreshed from the CRM tables' update
 timestamps every few seconds, swept of deleted records every minute. A lookup is one
 round trip: the index finds candidates by number, the same query joins each one's live
-row by primary key, and a hit counts only if the live column still holds the number.
+row by primary key, and a hit counts only if the live column still holds the number
+(its text unchanged since it was indexed, or parsed again to the same number).
 No CRM table is ever scanned per call, and memory does not grow with the directory: rows
 are read a page at a time.
 """
@@ -122,7 +123,7 @@ class DirectoryIndex:
             if not fresh:
                 rows = self._not_indexed_yet(source, rows)
             seen += len(rows)
-            found: list[tuple[str, int, str, str]] = []
+            found: list[tuple[str, int, str, str, str]] = []
             for start in range(0, len(rows), NORMALISED_PER_TURN):
                 if start:
                     await self._store.pause(0)  # the reactor's turn: webhooks wait on it
@@ -157,7 +158,7 @@ class DirectoryIndex:
                          if updated >= oldest}
 
     async def _replace(
-        self, source: Source, ids: list[int], found: list[tuple[str, int, str, str]]
+        self, source: Source, ids: list[int], found: list[tuple[str, int, str, str, str]]
     ) -> None:
 
         async def write(cursor: Any) -> None:
@@ -174,10 +175,10 @@ class DirectoryIndex:
                 # same moment (two started together): the last writer's number stands,
                 # rather than a unique violation failing this pass.
                 await cursor.execute(
-                    "INSERT INTO dpvoip.directory_entry (source, record_id, field, number)"
-                    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[])"
-                    " ON CONFLICT (source, record_id, field) DO UPDATE"
-                    " SET number = EXCLUDED.number",
+                    "INSERT INTO dpvoip.directory_entry (source, record_id, field, number, raw)"
+                    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[],"
+                    " %s::text[]) ON CONFLICT (source, record_id, field) DO UPDATE"
+                    " SET number = EXCLUDED.number, raw = EXCLUDED.raw",
                     tuple(list(column) for column in zip(*found, strict=True)),
                 )
 
@@ -357,9 +358,9 @@ class DirectoryIndex:
         one lookup per row); read it with ``match_of``."""
         return (
             "(SELECT json_agg(json_build_array(l.s, l.i, l.n, l.e, l.a, extract(epoch FROM"
-            " l.u), l.o, l.d, l.dn, l.f, l.r)) FROM ("
+            " l.u), l.o, l.d, l.dn, l.f, l.r, l.x)) FROM ("
             + self._lookup_sql.replace("$1", f"({number})::text")
-            + ") AS l(s, i, n, e, a, u, o, d, dn, f, r))"
+            + ") AS l(s, i, n, e, a, u, o, d, dn, f, r, x))"
         )
 
     def match_of(self, number: str | None, rows: list[list[Any]] | None) -> Match | None:
@@ -374,8 +375,8 @@ class DirectoryIndex:
     def _match(self, number: str, rows: Iterable[Sequence[Any]]) -> Match | None:
         candidates = []
         for (source, record_id, name, email, active, updated, owner_id, deal_id, deal_name,
-             _column, raw) in rows:
-            if not confirmed(number, raw, self.where):
+             _column, raw, indexed) in rows:
+            if not confirmed(number, raw, self.where, indexed):
                 continue  # edited since it was indexed: the live row says otherwise
             candidates.append(Candidate(source, record_id, name or "", email, bool(active),
                                         updated, owner_id, deal_id, deal_name))
@@ -392,9 +393,9 @@ class DirectoryIndex:
 
 
 def _case(alias: str, source: Source) -> str:
-    """The live value of the column an index entry came from."""
+    """The live value of the column an index entry came from, and its text when indexed."""
     whens = " ".join(f"WHEN '{p}' THEN {alias}.{quote_ident(p)}" for p in source.phones)
-    return f"CASE h.field {whens} END"
+    return f"CASE h.field {whens} END, h.raw"
 
 
 def _lookup_sql(schema: str) -> str:
@@ -431,7 +432,7 @@ def _lookup_sql(schema: str) -> str:
         f" FROM hit h JOIN {table('crm_company')} c ON c.id = h.record_id"
         " WHERE h.source = 'company'",
     ]
-    return ("WITH hit AS (SELECT source, record_id, field FROM dpvoip.directory_entry"
+    return ("WITH hit AS (SELECT source, record_id, field, raw FROM dpvoip.directory_entry"
             " WHERE number = $1) " + " UNION ALL ".join(parts))
 
 

@@ -288,6 +288,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             ON dpvoip.zadarma_binding USING brin (bound_at);
         """,
     ),
+    Migration(
+        16,
+        "phone directory: each entry's text as the CRM held it (a lookup parses it no more)",
+        """
+        ALTER TABLE dpvoip.directory_entry ADD COLUMN raw text;
+        DROP INDEX dpvoip.directory_entry_by_number;
+        CREATE INDEX directory_entry_by_number
+            ON dpvoip.directory_entry (number) INCLUDE (source, record_id, field, raw);
+        """,
+    ),
 )
 
 
