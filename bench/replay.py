@@ -7,7 +7,9 @@
 Against a private PostgreSQL with the 2025-12 CRM's tables, through the daemon's own
 ingest and spool (a real spool folder, fsynced), with Fritz!Box happenings (each call a
 Started and an Ended, a missed call of a directory number, so a ticket too), or with
-Zadarma's NOTIFY_START and NOTIFY_END of missed calls (journal, call, ticket):
+Zadarma's NOTIFY_START and NOTIFY_END of missed calls (journal, call, ticket). Every call
+is missed unless ``--answered`` says what share is picked up (an Answered or
+NOTIFY_ANSWER more, no ticket: ``--answered 0.8`` is an office's usual day):
 
 - direct: the events submitted straight to the ingest, 32 at a time (what the direct
   path sustains: the arrival rate the replay must beat), events/s;
@@ -40,49 +42,70 @@ from bench.directory import crm_database, rss_kib, sample_numbers, settle
 from bench.verdicts import cpu_hog
 
 
-def happenings(count: int, numbers: list[str], offset: int) -> list[Any]:
-    """``count`` events: Started, then Ended, of count/2 missed calls, interleaved by
-    two (a call's end comes after the next call's start)."""
-    from dpvoip.core.happenings import Ended, Started
+def happenings(count: int, numbers: list[str], offset: int,
+               answered: float = 0.0) -> list[Any]:
+    """``count`` events of incoming calls from directory numbers, interleaved by two (a
+    call's answer and end come after the next call's start): a missed call is a Started
+    and an Ended (and a ticket); ``answered``, the share of calls picked up (a Started, an
+    Answered and an Ended, no ticket: an office's usual day)."""
+    from dpvoip.core.happenings import Answered, Ended, Started
     from dpvoip.core.outcomes import Outcome
 
     base = datetime(2026, 1, 15, 8, 0, tzinfo=UTC)
     events: list[Any] = []
-    pending_end: Any = None
-    for n in range(offset, offset + count // 2):
+    pending: list[Any] = []
+    n = offset
+    while len(events) + len(pending) < count:
         at = base + timedelta(seconds=n)
         call = f"fb-bench-{n}"
         events.append(Started(call, "bench", n % 40, "incoming", random.choice(numbers),
                               "2107654321", "SIP0", None, at))
-        if pending_end is not None:
-            events.append(pending_end)
-        pending_end = Ended(call, Outcome.MISSED, 0, at + timedelta(seconds=20), None)
-    events.append(pending_end)
+        events.extend(pending)
+        if _picked_up(n, answered):
+            pending = [Answered(call, 11, at + timedelta(seconds=5)),
+                       Ended(call, Outcome.ANSWERED, 60, at + timedelta(seconds=65), 11)]
+        else:
+            pending = [Ended(call, Outcome.MISSED, 0, at + timedelta(seconds=20), None)]
+        n += 1
+    events.extend(pending)
     return events
 
 
-def zadarma_forms(count: int, numbers: list[str], offset: int) -> list[dict[str, str]]:
-    """``count`` Zadarma webhook forms: NOTIFY_START, then NOTIFY_END, of count/2 missed
-    calls, interleaved by two like ``happenings``; each call its own signed string (its
-    caller and second of start), all started within the guard's freshness window."""
+def _picked_up(n: int, answered: float) -> bool:
+    """Whether call ``n`` is answered: spread evenly, ``answered`` of the calls."""
+    return int((n + 1) * answered) > int(n * answered)
+
+
+def zadarma_forms(count: int, numbers: list[str], offset: int,
+                  answered: float = 0.0) -> list[dict[str, str]]:
+    """``count`` Zadarma webhook forms, interleaved by two like ``happenings``: a missed
+    call's NOTIFY_START and NOTIFY_END (a ticket), an answered one's NOTIFY_START,
+    NOTIFY_ANSWER and NOTIFY_END; each call its own signed string (its caller and second
+    of start), all started within the guard's freshness window."""
     from zoneinfo import ZoneInfo
 
     base = datetime.now(ZoneInfo("Europe/Athens")).replace(tzinfo=None) - timedelta(hours=3)
     forms: list[dict[str, str]] = []
-    pending_end: dict[str, str] | None = None
-    for n in range(offset, offset + count // 2):
+    pending: list[dict[str, str]] = []
+    n = offset
+    while len(forms) + len(pending) < count:
         common = {"pbx_call_id": f"in_bench{n:032d}",
                   "call_start": f"{base + timedelta(seconds=n % 10000):%Y-%m-%d %H:%M:%S}",
-                  "caller_id": "+30" + random.choice(numbers).lstrip("0"),
-                  "called_did": "302107654321"}
-        forms.append({"event": "NOTIFY_START", **common})
-        if pending_end is not None:
-            forms.append(pending_end)
-        pending_end = {"event": "NOTIFY_END", **common, "duration": "0",
-                       "disposition": "no answer", "status_code": "19", "is_recorded": "0",
-                       "calltype": "normal"}
-    assert pending_end is not None
-    forms.append(pending_end)
+                  "caller_id": "+30" + random.choice(numbers).lstrip("0")}
+        forms.append({"event": "NOTIFY_START", **common, "called_did": "302107654321"})
+        forms.extend(pending)
+        end = {"event": "NOTIFY_END", **common, "called_did": "302107654321",
+               "is_recorded": "0", "calltype": "normal"}
+        if _picked_up(n, answered):
+            pending = [{"event": "NOTIFY_ANSWER", **common, "destination": "100",
+                        "internal": "100", "calltype": "normal"},
+                       {**end, "duration": "60", "disposition": "answered",
+                        "status_code": "16", "internal": "100"}]
+        else:
+            pending = [{**end, "duration": "0", "disposition": "no answer",
+                        "status_code": "19"}]
+        n += 1
+    forms.extend(pending)
     return forms
 
 
@@ -123,6 +146,9 @@ def main() -> int:
     parser.add_argument("--group", type=int, default=32)
     parser.add_argument("--source", choices=["fritzbox", "zadarma"], default="fritzbox",
                         help="Fritz!Box happenings, or signed Zadarma webhook forms")
+    parser.add_argument("--answered", type=float, default=0.0,
+                        help="the share of calls answered (default none: every call missed,"
+                        " with a ticket, the dearest kind)")
     parser.add_argument("--hog", action="store_true",
                         help="keep one core busy with another process meanwhile")
     options = parser.parse_args()
@@ -197,8 +223,9 @@ def main() -> int:
                 mine = callers or numbers[(phases % 16) * share:(phases % 16 + 1) * share]
                 phases += 1
                 events: list[Any] = (
-                    [(parse_event(f), f) for f in zadarma_forms(count, mine, offset)]
-                    if zadarma else happenings(count, mine, offset))
+                    [(parse_event(f), f)
+                     for f in zadarma_forms(count, mine, offset, options.answered)]
+                    if zadarma else happenings(count, mine, offset, options.answered))
                 offset += count
                 return events
 
@@ -299,7 +326,8 @@ def main() -> int:
                 await spool.stop()
                 shutil.rmtree(folder, ignore_errors=True)
             direct_rate = statistics.median(figures["direct events/s"])
-            print(f"bench.replay: {options.source}, {options.events} events a run, "
+            print(f"bench.replay: {options.source}, {options.events} events a run"
+                  f" ({options.answered:.0%} of the calls answered), "
                   f"{options.runs} runs, "
                   f"{options.group} events per transaction, {options.lanes} at once, "
                   f"directory {index.state.entries} entries "
