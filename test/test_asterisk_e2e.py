@@ -12,12 +12,14 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from dpvoip.asterisk.calls import CallFollower
+from dpvoip.asterisk.messages import Message
 from dpvoip.asterisk.service import origin_of
 from dpvoip.asterisk.settings import read_settings, rules_of
 from dpvoip.calls.ingest import Ingest
 from dpvoip.config import DatabaseSettings, TicketSettings
-from dpvoip.core.happenings import Happening
+from dpvoip.core.happenings import Happening, Started
 from dpvoip.core.numbers import Dialling
+from dpvoip.core.outcomes import Reason
 from dpvoip.core.texts import Texts
 from dpvoip.deferreds import OneShotObserver
 from dpvoip.store.database import Store
@@ -25,7 +27,7 @@ from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.dsn import connection_dsn
 from dpvoip.store.migrations import SchemaReport, prepare
 from dpvoip.store.pool import HealingPool
-from dpvoip.testing.asterisk import SCENARIOS, Pbx
+from dpvoip.testing.asterisk import SCENARIOS, ChannelTable, Pbx
 from test.support.crm import Crm
 from test.support.crm_rules import crm_findings
 from test.support.daemon import PATIENCE
@@ -162,6 +164,44 @@ class AsteriskIngestTests(AsteriskIngestMixin, TestCase):
                                     "voicemail (answering machine), message 0:12"))
         self.assertEqual([t[:2] for t in self.tickets()],
                          [("MISSED CALL - +302310123456", "open")])
+
+
+    @defer.inlineCallbacks
+    def test_a_call_closed_as_interrupted_then_listed_again_ends_as_it_did(self) -> Any:
+        """The link went and the next login could not list the channels: the calls
+        followed were closed as interrupted. A later login lists one still going: it is
+        adopted, and its real end stands over the interrupted one (the answer, made
+        before the gap, is dated by the list: the talk time counts from there)."""
+        beats = SCENARIOS["incoming-answered"](self.pbx, talk=65)
+        table, at, happened = ChannelTable(), self.start, []
+        for beat in beats[:11]:  # ringing, answered, talking
+            at += timedelta(seconds=beat.delay)
+            table.follow(beat.fields, at.timestamp())
+            happened += [(h, at) for h in self.follower.feed(beat.message, at)]
+        yield defer.Deferred.fromCoroutine(self.apply(happened))
+        lost = at + timedelta(seconds=2)
+        yield defer.Deferred.fromCoroutine(self.apply(
+            [(h, lost) for h in self.follower.close_all(Reason.LINK_LOST, lost)]))
+        self.assertEqual([d[3] for d in self.details()], ["interrupted"])
+        listed_at = lost + timedelta(seconds=3)
+        listed = [Message(tuple(fields))
+                  for fields in table.listing("list", listed_at.timestamp())]
+        adopted = self.follower.adopt(listed, listed_at)
+        self.assertEqual(len([h for h in adopted if isinstance(h, Started)]), 1)
+        rest, at = [], listed_at
+        for beat in beats[11:]:  # the call goes on to its end
+            at += timedelta(seconds=beat.delay)
+            rest += [(h, at) for h in self.follower.feed(beat.message, at)]
+        yield defer.Deferred.fromCoroutine(self.apply(
+            [(h, listed_at) for h in adopted] + rest))
+        [call] = self.calls()
+        self.assertEqual(call[:3], ("incoming", "+306912345678", "completed"))
+        self.assertTrue(call[4].startswith("answered on extension 201, talk "), call[4])
+        self.assertEqual([d[3] for d in self.details()], ["answered"])
+        [(ended_at, started_at)] = self.crm.query(
+            "SELECT ended_at, started_at FROM accounting_voipcall")
+        self.assertEqual(ended_at - started_at, at - self.start - timedelta(
+            seconds=beats[0].delay))
 
 
 class AsteriskIngestNewestCrmTests(AsteriskIngestTests):

@@ -116,10 +116,11 @@ class AsteriskStatus:
 
 def origin_of(settings: AsteriskSettings) -> Origin:
     """Where a PBX's happenings come from: its name and its numbers' country (also what
-    the spool's replay needs to apply them again), and that its calls write the CRM's
-    sales side, as a cloud PBX's (Zadarma's) do."""
+    the spool's replay needs to apply them again), that its calls write the CRM's sales
+    side, as a cloud PBX's (Zadarma's) do, and that a call closed as interrupted, then
+    found again in the list of channels, ends as it really did."""
     return Origin(settings.name, Dialling(settings.country, settings.area_code),
-                  source="asterisk", sales_side=True)
+                  source="asterisk", sales_side=True, late_ends=True)
 
 
 @dataclass

@@ -110,13 +110,20 @@ class Origin:
     side (``was_in_touch``, a line on the active deal: behaviour.md section 6), as a
     Zadarma call does. A PBX's origin asks for it (a PBX is a Zadarma an office runs
     itself); a Fritz!Box's does not, as the spec has it (section 6 names Zadarma's calls):
-    default off."""
+    default off.
+
+    ``late_ends``: an end may finish a call closed as interrupted meanwhile. A PBX's call
+    closed when its link went (or its list of channels could not be read) is found again
+    in the list at a later login and followed to its real end, which then stands. A
+    Fritz!Box's late ends come through its own recovery instead (``_unmatched``, the call
+    list): default off."""
 
     name: str
     where: Dialling
     rules: BoxRules | None = None
     source: str = "fritzbox"
     sales_side: bool = False
+    late_ends: bool = False
 
 
 @dataclass(frozen=True)
@@ -358,7 +365,8 @@ class Ingest:
             elif isinstance(happening, Forwarded):
                 await self._forwarded(happening, received, batch)
             elif isinstance(happening, Ended):
-                await self._ended(happening, origin, received, recovering, batch)
+                await self._ended(happening, origin, received,
+                                  recovering or origin.late_ends, batch)
             else:
                 await self._unmatched(happening, origin, received, batch)
         except Exception:
