@@ -546,6 +546,34 @@ class IndexedTextTests(DirectoryTestCase):
         self.assertIsNone((yield self.lookup("6900000084")))
         self.assertEqual(parsed, ["6900000083", "2101234567"])
 
+    @defer.inlineCallbacks
+    def test_an_upgraded_index_gets_its_text_at_the_next_refresh(self) -> Any:
+        from dpvoip.store.migrations import MIGRATIONS
+
+        client = self.crm.client("Client", kinito_tilefono="6900000085")
+        contact = self.crm.contact("Maria", "Kept", mobile="6900000086")
+        # Saved long ago: no refresh reads them again unless asked to.
+        long_ago = datetime.now(UTC) - timedelta(days=30)
+        self.crm.update("accounting_clientprofile", client, updated_at=long_ago)
+        self.crm.update("crm_contact", contact, update_date=long_ago)
+        yield self.build()
+        yield self.refresh()
+        # The index as the version before kept it, then the migration that asks for it
+        # to be read again.
+        yield self.store.write(lambda c: c.execute(
+            "UPDATE dpvoip.directory_entry SET raw = NULL"))
+        [again] = [m for m in MIGRATIONS if "read again once" in m.name]
+        yield self.store.write(lambda c: c.execute(again.sql))
+        # The next start (a new process: it knows nothing of the tables' last writes).
+        self.index = DirectoryIndex(self.store, "public", GR, page_size=3)
+        self.assertGreaterEqual((yield self.refresh()), 2)
+        self.assertEqual(self.crm.query(
+            "SELECT count(*) FROM dpvoip.directory_entry WHERE raw IS NULL"), [(0,)])
+        parsed = self.parses()
+        self.assertEqual((yield self.lookup("6900000085")).client.id, client)
+        self.assertEqual((yield self.lookup("6900000086")).person.id, contact)
+        self.assertEqual(parsed, [])
+
 
 class RememberedRowsTests(DirectoryTestCase):
     """A refresh re-reads the rows updated within its margin (a minute); the rows it

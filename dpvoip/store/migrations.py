@@ -298,6 +298,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             ON dpvoip.directory_entry (number) INCLUDE (source, record_id, field, raw);
         """,
     ),
+    Migration(
+        17,
+        "phone directory: every record read again once, for its entries' text",
+        # The next refresh re-reads every record in pages, in the background, each page's
+        # entries replaced in one transaction (no lookup misses meanwhile); before, a
+        # lookup parses what it finds without a text, as it always did.
+        """
+        UPDATE dpvoip.directory_watermark SET updated_to = least(updated_to, 'epoch');
+        """,
+    ),
 )
 
 
