@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from dpvoip.core.numbers import Dialling, normalise
+from dpvoip.core.numbers import Dialling, normalise, normalise_once
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def entries(
     parse it again (``confirmed``)."""
     found: list[tuple[str, int, str, str, str]] = []
     for column, raw in zip(source.phones, phones, strict=True):
-        number = normalise(raw, where)
+        number = normalise_once(raw, where)
         if number is not None and raw is not None:
             found.append((source.name, record_id, column, number, raw))
     return found

@@ -63,11 +63,19 @@ def normalise(raw: str | None, where: Dialling = Dialling()) -> str | None:
     """The E.164 form of ``raw`` (``+302101234567``), or None when it is not a callable number."""
     if raw is None or len(raw) > MAX_RAW_CHARS:
         return None
-    return _normalised(raw, where)
+    return _remembered(raw, where)
 
 
-@functools.lru_cache(maxsize=NORMALISED_CACHE)
-def _normalised(raw: str, where: Dialling) -> str | None:
+def normalise_once(raw: str | None, where: Dialling = Dialling()) -> str | None:
+    """``normalise``, not remembered: for texts parsed once in a long while (the directory's
+    build and refresh), which would push the callers' numbers out of the remembered
+    parses, and leave their entries scattered over memory the build used for a moment."""
+    if raw is None or len(raw) > MAX_RAW_CHARS:
+        return None
+    return _parse_text(raw, where)
+
+
+def _parse_text(raw: str, where: Dialling) -> str | None:
     # Invisible format characters (direction marks, zero-width spaces, BOM, soft hyphen)
     # come with numbers copied from messengers and spreadsheets.
     text = "".join(ch for ch in raw if unicodedata.category(ch) != "Cf").strip()
@@ -110,6 +118,9 @@ def _normalised(raw: str, where: Dialling) -> str | None:
     if significant.startswith("0") and not phonenumbers.is_valid_number(number):
         return None
     return phonenumbers.format_number(number, PhoneNumberFormat.E164)
+
+
+_remembered = functools.lru_cache(maxsize=NORMALISED_CACHE)(_parse_text)
 
 
 def _without_doubled_trunk(number: phonenumbers.PhoneNumber) -> phonenumbers.PhoneNumber:
