@@ -54,8 +54,8 @@ class Dialling:
 
 
 #: Numbers normalised lately, remembered: a caller's number is normalised by each event of
-#: a call and by each lookup, and the parse is the dearest step of a webhook (issue 21).
-#: A few hundred KB at most.
+#: a call, and the parse is the dearest step of a webhook (issue 21). A few hundred KB at
+#: most. (A lookup parses a CRM column only when its text changed since it was indexed.)
 NORMALISED_CACHE = 4096
 
 
