@@ -165,7 +165,6 @@ class AsteriskIngestTests(AsteriskIngestMixin, TestCase):
         self.assertEqual([t[:2] for t in self.tickets()],
                          [("MISSED CALL - +302310123456", "open")])
 
-
     @defer.inlineCallbacks
     def test_a_call_closed_as_interrupted_then_listed_again_ends_as_it_did(self) -> Any:
         """The link went and the next login could not list the channels: the calls
