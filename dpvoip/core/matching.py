@@ -144,11 +144,11 @@ def choose(number: str, candidates: Iterable[Candidate]) -> Match | None:
 
 
 def confirmed(number: str, raw_phone: str | None, where: Dialling,
-              indexed: str | None = None) -> bool:
+              indexed: str | None) -> bool:
     """Whether the live column still holds ``number`` (an edit after indexing undoes a hit).
-    ``indexed``: the column's text when the index normalised it to ``number``; the same
-    text now is the same number, without parsing it again (a lookup's dearest step when
-    callers seldom repeat)."""
+    ``indexed``: the column's text when the index normalised it to ``number`` (None for an
+    entry indexed before the text was kept); the same text now is the same number, without
+    parsing it again (a lookup's dearest step when callers seldom repeat)."""
     if indexed is not None and raw_phone == indexed:
         return True
     return normalise(raw_phone, where) == number

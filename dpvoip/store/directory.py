@@ -392,8 +392,9 @@ class DirectoryIndex:
         return match
 
 
-def _case(alias: str, source: Source) -> str:
-    """The live value of the column an index entry came from, and its text when indexed."""
+def _texts(alias: str, source: Source) -> str:
+    """Two columns: the live value of the column an index entry came from, and the entry's
+    text of it when indexed."""
     whens = " ".join(f"WHEN '{p}' THEN {alias}.{quote_ident(p)}" for p in source.phones)
     return f"CASE h.field {whens} END, h.raw"
 
@@ -415,20 +416,20 @@ def _lookup_sql(schema: str) -> str:
     parts = [
         "SELECT 'client', c.id, c.eponimia, c.email, c.is_active, c.updated_at,"
         " NULL::integer, NULL::integer, NULL::text, h.field,"
-        f" {_case('c', SOURCE_BY_NAME['client'])}"
+        f" {_texts('c', SOURCE_BY_NAME['client'])}"
         f" FROM hit h JOIN {table('accounting_clientprofile')} c ON c.id = h.record_id"
         " WHERE h.source = 'client'",
         f"SELECT 'contact', p.id, {person}, p.email, true, p.update_date, p.owner_id,"
-        f" deal.id, deal.name, h.field, {_case('p', SOURCE_BY_NAME['contact'])}"
+        f" deal.id, deal.name, h.field, {_texts('p', SOURCE_BY_NAME['contact'])}"
         f" FROM hit h JOIN {table('crm_contact')} p ON p.id = h.record_id"
         f" {deal('contact_id')} WHERE h.source = 'contact'",
         f"SELECT 'lead', p.id, coalesce(nullif({person}, ''), p.company_name), p.email, true,"
         " p.update_date, p.owner_id, deal.id, deal.name, h.field,"
-        f" {_case('p', SOURCE_BY_NAME['lead'])}"
+        f" {_texts('p', SOURCE_BY_NAME['lead'])}"
         f" FROM hit h JOIN {table('crm_lead')} p ON p.id = h.record_id"
         f" {deal('lead_id')} WHERE h.source = 'lead'",
         "SELECT 'company', c.id, c.full_name, c.email, true, c.update_date, c.owner_id,"
-        f" NULL::integer, NULL::text, h.field, {_case('c', SOURCE_BY_NAME['company'])}"
+        f" NULL::integer, NULL::text, h.field, {_texts('c', SOURCE_BY_NAME['company'])}"
         f" FROM hit h JOIN {table('crm_company')} c ON c.id = h.record_id"
         " WHERE h.source = 'company'",
     ]
