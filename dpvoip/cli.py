@@ -36,11 +36,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     _config(args)  # fail fast, before twistd prints anything
     if args.config:
         os.environ["DPVOIP_CONFIG"] = str(Path(args.config).absolute())
-    from twisted.scripts.twistd import run
+    from twisted.application import app
+    from twisted.scripts.twistd import runApp
+
+    from dpvoip.internals import twistd_options
+    from twisted.plugins.dpvoip_plugin import dpvoip
 
     sys.argv = ["twistd", "--nodaemon", "--pidfile=", "--logger",
                 "dpvoip.logs.configured_observer", "dpvoip"]
-    run()
+    app.run(runApp, twistd_options(dpvoip))
     return 0
 
 

@@ -180,6 +180,29 @@ class QuietClientService(ClientService):
     _log = Logger(observer=cast(ILogObserver, _retry_lines_as_debug))
 
 
+def twistd_options(maker: Any) -> type[Any]:
+    """twistd's ``ServerOptions`` whose only subcommand is ``maker`` (dpvoip's own service
+    maker): what ``dpvoip run`` hands to twistd.
+
+    Plain twistd offers every plugin of every installed package as a subcommand: it reads
+    them through ``ServerOptions._getPlugins`` (``twisted.plugin.getPlugins``), and reading
+    the plugin cache imports the interfaces the other plugins provide: Twisted's trial
+    (and with it the standard ``unittest``), words, cred's checkers. About a megabyte of
+    the daemon's memory for commands it never runs. The class attribute is the one place
+    the plugins are read; ``twistd dpvoip`` keeps working as before. The options are the
+    POSIX ones (``twisted.scripts.twistd`` picks them by platform but does not export
+    them), the only ones a daemon of this office runs with.
+    """
+    from twisted.scripts._twistd_unix import ServerOptions
+
+    class DpvoipServerOptions(ServerOptions):
+        @staticmethod
+        def _getPlugins(interface: Any, package: Any = None) -> list[Any]:
+            return [maker]
+
+    return DpvoipServerOptions
+
+
 class _QuietHTTP11ClientFactory(client._HTTP11ClientFactory):
     noisy = False
 

@@ -8,6 +8,9 @@ cap in ``setup.py``. The last test keeps private access out of every other modul
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from dpvoip.internals import (
     raw_connection,
     request_line,
     tolerate_closed_descriptors,
+    twistd_options,
 )
 from test.support.postgres import postgres
 
@@ -282,6 +286,48 @@ class ClosedDescriptorTests(SynchronousTestCase):
         self.assertIn(fresh, epoll.getReaders())
         tolerate_closed_descriptors(epoll)  # twice: wrapped once
         self.assertEqual(epoll.removeAll(), [fresh])
+
+
+#: Parses twistd's options for ``dpvoip --config FILE`` in a fresh interpreter, with the
+#: options class the first argument names, and prints the plugin it would run and whether
+#: the modules only Twisted's other plugins need were imported.
+_PARSE = textwrap.dedent("""
+    import sys
+    from twisted.plugins.dpvoip_plugin import dpvoip
+    from twisted.scripts._twistd_unix import ServerOptions
+    from dpvoip.internals import twistd_options
+    options = (twistd_options(dpvoip) if sys.argv[1] == "dpvoip's" else ServerOptions)()
+    options.parseOptions(["--nodaemon", "dpvoip", "--config", sys.argv[2]])
+    print(options.loadedPlugins[options.subCommand] is dpvoip,
+          sorted(name for name in ("unittest", "twisted.trial.itrial", "twisted.words.iwords")
+                 if name in sys.modules))
+""")
+
+
+class TwistdOptionsTests(SynchronousTestCase):
+    """``dpvoip run`` hands twistd options that read no other plugin: twistd's own
+    ``_getPlugins`` is where they are read."""
+
+    def parsed(self, which: str) -> str:
+        config = Path(self.mktemp())
+        config.write_text("fritzbox = []\n", encoding="utf-8")
+        done = subprocess.run([sys.executable, "-c", _PARSE, which, str(config)],
+                              capture_output=True, text=True, check=False, timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return done.stdout.strip()
+
+    def test_plain_twistd_imports_what_the_other_plugins_need(self) -> None:
+        self.assertEqual(self.parsed("twistd's"),
+                         "True ['twisted.trial.itrial', 'twisted.words.iwords', 'unittest']")
+
+    def test_dpvoips_options_run_dpvoip_and_import_none_of_it(self) -> None:
+        self.assertEqual(self.parsed("dpvoip's"), "True []")
+
+    def test_dpvoip_is_the_only_subcommand(self) -> None:
+        from twisted.plugins.dpvoip_plugin import dpvoip
+
+        names = [command[0] for command in twistd_options(dpvoip)().subCommands]
+        self.assertEqual(names, ["dpvoip"])
 
 
 class NowhereElseTests(SynchronousTestCase):
