@@ -22,19 +22,17 @@ drain and close the pool, stop the embedded PostgreSQL. The services themselves 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from twisted.internet import threads
-from twisted.internet.defer import Deferred
 
 from dpvoip import __version__, metrics
 from dpvoip.calls.ingest import Ingest, Origin, ZadarmaContext
 from dpvoip.click_to_call.callbacks import ClickToCall
 from dpvoip.click_to_call.logins import Logins
-from dpvoip.config import Config, FritzBoxSettings, ZadarmaSettings, instance_name
+from dpvoip.config import Config, ZadarmaSettings, instance_name
 from dpvoip.core.dialling_policy import DiallingPolicy
 from dpvoip.core.numbers import Dialling, normalise
 from dpvoip.core.texts import Texts
@@ -42,16 +40,6 @@ from dpvoip.crm.redis_sessions import parse_redis_url
 from dpvoip.crm.schema import CrmCapabilities
 from dpvoip.deferreds import OneShotObserver
 from dpvoip.embedded_watch import EmbeddedWatch
-from dpvoip.fritzbox.box import FritzBox, origin_of
-from dpvoip.fritzbox.pinned import PinnedCallList
-from dpvoip.fritzbox.reconciler import Reconciler, ReconcileService
-from dpvoip.fritzbox.service import (
-    BoxLeadership,
-    BoxStatusReporter,
-    FritzBoxService,
-    LedBox,
-    retry_policy,
-)
 from dpvoip.hangup import stop_on_hangup
 from dpvoip.legacy_monitor.service import (
     LEGACY_STATE,
@@ -64,7 +52,6 @@ from dpvoip.live.hub import Hub
 from dpvoip.live.listener import LiveFeed
 from dpvoip.live.service import LiveService
 from dpvoip.live.service import exposition as live_exposition
-from dpvoip.protocols.tr064 import Tr064Client
 from dpvoip.providers.assembly import ProvidersCollector, build_all, choice, senders
 from dpvoip.providers.interface import Provider, ProviderTools
 from dpvoip.readiness import ReadinessReport
@@ -82,13 +69,11 @@ from dpvoip.spool.durable import DurableIngest, DurableService, replay_lanes
 from dpvoip.spool.journal import AsyncSpool, Spool
 from dpvoip.state_folder import InstanceLock, InstanceLockService, lock_or_exit
 from dpvoip.store.accounts import Accounts
-from dpvoip.store.call_list import CallListStatements
 from dpvoip.store.callbacks import CallbackRecords
 from dpvoip.store.database import Store
 from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.dsn import connection_dsn
 from dpvoip.store.embedded import EmbeddedPostgres
-from dpvoip.store.leases import LeaseConnection
 from dpvoip.store.legacy_monitor import SOURCE as LEGACY_SOURCE
 from dpvoip.store.legacy_monitor import LegacyMonitorRows
 from dpvoip.store.live import ListenConnection, LiveEvents
@@ -110,6 +95,10 @@ from dpvoip.web.zadarma import ZadarmaWebhook
 from dpvoip.zadarma.account import ZadarmaAccountService
 from dpvoip.zadarma.provider import SpoolContext, ZadarmaProvider, main_provider
 from dpvoip.zadarma.retention import journal_kept, kept_days
+
+if TYPE_CHECKING:  # imported by the build only when a box is configured
+    from dpvoip.fritzbox.box import FritzBox
+    from dpvoip.fritzbox.service import BoxLeadership
 
 
 class Daemon:
@@ -239,7 +228,11 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
     own = frozenset(index.own_numbers)
     # Where spooled happenings come from, by name: the boxes, the old monitor and, once
     # they are built (before anything starts), the providers' origins.
-    origins: dict[str, Origin] = {box.name: origin_of(box, own) for box in config.fritzbox}
+    origins: dict[str, Origin] = {}
+    if config.fritzbox:  # the boxes' code is imported only when the configuration has one
+        from dpvoip.fritzbox.assembly import box_origins
+
+        origins.update(box_origins(config.fritzbox, own))
     origins[LEGACY_SOURCE] = monitor_origin(region)  # the old monitor's calls (issue 15)
     durable = DurableIngest(ingest, spool, store, schema, reactor, origins,
                             zadarma_replay.current, config.directory.region,
@@ -254,39 +247,19 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
     LegacyMonitorService(legacy, spool, database.when_prepared, reactor,
                          config.state_path(base) / LEGACY_STATE).setServiceParent(top)
 
-    # -- the Fritz!Boxes -------------------------------------------------------------------
-    # Each box is read (CallMonitor and call list) only while this instance leads it:
-    # holds its advisory lock on the lease connection (one reader per box among instances).
+    # -- the Fritz!Boxes (fritzbox/assembly.py) ------------------------------------------
     boxes: list[FritzBox] = []
-    led: list[LedBox] = []
-    for settings in config.fritzbox:
-        box = FritzBox(settings, durable, reactor, own)
-        boxes.append(box)
-        monitor = FritzBoxService(
-            box, reactor, spooler.when_replayed,
-            retry=retry_policy(settings.reconnect_initial_seconds,
-                               settings.reconnect_max_seconds),
-        )
-        reading = None
-        if settings.tr064:  # its call list: what the port missed, what the box blocked
-            reading = call_list(settings, box, store, ingest, texts, reactor,
-                                spooler.when_replayed, config.database.crm_schema,
-                                lambda: crm_capabilities(schema))
-        led.append(LedBox(box, monitor, reactor, reading))
     leadership: BoxLeadership | None = None
-    if boxes:
-        lease = LeaseConnection(reactor, dsn, instance_name(config, base),
-                                config.database.connect_timeout)
-        leadership = BoxLeadership(led, lease, reactor, database.when_prepared)
-        leadership.setServiceParent(top)
-        reporter = BoxStatusReporter(boxes, store, reactor, leads=leadership.leads)
-        reporter.setServiceParent(top)
+    if config.fritzbox:
+        from dpvoip.fritzbox.assembly import BoxNeeds, wire_boxes
 
-        def report_now(_up: bool) -> None:  # a box's connection change is a live event now
-            reporter.report()
-
-        for box in boxes:
-            box.watch_connection(report_now)
+        wired = wire_boxes(config.fritzbox, BoxNeeds(
+            reactor=reactor, recorder=durable, store=store, ingest=ingest, texts=texts,
+            own=own, crm_schema=config.database.crm_schema,
+            capabilities=lambda: crm_capabilities(schema), replayed=spooler.when_replayed,
+            prepared=database.when_prepared, dsn=dsn, instance=instance_name(config, base),
+            connect_timeout=config.database.connect_timeout), top)
+        boxes, leadership = wired.boxes, wired.leadership
 
     # -- the telephony providers (Zadarma, plugins), from the configuration's list ---------
     providers = build_all(config.all_providers, ProviderTools(
@@ -372,30 +345,6 @@ def build(config: Config, reactor: Any = None, base: Path | None = None,
     live_service.setServiceParent(top)  # after the web: stops first, its streams ended
     return Daemon(top, store, web, exit_status, embedded, index, ingest, boxes, providers,
                   durable, spooler, schema, sessions, live_service)
-
-
-def call_list(settings: FritzBoxSettings, box: FritzBox, store: Store, ingest: Ingest,
-              texts: Texts, reactor: Any, replayed: Callable[[], Deferred[None]],
-              crm_schema: str, capabilities: Callable[[], CrmCapabilities]
-              ) -> ReconcileService:
-    """A box's TR-064 call list, read after the spool's replay (a call the spool still
-    holds is not recovered twice), after each reconnect and periodically."""
-    statements = CallListStatements(store, crm_schema, capabilities)
-
-    def client_for(pin: str | None) -> Tr064Client:
-        return Tr064Client(reactor, settings.host, settings.tr064_port_used,
-                           settings.tr064_user, settings.tr064_password, settings.tr064_tls,
-                           pin)
-
-    pinned = PinnedCallList(settings.name, client_for, statements,
-                            settings.tr064_certificate, settings.tr064_tls)
-    reading = ReconcileService(
-        Reconciler(settings, box.origin, pinned, statements, ingest, reactor, texts),
-        reactor, replayed)
-    box.watch_connection(lambda up: reading.box_connected() if up
-                         else reading.box_disconnected())
-    box.status.call_list = reading.status
-    return reading
 
 
 def crm_capabilities(schema: OneShotObserver[SchemaReport]) -> CrmCapabilities:

@@ -24,16 +24,15 @@ from dpvoip.config import FritzBoxSettings
 from dpvoip.core.happenings import Ended, Happening, Started
 from dpvoip.core.outcomes import Detail, Outcome, Reason
 from dpvoip.fritzbox.box import FritzBox
-from dpvoip.fritzbox.service import (
+from dpvoip.fritzbox.service import BoxStatusReporter, FritzBoxService
+from dpvoip.protocols.callmonitor import MAX_LINE, CallMonitorProtocol
+from dpvoip.reconnecting import (
     KEEPALIVE_COUNT,
     KEEPALIVE_IDLE,
     KEEPALIVE_INTERVAL,
-    BoxStatusReporter,
-    FritzBoxService,
     keepalive,
     retry_policy,
 )
-from dpvoip.protocols.callmonitor import MAX_LINE, CallMonitorProtocol
 
 RING = b"17.06.20 10:28:29;RING;0;07191952123;69123;SIP0;"
 DISCONNECT = b"17.06.20 10:28:40;DISCONNECT;0;0;"

@@ -34,6 +34,7 @@ from dpvoip.internals import (
     tolerate_closed_descriptors,
     twistd_options,
 )
+from test.support.daemon import scratch
 from test.support.postgres import postgres
 
 PACKAGE = Path(internals.__file__).parent
@@ -309,7 +310,7 @@ class TwistdOptionsTests(SynchronousTestCase):
     ``_getPlugins`` is where they are read."""
 
     def parsed(self, which: str) -> str:
-        config = Path(self.mktemp())
+        config = scratch(self) / "dpvoip.toml"
         config.write_text("fritzbox = []\n", encoding="utf-8")
         done = subprocess.run([sys.executable, "-c", _PARSE, which, str(config)],
                               capture_output=True, text=True, check=False, timeout=120)

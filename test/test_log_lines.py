@@ -44,9 +44,10 @@ from dpvoip.core.call_log import finished_text, ticket_text
 from dpvoip.core.errors import summary
 from dpvoip.core.log_budget import Outage, for_people, seconds_text
 from dpvoip.fritzbox.box import FritzBox
-from dpvoip.fritzbox.service import FritzBoxService, retry_policy, why_not_connected
+from dpvoip.fritzbox.service import FritzBoxService, why_not_connected
 from dpvoip.logs import ACCESS_FORMAT, json_line, text_line
 from dpvoip.protocols.tr064 import Tr064Client, Tr064Error
+from dpvoip.reconnecting import retry_policy
 from dpvoip.spool.durable import NotRecorded
 from dpvoip.zadarma.account import http_pool_and_agent
 from test import test_ingest

@@ -41,7 +41,6 @@ from dpvoip.core.log_budget import LogBudget, more_like_this
 from dpvoip.core.numbers import Dialling
 from dpvoip.core.outcomes import Outcome, Reason
 from dpvoip.deferreds import EmptyableSet, OneShotObserver
-from dpvoip.fritzbox.service import keepalive, retry_policy
 from dpvoip.internals import QuietClientService
 from dpvoip.protocols.ami import (
     ActionFailed,
@@ -51,6 +50,7 @@ from dpvoip.protocols.ami import (
     Credentials,
     NotConnected,
 )
+from dpvoip.reconnecting import keepalive, retry_policy
 from dpvoip.spool.durable import NotRecorded
 
 log = Logger(namespace="dpvoip.asterisk")

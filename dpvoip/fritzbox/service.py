@@ -10,8 +10,6 @@ to the database for ``dpvoip check``.
 from __future__ import annotations
 
 import errno
-import random
-import socket
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from functools import partial
@@ -28,8 +26,6 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IReactorTime,
     IStreamClientEndpoint,
-    ISystemHandle,
-    ITCPTransport,
 )
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
@@ -51,16 +47,13 @@ from dpvoip.fritzbox.leadership import (
 )
 from dpvoip.internals import QuietClientService
 from dpvoip.protocols.callmonitor import CallMonitorProtocol
+from dpvoip.reconnecting import keepalive, retry_policy
 from dpvoip.store.boxes import report_boxes
 from dpvoip.store.database import Store
 from dpvoip.store.leases import LeaseConnection, application_name
 from dpvoip.store.pool import backoff_delays
 
 log = Logger(namespace="dpvoip.fritzbox")  # the box's lines, wherever written from
-
-#: TCP keepalive: first probe after 60 s of silence, then every 10 s, dead after 3.
-KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 10, 3
-
 
 class BoxStatusReporter(TimerService):
     """Writes every box's state to ``dpvoip.box_status`` every few seconds (the first time
@@ -98,41 +91,6 @@ class BoxStatusReporter(TimerService):
         if not led:
             return succeed(None)
         return report_boxes(self._store, led).addErrback(lambda _: None)
-
-
-def keepalive(protocol: Any) -> None:
-    """prepareConnection: short TCP keepalive timers on the box's socket.
-
-    ``protocol`` is what ``ClientService`` hands over (its proxy of the CallMonitor
-    protocol). A transport that is not TCP (a test's ``StringTransport``) has no keepalive
-    to set."""
-    transport = protocol.transport
-    if not ITCPTransport.providedBy(transport):
-        return
-    transport.setTcpKeepAlive(True)
-    if not ISystemHandle.providedBy(transport):
-        return
-    handle = transport.getHandle()
-    if not isinstance(handle, socket.socket):
-        return
-    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE),
-                          ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-                          ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
-        if hasattr(socket, option):  # Linux has all three; other systems some
-            handle.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-
-
-def retry_policy(initial: float = 1.0, cap: float = 60.0,
-                 random: Callable[[], float] = random.random) -> Callable[[int], float]:
-    """Exponential back-off that never gives up: ``initial`` doubled at each failure, never
-    more than ``cap``. The jitter (a quarter of the delay, so that boxes behind one router
-    do not retry in step) is taken off the delay, never added: the cap is the cap."""
-
-    def delay(attempt: int) -> float:  # ClientService counts failed attempts from 1
-        base = min(initial * 2.0 ** (min(max(attempt, 1), 64) - 1), cap)
-        return base * (0.75 + 0.25 * random())
-
-    return delay
 
 
 def why_not_connected(failure: BaseException | None, host: str, port: int
