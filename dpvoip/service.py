@@ -11,6 +11,13 @@ The telephony providers (Zadarma, plugins: ``dpvoip.providers``) are built from 
 configuration's list by their kinds; their services start after the boxes, before the
 web, their web parts, diallers and figures are wired like the rest.
 
+The code of a part the configuration does not use is not imported (it would stay in the
+daemon's memory for nothing): the Fritz!Boxes' wiring (``fritzbox/assembly.py``) only when
+a box is configured, a box's call list only with its TR-064 user, Asterisk's modules (a
+provider kind found by entry point) only when such a provider is, the CRM's Redis client
+only with its URL. Zadarma's stay: the spool's replay reads its events whatever is
+configured now.
+
 Nothing else in dpvoip reaches for the reactor or a global: it is handed in from here.
 Services start in order (database, Fritz!Boxes and their call lists, the providers', the
 CRM's Redis when its sessions are there, web) and stop in the reverse order, each waiting
