@@ -187,7 +187,7 @@ def twistd_options(maker: Any) -> type[Any]:
     Plain twistd offers every plugin of every installed package as a subcommand: it reads
     them through ``ServerOptions._getPlugins`` (``twisted.plugin.getPlugins``), and reading
     the plugin cache imports the interfaces the other plugins provide: Twisted's trial
-    (and with it the standard ``unittest``), words, cred's checkers. About a megabyte of
+    (and with it the standard ``unittest``), words, cred's checkers: half a megabyte of
     the daemon's memory for commands it never runs. The class attribute is the one place
     the plugins are read; ``twistd dpvoip`` keeps working as before. The options are the
     POSIX ones (``twisted.scripts.twistd`` picks them by platform but does not export

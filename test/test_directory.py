@@ -602,7 +602,7 @@ class RememberedRowsTests(DirectoryTestCase):
     @defer.inlineCallbacks
     def test_the_remembered_rows_fit_their_memory_budget(self) -> Any:
         """At their bound, under a heavy load's minute, the remembered rows stay within
-        2.6 MiB of the daemon's memory (issue 21's budget: they were 3.2 MiB, a pair of
+        2.6 MiB of the daemon's memory (issue 21's budget: they were 3.1 MiB, a pair of
         source and id kept for every row)."""
         import gc
         import tracemalloc

@@ -83,8 +83,8 @@ class DirectoryIndex:
         #: (written, deleted) counters of each table as last acted on
         self._seen: dict[str, tuple[int | None, int | None]] = {}
         #: source -> record id -> its update time when a refresh last indexed it (by
-        #: source, not by (source, id) pairs: a pair per row was a third of the memory,
-        #: 3.2 MiB at the bound under a heavy load)
+        #: source: a (source, id) pair per row made them 3.1 MiB at their bound, under a
+        #: heavy load, against 2.1)
         self._indexed: dict[str, dict[int, datetime]] = {}
         self._lookup_sql = _lookup_sql(crm_schema)
 
