@@ -54,7 +54,8 @@ class DsnTests(SynchronousTestCase):
         self.assertEqual(parts["keepalives_count"], "3")
         self.assertEqual(parts["connect_timeout"], "5")
         self.assertEqual(parts["application_name"], "dpvoip")
-        self.assertEqual(parts["options"], "-c statement_timeout=2500")
+        self.assertEqual(parts["options"],
+                         "-c statement_timeout=2500 -c plan_cache_mode=force_generic_plan")
 
     def test_description_hides_the_password(self) -> None:
         dsn = connection_dsn("postgresql://crm:hunter2@db.example/crm", DatabaseSettings())
@@ -138,6 +139,33 @@ class PoolOnSharedServerTests(TestCase):
         yield defer.Deferred.fromCoroutine(self._start())
         rows = yield self.pool.run_query("SHOW statement_timeout")
         self.assertEqual(rows, [("10s",)])
+
+    @defer.inlineCallbacks
+    def test_a_hot_statement_is_not_planned_again_once_its_table_has_grown(self) -> Any:
+        # A prepared statement first run while its table is small, as dpvoip's are after
+        # an install: once the table has grown, PostgreSQL would plan every execution
+        # again on that connection (the generic plan then looks dearer than the first
+        # custom plans did), and keep doing so for as long as the connection lives.
+        pool = HealingPool(reactor, connection_dsn(self.dsn, DatabaseSettings()), 1)
+        self.addCleanup(pool.close)
+        yield pool.start()
+        query(self.dsn, "CREATE TABLE grows (k text, v text); CREATE INDEX ON grows (k)")
+        statement = ("SELECT ev.k, (SELECT count(*) FROM grows WHERE grows.k = ev.k)"
+                     " FROM json_to_recordset($1::json) AS ev(k text)")
+
+        @defer.inlineCallbacks
+        def run(times: int) -> Any:
+            for n in range(times):
+                yield pool.run_prepared("dpvoip_grows", statement,
+                                        (f'[{{"k": "k{n}"}}]',))
+
+        yield run(8)
+        query(self.dsn, "INSERT INTO grows (k, v) SELECT 'k' || (g % 50), 'x'"
+                        " FROM generate_series(1, 100000) g; ANALYZE grows")
+        yield run(20)
+        rows = yield pool.run_query("SELECT generic_plans, custom_plans"
+                                    " FROM pg_prepared_statements WHERE name = 'dpvoip_grows'")
+        self.assertEqual(rows, [(28, 0)])
 
     @defer.inlineCallbacks
     def test_async_interaction_commits_only_when_it_is_done(self) -> Any:

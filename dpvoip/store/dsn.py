@@ -2,7 +2,8 @@
 connection failed.
 
 TCP keepalives notice a dead PostgreSQL host in seconds instead of hours, and the
-statement timeout keeps one stuck query from holding a pool connection forever. A failed
+statement timeout keeps one stuck query from holding a pool connection forever. The hot
+statements run with their generic plans (``plan_cache_mode``, see ``connection_dsn``). A failed
 connection is told apart (wrong password, no such database, permission denied, not
 reachable) so that ``dpvoip check`` and the daemon can say what to do, never the password.
 """
@@ -45,7 +46,17 @@ def scrub(message: str, dsn: str) -> str:
 
 def connection_dsn(base: str, settings: DatabaseSettings, application: str = "dpvoip") -> str:
     """``base`` (a URL or key=value string) with keepalives, timeouts and our name added;
-    a ``ConfigError`` saying what libpq cannot read in it, never its password."""
+    a ``ConfigError`` saying what libpq cannot read in it, never its password.
+
+    The prepared (hot) statements always run their generic plan. Their values come as
+    JSON documents and keys, which a plan made for them cannot use; and PostgreSQL's
+    choice between the two compares the generic plan's cost with the average of the
+    custom plans made so far. The first ones were made when dpvoip's tables were small:
+    once the tables have grown, the generic plan looks dearer than that average, and
+    the connection plans every execution again for as long as it lives (the Zadarma
+    journal's statement: 0.8 ms of planning for 0.4 ms of work, measured in
+    bench.replay). ``plan_cache_mode`` is PostgreSQL 12's; Django 5.2, the CRM's,
+    needs 14."""
     found = problem(base)
     if found is not None:
         raise ConfigError(f"[database] url (DATABASE_URL) cannot be read: {found}")
@@ -58,7 +69,7 @@ def connection_dsn(base: str, settings: DatabaseSettings, application: str = "dp
         keepalives_count=settings.keepalives_count,
         connect_timeout=max(1, round(settings.connect_timeout)),
         application_name=application,
-        options=f"-c statement_timeout={timeout_ms}",
+        options=f"-c statement_timeout={timeout_ms} -c plan_cache_mode=force_generic_plan",
     )
 
 
