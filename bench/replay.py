@@ -193,8 +193,9 @@ def main() -> int:
             from dpvoip.store.statistics import PlannerStatistics
 
             planner = PlannerStatistics(store)
-            task.LoopingCall(lambda: defer.Deferred.fromCoroutine(
-                planner.refresh())).start(10.0, now=False)
+            refreshing = task.LoopingCall(lambda: defer.Deferred.fromCoroutine(
+                planner.refresh()))
+            refreshed = refreshing.start(10.0, now=False)
             await threads.deferToThread(settle, dsn)
             numbers = [n[3:] if n.startswith("+30") else n
                        for n in sample_numbers(dsn, 9000)]
@@ -337,6 +338,8 @@ def main() -> int:
                 ratio = (f"  ({value / direct_rate:.2f} x direct)"
                          if name.endswith("events/s") else "")
                 print(f"  {name:<50} {value:>10.1f}{ratio}")
+            refreshing.stop()
+            await refreshed  # a refresh under way ends before its connection is closed
             pool.close()
 
         with cpu_hog(options.hog):
