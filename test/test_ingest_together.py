@@ -232,5 +232,51 @@ class TogetherTests(ZadarmaTestCase):
         self.assertEqual(self.ingest.counters.replays_ignored, 1)  # the first start again
 
 
+    def spooled_calls(self) -> list[ZadarmaSubmission]:
+        """Six Zadarma calls as a spool holds them: each call's end after the next call's
+        start. Calls 1 and 3 are missed calls of one caller (a ticket, then grouped into
+        it), call 4 a missed call of another."""
+        context = replace(self.context, tickets=True)
+        callers = ["+306912345670", "+306912345678", "+306912345671", "+306912345678",
+                   "+306912345672", "+306912345673"]
+        calls = [zadarma_call(caller, f"in_{n:040d}", answered=n not in (1, 3, 4),
+                              start=f"2026-01-15 10:0{n}:00")
+                 for n, caller in enumerate(callers)]
+        order = [calls[0][0]]
+        for n in range(1, len(calls)):
+            order += [calls[n][0], calls[n - 1][1]]
+        order.append(calls[-1][1])
+        items = []
+        for form in order:
+            event = parse_event(form)
+            assert isinstance(event, ZadarmaEvent)
+            items.append(ZadarmaSubmission(event, form, context, ARRIVED))
+        return items
+
+    @defer.inlineCallbacks
+    def test_a_spools_interleaved_calls_share_their_runs(self) -> Any:
+        """The starts go together, then the ends, and a caller's second call waits for
+        the end of its first: three journal statements for twelve events (ending each run
+        at a call's second event took four), and the rows are what one by one writes,
+        the caller's second missed call in its first one's ticket."""
+        self.clients(self.crm)
+        yield self.build_directory()
+        items = self.spooled_calls()
+        sent = statements_sent(self)
+        yield self.ingest.apply_together(items)
+        journals = [text for text in sent if "%(events)s" in text]
+        self.assertEqual(len(journals), 3, journals)
+
+        twin, twin_crm, twin_dsn = yield defer.Deferred.fromCoroutine(self._twin())
+        for item in items:
+            yield twin.submit_zadarma(item.event, item.form, item.context, item.received)
+        together = self.rows(self.crm)
+        self.assertEqual(together, self.rows(twin_crm))
+        self.assertEqual([(t[4], t[0].split(" - ")[0]) for t in together["tickets"]],
+                         [(f"zd-in_{1:040d}", "MISSED CALLS (2x)"),
+                          (f"zd-in_{4:040d}", "MISSED CALL")])
+        self.assertEqual(crm_findings(twin_dsn), [])
+
+
 class NewestCrmTogetherTests(TogetherTests):
     crm_version = "2026-08"

@@ -168,6 +168,7 @@ class PassingTheReplayTests(TogetherTests):
     test_a_failing_step_writes_nothing_and_a_second_try_writes_once = None  # type: ignore[assignment]
     test_the_last_step_shares_the_events_transaction = None  # type: ignore[assignment]
     test_a_refused_zadarma_event_is_undone_alone = None  # type: ignore[assignment]
+    test_a_spools_interleaved_calls_share_their_runs = None  # type: ignore[assignment]
 
 
 class NewestCrmPassingTests(PassingTheReplayTests):

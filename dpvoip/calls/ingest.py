@@ -299,15 +299,16 @@ class Ingest:
             known = await self._directory.lookup_all(
                 (_started_number(item.happening, item.origin) for item in submissions
                  if isinstance(item, Submission)), batch)
-            # Zadarma events in a row go together (two round trips for all), as long as
-            # no two are of one call or one signed string: each is judged against what
-            # the ones before it wrote.
-            run: list[_Admitted] = []
+            # Zadarma events go together in runs (two round trips for a run: see
+            # ``next_run``), each judged against what the ones before it wrote.
+            waiting: list[_Admitted] = []
 
             async def flush() -> None:
-                if run:
+                rest = waiting[:]
+                waiting.clear()
+                while rest:
+                    run, rest = next_run(rest)
                     await self._zadarma(batch, run, tally)
-                    run.clear()
 
             for item in submissions:
                 if isinstance(item, ZadarmaSubmission):
@@ -315,9 +316,7 @@ class Ingest:
                                               item.received, tally)
                     if isinstance(admitted, ZadarmaOutcome):
                         continue
-                    if any(_together_apart(admitted, other) for other in run):
-                        await flush()
-                    run.append(admitted)
+                    waiting.append(admitted)
                 else:
                     await flush()
                     await self._apply(item.happening, item.origin, item.received, batch,
@@ -773,10 +772,30 @@ def _started_number(happening: Happening, origin: Origin) -> str | None:
     return normalise(happening.remote, origin.where)
 
 
-def _together_apart(one: _Admitted, other: _Admitted) -> bool:
-    """Whether two Zadarma events must not share a journal statement."""
-    return (one.item.event.pbx_call_id == other.item.event.pbx_call_id
-            or one.item.signed == other.item.signed)
+def next_run(waiting: Sequence[_Admitted]) -> tuple[list[_Admitted], list[_Admitted]]:
+    """The Zadarma events of ``waiting`` (in order) that go into one journal statement,
+    and the rest, in order, for the next runs.
+
+    Two events of one call, or of one signed string, never share a run: each is judged
+    against what the one before it committed to the journal. So the second waits for the
+    next run, and with it every later event of its call, its signed string or its caller,
+    so that those keep their order (a caller's missed calls group into its ticket in the
+    order they ended). The others need not wait: a replayed spool alternates one call's
+    start with another's end, and a run that ended at each repeat held three events."""
+    run: list[_Admitted] = []
+    rest: list[_Admitted] = []
+    in_run: set[tuple[str, object]] = set()
+    held: set[tuple[str, object]] = set()
+    for admitted in waiting:
+        apart = {("call", admitted.item.event.pbx_call_id), ("signed", admitted.item.signed)}
+        keys = apart | ({("caller", admitted.guessed)} if admitted.guessed else set())
+        if apart & in_run or keys & held:
+            rest.append(admitted)
+            held |= keys
+        else:
+            run.append(admitted)
+            in_run |= apart
+    return run, rest
 
 
 def _submission_key(item: Submission | ZadarmaSubmission) -> str:
