@@ -305,6 +305,8 @@ def main() -> int:
                 backlog = set(numbers[((phases - 1) % 16) * share:((phases - 1) % 16 + 1) * share])
                 arriving = fresh(int(arrival * 120), [n for n in numbers if n not in backlog])
                 sent = 0
+                counted = durable.counters
+                before = (counted.backed_up, counted.timed_out, counted.spooled_behind)
                 began = time.perf_counter()
                 rss = rss_kib()
                 replay = durable.replay()
@@ -322,6 +324,14 @@ def main() -> int:
                 note("drain under arrival: arrivals straight to the database, %",
                      100.0 * durable.counters.ahead / max(1, sent))
                 note("drain under arrival: RSS growth KiB", rss_kib() - rss)
+                # Why the others were spooled: the admission judged the database too far
+                # behind, the attempt outlived its deadline, or its call was in the spool.
+                for name, now, then in zip(
+                        ("judged behind", "timed out", "behind their call"),
+                        (counted.backed_up, counted.timed_out, counted.spooled_behind),
+                        before, strict=True):
+                    note(f"drain under arrival: arrivals spooled, {name}, %",
+                         100.0 * (now - then) / max(1, sent))
                 await defer.DeferredList(landing)
                 await durable.idle()
                 await spool.stop()

@@ -41,11 +41,18 @@ class OrderingKeysTests(SynchronousTestCase):
 
     def test_a_zadarma_event_holds_its_call_the_caller_and_the_destination(self) -> None:
         self.assertEqual(zadarma_keys("in_1", {"caller_id": "+306912345678",
-                                               "called_did": "302107654321"}),
+                                               "called_did": "302107654321"}, False),
                          ("zd:in_1", "n:912345678"))
         self.assertEqual(zadarma_keys("out_1", {"internal": "100",
-                                                "destination": "2101234567"}),
+                                                "destination": "2101234567"}, True),
                          ("zd:out_1", "n:101234567"))
+
+    def test_the_extension_that_answered_an_incoming_call_holds_nothing_back(self) -> None:
+        """NOTIFY_ANSWER names the office's extension (or number) as its destination,
+        which every answered call shares."""
+        answer = {"event": "NOTIFY_ANSWER", "caller_id": "+306912345678",
+                  "destination": "100", "call_start": "2026-01-15 10:00:00"}
+        self.assertEqual(zadarma_keys("in_1", answer, False), ("zd:in_1", "n:912345678"))
 
 
 class ReplayLanesTests(SynchronousTestCase):

@@ -222,7 +222,7 @@ class DurableIngest:
             lambda: self._ingest.submit_zadarma(event, form, context, received),
             lambda: zadarma_record(dict(form), received, context.provider),
             ZadarmaOutcome(duplicate=False),
-            zadarma_keys(event.pbx_call_id, form))))
+            zadarma_keys(event.pbx_call_id, form, event.outgoing))))
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._clock.seconds(), UTC)

@@ -45,12 +45,15 @@ def happening_keys(happening: Happening, numbers: Mapping[str, str]) -> Keys:
     return (call,)  # answered, forwarded: only the call's own order matters
 
 
-def zadarma_keys(pbx_call_id: str, form: Mapping[str, str]) -> Keys:
+def zadarma_keys(pbx_call_id: str, form: Mapping[str, str], outgoing: bool) -> Keys:
     """A Zadarma event's keys: its call, the caller (incoming: the ticket's number; also
-    what the signature binds) and the destination (outgoing). The office's own number
-    (``called_did``) is shared by every incoming call and is not a key."""
+    what the signature binds) and, for an outgoing call or a callback's leg, the
+    destination. An incoming call's ``destination`` (NOTIFY_ANSWER's: the extension that
+    answered, or the office's number) is shared by the office's calls like ``called_did``
+    and is not a key: as one, every answered call arriving during a replay waited behind
+    the spooled answers of that extension."""
     keys = ["zd:" + pbx_call_id]
-    for field in ("caller_id", "destination"):
+    for field in ("caller_id", "destination") if outgoing else ("caller_id",):
         if form.get(field):
             keys.append(number_key(form[field]))
     return tuple(keys)
