@@ -322,7 +322,7 @@ def main() -> int:
                 note("drain under arrival: seconds until the spool is empty", took)
                 note("drain under arrival: net events/s", (options.events + sent) / took)
                 note("drain under arrival: arrivals straight to the database, %",
-                     100.0 * durable.counters.ahead / max(1, sent))
+                     100.0 * counted.ahead / max(1, sent))
                 note("drain under arrival: RSS growth KiB", rss_kib() - rss)
                 # Why the others were spooled: the admission judged the database too far
                 # behind, the attempt outlived its deadline, or its call was in the spool.

@@ -3,6 +3,7 @@ call list) write exactly what the same events write one by one, or nothing at al
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -10,7 +11,7 @@ from zoneinfo import ZoneInfo
 
 from twisted.internet import defer, reactor
 
-from dpvoip.calls.ingest import Ingest, Submission, ZadarmaSubmission
+from dpvoip.calls.ingest import Ingest, Submission, ZadarmaContext, ZadarmaSubmission
 from dpvoip.config import DatabaseSettings
 from dpvoip.core.happenings import Happening
 from dpvoip.core.numbers import Dialling
@@ -32,6 +33,17 @@ from test.test_ingest import OWN, ZadarmaTestCase, today, zadarma_call
 #: When the events arrived: today, so that the tickets' 24-hour window is real.
 ARRIVED = datetime.strptime(today("09:10:00"), "%d.%m.%y %H:%M:%S").replace(
     tzinfo=ZoneInfo("Europe/Athens")).astimezone(UTC)
+
+
+def submissions(forms: Iterable[dict[str, str]], context: ZadarmaContext
+                ) -> list[ZadarmaSubmission]:
+    """Zadarma webhook forms as they reach ``apply_together``, all arrived at ``ARRIVED``."""
+    items = []
+    for form in forms:
+        event = parse_event(form)
+        assert isinstance(event, ZadarmaEvent)
+        items.append(ZadarmaSubmission(event, form, context, ARRIVED))
+    return items
 
 
 class TogetherTests(ZadarmaTestCase):
@@ -68,10 +80,8 @@ class TogetherTests(ZadarmaTestCase):
         items: list[Submission | ZadarmaSubmission] = [
             Submission(h, self.origin, ARRIVED) for h in happenings]
         context = replace(self.context, tickets=True)
-        for form in zadarma_call("+306912345678", "in_" + "7" * 40, answered=False):
-            event = parse_event(form)
-            assert isinstance(event, ZadarmaEvent)
-            items.append(ZadarmaSubmission(event, form, context, ARRIVED))
+        items += submissions(zadarma_call("+306912345678", "in_" + "7" * 40, answered=False),
+                             context)
         return items
 
     def clients(self, crm: Crm) -> None:
@@ -179,11 +189,7 @@ class TogetherTests(ZadarmaTestCase):
         thief = dict(first, pbx_call_id="in_" + "2" * 40)
         other, _ = zadarma_call("+306912345670", "in_" + "3" * 40, answered=True,
                                 start="2026-01-15 10:07:00")
-        items = []
-        for form in (first, thief, other):
-            event = parse_event(form)
-            assert isinstance(event, ZadarmaEvent)
-            items.append(ZadarmaSubmission(event, form, self.context, ARRIVED))
+        items = submissions((first, thief, other), self.context)
         yield self.ingest.apply_together(items)
         self.assertEqual([c[0] for c in self.rows(self.crm)["calls"]],
                          ["zd-in_" + "1" * 40, "zd-in_" + "3" * 40])
@@ -213,11 +219,7 @@ class TogetherTests(ZadarmaTestCase):
         the four starts, two for the end."""
         forms = [zadarma_call(f"+30691234567{n}", f"in_{n:040d}", answered=True,
                               start=f"2026-01-15 10:0{n}:00") for n in range(4)]
-        items = []
-        for form in [call[0] for call in forms] + [forms[0][1]]:
-            event = parse_event(form)
-            assert isinstance(event, ZadarmaEvent)
-            items.append(ZadarmaSubmission(event, form, self.context, ARRIVED))
+        items = submissions([call[0] for call in forms] + [forms[0][1]], self.context)
         yield self.ingest.apply_together(items[:1])  # each statement planned
         sent = statements_sent(self)
         yield self.ingest.apply_together(items)
@@ -245,12 +247,7 @@ class TogetherTests(ZadarmaTestCase):
         for n in range(1, len(calls)):
             order += [calls[n][0], calls[n - 1][1]]
         order.append(calls[-1][1])
-        items = []
-        for form in order:
-            event = parse_event(form)
-            assert isinstance(event, ZadarmaEvent)
-            items.append(ZadarmaSubmission(event, form, context, ARRIVED))
-        return items
+        return submissions(order, context)
 
     @defer.inlineCallbacks
     def test_a_spools_interleaved_calls_share_their_runs(self) -> Any:

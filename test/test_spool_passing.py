@@ -18,11 +18,10 @@ from txpostgres.reconnection import ConnectionDead
 from dpvoip.calls.ingest import Ingest, Submission, ZadarmaSubmission
 from dpvoip.spool.durable import DurableIngest
 from dpvoip.spool.journal import AsyncSpool, Spool
-from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from test.support.crm import Crm
 from test.support.daemon import scratch
 from test.test_ingest import zadarma_call
-from test.test_ingest_together import ARRIVED, TogetherTests
+from test.test_ingest_together import ARRIVED, TogetherTests, submissions
 
 
 class Outage:
@@ -94,11 +93,8 @@ class PassingTheReplayTests(TogetherTests):
         it)."""
         items = super().day_of_calls()
         third: list[Submission | ZadarmaSubmission] = []
-        for form in zadarma_call("+306912345670", "in_" + "5" * 40, answered=True,
-                                 start="2026-01-15 09:09:00"):
-            event = parse_event(form)
-            assert isinstance(event, ZadarmaEvent)
-            third.append(ZadarmaSubmission(event, form, self.context, ARRIVED))
+        third += submissions(zadarma_call("+306912345670", "in_" + "5" * 40, answered=True,
+                                          start="2026-01-15 09:09:00"), self.context)
         return items[:6] + third + items[6:]
 
     def submit(self, durable: DurableIngest, item: Submission | ZadarmaSubmission
