@@ -20,7 +20,7 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from dpvoip.calls.ingest import Origin, Submission
+from dpvoip.calls.ingest import Origin, Submission, ZadarmaContext, ZadarmaSubmission
 from dpvoip.core.happenings import Answered, Ended, Happening, Started, Unmatched
 from dpvoip.core.numbers import Dialling
 from dpvoip.core.outcomes import Outcome
@@ -29,6 +29,7 @@ from dpvoip.spool.durable import DurableIngest, DurableService, NotRecorded
 from dpvoip.spool.journal import FileOps, Spool, SpoolState
 from dpvoip.spool.records import fritz_record
 from dpvoip.store.migrations import SchemaReport
+from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from test.support.daemon import scratch
 
 ORIGIN = Origin("office", Dialling("GR"))
@@ -188,6 +189,10 @@ class DiskSpool:
         """No reactor here: nothing to give up."""
 
 
+#: What the fake ingest commits: a Fritz!Box happening, or a Zadarma event.
+Applied = Happening | ZadarmaEvent
+
+
 class Ingest:
     """Commits, fails as an absent database, or holds every submission (a replay's group
     is one submission: all of it commits, or none)."""
@@ -195,18 +200,23 @@ class Ingest:
     def __init__(self) -> None:
         self.down = False
         self.hold = False
-        self.applied: list[Happening] = []
-        self.held: list[tuple[list[Happening], Deferred[None]]] = []
+        self.applied: list[Applied] = []
+        self.held: list[tuple[list[Applied], Deferred[None]]] = []
 
     def submit(self, happening: Happening, origin: Origin,
                received: datetime | None = None) -> Deferred[None]:
         return self._commit([happening])
 
-    def apply_together(self, submissions: Sequence[Submission],
-                       then: Any = None) -> Deferred[None]:
-        return self._commit([item.happening for item in submissions])
+    def submit_zadarma(self, event: ZadarmaEvent, form: Any, context: Any,
+                       received: datetime | None = None) -> Deferred[None]:
+        return self._commit([event])
 
-    def _commit(self, happenings: list[Happening]) -> Deferred[None]:
+    def apply_together(self, submissions: Sequence[Submission | ZadarmaSubmission],
+                       then: Any = None) -> Deferred[None]:
+        return self._commit([item.event if isinstance(item, ZadarmaSubmission)
+                             else item.happening for item in submissions])
+
+    def _commit(self, happenings: list[Applied]) -> Deferred[None]:
         if self.down:
             from txpostgres.reconnection import ConnectionDead
             return defer.fail(ConnectionDead())
@@ -218,7 +228,7 @@ class Ingest:
         self.applied.extend(happenings)
         return defer.succeed(None)
 
-    def in_flight(self) -> list[Happening]:
+    def in_flight(self) -> list[Applied]:
         return [h for group, _ in self.held for h in group]
 
     def release(self, count: int | None = None) -> None:
@@ -460,9 +470,9 @@ class ReplayTests(SynchronousTestCase):
         lost.errback(ConnectionDead())
         self.ingest.release()  # their commits were already under way
         self.assertFalse(self.successResultOf(replay), "paused")
-        committed = list(self.ingest.applied)
+        committed = [e for e in self.ingest.applied if not isinstance(e, ZadarmaEvent)]
         self.assertEqual(len(committed), 16)
-        first_failed = events.index(failed[0])
+        first_failed = events.index(cast(Happening, failed[0]))
         self.assertTrue(any(events.index(event) > first_failed for event in committed),
                         "committed records lie beyond the failed one")
         again = Spool(self.spool.folder)  # what the next start would read
@@ -624,6 +634,40 @@ class PassingTheSpoolTests(SynchronousTestCase):
                         applied.index(missed("same", 40)))
         self.assertEqual(self.durable.counters.ahead, 1)
 
+    def zadarma(self, form: dict[str, str]) -> Deferred[Any]:
+        event = parse_event(form)
+        assert isinstance(event, ZadarmaEvent)
+        return self.durable.submit_zadarma(event, form, ZadarmaContext(ORIGIN.where, UTC))
+
+    def test_an_answer_by_the_extension_of_a_spooled_answer_goes_past_the_replay(
+            self) -> None:
+        """Every incoming call's NOTIFY_ANSWER names the extension that answered; a new
+        call answered by the extension that answered a call still in the spool is
+        independent of it and goes straight to the database, as its start did. A new
+        event of the spooled call still waits behind it."""
+        self.outage([answered(n) for n in range(12)])
+        spooled = answer_forms("in_spooled", "+302101111111", "100")
+        for form in spooled:
+            self.successResultOf(self.zadarma(form))
+        replay = self.flowing_replay()
+        arriving = [self.zadarma(form)
+                    for form in answer_forms("in_new", "+302102222222", "100")]
+        late = self.zadarma({**spooled[1], "event": "NOTIFY_END", "duration": "30",
+                             "disposition": "answered", "status_code": "16",
+                             "is_recorded": "0", "called_did": "302107654321"})
+        self.assertEqual(self.spool.state().appended_total, 12 + 2 + 1,
+                         "only the spooled call's own end was spooled behind it")
+        self.assertEqual([event.pbx_call_id for event in self.ingest.in_flight()
+                          if isinstance(event, ZadarmaEvent)], ["in_new", "in_new"],
+                         "the new call's start and answer went straight to the database")
+        self.finish(replay)
+        for landed in [*arriving, late]:
+            self.successResultOf(landed)
+        applied = [event.kind for event in self.ingest.applied
+                   if isinstance(event, ZadarmaEvent) and event.pbx_call_id == "in_spooled"]
+        self.assertEqual(applied, ["NOTIFY_START", "NOTIFY_ANSWER", "NOTIFY_END"])
+        self.assertEqual(self.durable.counters.ahead, 2)
+
     def test_before_the_replay_commits_everything_is_spooled_at_once(self) -> None:
         """The database may still be away: a new call does not wait the deadline on it,
         it is spooled at once, as during the outage."""
@@ -703,3 +747,11 @@ class PassingTheSpoolTests(SynchronousTestCase):
         for landed in live:
             self.successResultOf(landed)
         self.assertEqual(self.durable.counters.ahead, 2)
+
+
+def answer_forms(pbx_call_id: str, caller: str, extension: str) -> list[dict[str, str]]:
+    """An incoming Zadarma call's NOTIFY_START and its NOTIFY_ANSWER by ``extension``."""
+    common = {"pbx_call_id": pbx_call_id, "call_start": "2026-01-05 12:00:00",
+              "caller_id": caller}
+    return [{"event": "NOTIFY_START", **common, "called_did": "302107654321"},
+            {"event": "NOTIFY_ANSWER", **common, "destination": extension}]
