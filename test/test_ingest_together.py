@@ -3,12 +3,14 @@ call list) write exactly what the same events write one by one, or nothing at al
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import psycopg2
 from twisted.internet import defer, reactor
 
 from dpvoip.calls.ingest import Ingest, Submission, ZadarmaContext, ZadarmaSubmission
@@ -28,7 +30,7 @@ from test.support.crm import Crm
 from test.support.crm_rules import crm_findings
 from test.support.postgres import postgres
 from test.support.statements import statements_sent
-from test.test_ingest import OWN, ZadarmaTestCase, today, zadarma_call
+from test.test_ingest import OWN, ZadarmaTestCase, notifications, today, zadarma_call
 
 #: When the events arrived: today, so that the tickets' 24-hour window is real.
 ARRIVED = datetime.strptime(today("09:10:00"), "%d.%m.%y %H:%M:%S").replace(
@@ -72,9 +74,7 @@ class TogetherTests(ZadarmaTestCase):
             f"{today('09:07:00')};DISCONNECT;4;0;",
             f"{today('09:08:00')};RING;5;2106666666;7654321;SIP0;",
         ]
-        happenings: list[Happening] = []
-        for line in lines:
-            happenings += self.tracker.feed(parse(line))
+        happenings = self.happenings(lines)
         after_restart = CallTracker(self.rules)
         happenings += after_restart.feed(parse(f"{today('09:08:40')};DISCONNECT;5;0;"))
         items: list[Submission | ZadarmaSubmission] = [
@@ -271,6 +271,65 @@ class TogetherTests(ZadarmaTestCase):
         self.assertEqual([(t[4], t[0].split(" - ")[0]) for t in together["tickets"]],
                          [(f"zd-in_{1:040d}", "MISSED CALLS (2x)"),
                           (f"zd-in_{4:040d}", "MISSED CALL")])
+        for written in (self.dsn, twin_dsn):
+            self.assertEqual(crm_findings(written), [])
+
+
+    def answered_calls(self) -> list[Submission | ZadarmaSubmission]:
+        """Three answered Fritz!Box calls: nine events, none of which reads anything before
+        its write (their callers are looked up with the group's)."""
+        lines = [
+            f"{today('09:00:00')};RING;0;06912345678;7654321;SIP0;",
+            f"{today('09:00:01')};RING;1;06912345679;7654321;SIP0;",
+            f"{today('09:00:02')};RING;2;2101234567;7654321;SIP0;",
+            f"{today('09:00:05')};CONNECT;0;11;06912345678;",
+            f"{today('09:00:06')};CONNECT;1;12;06912345679;",
+            f"{today('09:00:07')};CONNECT;2;13;2101234567;",
+            f"{today('09:01:10')};DISCONNECT;0;60;",
+            f"{today('09:01:11')};DISCONNECT;1;30;",
+            f"{today('09:01:12')};DISCONNECT;2;20;",
+        ]
+        return [Submission(h, self.origin, ARRIVED) for h in self.happenings(lines)]
+
+    def happenings(self, lines: Iterable[str]) -> list[Happening]:
+        """CallMonitor lines as this test's box tracker reads them."""
+        return [happening for line in lines for happening in self.tracker.feed(parse(line))]
+
+    @defer.inlineCallbacks
+    def test_a_groups_plain_events_go_in_one_message(self) -> Any:
+        """Starts, answers and ends that read nothing before they write are sent together
+        (one round trip, not one each), and each still tells whether it took effect: the
+        counters and log lines are those of one by one, and so are the rows."""
+        self.clients(self.crm)
+        yield self.build_directory()
+        items = self.answered_calls()
+        self.assertEqual(len(items), 9)
+        listener = psycopg2.connect(self.dsn)
+        listener.autocommit = True
+        self.addCleanup(listener.close)
+        listener.cursor().execute("LISTEN dpvoip_calls")
+        sent = statements_sent(self)
+        yield self.ingest.apply_together(items)
+        writes = [text for text in sent if "PREPARE " not in text]
+        self.assertEqual(len(writes), 3, writes)  # the callers, the nine events, COMMIT
+        self.assertEqual(writes[1].count("EXECUTE"), 9)
+        published = [json.loads(n.payload)["event"] for n in notifications(listener, 9)]
+        self.assertEqual(published, ["started"] * 3 + ["answered"] * 3 + ["ended"] * 3)
+        counters = self.ingest.counters
+        self.assertEqual((counters.calls_started, counters.calls_ended,
+                          counters.replays_ignored), (3, 3, 0))
+
+        yield self.ingest.apply_together(items)  # replayed again: nothing takes effect
+        self.assertEqual((counters.calls_started, counters.calls_ended,
+                          counters.replays_ignored), (3, 3, 9))
+
+        twin, twin_crm, twin_dsn = yield defer.Deferred.fromCoroutine(self._twin())
+        for item in items:
+            assert isinstance(item, Submission)
+            yield twin.submit(item.happening, item.origin, item.received)
+        together = self.rows(self.crm)
+        self.assertEqual(together, self.rows(twin_crm))
+        self.assertEqual([c[3] for c in together["calls"]], ["completed"] * 3)
         for written in (self.dsn, twin_dsn):
             self.assertEqual(crm_findings(written), [])
 

@@ -66,6 +66,7 @@ from dpvoip.store.calls import (
     CallStatements,
     JournalEntry,
     JournalItem,
+    Step,
     TicketQuery,
     ZadarmaRow,
 )
@@ -192,6 +193,17 @@ class _Admitted:
     guessed: str | None  # its caller, normalised
 
 
+@dataclass(frozen=True)
+class _Plain:
+    """A happening that is one statement and needs nothing read before it (its caller
+    looked up already, no ticket possible): the statement (``tell``: to be sent with
+    others, ``Batch.run_told``), and what follows once it is known whether it took
+    effect (the counters, the log line)."""
+
+    step: Callable[[bool], Step]
+    conclude: Callable[[bool], None]
+
+
 @dataclass
 class IngestCounters:
     calls_started: int = 0
@@ -300,8 +312,10 @@ class Ingest:
                 (_started_number(item.happening, item.origin) for item in submissions
                  if isinstance(item, Submission)), batch)
             # Zadarma events go together in runs (two round trips for a run: see
-            # ``next_run``), each judged against what the ones before it wrote.
+            # ``next_run``), each judged against what the ones before it wrote; so do the
+            # plain happenings in a row (one round trip for them, in order).
             waiting: list[_Admitted] = []
+            plain: list[_Plain] = []
 
             async def flush() -> None:
                 rest = waiting[:]
@@ -309,18 +323,35 @@ class Ingest:
                 while rest:
                     run, rest = next_run(rest)
                     await self._zadarma(batch, run, tally)
+                ready = plain[:]
+                plain.clear()
+                try:
+                    took = await batch.run_told([step.step(True) for step in ready])
+                except Exception:
+                    self.counters.failures += 1
+                    raise
+                for step, effect in zip(ready, took, strict=True):
+                    step.conclude(effect)
 
             for item in submissions:
                 if isinstance(item, ZadarmaSubmission):
+                    if plain:
+                        await flush()
                     admitted = self._admitted(item.event, item.form, item.context,
                                               item.received, tally)
                     if isinstance(admitted, ZadarmaOutcome):
                         continue
                     waiting.append(admitted)
-                else:
+                    continue
+                if waiting:
                     await flush()
-                    await self._apply(item.happening, item.origin, item.received, batch,
-                                      item.recovering, known)
+                step = self._plain(item, known)
+                if step is not None:
+                    plain.append(step)
+                    continue
+                await flush()
+                await self._apply(item.happening, item.origin, item.received, batch,
+                                  item.recovering, known)
             await flush()
             if then is not None:
                 await then(batch)
@@ -391,6 +422,26 @@ class Ingest:
 
     # -- happenings --------------------------------------------------------------------------
 
+    def _plain(self, item: Submission, known: Mapping[str, Match | None]) -> _Plain | None:
+        """``item`` as a plain step of a replayed group, or None when it needs a read
+        first (its caller not looked up, a possible ticket, a call looked for)."""
+        happening, origin, received = item.happening, item.origin, item.received
+        if isinstance(happening, Started):
+            number = _started_number(happening, origin)
+            if number is None or self._directory.never_matches(number):
+                return self._start_plain(happening, origin, received, number, None)
+            if number in known:
+                return self._start_plain(happening, origin, received, number, known[number])
+            return None
+        if isinstance(happening, Answered):
+            return self._answer_plain(happening, received)
+        if isinstance(happening, Forwarded):
+            return self._forward_plain(happening, received)
+        if isinstance(happening, Ended) and not may_get_ticket(happening.outcome):
+            return self._end_plain(happening, origin, received,
+                                   item.recovering or origin.late_ends)
+        return None
+
     async def _started(self, started: Started, origin: Origin, received: datetime,
                        batch: Batch | None = None,
                        known: Mapping[str, Match | None] | None = None) -> None:
@@ -399,60 +450,66 @@ class Ingest:
             match = known[number]
         else:
             match = await self._directory.lookup(number, within=batch) if number else None
+        await self._write(batch, self._start_plain(started, origin, received, number, match))
+
+    async def _write(self, batch: Batch | None, plain: _Plain) -> None:
+        plain.conclude(await self._statements.write(batch, plain.step(False)))
+
+    def _start_plain(self, started: Started, origin: Origin, received: datetime,
+                     number: str | None, match: Match | None) -> _Plain:
         party = remote(started.remote, number, self._texts, started.hairpin)
         lines = started_lines(started.direction, party.shown, match, self._texts)
-        if await self._statements.start(started, origin.source, number, party.column, match,
-                                        lines, received,
-                                        started_notes(started.hairpin, self._texts),
-                                        batch):
-            self.counters.calls_started += 1
-            log.info("call {call_id}: {direction} {number} ({name})", call_id=started.call_id,
-                     direction=started.direction, number=party.shown,
-                     name=caller_name(match, self._texts))
-        else:
-            self.counters.replays_ignored += 1  # the call is there already
+        notes = started_notes(started.hairpin, self._texts)
+
+        def conclude(new: bool) -> None:
+            if new:
+                self.counters.calls_started += 1
+                log.info("call {call_id}: {direction} {number} ({name})",
+                         call_id=started.call_id, direction=started.direction,
+                         number=party.shown, name=caller_name(match, self._texts))
+            else:
+                self.counters.replays_ignored += 1  # the call is there already
+
+        return _Plain(lambda tell: self._statements.start_step(
+            started, origin.source, number, party.column, match, lines, received, notes,
+            tell), conclude)
 
     async def _answered(self, answered: Answered, received: datetime,
                         batch: Batch | None = None) -> None:
+        await self._write(batch, self._answer_plain(answered, received))
+
+    def _answer_plain(self, answered: Answered, received: datetime) -> _Plain:
         line = answered_line(answered.extension, answered.transfer, self._texts)
-        if not await self._statements.answer(answered, line, received, batch):
-            self.counters.replays_ignored += 1
+
+        def conclude(changed: bool) -> None:
+            if not changed:
+                self.counters.replays_ignored += 1
+
+        return _Plain(lambda tell: self._statements.answer_step(answered, line, received,
+                                                                tell), conclude)
 
     async def _forwarded(self, forwarded: Forwarded, received: datetime,
                          batch: Batch | None = None) -> None:
-        await self._statements.forward(forwarded,
-                                       forwarded_line(forwarded.to_number, self._texts),
-                                       received, batch)
+        await self._write(batch, self._forward_plain(forwarded, received))
 
-    async def _ended(self, ended: Ended, origin: Origin, received: datetime,
-                     recovering: bool = False, batch: Batch | None = None) -> None:
+    def _forward_plain(self, forwarded: Forwarded, received: datetime) -> _Plain:
+        line = forwarded_line(forwarded.to_number, self._texts)
+        return _Plain(lambda tell: self._statements.forward_step(forwarded, line, received,
+                                                                 tell), lambda _: None)
+
+    def _end_plain(self, ended: Ended, origin: Origin, received: datetime,
+                   recovering: bool) -> _Plain:
+        """The end of a call that cannot get a ticket (answered, or not a missed call)."""
         notes = ended_notes(ended, self._texts)
         line = ended_line(notes, self._texts)
-        ticket = ""  # what became of the call's ticket, for the log line
         touch = self._end_touch(ended, origin)
-        if not may_get_ticket(ended.outcome):
-            done = await self._statements.finish(ended, line, notes, received, recovering,
-                                                 batch, touch)
-        else:
-            async def steps(batch: Batch) -> bool:
-                nonlocal ticket
-                # Two round trips: the number's lock and the facts, then the writes and
-                # the COMMIT.
-                finishing = await self._statements.finishing_missed(
-                    batch, ended, self._ticket_query(), recovering)
-                if finishing is None:
-                    return False
-                if not gets_ticket(finishing.direction, ended.outcome,
-                                   finishing.call.withheld, self._tickets):
-                    await self._statements.finish_within(batch, ended, line, notes, received,
-                                                         recovering, touch)
-                    return True
-                ticket = await self._ticket(batch, ended, origin.where, finishing.row,
-                                            finishing.client, finishing.call,
-                                            finishing.facts, line, notes, received, touch)
-                return True
+        return _Plain(lambda tell: self._statements.finish_step(
+            ended, line, notes, received, recovering, touch, tell),
+            lambda done: self._concluded(ended, notes, "", done))
 
-            done = await (self._store.batch(steps) if batch is None else steps(batch))
+    def _concluded(self, ended: Ended, notes: str, ticket: str, done: bool) -> None:
+        """The counters and the log line of a call's end (``ticket``: what became of its
+        ticket); not ``done``: it had ended already."""
         if done:
             self.counters.calls_ended += 1
             log.info("call {call_id}: {finished}", call_id=ended.call_id,
@@ -460,6 +517,37 @@ class Ingest:
                      status=ended.outcome.status, notes=notes, ticket=ticket)
         else:
             self.counters.replays_ignored += 1
+
+    async def _ended(self, ended: Ended, origin: Origin, received: datetime,
+                     recovering: bool = False, batch: Batch | None = None) -> None:
+        if not may_get_ticket(ended.outcome):
+            await self._write(batch, self._end_plain(ended, origin, received, recovering))
+            return
+        notes = ended_notes(ended, self._texts)
+        line = ended_line(notes, self._texts)
+        ticket = ""  # what became of the call's ticket, for the log line
+        touch = self._end_touch(ended, origin)
+
+        async def steps(batch: Batch) -> bool:
+            nonlocal ticket
+            # Two round trips: the number's lock and the facts, then the writes and the
+            # COMMIT.
+            finishing = await self._statements.finishing_missed(
+                batch, ended, self._ticket_query(), recovering)
+            if finishing is None:
+                return False
+            if not gets_ticket(finishing.direction, ended.outcome,
+                               finishing.call.withheld, self._tickets):
+                await self._statements.finish_within(batch, ended, line, notes, received,
+                                                     recovering, touch)
+                return True
+            ticket = await self._ticket(batch, ended, origin.where, finishing.row,
+                                        finishing.client, finishing.call,
+                                        finishing.facts, line, notes, received, touch)
+            return True
+
+        done = await (self._store.batch(steps) if batch is None else steps(batch))
+        self._concluded(ended, notes, ticket, done)
 
     def _end_touch(self, ended: Ended, origin: Origin) -> EndTouch | None:
         """The CRM's sales side of the call's end, for an origin that asks for it: dated

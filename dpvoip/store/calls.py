@@ -10,10 +10,7 @@ inserted once (its id is derived from the source) and finalised only while it is
 
 from __future__ import annotations
 
-import functools
-import itertools
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -34,10 +31,10 @@ from dpvoip.core.tickets import (
 )
 from dpvoip.crm.schema import CrmCapabilities, quote_ident
 from dpvoip.live import events as live
-from dpvoip.store.database import Batch, Store, carry
+from dpvoip.store.database import Batch, Store, carry, told
 from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.live import CHANNEL, announce, given_call_event, row_call_event, ticket_event
-from dpvoip.store.pool import statement_name
+from dpvoip.store.pool import numbered, statement_name
 from dpvoip.zadarma.calls import ZadarmaCall
 from dpvoip.zadarma.events import ZadarmaEvent
 
@@ -98,14 +95,6 @@ def _named(name: str) -> str:
     return f"%({name})s"
 
 
-@functools.lru_cache(maxsize=64)
-def numbered(statement: str) -> str:
-    """``statement`` with its ``%s`` parameters numbered ``$1, $2 ...`` (for PREPARE)."""
-    count = itertools.count(1)
-    return re.sub(r"%s|%%", lambda m: "%" if m.group(0) == "%%" else f"${next(count)}",
-                  statement)
-
-
 def payload(event: str, call_id: str, **fields: Any) -> str:
     """A live event as published on ``NOTIFY_CHANNEL``."""
     return json.dumps({"event": event, "call_id": call_id, **fields}, default=str)
@@ -114,6 +103,16 @@ def payload(event: str, call_id: str, **fields: Any) -> str:
 def ended_payload(call_id: str, outcome: Outcome, duration: int) -> str:
     return payload("ended", call_id, status=outcome.status, outcome=outcome.value,
                    duration=duration)
+
+
+#: One statement and its ``%s`` parameters, for ``_write`` or ``Batch.run_told``.
+Step = tuple[str, tuple[Any, ...]]
+
+
+def _rows(select: str, tell: bool) -> str:
+    """A call statement's last part: ``select`` (a row for each call it changed, and the
+    count of its NOTIFYs), or with ``tell`` the same told (``database.told``)."""
+    return " " + (told(select) if tell else select)
 
 
 class FinishingCall(NamedTuple):
@@ -278,17 +277,23 @@ class CallStatements:
             return await self._store.write_prepared(statement_name(text), text, params)
         return await batch.run_prepared(statement_name(text), text, params)
 
-    async def start(self, started: Started, source: str, number: str | None, phone: str,
-                    match: Match | None, lines: Sequence[LogLine], received: datetime,
-                    notes: str = "", batch: Batch | None = None) -> bool:
+    async def write(self, batch: Batch | None, step: Step) -> bool:
+        """One of the steps below, on its own (or as a step of ``batch``): whether it took
+        effect. Several told steps go together with ``Batch.run_told``."""
+        return bool(await self._write(batch, *step))
+
+    def start_step(self, started: Started, source: str, number: str | None, phone: str,
+                   match: Match | None, lines: Sequence[LogLine], received: datetime,
+                   notes: str = "", tell: bool = False) -> Step:
         """The call row, its detail, its first log lines and the live event, in one
         statement, written as at ``received`` (when the event arrived: a replay writes
-        the same row); False when the call was there already."""
+        the same row); it takes no effect when the call was there already. ``tell``: to
+        be sent with others (``Batch.run_told``), as every ``_step`` may be."""
         client = match.client if match else None
         person = match.person if match else None
         # A row id reserved before (the old monitor's answer named it): inserted as given.
         given = started.row_id is not None
-        statement = self._statement(("start", len(lines), given), lambda: (
+        statement = self._statement(("start", len(lines), given, tell), lambda: (
             f"WITH call AS (INSERT INTO {self._crm}.accounting_voipcall ({'id, ' * given}"
             "call_id, direction,"
             " phone_number, status, started_at, ended_at, duration_seconds, notes,"
@@ -305,7 +310,7 @@ class CallStatements:
             f" logs AS ({self._log_lines('call', len(lines))}),"
             f" live AS ({given_call_event('call', '%s', '%s')}),"
             f" note AS ({announce('%s', '%s')})"
-            " SELECT c.id, (SELECT count(*) FROM note) FROM call c"
+            + _rows("SELECT c.id, (SELECT count(*) FROM note) FROM call c", tell)
         ))
         params = (
             *((started.row_id,) if given else ()),
@@ -327,10 +332,10 @@ class CallStatements:
                                     name=match.display_name if match else None,
                                     box=started.box),
         )
-        return bool(await self._write(batch, statement, params))
+        return statement, params
 
     def _detail_change(self, assignment: str, condition: str, log: str,
-                       event: bool = True) -> str:
+                       event: bool = True, tell: bool = False) -> str:
         """One statement: change the detail row if it changes, log it, publish it (with
         ``event``: as a live event too, its changes the last parameter before the
         NOTIFY's)."""
@@ -344,38 +349,39 @@ class CallStatements:
             f" {self._crm}.accounting_voipcall v JOIN changed USING (call_id)),"
             f" logs AS ({log}),"
             f"{note}"
-            " SELECT c.id, (SELECT count(*) FROM note) FROM call c"
+            + _rows("SELECT c.id, (SELECT count(*) FROM note) FROM call c", tell)
         )
 
-    async def answer(self, answered: Answered, line: LogLine, received: datetime,
-                     batch: Batch | None = None) -> bool:
-        """The extension that took the call (the first answer's time kept); False when
-        nothing changed."""
-        statement = self._statement(("answer",), lambda: self._detail_change(
+    def answer_step(self, answered: Answered, line: LogLine, received: datetime,
+                    tell: bool = False) -> Step:
+        """The extension that took the call (the first answer's time kept); no effect
+        when nothing changes."""
+        statement = self._statement(("answer", tell), lambda: self._detail_change(
             "extension = %s, answered_at = coalesce(answered_at, %s)",
             "ended_at IS NULL AND extension IS DISTINCT FROM %s",
-            self._log_lines("call", 1),
+            self._log_lines("call", 1), tell=tell,
         ))
-        return bool(await self._write(batch, statement, (
+        return (statement, (
             answered.extension, answered.at, answered.call_id, answered.extension,
             received, line.action, line.text,
             json.dumps(live.answered_changes(answered.extension, answered.at)),
             NOTIFY_CHANNEL, payload("answered", answered.call_id,
                                     extension=answered.extension),
-        )))
+        ))
 
-    async def forward(self, forwarded: Forwarded, line: LogLine, received: datetime,
-                      batch: Batch | None = None) -> bool:
-        """Where the box forwards the ringing call; False when nothing changed."""
-        statement = self._statement(("forward",), lambda: self._detail_change(
+    def forward_step(self, forwarded: Forwarded, line: LogLine, received: datetime,
+                     tell: bool = False) -> Step:
+        """Where the box forwards the ringing call; no effect when nothing changes."""
+        statement = self._statement(("forward", tell), lambda: self._detail_change(
             "forwarded_to = %s", "forwarded_to IS DISTINCT FROM %s", self._log_lines("call", 1),
             event=False,  # not a change the live events name: the call still rings
+            tell=tell,
         ))
-        return bool(await self._write(batch, statement, (
+        return (statement, (
             forwarded.to_number, forwarded.call_id, forwarded.to_number,
             received, line.action, line.text,
             NOTIFY_CHANNEL, payload("forwarded", forwarded.call_id),
-        )))
+        ))
 
     @staticmethod
     def _reopen(recovering: bool) -> str:
@@ -384,11 +390,12 @@ class CallStatements:
         decides which; a late DISCONNECT never reaches a blocked call)."""
         return " OR d.outcome IN ('interrupted', 'blocked')" if recovering else ""
 
-    def _finish_statement(self, recovering: bool, touch: bool = False) -> str:
-        return self._statement(("finish", recovering, touch),
-                               lambda: self._finish_sql(recovering, touch))
+    def _finish_statement(self, recovering: bool, touch: bool = False,
+                          tell: bool = False) -> str:
+        return self._statement(("finish", recovering, touch, tell),
+                               lambda: self._finish_sql(recovering, touch, tell))
 
-    def _finish_sql(self, recovering: bool, touch: bool = False) -> str:
+    def _finish_sql(self, recovering: bool, touch: bool = False, tell: bool = False) -> str:
         """One statement: finalise the call row and its detail, log and publish it; with
         ``touch``, the CRM's sales side of the person its start matched rides along
         (``_touch_ctes``: its parameters come last)."""
@@ -411,7 +418,7 @@ class CallStatements:
             f" live AS ({row_call_event(self._crm, 'updated', '%s')}),"
             f" note AS ({announce('%s', '%s')})"
             + (self._touch_ctes("updated", _positional) if touch else "")
-            + " SELECT u.id, (SELECT count(*) FROM note) FROM updated u"
+            + _rows("SELECT u.id, (SELECT count(*) FROM note) FROM updated u", tell)
         )
 
     def _touch_ctes(self, before: str, param: Callable[[str], str]) -> str:
@@ -472,16 +479,15 @@ class CallStatements:
             *(self._touch_parameters(touch, received).values() if touch else ()),
         )
 
-    async def finish(self, ended: Ended, line: LogLine, notes: str, received: datetime,
-                     recovering: bool = False, batch: Batch | None = None,
-                     touch: EndTouch | None = None) -> bool:
-        """Finalise a call that gets no ticket, in one statement of its own; False when it
-        was finalised already. The CRM's duration is its own ``VoIPCall.save()``'s,
+    def finish_step(self, ended: Ended, line: LogLine, notes: str, received: datetime,
+                    recovering: bool = False, touch: EndTouch | None = None,
+                    tell: bool = False) -> Step:
+        """Finalise a call that gets no ticket, in one statement; no effect when it was
+        finalised already. The CRM's duration is its own ``VoIPCall.save()``'s,
         ``int(ended_at - started_at)``; the talk time is kept in the detail row. With
         ``touch``, the CRM's sales side rides in the same statement, once per call."""
-        return bool(await self._write(
-            batch, self._finish_statement(recovering, touch is not None),
-            self._finish_parameters(ended, line, notes, received, touch)))
+        return (self._finish_statement(recovering, touch is not None, tell),
+                self._finish_parameters(ended, line, notes, received, touch))
 
     async def finish_within(self, batch: Batch, ended: Ended, line: LogLine, notes: str,
                             received: datetime, recovering: bool = False,

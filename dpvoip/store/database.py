@@ -23,6 +23,7 @@ from dpvoip.deferreds import EmptyableSet, race, shield
 from dpvoip.store.pool import (
     HealingPool,
     ensure_prepared,
+    numbered,
     positional,
     roll_back,
     run_prepared,
@@ -43,6 +44,22 @@ def carry(value: str) -> str:
     transaction's own setting would end with it), and set by every run of the statement,
     so no value is ever left over from an earlier transaction."""
     return f"set_config('{CARRIED}', coalesce(({value})::text, ''), false)"
+
+
+#: The transaction's setting in which statements sent together tell whether each took
+#: effect (``told``, ``Batch.run_told``).
+TOLD = "dpvoip.told"
+
+
+def told(rows: str) -> str:
+    """A statement's last part that, instead of returning ``rows`` (a SELECT whose
+    second column must be computed for each row: it reads the statement's NOTIFY), appends
+    to ``TOLD`` whether they were any ('1' or '0') and returns the setting: statements sent
+    together in one message (``Batch.run_told``) tell their outcomes in its one answer.
+    ``max`` reads the second column of every row, so the NOTIFY is sent as before."""
+    return (f"SELECT set_config('{TOLD}', coalesce(current_setting('{TOLD}', true), '')"
+            f" || CASE WHEN max(r.n) IS NULL THEN '0' ELSE '1' END, true)"
+            f" FROM ({rows}) AS r(id, n)")
 
 
 #: A named parameter of an EXECUTE text (``_execute_text``).
@@ -118,6 +135,28 @@ class Batch:
             texts.append(_PARAMETER.sub(rf"%(\1_{n})s", text))
             merged.update({f"{name}_{n}": value for name, value in params.items()})
         await self.run("; ".join(texts), merged, last)
+
+    async def run_told(self, steps: Sequence[tuple[str, tuple[Any, ...]]]) -> list[bool]:
+        """Several statements ending in ``told`` (``%s`` parameters, each planned once per
+        connection) sent in ONE message, in order: whether each took effect. A replayed
+        group's plain events cost one round trip for a run of them, not one each."""
+        if not steps:
+            return []
+        if self._connection is None:
+            return [(await self.run(statement, params))[0][0][-1] == "1"
+                    for statement, params in steps]
+        texts = [f"SELECT set_config('{TOLD}', '', true)"]
+        merged: list[Any] = []
+        for statement, params in steps:
+            text = numbered(statement)
+            name = statement_name(text)
+            await ensure_prepared(self._connection, name, text, self.run)
+            texts.append(f"EXECUTE {name} ({', '.join(['%s'] * len(params))})")
+            merged.extend(params)
+        flags: str = (await self.run("; ".join(texts), tuple(merged)))[0][0]
+        if len(flags) != len(steps):
+            raise RuntimeError(f"{len(steps)} statements told {len(flags)} outcomes")
+        return [flag == "1" for flag in flags]
 
     async def _execute_text(self, statement: str) -> str:
         """The EXECUTE of ``statement`` (PREPAREd on this connection first if need be)."""

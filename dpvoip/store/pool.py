@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import random
 import re
 from collections.abc import Awaitable, Callable, Iterator
@@ -402,6 +403,14 @@ async def ensure_prepared(connection: PooledConnection, name: str, statement: st
     if connection.prepared.get(name) is not raw:
         await operation(f"PREPARE {name} AS {statement}")
         connection.prepared[name] = raw
+
+
+@functools.lru_cache(maxsize=64)
+def numbered(statement: str) -> str:
+    """``statement`` with its ``%s`` parameters numbered ``$1, $2 ...`` (for PREPARE)."""
+    count = itertools.count(1)
+    return re.sub(r"%s|%%", lambda m: "%" if m.group(0) == "%%" else f"${next(count)}",
+                  statement)
 
 
 _NAMED = re.compile(r"%\((\w+)\)s|%%")
