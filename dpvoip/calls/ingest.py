@@ -317,7 +317,7 @@ class Ingest:
             waiting: list[_Admitted] = []
             plain: list[_Plain] = []
 
-            async def flush() -> None:
+            async def flush(last: bool = False) -> None:
                 rest = waiting[:]
                 waiting.clear()
                 while rest:
@@ -326,7 +326,7 @@ class Ingest:
                 ready = plain[:]
                 plain.clear()
                 try:
-                    took = await batch.run_told([step.step(True) for step in ready])
+                    took = await batch.run_told([step.step(True) for step in ready], last)
                 except Exception:
                     self.counters.failures += 1
                     raise
@@ -352,6 +352,9 @@ class Ingest:
                 await flush()
                 await self._apply(item.happening, item.origin, item.received, batch,
                                   item.recovering, known)
+            if plain and not waiting and then is None:
+                batch.hold(False)  # the COMMIT rides along with the group's last run
+                await flush(last=True)
             await flush()
             if then is not None:
                 await then(batch)

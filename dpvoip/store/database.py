@@ -136,24 +136,34 @@ class Batch:
             merged.update({f"{name}_{n}": value for name, value in params.items()})
         await self.run("; ".join(texts), merged, last)
 
-    async def run_told(self, steps: Sequence[tuple[str, tuple[Any, ...]]]) -> list[bool]:
+    async def run_told(self, steps: Sequence[tuple[str, tuple[Any, ...]]],
+                       last: bool = False) -> list[bool]:
         """Several statements ending in ``told`` (``%s`` parameters, each planned once per
         connection) sent in ONE message, in order: whether each took effect. A replayed
-        group's plain events cost one round trip for a run of them, not one each."""
+        group's plain events cost one round trip for a run of them, not one each.
+        ``last``: the COMMIT rides along (the outcomes carried past it, see ``run``)."""
         if not steps:
+            if last:
+                await self.finish()
             return []
         if self._connection is None:
-            return [(await self.run(statement, params))[0][0][-1] == "1"
-                    for statement, params in steps]
-        texts = [f"SELECT set_config('{TOLD}', '', true)"]
-        merged: list[Any] = []
-        for statement, params in steps:
-            text = numbered(statement)
-            name = statement_name(text)
-            await ensure_prepared(self._connection, name, text, self.run)
-            texts.append(f"EXECUTE {name} ({', '.join(['%s'] * len(params))})")
-            merged.extend(params)
-        flags: str = (await self.run("; ".join(texts), tuple(merged)))[0][0]
+            flags = "".join([(await self.run(statement, params))[0][0][-1]
+                             for statement, params in steps])
+            if last:
+                await self.finish()
+        else:
+            texts = [f"SELECT set_config('{TOLD}', '', true)"]
+            merged: list[Any] = []
+            for statement, params in steps:
+                text = numbered(statement)
+                name = statement_name(text)
+                await ensure_prepared(self._connection, name, text, self.run)
+                texts.append(f"EXECUTE {name} ({', '.join(['%s'] * len(params))})")
+                merged.extend(params)
+            if last:
+                texts.append("SELECT " + carry(f"current_setting('{TOLD}', true)"))
+            flags = (await self.run("; ".join(texts), tuple(merged), last=last,
+                                    carried=last))[0][0]
         if len(flags) != len(steps):
             raise RuntimeError(f"{len(steps)} statements told {len(flags)} outcomes")
         return [flag == "1" for flag in flags]
