@@ -336,5 +336,45 @@ class TogetherTests(ZadarmaTestCase):
             self.assertEqual(crm_findings(written), [])
 
 
+    @defer.inlineCallbacks
+    def test_missed_calls_ends_wait_for_the_plain_events_after_them(self) -> Any:
+        """Two missed calls of one client end between answered calls: the plain events
+        still go in one message (the ends' tickets read nothing they write), the two ends
+        follow in order, each with its facts and its ticket, and the rows are what one by
+        one writes: the client's second missed call in the first one's ticket."""
+        self.clients(self.crm)
+        yield self.build_directory()
+        items = [Submission(h, self.origin, ARRIVED) for h in self.happenings([
+            f"{today('09:00:00')};RING;0;06912345678;7654321;SIP0;",
+            f"{today('09:00:01')};RING;1;06912345679;7654321;SIP0;",
+            f"{today('09:00:05')};CONNECT;0;11;06912345678;",
+            f"{today('09:00:30')};DISCONNECT;1;0;",
+            f"{today('09:00:40')};RING;2;2101234567;7654321;SIP0;",
+            f"{today('09:00:41')};RING;1;06912345679;7654321;SIP0;",
+            f"{today('09:00:45')};CONNECT;2;13;2101234567;",
+            f"{today('09:01:00')};DISCONNECT;1;0;",
+            f"{today('09:01:10')};DISCONNECT;0;60;",
+            f"{today('09:01:12')};DISCONNECT;2;20;",
+        ])]
+        sent = statements_sent(self)
+        yield self.ingest.apply_together(items)
+        writes = [text for text in sent if "PREPARE " not in text]
+        told = [text for text in writes if "dpvoip.told" in text]
+        self.assertEqual([text.count("EXECUTE") for text in told], [8])
+        self.assertEqual(len(writes), 1 + 1 + 2 * 2 + 1, writes)  # callers ... COMMIT
+
+        twin, twin_crm, twin_dsn = yield defer.Deferred.fromCoroutine(self._twin())
+        for item in items:
+            yield twin.submit(item.happening, item.origin, item.received)
+        together = self.rows(self.crm)
+        self.assertEqual(together, self.rows(twin_crm))
+        self.assertEqual(sorted(c[3] for c in together["calls"]),
+                         ["completed", "completed", "missed", "missed"])
+        self.assertEqual(len(together["tickets"]), 1, together["tickets"])
+        self.assertIn("(2x)", together["tickets"][0][0])
+        for written in (self.dsn, twin_dsn):
+            self.assertEqual(crm_findings(written), [])
+
+
 class NewestCrmTogetherTests(TogetherTests):
     crm_version = "2026-08"

@@ -313,9 +313,15 @@ class Ingest:
                  if isinstance(item, Submission)), batch)
             # Zadarma events go together in runs (two round trips for a run: see
             # ``next_run``), each judged against what the ones before it wrote; so do the
-            # plain happenings in a row (one round trip for them, in order).
+            # plain happenings in a row (one round trip for them, in order). A missed
+            # call's end (two round trips: its ticket's facts, then its ticket) waits for
+            # the plain happenings that follow it, which no ticket's facts depend on, so
+            # that one message takes them all; a later event of its call, or one that
+            # looks in the database, is applied after it as it came.
             waiting: list[_Admitted] = []
             plain: list[_Plain] = []
+            ends: list[Submission] = []
+            ending: set[str] = set()  # the calls of ``ends``
 
             async def flush(last: bool = False) -> None:
                 rest = waiting[:]
@@ -332,6 +338,12 @@ class Ingest:
                     raise
                 for step, effect in zip(ready, took, strict=True):
                     step.conclude(effect)
+                held_back = ends[:]
+                ends.clear()
+                ending.clear()
+                for end in held_back:
+                    await self._apply(end.happening, end.origin, end.received, batch,
+                                      end.recovering, known)
 
             for item in submissions:
                 if isinstance(item, ZadarmaSubmission):
@@ -345,14 +357,20 @@ class Ingest:
                     continue
                 if waiting:
                     await flush()
-                step = self._plain(item, known)
-                if step is not None:
-                    plain.append(step)
-                    continue
+                happening = item.happening
+                if _chain_key(happening) not in ending:
+                    step = self._plain(item, known)
+                    if step is not None:
+                        plain.append(step)
+                        continue
+                    if isinstance(happening, Ended):  # one that may get a ticket
+                        ends.append(item)
+                        ending.add(happening.call_id)
+                        continue
                 await flush()
-                await self._apply(item.happening, item.origin, item.received, batch,
+                await self._apply(happening, item.origin, item.received, batch,
                                   item.recovering, known)
-            if plain and not waiting and then is None:
+            if plain and not waiting and not ends and then is None:
                 batch.hold(False)  # the COMMIT rides along with the group's last run
                 await flush(last=True)
             await flush()
