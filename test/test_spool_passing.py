@@ -147,12 +147,7 @@ class PassingTheReplayTests(TogetherTests):
         self.assertGreater(durable.counters.spooled_behind, 0, "some waited behind it")
         self.assertFalse(durable.spooling)
 
-        twin, twin_crm, _twin_dsn = yield defer.Deferred.fromCoroutine(self._twin())
-        for item in items:
-            if isinstance(item, ZadarmaSubmission):
-                yield twin.submit_zadarma(item.event, item.form, item.context, item.received)
-            else:
-                yield twin.submit(item.happening, item.origin, item.received)
+        twin_crm, _twin_dsn = yield defer.Deferred.fromCoroutine(self._one_by_one(items))
         passed, one_by_one = comparable(self.rows(self.crm)), comparable(self.rows(twin_crm))
         self.maxDiff = None
         self.assertEqual(passed, one_by_one)
@@ -167,6 +162,7 @@ class PassingTheReplayTests(TogetherTests):
     test_a_spools_interleaved_calls_share_their_runs = None  # type: ignore[assignment]
     test_a_groups_plain_events_go_in_one_message = None  # type: ignore[assignment]
     test_missed_calls_ends_wait_for_the_plain_events_after_them = None  # type: ignore[assignment]
+    test_a_missed_end_held_back_goes_before_a_later_zadarma_call = None  # type: ignore[assignment]
 
 
 class NewestCrmPassingTests(PassingTheReplayTests):

@@ -347,7 +347,7 @@ class Ingest:
 
             for item in submissions:
                 if isinstance(item, ZadarmaSubmission):
-                    if plain:
+                    if plain or ends:  # a Zadarma call's ticket may be an end's number's
                         await flush()
                     admitted = self._admitted(item.event, item.form, item.context,
                                               item.received, tally)
