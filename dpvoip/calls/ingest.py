@@ -321,7 +321,6 @@ class Ingest:
             waiting: list[_Admitted] = []
             plain: list[_Plain] = []
             ends: list[Submission] = []
-            ending: set[str] = set()  # the calls of ``ends``
 
             async def flush(last: bool = False) -> None:
                 rest = waiting[:]
@@ -340,7 +339,6 @@ class Ingest:
                     step.conclude(effect)
                 held_back = ends[:]
                 ends.clear()
-                ending.clear()
                 for end in held_back:
                     await self._apply(end.happening, end.origin, end.received, batch,
                                       end.recovering, known)
@@ -358,22 +356,21 @@ class Ingest:
                 if waiting:
                     await flush()
                 happening = item.happening
-                if _chain_key(happening) not in ending:
+                if not any(_chain_key(end.happening) == _chain_key(happening) for end in ends):
                     step = self._plain(item, known)
                     if step is not None:
                         plain.append(step)
                         continue
                     if isinstance(happening, Ended):  # one that may get a ticket
                         ends.append(item)
-                        ending.add(happening.call_id)
                         continue
                 await flush()
                 await self._apply(happening, item.origin, item.received, batch,
                                   item.recovering, known)
-            if plain and not waiting and not ends and then is None:
+            last = bool(plain) and not waiting and not ends and then is None
+            if last:
                 batch.hold(False)  # the COMMIT rides along with the group's last run
-                await flush(last=True)
-            await flush()
+            await flush(last)
             if then is not None:
                 await then(batch)
 
@@ -521,9 +518,7 @@ class Ingest:
     def _end_plain(self, ended: Ended, origin: Origin, received: datetime,
                    recovering: bool) -> _Plain:
         """The end of a call that cannot get a ticket (answered, or not a missed call)."""
-        notes = ended_notes(ended, self._texts)
-        line = ended_line(notes, self._texts)
-        touch = self._end_touch(ended, origin)
+        notes, line, touch = self._end_texts(ended, origin)
         return _Plain(lambda tell: self._statements.finish_step(
             ended, line, notes, received, recovering, touch, tell),
             lambda done: self._concluded(ended, notes, "", done))
@@ -544,10 +539,8 @@ class Ingest:
         if not may_get_ticket(ended.outcome):
             await self._write(batch, self._end_plain(ended, origin, received, recovering))
             return
-        notes = ended_notes(ended, self._texts)
-        line = ended_line(notes, self._texts)
+        notes, line, touch = self._end_texts(ended, origin)
         ticket = ""  # what became of the call's ticket, for the log line
-        touch = self._end_touch(ended, origin)
 
         async def steps(batch: Batch) -> bool:
             nonlocal ticket
@@ -569,6 +562,12 @@ class Ingest:
 
         done = await (self._store.batch(steps) if batch is None else steps(batch))
         self._concluded(ended, notes, ticket, done)
+
+    def _end_texts(self, ended: Ended, origin: Origin
+                   ) -> tuple[str, LogLine, EndTouch | None]:
+        """A call's end as its row, its log line and the CRM's sales side say it."""
+        notes = ended_notes(ended, self._texts)
+        return notes, ended_line(notes, self._texts), self._end_touch(ended, origin)
 
     def _end_touch(self, ended: Ended, origin: Origin) -> EndTouch | None:
         """The CRM's sales side of the call's end, for an origin that asks for it: dated

@@ -146,24 +146,18 @@ class Batch:
             if last:
                 await self.finish()
             return []
-        if self._connection is None:
-            flags = "".join([(await self.run(statement, params))[0][0][-1]
-                             for statement, params in steps])
-            if last:
-                await self.finish()
-        else:
-            texts = [f"SELECT set_config('{TOLD}', '', true)"]
-            merged: list[Any] = []
-            for statement, params in steps:
-                text = numbered(statement)
-                name = statement_name(text)
-                await ensure_prepared(self._connection, name, text, self.run)
-                texts.append(f"EXECUTE {name} ({', '.join(['%s'] * len(params))})")
-                merged.extend(params)
-            if last:
-                texts.append("SELECT " + carry(f"current_setting('{TOLD}', true)"))
-            flags = (await self.run("; ".join(texts), tuple(merged), last=last,
-                                    carried=last))[0][0]
+        texts = [f"SELECT set_config('{TOLD}', '', true)"]
+        merged: list[Any] = []
+        for statement, params in steps:
+            text = numbered(statement)
+            name = statement_name(text)
+            await ensure_prepared(self._connection, name, text, self.run)
+            texts.append(f"EXECUTE {name} ({', '.join(['%s'] * len(params))})")
+            merged.extend(params)
+        if last:
+            texts.append("SELECT " + carry(f"current_setting('{TOLD}', true)"))
+        flags: str = (await self.run("; ".join(texts), tuple(merged), last=last,
+                                     carried=last))[0][0]
         if len(flags) != len(steps):
             raise RuntimeError(f"{len(steps)} statements told {len(flags)} outcomes")
         return [flag == "1" for flag in flags]
