@@ -29,7 +29,7 @@ from dpvoip.zadarma.events import ZadarmaEvent, parse_event
 from test.support.crm import Crm
 from test.support.crm_rules import crm_findings
 from test.support.postgres import postgres
-from test.support.statements import statements_sent
+from test.support.statements import messages, statements_sent, told_runs
 from test.test_ingest import OWN, ZadarmaTestCase, notifications, today, zadarma_call
 
 #: When the events arrived: today, so that the tickets' 24-hour window is real.
@@ -320,7 +320,7 @@ class TogetherTests(ZadarmaTestCase):
         listener.cursor().execute("LISTEN dpvoip_calls")
         sent = statements_sent(self)
         yield self.ingest.apply_together(items)
-        writes = [text for text in sent if "PREPARE " not in text]
+        writes = messages(sent)
         self.assertEqual(len(writes), 2, writes)  # the callers; the nine events, COMMIT
         self.assertEqual(writes[1].count("EXECUTE"), 9)
         self.assertIn("; COMMIT", writes[1])
@@ -346,8 +346,9 @@ class TogetherTests(ZadarmaTestCase):
     def test_missed_calls_ends_wait_for_the_plain_events_after_them(self) -> Any:
         """Two missed calls of one client end between answered calls: the plain events
         still go in one message (the ends' tickets read nothing they write), the two ends
-        follow in order, each with its facts and its ticket, and the rows are what one by
-        one writes: the client's second missed call in the first one's ticket."""
+        follow in order, each with its facts and its ticket (one number: the second's
+        facts read again once the first's ticket is written), and the rows are what one
+        by one writes: the client's second missed call in the first one's ticket."""
         self.clients(self.crm)
         yield self.build_directory()
         items = [Submission(h, self.origin, ARRIVED) for h in self.happenings([
@@ -364,10 +365,11 @@ class TogetherTests(ZadarmaTestCase):
         ])]
         sent = statements_sent(self)
         yield self.ingest.apply_together(items)
-        writes = [text for text in sent if "PREPARE " not in text]
-        told = [text for text in writes if "dpvoip.told" in text]
-        self.assertEqual([text.count("EXECUTE") for text in told], [8])
-        self.assertEqual(len(writes), 1 + 1 + 2 * 2 + 1, writes)  # callers ... COMMIT
+        writes = messages(sent)
+        # the plain events, then each end's ticket (the COMMIT riding with the last)
+        self.assertEqual(told_runs(sent), [8, 1, 1])
+        self.assertEqual(len(writes), 1 + 1 + 2 * 2, writes)  # callers, told, two ends
+        self.assertIn("COMMIT", writes[-1])
 
         twin_crm, twin_dsn = yield defer.Deferred.fromCoroutine(self._one_by_one(items))
         together = self.rows(self.crm)
@@ -379,6 +381,36 @@ class TogetherTests(ZadarmaTestCase):
         for written in (self.dsn, twin_dsn):
             self.assertEqual(crm_findings(written), [])
 
+
+    @defer.inlineCallbacks
+    def test_missed_calls_of_different_numbers_share_their_round_trips(self) -> Any:
+        """Three missed calls of three numbers end in a group: their facts are read in one
+        round trip and their tickets written in one message, with the COMMIT; the rows
+        are what one by one writes (three tickets, in the order the calls ended)."""
+        self.clients(self.crm)
+        yield self.build_directory()
+        items = [Submission(h, self.origin, ARRIVED) for h in self.happenings([
+            f"{today('09:00:00')};RING;0;06912345678;7654321;SIP0;",
+            f"{today('09:00:01')};RING;1;2101234567;7654321;SIP0;",
+            f"{today('09:00:02')};RING;2;06955555555;7654321;SIP0;",
+            f"{today('09:00:30')};DISCONNECT;1;0;",
+            f"{today('09:00:31')};DISCONNECT;0;0;",
+            f"{today('09:00:32')};DISCONNECT;2;0;",
+        ])]
+        sent = statements_sent(self)
+        yield self.ingest.apply_together(items)
+        writes = messages(sent)
+        self.assertEqual(told_runs(sent), [3, 3])
+        # callers, the starts, the ends' facts, their tickets with the COMMIT
+        self.assertEqual(len(writes), 4, writes)
+        self.assertIn("COMMIT", writes[-1])
+
+        twin_crm, twin_dsn = yield defer.Deferred.fromCoroutine(self._one_by_one(items))
+        together = self.rows(self.crm)
+        self.assertEqual(together, self.rows(twin_crm))
+        self.assertEqual(len(together["tickets"]), 3, together["tickets"])
+        for written in (self.dsn, twin_dsn):
+            self.assertEqual(crm_findings(written), [])
 
     @defer.inlineCallbacks
     def test_a_missed_end_held_back_goes_before_a_later_zadarma_call(self) -> Any:

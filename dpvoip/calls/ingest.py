@@ -52,6 +52,7 @@ from dpvoip.core.texts import Texts
 from dpvoip.core.tickets import (
     MissedCall,
     TicketFacts,
+    TicketPlan,
     TicketUpdate,
     candidate_users,
     gets_ticket,
@@ -64,6 +65,7 @@ from dpvoip.deferreds import OneShotObserver
 from dpvoip.fritzbox.tracker import BoxRules, decide
 from dpvoip.store.calls import (
     CallStatements,
+    FinishingCall,
     JournalEntry,
     JournalItem,
     Step,
@@ -204,6 +206,23 @@ class _Plain:
     conclude: Callable[[bool], None]
 
 
+@dataclass(frozen=True)
+class _End:
+    """The end of a call that may get a ticket (``Ingest._missed_ends``); ``recovering``:
+    it may finish again a call closed as interrupted."""
+
+    ended: Ended
+    origin: Origin
+    received: datetime
+    recovering: bool
+
+    @staticmethod
+    def of(item: Submission) -> _End:
+        assert isinstance(item.happening, Ended)
+        return _End(item.happening, item.origin, item.received,
+                    item.recovering or item.origin.late_ends)
+
+
 @dataclass
 class IngestCounters:
     calls_started: int = 0
@@ -317,7 +336,8 @@ class Ingest:
             # call's end (two round trips: its ticket's facts, then its ticket) waits for
             # the plain happenings that follow it, which no ticket's facts depend on, so
             # that one message takes them all; a later event of its call, or one that
-            # looks in the database, is applied after it as it came.
+            # looks in the database, is applied after it as it came. The ends held back
+            # then go together too (``_missed_ends``).
             waiting: list[_Admitted] = []
             plain: list[_Plain] = []
             ends: list[Submission] = []
@@ -330,18 +350,18 @@ class Ingest:
                     await self._zadarma(batch, run, tally)
                 ready = plain[:]
                 plain.clear()
+                held_back = [_End.of(end) for end in ends]
+                ends.clear()
                 try:
-                    took = await batch.run_told([step.step(True) for step in ready], last)
+                    took = await batch.run_told([step.step(True) for step in ready],
+                                                last and not held_back)
+                    for step, told in zip(ready, took, strict=True):
+                        step.conclude(told != "")
+                    if held_back:
+                        await self._missed_ends(batch, held_back, last)
                 except Exception:
                     self.counters.failures += 1
                     raise
-                for step, effect in zip(ready, took, strict=True):
-                    step.conclude(effect)
-                held_back = ends[:]
-                ends.clear()
-                for end in held_back:
-                    await self._apply(end.happening, end.origin, end.received, batch,
-                                      end.recovering, known)
 
             for item in submissions:
                 if isinstance(item, ZadarmaSubmission):
@@ -367,7 +387,7 @@ class Ingest:
                 await flush()
                 await self._apply(happening, item.origin, item.received, batch,
                                   item.recovering, known)
-            last = bool(plain) and not waiting and not ends and then is None
+            last = bool(plain or ends) and not waiting and then is None
             if last:
                 batch.hold(False)  # the COMMIT rides along with the group's last run
             await flush(last)
@@ -539,29 +559,70 @@ class Ingest:
         if not may_get_ticket(ended.outcome):
             await self._write(batch, self._end_plain(ended, origin, received, recovering))
             return
-        notes, line, touch = self._end_texts(ended, origin)
-        ticket = ""  # what became of the call's ticket, for the log line
+        end = _End(ended, origin, received, recovering)
+        if batch is None:
+            await self._store.batch(lambda batch: self._missed_ends(batch, [end], True))
+        else:
+            await self._missed_ends(batch, [end], True)
 
-        async def steps(batch: Batch) -> bool:
-            nonlocal ticket
-            # Two round trips: the number's lock and the facts, then the writes and the
-            # COMMIT.
-            finishing = await self._statements.finishing_missed(
-                batch, ended, self._ticket_query(), recovering)
-            if finishing is None:
-                return False
-            if not gets_ticket(finishing.direction, ended.outcome,
-                               finishing.call.withheld, self._tickets):
-                await self._statements.finish_within(batch, ended, line, notes, received,
-                                                     recovering, touch)
-                return True
-            ticket = await self._ticket(batch, ended, origin.where, finishing.row,
-                                        finishing.client, finishing.call,
-                                        finishing.facts, line, notes, received, touch)
-            return True
+    async def _missed_ends(self, batch: Batch, ends: Sequence[_End], last: bool) -> None:
+        """Ends of calls that may get a ticket, in order: their numbers' locks and their
+        ticket facts in one round trip, then their tickets (or their plain ends) in one
+        message; ``last``: the COMMIT rides along with it.
 
-        done = await (self._store.batch(steps) if batch is None else steps(batch))
-        self._concluded(ended, notes, ticket, done)
+        Two ends of one number cannot share a round: the second's facts must see the
+        first's ticket (joined, counted). So a round stops before the first end whose
+        number it holds already, and the rest read their facts again in the next round,
+        in the order the calls ended; one by one, there is a round per end."""
+        pending = list(ends)
+        while pending:
+            found = await self._statements.finishing_missed(
+                batch, [(end.ended, end.recovering) for end in pending],
+                self._ticket_query())
+            numbers: set[str] = set()
+            steps: list[Step] = []
+            concluded: list[Callable[[str], None] | Ended] = []  # an end finalised already
+            for end, finishing in zip(pending, found, strict=True):
+                number = finishing.call.number if finishing is not None else None
+                if number is not None and number in numbers:
+                    break
+                if finishing is None:
+                    concluded.append(end.ended)
+                    continue
+                if number is not None:
+                    numbers.add(number)
+                step, conclude = self._missed_end(end, finishing)
+                steps.append(step)
+                concluded.append(conclude)
+            pending = pending[len(concluded):]
+            told = iter(await batch.run_told(steps, last and not pending))
+            for then in concluded:
+                if isinstance(then, Ended):
+                    self._concluded(then, "", "", False)
+                else:
+                    then(next(told))
+
+    def _missed_end(self, end: _End, finishing: FinishingCall
+                    ) -> tuple[Step, Callable[[str], None]]:
+        """A missed call's end, its facts read: the statement the rules choose (its ticket,
+        or its end alone: an outgoing call, a withheld number), and what follows once it
+        has told its outcome (the counters, the log line)."""
+        ended = end.ended
+        notes, line, touch = self._end_texts(ended, end.origin)
+        if not gets_ticket(finishing.direction, ended.outcome, finishing.call.withheld,
+                           self._tickets):
+            return (self._statements.finish_step(ended, line, notes, end.received,
+                                                 end.recovering, touch, tell=True),
+                    lambda told: self._concluded(ended, notes, "", True))
+        plan = self._plan(ended, end.origin.where, finishing.call, finishing.facts)
+
+        def conclude(told: str) -> None:
+            self.counters.ticket_writes += 1
+            self._concluded(ended, notes, self._ticket_done(
+                plan, finishing.facts, self._statements.ticket_of(plan, told)), True)
+
+        return (self._statements.ticket_step(plan, finishing.row, finishing.client, ended,
+                                             line, notes, end.received, touch), conclude)
 
     def _end_texts(self, ended: Ended, origin: Origin
                    ) -> tuple[str, LogLine, EndTouch | None]:
@@ -577,6 +638,21 @@ class Ingest:
             return None
         return end_touch(ended.outcome, ended.duration, ended.at, self._zone, self._texts)
 
+    def _plan(self, ended: Ended, where: Dialling, call: MissedCall, facts: TicketFacts
+              ) -> TicketPlan:
+        """What the rules make of a missed call's ticket."""
+        if call.extension is None:
+            call = replace(call, extension=ended.extension)
+        return plan_ticket(call, facts, self._tickets, self._texts, self._zone, where)
+
+    @staticmethod
+    def _ticket_done(plan: TicketPlan, facts: TicketFacts, ticket: int | None) -> str:
+        """What became of the call's ticket, for its log line (``ticket_text``)."""
+        if isinstance(plan, TicketUpdate):
+            # the count plan_ticket puts in the title: this call and the earlier ones
+            return ticket_text(plan.ticket, 1 + facts.earlier_missed, joined=True)
+        return ticket_text(ticket)
+
     async def _ticket(self, batch: Batch, ended: Ended, where: Dialling, row: int,
                       client: int | None, call: MissedCall, facts: TicketFacts,
                       line: LogLine, notes: str, received: datetime,
@@ -585,16 +661,11 @@ class Ingest:
         """The missed call's end and its ticket, as the rules plan it, in the statement
         that also commits (with ``touch``, the CRM's sales side too); what became of the
         ticket, for the call's log line (``ticket_text``)."""
-        if call.extension is None:
-            call = replace(call, extension=ended.extension)
-        plan = plan_ticket(call, facts, self._tickets, self._texts, self._zone, where)
+        plan = self._plan(ended, where, call, facts)
         ticket = await self._statements.write_ticket(batch, plan, row, client, ended, line,
                                                      notes, received, touch)
         (tally or self.counters).ticket_writes += 1
-        if isinstance(plan, TicketUpdate):
-            # the count plan_ticket puts in the title: this call and the earlier ones
-            return ticket_text(plan.ticket, 1 + facts.earlier_missed, joined=True)
-        return ticket_text(ticket)
+        return self._ticket_done(plan, facts, ticket)
 
     # -- Zadarma -----------------------------------------------------------------------------
 

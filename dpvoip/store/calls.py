@@ -31,10 +31,10 @@ from dpvoip.core.tickets import (
 )
 from dpvoip.crm.schema import CrmCapabilities, quote_ident
 from dpvoip.live import events as live
-from dpvoip.store.database import Batch, Store, carry, told
+from dpvoip.store.database import Batch, Store, told
 from dpvoip.store.directory import DirectoryIndex
 from dpvoip.store.live import CHANNEL, announce, given_call_event, row_call_event, ticket_event
-from dpvoip.store.pool import numbered, statement_name
+from dpvoip.store.pool import numbered, positional, statement_name
 from dpvoip.zadarma.calls import ZadarmaCall
 from dpvoip.zadarma.events import ZadarmaEvent
 
@@ -43,11 +43,15 @@ from dpvoip.zadarma.events import ZadarmaEvent
 NOTIFY_CHANNEL = CHANNEL
 #: The lock on an incoming call's number that serialises the tickets of its missed calls
 #: (parameter: call, the call_id).
-_TICKET_LOCK = (
-    "SELECT pg_advisory_xact_lock(hashtext('dpvoip-ticket:' || remote_number))"
-    " FROM dpvoip.call_detail WHERE call_id = %(call)s AND direction = 'incoming'"
-    " AND remote_number IS NOT NULL"
+_TICKET_LOCKS = (
+    "SELECT pg_advisory_xact_lock(hashtext('dpvoip-ticket:' || x.n)) FROM (SELECT DISTINCT"
+    " remote_number AS n FROM dpvoip.call_detail WHERE call_id = ANY(%(calls)s::text[])"
+    " AND direction = 'incoming' AND remote_number IS NOT NULL ORDER BY 1) AS x"
 )
+
+
+#: A call's end that may finish it again, with ``recovering`` (``CallStatements._reopen``).
+_REOPENED = "d.outcome IN ('interrupted', 'blocked')"
 
 
 #: The same lock for a Zadarma call's missed end, from the number in the call statement's
@@ -388,7 +392,7 @@ class CallStatements:
         """A call closed as interrupted may still be finalised by its own late end; one
         recorded as blocked, by the box's call list saying it was missed (the reconciler
         decides which; a late DISCONNECT never reaches a blocked call)."""
-        return " OR d.outcome IN ('interrupted', 'blocked')" if recovering else ""
+        return f" OR {_REOPENED}" if recovering else ""
 
     def _finish_statement(self, recovering: bool, touch: bool = False,
                           tell: bool = False) -> str:
@@ -489,57 +493,72 @@ class CallStatements:
         return (self._finish_statement(recovering, touch is not None, tell),
                 self._finish_parameters(ended, line, notes, received, touch))
 
-    async def finish_within(self, batch: Batch, ended: Ended, line: LogLine, notes: str,
-                            received: datetime, recovering: bool = False,
-                            touch: EndTouch | None = None) -> None:
-        """The same as the last statement of ``batch`` (the COMMIT rides along)."""
-        await batch.run(self._finish_statement(recovering, touch is not None),
-                        self._finish_parameters(ended, line, notes, received, touch),
-                        last=True)
+    async def finishing_missed(self, batch: Batch, ends: Sequence[tuple[Ended, bool]],
+                               query: TicketQuery) -> list[FinishingCall | None]:
+        """The first round trip of missed calls' ends (each with whether it is
+        ``recovering``): their numbers' ticket locks, then their call rows (locked) and
+        ticket facts; for each end in order, None when its call was finalised already.
 
-    async def finishing_missed(self, batch: Batch, ended: Ended, query: TicketQuery,
-                               recovering: bool = False) -> FinishingCall | None:
-        """The first round trip of a missed call's end: the number's ticket lock, then the
-        call row (locked) and the ticket facts; None when the call was finalised already.
-
-        The lock comes first, in a statement of its own: the statement after it takes a
-        new snapshot, which sees a ticket that the lock's previous holder (another missed
-        call of the number ending at the same moment) has just committed. Both ride in one
-        message."""
+        The locks come first, in a statement of their own, taken in the numbers' order
+        (two transactions that lock two numbers never wait on each other): the statement
+        after it takes a new snapshot, which sees a ticket that a lock's previous holder
+        (another missed call of the number ending at the same moment) has just
+        committed. Both ride in one message. Two ends of one number read the same facts:
+        the second's must be read again once the first's ticket is written."""
         rows = await batch.run_planned(
-            self._statement(("finishing", recovering), lambda: (
-                "SELECT c.id, c.phone_number, c.client_id, d.direction, d.remote_number,"
-                " d.started_at, d.own_number, d.extension, d.remote_raw, "
+            self._statement(("finishing",), lambda: (
+                "SELECT e.n, c.id, c.phone_number, c.client_id, d.direction,"
+                " d.remote_number, d.started_at, d.own_number, d.extension, d.remote_raw, "
                 + self._ticket_facts("d.remote_number", "d.started_at", "c.client_id",
                                      "c.call_id")
-                + f" FROM {self._crm}.accounting_voipcall c JOIN dpvoip.call_detail d"
-                " ON d.call_id = c.call_id WHERE c.call_id = %(call)s AND (c.status ="
-                f" 'active'{self._reopen(recovering)}) AND d.outcome IS DISTINCT FROM"
-                " %(outcome)s FOR UPDATE OF c")),
-            {"call": ended.call_id, "outcome": ended.outcome.value,
+                + " FROM json_to_recordset(%(ends)s::json) AS e(n integer, call text,"
+                f" outcome text, recovering boolean) JOIN {self._crm}.accounting_voipcall c"
+                " ON c.call_id = e.call JOIN dpvoip.call_detail d ON d.call_id = c.call_id"
+                f" WHERE (c.status = 'active' OR e.recovering AND {_REOPENED})"
+                " AND d.outcome IS DISTINCT FROM e.outcome"
+                " FOR UPDATE OF c")),
+            {"calls": [ended.call_id for ended, _ in ends],
+             "ends": json.dumps([{"n": n, "call": ended.call_id,
+                                  "outcome": ended.outcome.value, "recovering": recovering}
+                                 for n, (ended, recovering) in enumerate(ends)]),
              **self._facts_parameters(query)},
-            prefix=_TICKET_LOCK,
+            prefix=_TICKET_LOCKS,
         )
-        if not rows:
-            return None
-        (row, phone, client, direction, number, started_at, own, extension, raw,
-         open_ticket, earlier, client_name, users) = rows[0]
-        return FinishingCall(row, direction, client,
-                             MissedCall(phone, number, started_at, own, extension,
-                                        is_withheld(raw)),
-                             self._facts(open_ticket, earlier, client_name, users))
+        found: list[FinishingCall | None] = [None] * len(ends)
+        for (n, row, phone, client, direction, number, started_at, own, extension, raw,
+             open_ticket, earlier, client_name, users) in rows:
+            found[n] = FinishingCall(row, direction, client,
+                                     MissedCall(phone, number, started_at, own, extension,
+                                                is_withheld(raw)),
+                                     self._facts(open_ticket, earlier, client_name, users))
+        return found
 
     async def write_ticket(self, batch: Batch, plan: TicketPlan, row: int,
                            client: int | None, ended: Ended, line: LogLine, notes: str,
                            received: datetime, touch: EndTouch | None = None
                            ) -> int | None:
+        """``ticket_step`` on its own, the COMMIT riding along: the ticket's id."""
+        told = await batch.run_told(
+            [self.ticket_step(plan, row, client, ended, line, notes, received, touch)],
+            last=True)
+        return self.ticket_of(plan, told[0])
+
+    @staticmethod
+    def ticket_of(plan: TicketPlan, told: str) -> int | None:
+        """The ticket's id, from what ``ticket_step`` told: an update's is the plan's."""
+        if not isinstance(plan, NewTicket):
+            return plan.ticket
+        return int(told) if told else None
+
+    def ticket_step(self, plan: TicketPlan, row: int, client: int | None, ended: Ended,
+                    line: LogLine, notes: str, received: datetime,
+                    touch: EndTouch | None = None) -> Step:
         """The missed call's end and its ticket (behaviour.md section 5) in one statement:
         the ticket created or updated as ``plan`` says, the call row finalised and linked
-        to it, both logged and published, as at ``received``; the ticket's id.
-
-        The COMMIT rides along. An update's id is the plan's; a new ticket's is made by its
-        INSERT and carried past the COMMIT (``Batch.run``), for the log to say which ticket
-        ("ticket 12 created") without a round trip more.
+        to it, both logged and published, as at ``received``. It tells the ticket's id
+        (``Batch.run_told``): a new ticket's is made by its INSERT, and the log says which
+        ticket ("ticket 12 created") without a round trip more, also when the COMMIT rode
+        along.
 
         An open ticket that had no client gets the call's (a client added to the CRM
         since the number's first missed call), and so does the call it was opened for,
@@ -562,22 +581,19 @@ class CallStatements:
         touched = touch is not None
         if touch is not None:
             params.update(self._touch_parameters(touch, received))
-        rows = await batch.run_planned(
-            self._statement(("ticket", new, touched), lambda: self._ticket_sql(new, touched)),
-            {
-                **params, "row": row, "channel": NOTIFY_CHANNEL,
-                "status": ended.outcome.status, "at": ended.at, "talk": ended.duration,
-                "notes": notes, "outcome": ended.outcome.value, "received": received,
-                "ended_action": line.action, "ended_line": line.text,
-                "ended_payload": ended_payload(ended.call_id, ended.outcome, ended.duration),
-                "changes": json.dumps(live.ended_changes(ended.outcome, ended.duration,
-                                                         ended.at)),
-            },
-            last=True, carried=new,
-        )
-        if not isinstance(plan, NewTicket):
-            return plan.ticket
-        return int(rows[0][0]) if rows and rows[0][0] else None
+        params.update({
+            "row": row, "channel": NOTIFY_CHANNEL,
+            "status": ended.outcome.status, "at": ended.at, "talk": ended.duration,
+            "notes": notes, "outcome": ended.outcome.value, "received": received,
+            "ended_action": line.action, "ended_line": line.text,
+            "ended_payload": ended_payload(ended.call_id, ended.outcome, ended.duration),
+            "changes": json.dumps(live.ended_changes(ended.outcome, ended.duration,
+                                                     ended.at)),
+        })
+        text, names = positional(
+            self._statement(("ticket", new, touched), lambda: self._ticket_sql(new, touched)))
+        # As a step of ``%s`` parameters: its own '%' kept (``numbered`` reads '%%' as '%').
+        return text.replace("%", "%%"), tuple(params[name] for name in names)
 
     def _ticket_sql(self, new: bool, touch: bool = False) -> str:
         """The ticket statement: a ``new`` ticket inserted (its log line gets the new id
@@ -639,7 +655,7 @@ class CallStatements:
                " d.deal_id, d.crm_touched FROM dpvoip.call_detail d JOIN call c"
                " ON d.call_id = c.call_id)" + self._touch_ctes("touch_before", _named)
                if touch else "")
-            + f" SELECT {carry('SELECT c.ticket FROM call c')}, (SELECT count(*) FROM note)"
+            + _rows("SELECT c.ticket, (SELECT count(*) FROM note) FROM call c", tell=True)
         )
 
     def _first_call_follows(self) -> str:

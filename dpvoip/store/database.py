@@ -52,13 +52,15 @@ TOLD = "dpvoip.told"
 
 
 def told(rows: str) -> str:
-    """A statement's last part that, instead of returning ``rows`` (a SELECT whose
-    second column must be computed for each row: it reads the statement's NOTIFY), appends
-    to ``TOLD`` whether they were any ('1' or '0') and returns the setting: statements sent
-    together in one message (``Batch.run_told``) tell their outcomes in its one answer.
-    ``max`` reads the second column of every row, so the NOTIFY is sent as before."""
+    """A statement's last part that, instead of returning ``rows`` (a SELECT of a row id
+    and a second column that must be computed for each row: it reads the statement's
+    NOTIFY), appends to ``TOLD`` the id of its row ('' when there is none: the statement
+    took no effect) and a comma, and returns the setting: statements sent together in one
+    message (``Batch.run_told``) tell their outcomes in its one answer. The id is read
+    only where the second column is not NULL, so that the NOTIFY is computed as before
+    (a part that read the ids alone let the planner drop it)."""
     return (f"SELECT set_config('{TOLD}', coalesce(current_setting('{TOLD}', true), '')"
-            f" || CASE WHEN max(r.n) IS NULL THEN '0' ELSE '1' END, true)"
+            f" || CASE WHEN max(r.n) IS NULL THEN '' ELSE max(r.id)::text END || ',', true)"
             f" FROM ({rows}) AS r(id, n)")
 
 
@@ -137,10 +139,11 @@ class Batch:
         await self.run("; ".join(texts), merged, last)
 
     async def run_told(self, steps: Sequence[tuple[str, tuple[Any, ...]]],
-                       last: bool = False) -> list[bool]:
+                       last: bool = False) -> list[str]:
         """Several statements ending in ``told`` (``%s`` parameters, each planned once per
-        connection) sent in ONE message, in order: whether each took effect. A replayed
-        group's plain events cost one round trip for a run of them, not one each.
+        connection) sent in ONE message, in order: what each told, the id of the row it
+        wrote ('' when it took no effect). A replayed group's plain events cost one round
+        trip for a run of them, not one each, and so do the tickets of its missed calls.
         ``last``: the COMMIT rides along (the outcomes carried past it, see ``run``)."""
         if not steps:
             if last:
@@ -156,11 +159,12 @@ class Batch:
             merged.extend(params)
         if last:
             texts.append("SELECT " + carry(f"current_setting('{TOLD}', true)"))
-        flags: str = (await self.run("; ".join(texts), tuple(merged), last=last,
-                                     carried=last))[0][0]
-        if len(flags) != len(steps):
-            raise RuntimeError(f"{len(steps)} statements told {len(flags)} outcomes")
-        return [flag == "1" for flag in flags]
+        answer: str = (await self.run("; ".join(texts), tuple(merged), last=last,
+                                      carried=last))[0][0]
+        outcomes = answer.split(",")[:-1]
+        if len(outcomes) != len(steps):
+            raise RuntimeError(f"{len(steps)} statements told {len(outcomes)} outcomes")
+        return outcomes
 
     async def _execute_text(self, statement: str) -> str:
         """The EXECUTE of ``statement`` (PREPAREd on this connection first if need be)."""

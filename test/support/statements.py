@@ -20,3 +20,13 @@ def statements_sent(test: SynchronousTestCase) -> list[str]:
 
     test.patch(Cursor, "execute", counted)
     return sent
+
+
+def messages(sent: list[str]) -> list[str]:
+    """The messages of ``sent`` that write or read (a connection's PREPAREs left out)."""
+    return [text for text in sent if "PREPARE " not in text]
+
+
+def told_runs(sent: list[str]) -> list[int]:
+    """How many statements each told message of ``sent`` held (``Batch.run_told``)."""
+    return [text.count("EXECUTE") for text in messages(sent) if "dpvoip.told" in text]
