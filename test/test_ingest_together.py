@@ -284,6 +284,36 @@ class TogetherTests(ZadarmaTestCase):
             self.assertEqual(crm_findings(written), [])
 
 
+    @defer.inlineCallbacks
+    def test_a_runs_missed_zadarma_calls_share_their_round_trips(self) -> Any:
+        """Four missed Zadarma calls end in one run, the first and the last of one caller:
+        the calls of three numbers write their rows and read their ticket facts in one
+        round trip and their tickets in one message; the caller's second call follows in
+        a round of its own, and joins the first one's ticket, as one by one."""
+        self.clients(self.crm)
+        yield self.build_directory()
+        callers = ["+306912345678", "+306912345670", "+306912345671", "+306912345678"]
+        calls = [zadarma_call(caller, f"in_{n:040d}", answered=False,
+                              start=f"2026-01-15 10:0{n}:00")
+                 for n, caller in enumerate(callers)]
+        items = submissions([call[0] for call in calls] + [call[1] for call in calls],
+                            replace(self.context, tickets=True))
+        sent = statements_sent(self)
+        yield self.ingest.apply_together(items)
+        self.assertEqual(told_runs(sent), [3, 1])
+        facts = [text for text in messages(sent) if "%(numbers_" in text]
+        self.assertEqual([text.count("EXECUTE") for text in facts], [3 + 2, 1 + 2])
+
+        twin_crm, twin_dsn = yield defer.Deferred.fromCoroutine(self._one_by_one(items))
+        together = self.rows(self.crm)
+        self.assertEqual(together, self.rows(twin_crm))
+        self.assertEqual([(t[4], t[0].split(" - ")[0]) for t in together["tickets"]],
+                         [(f"zd-in_{0:040d}", "MISSED CALLS (2x)"),
+                          (f"zd-in_{1:040d}", "MISSED CALL"),
+                          (f"zd-in_{2:040d}", "MISSED CALL")])
+        for written in (self.dsn, twin_dsn):
+            self.assertEqual(crm_findings(written), [])
+
     def answered_calls(self) -> list[Submission | ZadarmaSubmission]:
         """Three answered Fritz!Box calls: nine events, none of which reads anything before
         its write (their callers are looked up with the group's)."""

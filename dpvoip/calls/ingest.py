@@ -223,6 +223,19 @@ class _End:
                     item.recovering or item.origin.late_ends)
 
 
+@dataclass(frozen=True)
+class _ZadarmaMissed:
+    """A Zadarma call whose end gets a ticket (``Ingest._zadarma_tickets``): its row,
+    its end, the call as the ticket rules read it, and its end's log line."""
+
+    row: ZadarmaRow
+    ended: Ended
+    call: MissedCall
+    client: int | None
+    where: Dialling
+    line: LogLine
+
+
 @dataclass
 class IngestCounters:
     calls_started: int = 0
@@ -653,20 +666,6 @@ class Ingest:
             return ticket_text(plan.ticket, 1 + facts.earlier_missed, joined=True)
         return ticket_text(ticket)
 
-    async def _ticket(self, batch: Batch, ended: Ended, where: Dialling, row: int,
-                      client: int | None, call: MissedCall, facts: TicketFacts,
-                      line: LogLine, notes: str, received: datetime,
-                      touch: EndTouch | None = None, tally: IngestCounters | None = None
-                      ) -> str:
-        """The missed call's end and its ticket, as the rules plan it, in the statement
-        that also commits (with ``touch``, the CRM's sales side too); what became of the
-        ticket, for the call's log line (``ticket_text``)."""
-        plan = self._plan(ended, where, call, facts)
-        ticket = await self._statements.write_ticket(batch, plan, row, client, ended, line,
-                                                     notes, received, touch)
-        (tally or self.counters).ticket_writes += 1
-        return self._ticket_done(plan, facts, ticket)
-
     # -- Zadarma -----------------------------------------------------------------------------
 
     def _admitted(self, event: ZadarmaEvent, form: Mapping[str, str],
@@ -709,21 +708,16 @@ class Ingest:
         for the whole group."""
         entries = await self._statements.journal(batch, [admitted.item for admitted in group])
         later: list[tuple[str, dict[str, Any]]] = []  # sent together with the COMMIT
-        held = batch.held
-        outcomes = []
-        try:
-            for n, (admitted, entry) in enumerate(zip(group, entries, strict=True)):
-                # A ticket's statement commits only when nothing is left to send after it
-                # (the group's last event, nothing waiting to ride with the COMMIT).
-                batch.hold(held or n < len(group) - 1 or bool(later))
-                outcomes.append(await self._judged(batch, admitted, entry, later, tally))
-        finally:
-            batch.hold(held)
+        missed: list[_ZadarmaMissed] = []  # their calls and tickets written together
+        outcomes = [await self._judged(batch, admitted, entry, later, missed, tally)
+                    for admitted, entry in zip(group, entries, strict=True)]
+        await self._zadarma_tickets(batch, missed, tally, last=not later)
         await batch.run_planned_together(later, last=True)
         return outcomes
 
     async def _judged(self, batch: Batch, admitted: _Admitted, entry: JournalEntry,
-                      later: list[tuple[str, dict[str, Any]]], tally: IngestCounters
+                      later: list[tuple[str, dict[str, Any]]],
+                      missed: list[_ZadarmaMissed], tally: IngestCounters
                       ) -> ZadarmaOutcome:
         """One journalled event judged against its call's journal, and its call written."""
         item, context = admitted.item, admitted.context
@@ -758,7 +752,7 @@ class Ingest:
         else:
             match = await self._directory.lookup(number, within=batch) if number else None
         return await self._zadarma_call(batch, item.identity, call, entry, context, number,
-                                        match, item.received, later, tally, trusted)
+                                        match, item.received, later, missed, tally, trusted)
 
     async def _callback(self, batch: Batch, events: list[ZadarmaEvent], call: ZadarmaCall,
                         context: ZadarmaContext, entry: JournalEntry,
@@ -783,6 +777,48 @@ class Ingest:
                    " recorded as their events say, without the callback's rewrite and"
                    " without CRM writes")
         return summarise(as_plain(events)), False
+
+    async def _zadarma_tickets(self, batch: Batch, missed: Sequence[_ZadarmaMissed],
+                               tally: IngestCounters, last: bool) -> None:
+        """The missed calls of a run that get a ticket, in order: their call statements
+        and their ticket facts in one round trip, then their tickets in one message;
+        ``last``: the COMMIT rides along with it.
+
+        Two calls of one number cannot share a round: the second's facts must see the
+        first's ticket (joined, counted), and its own row must not be counted among the
+        first's missed calls. So a round stops before the first call whose number it
+        holds already; the rest follow in the next, in order."""
+        pending = list(missed)
+        while pending:
+            numbers: set[str] = set()
+            taken: list[_ZadarmaMissed] = []
+            for call in pending:
+                number = call.row.number
+                if number is not None and number in numbers:
+                    break
+                if number is not None:
+                    numbers.add(number)
+                taken.append(call)
+            pending = pending[len(taken):]
+            found = await self._statements.zadarma_missed(
+                batch, [call.row for call in taken], self._ticket_query())
+            plans = [self._plan(call.ended, call.where, call.call, facts)
+                     for call, (_, facts) in zip(taken, found, strict=True)]
+            told = await batch.run_told(
+                [self._statements.ticket_step(plan, row_id, call.client, call.ended,
+                                              call.line, call.row.notes, call.row.received)
+                 for call, plan, (row_id, _) in zip(taken, plans, found, strict=True)],
+                last and not pending)
+            for call, plan, (_, facts), outcome in zip(taken, plans, found, told,
+                                                       strict=True):
+                tally.ticket_writes += 1
+                tally.calls_ended += 1
+                done = self._ticket_done(plan, facts,
+                                         self._statements.ticket_of(plan, outcome))
+                status, notes = call.ended.outcome.status, call.row.notes
+                log.info("call {call_id}: {finished}", call_id=call.ended.call_id,
+                         finished=finished_text(status, notes, done), status=status,
+                         notes=notes, ticket=done)
 
     def _refuse(self, event: ZadarmaEvent, verdict: Verdict, tally: IngestCounters
                 ) -> ZadarmaOutcome:
@@ -813,11 +849,13 @@ class Ingest:
                             entry: JournalEntry, context: ZadarmaContext,
                             number: str | None, match: Match | None,
                             received: datetime, later: list[tuple[str, dict[str, Any]]],
-                            tally: IngestCounters, trusted: bool = True) -> ZadarmaOutcome:
+                            missed: list[_ZadarmaMissed], tally: IngestCounters,
+                            trusted: bool = True) -> ZadarmaOutcome:
         """The call row, its detail, its log lines, the live event and the CRM's sales
-        side in one statement; it goes with the group's COMMIT (``later``) unless a ticket
-        or the owner's extension still has to be written or read (the usual event: two
-        round trips in all, the journal's and this one, for a whole group).
+        side in one statement; it goes with the group's COMMIT (``later``), or with the
+        other missed calls' that get a ticket (``missed``): the usual event costs two
+        round trips in all, the journal's and this one, for a whole group; reading the
+        owner's extension (a start redirected to its contact's owner) one more.
 
         Times are Zadarma's own, never when an event was delivered or replayed: the start
         is ``call_start`` (else when the call's first event arrived), the end the start
@@ -858,12 +896,14 @@ class Ingest:
                               person.name if person else None, received, self._zone,
                               self._texts) if trusted else None,
         )
-        if not ticket and not owner_wanted:
-            later.append(self._statements.zadarma_call_plain(row))
-            row_id, facts = 0, None
+        if ticket and finished is not None and end_line is not None:
+            client = match.client if match else None
+            missed.append(_ZadarmaMissed(
+                row, Ended(identity, finished, call.duration, ended_at or received, extension),
+                MissedCall(phone, number, started, call.own_number, extension, withheld),
+                client.id if client else None, context.where, end_line))
         else:
-            row_id, facts = await self._statements.zadarma_call(
-                batch, row, last=False, ticket=self._ticket_query() if ticket else None)
+            later.append(self._statements.zadarma_statement(row))
         if not existed:  # under the call's lock: the row this statement inserts
             tally.calls_started += 1
         if finished is not None and not ticket:
@@ -871,17 +911,6 @@ class Ingest:
         owner_extension = ""
         if owner_wanted and person is not None and person.owner_id is not None:
             owner_extension = await self._statements.owner_extension(batch, person.owner_id)
-        if ticket and finished is not None and facts is not None and end_line is not None:
-            tally.calls_ended += 1
-            ended = Ended(identity, finished, call.duration, ended_at or received, extension)
-            client = match.client if match else None
-            ticket_done = await self._ticket(
-                batch, ended, context.where, row_id, client.id if client else None,
-                MissedCall(phone, number, started, call.own_number, extension, withheld),
-                facts, end_line, notes, received, tally=tally)
-            log.info("call {call_id}: {finished}", call_id=identity,
-                     finished=finished_text(finished.status, notes, ticket_done),
-                     status=finished.status, notes=notes, ticket=ticket_done)
         return ZadarmaOutcome(duplicate=False, match=match, owner_extension=owner_extension)
 
     # -- events of calls this process never saw start ----------------------------------------

@@ -54,11 +54,11 @@ _TICKET_LOCKS = (
 _REOPENED = "d.outcome IN ('interrupted', 'blocked')"
 
 
-#: The same lock for a Zadarma call's missed end, from the number in the call statement's
-#: values (parameter: values, the JSON document of ``zadarma_call``).
-_ZADARMA_TICKET_LOCK = (
-    "SELECT pg_advisory_xact_lock(hashtext('dpvoip-ticket:' || x.n))"
-    " FROM (SELECT %(values)s::json->>'number' AS n) AS x WHERE x.n IS NOT NULL"
+#: The same locks for Zadarma calls' missed ends, from their numbers (parameter:
+#: numbers, NULL for a withheld one).
+_ZADARMA_TICKET_LOCKS = (
+    "SELECT pg_advisory_xact_lock(hashtext('dpvoip-ticket:' || x.n)) FROM (SELECT DISTINCT"
+    " n FROM unnest(%(numbers)s::text[]) AS n WHERE n IS NOT NULL ORDER BY 1) AS x"
 )
 
 
@@ -533,16 +533,6 @@ class CallStatements:
                                      self._facts(open_ticket, earlier, client_name, users))
         return found
 
-    async def write_ticket(self, batch: Batch, plan: TicketPlan, row: int,
-                           client: int | None, ended: Ended, line: LogLine, notes: str,
-                           received: datetime, touch: EndTouch | None = None
-                           ) -> int | None:
-        """``ticket_step`` on its own, the COMMIT riding along: the ticket's id."""
-        told = await batch.run_told(
-            [self.ticket_step(plan, row, client, ended, line, notes, received, touch)],
-            last=True)
-        return self.ticket_of(plan, told[0])
-
     @staticmethod
     def ticket_of(plan: TicketPlan, told: str) -> int | None:
         """The ticket's id, from what ``ticket_step`` told: an update's is the plan's."""
@@ -792,37 +782,38 @@ class CallStatements:
                 {"id": entry.added, "bound": entry.bound_now, "signed": item.signed,
                  "pbx": item.event.pbx_call_id})
 
-    def zadarma_call_plain(self, row: ZadarmaRow) -> tuple[str, dict[str, Any]]:
-        """The statement of ``zadarma_call`` for a call whose writes end there (no ticket,
-        no owner to read): to ride along with a group's others (``run_planned_together``)."""
-        return (self._statement(("zadarma", False), lambda: self._zadarma_sql(False)),
-                self._zadarma_parameters(row))
+    def zadarma_statement(self, row: ZadarmaRow) -> tuple[str, dict[str, Any]]:
+        """A Zadarma call's statement: the call row, its detail, its log lines, the live
+        event and the CRM's sales side, to ride along with a group's others
+        (``run_planned_together``). Times are the row's; its id comes back."""
+        return self._statement(("zadarma",), self._zadarma_sql), self._zadarma_parameters(row)
 
-    async def zadarma_call(self, batch: Batch, row: ZadarmaRow, last: bool,
-                           ticket: TicketQuery | None = None
-                           ) -> tuple[int, TicketFacts | None]:
-        """The call row, its detail, its log lines, the live event and the CRM's sales
-        side in one statement; ``last``: the COMMIT rides along. With ``ticket``, the
-        ticket facts ride along too (read in this statement's snapshot). Returns the call
-        row's id (0 with ``last``: no rows come back) and the facts."""
-        # With a ticket, the number's ticket lock first, in a statement of its own (as
-        # ``finishing_missed`` does): the call statement after it reads the ticket facts in
-        # a new snapshot, which sees what the lock's previous holder (another missed call
-        # of the number, from either source) committed.
-        rows = await batch.run_planned(
-            self._statement(("zadarma", ticket is not None),
-                            lambda: self._zadarma_sql(ticket is not None)),
-            {**self._zadarma_parameters(row),
-             **(self._facts_parameters(ticket) if ticket is not None else {})},
-            prefix=_ZADARMA_TICKET_LOCK if ticket is not None else "",
-            last=last,
-        )
-        if not rows:
-            return 0, None
-        if ticket is None:
-            return rows[0][0], None
-        (row_id, _, open_ticket, earlier, client_name, users) = rows[0]
-        return row_id, self._facts(open_ticket, earlier, client_name, users)
+    async def zadarma_missed(self, batch: Batch, rows: Sequence[ZadarmaRow],
+                             query: TicketQuery) -> list[tuple[int, TicketFacts]]:
+        """Zadarma calls whose end gets a ticket, of different numbers: their call
+        statements (``zadarma_statement``), their numbers' ticket locks (in the numbers'
+        order) and then their ticket facts, in ONE message; for each, its call row's id
+        and its facts. The facts statement takes a new snapshot after the locks: it sees
+        a ticket that a lock's previous holder has just committed."""
+        ends = [{"n": n, "id": row.identity, "number": row.number,
+                 "started": row.started.isoformat(),
+                 "client": row.match.client.id if row.match and row.match.client else None}
+                for n, row in enumerate(rows)]
+        found = await batch.run_planned_together([
+            *(self.zadarma_statement(row) for row in rows),
+            (_ZADARMA_TICKET_LOCKS, {"numbers": [row.number for row in rows]}),
+            (self._statement(("zadarma facts",), lambda: (
+                "SELECT e.n, c.id, "
+                + self._ticket_facts("e.number", "e.started", "e.client", "e.id")
+                + " FROM json_to_recordset(%(ends)s::json) AS e(n integer, id text,"
+                f" number text, started timestamptz, client bigint) JOIN {self._crm}"
+                ".accounting_voipcall c ON c.call_id = e.id ORDER BY e.n")),
+             {"ends": json.dumps(ends), **self._facts_parameters(query)}),
+        ])
+        if len(found) != len(rows):
+            raise RuntimeError(f"{len(rows)} Zadarma calls, {len(found)} rows")
+        return [(int(row_id), self._facts(open_ticket, earlier, client_name, users))
+                for _, row_id, open_ticket, earlier, client_name, users in found]
 
     def _zadarma_parameters(self, row: ZadarmaRow) -> dict[str, Any]:
         call, match, outcome = row.call, row.match, row.call.outcome
@@ -875,16 +866,9 @@ class CallStatements:
                                       "only_new": only, "n": n}
                                      for n, (line, only) in enumerate(row.lines)])}
 
-    def _zadarma_sql(self, facts: bool) -> str:
-        """The Zadarma call statement; with ``facts``, it also returns the ticket facts
-        of the call (see ``_ticket_facts``)."""
+    def _zadarma_sql(self) -> str:
+        """The Zadarma call statement."""
         extra_columns, extra_values = self._log_extras()
-        if facts:
-            result = (" SELECT c.id, (SELECT count(*) FROM note), "
-                      + self._ticket_facts("p.number", "p.started", "p.client", "p.id")
-                      + " FROM call c, p")
-        else:
-            result = " SELECT id, (SELECT count(*) FROM note) FROM call"
         return (
             "WITH p AS (SELECT * FROM json_to_record(%(values)s::json) AS p(id text,"
             " direction text, phone text, status text, started timestamptz,"
@@ -965,7 +949,7 @@ class CallStatements:
             " ELSE jsonb_build_object('event', 'changed', 'call_id', p.id) END"
             " || jsonb_build_object('id', l.id))::text) FROM live l, call c, p)"
             # (The UPDATEs run unreferenced; the NOTIFY, a plain SELECT, only when read.)
-            + result
+            " SELECT id, (SELECT count(*) FROM note) FROM call"
         )
 
     def _logs_follow(self) -> str:

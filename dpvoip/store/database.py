@@ -117,18 +117,15 @@ class Batch:
         return await self.run(text, params, last, carried)
 
     async def run_planned_together(self, statements: Sequence[tuple[str, Mapping[str, Any]]],
-                                   last: bool = False) -> None:
-        """Several hot statements whose rows nobody reads (each planned once per
-        connection, as ``run_planned``), sent in ONE message: a group of events costs one
-        round trip here, not one each. ``last``: the COMMIT rides along behind."""
+                                   last: bool = False) -> list[tuple[Any, ...]]:
+        """Several hot statements (each planned once per connection, as ``run_planned``)
+        sent in ONE message: a group of events costs one round trip here, not one each.
+        The rows are the last statement's (none with ``last``: the COMMIT rides along
+        behind)."""
         if not statements:
             if last and not self._held:
                 await self.finish()
-            return
-        if self._connection is None:
-            for n, (statement, params) in enumerate(statements):
-                await self.run(statement, params, last and n == len(statements) - 1)
-            return
+            return []
         texts: list[str] = []
         merged: dict[str, Any] = {}
         for n, (statement, params) in enumerate(statements):
@@ -136,7 +133,7 @@ class Batch:
             # Each statement's parameters renamed apart: one message, one namespace.
             texts.append(_PARAMETER.sub(rf"%(\1_{n})s", text))
             merged.update({f"{name}_{n}": value for name, value in params.items()})
-        await self.run("; ".join(texts), merged, last)
+        return await self.run("; ".join(texts), merged, last)
 
     async def run_told(self, steps: Sequence[tuple[str, tuple[Any, ...]]],
                        last: bool = False) -> list[str]:
