@@ -201,7 +201,13 @@ class EventTests(ClientTestCase):
     async def cut_and_reconnect(self, pbx: AsteriskPbx, cut: Callable[[], None],
                                 meanwhile: Sequence[Beat] = ()) -> None:
         """The link cut (``cut``), the events ``meanwhile`` played by the PBX while
-        dpvoip is away, then dpvoip logged in again."""
+        dpvoip is away, then dpvoip logged in again.
+
+        The cut comes once the fake has read the ``CoreShowChannels`` of the login before
+        it: a connection closing stops reading, so a cut made as soon as dpvoip is logged
+        in can lose that request on its way (a slow machine), and the tests that count
+        one list at each login would count one too few."""
+        await until(lambda: len(self.actions("CoreShowChannels")) == pbx.status.connections)
         cut()
         await until(lambda: not pbx.status.connected)
         for beat in meanwhile:

@@ -39,7 +39,7 @@ from dpvoip.core.errors import summary
 from dpvoip.core.happenings import Happening, Started
 from dpvoip.core.log_budget import LogBudget, more_like_this
 from dpvoip.core.numbers import Dialling
-from dpvoip.core.outcomes import Outcome, Reason
+from dpvoip.core.outcomes import Outcome
 from dpvoip.deferreds import EmptyableSet, OneShotObserver
 from dpvoip.internals import QuietClientService
 from dpvoip.protocols.ami import (
@@ -125,10 +125,17 @@ def origin_of(settings: AsteriskSettings) -> Origin:
 
 @dataclass
 class _Listing:
-    """A ``CoreShowChannels`` under way: the channels listed so far, and the Uniqueids
-    of the channels made and hung up since it was asked for (events keep coming)."""
+    """A ``CoreShowChannels`` under way: the calls followed when it was asked for, the
+    channels listed so far, and the Uniqueids of the channels made and hung up since it
+    was asked for (events keep coming).
+
+    Only the calls in ``followed`` can have been cut by a reconnect: a call whose events
+    came after the list was asked for (it may come before or after them, as the PBX
+    takes it) is known from those events, is no call resumed, and is not closed when
+    the list fails."""
 
     action_id: str
+    followed: frozenset[str] = frozenset()
     listed: list[Message] = field(default_factory=list)
     made: set[str] = field(default_factory=set)
     gone: set[str] = field(default_factory=set)
@@ -260,9 +267,11 @@ class AsteriskPbx:
         the PBX still has it, else closed as interrupted (link lost); a call that began
         while the link was down, or while dpvoip was not running, is adopted
         (``CallFollower.adopt``). Without the list (the AMI user may not read it), the
-        calls followed are all closed and the calls begun meanwhile are not recorded."""
+        calls followed before the login are closed and the calls begun meanwhile are not
+        recorded; a call whose events came since the login is followed on either way."""
         self._listing = None
-        listing = self._listing = _Listing(protocol.new_action_id())
+        listing = self._listing = _Listing(protocol.new_action_id(),
+                                           self.follower.followed_calls())
         protocol.send_action("CoreShowChannels", (), listing.action_id).addCallbacks(
             lambda _: None, lambda failure: self._listed(listing, failure))
         # A list that never ends must not keep the calls followed for ever.
@@ -278,16 +287,21 @@ class AsteriskPbx:
         self._listing = None
         adopted: list[Happening] = []
         if failure is not None:
+            # Without the list, the channels known to be up are those made since it was
+            # asked for: the calls followed before are closed, a call begun since the
+            # login (its events came before the refusal) is followed on.
+            orphans = self.follower.resume(listing.made - listing.gone, self._now())
             self._warn("list", "pbx {pbx}: the channels could not be listed ({error}); "
                        "{lost}calls that began while dpvoip was not connected are not "
                        "recorded", error=summary(failure.value),
                        lost="the calls followed are closed as interrupted, and "
-                       if self.follower.open_calls else "")
-            orphans = self.follower.close_all(Reason.LINK_LOST, self._now())
+                       if orphans else "")
         else:
-            before = self.follower.open_calls
             orphans = self.follower.resume(listing.alive, self._now())
-            self.status.calls_resumed += before - len(orphans)
+        # Resumed: followed before the list was asked for, and still followed now. Not the
+        # calls open now: one whose events came before the list is no call resumed.
+        self.status.calls_resumed += len(listing.followed & self.follower.followed_calls())
+        if failure is None:
             adopted = self.follower.adopt(listing.unseen, self._now())
             calls = sum(1 for h in adopted if isinstance(h, Started))
             self.status.calls_adopted += calls
