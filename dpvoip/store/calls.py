@@ -507,16 +507,20 @@ class CallStatements:
         the second's must be read again once the first's ticket is written."""
         rows = await batch.run_planned(
             self._statement(("finishing",), lambda: (
-                "SELECT e.n, c.id, c.phone_number, c.client_id, d.direction,"
+                # Each end's row found by its own index lookup (LATERAL): joined as sets,
+                # the generic plan scanned the call table for the active calls, and a
+                # group's end took longer than two round trips of its own.
+                "SELECT e.n, x.* FROM json_to_recordset(%(ends)s::json) AS e(n integer,"
+                " call text, outcome text, recovering boolean) CROSS JOIN LATERAL ("
+                "SELECT c.id, c.phone_number, c.client_id, d.direction,"
                 " d.remote_number, d.started_at, d.own_number, d.extension, d.remote_raw, "
                 + self._ticket_facts("d.remote_number", "d.started_at", "c.client_id",
                                      "c.call_id")
-                + " FROM json_to_recordset(%(ends)s::json) AS e(n integer, call text,"
-                f" outcome text, recovering boolean) JOIN {self._crm}.accounting_voipcall c"
-                " ON c.call_id = e.call JOIN dpvoip.call_detail d ON d.call_id = c.call_id"
-                f" WHERE (c.status = 'active' OR e.recovering AND {_REOPENED})"
+                + f" FROM {self._crm}.accounting_voipcall c"
+                " JOIN dpvoip.call_detail d ON d.call_id = c.call_id WHERE c.call_id = e.call"
+                f" AND (c.status = 'active' OR e.recovering AND {_REOPENED})"
                 " AND d.outcome IS DISTINCT FROM e.outcome"
-                " FOR UPDATE OF c")),
+                " FOR UPDATE OF c) AS x")),
             {"calls": [ended.call_id for ended, _ in ends],
              "ends": json.dumps([{"n": n, "call": ended.call_id,
                                   "outcome": ended.outcome.value, "recovering": recovering}
@@ -803,11 +807,11 @@ class CallStatements:
             *(self.zadarma_statement(row) for row in rows),
             (_ZADARMA_TICKET_LOCKS, {"numbers": [row.number for row in rows]}),
             (self._statement(("zadarma facts",), lambda: (
-                "SELECT e.n, c.id, "
+                "SELECT e.n, (SELECT c.id FROM"
+                f" {self._crm}.accounting_voipcall c WHERE c.call_id = e.id), "
                 + self._ticket_facts("e.number", "e.started", "e.client", "e.id")
                 + " FROM json_to_recordset(%(ends)s::json) AS e(n integer, id text,"
-                f" number text, started timestamptz, client bigint) JOIN {self._crm}"
-                ".accounting_voipcall c ON c.call_id = e.id ORDER BY e.n")),
+                " number text, started timestamptz, client bigint) ORDER BY e.n")),
              {"ends": json.dumps(ends), **self._facts_parameters(query)}),
         ])
         if len(found) != len(rows):
