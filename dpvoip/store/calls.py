@@ -508,8 +508,8 @@ class CallStatements:
         rows = await batch.run_planned(
             self._statement(("finishing",), lambda: (
                 # Each end's row found by its own index lookup (LATERAL): joined as sets,
-                # the generic plan scanned the call table for the active calls, and a
-                # group's end took longer than two round trips of its own.
+                # under the generic plan a group's ends took longer than two round trips
+                # each (``bench.replay``, session 18).
                 "SELECT e.n, x.* FROM json_to_recordset(%(ends)s::json) AS e(n integer,"
                 " call text, outcome text, recovering boolean) CROSS JOIN LATERAL ("
                 "SELECT c.id, c.phone_number, c.client_id, d.direction,"
