@@ -285,6 +285,29 @@ class TogetherTests(ZadarmaTestCase):
 
 
     @defer.inlineCallbacks
+    def test_a_repeated_missed_end_does_not_commit_the_group_early(self) -> Any:
+        """A missed call's end delivered twice in a group: the second finds the call
+        finalised and writes nothing, and the group still commits once, at its end (the
+        answered call after it in the same transaction)."""
+        self.clients(self.crm)
+        yield self.build_directory()
+        ring, end, answered_ring, connect, hang_up = [
+            Submission(h, self.origin, ARRIVED) for h in self.happenings([
+                f"{today('09:00:00')};RING;0;06912345678;7654321;SIP0;",
+                f"{today('09:00:30')};DISCONNECT;0;0;",
+                f"{today('09:00:40')};RING;1;2101234567;7654321;SIP0;",
+                f"{today('09:00:45')};CONNECT;1;13;2101234567;",
+                f"{today('09:01:12')};DISCONNECT;1;20;",
+            ])]
+        sent = statements_sent(self)
+        yield self.ingest.apply_together([ring, end, end, answered_ring, connect, hang_up])
+        commits = [text for text in messages(sent) if "COMMIT" in text]
+        self.assertEqual(len(commits), 1, messages(sent))
+        self.assertIn("COMMIT", messages(sent)[-1])
+        self.assertEqual(self.ingest.counters.replays_ignored, 1)
+        self.assertEqual(len(self.rows(self.crm)["tickets"]), 1)
+
+    @defer.inlineCallbacks
     def test_a_runs_missed_zadarma_calls_share_their_round_trips(self) -> Any:
         """Four missed Zadarma calls end in one run, the first and the last of one caller:
         the calls of three numbers write their rows and read their ticket facts in one

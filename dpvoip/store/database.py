@@ -123,8 +123,7 @@ class Batch:
         The rows are the last statement's (none with ``last``: the COMMIT rides along
         behind)."""
         if not statements:
-            if last and not self._held:
-                await self.finish()
+            await self._commit_if(last)
             return []
         texts: list[str] = []
         merged: dict[str, Any] = {}
@@ -143,8 +142,7 @@ class Batch:
         trip for a run of them, not one each, and so do the tickets of its missed calls.
         ``last``: the COMMIT rides along (the outcomes carried past it, see ``run``)."""
         if not steps:
-            if last:
-                await self.finish()
+            await self._commit_if(last)
             return []
         texts = [f"SELECT set_config('{TOLD}', '', true)"]
         merged: list[Any] = []
@@ -194,6 +192,12 @@ class Batch:
             return []
         rows: list[tuple[Any, ...]] = self._cursor.fetchall()
         return rows
+
+    async def _commit_if(self, last: bool) -> None:
+        """A message with nothing to send that should have carried the COMMIT: the
+        COMMIT alone, unless the batch is held (its owner commits it, as ``run`` does)."""
+        if last and not self._held:
+            await self.finish()
 
     async def finish(self) -> None:
         if self._begun and not self._done:
