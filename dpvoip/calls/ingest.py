@@ -592,22 +592,17 @@ class Ingest:
             found = await self._statements.finishing_missed(
                 batch, [(end.ended, end.recovering) for end in pending],
                 self._ticket_query())
-            numbers: set[str] = set()
+            taken = first_round(f.call.number if f is not None else None for f in found)
             steps: list[Step] = []
             concluded: list[Callable[[str], None] | Ended] = []  # an end finalised already
-            for end, finishing in zip(pending, found, strict=True):
-                number = finishing.call.number if finishing is not None else None
-                if number is not None and number in numbers:
-                    break
+            for end, finishing in zip(pending[:taken], found[:taken], strict=True):
                 if finishing is None:
                     concluded.append(end.ended)
                     continue
-                if number is not None:
-                    numbers.add(number)
                 step, conclude = self._missed_end(end, finishing)
                 steps.append(step)
                 concluded.append(conclude)
-            pending = pending[len(concluded):]
+            pending = pending[taken:]
             told = iter(await batch.run_told(steps, last and not pending))
             for then in concluded:
                 if isinstance(then, Ended):
@@ -790,16 +785,8 @@ class Ingest:
         holds already; the rest follow in the next, in order."""
         pending = list(missed)
         while pending:
-            numbers: set[str] = set()
-            taken: list[_ZadarmaMissed] = []
-            for call in pending:
-                number = call.row.number
-                if number is not None and number in numbers:
-                    break
-                if number is not None:
-                    numbers.add(number)
-                taken.append(call)
-            pending = pending[len(taken):]
+            count = first_round(call.row.number for call in pending)
+            taken, pending = pending[:count], pending[count:]
             found = await self._statements.zadarma_missed(
                 batch, [call.row for call in taken], self._ticket_query())
             plans = [self._plan(call.ended, call.where, call.call, facts)
@@ -1004,6 +991,21 @@ def next_run(waiting: Sequence[_Admitted]) -> tuple[list[_Admitted], list[_Admit
             run.append(admitted)
             in_run |= apart
     return run, rest
+
+
+def first_round(numbers: Iterable[str | None]) -> int:
+    """How many of the missed calls whose callers' ``numbers`` these are (None: withheld,
+    or finalised already) share a round of tickets: up to the first number the round
+    holds already, whose call must see the earlier one's ticket."""
+    seen: set[str] = set()
+    count = 0
+    for number in numbers:
+        if number is not None:
+            if number in seen:
+                break
+            seen.add(number)
+        count += 1
+    return count
 
 
 def _submission_key(item: Submission | ZadarmaSubmission) -> str:
