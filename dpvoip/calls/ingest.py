@@ -216,12 +216,6 @@ class _End:
     received: datetime
     recovering: bool
 
-    @staticmethod
-    def of(item: Submission) -> _End:
-        assert isinstance(item.happening, Ended)
-        return _End(item.happening, item.origin, item.received,
-                    item.recovering or item.origin.late_ends)
-
 
 @dataclass(frozen=True)
 class _ZadarmaMissed:
@@ -346,14 +340,14 @@ class Ingest:
             # Zadarma events go together in runs (two round trips for a run: see
             # ``next_run``), each judged against what the ones before it wrote; so do the
             # plain happenings in a row (one round trip for them, in order). A missed
-            # call's end (two round trips: its ticket's facts, then its ticket) waits for
+            # call's end (its ticket's facts read before its ticket is written) waits for
             # the plain happenings that follow it, which no ticket's facts depend on, so
             # that one message takes them all; a later event of its call, or one that
             # looks in the database, is applied after it as it came. The ends held back
-            # then go together too (``_missed_ends``).
+            # then go together too (``_missed_ends``: two round trips for them all).
             waiting: list[_Admitted] = []
             plain: list[_Plain] = []
-            ends: list[Submission] = []
+            ends: list[_End] = []
 
             async def flush(last: bool = False) -> None:
                 rest = waiting[:]
@@ -363,7 +357,7 @@ class Ingest:
                     await self._zadarma(batch, run, tally)
                 ready = plain[:]
                 plain.clear()
-                held_back = [_End.of(end) for end in ends]
+                held_back = ends[:]
                 ends.clear()
                 try:
                     took = await batch.run_told([step.step(True) for step in ready],
@@ -389,13 +383,14 @@ class Ingest:
                 if waiting:
                     await flush()
                 happening = item.happening
-                if not any(_chain_key(end.happening) == _chain_key(happening) for end in ends):
+                if not any(end.ended.call_id == _chain_key(happening) for end in ends):
                     step = self._plain(item, known)
                     if step is not None:
                         plain.append(step)
                         continue
                     if isinstance(happening, Ended):  # one that may get a ticket
-                        ends.append(item)
+                        ends.append(_End(happening, item.origin, item.received,
+                                         item.recovering or item.origin.late_ends))
                         continue
                 await flush()
                 await self._apply(happening, item.origin, item.received, batch,
