@@ -55,6 +55,23 @@ class OrderingKeysTests(SynchronousTestCase):
         self.assertEqual(zadarma_keys("in_1", answer, False), ("zd:in_1", "n:912345678"))
 
 
+    def test_an_outgoing_calls_office_number_holds_nothing_back(self) -> None:
+        """NOTIFY_OUT_START/END name the office's CallerID as ``caller_id``: as a key,
+        every outgoing call arriving during a replay waited behind all the spooled ones."""
+        out = {"event": "NOTIFY_OUT_START", "internal": "100", "caller_id": "302107654321",
+               "destination": "2101234567", "call_start": "2026-01-15 10:00:00"}
+        self.assertEqual(zadarma_keys("out_1", out, True), ("zd:out_1", "n:101234567"))
+        self.assertEqual(zadarma_keys("out_1", {**out, "event": "NOTIFY_OUT_END"}, True),
+                         ("zd:out_1", "n:101234567"))
+
+    def test_a_callbacks_legs_hold_both_numbers(self) -> None:
+        """A callback's legs are NOTIFY_START/END whose signed string holds caller_id."""
+        leg = {"event": "NOTIFY_START", "caller_id": "+306912345678",
+               "destination": "2101234567", "calltype": "callback_leg2"}
+        self.assertEqual(zadarma_keys("in_1", leg, True),
+                         ("zd:in_1", "n:912345678", "n:101234567"))
+
+
 class ReplayLanesTests(SynchronousTestCase):
     def test_the_replay_leaves_half_the_pool_to_the_calls_that_pass_it(self) -> None:
         from dpvoip.spool.durable import replay_lanes

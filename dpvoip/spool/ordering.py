@@ -45,15 +45,27 @@ def happening_keys(happening: Happening, numbers: Mapping[str, str]) -> Keys:
     return (call,)  # answered, forwarded: only the call's own order matters
 
 
+#: Zadarma's outgoing calls' events: their ``caller_id`` is the office's own number (the
+#: CallerID it dials out with), shared by every outgoing call, and not in their signed
+#: string (internal + destination + call_start).
+_OUT_EVENTS = ("NOTIFY_OUT_START", "NOTIFY_OUT_END")
+
+
 def zadarma_keys(pbx_call_id: str, form: Mapping[str, str], outgoing: bool) -> Keys:
     """A Zadarma event's keys: its call, the caller (incoming: the ticket's number; also
     what the signature binds) and, for an outgoing call or a callback's leg, the
     destination. An incoming call's ``destination`` (NOTIFY_ANSWER's: the extension that
     answered, or the office's number) is shared by the office's calls like ``called_did``
     and is not a key: as one, every answered call arriving during a replay waited behind
-    the spooled answers of that extension."""
+    the spooled answers of that extension. For the same reason an outgoing call's
+    ``caller_id`` (the office's number) is not one: its customer is the destination. A
+    callback's legs keep both, as their signed string holds the caller_id."""
+    if form.get("event") in _OUT_EVENTS:
+        fields: tuple[str, ...] = ("destination",)
+    else:
+        fields = ("caller_id", "destination") if outgoing else ("caller_id",)
     keys = ["zd:" + pbx_call_id]
-    for field in ("caller_id", "destination") if outgoing else ("caller_id",):
+    for field in fields:
         if form.get(field):
             keys.append(number_key(form[field]))
     return tuple(keys)
