@@ -73,7 +73,7 @@ class Batch:
     and last statements (psycopg2 sends several statements in one message): a hot-path
     transaction of three statements costs three round trips, not five."""
 
-    def __init__(self, cursor: Any, connection: Any = None) -> None:
+    def __init__(self, cursor: Any, connection: Any) -> None:
         self._cursor = cursor
         self._connection = connection
         self._begun = False
@@ -94,8 +94,6 @@ class Batch:
                            ) -> list[tuple[Any, ...]]:
         """A hot read inside this transaction, planned once per connection (see
         ``HealingPool.run_prepared``; the same per-connection record is used)."""
-        if self._connection is None:
-            return await self.run(statement.replace("$1", "%s"), params)
         return await run_prepared(self._connection, name, statement, params, self.run,
                                   self.run)
 
@@ -108,9 +106,6 @@ class Batch:
         rides along in front, in a snapshot of its own (a lock taken before the statement
         reads); ``last``: the COMMIT rides along behind (and no rows come back, unless
         ``carried``: see ``run``)."""
-        if self._connection is None:
-            return await self.run(f"{prefix}; {statement}" if prefix else statement,
-                                  params, last, carried)
         text = await self._execute_text(statement)
         if prefix:
             text = f"{await self._execute_text(prefix)}; {text}"
