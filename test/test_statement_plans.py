@@ -11,12 +11,13 @@ had a worse plan than one index lookup per row).
 
 So here the CRM's and dpvoip's big tables are filled to an office's size (set-based,
 a few seconds), the ingest's hot paths run on a pool of ONE connection (every statement
-they prepare lives on it: the direct Fritz!Box path, Zadarma's webhooks, a replayed group
-of both sources, the directory's lookups), and then every ``dpvoip_`` statement prepared
-on that connection is explained as that connection runs it (``EXPLAIN EXECUTE`` with NULL
-values: the generic plan; EXPLAIN without ANALYZE executes nothing, data-modifying CTEs
-included). A ``Seq Scan`` on a big table fails the test, naming the statement and its
-plan. Both CRM versions.
+they prepare lives on it: the direct Fritz!Box path with a forwarded call, an end
+recovered after a restart, a PBX's calls writing the CRM's sales side, Zadarma's webhooks
+and a refused one taken back, a replayed group of both sources, the directory's lookups),
+and then every ``dpvoip_`` statement prepared on that connection is explained as that
+connection runs it (``EXPLAIN EXECUTE`` with NULL values: the generic plan; EXPLAIN
+without ANALYZE executes nothing, data-modifying CTEs included). A ``Seq Scan`` on a big
+table fails the test, naming the statement and its plan. Both CRM versions.
 """
 
 from __future__ import annotations
@@ -24,15 +25,20 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg2
 from twisted.internet import defer
 
+from dpvoip.asterisk.service import origin_of
+from dpvoip.asterisk.settings import read_settings
 from dpvoip.calls.ingest import Submission, ZadarmaSubmission
-from dpvoip.core.happenings import Happening
+from dpvoip.core.happenings import Ended, Happening, Started
+from dpvoip.core.outcomes import Outcome, Reason
 from dpvoip.fritzbox.parser import parse
-from test.test_ingest import ZadarmaTestCase, today, zadarma_call
+from dpvoip.fritzbox.tracker import CallTracker
+from test.test_ingest import OWN, ZadarmaTestCase, today, zadarma_call
 from test.test_ingest_together import ARRIVED, moment, submissions
 
 #: The tables that grow with the office's calls and records: never scanned whole.
@@ -55,7 +61,7 @@ CALLS = 30_000
 CALLERS = 25_000
 
 #: At least this many distinct statements must have been explained.
-MINIMUM_STATEMENTS = 15
+MINIMUM_STATEMENTS = 22
 #: A distinctive fragment of each hot path's statement, which must be among them.
 EXPECTED = {
     "a call's start": "ON CONFLICT (call_id) DO NOTHING",
@@ -68,6 +74,11 @@ EXPECTED = {
     "Zadarma missed calls' facts (zadarma_missed)": "number text, started timestamptz",
     "the directory's lookup": "WHERE number = $1",
     "the directory's group lookup": "unnest($1::text[]) AS w(number)",
+    "a forwarded call (forward_step)": "SET forwarded_to = $1",
+    "an end recovered after a restart": "'active' OR d.outcome IN ('interrupted', 'blocked')",
+    "a PBX's end with the sales side": "c.ended_at, d.direction, d.contact_id",
+    "a PBX's missed call's ticket with the sales side": "touch_before AS (SELECT",
+    "a refused Zadarma event taken back (unjournal)": "DELETE FROM dpvoip.zadarma_binding",
 }
 
 
@@ -301,6 +312,55 @@ class StatementPlanTests(ZadarmaTestCase):
         await self._lines(self.missed(1, twice, "10:02:00", "10:02:20"))
         await self._lines(self.missed(2, twice, "10:03:00", "10:03:20"))
 
+    async def _forwarded(self) -> None:
+        """The box forwarding a client's ringing call to a mobile (a CALL on the ringing
+        connection: ``forward_step``), answered there, on the direct path."""
+        caller = mobile(CLIENT_MOBILES, 321)
+        await self._lines((f"{today('10:04:00')};RING;4;{caller};7654321;SIP0;",
+                           f"{today('10:04:04')};CALL;4;0;7654321;6971234567;SIP0;",
+                           f"{today('10:04:09')};CONNECT;4;0;6971234567;",
+                           f"{today('10:06:09')};DISCONNECT;4;120;"))
+
+    async def _recovered(self) -> None:
+        """An answered call left open by a restart: closed as interrupted at the start
+        (``close_open_calls``), then its DISCONNECT reaches a tracker that never saw it
+        (``Unmatched``): the call is looked up (``latest_of_connection``) and finished as
+        recovering, which may reopen an interrupted call."""
+        caller = mobile(CLIENT_MOBILES, 654)
+        await self._lines((f"{today('10:05:00')};RING;6;{caller};7654321;SIP0;",
+                           f"{today('10:05:05')};CONNECT;6;11;{caller};"))
+        restarted = datetime.strptime(today("10:05:20"), "%d.%m.%y %H:%M:%S").replace(
+            tzinfo=self.rules.zone)
+        closed = await self.ingest.close_open_calls("office", Reason.RESTARTED, restarted)
+        assert closed == 1, closed
+        self.tracker = CallTracker(self.rules)  # as after a restart
+        await self._lines((f"{today('10:05:45')};DISCONNECT;6;40;",))
+
+    async def _pbx_calls(self) -> None:
+        """A PBX's calls through ``Ingest.submit`` with the PBX's own origin (``origin_of``:
+        the sales side, late ends), as its service submits them: a contact's answered call
+        and a lead's missed one (a ticket), both people with an active deal; then another
+        contact's answered call replayed from the spool (``apply_together``: its end told
+        with the group)."""
+        origin = origin_of(read_settings({"name": "pbx", "secret": "x"}))
+        at = datetime.now(UTC) - timedelta(hours=1)
+        calls = [(mobile(CONTACT_MOBILES, 20), Outcome.ANSWERED, 61, 201),
+                 (mobile(LEAD_MOBILES, 30), Outcome.MISSED, 0, None),
+                 (mobile(CONTACT_MOBILES, 40), Outcome.ANSWERED, 45, 202)]
+        happened: list[list[tuple[Happening, datetime]]] = []
+        for n, (caller, outcome, talk, extension) in enumerate(calls):
+            call = f"ast-pbx-190000000{n}.1"
+            start = at + timedelta(minutes=n)
+            end = start + timedelta(seconds=70)
+            happened.append([
+                (Started(call, "pbx", 0, "incoming", caller, OWN[0], "", None, start), start),
+                (Ended(call, outcome, talk, end, extension), end)])
+        *live, replayed = happened
+        for happening, arrived in (pair for call in live for pair in call):
+            await self.ingest.submit(happening, origin, arrived)
+        await self.ingest.apply_together([Submission(h, origin, arrived)
+                                          for h, arrived in replayed])
+
     async def _zadarma_webhooks(self) -> None:
         """Zadarma's webhooks one by one: a client's missed call (a ticket), a contact's
         answered one (the CRM's sales side)."""
@@ -309,22 +369,31 @@ class StatementPlanTests(ZadarmaTestCase):
                                       answered=False), tickets)
         await self._send(zadarma_call("+30" + mobile(CONTACT_MOBILES, 12), "in_" + "2" * 40,
                                       answered=True, start="2026-01-15 10:05:00"), tickets)
+        # Another call's start signed as the first one's: its string is bound to that
+        # call already, so it is refused and its journal entry taken back (``unjournal``).
+        [start, _] = zadarma_call("+30" + mobile(CLIENT_MOBILES, 555), "in_" + "5" * 40,
+                                  answered=False)
+        await self._send([start], tickets)
 
     async def _replayed_group(self) -> None:
-        """A replayed group of both sources in one transaction: an answered box call, two
-        missed ones ending together, a Zadarma missed call of one of their numbers and a
-        lead's answered Zadarma call."""
+        """A replayed group of both sources in one transaction: an answered box call (the
+        box forwarding it first: the forward told with the group), two missed ones ending
+        together, a Zadarma missed call of one of their numbers and a lead's answered
+        Zadarma call."""
         answered, missed, other = (mobile(CLIENT_MOBILES, 101), mobile(CLIENT_MOBILES, 202),
                                    mobile(LEAD_MOBILES, 33))
-        ring, connect, *box = [Submission(h, self.origin, ARRIVED) for h in self.happenings([
+        lines = [
             f"{today('09:00:00')};RING;0;{answered};7654321;SIP0;",
+            f"{today('09:00:02')};CALL;0;0;7654321;6971234567;SIP0;",
             f"{today('09:00:05')};CONNECT;0;11;{answered};",
             f"{today('09:00:10')};RING;1;{missed};7654321;SIP0;",
             f"{today('09:00:11')};RING;3;{other};7654321;SIP0;",
             f"{today('09:00:40')};DISCONNECT;1;0;",
             f"{today('09:00:41')};DISCONNECT;3;0;",
             f"{today('09:01:10')};DISCONNECT;0;60;",
-        ])]
+        ]
+        ring, forwarded, connect, *box = [Submission(h, self.origin, ARRIVED)
+                                          for h in self.happenings(lines)]
         tickets = replace(self.context, tickets=True)
         zadarma_missed = submissions(zadarma_call(
             "+30" + missed, "in_" + "3" * 40, answered=False,
@@ -333,8 +402,8 @@ class StatementPlanTests(ZadarmaTestCase):
             "+30" + mobile(LEAD_MOBILES, 44), "in_" + "4" * 40, answered=True,
             start=f"{moment('09:00:30'):%Y-%m-%d %H:%M:%S}"), tickets)
         items: list[Submission | ZadarmaSubmission] = [
-            ring, connect, zadarma_missed[0], zadarma_answered[0], *box, *zadarma_missed[1:],
-            *zadarma_answered[1:]]
+            ring, forwarded, connect, zadarma_missed[0], zadarma_answered[0], *box,
+            *zadarma_missed[1:], *zadarma_answered[1:]]
         await self.ingest.apply_together(items)
 
     async def _lookups(self) -> None:
@@ -366,6 +435,9 @@ class StatementPlanTests(ZadarmaTestCase):
 
     async def _scenario(self) -> list[Plan]:
         await self._direct()
+        await self._forwarded()
+        await self._recovered()
+        await self._pbx_calls()
         await self._zadarma_webhooks()
         await self._replayed_group()
         await self._lookups()
@@ -374,8 +446,11 @@ class StatementPlanTests(ZadarmaTestCase):
     @defer.inlineCallbacks
     def test_no_hot_statement_scans_a_big_table_whole(self) -> Any:
         plans: list[Plan] = yield defer.Deferred.fromCoroutine(self._scenario())
-        self.assertEqual(self.ingest.counters.ticket_writes, 6,
-                         "the paths' six missed calls wrote (or joined) their tickets")
+        counters = self.ingest.counters
+        self.assertEqual(counters.ticket_writes, 7,
+                         "the paths' seven missed calls wrote (or joined) their tickets")
+        self.assertEqual(counters.zadarma_bound_elsewhere, 1, "the refused start")
+        self.assertEqual(counters.orphans, 0, "the recovered end found its call")
         self.assertGreaterEqual(len(plans), MINIMUM_STATEMENTS,
                                 "\n".join(plan.name for plan in plans))
         missing = [path for path, fragment in EXPECTED.items()
