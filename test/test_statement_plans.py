@@ -465,3 +465,60 @@ class StatementPlanTests(ZadarmaTestCase):
 
 class NewestCrmStatementPlanTests(StatementPlanTests):
     crm_version = "2026-08"
+
+
+#: A plan line that reads the ticket table (a scan of it, by whatever means).
+TICKET_READ = re.compile(r" on accounting_ticket\b")
+#: The one way a ticket-facts read may reach a ticket: by its id.
+BY_ID = "Index Scan using accounting_ticket_pkey on accounting_ticket"
+
+
+class BusyDayStatementPlanTests(StatementPlanTests):
+    """A day of many missed calls: thousands of open tickets in the window, and callers who
+    call often (many calls, each with its ticket, per number). The ticket-facts reads must
+    still find a number's open ticket from the number's own calls, by the ticket's id: a
+    generic plan that walked the window's open tickets newest first (the CRM's index on
+    ``created_at DESC``) or hashed them all cost 2.5 ms per missed call in a replay, and
+    grew with every ticket left open."""
+
+    def setUp(self) -> Any:
+        ready: defer.Deferred[None] = super().setUp()
+        return ready.addCallback(lambda _: busy_day(self.dsn))
+
+    @defer.inlineCallbacks
+    def test_a_numbers_open_ticket_is_found_from_its_own_calls(self) -> Any:
+        plans: list[Plan] = yield defer.Deferred.fromCoroutine(self._scenario())
+        facts = [plan for plan in plans if "FOR NO KEY UPDATE OF t" in plan.statement]
+        self.assertGreaterEqual(len(facts), 2, "the two ticket-facts reads were explained")
+        walking = [plan for plan in facts
+                   if any(TICKET_READ.search(line) and BY_ID not in line
+                          for line in plan.lines)]
+        if walking:
+            self.fail("ticket-facts reads that reach the tickets otherwise than by id:\n\n"
+                      + "\n\n".join("\n    ".join([plan.name, *plan.lines])
+                                     for plan in walking))
+
+
+class NewestCrmBusyDayStatementPlanTests(BusyDayStatementPlanTests):
+    crm_version = "2026-08"
+
+
+def busy_day(dsn: str) -> None:
+    """3,000 more tickets open within the day's window, and the past calls' numbers
+    narrowed to 500 callers, each call with one of those tickets."""
+    connection = psycopg2.connect(dsn)
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO public.accounting_ticket (title, description, status, priority,"
+                " notes, created_at, email_sent, follow_up_scheduled) SELECT 'MISSED CALL',"
+                " '', 'open', 'medium', '', now() - g * interval '20 seconds', false, false"
+                " FROM generate_series(1, 3000) g")
+            cursor.execute(
+                "UPDATE dpvoip.call_detail SET remote_number = '+30691000' || lpad((abs("
+                "hashtext(call_id)) % 500)::text, 4, '0'), ticket_id = (SELECT max(id) FROM"
+                " public.accounting_ticket) - abs(hashtext(call_id)) % 3000")
+            cursor.execute("ANALYZE public.accounting_ticket; ANALYZE dpvoip.call_detail")
+    finally:
+        connection.close()

@@ -246,12 +246,20 @@ class CallStatements:
         locked as an UPDATE of it would lock it: it is updated in the next statement.
         Parameters: open, window, users."""
         since = f"{started} - %(window)s::interval"
+        is_open = f"t.status = ANY(%(open)s::text[]) AND t.created_at > {since}"
+        # The number's newest open ticket, found from the number's own calls: each call's
+        # ticket looked up by its id (``OFFSET 0`` keeps that lookup per call). As a plain
+        # join, the generic plan could instead walk the window's open tickets newest first
+        # (``accounting_ticket (created_at DESC)``) or hash them all: a read that grew with
+        # the office's open tickets (2.5 ms each with a replay's thousands, session 19).
+        # Then the ticket is locked as an UPDATE would lock it, its state checked again.
         return (
-            f"(SELECT t.id FROM dpvoip.call_detail o JOIN {self._crm}.accounting_ticket t"
-            f" ON t.id = o.ticket_id WHERE o.remote_number = {number}"
-            " AND o.ticket_id IS NOT NULL AND t.status = ANY(%(open)s::text[])"
-            f" AND t.created_at > {since} ORDER BY t.created_at DESC LIMIT 1"
-            " FOR NO KEY UPDATE OF t),"
+            f"(SELECT t.id FROM {self._crm}.accounting_ticket t WHERE t.id = ("
+            f"SELECT n.id FROM dpvoip.call_detail o CROSS JOIN LATERAL (SELECT t.id,"
+            f" t.created_at FROM {self._crm}.accounting_ticket t WHERE t.id = o.ticket_id"
+            f" AND {is_open} OFFSET 0) AS n WHERE o.remote_number = {number}"
+            " AND o.ticket_id IS NOT NULL ORDER BY n.created_at DESC LIMIT 1)"
+            f" AND {is_open} FOR NO KEY UPDATE OF t),"
             " (SELECT count(*) FROM dpvoip.call_detail m WHERE m.remote_number ="
             f" {number} AND m.direction = 'incoming' AND m.outcome IN ('missed', 'voicemail')"
             f" AND m.started_at > {since} AND m.call_id <> {call_id}),"
