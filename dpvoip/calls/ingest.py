@@ -556,9 +556,7 @@ class Ingest:
         ticket); not ``done``: it had ended already."""
         if done:
             self.counters.calls_ended += 1
-            log.info("call {call_id}: {finished}", call_id=ended.call_id,
-                     finished=finished_text(ended.outcome.status, notes, ticket),
-                     status=ended.outcome.status, notes=notes, ticket=ticket)
+            _log_end(ended, notes, ticket)
         else:
             self.counters.replays_ignored += 1
 
@@ -795,12 +793,8 @@ class Ingest:
                                                        strict=True):
                 tally.ticket_writes += 1
                 tally.calls_ended += 1
-                done = self._ticket_done(plan, facts,
-                                         self._statements.ticket_of(plan, outcome))
-                status, notes = call.ended.outcome.status, call.row.notes
-                log.info("call {call_id}: {finished}", call_id=call.ended.call_id,
-                         finished=finished_text(status, notes, done), status=status,
-                         notes=notes, ticket=done)
+                _log_end(call.ended, call.row.notes, self._ticket_done(
+                    plan, facts, self._statements.ticket_of(plan, outcome)))
 
     def _refuse(self, event: ZadarmaEvent, verdict: Verdict, tally: IngestCounters
                 ) -> ZadarmaOutcome:
@@ -1001,6 +995,13 @@ def first_round(numbers: Iterable[str | None]) -> int:
             seen.add(number)
         count += 1
     return count
+
+
+def _log_end(ended: Ended, notes: str, ticket: str) -> None:
+    """A call's end in the log (``ticket``: what became of its ticket)."""
+    log.info("call {call_id}: {finished}", call_id=ended.call_id,
+             finished=finished_text(ended.outcome.status, notes, ticket),
+             status=ended.outcome.status, notes=notes, ticket=ticket)
 
 
 def _submission_key(item: Submission | ZadarmaSubmission) -> str:
