@@ -41,13 +41,18 @@ from dpvoip.zadarma.events import ZadarmaEvent
 #: The channel every change of a call is published on (behaviour.md section 8); each
 #: payload carries the id of its row in ``dpvoip.live_event`` (``store.live``).
 NOTIFY_CHANNEL = CHANNEL
-#: The lock on an incoming call's number that serialises the tickets of its missed calls
-#: (parameter: call, the call_id).
-_TICKET_LOCKS = (
-    "SELECT pg_advisory_xact_lock(hashtext('dpvoip-ticket:' || x.n)) FROM (SELECT DISTINCT"
-    " remote_number AS n FROM dpvoip.call_detail WHERE call_id = ANY(%(calls)s::text[])"
-    " AND direction = 'incoming' AND remote_number IS NOT NULL ORDER BY 1) AS x"
-)
+def _number_locks(numbers: str) -> str:
+    """The locks on numbers that serialise the tickets of their missed calls, taken in the
+    numbers' order (two transactions never wait on each other); ``numbers``: a SELECT of
+    distinct numbers as ``n``."""
+    return (f"SELECT pg_advisory_xact_lock(hashtext('dpvoip-ticket:' || x.n))"
+            f" FROM ({numbers} ORDER BY 1) AS x")
+
+
+#: The locks of incoming calls' numbers (parameter: calls, their call_ids).
+_TICKET_LOCKS = _number_locks(
+    "SELECT DISTINCT remote_number AS n FROM dpvoip.call_detail WHERE call_id ="
+    " ANY(%(calls)s::text[]) AND direction = 'incoming' AND remote_number IS NOT NULL")
 
 
 #: A call's end that may finish it again, with ``recovering`` (``CallStatements._reopen``).
@@ -56,10 +61,8 @@ _REOPENED = "d.outcome IN ('interrupted', 'blocked')"
 
 #: The same locks for Zadarma calls' missed ends, from their numbers (parameter:
 #: numbers, NULL for a withheld one).
-_ZADARMA_TICKET_LOCKS = (
-    "SELECT pg_advisory_xact_lock(hashtext('dpvoip-ticket:' || x.n)) FROM (SELECT DISTINCT"
-    " n FROM unnest(%(numbers)s::text[]) AS n WHERE n IS NOT NULL ORDER BY 1) AS x"
-)
+_ZADARMA_TICKET_LOCKS = _number_locks(
+    "SELECT DISTINCT n FROM unnest(%(numbers)s::text[]) AS n WHERE n IS NOT NULL")
 
 
 #: ``update_date`` of a CRM row dpvoip changes, as the CRM's ``auto_now`` would set it
